@@ -1,0 +1,215 @@
+"""The `conode` command line: the cooperative machine (`conode vm ...`) and engine information."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, NoReturn
+
+import click
+
+from conode.errors import ConodeError
+from conode.vm import layout
+
+EXIT_CONODE_ERROR = 125  # like `docker run`: 125 = the tool failed, otherwise the command's own status
+
+
+def _progress(quiet: bool) -> Callable[[str], None]:
+    if quiet:
+        return lambda line: None
+    return lambda line: click.echo(f"conode: {line}", err=True)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"conode: error: {message}", err=True)
+    sys.exit(EXIT_CONODE_ERROR)
+
+
+def _guarded(fn: Callable[[], int]) -> NoReturn:
+    """Run *fn*, turning conode errors into one clear line and a non-zero exit, never a traceback."""
+    try:
+        status = fn()
+    except ConodeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        click.echo("conode: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(status)
+
+
+@click.group()
+@click.version_option(package_name="conode")
+def main() -> None:
+    """conode: idle workstations as a compute pool of cooperative Linux guests."""
+
+
+@main.group()
+def vm() -> None:
+    """The cooperative machine: a real Linux i386 guest on an emulated CPU."""
+
+
+_image_options = [
+    click.option("--mem", "mem_mib", type=int, default=layout.DEFAULT_RAM_MIB, show_default=True,
+                 help="Guest memory in MiB."),
+    click.option("--kernel", type=click.Path(path_type=Path), default=None,
+                 help="Guest kernel (bzImage) instead of the packaged one."),
+    click.option("--initrd", type=click.Path(path_type=Path), default=None,
+                 help="Guest initramfs instead of the packaged one."),
+]
+
+
+def _with_image_options(fn: Callable) -> Callable:
+    for option in reversed(_image_options):
+        fn = option(fn)
+    return fn
+
+
+@vm.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_with_image_options
+@click.option("--snapshot-after", type=float, default=None, metavar="SECONDS",
+              help="Stop after this many seconds of guest time and write a snapshot (needs --snapshot-to).")
+@click.option("--snapshot-to", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Where --snapshot-after writes the snapshot.")
+@click.option("--timeout", type=float, default=None, metavar="SECONDS",
+              help="Give up if the command has not finished after this many seconds.")
+@click.option("--cwd", default="/", show_default=True, help="Working directory in the guest.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the guest kernel's boot messages on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(mem_mib: int, kernel: Path | None, initrd: Path | None, snapshot_after: float | None,
+        snapshot_to: Path | None, timeout: float | None, cwd: str, verbose: bool, quiet: bool,
+        command: tuple[str, ...]) -> None:
+    """Boot the guest, run COMMAND in it, stream its output, exit with its status.
+
+    \b
+    Example:  conode vm run -- sh -c 'echo $((6*7)); exit 3'
+    """
+    if (snapshot_after is None) != (snapshot_to is None):
+        raise click.UsageError("--snapshot-after and --snapshot-to go together")
+
+    def body() -> int:
+        from conode.vm.guest_image import load_guest_image
+        from conode.vm.machine import MachineConfig
+        from conode.vm.session import GuestSession
+
+        image = load_guest_image(kernel, initrd)
+        console = (lambda data: (sys.stderr.buffer.write(data), sys.stderr.buffer.flush())) if verbose else None
+        session = GuestSession.boot(image, MachineConfig(mem_mib=mem_mib), sys.stdout.buffer,
+                                    sys.stderr.buffer, _progress(quiet), verbose, console)
+        session.start(list(command), cwd)
+        return session.run(snapshot_after, snapshot_to, timeout)
+
+    _guarded(body)
+
+
+@vm.command()
+@click.argument("snapshot", type=click.Path(path_type=Path))
+@click.option("--timeout", type=float, default=None, metavar="SECONDS",
+              help="Give up if the command has not finished after this many seconds.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def resume(snapshot: Path, timeout: float | None, quiet: bool) -> None:
+    """Continue a guest from SNAPSHOT: same streaming, same exit status as `conode vm run`."""
+
+    def body() -> int:
+        from conode.vm.session import GuestSession
+
+        session = GuestSession.resume(snapshot, sys.stdout.buffer, sys.stderr.buffer, _progress(quiet))
+        return session.run(timeout_s=timeout)
+
+    _guarded(body)
+
+
+LEAVE_KEY = b"\x1d"  # Ctrl-], as in telnet and virsh console
+
+
+@vm.command()
+@_with_image_options
+def console(mem_mib: int, kernel: Path | None, initrd: Path | None) -> None:
+    """An interactive shell on the guest's serial console (Ctrl-] leaves)."""
+
+    def body() -> int:
+        from conode.vm.guest_image import BASE_CMDLINE, load_guest_image
+        from conode.vm.machine import CoMachine, MachineConfig
+
+        image = load_guest_image(kernel, initrd)
+        out = sys.stdout.buffer
+
+        def show(data: bytes) -> None:
+            out.write(data)
+            out.flush()
+
+        machine = CoMachine(MachineConfig(mem_mib=mem_mib), show, lambda data: None)
+        machine.boot(image.kernel, image.initrd, BASE_CMDLINE + " conode.shell=1")
+        click.echo("conode: guest console; press Ctrl-] to leave", err=True)
+        with _raw_terminal():
+            threading.Thread(target=_forward_keys, args=(machine,), daemon=True).start()
+            started = time.monotonic()
+            exit_reason = machine.run()
+        click.echo(f"\r\nconode: console closed ({exit_reason.value}, {time.monotonic() - started:.0f} s)",
+                   err=True)
+        return 0
+
+    _guarded(body)
+
+
+def _forward_keys(machine: "object") -> None:
+    fd = sys.stdin.fileno()
+    while True:
+        try:
+            data = os.read(fd, 1024)
+        except OSError:
+            data = b""
+        if not data or LEAVE_KEY in data:
+            machine.pause()  # type: ignore[attr-defined]
+            return
+        machine.call_soon(lambda data=data: machine.uart.feed(data.replace(b"\n", b"\r")))  # type: ignore[attr-defined]
+
+
+class _raw_terminal:
+    """Put the controlling terminal in raw mode for the console's lifetime (no-op when not a tty)."""
+
+    def __enter__(self) -> None:
+        self._saved = None
+        if sys.stdin.isatty():
+            import termios
+            import tty
+
+            self._saved = termios.tcgetattr(sys.stdin.fileno())
+            tty.setraw(sys.stdin.fileno())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved)
+
+
+@main.command()
+def engine() -> None:
+    """Report which CPU engine and slicer this host uses, and why."""
+
+    def body() -> int:
+        import unicorn
+
+        from conode.vm.cpu import GuestRam, UnicornCpu
+
+        class _NoPorts:
+            def port_read(self, port: int, size: int) -> int:
+                return 0xFF
+
+            def port_write(self, port: int, size: int, value: int) -> None:
+                pass
+
+        cpu = UnicornCpu(GuestRam(1 << 20), _NoPorts())
+        click.echo(f"engine:  stock Unicorn {unicorn.__version__}, pure-Python passage")
+        click.echo(f"slicer:  {cpu.slicer.info.detail}")
+        return 0
+
+    _guarded(body)
+
+
+if __name__ == "__main__":
+    main()

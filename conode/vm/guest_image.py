@@ -1,0 +1,67 @@
+"""The guest image conode ships: a Linux i386 bzImage and a busybox initramfs, checked before use."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from conode.errors import GuestImageError
+from conode.vm.bootloader import KernelImage
+
+KERNEL_NAME = "bzImage"
+INITRD_NAME = "initramfs.cpio.gz"
+# The console is cocon (COM1). No TSC, no local APIC: the PIT and the 8259s are the machine's timers and
+# interrupt controllers. lpj skips delay-loop calibration, which would take seconds on an emulated CPU.
+BASE_CMDLINE = "console=ttyS0 lpj=1000000 tsc=reliable nolapic noapic rdinit=/init panic=-1"
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: KernelImage
+    initrd: bytes
+    kernel_path: Path
+    initrd_path: Path
+
+
+def packaged_image_dir() -> Path:
+    return Path(str(resources.files("conode.vm").joinpath("images")))
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise GuestImageError(f"{what} not found at {path}; rebuild it with guest/build.sh") from None
+    except OSError as exc:
+        raise GuestImageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _expected_checksums(directory: Path) -> dict[str, str]:
+    sums = directory / "SHA256SUMS"
+    if not sums.exists():
+        return {}
+    expected = {}
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            expected[parts[1].lstrip("*")] = parts[0]
+    return expected
+
+
+def load_guest_image(kernel_path: Path | None = None, initrd_path: Path | None = None) -> GuestImage:
+    """Load and check the kernel and initramfs (the packaged ones unless paths are given)."""
+    directory = packaged_image_dir()
+    kernel_path = kernel_path or directory / KERNEL_NAME
+    initrd_path = initrd_path or directory / INITRD_NAME
+    kernel_data = _read(kernel_path, "guest kernel")
+    initrd = _read(initrd_path, "guest initramfs")
+    expected = _expected_checksums(kernel_path.parent) if kernel_path.parent == initrd_path.parent else {}
+    for path, data in ((kernel_path, kernel_data), (initrd_path, initrd)):
+        want = expected.get(path.name)
+        if want and hashlib.sha256(data).hexdigest() != want:
+            raise GuestImageError(f"{path} is corrupt: its SHA-256 does not match SHA256SUMS; reinstall conode")
+    if initrd[:2] != b"\x1f\x8b" and initrd[:6] not in (b"070701", b"070702"):
+        raise GuestImageError(f"{initrd_path} is not a gzip or newc cpio initramfs")
+    return GuestImage(KernelImage.parse(kernel_data, str(kernel_path)), initrd, kernel_path, initrd_path)

@@ -1,0 +1,283 @@
+"""CoMachine: the cooperative machine — CPU, legacy devices, virtio devices and the run loop that binds them.
+
+The host and the guest are two coroutines. The guest CPU runs in slices — until its next timer event, until
+the host asks for the CPU back, or until it executes HLT (it is idle) — and between slices the host delivers
+interrupts, serves devices and runs work other threads handed it. Only the machine thread touches the
+machine; other threads use :meth:`CoMachine.call_soon`, :meth:`pause` and :meth:`stop`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from conode.errors import ConodeError, GuestCrashed
+from conode.vm import layout
+from conode.vm.bootloader import KernelImage, load_linux
+from conode.vm.clock import VirtualClock
+from conode.vm.cmos import Cmos
+from conode.vm.cpu import GuestRam, StopReason, UnicornCpu
+from conode.vm.pic import IrqLine, PicPair
+from conode.vm.pit import Pit
+from conode.vm.snapshot import decode_ram, encode_ram
+from conode.vm.uart import Uart16550
+from conode.vm.virtio_console import VirtioConsole
+from conode.vm.virtio_mmio import VirtioMmio
+
+log = logging.getLogger(__name__)
+
+MAX_SLICE_NS = 20_000_000  # the host takes the CPU back at least every 20 ms of guest time
+CONSOLE_TAIL_BYTES = 4096  # kept to explain a crash ("Kernel panic - not syncing: ...")
+
+
+class MachineExit(enum.Enum):
+    """Why :meth:`CoMachine.run` returned."""
+
+    PAUSED = "paused"  # the host asked (pause): the machine can be snapshotted or run again
+    POWER_OFF = "power-off"  # the guest halted with interrupts off: it is finished
+    RESET = "reset"  # the guest asked for a reset (after a panic, or `reboot`)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    mem_mib: int = layout.DEFAULT_RAM_MIB
+    cmdline_extra: str = ""
+
+
+class _DmaMemory:
+    """Guest memory as devices see it: reads from the shared RAM, writes through the CPU (for coherence)."""
+
+    def __init__(self, ram: GuestRam, cpu: UnicornCpu) -> None:
+        self.read = ram.read
+        self.write = cpu.write_phys
+
+
+@dataclass
+class _PortTable:
+    readers: dict[int, Callable[[int], int]] = field(default_factory=dict)
+    writers: dict[int, Callable[[int, int], None]] = field(default_factory=dict)
+
+    def add(self, ports: range | tuple[int, ...], read: Callable[[int], int],
+            write: Callable[[int, int], None]) -> None:
+        for port in ports:
+            self.readers[port] = read
+            self.writers[port] = write
+
+
+class CoMachine:
+    """An i386 PC reduced to what the guest kernel uses, plus conode's paravirtual devices."""
+
+    def __init__(self, config: MachineConfig, console_output: Callable[[bytes], None],
+                 channel_receive: Callable[[bytes], None]) -> None:
+        if not layout.MIN_RAM_MIB <= config.mem_mib <= layout.MAX_RAM_MIB:
+            raise ConodeError(
+                f"guest memory must be between {layout.MIN_RAM_MIB} and {layout.MAX_RAM_MIB} MiB "
+                f"(got {config.mem_mib})"
+            )
+        self.config = config
+        self.clock = VirtualClock()
+        self.ram = GuestRam(config.mem_mib << 20)
+        self.pic = PicPair(on_request=self._on_interrupt_request)
+        self.cpu = UnicornCpu(self.ram, self)
+        self._console_output = console_output
+        self.console_tail = bytearray()
+        self.pit = Pit(IrqLine(self.pic, layout.IRQ_PIT), self.clock.now)
+        self.uart = Uart16550(IrqLine(self.pic, layout.IRQ_COM1), self._on_console_output)
+        self.cmos = Cmos(self.clock.now)
+        memory = _DmaMemory(self.ram, self.cpu)
+        self.channel = VirtioConsole(channel_receive)
+        self.virtio: list[VirtioMmio] = []
+        self._attach_virtio(self.channel, memory)
+        self._ports = _PortTable()
+        self._wire_ports()
+        self.halted = False
+        self._calls: deque[Callable[[], None]] = deque()
+        self._wake = threading.Event()
+        self._pause_requested = False
+        self._reset_requested = False
+        self.pause_at_ns: int | None = None  # guest time at which run() returns PAUSED by itself
+
+    # --- wiring -----------------------------------------------------------------------------------------
+    def _attach_virtio(self, device: VirtioConsole, memory: _DmaMemory) -> None:
+        slot = len(self.virtio)
+        transport = VirtioMmio(device, IrqLine(self.pic, layout.VIRTIO_IRQS[slot]), memory)
+        self.cpu.map_mmio(layout.virtio_slot_base(slot), layout.VIRTIO_MMIO_SIZE, transport.read, transport.write)
+        self.virtio.append(transport)
+
+    def virtio_cmdline(self) -> str:
+        return " ".join(
+            f"virtio_mmio.device=4K@{layout.virtio_slot_base(i):#x}:{layout.VIRTIO_IRQS[i]}"
+            for i in range(len(self.virtio))
+        )
+
+    def _wire_ports(self) -> None:
+        pic, pit, cmos, uart = self.pic, self.pit, self.cmos, self.uart
+        self._ports.add((0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1), pic.read_port, pic.write_port)
+        self._ports.add((0x40, 0x41, 0x42, 0x43, 0x61), pit.read_port, pit.write_port)
+        self._ports.add((0x70, 0x71), cmos.read_port, cmos.write_port)
+        base = layout.PORT_COM1
+        self._ports.add(range(base, base + 8), lambda p: uart.read_port(p - base),
+                        lambda p, v: uart.write_port(p - base, v))
+        self._ports.add((0x64,), lambda p: 0xFF, self._keyboard_controller_command)
+        self._ports.add((0x92,), lambda p: 0x02, self._system_control_a)
+
+    def _keyboard_controller_command(self, port: int, value: int) -> None:
+        if value == 0xFE:  # pulse the reset line: how Linux reboots a PC without ACPI
+            self._request_reset()
+
+    def _system_control_a(self, port: int, value: int) -> None:
+        if value & 1:  # fast reset
+            self._request_reset()
+
+    def _request_reset(self) -> None:
+        self._reset_requested = True
+        self.cpu.request_stop()
+
+    # PortBus, called from the CPU's I/O hooks.
+    def port_read(self, port: int, size: int) -> int:
+        reader = self._ports.readers.get(port)
+        if reader is None:
+            return (1 << (8 * size)) - 1  # nothing there: the bus floats high
+        return reader(port)
+
+    def port_write(self, port: int, size: int, value: int) -> None:
+        writer = self._ports.writers.get(port)
+        if writer is not None:
+            writer(port, value)
+
+    def _on_console_output(self, data: bytes) -> None:
+        tail = self.console_tail
+        tail += data
+        if len(tail) > CONSOLE_TAIL_BYTES:
+            del tail[: len(tail) - CONSOLE_TAIL_BYTES]
+        self._console_output(data)
+
+    def _on_interrupt_request(self) -> None:
+        # The PIC raised INTR: end the running slice so the interrupt is taken promptly.
+        self.cpu.request_stop()
+        self.halted = False
+
+    # --- boot ----------------------------------------------------------------------------------------------
+    def boot(self, kernel: KernelImage, initrd: bytes, cmdline: str) -> None:
+        full = " ".join(part for part in (cmdline, self.virtio_cmdline(), self.config.cmdline_extra) if part)
+        plan = load_linux(self.ram.view, kernel, initrd, full)
+        self.cpu.enter_protected_mode(layout.BOOT_GDT, 31, layout.BOOT_CS, layout.BOOT_DS, plan.entry,
+                                      plan.boot_params)
+
+    # --- cross-thread control --------------------------------------------------------------------------------
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run *fn* on the machine thread between slices; safe from any thread."""
+        self._calls.append(fn)
+        self.cpu.request_stop()
+        self._wake.set()
+
+    def pause(self) -> None:
+        """Make :meth:`run` return PAUSED at the next slice boundary; safe from any thread."""
+        self._pause_requested = True
+        self.cpu.request_stop()
+        self._wake.set()
+
+    # --- the run loop --------------------------------------------------------------------------------------
+    def run(self) -> MachineExit:
+        """Run the guest until it is paused, powers off or resets. Raises GuestCrashed on a fatal fault."""
+        self._pause_requested = False
+        self.clock.resume()
+        try:
+            return self._loop()
+        except GuestCrashed as exc:
+            raise GuestCrashed(self._explain(str(exc))) from None
+        finally:
+            self.clock.pause()
+
+    def _loop(self) -> MachineExit:
+        cpu, pic, pit, clock = self.cpu, self.pic, self.pit, self.clock
+        calls = self._calls
+        while True:
+            cpu.slicer.clear_request()
+            while calls:
+                calls.popleft()()
+            if self._reset_requested:
+                return MachineExit.RESET
+            if self._pause_requested:
+                return MachineExit.PAUSED
+            if self.pause_at_ns is not None and clock.now() >= self.pause_at_ns:
+                self.pause_at_ns = None
+                return MachineExit.PAUSED
+            pit.update()
+            if pic.has_interrupt() and cpu.interrupts_enabled():
+                cpu.deliver_interrupt(pic.acknowledge())
+                self.halted = False
+            next_tick = pit.next_event_ns()
+            if self.pause_at_ns is not None and (next_tick is None or self.pause_at_ns < next_tick):
+                next_tick = self.pause_at_ns
+            now = clock.now()
+            if self.halted:
+                if not cpu.interrupts_enabled():
+                    return MachineExit.POWER_OFF  # HLT with interrupts off: nothing can wake it
+                self._idle_until(next_tick if next_tick is not None else now + MAX_SLICE_NS)
+                continue
+            deadline = now + MAX_SLICE_NS if next_tick is None else min(next_tick, now + MAX_SLICE_NS)
+            reason = cpu.run(clock.host_deadline(deadline), wait_for_if=pic.has_interrupt())
+            if reason is StopReason.HALT:
+                self.halted = True
+
+    def _idle_until(self, guest_ns: int) -> None:
+        """The guest is idle (HLT): sleep until its next timer event or until the host has work for it."""
+        timeout = (guest_ns - self.clock.now()) / 1e9
+        if timeout > 0 and not self._calls and not self._pause_requested:
+            self._wake.wait(timeout)
+        self._wake.clear()
+
+    # --- snapshots ---------------------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        """The whole machine as plain data (call only while it is not running)."""
+        return {
+            "config": {"mem_mib": self.config.mem_mib, "cmdline_extra": self.config.cmdline_extra},
+            "cpu": self.cpu.get_state(),
+            "ram": encode_ram(self.ram.view),
+            "clock": self.clock.get_state(),
+            "halted": self.halted,
+            "devices": {
+                "pic": self.pic.get_state(),
+                "pit": self.pit.get_state(),
+                "uart": self.uart.get_state(),
+                "cmos": self.cmos.get_state(),
+                "virtio": [t.get_state() for t in self.virtio],
+                "channel": self.channel.get_state(),
+            },
+        }
+
+    def set_state(self, state: dict) -> None:
+        """Continue from :meth:`get_state` output, in a machine built with the same config."""
+        decode_ram(state["ram"], self.ram.view)
+        self.cpu.set_state(state["cpu"])
+        self.clock.set_state(state["clock"])
+        self.halted = bool(state["halted"])
+        devices = state["devices"]
+        self.pic.set_state(devices["pic"])
+        self.pit.set_state(devices["pit"])
+        self.uart.set_state(devices["uart"])
+        self.cmos.set_state(devices["cmos"])
+        for transport, saved in zip(self.virtio, devices["virtio"], strict=True):
+            transport.set_state(saved)
+        self.channel.set_state(devices["channel"], self.virtio[0])
+
+    @staticmethod
+    def config_from_state(state: dict) -> MachineConfig:
+        config = state["config"]
+        return MachineConfig(mem_mib=int(config["mem_mib"]), cmdline_extra=str(config["cmdline_extra"]))
+
+    def _explain(self, message: str) -> str:
+        panic = self.panic_message()
+        return f"guest kernel panic: {panic}" if panic else message
+
+    def panic_message(self) -> str | None:
+        tail = self.console_tail.decode(errors="replace")
+        marker = tail.rfind("Kernel panic - not syncing:")
+        if marker < 0:
+            return None
+        return tail[marker:].splitlines()[0].split(":", 1)[1].strip()

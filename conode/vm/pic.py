@@ -1,0 +1,205 @@
+"""The 8259A programmable interrupt controller pair (master at 0x20, slave at 0xA0, cascaded on IRQ 2).
+
+Only what Linux's i8259 driver uses: ICW1-4 initialisation, the mask register, specific and non-specific EOI,
+reading IRR/ISR through OCW3, edge and level triggering (ELCR). Priorities are fixed (no rotation), as Linux
+never rotates them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+class _Chip:
+    """One 8259A."""
+
+    def __init__(self) -> None:
+        self.irr = 0  # requests waiting
+        self.isr = 0  # requests being serviced
+        self.imr = 0xFF  # masked lines (all masked at reset)
+        self.level = 0  # current input levels, for edge detection
+        self.elcr = 0  # 1 = level-triggered line
+        self.vector_base = 0x08
+        self.read_isr = False  # OCW3 selects ISR (else IRR) for reads of the command port
+        self.init_step = 0  # 0 = initialised; 2..4 = expecting ICW2..ICW4
+        self.expect_icw4 = False
+        self.auto_eoi = False
+
+    def set_input(self, line: int, level: bool) -> None:
+        bit = 1 << line
+        if level:
+            if self.elcr & bit or not self.level & bit:
+                self.irr |= bit  # edge: latch the rising edge; level: follow the input
+            self.level |= bit
+        else:
+            self.level &= ~bit
+            if self.elcr & bit:
+                self.irr &= ~bit
+
+    def highest_pending(self) -> int | None:
+        """The line the chip would signal on INTR, honouring priority over lines in service."""
+        pending = self.irr & ~self.imr
+        if not pending:
+            return None
+        for line in range(8):
+            bit = 1 << line
+            if self.isr & bit:
+                return None  # a higher-priority (lower-numbered) line is in service
+            if pending & bit:
+                return line
+        return None
+
+    def acknowledge(self, line: int) -> None:
+        bit = 1 << line
+        if not self.elcr & bit:
+            self.irr &= ~bit
+        if not self.auto_eoi:
+            self.isr |= bit
+
+    def write_command(self, value: int) -> None:
+        if value & 0x10:  # ICW1: start initialisation
+            self.init_step = 2
+            self.expect_icw4 = bool(value & 1)
+            self.imr = 0
+            self.isr = 0
+            self.irr = 0
+            self.read_isr = False
+            self.auto_eoi = False
+        elif value & 0x08:  # OCW3
+            if value & 0x02:
+                self.read_isr = bool(value & 0x01)
+        else:  # OCW2
+            command = value >> 5
+            if command == 1:  # non-specific EOI: clear the highest-priority in-service line
+                for line in range(8):
+                    if self.isr & (1 << line):
+                        self.isr &= ~(1 << line)
+                        break
+            elif command == 3:  # specific EOI
+                self.isr &= ~(1 << (value & 7))
+
+    def write_data(self, value: int) -> None:
+        if self.init_step == 2:
+            self.vector_base = value & 0xF8
+            self.init_step = 3
+        elif self.init_step == 3:  # ICW3: cascade wiring, fixed in this machine
+            self.init_step = 4 if self.expect_icw4 else 0
+        elif self.init_step == 4:
+            self.auto_eoi = bool(value & 0x02)
+            self.init_step = 0
+        else:
+            self.imr = value
+
+    def read_command(self) -> int:
+        return self.isr if self.read_isr else self.irr
+
+    _STATE = ("irr", "isr", "imr", "level", "elcr", "vector_base", "read_isr", "init_step", "expect_icw4",
+              "auto_eoi")
+
+    def get_state(self) -> dict:
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def set_state(self, state: dict) -> None:
+        for name in self._STATE:
+            setattr(self, name, state[name])
+
+
+class PicPair:
+    """Master and slave 8259A; `on_request` is called whenever INTR may have been raised."""
+
+    CASCADE_LINE = 2
+
+    def __init__(self, on_request: Callable[[], None] = lambda: None) -> None:
+        self.master = _Chip()
+        self.slave = _Chip()
+        self._on_request = on_request
+
+    # --- lines and the CPU side --------------------------------------------------------------------------
+    def set_irq(self, irq: int, level: bool) -> None:
+        if irq < 8:
+            self.master.set_input(irq, level)
+        else:
+            self.slave.set_input(irq - 8, level)
+            self._update_cascade()
+        if level and self.has_interrupt():
+            self._on_request()
+
+    def _update_cascade(self) -> None:
+        # The cascade input behaves as level-triggered: the master keeps requesting while the slave does.
+        bit = 1 << self.CASCADE_LINE
+        if self.slave.highest_pending() is not None:
+            self.master.irr |= bit
+        else:
+            self.master.irr &= ~bit
+
+    def has_interrupt(self) -> bool:
+        """Is INTR asserted towards the CPU?"""
+        return self.master.highest_pending() is not None
+
+    def acknowledge(self) -> int:
+        """The CPU's INTA cycle: return the vector to deliver and mark it in service."""
+        line = self.master.highest_pending()
+        if line is None:  # the request went away: a spurious IRQ 7, as on hardware
+            return self.master.vector_base | 7
+        self.master.acknowledge(line)
+        if line != self.CASCADE_LINE:
+            return self.master.vector_base | line
+        slave_line = self.slave.highest_pending()
+        if slave_line is None:
+            self._update_cascade()
+            return self.slave.vector_base | 7
+        self.slave.acknowledge(slave_line)
+        self._update_cascade()
+        return self.slave.vector_base | slave_line
+
+    # --- ports ------------------------------------------------------------------------------------------------
+    def _chip(self, port: int) -> _Chip:
+        return self.master if port < 0x80 else self.slave
+
+    def read_port(self, port: int) -> int:
+        if port in (0x4D0, 0x4D1):
+            return (self.master if port == 0x4D0 else self.slave).elcr
+        chip = self._chip(port)
+        return chip.imr if port & 1 else chip.read_command()
+
+    def write_port(self, port: int, value: int) -> None:
+        if port in (0x4D0, 0x4D1):
+            (self.master if port == 0x4D0 else self.slave).elcr = value & 0xFF
+            return
+        chip = self._chip(port)
+        if port & 1:
+            chip.write_data(value & 0xFF)
+        else:
+            chip.write_command(value & 0xFF)
+        if chip is self.slave:
+            self._update_cascade()
+        if self.has_interrupt():
+            self._on_request()  # an unmask or EOI may let a waiting request through
+
+    # --- snapshots --------------------------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        return {"master": self.master.get_state(), "slave": self.slave.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.master.set_state(state["master"])
+        self.slave.set_state(state["slave"])
+
+
+class IrqLine:
+    """One interrupt input of the PIC pair, the only thing a device gets to signal interrupts."""
+
+    def __init__(self, pic: PicPair, irq: int) -> None:
+        self._pic = pic
+        self.irq = irq
+        self.level = False
+
+    def set(self, level: bool) -> None:
+        if level != self.level:
+            self.level = level
+            self._pic.set_irq(self.irq, level)
+
+    def pulse(self) -> None:
+        """An edge: what a PIT tick is to the PIC."""
+        self.set(False)
+        self.set(True)
+        self.set(False)
