@@ -31,6 +31,8 @@ OFF_RAMDISK_SIZE = 0x21C
 OFF_CMD_LINE_PTR = 0x228
 OFF_INITRD_ADDR_MAX = 0x22C
 OFF_CMDLINE_SIZE = 0x238
+OFF_PREF_ADDRESS = 0x258
+OFF_INIT_SIZE = 0x260
 OFF_E820_TABLE = 0x2D0
 E820_MAX_ENTRIES = 128
 E820_RAM, E820_RESERVED = 1, 2
@@ -47,6 +49,7 @@ class KernelImage:
     code32_start: int
     initrd_addr_max: int
     cmdline_size: int
+    decompress_end: int  # the kernel unpacks itself below this address: the initrd must lie above it
 
     @classmethod
     def parse(cls, data: bytes, name: str = "kernel") -> "KernelImage":
@@ -65,6 +68,12 @@ class KernelImage:
         code32_start, = struct.unpack_from("<I", data, OFF_CODE32_START)
         initrd_addr_max, = struct.unpack_from("<I", data, OFF_INITRD_ADDR_MAX)
         cmdline_size, = struct.unpack_from("<I", data, OFF_CMDLINE_SIZE)
+        if protocol >= 0x020A:  # pref_address and init_size say where and how large the unpacked kernel is
+            pref_address, = struct.unpack_from("<Q", data, OFF_PREF_ADDRESS)
+            init_size, = struct.unpack_from("<I", data, OFF_INIT_SIZE)
+            decompress_end = pref_address + init_size
+        else:
+            decompress_end = 0x1000000 + 4 * (len(data) - pm_offset)
         return cls(
             setup_header=data[OFF_SETUP_SECTS:header_end],
             protected_mode=data[pm_offset:],
@@ -72,6 +81,7 @@ class KernelImage:
             code32_start=code32_start,
             initrd_addr_max=initrd_addr_max or layout.INITRD_MAX_END,
             cmdline_size=cmdline_size,
+            decompress_end=decompress_end,
         )
 
 
@@ -109,8 +119,7 @@ def load_linux(ram: memoryview, kernel: KernelImage, initrd: bytes, cmdline: str
     kernel_end = kernel.code32_start + len(kernel.protected_mode)
     top = min(ram_size, kernel.initrd_addr_max + 1)
     initrd_address = (top - len(initrd)) & ~(layout.PAGE_SIZE - 1)
-    # The kernel decompresses itself at 16 MiB; leave it room (its init_size) before the initrd.
-    if initrd_address < max(kernel_end, 0x1000000 + 3 * len(kernel.protected_mode)):
+    if initrd_address < max(kernel_end, kernel.decompress_end):
         raise GuestImageError(
             f"guest memory of {ram_size >> 20} MiB is too small for this kernel and a "
             f"{len(initrd) >> 10} KiB initramfs; give it more with --mem"

@@ -263,7 +263,12 @@ class UnicornCpu:
         gate_type = (high >> 8) & 0x1F
         cpl = cs & 3
         if software and ((high >> 13) & 3) < cpl:
-            # A user program raised a kernel-only vector with `int n`: #GP(vector*8+2), as on hardware.
+            # A user program raised a kernel-only vector with `int n`: #GP(vector*8+2), as on hardware. #GP
+            # is a fault, so the saved EIP goes back to the instruction (CD nn; int3 and into are 1 byte).
+            start = eip - 2
+            if self.ram.view[self._linear_to_physical(start, cr0, cr3, cr4)] != 0xCD:
+                start = eip - 1
+            uc.reg_write(x86.UC_X86_REG_EIP, start)
             return self._deliver(_VEC_GP, vector * 8 + 2, False)
         if not high & 0x8000:
             raise GuestCrashed(f"guest took vector {vector} with no IDT gate present (EIP {eip:#x})")

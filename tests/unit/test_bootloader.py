@@ -1,0 +1,78 @@
+import struct
+
+import pytest
+
+from conode.errors import GuestImageError
+from conode.vm import bootloader, layout
+from conode.vm.bootloader import KernelImage, e820_map, load_linux
+from conode.vm.guest_image import load_guest_image
+
+
+def fake_bzimage(setup_sects: int = 4, protocol: int = 0x020F, payload: bytes = b"\x90" * 4096) -> bytes:
+    data = bytearray((setup_sects + 1) * 512)
+    data[0x1F1] = setup_sects
+    data[0x201] = 0x6A  # header length past 0x202
+    data[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", data, 0x206, protocol)
+    data[0x211] = 0x01
+    struct.pack_into("<I", data, 0x214, 0x100000)
+    struct.pack_into("<I", data, 0x22C, 0x37FFFFFF)
+    struct.pack_into("<I", data, 0x238, 2047)
+    struct.pack_into("<Q", data, 0x258, 0x1000000)  # pref_address: 16 MiB
+    struct.pack_into("<I", data, 0x260, 8 << 20)  # init_size
+    return bytes(data) + payload
+
+
+def test_load_places_kernel_initrd_cmdline_and_zero_page():
+    ram = memoryview(bytearray(64 << 20))
+    kernel = KernelImage.parse(fake_bzimage())
+    plan = load_linux(ram, kernel, b"\x1f\x8b" + b"x" * 5000, "console=ttyS0 quiet")
+    assert plan.entry == 0x100000 and plan.boot_params == layout.BOOT_PARAMS
+    assert bytes(ram[0x100000:0x100010]) == b"\x90" * 16
+    assert plan.initrd_address % 4096 == 0 and plan.initrd_address + plan.initrd_size <= 64 << 20
+    zp = layout.BOOT_PARAMS
+    assert struct.unpack_from("<I", ram, zp + bootloader.OFF_RAMDISK_IMAGE)[0] == plan.initrd_address
+    assert struct.unpack_from("<I", ram, zp + bootloader.OFF_CMD_LINE_PTR)[0] == layout.CMDLINE
+    assert bytes(ram[layout.CMDLINE:layout.CMDLINE + 20]) == b"console=ttyS0 quiet\0"
+    assert ram[zp + bootloader.OFF_TYPE_OF_LOADER] == 0xFF
+    entries = ram[zp + bootloader.OFF_E820_ENTRIES]
+    table = [struct.unpack_from("<QQI", ram, zp + bootloader.OFF_E820_TABLE + 20 * i) for i in range(entries)]
+    assert table == e820_map(64 << 20)
+    assert sum(size for _, size, kind in table if kind == 1) < 64 << 20
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d[:0x200] + b"XXXX" + d[0x204:], "not a Linux bzImage"),
+    (lambda d: d[:0x206] + b"\x00\x02" + d[0x208:], "boot protocol 2.0"),
+    (lambda d: d[:100], "not a Linux bzImage"),
+])
+def test_bad_kernels_are_refused_clearly(mutate, message):
+    with pytest.raises(GuestImageError, match=message):
+        KernelImage.parse(mutate(fake_bzimage()))
+
+
+def test_too_little_memory_for_kernel_and_initrd():
+    ram = memoryview(bytearray(20 << 20))
+    with pytest.raises(GuestImageError, match="too small"):
+        load_linux(ram, KernelImage.parse(fake_bzimage()), b"\x1f\x8b" * 1000, "")
+
+
+def test_packaged_image_is_present_and_checks_out():
+    image = load_guest_image()
+    assert image.kernel.protocol >= 0x0206 and image.initrd[:2] == b"\x1f\x8b"
+
+
+def test_corrupt_packaged_copy_is_detected(tmp_path):
+    image = load_guest_image()
+    for name in ("bzImage", "initramfs.cpio.gz", "SHA256SUMS"):
+        (tmp_path / name).write_bytes((image.kernel_path.parent / name).read_bytes())
+    data = bytearray((tmp_path / "bzImage").read_bytes())
+    data[-100] ^= 0xFF
+    (tmp_path / "bzImage").write_bytes(data)
+    with pytest.raises(GuestImageError, match="corrupt"):
+        load_guest_image(tmp_path / "bzImage", tmp_path / "initramfs.cpio.gz")
+
+
+def test_missing_kernel_says_where(tmp_path):
+    with pytest.raises(GuestImageError, match="not found"):
+        load_guest_image(tmp_path / "nope", None)
