@@ -70,7 +70,8 @@ def _with_image_options(fn: Callable) -> Callable:
 @vm.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @_with_image_options
 @click.option("--snapshot-after", type=float, default=None, metavar="SECONDS",
-              help="Stop after this many seconds of guest time and write a snapshot (needs --snapshot-to).")
+              help="Stop this many seconds (guest time) after the command started and write a snapshot "
+                   "(needs --snapshot-to).")
 @click.option("--snapshot-to", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="Where --snapshot-after writes the snapshot.")
 @click.option("--timeout", type=float, default=None, metavar="SECONDS",

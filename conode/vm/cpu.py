@@ -20,19 +20,14 @@ from typing import Callable, Protocol
 import unicorn
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
+from unicorn.unicorn_py3.unicorn import uclib
 
 from conode.errors import EngineError, GuestCrashed
+from conode.vm import _uc_context as ctx_layout
+from conode.vm._uc_context import CpuContext, verify_layout
 from conode.vm.slicer import SLICE_DEADLINE, SLICE_IRQ_WINDOW, SLICE_REQUEST, SLICE_RUNNING, Slicer
 
 SUPPORTED_UNICORN = "2.1.4"
-
-# Unicorn never resets QEMU's "exception in flight" marker (CPUX86State.old_exception) after a hooked
-# exception, so the next fault would be promoted to a double fault. It is reached through a saved context:
-# these are byte offsets from the start of Unicorn 2.1.4's uc_context buffer (checked at the first #PF).
-_CTX_OLD_EXCEPTION = 5536
-_CTX_ERROR_CODE = _CTX_OLD_EXCEPTION - 112
-_CTX_SIZE = 5608
-_CTX_HEADER = 40  # size, mode, arch and memory-snapshot bookkeeping that precede the CPU state
 
 _VEC_DE, _VEC_UD, _VEC_DF, _VEC_GP, _VEC_PF = 0, 6, 8, 13, 14
 _HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17})
@@ -42,12 +37,15 @@ _SOFTWARE_VECTORS_BELOW_32 = frozenset({3, 4})  # int3 and into: trap-like, EIP 
 
 _EFLAGS_IF = 1 << 9
 _EFLAGS_CLEARED_ON_DELIVERY = (1 << 8) | (1 << 14) | (1 << 16) | (1 << 17)  # TF, NT, RF, VM
-_CR0_PE = 1
 _CR0_PG = 1 << 31
 _CR4_PSE = 1 << 4
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_GATE = struct.Struct("<II")  # an IDT gate or a GDT descriptor: low and high doublewords
+_TSS_STACK0 = struct.Struct("<II")  # ESP0, SS0 at offset 4 of a 32-bit TSS
+_DESC_B = 1 << 22  # 32-bit segment
+_DESC_G = 1 << 23  # limit in pages
 
 
 class StopReason(enum.Enum):
@@ -94,6 +92,56 @@ def cpuid_leaf(leaf: int) -> tuple[int, int, int, int]:
     return 0, 0, 0, 0
 
 
+class _TableRegister(ctypes.Structure):
+    """struct uc_x86_mmr from unicorn/x86.h: GDTR, IDTR, LDTR and TR."""
+
+    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
+
+
+class _Registers:
+    """Register access through Unicorn's C API directly: the binding's generic path costs 2-15 µs a call,
+    which the passage cannot afford (it needs a dozen per trap)."""
+
+    def __init__(self, uc: unicorn.Uc) -> None:
+        self._handle = uc._uch
+        self._read = uclib.uc_reg_read
+        self._write = uclib.uc_reg_write
+        self._read_batch = uclib.uc_reg_read_batch
+        self._value = ctypes.c_uint64()
+        self._value_ref = ctypes.byref(self._value)
+        self._mmr = _TableRegister()
+        self._mmr_ref = ctypes.byref(self._mmr)
+        self._batches: dict[tuple[int, ...], tuple[object, object, object]] = {}
+
+    def read(self, reg: int) -> int:
+        self._value.value = 0
+        self._read(self._handle, reg, self._value_ref)
+        return self._value.value
+
+    def write(self, reg: int, value: int) -> None:
+        self._value.value = value
+        if self._write(self._handle, reg, self._value_ref) != 0:
+            raise EngineError(f"Unicorn refused a write of {value:#x} to register {reg}")
+
+    def read_many(self, regs: tuple[int, ...]) -> tuple[int, ...]:
+        batch = self._batches.get(regs)
+        if batch is None:
+            values = (ctypes.c_uint64 * len(regs))()
+            pointers = (ctypes.c_void_p * len(regs))(
+                *[ctypes.addressof(values) + 8 * i for i in range(len(regs))])
+            batch = self._batches[regs] = ((ctypes.c_int * len(regs))(*regs), pointers, values)
+        ids, pointers, values = batch
+        ctypes.memset(values, 0, ctypes.sizeof(values))  # type: ignore[arg-type]
+        self._read_batch(self._handle, ids, pointers, len(regs))
+        return tuple(values)  # type: ignore[arg-type]
+
+    def table_base(self, reg: int) -> tuple[int, int]:
+        """Base and limit of a descriptor-table register (IDTR, GDTR, TR)."""
+        self._read(self._handle, reg, self._mmr_ref)
+        return self._mmr.base, self._mmr.limit
+
+
 class GuestRam:
     """Guest physical RAM as host memory, shared with Unicorn."""
 
@@ -129,7 +177,10 @@ class UnicornCpu:
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
         self.uc.mem_map_ptr(0, ram.size, uc_const.UC_PROT_ALL, ram.host_address)
-        self._ctx_checked = False
+        self.regs = _Registers(self.uc)
+        self._context = CpuContext(self.uc)  # reused: allocating one per trap would cost microseconds
+        verify_layout(self.uc, self._context)
+        self._marker_checked = False
         self._pending_error: BaseException | None = None
         self.stats = {"exceptions": 0, "interrupts": 0, "syscalls": 0}
         self._hooks = [
@@ -140,7 +191,7 @@ class UnicornCpu:
             self.uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._on_invalid_insn),
             self.uc.hook_add(uc_const.UC_HOOK_MEM_UNMAPPED, self._on_unmapped),
         ]
-        self.slicer = Slicer(self.uc, lambda: self.uc.reg_read(x86.UC_X86_REG_EFLAGS))
+        self.slicer = Slicer(self.uc, lambda: self.regs.read(x86.UC_X86_REG_EFLAGS))
 
     # --- devices ------------------------------------------------------------------------------------------
     def map_mmio(
@@ -181,22 +232,19 @@ class UnicornCpu:
 
     def _on_exception(self, uc: unicorn.Uc, vector: int, user_data: object) -> None:
         try:
-            error_code = None
-            if vector in _MARKS_IN_FLIGHT:
-                error_code = self._clear_exception_in_flight(vector)
             if vector == 0x80:
                 self.stats["syscalls"] += 1
             else:
                 self.stats["exceptions"] += 1
             software = vector >= 32 or vector in _SOFTWARE_VECTORS_BELOW_32
-            self._deliver(vector, error_code if vector in _HAS_ERROR_CODE else None, software)
+            self._deliver(vector, software=software, in_flight=vector in _MARKS_IN_FLIGHT)
         except BaseException as exc:  # never let an exception unwind through Unicorn's C frames
             self._fail(exc)
 
     def _on_invalid_insn(self, uc: unicorn.Uc, user_data: object) -> bool:
         try:
             self.stats["exceptions"] += 1
-            self._deliver(_VEC_UD, None, False)
+            self._deliver(_VEC_UD)
         except BaseException as exc:
             self._fail(exc)
         return True
@@ -215,24 +263,6 @@ class UnicornCpu:
         self.uc.emu_stop()
 
     # --- the passage -------------------------------------------------------------------------------------
-    def _clear_exception_in_flight(self, vector: int) -> int:
-        """Reset QEMU's in-flight exception marker; return the fault's error code."""
-        ctx = self.uc.context_save()
-        base = ctx.context.value
-        marker = ctypes.c_int32.from_address(base + _CTX_OLD_EXCEPTION)
-        if not self._ctx_checked:
-            if ctx.size != _CTX_SIZE or marker.value != vector:
-                raise EngineError(
-                    f"Unicorn's internal CPU layout is not the one conode was validated on "
-                    f"(context {ctx.size} bytes, marker {marker.value}, vector {vector}); "
-                    f"use unicorn=={SUPPORTED_UNICORN}"
-                )
-            self._ctx_checked = True
-        error_code = ctypes.c_uint32.from_address(base + _CTX_ERROR_CODE).value
-        marker.value = -1
-        self.uc.context_restore(ctx)
-        return error_code
-
     def _linear_to_physical(self, linear: int, cr0: int, cr3: int, cr4: int) -> int:
         """Walk the guest's (non-PAE) page tables; raise GuestCrashed if *linear* is not mapped."""
         if not cr0 & _CR0_PG:
@@ -248,91 +278,123 @@ class UnicornCpu:
             raise GuestCrashed(f"kernel stack or IDT not mapped at {linear:#x}")
         return (pte & 0xFFFFF000) | (linear & 0xFFF)
 
-    def _deliver(self, vector: int, error_code: int | None, software: bool) -> None:
-        """Deliver *vector* through the guest IDT exactly as the CPU would (32-bit gates, flat segments)."""
-        uc = self.uc
-        eip, eflags, cs, ss, esp, cr0, cr3, cr4 = uc.reg_read_batch(
-            (x86.UC_X86_REG_EIP, x86.UC_X86_REG_EFLAGS, x86.UC_X86_REG_CS, x86.UC_X86_REG_SS,
-             x86.UC_X86_REG_ESP, x86.UC_X86_REG_CR0, x86.UC_X86_REG_CR3, x86.UC_X86_REG_CR4)
-        )
-        _, idt_base, idt_limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
+    def _deliver(self, vector: int, software: bool = False, in_flight: bool = False,
+                 error_code: int | None = None) -> None:
+        """Deliver *vector* through the guest IDT as the CPU would (32-bit gates; Linux's flat segments).
+
+        One context save gives every register the passage reads; the frame is written straight into guest
+        RAM; the new CS:EIP, SS:ESP, EFLAGS and CPL are edited into the context, which one restore applies.
+        """
+        context = self._context
+        context.save()
+        view = context.view
+        if in_flight:
+            # Unicorn never clears QEMU's "exception in flight" marker after a hooked exception, so the
+            # next fault would be promoted to a double fault. Clear it; the fault's error code is beside it.
+            marker, code = context.take_exception_in_flight()
+            if not self._marker_checked:
+                if marker != vector:
+                    raise EngineError(f"Unicorn's exception marker reads {marker} during vector {vector}; "
+                                      f"conode was validated on unicorn=={SUPPORTED_UNICORN}")
+                self._marker_checked = True
+            if vector in _HAS_ERROR_CODE:
+                error_code = code
+        eip = _U64.unpack_from(view, ctx_layout.EIP)[0] & 0xFFFFFFFF
+        hflags = context.u32(ctx_layout.HFLAGS)
+        cpl = hflags & ctx_layout.HF_CPL_MASK
+        cr0, _, _, cr3, cr4 = context.control_registers()
+        idt_base = context.u64(ctx_layout.IDT + 8)
+        idt_limit = context.u32(ctx_layout.IDT + 16)
         if vector * 8 + 7 > idt_limit:
             raise GuestCrashed(f"interrupt vector {vector} is beyond the guest IDT (limit {idt_limit})")
         gate_at = self._linear_to_physical(idt_base + vector * 8, cr0, cr3, cr4)
-        low, high = self.ram.u32(gate_at), self.ram.u32(gate_at + 4)
-        gate_type = (high >> 8) & 0x1F
-        cpl = cs & 3
+        low, high = _GATE.unpack_from(self.ram.view, gate_at)
         if software and ((high >> 13) & 3) < cpl:
             # A user program raised a kernel-only vector with `int n`: #GP(vector*8+2), as on hardware. #GP
             # is a fault, so the saved EIP goes back to the instruction (CD nn; int3 and into are 1 byte).
             start = eip - 2
             if self.ram.view[self._linear_to_physical(start, cr0, cr3, cr4)] != 0xCD:
                 start = eip - 1
-            uc.reg_write(x86.UC_X86_REG_EIP, start)
-            return self._deliver(_VEC_GP, vector * 8 + 2, False)
+            self.regs.write(x86.UC_X86_REG_EIP, start)
+            return self._deliver(_VEC_GP, error_code=vector * 8 + 2)
         if not high & 0x8000:
             raise GuestCrashed(f"guest took vector {vector} with no IDT gate present (EIP {eip:#x})")
+        gate_type = (high >> 8) & 0x1F
         if gate_type not in (0xE, 0xF):
             what = "a double fault" if vector == _VEC_DF else f"vector {vector} through a task gate"
             raise GuestCrashed(f"guest kernel took {what} at EIP {eip:#x}; it cannot continue")
+        self._enter_gate(vector, low, high, eip, cpl, hflags, cr0, cr3, cr4, error_code)
+
+    def _enter_gate(self, vector: int, low: int, high: int, eip: int, cpl: int, hflags: int, cr0: int,
+                    cr3: int, cr4: int, error_code: int | None) -> None:
+        context = self._context
+        eflags = self.regs.read(x86.UC_X86_REG_EFLAGS)  # with the lazily computed arithmetic flags
+        cs = context.u32(ctx_layout.SEG_CS)
+        ss = context.u32(ctx_layout.SEG_SS)
+        esp = context.u64(ctx_layout.ESP) & 0xFFFFFFFF
         target_cs = low >> 16
         target_eip = (low & 0xFFFF) | (high & 0xFFFF0000)
-        new_eflags = eflags & ~_EFLAGS_CLEARED_ON_DELIVERY
-        if gate_type == 0xE:
-            new_eflags &= ~_EFLAGS_IF
-        frame = [eflags, cs, eip] if error_code is None else [eflags, cs, eip, error_code]
-        if (target_cs & 3) < cpl:
+        target_cpl = target_cs & 3
+        frame = (eflags, cs, eip) if error_code is None else (eflags, cs, eip, error_code)
+        if target_cpl < cpl:
             # Privilege change: the handler's stack comes from the TSS (SS0:ESP0); the old SS:ESP go on it.
-            _, tss_base, _, _ = uc.reg_read(x86.UC_X86_REG_TR)
-            tss = self._linear_to_physical(tss_base, cr0, cr3, cr4)
-            stack_top = self.ram.u32(tss + 4)
-            stack_ss = self.ram.u32(tss + 8) & 0xFFFF
-            frame = [ss, esp] + frame
+            tss = self._linear_to_physical(context.u64(ctx_layout.TR + 8), cr0, cr3, cr4)
+            stack_top, stack_ss = _TSS_STACK0.unpack_from(self.ram.view, tss + 4)
+            stack_ss &= 0xFFFF
+            frame = (ss, esp) + frame
             new_esp = (stack_top - 4 * len(frame)) & 0xFFFFFFFF
             self._push(new_esp, frame, cr0, cr3, cr4)
-            self._enter_ring0(cr0)
-            uc.reg_write(x86.UC_X86_REG_SS, stack_ss)
+            ss_flags = self._load_segment(ctx_layout.SEG_SS, stack_ss, cr0, cr3, cr4)
+            hflags = (hflags & ~ctx_layout.HF_SS32_MASK) | (ctx_layout.HF_SS32_MASK if ss_flags & _DESC_B else 0)
         else:
             new_esp = (esp - 4 * len(frame)) & 0xFFFFFFFF
             self._push(new_esp, frame, cr0, cr3, cr4)
-        uc.reg_write(x86.UC_X86_REG_ESP, new_esp)
         if target_cs != cs:
-            uc.reg_write(x86.UC_X86_REG_CS, target_cs)
-        uc.reg_write(x86.UC_X86_REG_EFLAGS, new_eflags)
-        uc.reg_write(x86.UC_X86_REG_EIP, target_eip)
+            cs_flags = self._load_segment(ctx_layout.SEG_CS, target_cs, cr0, cr3, cr4)
+            hflags = (hflags & ~ctx_layout.HF_CS32_MASK) | (ctx_layout.HF_CS32_MASK if cs_flags & _DESC_B else 0)
+        hflags = (hflags & ~(ctx_layout.HF_CPL_MASK | ctx_layout.HF_INHIBIT_IRQ_MASK)) | target_cpl
+        cleared = _EFLAGS_CLEARED_ON_DELIVERY | (_EFLAGS_IF if (high >> 8) & 0x1F == 0xE else 0)
+        raw_eflags = context.u64(ctx_layout.EFLAGS) & ~cleared
+        context.set_u64(ctx_layout.ESP, new_esp)
+        context.set_u64(ctx_layout.EIP, target_eip)
+        context.set_u64(ctx_layout.EFLAGS, raw_eflags)
+        context.set_u32(ctx_layout.HFLAGS, hflags)
+        context.restore()
 
-    def _push(self, esp: int, frame: list[int], cr0: int, cr3: int, cr4: int) -> None:
+    def _load_segment(self, offset: int, selector: int, cr0: int, cr3: int, cr4: int) -> int:
+        """Fill a segment cache in the context from the guest GDT, as a segment load would; return its flags."""
+        context = self._context
+        gdt_base = context.u64(ctx_layout.GDT + 8)
+        if selector & 4 or (selector | 7) > context.u32(ctx_layout.GDT + 16):
+            raise GuestCrashed(f"interrupt gate names selector {selector:#x} outside the GDT")
+        e1, e2 = _GATE.unpack_from(self.ram.view, self._linear_to_physical(gdt_base + (selector & ~7), cr0, cr3, cr4))
+        base = (e1 >> 16) | ((e2 & 0xFF) << 16) | (e2 & 0xFF000000)
+        limit = (e1 & 0xFFFF) | (e2 & 0x000F0000)
+        if e2 & _DESC_G:
+            limit = (limit << 12) | 0xFFF
+        ctx_layout.SEGMENT.pack_into(context.view, offset, selector, base, limit, e2)
+        return e2
+
+    def _push(self, esp: int, frame: tuple[int, ...], cr0: int, cr3: int, cr4: int) -> None:
         """Write an interrupt frame (lowest address first = last pushed) at linear *esp*."""
-        words = list(reversed(frame))
+        words = frame[::-1]
         data = struct.pack(f"<{len(words)}I", *words)
         start = self._linear_to_physical(esp, cr0, cr3, cr4)
-        end_linear = esp + len(data) - 1
-        if (esp >> 12) == (end_linear >> 12):
+        if (esp >> 12) == ((esp + len(data) - 1) >> 12):
             self.ram.view[start : start + len(data)] = data
         else:  # the frame straddles a page boundary: map each word on its own
             for i, word in enumerate(words):
                 at = self._linear_to_physical(esp + 4 * i, cr0, cr3, cr4)
                 self.ram.view[at : at + 4] = _U32.pack(word)
 
-    def _enter_ring0(self, cr0: int) -> None:
-        """Make CPL 0 so that Unicorn accepts kernel selectors.
-
-        Unicorn refuses to load a ring-0 SS or CS while CPL is 3. A real-mode style load of SS (PE cleared,
-        paging kept) leaves CPL 0; PE is then restored before the kernel selectors are written.
-        """
-        uc = self.uc
-        uc.reg_write(x86.UC_X86_REG_CR0, cr0 & ~_CR0_PE)
-        uc.reg_write(x86.UC_X86_REG_SS, 0)
-        uc.reg_write(x86.UC_X86_REG_CR0, cr0)
-
     # --- running ---------------------------------------------------------------------------------------------
     def interrupts_enabled(self) -> bool:
-        return bool(self.uc.reg_read(x86.UC_X86_REG_EFLAGS) & _EFLAGS_IF)
+        return bool(self.regs.read(x86.UC_X86_REG_EFLAGS) & _EFLAGS_IF)
 
     def deliver_interrupt(self, vector: int) -> None:
         """Deliver an external interrupt (from the PIC) between slices."""
         self.stats["interrupts"] += 1
-        self._deliver(vector, None, False)
+        self._deliver(vector)
 
     def run(self, deadline_ns: int, wait_for_if: bool) -> StopReason:
         """Run the guest until *deadline_ns* (host CLOCK_MONOTONIC), a stop request, or HLT."""
@@ -341,7 +403,7 @@ class UnicornCpu:
         if slicer.control.stop_request:
             slicer.clear_request()
             return StopReason.REQUEST
-        eip = self.uc.reg_read(x86.UC_X86_REG_EIP)
+        eip = self.regs.read(x86.UC_X86_REG_EIP)
         try:
             self.uc.emu_start(eip, 0)
         except unicorn.UcError as exc:
@@ -399,7 +461,7 @@ class UnicornCpu:
         if len(blob) != ctx.size:
             raise EngineError(f"snapshot CPU context has {len(blob)} bytes, expected {ctx.size}")
         # The header of the buffer (size, mode, arch, owner) belongs to this process: keep ours.
-        header = _CTX_HEADER
+        header = ctx_layout.HEADER
         ctypes.memmove(ctx.context.value + header, blob[header:], ctx.size - header)
         self.uc.context_restore(ctx)
         self.uc.ctl_flush_tb()  # code translated before the restore belongs to other RAM contents

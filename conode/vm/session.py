@@ -49,6 +49,7 @@ class GuestSession:
         self.machine = CoMachine(config, console or (lambda data: None), self._on_channel_bytes)
         self._stop_reason: str | None = None
         self.ready_at: float | None = None
+        self._snapshot_after_ns: int | None = None
         self._started = time.monotonic()
 
     # --- construction ---------------------------------------------------------------------------------------
@@ -113,6 +114,8 @@ class GuestSession:
         if job.agent_ready and job.argv and not job.exec_sent:
             self.machine.channel.send(channel.exec_frame(JOB_ID, job.argv, job.cwd))
             job.exec_sent = True
+            if self._snapshot_after_ns is not None:
+                self.machine.pause_at_ns = self.machine.clock.now() + self._snapshot_after_ns
 
     def _stop(self, reason: str) -> None:
         if self._stop_reason is None:
@@ -127,9 +130,14 @@ class GuestSession:
 
     def run(self, snapshot_after_s: float | None = None, snapshot_to: Path | None = None,
             timeout_s: float | None = None, boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S) -> int:
-        """Run until the command exits (return its status) or the snapshot point (write it, return 0)."""
+        """Run until the command exits (return its status) or the snapshot point (write it, return 0).
+
+        The snapshot point is *snapshot_after_s* seconds of guest time after the command started.
+        """
         if snapshot_after_s is not None:
-            self.machine.pause_at_ns = int(snapshot_after_s * 1e9)
+            self._snapshot_after_ns = int(snapshot_after_s * 1e9)
+            if self.job.exec_sent:
+                self.machine.pause_at_ns = self.machine.clock.now() + self._snapshot_after_ns
         timers = [threading.Timer(boot_timeout_s, self._boot_timed_out)]
         if timeout_s is not None:
             timers.append(threading.Timer(timeout_s, lambda: self._stop("timeout")))

@@ -4,7 +4,7 @@ import gzip
 
 import pytest
 
-LOOP = ("i=0; s=0; while [ $i -lt 2500 ]; do s=$(( (s*31 + i) % 1000003 )); i=$((i+1)); done; "
+LOOP = ("i=0; s=0; while [ $i -lt 6000 ]; do s=$(( (s*31 + i) % 1000003 )); i=$((i+1)); done; "
         "echo sum=$s")
 
 
@@ -49,7 +49,7 @@ def test_snapshot_mid_computation_resumes_in_a_new_process(conode, tmp_path):
     straight = conode("vm", "run", "-q", "--", "sh", "-c", LOOP)
     assert straight.returncode == 0 and straight.stdout.startswith(b"sum=")
     snap = tmp_path / "mid.snap"
-    first = conode("vm", "run", "--snapshot-after", "3.6", "--snapshot-to", str(snap), "--",
+    first = conode("vm", "run", "--snapshot-after", "0.5", "--snapshot-to", str(snap), "--",
                    "sh", "-c", "echo started; " + LOOP)
     assert first.returncode == 0, first.stderr.decode()
     assert first.stdout == b"started\n"  # stopped in the middle: the result is not printed yet
