@@ -22,6 +22,7 @@ KERNEL = {
     0x200: "588b1d2080000089049d108000000f20d089049d18800000ff0520800000c1e80c830c8500500000"
            "070f013d000030000f013d00103000cf",
     0x300: "58a3248000008b0424a328800000f4",
+    0x400: "8b0424a340800000f4",  # #UD: mov (%esp),%eax; mov %eax,0x8040; hlt
 }
 # User code at 0x7000: mov $42,%eax; int $0x80; mov 0x300000,%eax; movl $7,0x301004; int $0x81; hlt
 USER = "b82a000000cd80a100003000c7050410300007000000cd81f4"
@@ -44,7 +45,7 @@ def gate(offset: int, selector: int, type_attr: int) -> bytes:
     return struct.pack("<HHBBH", offset & 0xFFFF, selector, 0, type_attr, offset >> 16)
 
 
-def build_machine() -> tuple[UnicornCpu, GuestRam]:
+def build_machine(user_code: str = USER) -> tuple[UnicornCpu, GuestRam]:
     ram = GuestRam(4 << 20)
     mem = ram.view
     gdt = b"".join([
@@ -58,6 +59,7 @@ def build_machine() -> tuple[UnicornCpu, GuestRam]:
     mem[0x1000:0x1000 + len(gdt)] = gdt
     struct.pack_into("<II", mem, 0x2004, 0x9000, 0x10)  # TSS: ESP0, SS0
     idt = bytearray(0x82 * 8)
+    idt[6 * 8:7 * 8] = gate(0x6400, 0x08, 0x8E)
     idt[13 * 8:14 * 8] = gate(0x6300, 0x08, 0x8E)
     idt[14 * 8:15 * 8] = gate(0x6200, 0x08, 0x8E)
     idt[0x80 * 8:0x81 * 8] = gate(0x6100, 0x08, 0xEE)  # DPL 3: user programs may call it
@@ -70,7 +72,7 @@ def build_machine() -> tuple[UnicornCpu, GuestRam]:
     for offset, code in KERNEL.items():
         blob = bytes.fromhex(code)
         mem[0x6000 + offset:0x6000 + offset + len(blob)] = blob
-    user = bytes.fromhex(USER)
+    user = bytes.fromhex(user_code)
     mem[0x7000:0x7000 + len(user)] = user
     cpu = UnicornCpu(ram, NoPorts())
     cpu.enter_protected_mode(0x1000, len(gdt) - 1, 0x08, 0x10, 0x6000, 0)
@@ -101,6 +103,12 @@ def test_syscall_faults_and_privilege_checks_are_delivered_like_hardware():
     # `int $0x81` hits a DPL-0 gate from ring 3: #GP with error code vector*8+2, EIP at the int.
     assert words(ram, 0x8024, 2) == [0x81 * 8 + 2, 0x7016]
     assert cpu.stats["syscalls"] == 1 and cpu.stats["exceptions"] == 3
+
+
+def test_invalid_instruction_in_user_mode_is_delivered_as_ud():
+    cpu, ram = build_machine("90900f0b")  # nop; nop; ud2
+    assert cpu.run(1 << 62, False) is StopReason.HALT
+    assert words(ram, 0x8040, 1) == [0x7002]  # #UD is a fault: EIP points at the ud2
 
 
 def test_missing_gate_is_a_clear_guest_crash():
