@@ -14,22 +14,20 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from conode.errors import ConodeError, GuestCrashed, GuestTimeout
-from conode.vm import channel
-from conode.vm.channel import Frame, FrameDecoder
+from conode.vm.guest_agent import GuestAgentClient
 from conode.vm.guest_image import BASE_CMDLINE, GuestImage
 from conode.vm.machine import CoMachine, MachineConfig, MachineExit
 from conode.vm.snapshot import read_snapshot, write_snapshot
 
 JOB_ID = 1
 DEFAULT_BOOT_TIMEOUT_S = 120.0
-SESSION_FORMAT = 1
+SESSION_FORMAT = 2
 
 
 @dataclass
 class _JobState:
     argv: list[str] = field(default_factory=list)
     cwd: str = "/"
-    agent_ready: bool = False
     exec_sent: bool = False
     exit_status: int | None = None
     agent_error: str | None = None
@@ -44,9 +42,10 @@ class GuestSession:
         self._stdout = stdout
         self._stderr = stderr
         self._progress = progress
-        self._decoder = FrameDecoder()
         self.job = _JobState()
         self.machine = CoMachine(config, console or (lambda data: None), self._on_channel_bytes)
+        self.agent = GuestAgentClient(self.machine.channel.send)
+        self.agent.on_ready = self._on_agent_ready
         self._stop_reason: str | None = None
         self.ready_at: float | None = None
         self._snapshot_after_ns: int | None = None
@@ -75,44 +74,40 @@ class GuestSession:
             session.machine.set_state(state["machine"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ConodeError(f"{path} is not a complete conode snapshot ({exc!r})") from None
-        job = session_state["job"]
-        session.job = _JobState(**job)
-        session._decoder.set_state(session_state["decoder"])
+        session.job = _JobState(**session_state["job"])
+        session.agent.set_state(session_state["agent"])
+        if session.job.exec_sent and session.job.exit_status is None:
+            session.agent.attach(JOB_ID, session)
         progress(f"resumed {path} ({session.machine.config.mem_mib} MiB guest)")
         return session
 
     # --- the host channel ------------------------------------------------------------------------------------
     def _on_channel_bytes(self, data: bytes) -> None:
-        for frame in self._decoder.feed(data):
-            self._on_frame(frame)
+        self.agent.feed(data)
 
-    def _on_frame(self, frame: Frame) -> None:
-        job = self.job
-        if frame.kind == channel.READY:
-            job.agent_ready = True
-            self.ready_at = time.monotonic()
-            self._progress(f"guest ready: {frame.payload.decode(errors='replace')} "
-                           f"({self.ready_at - self._started:.2f} s)")
-            self._send_exec()
-        elif frame.ident != JOB_ID:
-            return
-        elif frame.kind == channel.STDOUT:
-            self._stdout.write(frame.payload)
-            self._stdout.flush()
-        elif frame.kind == channel.STDERR:
-            self._stderr.write(frame.payload)
-            self._stderr.flush()
-        elif frame.kind == channel.EXIT:
-            job.exit_status = channel.exit_status(frame.payload)
-            self._stop("exit")
-        elif frame.kind == channel.ERROR:
-            job.agent_error = frame.payload.decode(errors="replace")
-            self._stop("agent-error")
+    def _on_agent_ready(self, guest: str) -> None:
+        self.ready_at = time.monotonic()
+        self._progress(f"guest ready: {guest} ({self.ready_at - self._started:.2f} s)")
+        self._send_exec()
+
+    # CommandHandler for the one command this session runs.
+    def on_output(self, stream: str, data: bytes) -> None:
+        out = self._stdout if stream == "stdout" else self._stderr
+        out.write(data)
+        out.flush()
+
+    def on_exit(self, status: int) -> None:
+        self.job.exit_status = status
+        self._stop("exit")
+
+    def on_error(self, message: str) -> None:
+        self.job.agent_error = message
+        self._stop("agent-error")
 
     def _send_exec(self) -> None:
         job = self.job
-        if job.agent_ready and job.argv and not job.exec_sent:
-            self.machine.channel.send(channel.exec_frame(JOB_ID, job.argv, job.cwd))
+        if self.agent.ready and job.argv and not job.exec_sent:
+            self.agent.run(job.argv, self, job.cwd, ident=JOB_ID)
             job.exec_sent = True
             if self._snapshot_after_ns is not None:
                 self.machine.pause_at_ns = self.machine.clock.now() + self._snapshot_after_ns
@@ -152,7 +147,7 @@ class GuestSession:
         return self._finish(outcome, snapshot_to, timeout_s, boot_timeout_s)
 
     def _boot_timed_out(self) -> None:
-        if not self.job.agent_ready:
+        if not self.agent.ready:
             self._stop("boot-timeout")
 
     def _finish(self, outcome: MachineExit, snapshot_to: Path | None, timeout_s: float | None,
@@ -187,7 +182,7 @@ class GuestSession:
             "session": {
                 "format": SESSION_FORMAT,
                 "job": vars(self.job).copy(),
-                "decoder": self._decoder.get_state(),
+                "agent": self.agent.get_state(),
             },
         }
         return write_snapshot(path, state)

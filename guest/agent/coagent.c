@@ -1,0 +1,1037 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+/*
+ * coagent - the conode in-guest agent.
+ *
+ * It runs as PID 1 inside the guest (exec'd by /init) and serves the host over
+ * the virtio console /dev/hvc0 with a small binary protocol.  Every frame, in
+ * both directions, is a 9-byte little-endian header
+ *
+ *     type:u8  id:u32  length:u32
+ *
+ * followed by `length` payload bytes (at most 1 MiB).
+ *
+ * Host -> guest:
+ *   'X' exec   payload: cwd NUL argv0 NUL argv1 NUL ...
+ *   'K' kill   payload: u32 signal, sent to the job's process group
+ *   'P' put    payload: path NUL u32 mode; followed by 'D' data frames,
+ *              an empty 'D' closes the file and is answered by 'A'
+ *   'D' data   (see 'P')
+ *   'G' get    payload: path; answered by 'F' chunks and an empty 'F'
+ *   'Q' quit   sync and power off
+ * Guest -> host:
+ *   'R' ready  payload: "sysname release machine" (sent once at start)
+ *   'O' / 'E'  stdout / stderr data of an exec job
+ *   'S' status payload: i32 exit code, or 128 + signal number
+ *   'A' ack    a put finished successfully
+ *   'F' file   data of a get
+ *   'Z' error  payload: one-line message
+ *
+ * The agent is single-threaded: one poll() loop over the console, a SIGCHLD
+ * self-pipe and the output pipes of all running jobs.  Every frame is written
+ * completely before the next one starts, so frames never interleave and the
+ * output of one job keeps its order.
+ *
+ * Build: gcc -m32 -static -Os -s -o coagent coagent.c
+ * Options (for testing on a normal host):
+ *   --device PATH  talk over PATH instead of /dev/hvc0 (e.g. a pty slave)
+ *   --no-pid1      do not power off on 'Q' or when the console is missing;
+ *                  exit instead
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HDR_LEN      9
+#define MAX_PAYLOAD  (1u << 20)     /* larger frames are refused and skipped */
+#define CHUNK        (32u * 1024)   /* largest O/E/F payload we send */
+#define READ_SIZE    (64u * 1024)   /* how much we read from the console at once */
+
+#define SHELL_TTY    "/dev/ttyS0"
+#define SHELL_PATH   "/bin/sh"
+
+/* One running EXEC. */
+struct job {
+	uint32_t id;
+	pid_t pid;          /* also the process group id: the child calls setsid() */
+	int out_fd;         /* read end of the stdout pipe, -1 after EOF */
+	int err_fd;         /* read end of the stderr pipe, -1 after EOF */
+	int exited;         /* the child has been reaped */
+	int32_t status;     /* exit code or 128 + signal, valid when exited */
+};
+
+/* One file being received by PUT. */
+struct put {
+	uint32_t id;
+	int fd;
+	char *path;
+};
+
+static const char *device_path = "/dev/hvc0";
+static int pid1_mode = 1;
+
+static int hvc_fd = -1;
+static int sigchld_pipe[2] = { -1, -1 };
+
+static struct job *jobs;
+static size_t njobs, cap_jobs;
+static struct put *puts_;
+static size_t nputs, cap_puts;
+
+/* Console input: frames may arrive split over several reads. */
+static unsigned char *rbuf;
+static size_t rbuf_len, rbuf_cap;
+static uint64_t skip_bytes;     /* payload of a refused frame still to drop */
+
+/* The optional interactive shell on the serial port. */
+static int want_shell;
+static pid_t shell_pid = -1;
+static time_t shell_respawn_at;  /* 0: no respawn pending */
+static time_t shell_started;
+
+/* ------------------------------------------------------------------ */
+/* Small helpers                                                       */
+/* ------------------------------------------------------------------ */
+
+/* Log to our stderr: the kernel console when we are PID 1. */
+static void logmsg(const char *fmt, ...)
+{
+	char buf[512];
+	va_list ap;
+	int n;
+
+	n = snprintf(buf, sizeof(buf), "coagent: ");
+	va_start(ap, fmt);
+	n += vsnprintf(buf + n, sizeof(buf) - n, fmt, ap);
+	va_end(ap);
+	if (n > (int)sizeof(buf) - 2)
+		n = sizeof(buf) - 2;
+	buf[n++] = '\n';
+	/* Best effort: there is nobody to tell if logging itself fails. */
+	if (write(STDERR_FILENO, buf, n) < 0) {
+		/* ignored */
+	}
+}
+
+static void *xrealloc(void *p, size_t n)
+{
+	p = realloc(p, n);
+	if (!p) {
+		logmsg("out of memory");
+		_exit(1);
+	}
+	return p;
+}
+
+static void put_le32(unsigned char *p, uint32_t v)
+{
+	p[0] = v; p[1] = v >> 8; p[2] = v >> 16; p[3] = v >> 24;
+}
+
+static uint32_t get_le32(const unsigned char *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 |
+	       (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/*
+ * Write all of buf.  Copes with short writes, EINTR and (should the
+ * descriptor ever be non-blocking) EAGAIN, so that a frame is never cut.
+ */
+static int write_all(int fd, const void *buf, size_t len)
+{
+	const char *p = buf;
+
+	while (len > 0) {
+		ssize_t n = write(fd, p, len);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN) {
+				struct pollfd pfd = { .fd = fd, .events = POLLOUT };
+
+				poll(&pfd, 1, -1);
+				continue;
+			}
+			return -1;
+		}
+		p += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* Create dir and all its parents (like mkdir -p); existing ones are fine. */
+static int mkdir_p(const char *dir)
+{
+	char *copy = strdup(dir);
+	char *p;
+	int ret = 0;
+
+	if (!copy)
+		return -1;
+	for (p = copy + 1; ; p++) {
+		if (*p == '/' || *p == '\0') {
+			char c = *p;
+
+			*p = '\0';
+			if (mkdir(copy, 0755) < 0 && errno != EEXIST) {
+				ret = -1;
+				break;
+			}
+			*p = c;
+			if (c == '\0')
+				break;
+		}
+	}
+	free(copy);
+	return ret;
+}
+
+/* mkdir -p of the directory that contains path. */
+static int mkdir_parent(const char *path)
+{
+	char *copy = strdup(path);
+	char *slash;
+	int ret = 0;
+
+	if (!copy)
+		return -1;
+	slash = strrchr(copy, '/');
+	if (slash && slash != copy) {
+		*slash = '\0';
+		ret = mkdir_p(copy);
+	}
+	free(copy);
+	return ret;
+}
+
+/* ------------------------------------------------------------------ */
+/* Frames to the host                                                  */
+/* ------------------------------------------------------------------ */
+
+static void send_frame(uint8_t type, uint32_t id, const void *data, uint32_t len)
+{
+	/* Header and payload go out in one write() when they fit: fewer trips
+	 * through the virtio console, and a frame is written before any other. */
+	static unsigned char buf[HDR_LEN + CHUNK];
+
+	if (hvc_fd < 0)
+		return;
+	buf[0] = type;
+	put_le32(buf + 1, id);
+	put_le32(buf + 5, len);
+	if (len <= CHUNK) {
+		if (len)
+			memcpy(buf + HDR_LEN, data, len);
+		if (write_all(hvc_fd, buf, HDR_LEN + len) < 0)
+			logmsg("write to %s: %s", device_path, strerror(errno));
+	} else if (write_all(hvc_fd, buf, HDR_LEN) < 0 ||
+		   write_all(hvc_fd, data, len) < 0) {
+		logmsg("write to %s: %s", device_path, strerror(errno));
+	}
+}
+
+/* Send a 'Z' error frame with a printf-style one-line message. */
+static void send_error(uint32_t id, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if (n >= (int)sizeof(msg))
+		n = sizeof(msg) - 1;
+	send_frame('Z', id, msg, n);
+}
+
+/* ------------------------------------------------------------------ */
+/* Jobs (EXEC)                                                         */
+/* ------------------------------------------------------------------ */
+
+static struct job *find_job(uint32_t id)
+{
+	for (size_t i = 0; i < njobs; i++)
+		if (jobs[i].id == id)
+			return &jobs[i];
+	return NULL;
+}
+
+/* Undo what the agent changed in its own process before a child execs:
+ * ignored signals and the signal mask survive exec. */
+static void reset_signals_for_child(void)
+{
+	sigset_t none;
+
+	signal(SIGCHLD, SIG_DFL);
+	signal(SIGPIPE, SIG_DFL);
+	signal(SIGINT, SIG_DFL);
+	signal(SIGTERM, SIG_DFL);
+	signal(SIGHUP, SIG_DFL);
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+/* The forked child of an EXEC; never returns. */
+static void exec_child(const char *cwd, char **argv, int out_w, int err_w)
+{
+	int null_fd;
+
+	reset_signals_for_child();
+	/* Own session and process group, so that KILL reaches the whole job
+	 * and the job has no controlling terminal. */
+	setsid();
+
+	null_fd = open("/dev/null", O_RDONLY);
+	if (null_fd < 0 || dup2(null_fd, STDIN_FILENO) < 0 ||
+	    dup2(out_w, STDOUT_FILENO) < 0 || dup2(err_w, STDERR_FILENO) < 0)
+		_exit(126);
+	/* The pipe ends were opened close-on-exec; the dup2 copies are not. */
+
+	if (mkdir_p(cwd) < 0 || chdir(cwd) < 0) {
+		dprintf(STDERR_FILENO, "%s: %s\n", cwd, strerror(errno));
+		_exit(126);
+	}
+
+	execvp(argv[0], argv);
+	if (errno == ENOENT) {
+		dprintf(STDERR_FILENO, "%s: not found\n", argv[0]);
+		_exit(127);
+	}
+	dprintf(STDERR_FILENO, "%s: %s\n", argv[0], strerror(errno));
+	_exit(126);
+}
+
+static void handle_exec(uint32_t id, const unsigned char *data, uint32_t len)
+{
+	const char *cwd;
+	char **argv;
+	size_t argc = 0, i, pos;
+	int out_pipe[2], err_pipe[2];
+	pid_t pid;
+	struct job *job;
+
+	if (find_job(id)) {
+		send_error(id, "exec: job id %u is already running", id);
+		return;
+	}
+	/* Every string must be NUL-terminated, and argv0 must exist. */
+	if (len == 0 || data[len - 1] != '\0') {
+		send_error(id, "exec: malformed payload");
+		return;
+	}
+	for (i = 0; i < len; i++)
+		if (data[i] == '\0')
+			argc++;
+	argc--;     /* the first string is the working directory */
+	if (argc < 1) {
+		send_error(id, "exec: no command given");
+		return;
+	}
+
+	cwd = (const char *)data;
+	if (*cwd == '\0')
+		cwd = "/";
+	argv = xrealloc(NULL, (argc + 1) * sizeof(*argv));
+	pos = strlen((const char *)data) + 1;
+	for (i = 0; i < argc; i++) {
+		argv[i] = (char *)data + pos;
+		pos += strlen(argv[i]) + 1;
+	}
+	argv[argc] = NULL;
+	if (argv[0][0] == '\0') {
+		send_error(id, "exec: empty command name");
+		free(argv);
+		return;
+	}
+
+	if (pipe2(out_pipe, O_CLOEXEC) < 0) {
+		send_error(id, "exec: pipe: %s", strerror(errno));
+		free(argv);
+		return;
+	}
+	if (pipe2(err_pipe, O_CLOEXEC) < 0) {
+		send_error(id, "exec: pipe: %s", strerror(errno));
+		close(out_pipe[0]);
+		close(out_pipe[1]);
+		free(argv);
+		return;
+	}
+
+	pid = fork();
+	if (pid < 0) {
+		send_error(id, "exec: fork: %s", strerror(errno));
+		close(out_pipe[0]);
+		close(out_pipe[1]);
+		close(err_pipe[0]);
+		close(err_pipe[1]);
+		free(argv);
+		return;
+	}
+	if (pid == 0)
+		exec_child(cwd, argv, out_pipe[1], err_pipe[1]);
+
+	/* Parent: keep only the read ends, so EOF arrives when the job (and
+	 * everything it started that kept the pipes) is gone. */
+	close(out_pipe[1]);
+	close(err_pipe[1]);
+	free(argv);
+
+	if (njobs == cap_jobs) {
+		cap_jobs = cap_jobs ? 2 * cap_jobs : 8;
+		jobs = xrealloc(jobs, cap_jobs * sizeof(*jobs));
+	}
+	job = &jobs[njobs++];
+	job->id = id;
+	job->pid = pid;
+	job->out_fd = out_pipe[0];
+	job->err_fd = err_pipe[0];
+	job->exited = 0;
+	job->status = 0;
+}
+
+/* Send 'S' and forget the job once its output is drained and it is reaped.
+ * Checking both conditions keeps all 'O'/'E' frames before the 'S'. */
+static void finish_job_if_done(size_t idx)
+{
+	struct job *job = &jobs[idx];
+	unsigned char st[4];
+
+	if (!job->exited || job->out_fd >= 0 || job->err_fd >= 0)
+		return;
+	put_le32(st, (uint32_t)job->status);
+	send_frame('S', job->id, st, sizeof(st));
+	jobs[idx] = jobs[--njobs];
+}
+
+/* Forward what is available on one output pipe of a job. */
+static void pump_pipe(struct job *job, int *fdp, uint8_t type)
+{
+	static char buf[CHUNK];
+	ssize_t n;
+
+	do
+		n = read(*fdp, buf, sizeof(buf));
+	while (n < 0 && errno == EINTR);
+	if (n > 0) {
+		send_frame(type, job->id, buf, n);
+		return;
+	}
+	/* EOF, or an error we cannot do anything about: treat both as EOF. */
+	close(*fdp);
+	*fdp = -1;
+}
+
+static void handle_kill(uint32_t id, const unsigned char *data, uint32_t len)
+{
+	struct job *job = find_job(id);
+
+	if (len < 4) {
+		send_error(id, "kill: malformed payload");
+		return;
+	}
+	/* An unknown id is normal: the job may have finished in the meantime. */
+	if (!job)
+		return;
+	/* The job's leader called setsid(), so its pid is also its process
+	 * group id; the group keeps existing while any member lives. */
+	if (kill(-job->pid, (int)get_le32(data)) < 0 && errno != ESRCH)
+		send_error(id, "kill: %s", strerror(errno));
+}
+
+/* ------------------------------------------------------------------ */
+/* The serial shell                                                    */
+/* ------------------------------------------------------------------ */
+
+static void spawn_shell(void)
+{
+	pid_t pid = fork();
+
+	if (pid < 0) {
+		logmsg("fork for shell: %s", strerror(errno));
+		shell_respawn_at = time(NULL) + 1;
+		return;
+	}
+	if (pid == 0) {
+		int fd;
+		char *argv[] = { "sh", NULL };
+		char *envp[] = {
+			"TERM=vt100", "HOME=/root",
+			"PATH=/bin:/sbin:/usr/bin:/usr/sbin", NULL
+		};
+
+		reset_signals_for_child();
+		/* A new session without a terminal, then make the serial
+		 * port its controlling terminal so that ^C and job control
+		 * work in the shell. */
+		setsid();
+		fd = open(SHELL_TTY, O_RDWR);
+		if (fd < 0) {
+			logmsg("open %s: %s", SHELL_TTY, strerror(errno));
+			_exit(1);
+		}
+		if (ioctl(fd, TIOCSCTTY, 0) < 0)
+			logmsg("TIOCSCTTY on %s: %s", SHELL_TTY, strerror(errno));
+		dup2(fd, STDIN_FILENO);
+		dup2(fd, STDOUT_FILENO);
+		dup2(fd, STDERR_FILENO);
+		if (fd > STDERR_FILENO)
+			close(fd);
+		chdir("/root");
+		execve(SHELL_PATH, argv, envp);
+		logmsg("exec %s: %s", SHELL_PATH, strerror(errno));
+		_exit(127);
+	}
+	shell_pid = pid;
+	shell_started = time(NULL);
+	shell_respawn_at = 0;
+}
+
+/* Does the kernel command line ask for the serial shell? */
+static int cmdline_wants_shell(void)
+{
+	char buf[4096];
+	char *tok, *save;
+	ssize_t n;
+	int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return 0;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	for (tok = strtok_r(buf, " \t\n", &save); tok;
+	     tok = strtok_r(NULL, " \t\n", &save))
+		if (strcmp(tok, "conode.shell=1") == 0)
+			return 1;
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Children                                                            */
+/* ------------------------------------------------------------------ */
+
+static void sigchld_handler(int sig)
+{
+	int saved = errno;
+	char c = 0;
+
+	(void)sig;
+	/* Only wake up the main loop; the pipe is non-blocking, and a full
+	 * pipe already means a wake-up is pending. */
+	if (write(sigchld_pipe[1], &c, 1) < 0) {
+		/* ignored */
+	}
+	errno = saved;
+}
+
+/* Reap every child that has exited: our jobs, the shell, and (as PID 1)
+ * orphans re-parented to us by the kernel. */
+static void reap_children(void)
+{
+	for (;;) {
+		int st;
+		pid_t pid = waitpid(-1, &st, WNOHANG);
+
+		if (pid < 0 && errno == EINTR)
+			continue;
+		if (pid <= 0)
+			break;
+
+		if (pid == shell_pid) {
+			shell_pid = -1;
+			/* Respawn at once, but not in a tight loop if the
+			 * shell cannot start at all. */
+			shell_respawn_at = time(NULL) - shell_started < 2 ?
+					   time(NULL) + 2 : time(NULL);
+			continue;
+		}
+		for (size_t i = 0; i < njobs; i++) {
+			if (jobs[i].pid != pid || jobs[i].exited)
+				continue;
+			jobs[i].exited = 1;
+			if (WIFEXITED(st))
+				jobs[i].status = WEXITSTATUS(st);
+			else if (WIFSIGNALED(st))
+				jobs[i].status = 128 + WTERMSIG(st);
+			else
+				jobs[i].status = 255;
+			finish_job_if_done(i);
+			break;
+		}
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* PUT / GET                                                           */
+/* ------------------------------------------------------------------ */
+
+static struct put *find_put(uint32_t id)
+{
+	for (size_t i = 0; i < nputs; i++)
+		if (puts_[i].id == id)
+			return &puts_[i];
+	return NULL;
+}
+
+static void drop_put(struct put *p)
+{
+	free(p->path);
+	*p = puts_[--nputs];
+}
+
+static void handle_put(uint32_t id, const unsigned char *data, uint32_t len)
+{
+	const char *path = (const char *)data;
+	size_t plen = strnlen(path, len);
+	mode_t mode;
+	int fd;
+
+	if (find_put(id)) {
+		send_error(id, "put: id %u is already in use", id);
+		return;
+	}
+	if (plen == 0 || plen + 1 + 4 > len) {
+		send_error(id, "put: malformed payload");
+		return;
+	}
+	mode = get_le32(data + plen + 1) & 07777;
+
+	if (mkdir_parent(path) < 0) {
+		send_error(id, "put: %s: cannot create parent directory: %s",
+			   path, strerror(errno));
+		return;
+	}
+	fd = open(path, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, mode);
+	if (fd < 0) {
+		send_error(id, "put: %s: %s", path, strerror(errno));
+		return;
+	}
+	/* open() applies the umask and leaves an existing file's mode alone;
+	 * the host asked for exactly this mode. */
+	if (fchmod(fd, mode) < 0) {
+		send_error(id, "put: %s: chmod: %s", path, strerror(errno));
+		close(fd);
+		return;
+	}
+
+	if (nputs == cap_puts) {
+		cap_puts = cap_puts ? 2 * cap_puts : 4;
+		puts_ = xrealloc(puts_, cap_puts * sizeof(*puts_));
+	}
+	puts_[nputs].id = id;
+	puts_[nputs].fd = fd;
+	puts_[nputs].path = strdup(path);
+	nputs++;
+}
+
+static void handle_data(uint32_t id, const unsigned char *data, uint32_t len)
+{
+	struct put *p = find_put(id);
+
+	/* No open file: the PUT failed (and was answered with 'Z'), so the
+	 * rest of its data is dropped silently. */
+	if (!p)
+		return;
+
+	if (len == 0) {
+		int fd = p->fd;
+		char *path = p->path;
+
+		p->path = NULL;
+		drop_put(p);
+		if (close(fd) < 0)
+			send_error(id, "put: %s: %s", path, strerror(errno));
+		else
+			send_frame('A', id, NULL, 0);
+		free(path);
+		return;
+	}
+	if (write_all(p->fd, data, len) < 0) {
+		send_error(id, "put: %s: %s", p->path, strerror(errno));
+		close(p->fd);
+		drop_put(p);
+	}
+}
+
+static void handle_get(uint32_t id, const unsigned char *data, uint32_t len)
+{
+	static char buf[CHUNK];
+	char *path;
+	struct stat st;
+	int fd;
+
+	path = xrealloc(NULL, len + 1);
+	memcpy(path, data, len);
+	path[len] = '\0';       /* a trailing NUL from the host is harmless */
+
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		send_error(id, "get: %s: %s", path, strerror(errno));
+		goto out;
+	}
+	if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+		send_error(id, "get: %s: Is a directory", path);
+		goto out_close;
+	}
+	/* Sent in one go: the event loop waits, but the file is consistent
+	 * and the host gets its chunks back to back. */
+	for (;;) {
+		ssize_t n = read(fd, buf, sizeof(buf));
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			send_error(id, "get: %s: %s", path, strerror(errno));
+			goto out_close;
+		}
+		if (n == 0)
+			break;
+		send_frame('F', id, buf, n);
+	}
+	send_frame('F', id, NULL, 0);
+out_close:
+	close(fd);
+out:
+	free(path);
+}
+
+static void handle_quit(void)
+{
+	sync();
+	if (!pid1_mode) {
+		logmsg("quit");
+		exit(0);
+	}
+	reboot(RB_POWER_OFF);
+	/* Only reached if the kernel refused. */
+	logmsg("power off failed: %s", strerror(errno));
+}
+
+/* ------------------------------------------------------------------ */
+/* Console input                                                       */
+/* ------------------------------------------------------------------ */
+
+static void dispatch(uint8_t type, uint32_t id, const unsigned char *data, uint32_t len)
+{
+	switch (type) {
+	case 'X': handle_exec(id, data, len); break;
+	case 'K': handle_kill(id, data, len); break;
+	case 'P': handle_put(id, data, len); break;
+	case 'D': handle_data(id, data, len); break;
+	case 'G': handle_get(id, data, len); break;
+	case 'Q': handle_quit(); break;
+	default:
+		send_error(id, "unknown frame type 0x%02x", type);
+		break;
+	}
+}
+
+/* Handle every complete frame in rbuf; keep an incomplete tail for later. */
+static void parse_frames(void)
+{
+	size_t pos = 0;
+
+	for (;;) {
+		size_t avail = rbuf_len - pos;
+		uint32_t id, len;
+		uint8_t type;
+
+		if (skip_bytes) {
+			size_t n = avail < skip_bytes ? avail : (size_t)skip_bytes;
+
+			pos += n;
+			skip_bytes -= n;
+			if (skip_bytes)
+				break;
+			continue;
+		}
+		if (avail < HDR_LEN)
+			break;
+		type = rbuf[pos];
+		id = get_le32(rbuf + pos + 1);
+		len = get_le32(rbuf + pos + 5);
+		if (len > MAX_PAYLOAD) {
+			send_error(id, "frame too large (%u bytes, limit %u)",
+				   len, MAX_PAYLOAD);
+			pos += HDR_LEN;
+			skip_bytes = len;
+			continue;
+		}
+		if (avail < HDR_LEN + (size_t)len)
+			break;
+		dispatch(type, id, rbuf + pos + HDR_LEN, len);
+		pos += HDR_LEN + len;
+	}
+	memmove(rbuf, rbuf + pos, rbuf_len - pos);
+	rbuf_len -= pos;
+}
+
+/* Read what the host sent.  Returns -1 when the console is gone. */
+static int read_console(void)
+{
+	ssize_t n;
+
+	if (rbuf_cap - rbuf_len < READ_SIZE) {
+		rbuf_cap = rbuf_len + READ_SIZE;
+		rbuf = xrealloc(rbuf, rbuf_cap);
+	}
+	do
+		n = read(hvc_fd, rbuf + rbuf_len, READ_SIZE);
+	while (n < 0 && errno == EINTR);
+	if (n < 0 && errno == EAGAIN)
+		return 0;
+	if (n <= 0)
+		return -1;
+	rbuf_len += n;
+	parse_frames();
+	return 0;
+}
+
+/* Open the console and make it a clean 8-bit channel: no echo, no line
+ * editing, no CR/LF translation, no flow-control characters. */
+static int open_console(void)
+{
+	struct termios tio;
+	int fd = -1;
+
+	/* The hvc driver creates /dev/hvc0..7 early, but hvc0 only works once
+	 * the virtio console has registered its port, which can happen after
+	 * /init started (ports of a multiport device are added from a work
+	 * queue).  Until then the open fails (ENOENT, ENODEV, ...): retry for
+	 * about two seconds before giving up. */
+	for (int tries = 0; ; tries++) {
+		fd = open(device_path, O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (fd >= 0 || !pid1_mode || tries == 20)
+			break;
+		usleep(100 * 1000);
+	}
+	if (fd < 0)
+		return -1;      /* errno is still that of the last open() */
+	if (tcgetattr(fd, &tio) == 0) {
+		cfmakeraw(&tio);
+		tio.c_cc[VMIN] = 1;
+		tio.c_cc[VTIME] = 0;
+		if (tcsetattr(fd, TCSANOW, &tio) < 0)
+			logmsg("%s: cannot set raw mode: %s", device_path,
+			       strerror(errno));
+	}
+	return fd;
+}
+
+static void send_ready(void)
+{
+	struct utsname u;
+	char buf[3 * sizeof(u.release) + 3];
+	int n;
+
+	if (uname(&u) < 0) {
+		send_frame('R', 0, NULL, 0);
+		return;
+	}
+	n = snprintf(buf, sizeof(buf), "%s %s %s", u.sysname, u.release, u.machine);
+	if (n >= (int)sizeof(buf))
+		n = sizeof(buf) - 1;
+	send_frame('R', 0, buf, n);
+}
+
+/* Tell the user on the console that the host channel is missing. */
+static void report_missing_console(void)
+{
+	char msg[256];
+	int fd, n;
+
+	n = snprintf(msg, sizeof(msg),
+		     "coagent: cannot open %s (%s): no host channel; %s\n",
+		     device_path, strerror(errno),
+		     want_shell ? "only the serial shell will run" :
+		     pid1_mode ? "powering off" : "exiting");
+	fd = pid1_mode ? open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC) : -1;
+	if (fd >= 0) {
+		write_all(fd, msg, n);
+		/* The serial driver sends in the background: wait until the
+		 * line is out, or a power-off right after would swallow it. */
+		tcdrain(fd);
+		close(fd);
+	} else {
+		write_all(STDERR_FILENO, msg, n);
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* Main loop                                                           */
+/* ------------------------------------------------------------------ */
+
+static void usage(const char *prog)
+{
+	fprintf(stderr, "usage: %s [--device PATH] [--no-pid1]\n", prog);
+	exit(2);
+}
+
+static void setup_signals(void)
+{
+	struct sigaction sa;
+
+	if (pipe2(sigchld_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
+		logmsg("pipe: %s", strerror(errno));
+		exit(1);
+	}
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = sigchld_handler;
+	sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGCHLD, &sa, NULL);
+	/* A write to a vanished reader must be an error, not our death. */
+	signal(SIGPIPE, SIG_IGN);
+}
+
+int main(int argc, char **argv)
+{
+	struct pollfd *pfds = NULL;
+	size_t cap_pfds = 0;
+
+	for (int i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--device") == 0 && i + 1 < argc)
+			device_path = argv[++i];
+		else if (strcmp(argv[i], "--no-pid1") == 0)
+			pid1_mode = 0;
+		else
+			usage(argv[0]);
+	}
+
+	/* Make sure 0, 1 and 2 are taken, so that no pipe or device we open
+	 * later lands there and gets clobbered by a child's dup2(). */
+	for (;;) {
+		int fd = open("/dev/null", O_RDWR);
+
+		if (fd < 0 || fd > STDERR_FILENO) {
+			if (fd >= 0)
+				close(fd);
+			break;
+		}
+	}
+
+	setup_signals();
+	/* Outside PID 1, still collect orphaned grandchildren like init does. */
+	if (!pid1_mode)
+		prctl(PR_SET_CHILD_SUBREAPER, 1);
+
+	want_shell = cmdline_wants_shell();
+	hvc_fd = open_console();
+	if (hvc_fd < 0) {
+		report_missing_console();
+		if (!want_shell) {
+			if (!pid1_mode)
+				exit(1);
+			sync();
+			reboot(RB_POWER_OFF);
+			/* If even that fails, PID 1 must not exit: idle. */
+			for (;;)
+				pause();
+		}
+	} else {
+		send_ready();
+	}
+	if (want_shell)
+		spawn_shell();
+
+	for (;;) {
+		size_t n = 0, need = 2 + 2 * njobs;
+		int timeout = -1;
+		int hvc_idx = -1;
+
+		if (need > cap_pfds) {
+			cap_pfds = need * 2;
+			pfds = xrealloc(pfds, cap_pfds * sizeof(*pfds));
+		}
+		pfds[n++] = (struct pollfd){ .fd = sigchld_pipe[0], .events = POLLIN };
+		if (hvc_fd >= 0) {
+			hvc_idx = n;
+			pfds[n++] = (struct pollfd){ .fd = hvc_fd, .events = POLLIN };
+		}
+		/* Output pipes: the order in pfds does not matter, each job's
+		 * frames are sent in the order its pipe delivers them. */
+		for (size_t i = 0; i < njobs; i++) {
+			pfds[n++] = (struct pollfd){ .fd = jobs[i].out_fd, .events = POLLIN };
+			pfds[n++] = (struct pollfd){ .fd = jobs[i].err_fd, .events = POLLIN };
+		}
+		if (shell_respawn_at) {
+			time_t now = time(NULL);
+
+			timeout = shell_respawn_at > now ?
+				  (int)(shell_respawn_at - now) * 1000 : 0;
+		}
+
+		if (poll(pfds, n, timeout) < 0) {
+			if (errno == EINTR)
+				continue;
+			logmsg("poll: %s", strerror(errno));
+			sleep(1);
+			continue;
+		}
+
+		if (pfds[0].revents) {
+			char drain[64];
+
+			while (read(sigchld_pipe[0], drain, sizeof(drain)) > 0)
+				;
+		}
+
+		/* Output first: pipes that were readable in this round are
+		 * drained before the child's exit is looked at, which keeps
+		 * the wait short for a job whose output is complete. */
+		for (size_t i = 0, k = (hvc_idx >= 0 ? 2 : 1); i < njobs; i++, k += 2) {
+			/* A pipe closed earlier was polled as fd -1 (ignored). */
+			if (pfds[k].revents && jobs[i].out_fd >= 0)
+				pump_pipe(&jobs[i], &jobs[i].out_fd, 'O');
+			if (pfds[k + 1].revents && jobs[i].err_fd >= 0)
+				pump_pipe(&jobs[i], &jobs[i].err_fd, 'E');
+		}
+		/* Finished jobs are removed only now, so that the indexes into
+		 * pfds stayed valid above. */
+		for (size_t i = njobs; i-- > 0; )
+			finish_job_if_done(i);
+
+		reap_children();
+
+		if (hvc_idx >= 0 && pfds[hvc_idx].revents) {
+			if (read_console() < 0) {
+				if (!pid1_mode) {
+					logmsg("%s closed, exiting", device_path);
+					exit(0);
+				}
+				/* PID 1 must not exit; wait for the host to
+				 * come back instead of spinning. */
+				logmsg("%s: read failed, retrying", device_path);
+				sleep(1);
+			}
+		}
+
+		if (want_shell && shell_pid < 0 && shell_respawn_at &&
+		    time(NULL) >= shell_respawn_at)
+			spawn_shell();
+	}
+}
