@@ -188,6 +188,66 @@ class _raw_terminal:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved)
 
 
+@main.group(invoke_without_command=True)
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="The agent's state directory (keys, settings, unacknowledged results).")
+@click.option("--coordinator", default=None, help="Coordinator endpoint, e.g. tcp://coord.example:7700.")
+@click.option("--coordinator-key", default=None, help="The coordinator's public key (`coordinator init` prints it).")
+@click.option("--cores", type=int, default=None, help="Guests to offer, one per core (default 1).")
+@click.option("--mem", "mem_mib", type=int, default=None, help="Memory of each guest in MiB (default 128).")
+@click.option("--owner", type=click.Choice(["away", "present"]), default="away", show_default=True,
+              help="Whether the workstation's owner is using it (present: no work is placed here).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="A TOML file with any of: coordinator, coordinator_key, cores, mem, name.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.pass_context
+def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, coordinator_key: str | None,
+          cores: int | None, mem_mib: int | None, owner: str, config_file: Path | None, log_level: str) -> None:
+    """Run the node agent: join the pool and run jobs in guests (`conode agent init` first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    def body() -> int:
+        import logging
+        import signal
+
+        from conode.agent.daemon import AgentConfig, AgentDaemon
+        from conode.agent.settings import resolve_agent_config
+
+        if state_dir is None:
+            raise click.UsageError("--state-dir is required")
+        logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                            stream=sys.stderr)
+        config: AgentConfig = resolve_agent_config(state_dir, config_file, coordinator, coordinator_key, cores,
+                                                   mem_mib, owner == "present")
+        daemon = AgentDaemon(config)
+        signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+        signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+        daemon.run()
+        return 0
+
+    _guarded(body)
+
+
+@agent.command("init")
+@click.option("--state-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--name", default=None, help="Node name (default: the host name).")
+def agent_init(state_dir: Path, name: str | None) -> None:
+    """Create the agent's key pair and print what the coordinator's admin must enrol."""
+
+    def body() -> int:
+        from conode.agent.settings import init_agent_state
+
+        node, public = init_agent_state(state_dir, name)
+        click.echo(f"agent {node} created in {state_dir}")
+        click.echo("enrol it on the coordinator host with:")
+        click.echo(f"  coordinator keys add --state-dir STATE --role agent {node} {public}")
+        return 0
+
+    _guarded(body)
+
+
 @main.command()
 def engine() -> None:
     """Report which CPU engine and slicer this host uses, and why."""

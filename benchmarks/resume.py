@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Resume from a post-boot snapshot: restore time and time to the first byte of a pending command's output.
+
+The snapshot is taken once: boot, start ``echo RESUMED``, and pause the machine the moment the agent's READY
+arrives, i.e. with the exec request just handed to the guest but not yet run; save with GuestSession.save.
+Then, in fresh processes (what ``conode vm resume`` does), restore it — read and verify the file, decode it,
+set the machine state — and run until the command's first output byte arrives. qemu is not run here; the
+reference is Firecracker's published resume figure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import common
+from common import Row
+
+RESUME_ARGV = ["echo", "RESUMED"]
+EXPECTED = b"RESUMED\n"
+TARGET = "≤ 0.3 s"
+FIRECRACKER = ("Firecracker (reference, not run): snapshot resume latency baseline under 8 ms (p90 5 ms) "
+               "for a 2 vCPU / 512 MiB microVM on m5d.metal (firecracker docs/snapshotting/"
+               "snapshot-support.md, 'Performance'); it maps guest memory from the file (MAP_PRIVATE) and "
+               "pages it in lazily")
+
+
+def _timed(fn: Callable, into: dict, key: str) -> Callable:
+    def wrapper(*args: object, **kwargs: object) -> object:
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            into[key] = into.get(key, 0.0) + time.perf_counter() - started
+
+    return wrapper
+
+
+def child(path: str) -> int:
+    """Restore *path* in this fresh process, run to the end of the pending command; print times as JSON."""
+    import conode.vm.machine as machine_module
+    import conode.vm.session as session_module
+
+    parts: dict[str, float] = {}
+    session_module.read_snapshot = _timed(session_module.read_snapshot, parts, "read")  # type: ignore
+    machine_module.decode_ram = _timed(machine_module.decode_ram, parts, "decode_ram")  # type: ignore
+    output = common.MarkerStream()
+    started = time.monotonic()
+    session = session_module.GuestSession.resume(Path(path), output, common.Discard(),
+                                                 lambda line: common.progress(f"conode: {line}"))
+    restored = time.monotonic()
+    status = session.run(timeout_s=300)
+    print(json.dumps({"started": started, "restored": restored, "first_output": output.first_byte_at,
+                      "status": status, "output": output.data.decode(errors="replace"), **parts}))
+    return 0
+
+
+def make_snapshot(path: Path) -> tuple[int, float]:
+    """Boot, pause at READY with the command pending, save. Returns (file size, seconds pause → saved)."""
+    holder: list = []
+    paused_at: list[float] = []
+
+    def on_progress(line: str) -> None:
+        if line.startswith("guest ready"):
+            paused_at.append(time.monotonic())
+            holder[0].machine.pause()  # the exec request is queued right after this, then the slice ends
+
+    output = common.MarkerStream()
+    session = common.conode_boot(output, on_progress=on_progress)
+    holder.append(session)
+    session.start(RESUME_ARGV)  # type: ignore[attr-defined]
+    session.run(snapshot_to=path)  # type: ignore[attr-defined]
+    saved_at = time.monotonic()
+    if not paused_at:
+        raise common.BenchmarkError("the guest never reported READY")
+    if output.data:
+        raise common.BenchmarkError(f"the command ran before the snapshot: {bytes(output.data)!r}")
+    return path.stat().st_size, saved_at - paused_at[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--child"]:
+        return child(argv[1])
+    args = common.parser(__doc__).parse_args(argv)
+    refs = common.References.find()
+    reps = 2 if args.quick else 5
+
+    keys = ("read", "decode_ram", "restore", "first_output", "in_process", "launch")
+    samples: dict[str, list[float]] = {key: [] for key in keys}
+    with tempfile.TemporaryDirectory(prefix="conode-bench-") as scratch:
+        path = Path(scratch) / "ready.snap"
+        common.progress("conode: booting once to take the post-boot snapshot")
+        size, save_s = make_snapshot(path)
+        common.progress(f"conode: snapshot {size / 1e6:.1f} MB written {save_s:.3f} s after the pause")
+        for rep in range(reps):
+            common.progress(f"conode: resume {rep + 1}/{reps} (fresh process)")
+            launched, t = common.run_child(Path(__file__), [str(path)])
+            if t["status"] != 0 or t["first_output"] is None or t["output"].encode() != EXPECTED:
+                raise common.BenchmarkError(f"resumed guest misbehaved: {t}")
+            samples["read"].append(t["read"])
+            samples["decode_ram"].append(t["decode_ram"])
+            samples["restore"].append(t["restored"] - t["started"])
+            samples["first_output"].append(t["first_output"] - t["restored"])
+            samples["in_process"].append(t["first_output"] - t["started"])
+            samples["launch"].append(t["first_output"] - launched)
+            common.progress(f"conode: restored in {samples['restore'][-1]:.3f} s, first output "
+                            f"{samples['first_output'][-1]:.3f} s later")
+
+    m = {key: common.median(values) for key, values in samples.items()}
+    na = "n/a"
+    rows = [
+        Row("snapshot file size (128 MiB guest, after boot)", "MB", size / 1e6, na, na, ""),
+        Row("save: pause → snapshot file written", "s", save_s, na, na, ""),
+        Row("restore: read + verify + unpack the file", "s", m["read"], na, na, ""),
+        Row("restore: decode RAM into guest memory", "s", m["decode_ram"], na, na, ""),
+        Row("restore total (read, decode, set_state)", "s", m["restore"], na, na, ""),
+        Row("restored → first output byte of the pending command", "s", m["first_output"], na, na, ""),
+        Row("resume → first output, in-process", "s", m["in_process"], na, na, TARGET),
+        Row("process launch → first output (+ Python start, imports)", "s", m["launch"], na, na, ""),
+    ]
+    notes = [f"median of {reps} resumes, each in a fresh process", FIRECRACKER]
+    title = f"Resume from a post-boot snapshot ({'quick' if args.quick else 'full'})"
+    return common.report("resume", title, args, rows, notes, refs,
+                         extra={"samples": samples, "snapshot_bytes": size, "save_s": save_s})
+
+
+if __name__ == "__main__":
+    common.run_main(main)

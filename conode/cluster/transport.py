@@ -1,0 +1,149 @@
+"""ZeroMQ sockets of the control plane, CURVE-encrypted and authenticated.
+
+The coordinator binds a ROUTER (:class:`ServerSocket`); agents and the admin CLI connect a DEALER
+(:class:`ClientSocket`). The server admits only enrolled public keys (checked by a ZAP handler) and learns
+each message's sender key from ZeroMQ's ``User-Id`` frame property, so roles are decided per message from the
+key, never from what the message claims.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from conode.cluster.keys import KeyPair
+from conode.cluster.protocol import MAX_FRAME_BYTES
+from conode.errors import ConodeError
+
+log = logging.getLogger(__name__)
+
+# Frames up to twice our message limit get through to the decoder, which answers them with an error; a
+# larger one makes ZeroMQ drop the connection, a last defence against memory exhaustion.
+SOCKET_MAX_MESSAGE = 2 * MAX_FRAME_BYTES + 4096
+
+
+class _KeyCheck:
+    """ZAP credentials provider: asks *is_allowed* about every connecting public key."""
+
+    def __init__(self, is_allowed: Callable[[str], bool]) -> None:
+        self._is_allowed = is_allowed
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        try:
+            allowed = self._is_allowed(key.decode("ascii"))
+        except Exception:  # a broken check must refuse, never crash the authenticator thread
+            log.exception("key check failed")
+            return False
+        if not allowed:
+            log.warning("refused connection from unenrolled key %s", key.decode("ascii", "replace"))
+        return allowed
+
+
+class ServerSocket:
+    """The coordinator's ROUTER."""
+
+    def __init__(self, context: zmq.Context, bind: str, keys: KeyPair, is_allowed: Callable[[str], bool]) -> None:
+        self._auth = ThreadAuthenticator(context, log=logging.getLogger("conode.zap"))
+        self._auth.start()
+        self._auth.configure_curve_callback("*", credentials_provider=_KeyCheck(is_allowed))
+        sock = context.socket(zmq.ROUTER)
+        sock.curve_server = True
+        sock.curve_publickey = keys.public.encode()
+        sock.curve_secretkey = keys.secret.encode()
+        sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MESSAGE)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises instead of vanishing
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.linger = 0
+        try:
+            sock.bind(bind)
+        except zmq.ZMQError as exc:
+            sock.close()
+            self._auth.stop()
+            raise ConodeError(f"cannot listen on {bind}: {exc}") from None
+        self.socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def receive_nowait(self) -> tuple[bytes, str, bytes] | None:
+        """(peer identity, sender public key, payload) of a waiting message, or None if it was not 2 frames.
+
+        Raises zmq.Again when nothing is waiting.
+        """
+        frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        if len(frames) != 2:
+            return None
+        identity, payload = frames
+        key = payload.get("User-Id") or ""
+        return identity.bytes, key, payload.bytes
+
+    def send(self, identity: bytes, payload: bytes) -> bool:
+        """Send to a peer; False if it is gone (ROUTER_MANDATORY) or not keeping up."""
+        try:
+            self.socket.send_multipart([identity, payload], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                return False
+            raise
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self._auth.stop()
+
+
+class AuthRefused(Exception):
+    """The server refused our key during the CURVE handshake."""
+
+
+class ClientSocket:
+    """A DEALER connected to the coordinator; rebuilt from scratch on reconnect (Paranoid Pirate)."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, server_public: str, keys: KeyPair) -> None:
+        self._context = context
+        self.endpoint = endpoint
+        self._server_public = server_public
+        self._keys = keys
+        self.socket: zmq.Socket = None  # type: ignore[assignment]
+        self._monitor: zmq.Socket = None  # type: ignore[assignment]
+        self.connect()
+
+    def connect(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.curve_serverkey = self._server_public.encode()
+        sock.curve_publickey = self._keys.public.encode()
+        sock.curve_secretkey = self._keys.secret.encode()
+        sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MESSAGE)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a connection that is not up
+        sock.linger = 0
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        sock.connect(self.endpoint)
+        self.socket = sock
+
+    def reconnect(self) -> None:
+        self.close()
+        self.connect()
+
+    def check_refused(self) -> None:
+        """Raise AuthRefused if the server rejected our key since the last check."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise AuthRefused(self.endpoint)
+
+    def send(self, payload: bytes) -> bool:
+        try:
+            self.socket.send(payload, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self.socket.close(linger=0)
+            self.socket = None  # type: ignore[assignment]

@@ -1,0 +1,1 @@
+"""The conode coordinator: node registry, job queue, placement, and the admin CLI."""

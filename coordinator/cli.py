@@ -1,0 +1,400 @@
+"""`coordinator`: run the coordinator and manage the pool (status, jobs, keys)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import click
+
+from conode.cluster.keys import generate_key_pair, is_valid_public_key
+from conode.cluster.protocol import is_safe_relative_path
+from conode.errors import ConodeError
+from conode.tomlfile import write_toml
+from coordinator.config import (ADMIN_KEY_NAME, DEFAULT_BIND, SERVER_KEY_NAME, StateDir, load_client_config,
+                                user_client_config_path)
+
+EXIT_ERROR = 2
+TERMINAL = ("done", "failed", "cancelled")
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"coordinator: error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _guarded(fn: Callable[[], int | None]) -> NoReturn:
+    try:
+        status = fn()
+    except ConodeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(status or 0)
+
+
+@click.group()
+@click.version_option(package_name="conode")
+def main() -> None:
+    """The conode coordinator: knows the pool, queues and places jobs."""
+
+
+state_dir_option = click.option("--state-dir", required=True, type=click.Path(path_type=Path),
+                                 help="The coordinator's state directory.")
+
+
+# --- running the coordinator ---------------------------------------------------------------------------------
+@main.command()
+@state_dir_option
+@click.option("--bind", default=DEFAULT_BIND, show_default=True, help="Where `serve` listens by default.")
+@click.option("--advertise", default=None, help="The endpoint clients connect to (default: the bind address).")
+def init(state_dir: Path, bind: str, advertise: str | None) -> None:
+    """Create a coordinator: key pair, database, an admin key and a client configuration."""
+
+    def body() -> None:
+        from coordinator.store import Store
+
+        state = StateDir(state_dir)
+        if state.database.exists():
+            raise ConodeError(f"{state_dir} already holds a coordinator")
+        state.root.mkdir(parents=True, exist_ok=True)
+        server = generate_key_pair(state.keys, SERVER_KEY_NAME)
+        admin = generate_key_pair(state.keys, ADMIN_KEY_NAME)
+        store = Store(state.database)
+        store.add_key(ADMIN_KEY_NAME, "admin", admin.public)
+        store.close()
+        endpoint = advertise or bind.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+        write_toml(state.settings, {"bind": bind})
+        client = {"endpoint": endpoint, "server_public_key": server.public,
+                  "key_directory": str(state.keys.resolve()), "key_name": ADMIN_KEY_NAME}
+        write_toml(state.client_config, client)
+        user_config = user_client_config_path()
+        if not user_config.exists():
+            user_config.parent.mkdir(parents=True, exist_ok=True)
+            write_toml(user_config, client)
+        click.echo(f"coordinator created in {state_dir}")
+        click.echo(f"  start it:          coordinator serve --state-dir {state_dir}")
+        click.echo(f"  client config:     {state.client_config} (also {user_config})")
+        click.echo(f"  coordinator key:   {server.public}")
+        click.echo("to join an agent, run on the workstation:")
+        click.echo("  conode agent init --state-dir DIR")
+        click.echo(f"  conode agent --state-dir DIR --coordinator {endpoint} --coordinator-key {server.public}")
+        click.echo("and enrol the key it prints here:")
+        click.echo(f"  coordinator keys add --state-dir {state_dir} --role agent NODE-NAME AGENT-PUBLIC-KEY")
+
+    _guarded(body)
+
+
+@main.command()
+@state_dir_option
+@click.option("--bind", default=None, help="ZeroMQ endpoint to listen on, e.g. tcp://0.0.0.0:7700.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def serve(state_dir: Path, bind: str | None, log_level: str) -> None:
+    """Run the coordinator until interrupted."""
+
+    def body() -> None:
+        from coordinator.server import Coordinator
+
+        logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+        state = StateDir(state_dir)
+        state.require()
+        coordinator = Coordinator(state, bind or state.default_bind())
+        signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
+        signal.signal(signal.SIGINT, lambda *_: coordinator.stop())
+        coordinator.serve_forever()
+
+    _guarded(body)
+
+
+@main.group()
+def keys() -> None:
+    """Enrolled agent and admin keys (run on the coordinator host)."""
+
+
+@keys.command("add")
+@state_dir_option
+@click.option("--role", type=click.Choice(["agent", "admin"]), required=True)
+@click.argument("name")
+@click.argument("public_key")
+def keys_add(state_dir: Path, role: str, name: str, public_key: str) -> None:
+    """Enrol PUBLIC_KEY as NAME (for an agent, NAME is its node name)."""
+
+    def body() -> None:
+        if not is_valid_public_key(public_key):
+            raise ConodeError("that is not a CURVE public key (40 Z85 characters, as `conode agent init` prints)")
+        store = _store(state_dir)
+        store.add_key(name, role, public_key)
+        click.echo(f"enrolled {role} {name}")
+
+    _guarded(body)
+
+
+@keys.command("list")
+@state_dir_option
+def keys_list(state_dir: Path) -> None:
+    """List enrolled keys."""
+
+    def body() -> None:
+        rows = _store(state_dir).keys()
+        _table(["NAME", "ROLE", "PUBLIC KEY", "ADDED"],
+               [[name, role, key, time.strftime("%Y-%m-%d %H:%M", time.localtime(added))]
+                for name, role, key, added in rows])
+
+    _guarded(body)
+
+
+@keys.command("remove")
+@state_dir_option
+@click.argument("name")
+def keys_remove(state_dir: Path, name: str) -> None:
+    """Revoke the key enrolled as NAME (new connections with it are refused)."""
+
+    def body() -> None:
+        if not _store(state_dir).remove_key(name):
+            raise ConodeError(f"no key named {name!r}")
+        click.echo(f"removed {name}")
+
+    _guarded(body)
+
+
+def _store(state_dir: Path) -> Any:
+    from coordinator.store import Store
+
+    state = StateDir(state_dir)
+    state.require()
+    return Store(state.database)
+
+
+# --- the admin client ----------------------------------------------------------------------------------------
+client_options = [
+    click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+                 help="Client configuration (default: $CONODE_CLIENT_CONFIG or ~/.config/conode/client.toml)."),
+    click.option("--coordinator", "endpoint", default=None, help="Coordinator endpoint, overriding the config."),
+]
+
+
+def with_client(fn: Callable) -> Callable:
+    for option in reversed(client_options):
+        fn = option(fn)
+    return fn
+
+
+def _client(config_path: Path | None, endpoint: str | None) -> Any:
+    from coordinator.client import AdminClient
+
+    return AdminClient(load_client_config(config_path, endpoint))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _render_status(reply: dict[str, Any]) -> None:
+    rows = []
+    for n in reply["nodes"]:
+        state = n["state"] + (" (drained)" if n["drained"] else "")
+        jobs = ",".join(str(j) for j in n["jobs"]) or "-"
+        rows.append([n["name"], state, n["cores"], f"{n['mem_mib']} MiB", f"{n['speed']:.0f}", jobs,
+                     _duration(n["idle_s"])])
+    _table(["NODE", "STATE", "CORES", "MEMORY", "SPEED", "JOBS", "IDLE"], rows)
+    t = reply["totals"]
+    jobs = t["jobs"]
+    click.echo(f"\npool: {t['nodes']} nodes, {t['cores']} cores ({t['idle_cores']} free), {t['mem_mib']} MiB; "
+               f"jobs: {jobs['queued']} queued, {jobs['running']} running, {jobs['done']} done, "
+               f"{jobs['failed']} failed, {jobs['cancelled']} cancelled")
+
+
+@main.command()
+@with_client
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=False, flag_value=2.0, default=None, type=float, metavar="[SECONDS]",
+              help="Refresh in place every SECONDS (default 2) until interrupted.")
+def status(config_path: Path | None, endpoint: str | None, as_json: bool, watch: float | None) -> None:
+    """The pool's capacity: one row per node, then totals."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            while True:
+                reply = client.request("status", "status_reply")
+                if as_json:
+                    click.echo(json.dumps({"nodes": reply["nodes"], "totals": reply["totals"]}))
+                else:
+                    if watch and sys.stdout.isatty():
+                        click.echo("\x1b[H\x1b[2J", nl=False)
+                    _render_status(reply)
+                if not watch:
+                    return
+                time.sleep(watch)
+
+    _guarded(body)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@with_client
+@click.option("--input", "inputs", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file to place in the job's working directory (repeatable).")
+@click.option("--output", "outputs", multiple=True, help="A path (relative to the job's directory) to bring back.")
+@click.option("--mem", "mem_mib", type=int, default=128, show_default=True, help="Guest memory the job needs (MiB).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def submit(config_path: Path | None, endpoint: str | None, inputs: tuple[Path, ...], outputs: tuple[str, ...],
+           mem_mib: int, command: tuple[str, ...]) -> None:
+    """Queue COMMAND to run in a guest; prints the job id."""
+
+    def body() -> None:
+        for path in outputs:
+            if not is_safe_relative_path(path):
+                raise ConodeError(f"output {path!r} must be a relative path inside the job directory")
+        files = {}
+        for path in inputs:
+            files[path.name] = path.read_bytes()
+        with _client(config_path, endpoint) as client:
+            reply = client.request("submit", "submitted", argv=list(command), inputs=files, outputs=list(outputs),
+                                   mem_mib=mem_mib)
+        click.echo(reply["job"])
+
+    _guarded(body)
+
+
+@main.command()
+@with_client
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", type=int, default=50, show_default=True)
+def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: int) -> None:
+    """Recent jobs, newest first."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            reply = client.request("jobs", "jobs_reply", limit=limit)
+        if as_json:
+            click.echo(json.dumps(reply["jobs"]))
+            return
+        now = time.time()
+        rows = []
+        for j in reply["jobs"]:
+            end = j["finished_at"] or now
+            runtime = _duration(end - j["started_at"]) if j["started_at"] else "-"
+            status_text = "-" if j["exit_status"] is None else j["exit_status"]
+            rows.append([j["id"], j["state"], j["node"] or "-", status_text, runtime, j["attempts"],
+                         " ".join(j["argv"])[:60]])
+        _table(["JOB", "STATE", "NODE", "STATUS", "RUNTIME", "TRIES", "COMMAND"], rows)
+
+    _guarded(body)
+
+
+@main.command()
+@with_client
+@click.argument("job", type=int)
+def logs(config_path: Path | None, endpoint: str | None, job: int) -> None:
+    """The job's stdout (to stdout) and stderr (to stderr) so far."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            reply = client.request("logs", "logs_reply", job=job)
+        sys.stdout.buffer.write(reply["stdout"])
+        sys.stdout.flush()
+        sys.stderr.buffer.write(reply["stderr"])
+        sys.stderr.flush()
+
+    _guarded(body)
+
+
+@main.command()
+@with_client
+@click.argument("job", type=int)
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+def wait(config_path: Path | None, endpoint: str | None, job: int, timeout: float | None) -> None:
+    """Wait for JOB to finish; exit with its status (1 if it failed, 130 if cancelled)."""
+
+    def body() -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with _client(config_path, endpoint) as client:
+            while True:
+                state = client.request("job", "job_reply", job=job)["job"]
+                if state["state"] in TERMINAL:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ConodeError(f"job {job} is still {state['state']} after {timeout:g} s")
+                time.sleep(0.25)
+        if state["state"] == "done":
+            if state["reason"]:
+                click.echo(f"coordinator: job {job}: {state['reason']}", err=True)
+            return int(state["exit_status"])
+        click.echo(f"coordinator: job {job} {state['state']}: {state['reason']}", err=True)
+        return 1 if state["state"] == "failed" else 130
+
+    _guarded(body)
+
+
+@main.command()
+@with_client
+@click.argument("job", type=int)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def fetch(config_path: Path | None, endpoint: str | None, job: int, directory: Path) -> None:
+    """Write JOB's output files into DIRECTORY."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            reply = client.request("fetch", "fetch_reply", job=job)
+        directory.mkdir(parents=True, exist_ok=True)
+        for path, data in sorted(reply["outputs"].items()):
+            if not is_safe_relative_path(path):
+                raise ConodeError(f"refusing to write unsafe output path {path!r}")
+            target = directory / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            click.echo(f"{target} ({len(data)} bytes)")
+        if not reply["outputs"]:
+            click.echo(f"job {job} has no output files", err=True)
+
+    _guarded(body)
+
+
+@main.command()
+@with_client
+@click.argument("job", type=int)
+def cancel(config_path: Path | None, endpoint: str | None, job: int) -> None:
+    """Cancel a queued or running job."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            click.echo(client.request("cancel", "ok", job=job).get("detail", "ok"))
+
+    _guarded(body)
+
+
+@main.command()
+@with_client
+@click.argument("node")
+@click.option("--undo", is_flag=True, help="Let the node take jobs again.")
+def drain(config_path: Path | None, endpoint: str | None, node: str, undo: bool) -> None:
+    """Stop placing new jobs on NODE (running jobs finish)."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            click.echo(client.request("drain", "ok", node=node, undrain=undo).get("detail", "ok"))
+
+    _guarded(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Where the coordinator keeps its state, and the client configuration the admin CLI reads.
+
+A client configuration is a small TOML file naming the coordinator's endpoint and public key and the admin key
+pair to use. The CLI looks for it in ``--config``, then ``$CONODE_CLIENT_CONFIG``, then
+``~/.config/conode/client.toml``; each field can be overridden by a flag or ``$CONODE_COORDINATOR``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from conode.cluster.keys import KeyPair, load_key_pair
+from conode.errors import ConodeError
+from conode.tomlfile import read_toml
+
+DEFAULT_PORT = 7700
+DEFAULT_BIND = f"tcp://127.0.0.1:{DEFAULT_PORT}"
+SERVER_KEY_NAME = "coordinator"
+ADMIN_KEY_NAME = "admin"
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    @property
+    def database(self) -> Path:
+        return self.root / "coordinator.db"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def settings(self) -> Path:
+        return self.root / "coordinator.toml"
+
+    @property
+    def client_config(self) -> Path:
+        return self.root / "client.toml"
+
+    def require(self) -> None:
+        if not self.database.exists():
+            raise ConodeError(f"{self.root} is not a coordinator state directory; create it with "
+                              f"`coordinator init --state-dir {self.root}`")
+
+    def server_keys(self) -> KeyPair:
+        return load_key_pair(self.keys, SERVER_KEY_NAME)
+
+    def default_bind(self) -> str:
+        if self.settings.exists():
+            return str(read_toml(self.settings).get("bind", DEFAULT_BIND))
+        return DEFAULT_BIND
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    endpoint: str
+    server_public_key: str
+    keys: KeyPair
+
+
+def user_client_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "conode" / "client.toml"
+
+
+def load_client_config(path: Path | None = None, endpoint: str | None = None) -> ClientConfig:
+    """Find and read the admin CLI's configuration."""
+    candidates = [path] if path else []
+    if os.environ.get("CONODE_CLIENT_CONFIG"):
+        candidates.append(Path(os.environ["CONODE_CLIENT_CONFIG"]))
+    candidates.append(user_client_config_path())
+    chosen = next((c for c in candidates if c and c.exists()), None)
+    if chosen is None:
+        raise ConodeError("no client configuration found; run `coordinator init`, or point --config or "
+                          "CONODE_CLIENT_CONFIG at the client.toml it wrote")
+    values = read_toml(chosen)
+    try:
+        keys = load_key_pair(Path(values["key_directory"]), values.get("key_name", ADMIN_KEY_NAME))
+        return ClientConfig(
+            endpoint=endpoint or os.environ.get("CONODE_COORDINATOR") or values["endpoint"],
+            server_public_key=values["server_public_key"],
+            keys=keys,
+        )
+    except KeyError as exc:
+        raise ConodeError(f"client configuration {chosen} lacks {exc}") from None

@@ -1,0 +1,41 @@
+"""Placement policy: which node gets a job. Pure: it sees a snapshot of the nodes, never a socket."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACCEPTING_STATES = ("Unclaimed", "Claimed")  # the owner is away: the node may take work
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    state: str
+    cores: int
+    mem_mib: int
+    running: int
+    idle_s: float
+    drained: bool = False
+
+    @property
+    def free_slots(self) -> int:
+        return self.cores - self.running
+
+
+def choose_node(mem_mib: int, nodes: list[NodeView]) -> str | None:
+    """The node for a job needing *mem_mib* of guest memory, or None if no node can take it now.
+
+    Idle nodes (no running job) first, then the least loaded; among equals, the node whose owner has been away
+    longest (least likely to come back soon), then by name for a stable order.
+    """
+    candidates = [n for n in nodes if n.state in ACCEPTING_STATES and not n.drained and n.free_slots > 0
+                  and n.mem_mib >= mem_mib]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda n: (n.running > 0, n.running / max(n.cores, 1), -n.idle_s, n.name))
+    return best.name
+
+
+def can_ever_fit(mem_mib: int, nodes: list[NodeView]) -> bool:
+    """Whether any known node offers enough guest memory for the job at all."""
+    return any(n.mem_mib >= mem_mib for n in nodes)

@@ -1,0 +1,374 @@
+"""The coordinator daemon: node registry, job queue and placement behind one ROUTER socket.
+
+Single-threaded: one poll loop receives messages, answers them, places queued jobs and expires silent nodes.
+Job state lives in SQLite (store.py) and is committed before it is acted on; the node registry lives in memory
+and is rebuilt from the agents' hellos after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from conode.cluster import protocol
+from conode.cluster.heartbeat import PeerLiveness
+from conode.cluster.protocol import ProtocolError
+from conode.cluster.transport import ServerSocket
+from coordinator.config import StateDir
+from coordinator.placement import NodeView, can_ever_fit, choose_node
+from coordinator.store import TERMINAL_STATES, Store
+
+log = logging.getLogger("coordinator")
+
+MAX_ATTEMPTS = 3  # a job whose node is lost this many times fails instead of running again
+ORPHAN_GRACE_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 2
+
+
+@dataclass
+class Node:
+    """What the coordinator knows about one connected agent."""
+
+    name: str
+    identity: bytes
+    key: str
+    cores: int
+    mem_mib: int
+    speed: float
+    software: str
+    liveness: PeerLiveness
+    state: str = "Unclaimed"
+    idle_s: float = 0.0
+    cpu_percent: float = 0.0
+    running: set[int] = field(default_factory=set)
+    connected_at: float = field(default_factory=time.time)
+
+    def view(self, drained: bool) -> NodeView:
+        return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running), self.idle_s, drained)
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    malformed: int = 0
+    refused: int = 0
+    placed: int = 0
+    requeued: int = 0
+    nodes_lost: int = 0
+    placement_latency_s: list[float] = field(default_factory=list)
+
+
+class Coordinator:
+    def __init__(self, state: StateDir, bind: str, context: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        state.require()
+        self.state = state
+        self.store = Store(state.database)
+        self._clock = clock
+        self._context = context or zmq.Context.instance()
+        self._auth_store = Store(state.database)  # the ZAP thread's own connection
+        self.server = ServerSocket(self._context, bind, state.server_keys(),
+                                   lambda key: self._auth_store.key_owner(key) is not None)
+        self.nodes: dict[str, Node] = {}
+        self.by_identity: dict[bytes, str] = {}
+        self.drained = self.store.drained()
+        self.counters = Counters()
+        self._started = clock()
+        self._queued_at: dict[int, float] = {}
+        self._running = True
+        self._handlers: dict[str, Callable[[bytes, str, dict[str, Any]], None]] = {
+            name[len("_on_"):]: getattr(self, name) for name in dir(self) if name.startswith("_on_")
+        }
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        log.info("coordinator listening on %s", self.server.endpoint)
+        poller = zmq.Poller()
+        poller.register(self.server.socket, zmq.POLLIN)
+        try:
+            while self._running:
+                events = dict(poller.poll(timeout=200))
+                if self.server.socket in events:
+                    for _ in range(1000):  # drain what is there, but keep the housekeeping going
+                        try:
+                            received = self.server.receive_nowait()
+                        except zmq.Again:
+                            break
+                        if received is not None:
+                            self.handle(*received)
+                self.housekeeping()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        self.server.close()
+        self.store.close()
+        self._auth_store.close()
+
+    # --- dispatch ----------------------------------------------------------------------------------------
+    def handle(self, identity: bytes, key: str, payload: bytes) -> None:
+        self.counters.received += 1
+        try:
+            message = protocol.decode(payload)
+        except ProtocolError as exc:
+            self.counters.malformed += 1
+            log.warning("malformed message from %s: %s", key[:8] or "?", exc)
+            self.server.send(identity, protocol.error("malformed", str(exc)))
+            return
+        kind = message["type"]
+        owner = self.store.key_owner(key)
+        role = owner[1] if owner else None
+        sender, _ = protocol.SCHEMAS[kind]
+        if sender != role:
+            self.counters.refused += 1
+            log.warning("refused %s from %s key %s", kind, role or "unknown", key[:8])
+            self.server.send(identity, protocol.error("forbidden", f"{role or 'unenrolled'} keys may not send {kind}",
+                                                      kind))
+            return
+        if role == "agent" and kind != "hello" and self.by_identity.get(identity) is None:
+            # A node we do not know (we restarted, or it was declared lost): it must introduce itself again.
+            self.server.send(identity, protocol.encode("reconnect", reason="unknown node, say hello"))
+            return
+        try:
+            self._handlers[kind](identity, owner[0], message)  # type: ignore[index]
+        except Exception as exc:  # one bad request must not take the pool down
+            log.exception("error handling %s", kind)
+            self.server.send(identity, protocol.error("internal", f"{type(exc).__name__}: {exc}", kind))
+
+    def _reply(self, identity: bytes, kind: str, **fields: Any) -> None:
+        self.server.send(identity, protocol.encode(kind, **fields))
+
+    # --- agents ------------------------------------------------------------------------------------------
+    def _node_of(self, identity: bytes) -> Node:
+        return self.nodes[self.by_identity[identity]]
+
+    def _on_hello(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        if msg["node"] != name:
+            self._reply(identity, "error", code="forbidden",
+                        message=f"this key is enrolled as node {name!r}, not {msg['node']!r}", in_reply_to="hello")
+            return
+        old = self.nodes.get(name)
+        if old is not None and old.identity != identity:
+            self.by_identity.pop(old.identity, None)
+        node = Node(name, identity, "", msg["cores"], msg["mem_mib"], msg["speed"], msg["software"],
+                    PeerLiveness(self._clock), msg["state"], msg["idle_s"])
+        self.nodes[name] = node
+        self.by_identity[identity] = name
+        held = {int(j) for j in msg["running"]}
+        # Reconcile: jobs we placed there that the node no longer has are lost; jobs it runs that we do not
+        # expect there (cancelled, or re-placed while it was away) are told to stop.
+        for job in self.store.running_jobs(name):
+            if job.id in held:
+                node.running.add(job.id)
+            else:
+                self._requeue(job.id, f"node {name} restarted without it")
+        for job_id in held - node.running:
+            self._reply(identity, "cancel_job", job=job_id)
+        self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S, known_jobs=sorted(node.running))
+        log.info("node %s joined: %d cores, %d MiB, speed %.0f, %s", name, node.cores, node.mem_mib, node.speed,
+                 node.state)
+        self.schedule()
+
+    def _on_heartbeat(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        node = self._node_of(identity)
+        node.liveness.heard()
+        was_accepting = node.view(False).free_slots > 0 and node.state in ("Unclaimed", "Claimed")
+        node.state = msg["state"]
+        node.idle_s = msg["idle_s"]
+        node.cpu_percent = float(msg.get("cpu_percent", 0.0))
+        node.speed = float(msg.get("speed", node.speed))
+        if not was_accepting:
+            self.schedule()
+
+    def _on_bye(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        node = self._node_of(identity)
+        self._lose_node(node, "node said goodbye")
+
+    def _on_job_output(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        node = self._node_of(identity)
+        node.liveness.heard()
+        job = msg["job"]
+        if job in node.running and msg["stream"] in ("stdout", "stderr"):
+            self.store.append_output(job, msg["stream"], msg["data"])
+
+    def _on_job_finished(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        node = self._node_of(identity)
+        node.liveness.heard()
+        job_id = msg["job"]
+        job = self.store.job(job_id)
+        if job is not None and job.state == "running" and job.node == name:
+            outputs = dict(msg["outputs"])
+            missing = msg["missing"]
+            reason = f"missing outputs: {', '.join(missing)}" if missing else None
+            self.store.finish(job_id, "done", msg["status"], reason, outputs)
+            log.info("job %d done on %s: status %d in %.1f s", job_id, name, msg["status"], msg["runtime_s"])
+        node.running.discard(job_id)
+        self._reply(identity, "ack", job=job_id)
+        self.schedule()
+
+    def _on_job_failed(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        node = self._node_of(identity)
+        node.liveness.heard()
+        job_id = msg["job"]
+        job = self.store.job(job_id)
+        node.running.discard(job_id)
+        if job is not None and job.state == "running" and job.node == name:
+            if msg["retry"] and job.attempts < MAX_ATTEMPTS:
+                self._requeue(job_id, f"failed on {name}: {msg['reason']}")
+            else:
+                self.store.finish(job_id, "failed", None, msg["reason"])
+                log.warning("job %d failed on %s: %s", job_id, name, msg["reason"])
+        self._reply(identity, "ack", job=job_id)
+        self.schedule()
+
+    # --- admins ------------------------------------------------------------------------------------------
+    def _on_status(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        nodes = [{
+            "name": n.name, "state": n.state, "cores": n.cores, "mem_mib": n.mem_mib, "speed": n.speed,
+            "jobs": sorted(n.running), "idle_s": n.idle_s, "drained": n.name in self.drained,
+            "cpu_percent": n.cpu_percent, "software": n.software,
+        } for n in sorted(self.nodes.values(), key=lambda n: n.name)]
+        counts = dict(self.store.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        totals = {
+            "nodes": len(nodes),
+            "cores": sum(n.cores for n in self.nodes.values()),
+            "idle_cores": sum(n.cores - len(n.running) for n in self.nodes.values()
+                              if n.state in ("Unclaimed", "Claimed") and n.name not in self.drained),
+            "mem_mib": sum(n.mem_mib for n in self.nodes.values()),
+            "jobs": {state: counts.get(state, 0) for state in ("queued", "running", *TERMINAL_STATES)},
+            "malformed_messages": self.counters.malformed,
+            "refused_messages": self.counters.refused,
+        }
+        self._reply(identity, "status_reply", nodes=nodes, totals=totals)
+
+    def _on_submit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        if not msg["argv"]:
+            self._reply(identity, "error", code="invalid", message="a job needs a command", in_reply_to="submit")
+            return
+        if msg["mem_mib"] < 48:
+            self._reply(identity, "error", code="invalid", message="a job needs at least 48 MiB of guest memory",
+                        in_reply_to="submit")
+            return
+        job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name)
+        self._queued_at[job_id] = self._clock()
+        log.info("job %d submitted by %s: %s", job_id, name, " ".join(msg["argv"])[:200])
+        self._reply(identity, "submitted", job=job_id)
+        self.schedule()
+
+    def _on_jobs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        jobs = self.store.jobs(limit=int(msg.get("limit", 1000)))
+        self._reply(identity, "jobs_reply", jobs=[j.summary() for j in jobs])
+
+    def _job_or_error(self, identity: bytes, job_id: int, kind: str) -> Any:
+        job = self.store.job(job_id)
+        if job is None:
+            self._reply(identity, "error", code="not-found", message=f"no job {job_id}", in_reply_to=kind)
+        return job
+
+    def _on_job(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        job = self._job_or_error(identity, msg["job"], "job")
+        if job is not None:
+            self._reply(identity, "job_reply", job=job.summary())
+
+    def _on_logs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        if self._job_or_error(identity, msg["job"], "logs") is not None:
+            output = self.store.output(msg["job"])
+            self._reply(identity, "logs_reply", job=msg["job"], stdout=output["stdout"], stderr=output["stderr"])
+
+    def _on_fetch(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        if self._job_or_error(identity, msg["job"], "fetch") is not None:
+            self._reply(identity, "fetch_reply", job=msg["job"], outputs=self.store.files(msg["job"]))
+
+    def _on_cancel(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        job = self._job_or_error(identity, msg["job"], "cancel")
+        if job is None:
+            return
+        if job.state in TERMINAL_STATES:
+            self._reply(identity, "ok", detail=f"job {job.id} is already {job.state}")
+            return
+        self.store.finish(job.id, "cancelled", None, f"cancelled by {name}")
+        node = self.nodes.get(job.node or "")
+        if job.state == "running" and node is not None:
+            node.running.discard(job.id)
+            self.server.send(node.identity, protocol.encode("cancel_job", job=job.id))
+        self._reply(identity, "ok", detail=f"job {job.id} cancelled")
+        self.schedule()
+
+    def _on_drain(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        node, drain = msg["node"], not msg.get("undrain", False)
+        self.store.set_drained(node, drain)
+        self.drained = self.store.drained()
+        known = "" if node in self.nodes else " (not connected now)"
+        self._reply(identity, "ok", detail=f"node {node} {'drained' if drain else 'accepting jobs again'}{known}")
+        self.schedule()
+
+    # --- placement and liveness --------------------------------------------------------------------------
+    def schedule(self) -> None:
+        """Place queued jobs on nodes that can take them, oldest job first."""
+        views = {name: node.view(name in self.drained) for name, node in self.nodes.items()}
+        for job in self.store.queued_jobs():
+            chosen = choose_node(job.mem_mib, list(views.values()))
+            if chosen is None:
+                if not can_ever_fit(job.mem_mib, list(views.values())):
+                    continue  # a bigger node may join later: keep it queued, try the next job
+                break  # nodes are busy: later jobs wait their turn (FIFO)
+            node = self.nodes[chosen]
+            inputs = self.store.job_inputs(job.id)
+            self.store.clear_output(job.id)
+            self.store.mark_running(job.id, chosen)
+            sent = self.server.send(node.identity, protocol.encode(
+                "run_job", job=job.id, argv=job.argv, inputs=inputs, outputs=job.wanted, mem_mib=job.mem_mib))
+            if not sent:
+                self.store.requeue(job.id, f"node {chosen} unreachable")
+                self._lose_node(node, "unreachable")
+                views.pop(chosen, None)
+                continue
+            node.running.add(job.id)
+            views[chosen] = node.view(chosen in self.drained)
+            self.counters.placed += 1
+            queued_at = self._queued_at.pop(job.id, None)
+            if queued_at is not None:
+                self.counters.placement_latency_s.append(self._clock() - queued_at)
+            log.info("job %d placed on %s", job.id, chosen)
+
+    def housekeeping(self) -> None:
+        for node in list(self.nodes.values()):
+            if node.liveness.expired():
+                self._lose_node(node, "missed its heartbeats")
+            elif node.liveness.beat_due():
+                if not self.server.send(node.identity, protocol.encode("ping")):
+                    self._lose_node(node, "unreachable")
+        if self._clock() - self._started > ORPHAN_GRACE_S:
+            # Jobs left running by a previous coordinator on nodes that never came back.
+            for job in self.store.running_jobs():
+                if job.node not in self.nodes:
+                    self._requeue(job.id, f"node {job.node} did not come back")
+                    self.schedule()
+
+    def _lose_node(self, node: Node, why: str) -> None:
+        log.warning("node %s lost: %s", node.name, why)
+        self.counters.nodes_lost += 1
+        self.nodes.pop(node.name, None)
+        self.by_identity.pop(node.identity, None)
+        for job_id in sorted(node.running):
+            self._requeue(job_id, f"node {node.name} lost ({why})")
+        node.running.clear()
+        self.schedule()
+
+    def _requeue(self, job_id: int, reason: str) -> None:
+        job = self.store.job(job_id)
+        if job is None or job.state != "running":
+            return
+        if job.attempts >= MAX_ATTEMPTS:
+            self.store.finish(job_id, "failed", None, f"{reason}; gave up after {job.attempts} attempts")
+            return
+        self.store.requeue(job_id, reason)
+        self._queued_at[job_id] = self._clock()
+        self.counters.requeued += 1
+        log.info("job %d requeued: %s", job_id, reason)

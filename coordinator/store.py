@@ -1,0 +1,224 @@
+"""The coordinator's durable state in SQLite (WAL): jobs, their output, enrolled keys, drained nodes.
+
+Every job transition is committed before the coordinator acts on it, so a coordinator killed with SIGKILL
+and restarted finds every job where it left it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+
+from conode.errors import ConodeError
+
+SCHEMA_VERSION = 1
+TERMINAL_STATES = ("done", "failed", "cancelled")
+JOB_STATES = ("queued", "running") + TERMINAL_STATES
+ROLES = ("agent", "admin")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    state TEXT NOT NULL,
+    argv BLOB NOT NULL,
+    inputs BLOB NOT NULL,
+    wanted BLOB NOT NULL,
+    mem_mib INTEGER NOT NULL,
+    node TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    exit_status INTEGER,
+    reason TEXT,
+    submitted_by TEXT,
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS job_output (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_output_job ON job_output(job, seq);
+CREATE TABLE IF NOT EXISTS job_files (
+    job INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (job, path)
+);
+CREATE TABLE IF NOT EXISTS keys (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    public_key TEXT NOT NULL UNIQUE,
+    added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drained (node TEXT PRIMARY KEY);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    state: str
+    argv: list[str]
+    wanted: list[str]
+    mem_mib: int
+    node: str | None
+    attempts: int
+    exit_status: int | None
+    reason: str | None
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "state": self.state, "argv": self.argv, "node": self.node, "attempts": self.attempts,
+            "exit_status": self.exit_status, "reason": self.reason, "mem_mib": self.mem_mib,
+            "submitted_at": self.submitted_at, "started_at": self.started_at, "finished_at": self.finished_at,
+        }
+
+
+_JOB_COLUMNS = ("id, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at, "
+                "finished_at")
+
+
+def _job(row: tuple) -> Job:
+    (ident, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at,
+     finished_at) = row
+    return Job(ident, state, msgpack.unpackb(argv), msgpack.unpackb(wanted), mem_mib, node, attempts, exit_status,
+               reason, submitted_at, started_at, finished_at)
+
+
+class Store:
+    """One SQLite database under the coordinator's state directory."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.DatabaseError as exc:
+            raise ConodeError(f"coordinator database {path} is unusable: {exc}") from None
+        (version,) = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if int(version) != SCHEMA_VERSION:
+            raise ConodeError(f"coordinator database {path} has schema {version}; this coordinator uses "
+                              f"{SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- jobs ------------------------------------------------------------------------------------------
+    def add_job(self, argv: list[str], inputs: dict[str, bytes], wanted: list[str], mem_mib: int,
+                submitted_by: str) -> int:
+        cur = self.db.execute(
+            "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at) "
+            "VALUES ('queued', ?, ?, ?, ?, ?, ?)",
+            (msgpack.packb(argv), msgpack.packb(inputs, use_bin_type=True), msgpack.packb(wanted), mem_mib,
+             submitted_by, time.time()),
+        )
+        return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def job(self, ident: int) -> Job | None:
+        row = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=?", (ident,)).fetchone()
+        return _job(row) if row else None
+
+    def job_inputs(self, ident: int) -> dict[str, bytes]:
+        row = self.db.execute("SELECT inputs FROM jobs WHERE id=?", (ident,)).fetchone()
+        return msgpack.unpackb(row[0], raw=False) if row else {}
+
+    def jobs(self, states: tuple[str, ...] | None = None, limit: int = 1000) -> list[Job]:
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id LIMIT ?",
+                                   (*states, limit))
+        else:
+            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+        return [_job(row) for row in rows]
+
+    def queued_jobs(self) -> Iterator[Job]:
+        rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='queued' ORDER BY id").fetchall()
+        return (_job(row) for row in rows)
+
+    def running_jobs(self, node: str | None = None) -> list[Job]:
+        if node is None:
+            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='running'")
+        else:
+            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='running' AND node=?", (node,))
+        return [_job(row) for row in rows]
+
+    def mark_running(self, ident: int, node: str) -> None:
+        self.db.execute("UPDATE jobs SET state='running', node=?, attempts=attempts+1, started_at=? WHERE id=?",
+                        (node, time.time(), ident))
+
+    def requeue(self, ident: int, reason: str) -> None:
+        self.db.execute("UPDATE jobs SET state='queued', node=NULL, reason=? WHERE id=? AND state='running'",
+                        (reason, ident))
+
+    def finish(self, ident: int, state: str, exit_status: int | None, reason: str | None,
+               outputs: dict[str, bytes] | None = None) -> None:
+        assert state in TERMINAL_STATES
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for path, data in (outputs or {}).items():
+                self.db.execute("INSERT OR REPLACE INTO job_files VALUES (?, ?, ?)", (ident, path, data))
+            self.db.execute("UPDATE jobs SET state=?, exit_status=?, reason=?, finished_at=? WHERE id=?",
+                            (state, exit_status, reason, time.time(), ident))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def append_output(self, ident: int, stream: str, data: bytes) -> None:
+        self.db.execute("INSERT INTO job_output (job, stream, data) VALUES (?, ?, ?)", (ident, stream, data))
+
+    def output(self, ident: int) -> dict[str, bytes]:
+        streams = {"stdout": bytearray(), "stderr": bytearray()}
+        for stream, data in self.db.execute("SELECT stream, data FROM job_output WHERE job=? ORDER BY seq", (ident,)):
+            streams[stream] += data
+        return {name: bytes(data) for name, data in streams.items()}
+
+    def clear_output(self, ident: int) -> None:
+        """Forget the output of an attempt that will be run again."""
+        self.db.execute("DELETE FROM job_output WHERE job=?", (ident,))
+
+    def files(self, ident: int) -> dict[str, bytes]:
+        return {path: data for path, data in self.db.execute("SELECT path, data FROM job_files WHERE job=?", (ident,))}
+
+    # --- keys --------------------------------------------------------------------------------------------
+    def add_key(self, name: str, role: str, public_key: str) -> None:
+        if role not in ROLES:
+            raise ConodeError(f"role must be one of {', '.join(ROLES)}")
+        try:
+            self.db.execute("INSERT INTO keys VALUES (?, ?, ?, ?)", (name, role, public_key, time.time()))
+        except sqlite3.IntegrityError:
+            raise ConodeError(f"a key named {name!r} or with that public key is already enrolled") from None
+
+    def remove_key(self, name: str) -> bool:
+        return self.db.execute("DELETE FROM keys WHERE name=?", (name,)).rowcount > 0
+
+    def keys(self) -> list[tuple[str, str, str, float]]:
+        return self.db.execute("SELECT name, role, public_key, added_at FROM keys ORDER BY role, name").fetchall()
+
+    def key_owner(self, public_key: str) -> tuple[str, str] | None:
+        """(name, role) of an enrolled key."""
+        return self.db.execute("SELECT name, role FROM keys WHERE public_key=?", (public_key,)).fetchone()
+
+    # --- drained nodes -------------------------------------------------------------------------------------
+    def set_drained(self, node: str, drained: bool) -> None:
+        if drained:
+            self.db.execute("INSERT OR IGNORE INTO drained VALUES (?)", (node,))
+        else:
+            self.db.execute("DELETE FROM drained WHERE node=?", (node,))
+
+    def drained(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT node FROM drained")}
