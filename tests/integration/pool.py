@@ -1,0 +1,117 @@
+"""A real pool on localhost for tests: a coordinator and agents as separate processes, real guests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conode.vm.slicer import cache_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / "coordinator"
+        self.port = free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        home = root / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "HOME": str(home), "CONODE_CLIENT_CONFIG": str(self.state / "client.toml"),
+                    "CONODE_CACHE_DIR": str(cache_dir()), "PYTHONUNBUFFERED": "1"}
+        self.coordinator: subprocess.Popen | None = None
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.cli("init", "--state-dir", str(self.state), "--bind", self.endpoint)
+        self.server_key = (self.state / "keys" / "coordinator.public").read_text().strip()
+
+    # --- processes ---------------------------------------------------------------------------------------
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
+        out = open(self.root / log, "ab")
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+
+    def start_coordinator(self) -> None:
+        self.coordinator = self._spawn([sys.executable, "-m", "coordinator.cli", "serve", "--state-dir",
+                                        str(self.state)], "coordinator.log")
+
+    def add_agent(self, name: str, *extra: str, enrol: bool = True) -> subprocess.Popen:
+        directory = self.root / name
+        out = subprocess.run([sys.executable, "-m", "conode.cli", "agent", "init", "--state-dir", str(directory),
+                              "--name", name], env=self.env, capture_output=True, text=True, check=True).stdout
+        public = out.strip().split()[-1]
+        if enrol:
+            self.cli("keys", "add", "--state-dir", str(self.state), "--role", "agent", name, public)
+        return self.start_agent(name, *extra)
+
+    def start_agent(self, name: str, *extra: str) -> subprocess.Popen:
+        process = self._spawn([sys.executable, "-m", "conode.cli", "agent", "--state-dir", str(self.root / name),
+                               "--coordinator", self.endpoint, "--coordinator-key", self.server_key, *extra],
+                              f"{name}.log")
+        self.agents[name] = process
+        return process
+
+    def kill(self, process: subprocess.Popen) -> None:
+        """SIGKILL a process group: the process and whatever it started."""
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+    def close(self) -> None:
+        for process in [*self.agents.values(), self.coordinator]:
+            if process is not None and process.poll() is None:
+                self.kill(process)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # --- the admin CLI --------------------------------------------------------------------------------------
+    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "coordinator.cli", *args], env=self.env, capture_output=True,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"coordinator {' '.join(args)} failed ({result.returncode}): "
+                                 f"{result.stderr.decode(errors='replace')}")
+        return result
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def jobs(self) -> dict[int, dict]:
+        return {j["id"]: j for j in json.loads(self.cli("jobs", "--json", "--limit", "1000").stdout)}
+
+    def submit(self, *command: str, inputs: tuple[Path, ...] = (), outputs: tuple[str, ...] = ()) -> int:
+        args = ["submit"]
+        for path in inputs:
+            args += ["--input", str(path)]
+        for path in outputs:
+            args += ["--output", path]
+        return int(self.cli(*args, "--", *command).stdout.strip())
+
+    def wait_until(self, what: str, predicate, timeout: float = 120, interval: float = 0.5):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = predicate()
+            except AssertionError:
+                last = None
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out waiting for {what}\n--- coordinator log ---\n{self.log('coordinator')[-3000:]}")
+
+    def ready_nodes(self) -> list[str]:
+        return [n["name"] for n in self.status()["nodes"] if n["speed"] > 0]
