@@ -1,0 +1,40 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
+from coordinator.placement import NodeView, choose_node
+
+
+def node(name, state="Unclaimed", cores=1, mem=128, running=0, idle=60.0, drained=False):
+    return NodeView(name, state, cores, mem, running, idle, drained)
+
+
+def test_idle_nodes_first_then_least_loaded():
+    nodes = [node("busy", cores=4, running=1), node("idle", cores=1), node("fuller", cores=2, running=1)]
+    assert choose_node(128, nodes) == "idle"
+    assert choose_node(128, nodes[:1] + nodes[2:]) == "busy"  # 1/4 loaded beats 1/2
+
+
+def test_longest_idle_owner_wins_a_tie():
+    assert choose_node(64, [node("recent", idle=30), node("long-gone", idle=3000)]) == "long-gone"
+
+
+def test_memory_state_drain_and_capacity_are_respected():
+    assert choose_node(256, [node("small", mem=128)]) is None
+    assert choose_node(64, [node("owner-back", state="Owner")]) is None
+    assert choose_node(64, [node("suspended", state="Suspended")]) is None
+    assert choose_node(64, [node("drained", drained=True)]) is None
+    assert choose_node(64, [node("full", cores=2, running=2)]) is None
+
+
+@given(st.lists(st.builds(node, st.text(min_size=1, max_size=5), st.sampled_from(["Owner", "Unclaimed", "Claimed"]),
+                          st.integers(1, 8), st.sampled_from([64, 128, 256]), st.integers(0, 8),
+                          st.floats(0, 1e5), st.booleans()), max_size=12),
+       st.sampled_from([48, 128, 256]))
+def test_a_chosen_node_can_always_take_the_job(nodes, mem):
+    chosen = choose_node(mem, nodes)
+    fits = [n for n in nodes if n.state in ("Unclaimed", "Claimed") and not n.drained and n.running < n.cores
+            and n.mem_mib >= mem]
+    if chosen is None:
+        assert not fits
+    else:
+        assert chosen in {n.name for n in fits}
