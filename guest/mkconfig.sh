@@ -46,6 +46,10 @@ cfg -e COMPAT_32BIT_TIME -e SYSVIPC -e POSIX_MQUEUE -e INOTIFY_USER \
 # Things tinyconfig or the options above pull in that a headless guest with
 # a serial console does not use: less to build, less for the emulator to run.
 cfg -d IPV6 -d INET_DIAG -d VT -d INPUT -d SERIO
+# The host passes a seed from its own RNG in boot_params' setup_data. x86 parses setup_data before the command
+# line, so random.trust_bootloader=on comes too late: trusting the boot loader must be the built-in default,
+# or the guest's first read of /dev/urandom waits seconds for entropy.
+cfg -e RANDOM_TRUST_BOOTLOADER
 
 make ARCH=i386 olddefconfig >&2
 cp .config "$here/kernel.config"

@@ -31,12 +31,15 @@ OFF_RAMDISK_SIZE = 0x21C
 OFF_CMD_LINE_PTR = 0x228
 OFF_INITRD_ADDR_MAX = 0x22C
 OFF_CMDLINE_SIZE = 0x238
+OFF_SETUP_DATA = 0x250
 OFF_PREF_ADDRESS = 0x258
 OFF_INIT_SIZE = 0x260
 OFF_E820_TABLE = 0x2D0
 E820_MAX_ENTRIES = 128
 E820_RAM, E820_RESERVED = 1, 2
 LOADED_HIGH = 0x01
+SETUP_RNG_SEED = 9
+RNG_SEED_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,13 @@ class BootPlan:
     initrd_size: int
 
 
-def load_linux(ram: memoryview, kernel: KernelImage, initrd: bytes, cmdline: str) -> BootPlan:
-    """Write kernel, initrd, command line, boot GDT and boot_params into *ram* (guest-physical)."""
+def load_linux(ram: memoryview, kernel: KernelImage, initrd: bytes, cmdline: str,
+               rng_seed: bytes | None = None) -> BootPlan:
+    """Write kernel, initrd, command line, boot GDT and boot_params into *ram* (guest-physical).
+
+    *rng_seed* (from the host's RNG) seeds the guest kernel's random pool at boot through a SETUP_RNG_SEED
+    entry, so the guest does not stall for seconds gathering entropy on its first read of /dev/urandom.
+    """
     ram_size = len(ram)
     encoded = cmdline.encode() + b"\0"
     limit = min(kernel.cmdline_size + 1 if kernel.cmdline_size else 256, layout.CMDLINE_MAX)
@@ -143,5 +151,9 @@ def load_linux(ram: memoryview, kernel: KernelImage, initrd: bytes, cmdline: str
     params[OFF_E820_ENTRIES] = len(entries)
     for i, (address, size, kind) in enumerate(entries):
         struct.pack_into("<QQI", params, OFF_E820_TABLE + 20 * i, address, size, kind)
+    if rng_seed and kernel.protocol >= 0x0209:  # setup_data exists since boot protocol 2.09
+        entry = struct.pack("<QII", 0, SETUP_RNG_SEED, len(rng_seed)) + rng_seed
+        ram[layout.SETUP_DATA:layout.SETUP_DATA + len(entry)] = entry
+        struct.pack_into("<Q", params, OFF_SETUP_DATA, layout.SETUP_DATA)
     ram[layout.BOOT_PARAMS:layout.BOOT_PARAMS + len(params)] = params
     return BootPlan(kernel.code32_start, layout.BOOT_PARAMS, initrd_address, len(initrd))

@@ -5,6 +5,7 @@ PAGE_SIZE = 0x1000
 # --- Guest physical memory -------------------------------------------------------------------------------
 BOOT_GDT = 0x6000  # flat GDT used to enter the kernel's 32-bit entry point
 BOOT_PARAMS = 0x7000  # the Linux "zero page" (struct boot_params)
+SETUP_DATA = 0x8000  # linked list of struct setup_data (the RNG seed)
 CMDLINE = 0x20000  # kernel command line, NUL-terminated
 CMDLINE_MAX = 0x1000
 KERNEL_LOAD = 0x100000  # protected-mode kernel (code32_start) for a non-relocatable bzImage

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Callable
 
 from conode.errors import ConodeError, GuestCrashed
 from conode.vm import layout
-from conode.vm.bootloader import KernelImage, load_linux
+from conode.vm.bootloader import RNG_SEED_BYTES, KernelImage, load_linux
 from conode.vm.clock import VirtualClock
 from conode.vm.cmos import Cmos
 from conode.vm.cpu import GuestRam, StopReason, UnicornCpu
@@ -164,7 +165,7 @@ class CoMachine:
     # --- boot ----------------------------------------------------------------------------------------------
     def boot(self, kernel: KernelImage, initrd: bytes, cmdline: str) -> None:
         full = " ".join(part for part in (cmdline, self.virtio_cmdline(), self.config.cmdline_extra) if part)
-        plan = load_linux(self.ram.view, kernel, initrd, full)
+        plan = load_linux(self.ram.view, kernel, initrd, full, os.urandom(RNG_SEED_BYTES))
         self.cpu.enter_protected_mode(layout.BOOT_GDT, 31, layout.BOOT_CS, layout.BOOT_DS, plan.entry,
                                       plan.boot_params)
 

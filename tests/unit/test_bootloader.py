@@ -41,6 +41,16 @@ def test_load_places_kernel_initrd_cmdline_and_zero_page():
     assert sum(size for _, size, kind in table if kind == 1) < 64 << 20
 
 
+def test_rng_seed_is_passed_as_setup_data():
+    ram = memoryview(bytearray(64 << 20))
+    load_linux(ram, KernelImage.parse(fake_bzimage()), b"\x1f\x8b" * 10, "", rng_seed=b"S" * 32)
+    pointer = struct.unpack_from("<Q", ram, layout.BOOT_PARAMS + bootloader.OFF_SETUP_DATA)[0]
+    assert pointer == layout.SETUP_DATA
+    nxt, kind, length = struct.unpack_from("<QII", ram, pointer)
+    assert (nxt, kind, length) == (0, bootloader.SETUP_RNG_SEED, 32)
+    assert bytes(ram[pointer + 16:pointer + 48]) == b"S" * 32
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d[:0x200] + b"XXXX" + d[0x204:], "not a Linux bzImage"),
     (lambda d: d[:0x206] + b"\x00\x02" + d[0x208:], "boot protocol 2.0"),
