@@ -195,15 +195,24 @@ class _raw_terminal:
 @click.option("--coordinator-key", default=None, help="The coordinator's public key (`coordinator init` prints it).")
 @click.option("--cores", type=int, default=None, help="Guests to offer, one per core (default 1).")
 @click.option("--mem", "mem_mib", type=int, default=None, help="Memory of each guest in MiB (default 128).")
-@click.option("--owner", type=click.Choice(["away", "present"]), default="away", show_default=True,
-              help="Whether the workstation's owner is using it (present: no work is placed here).")
+@click.option("--idle-source", default=None, metavar="auto|away|present|file:PATH",
+              help="How to tell the owner is away: the platform's sources (auto, the default), a file holding "
+                   "the time of the last activity, or a fixed answer.")
+@click.option("--owner", type=click.Choice(["away", "present"]), default=None,
+              help="Shorthand for --idle-source away|present.")
+@click.option("--while-owner", type=click.Choice(["pause", "shutdown"]), default=None,
+              help="Keep idle guests paused while the owner works (default), or shut them down.")
+@click.option("--cpu-cap", type=float, default=None, help="Percent of a core each guest may use (default 100).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
-              help="A TOML file with any of: coordinator, coordinator_key, cores, mem, name.")
+              help="A TOML file with any of: coordinator, coordinator_key, cores, mem, name, idle_source, "
+                   "while_owner, cpu_cap and the owner policy (start_idle_s, start_max_load, suspend_load, "
+                   "continue_idle_s, vacate_after_s, active_input_s, allow_on_battery).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.pass_context
 def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, coordinator_key: str | None,
-          cores: int | None, mem_mib: int | None, owner: str, config_file: Path | None, log_level: str) -> None:
+          cores: int | None, mem_mib: int | None, idle_source: str | None, owner: str | None,
+          while_owner: str | None, cpu_cap: float | None, config_file: Path | None, log_level: str) -> None:
     """Run the node agent: join the pool and run jobs in guests (`conode agent init` first)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -219,8 +228,10 @@ def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, c
             raise click.UsageError("--state-dir is required")
         logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             stream=sys.stderr)
-        config: AgentConfig = resolve_agent_config(state_dir, config_file, coordinator, coordinator_key, cores,
-                                                   mem_mib, owner == "present")
+        overrides = {"coordinator": coordinator, "coordinator_key": coordinator_key, "cores": cores,
+                     "mem": mem_mib, "idle_source": idle_source or owner, "while_owner": while_owner,
+                     "cpu_cap": cpu_cap}
+        config: AgentConfig = resolve_agent_config(state_dir, config_file, overrides)
         daemon = AgentDaemon(config)
         signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
         signal.signal(signal.SIGINT, lambda *_: daemon.stop())

@@ -220,8 +220,8 @@ def _render_status(reply: dict[str, Any]) -> None:
     t = reply["totals"]
     jobs = t["jobs"]
     click.echo(f"\npool: {t['nodes']} nodes, {t['cores']} cores ({t['idle_cores']} free), {t['mem_mib']} MiB; "
-               f"jobs: {jobs['queued']} queued, {jobs['running']} running, {jobs['done']} done, "
-               f"{jobs['failed']} failed, {jobs['cancelled']} cancelled")
+               f"jobs: {jobs['queued']} queued, {jobs['running']} running, {jobs['vacated']} vacated, "
+               f"{jobs['done']} done, {jobs['failed']} failed, {jobs['cancelled']} cancelled")
 
 
 @main.command()

@@ -20,11 +20,12 @@ from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
 from coordinator.config import StateDir
 from coordinator.placement import NodeView, can_ever_fit, choose_node
-from coordinator.store import TERMINAL_STATES, Store
+from coordinator.store import JOB_STATES, TERMINAL_STATES, Store
 
 log = logging.getLogger("coordinator")
 
 MAX_ATTEMPTS = 3  # a job whose node is lost this many times fails instead of running again
+VACATED_HOLD_S = 3600.0  # a job saved on a node's disk waits this long for its owner to leave again
 ORPHAN_GRACE_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 2
 
 
@@ -161,6 +162,7 @@ class Coordinator:
         self.nodes[name] = node
         self.by_identity[identity] = name
         held = {int(j) for j in msg["running"]}
+        vacated_here = set(self.store.vacated_jobs(name))
         # Reconcile: jobs we placed there that the node no longer has are lost; jobs it runs that we do not
         # expect there (cancelled, or re-placed while it was away) are told to stop.
         for job in self.store.running_jobs(name):
@@ -168,7 +170,7 @@ class Coordinator:
                 node.running.add(job.id)
             else:
                 self._requeue(job.id, f"node {name} restarted without it")
-        for job_id in held - node.running:
+        for job_id in held - node.running - vacated_here:
             self._reply(identity, "cancel_job", job=job_id)
         self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S, known_jobs=sorted(node.running))
         log.info("node %s joined: %d cores, %d MiB, speed %.0f, %s", name, node.cores, node.mem_mib, node.speed,
@@ -212,6 +214,25 @@ class Coordinator:
         self._reply(identity, "ack", job=job_id)
         self.schedule()
 
+    def _on_job_vacated(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        node = self._node_of(identity)
+        node.running.discard(msg["job"])
+        job = self.store.job(msg["job"])
+        if job is not None and job.state == "running" and job.node == name:
+            self.store.mark_vacated(job.id)
+            log.info("job %d vacated: saved on %s until its owner leaves again", job.id, name)
+        self.schedule()
+
+    def _on_job_resumed(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        node = self._node_of(identity)
+        job = self.store.job(msg["job"])
+        if job is not None and job.state == "vacated" and job.node == name:
+            self.store.mark_resumed(job.id)
+            node.running.add(job.id)
+            log.info("job %d resumed on %s", job.id, name)
+        else:
+            self.server.send(identity, protocol.encode("cancel_job", job=msg["job"]))
+
     def _on_job_failed(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node = self._node_of(identity)
         node.liveness.heard()
@@ -241,7 +262,7 @@ class Coordinator:
             "idle_cores": sum(n.cores - len(n.running) for n in self.nodes.values()
                               if n.state in ("Unclaimed", "Claimed") and n.name not in self.drained),
             "mem_mib": sum(n.mem_mib for n in self.nodes.values()),
-            "jobs": {state: counts.get(state, 0) for state in ("queued", "running", *TERMINAL_STATES)},
+            "jobs": {state: counts.get(state, 0) for state in JOB_STATES},
             "malformed_messages": self.counters.malformed,
             "refused_messages": self.counters.refused,
         }
@@ -261,9 +282,16 @@ class Coordinator:
         self._reply(identity, "submitted", job=job_id)
         self.schedule()
 
+    def _job_summary(self, job: Any) -> dict[str, Any]:
+        summary = job.summary()
+        node = self.nodes.get(job.node or "")
+        if job.state == "running" and node is not None and node.state in ("Suspended", "Vacating"):
+            summary["state"] = "suspended"  # its guest is paused while the workstation's owner works
+        return summary
+
     def _on_jobs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         jobs = self.store.jobs(limit=int(msg.get("limit", 1000)))
-        self._reply(identity, "jobs_reply", jobs=[j.summary() for j in jobs])
+        self._reply(identity, "jobs_reply", jobs=[self._job_summary(j) for j in jobs])
 
     def _job_or_error(self, identity: bytes, job_id: int, kind: str) -> Any:
         job = self.store.job(job_id)
@@ -274,7 +302,7 @@ class Coordinator:
     def _on_job(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         job = self._job_or_error(identity, msg["job"], "job")
         if job is not None:
-            self._reply(identity, "job_reply", job=job.summary())
+            self._reply(identity, "job_reply", job=self._job_summary(job))
 
     def _on_logs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         if self._job_or_error(identity, msg["job"], "logs") is not None:
@@ -294,7 +322,7 @@ class Coordinator:
             return
         self.store.finish(job.id, "cancelled", None, f"cancelled by {name}")
         node = self.nodes.get(job.node or "")
-        if job.state == "running" and node is not None:
+        if job.state in ("running", "vacated") and node is not None:
             node.running.discard(job.id)
             self.server.send(node.identity, protocol.encode("cancel_job", job=job.id))
         self._reply(identity, "ok", detail=f"job {job.id} cancelled")
@@ -344,6 +372,10 @@ class Coordinator:
             elif node.liveness.beat_due():
                 if not self.server.send(node.identity, protocol.encode("ping")):
                     self._lose_node(node, "unreachable")
+        for job_id in self.store.vacated_jobs(older_than=time.time() - VACATED_HOLD_S):
+            job = self.store.job(job_id)
+            self.store.requeue(job_id, f"vacated on {job.node if job else '?'} for over {VACATED_HOLD_S:.0f} s")
+            self.schedule()
         if self._clock() - self._started > ORPHAN_GRACE_S:
             # Jobs left running by a previous coordinator on nodes that never came back.
             for job in self.store.running_jobs():

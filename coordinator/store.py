@@ -18,7 +18,7 @@ from conode.errors import ConodeError
 
 SCHEMA_VERSION = 1
 TERMINAL_STATES = ("done", "failed", "cancelled")
-JOB_STATES = ("queued", "running") + TERMINAL_STATES
+JOB_STATES = ("queued", "running", "vacated") + TERMINAL_STATES  # vacated: saved on its node's disk
 ROLES = ("agent", "admin")
 
 _SCHEMA = """
@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     submitted_by TEXT,
     submitted_at REAL NOT NULL,
     started_at REAL,
+    vacated_at REAL,
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
@@ -161,8 +162,23 @@ class Store:
                         (node, time.time(), ident))
 
     def requeue(self, ident: int, reason: str) -> None:
-        self.db.execute("UPDATE jobs SET state='queued', node=NULL, reason=? WHERE id=? AND state='running'",
-                        (reason, ident))
+        self.db.execute("UPDATE jobs SET state='queued', node=NULL, reason=? WHERE id=? AND state IN "
+                        "('running', 'vacated')", (reason, ident))
+
+    def mark_vacated(self, ident: int) -> None:
+        self.db.execute("UPDATE jobs SET state='vacated', vacated_at=? WHERE id=? AND state='running'",
+                        (time.time(), ident))
+
+    def mark_resumed(self, ident: int) -> None:
+        self.db.execute("UPDATE jobs SET state='running', vacated_at=NULL WHERE id=? AND state='vacated'", (ident,))
+
+    def vacated_jobs(self, node: str | None = None, older_than: float | None = None) -> list[int]:
+        query, args = "SELECT id FROM jobs WHERE state='vacated'", []
+        if node is not None:
+            query, args = query + " AND node=?", [node]
+        if older_than is not None:
+            query, args = query + " AND vacated_at < ?", [*args, older_than]
+        return [row[0] for row in self.db.execute(query, args)]
 
     def finish(self, ident: int, state: str, exit_status: int | None, reason: str | None,
                outputs: dict[str, bytes] | None = None) -> None:

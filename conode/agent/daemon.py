@@ -8,11 +8,12 @@ their jobs keep running meanwhile; output is buffered and results wait in the ou
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ import zmq
 
 import conode
 from conode.agent.outbox import Outbox
+from conode.agent.owner import OwnerMonitor, make_sources
 from conode.agent.pipe import PipeError
 from conode.agent.supervisor import WorkerProcess
 from conode.cluster import protocol
@@ -29,11 +31,15 @@ from conode.cluster.keys import KeyPair, load_key_pair
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import AuthRefused, ClientSocket
 from conode.errors import ConodeError
+from conode.idle.policy import OwnerState, PolicyConfig, guest_may_run
+from conode.tomlfile import read_toml, write_toml
 
 log = logging.getLogger("conode.agent")
 
 AGENT_KEY_NAME = "agent"
 MAX_BUFFERED_BYTES = 64 << 20  # output kept while the coordinator is unreachable
+TICK_MS = 20  # how often the owner is observed: the bound on noticing that the owner is back
+STATUS_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,10 @@ class AgentConfig:
     coordinator_key: str
     cores: int
     mem_mib: int
-    owner_present: bool = False
+    idle_source: str = "auto"  # auto | away | present | file:PATH
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    while_owner: str = "pause"  # keep guests paused while the owner works, or "shutdown"
+    cpu_cap: float = 100.0  # percent of a core each guest may use
 
 
 def agent_keys(state_dir: Path) -> KeyPair:
@@ -70,22 +79,38 @@ class AgentDaemon:
         self._reconnect_at: float | None = None
         self._buffer: deque[bytes] = deque()
         self._buffered_bytes = 0
-        self.workers = [WorkerProcess(i, config.mem_mib) for i in range(config.cores)]
+        self.workers = [WorkerProcess(i, config.mem_mib, config.cpu_cap) for i in range(config.cores)]
         self.jobs: dict[int, WorkerProcess] = {}  # running jobs and the worker running each
         self.backlog: deque[dict[str, Any]] = deque()  # run_job messages waiting for a free worker
-        self._idle_since = time.time()
+        self.vacated_dir = config.state_dir / "vacated"
+        self.vacated_dir.mkdir(exist_ok=True)
+        self.boot_snapshot = config.state_dir / "boot.snap"
+        fixed = config.idle_source in ("away", "present")
+        self.owner = OwnerMonitor(make_sources(config.idle_source, clock), config.policy, clock=clock,
+                                  fixed_load=0.0 if fixed else None)
+        self.yield_latencies: deque[float] = deque(maxlen=100)  # owner input -> guest stopped, seconds
+        self._activity_at: float | None = None
+        self._vacated = self.vacated_jobs()
         self._running = True
         self._process = psutil.Process()
+        self._status_at = 0.0
 
     # --- state -------------------------------------------------------------------------------------------
     @property
     def state(self) -> str:
-        if self.config.owner_present:
-            return "Owner"
-        return "Claimed" if self.jobs else "Unclaimed"
+        return self.owner.policy.state.value
+
+    def vacated_jobs(self) -> dict[int, int]:
+        """Jobs saved in vacated guests on disk, and the worker slot each belongs to."""
+        jobs = {}
+        for meta in self.vacated_dir.glob("worker-*.toml"):
+            index = int(meta.stem.split("-")[1])
+            for job in read_toml(meta).get("jobs", "").split():
+                jobs[int(job)] = index
+        return jobs
 
     def _held_jobs(self) -> list[int]:
-        return sorted(set(self.jobs) | set(self.outbox.jobs()))
+        return sorted(set(self.jobs) | set(self.outbox.jobs()) | set(self._vacated))
 
     def _speed(self) -> float:
         speeds = [w.speed for w in self.workers if w.speed]
@@ -93,13 +118,11 @@ class AgentDaemon:
 
     # --- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
-        for worker in self.workers:
-            worker.start()
         log.info("agent %s: %d guest(s) of %d MiB, coordinator %s", self.config.name, self.config.cores,
                  self.config.mem_mib, self.config.coordinator)
         try:
             while self._running:
-                self._poll_once(timeout_ms=200)
+                self._poll_once(timeout_ms=TICK_MS)
         finally:
             self.shutdown()
 
@@ -128,7 +151,9 @@ class AgentDaemon:
                 worker.read_stderr()
                 self._drain_worker(worker)
         self._supervise_workers()
+        self._follow_owner()
         self._keep_link()
+        self._write_status()
 
     # --- the coordinator link --------------------------------------------------------------------------
     def _keep_link(self) -> None:
@@ -168,7 +193,8 @@ class AgentDaemon:
                                running=self._held_jobs(), software=f"conode {conode.__version__}")
 
     def _idle_s(self) -> float:
-        return 0.0 if self.config.owner_present else time.time() - self._idle_since
+        idle = self.owner.last.idle_s
+        return 0.0 if idle is None else min(idle, 1e9)
 
     def _cpu_percent(self) -> float:
         total = self._process.cpu_percent(None)
@@ -255,6 +281,8 @@ class AgentDaemon:
             log.info("job %d started on guest %d: %s", job, worker.index, " ".join(message["argv"])[:120])
 
     def _cancel_job(self, job: int) -> None:
+        if job in self._vacated:
+            self._drop_vacated(self._vacated[job])
         self.backlog = deque(m for m in self.backlog if int(m["job"]) != job)
         worker = self.jobs.pop(job, None)
         if worker is not None:
@@ -285,7 +313,21 @@ class AgentDaemon:
             worker.speed = float(message["speed"])
             worker.guest = str(message["guest"])
             log.info("guest %d ready: %s, speed %.0f loops/s", worker.index, worker.guest, worker.speed)
+            self._on_worker_resumed_jobs(worker)
             self._dispatch_backlog()
+            return
+        if kind == "paused":
+            worker.paused = True
+            if self._activity_at is not None:
+                latency = float(message["at"]) - self._activity_at
+                self.yield_latencies.append(latency)
+                log.info("guest %d stopped %.0f ms after the owner's input", worker.index, latency * 1000)
+            return
+        if kind == "resumed":
+            worker.paused = False
+            return
+        if kind == "vacated":
+            self._on_vacated(worker, message)
             return
         job = int(message.get("job", -1))
         if self.jobs.get(job) is not worker:
@@ -304,21 +346,111 @@ class AgentDaemon:
                 self._job_failed(job, str(message["reason"]), retry=False)
             del self.jobs[job]
             worker.job = None
-            if not self.jobs:
-                self._idle_since = time.time()
             self._dispatch_backlog()
 
     def _supervise_workers(self) -> None:
         now = self._clock()
+        may_run = guest_may_run(self.owner.policy.state)
         for worker in self.workers:
             if worker.process is not None and not worker.alive:
                 self._drain_worker(worker)
                 worker.read_stderr()
+                if worker.vacating or worker.stopping:  # it exited as told
+                    worker.close()
+                    continue
                 why = worker.crashed(now)
                 log.error("guest %d crashed: %s", worker.index, why)
                 if worker.job is not None:
                     job, worker.job = worker.job, None
                     self.jobs.pop(job, None)
                     self._job_failed(job, f"guest crashed: {why}", retry=True)
-            elif worker.process is None and worker.restart_at is not None and now >= worker.restart_at:
-                worker.start()
+            elif may_run and worker.process is None and (worker.restart_at is None or now >= worker.restart_at):
+                self._start_worker(worker)
+
+    # --- following the owner ----------------------------------------------------------------------------
+    def _start_worker(self, worker: WorkerProcess) -> None:
+        saved = self.vacated_dir / f"worker-{worker.index}.snap"
+        if saved.exists():
+            worker.resumed_jobs = [job for job, index in self._vacated.items() if index == worker.index]
+            worker.start(resume=saved)
+            log.info("guest %d resumes its vacated jobs %s", worker.index, worker.resumed_jobs)
+        else:
+            worker.resumed_jobs = []
+            worker.start(boot_snapshot=self.boot_snapshot)
+        worker.stopping = False
+        worker.pause_requested = False
+        self.owner.load.set_own_pids({self._process.pid} | {w.process.pid for w in self.workers if w.alive})
+
+    def _on_worker_resumed_jobs(self, worker: WorkerProcess) -> None:
+        for job in worker.resumed_jobs:
+            self.jobs[job] = worker
+            worker.job = job
+            self._send(protocol.encode("job_resumed", job=job))
+        if worker.resumed_jobs:
+            self._drop_vacated(worker.index)
+        worker.resumed_jobs = []
+
+    def _on_vacated(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+        jobs = [int(j) for j in message["jobs"]]
+        write_toml(self.vacated_dir / f"worker-{worker.index}.toml", {"jobs": " ".join(map(str, jobs))})
+        for job in jobs:
+            self.jobs.pop(job, None)
+            self._vacated[job] = worker.index
+            self._send(protocol.encode("job_vacated", job=job))
+        worker.job = None
+        log.info("guest %d saved to %s with jobs %s", worker.index, message["path"], jobs)
+
+    def _drop_vacated(self, index: int) -> None:
+        for suffix in ("snap", "toml"):
+            (self.vacated_dir / f"worker-{index}.{suffix}").unlink(missing_ok=True)
+        self._vacated = {job: i for job, i in self._vacated.items() if i != index}
+
+    def _follow_owner(self) -> None:
+        previous, current = self.owner.step(has_jobs=bool(self.jobs or self._vacated), vacated=not self.jobs)
+        if current is not previous:
+            log.info("owner state %s -> %s", previous.value, current.value)
+            if guest_may_run(previous) and not guest_may_run(current):
+                idle = self.owner.last.idle_s
+                self._activity_at = time.time() - (idle if idle is not None and idle < 1e9 else 0.0)
+            self.liveness.next_beat = 0.0  # tell the coordinator at once
+        for worker in self.workers:
+            if not worker.alive:
+                continue
+            if guest_may_run(current):
+                if worker.pause_requested:
+                    worker.pause_requested = False
+                    worker.send({"type": "resume"})
+            elif current is OwnerState.VACATING and worker.job is not None:
+                if not worker.vacating:
+                    worker.vacating = True
+                    worker.send({"type": "vacate", "path": str(self.vacated_dir / f"worker-{worker.index}.snap")})
+            elif current is OwnerState.OWNER and self.config.while_owner == "shutdown" and worker.job is None:
+                if not worker.stopping:
+                    worker.stopping = True
+                    worker.send({"type": "quit"})
+            elif not worker.pause_requested:
+                worker.pause_requested = True
+                worker.send({"type": "pause"})
+
+    def _write_status(self) -> None:
+        now = self._clock()
+        if now - self._status_at < STATUS_EVERY_S:
+            return
+        self._status_at = now
+        last = self.owner.last
+        status = {
+            "time": time.time(), "node": self.config.name, "pid": self._process.pid,
+            "owner_state": self.state, "state_since_s": now - self.owner.policy.since,
+            "sources": [{"name": r.source, "idle_s": r.idle_s, "detail": r.detail} for r in last.readings],
+            "idle_s": last.idle_s, "owner_load": last.owner_load, "on_battery": last.on_battery,
+            "coordinator": self.config.coordinator, "connected": self.welcomed,
+            "guests": [{"index": w.index, "pid": w.process.pid if w.alive else None,
+                        "state": ("paused" if w.paused else "running" if w.ready else "starting") if w.alive
+                        else "stopped", "job": w.job, "speed": w.speed} for w in self.workers],
+            "cpu_percent": self._cpu_percent(), "jobs": sorted(self.jobs), "vacated_jobs": sorted(self._vacated),
+            "yield_ms": [round(x * 1000, 1) for x in self.yield_latencies],
+        }
+        path = self.config.state_dir / "status.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status, default=lambda x: None if x != x else x))
+        tmp.replace(path)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from conode.agent.pipe import Unpacker, pack
@@ -20,11 +21,17 @@ STDERR_TAIL = 20
 class WorkerProcess:
     """One `python -m conode.agent.worker` child and its pipes."""
 
-    def __init__(self, index: int, mem_mib: int) -> None:
+    def __init__(self, index: int, mem_mib: int, cpu_cap: float = 100.0) -> None:
         self.index = index
         self.mem_mib = mem_mib
+        self.cpu_cap = cpu_cap
         self.process: subprocess.Popen | None = None
         self.ready = False
+        self.paused = False  # the worker confirmed its guest is stopped
+        self.pause_requested = False
+        self.vacating = False
+        self.stopping = False
+        self.resumed_jobs: list[int] = []  # jobs continued from a vacated snapshot this run
         self.speed = 0.0
         self.guest = ""
         self.job: int | None = None
@@ -33,14 +40,19 @@ class WorkerProcess:
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
         self._unpacker = Unpacker()
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "conode.agent.worker", "--mem", str(self.mem_mib)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-        )
+    def start(self, boot_snapshot: Path | None = None, resume: Path | None = None) -> None:
+        args = [sys.executable, "-m", "conode.agent.worker", "--mem", str(self.mem_mib), "--cpu-cap", str(self.cpu_cap)]
+        if resume is not None:
+            args += ["--resume", str(resume)]
+        elif boot_snapshot is not None:
+            args += ["--boot-snapshot", str(boot_snapshot)]
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        bufsize=0)
         for stream in (self.process.stdout, self.process.stderr):
             os.set_blocking(stream.fileno(), False)  # type: ignore[union-attr]
         self.ready = False
+        self.paused = False
+        self.vacating = False
         self.restart_at = None
         self._unpacker = Unpacker()
         log.info("guest worker %d started (pid %d, %d MiB)", self.index, self.process.pid, self.mem_mib)
@@ -116,4 +128,6 @@ class WorkerProcess:
                     stream.close()
         self.process = None
         self.ready = False
+        self.paused = False
+        self.vacating = False
 

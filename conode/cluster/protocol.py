@@ -65,6 +65,8 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "job_finished": ("agent", {"job": _f(INT), "status": _f(INT), "outputs": _f(FILES), "missing": _f(STR_LIST),
                                "runtime_s": _f(FLOAT)}),
     "job_failed": ("agent", {"job": _f(INT), "reason": _f(TEXT), "retry": _f(BOOL)}),
+    "job_vacated": ("agent", {"job": _f(INT)}),  # saved to the node's disk with its guest; resumable there
+    "job_resumed": ("agent", {"job": _f(INT)}),
     "bye": ("agent", {"node": _f(STR)}),
     # coordinator -> agent
     "welcome": ("coordinator", {"heartbeat_s": _f(FLOAT), "known_jobs": _f(ANY_LIST)}),

@@ -12,6 +12,7 @@ import enum
 import logging
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -101,6 +102,7 @@ class CoMachine:
         self._pause_requested = False
         self._reset_requested = False
         self.pause_at_ns: int | None = None  # guest time at which run() returns PAUSED by itself
+        self.cpu_cap = 1.0  # share of one host core the guest may use, enforced per slice
 
     # --- wiring -----------------------------------------------------------------------------------------
     def _attach_virtio(self, device: VirtioConsole, memory: _DmaMemory) -> None:
@@ -222,9 +224,18 @@ class CoMachine:
                 self._idle_until(next_tick if next_tick is not None else now + MAX_SLICE_NS)
                 continue
             deadline = now + MAX_SLICE_NS if next_tick is None else min(next_tick, now + MAX_SLICE_NS)
+            started = time.monotonic()
             reason = cpu.run(clock.host_deadline(deadline), wait_for_if=pic.has_interrupt())
             if reason is StopReason.HALT:
                 self.halted = True
+            if self.cpu_cap < 1.0:
+                self._throttle((time.monotonic() - started) * (1.0 / self.cpu_cap - 1.0))
+
+    def _throttle(self, seconds: float) -> None:
+        """Rest after a slice so the guest averages cpu_cap of a core: short slices, short rests, no sawtooth."""
+        if seconds > 0 and not self._calls and not self._pause_requested:
+            self._wake.wait(seconds)
+        self._wake.clear()
 
     def _idle_until(self, guest_ns: int) -> None:
         """The guest is idle (HLT): sleep until its next timer event or until the host has work for it."""

@@ -45,13 +45,14 @@ class Pool:
                                         str(self.state)], "coordinator.log")
 
     def add_agent(self, name: str, *extra: str, enrol: bool = True) -> subprocess.Popen:
+        """Create, enrol and start an agent; *extra* are agent flags (default: the owner is away)."""
         directory = self.root / name
         out = subprocess.run([sys.executable, "-m", "conode.cli", "agent", "init", "--state-dir", str(directory),
                               "--name", name], env=self.env, capture_output=True, text=True, check=True).stdout
         public = out.strip().split()[-1]
         if enrol:
             self.cli("keys", "add", "--state-dir", str(self.state), "--role", "agent", name, public)
-        return self.start_agent(name, *extra)
+        return self.start_agent(name, *(extra or ("--owner", "away")))
 
     def start_agent(self, name: str, *extra: str) -> subprocess.Popen:
         process = self._spawn([sys.executable, "-m", "conode.cli", "agent", "--state-dir", str(self.root / name),
