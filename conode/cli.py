@@ -260,6 +260,85 @@ def agent_init(state_dir: Path, name: str | None) -> None:
 
 
 @main.command()
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="The agent's state directory, to show what the running agent sees and does.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(state_dir: Path | None, as_json: bool) -> None:
+    """This workstation: owner state, idle time per source, guests, CPU used, jobs."""
+
+    def body() -> int:
+        import json
+
+        from conode.agent.owner import make_sources
+        from conode.idle.sources import OwnerLoad, combine, on_battery
+
+        report: dict = {}
+        if state_dir is not None:
+            path = state_dir / "status.json"
+            try:
+                report = json.loads(path.read_text())
+            except (OSError, ValueError):
+                report = {}
+            if report and time.time() - report.get("time", 0) > 10:
+                report["stale"] = True
+        if not report or report.get("stale"):
+            # No running agent to ask: probe this machine's idle sources directly.
+            readings = [source.read() for source in make_sources("auto")]
+            load = OwnerLoad()
+            load.read()
+            time.sleep(0.5)
+            report.update({
+                "probe": True,
+                "sources": [{"name": r.source, "idle_s": r.idle_s, "detail": r.detail} for r in readings],
+                "idle_s": combine(readings), "owner_load": load.read(), "on_battery": on_battery(),
+            })
+        if as_json:
+            click.echo(json.dumps(report))
+            return 0
+        _print_workstation_status(report, state_dir)
+        return 0
+
+    _guarded(body)
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "unknown"
+    if value == float("inf") or value > 1e8:
+        return "forever"
+    return f"{value:.0f} s" if value < 120 else f"{value / 60:.0f} min"
+
+
+def _print_workstation_status(report: dict, state_dir: Path | None) -> None:
+    if report.get("probe"):
+        reason = "its status is stale" if report.get("stale") else "no agent state given"
+        if state_dir is not None and not report.get("stale"):
+            reason = f"no running agent in {state_dir}"
+        click.echo(f"agent:        not running ({reason}); probing this machine")
+    else:
+        connected = "connected" if report.get("connected") else "not connected"
+        click.echo(f"agent:        {report['node']} (pid {report['pid']}), {connected} to {report['coordinator']}")
+        click.echo(f"owner state:  {report['owner_state']} for {_seconds(report.get('state_since_s'))}")
+    click.echo(f"owner idle:   {_seconds(report.get('idle_s'))}")
+    for source in report.get("sources", []):
+        click.echo(f"  {source['name']:<8}    {_seconds(source['idle_s']):<10}  {source['detail']}")
+    load = report.get("owner_load")
+    click.echo(f"owner load:   {'unknown' if load is None else f'{load:.2f} cores'}")
+    battery = report.get("on_battery")
+    click.echo(f"power:        {'battery' if battery else 'mains' if battery is False else 'no battery'}")
+    if report.get("probe"):
+        return
+    click.echo(f"guest CPU:    {report.get('cpu_percent', 0.0):.0f} % of a core (agent and guests)")
+    for guest in report.get("guests", []):
+        job = f"job {guest['job']}" if guest.get("job") is not None else "no job"
+        click.echo(f"  guest {guest['index']}     {guest['state']:<9}  {job}")
+    click.echo(f"jobs:         {', '.join(map(str, report.get('jobs', []))) or 'none'}"
+               + (f"; saved to disk: {', '.join(map(str, report['vacated_jobs']))}" if report.get("vacated_jobs") else ""))
+    if report.get("yield_ms"):
+        click.echo(f"last yields:  {', '.join(f'{x:.0f}' for x in report['yield_ms'][-5:])} ms from input to guest stop")
+
+
+@main.command()
 def engine() -> None:
     """Report which CPU engine and slicer this host uses, and why."""
 

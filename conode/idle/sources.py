@@ -121,7 +121,8 @@ class LogindSource:
         except (OSError, subprocess.TimeoutExpired) as exc:
             return IdleReading(self.name, None, f"loginctl failed: {exc}")
         if listing.returncode != 0:
-            return IdleReading(self.name, None, listing.stderr.strip()[:200] or "logind not running")
+            reason = (listing.stderr.strip().splitlines() or ["logind not running"])[0]
+            return IdleReading(self.name, None, reason[:200])
         idle_times = []
         now_us = time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6
         for line in listing.stdout.splitlines():
