@@ -14,7 +14,7 @@ from conode.tomlfile import read_toml, write_toml
 from conode.vm import layout
 
 SETTINGS_NAME = "agent.toml"
-POLICY_FIELDS = {f.name: f.type for f in dataclasses.fields(PolicyConfig) if f.name != "windows"}
+POLICY_FIELDS = [f.name for f in dataclasses.fields(PolicyConfig) if f.name != "windows"]
 
 
 def init_agent_state(state_dir: Path, name: str | None) -> tuple[str, str]:
@@ -26,16 +26,23 @@ def init_agent_state(state_dir: Path, name: str | None) -> tuple[str, str]:
 
 
 def _policy(values: dict[str, Any]) -> PolicyConfig:
-    defaults = PolicyConfig()
-    chosen = {}
+    chosen: dict[str, Any] = {}
     for name in POLICY_FIELDS:
-        if name in values:
-            default = getattr(defaults, name)
-            try:
-                chosen[name] = type(default)(values[name])
-            except (TypeError, ValueError):
-                raise ConodeError(f"setting {name} must be a {type(default).__name__}") from None
-    return dataclasses.replace(defaults, **chosen)
+        if name not in values:
+            continue
+        value = values[name]
+        if name == "allow_on_battery":
+            if not isinstance(value, bool):
+                raise ConodeError("setting allow_on_battery must be true or false")
+            chosen[name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            chosen[name] = float(value)
+        else:
+            raise ConodeError(f"setting {name} must be a non-negative number")
+    try:
+        return PolicyConfig(**chosen)
+    except ValueError as exc:
+        raise ConodeError(f"owner policy: {exc}") from None
 
 
 def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: dict[str, Any]) -> AgentConfig:

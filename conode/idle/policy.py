@@ -46,14 +46,21 @@ class TimeWindow:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    start_idle_s: float = 15 * 60
+    start_idle_s: float = 15 * 60.0
     start_max_load: float = 0.3
     suspend_load: float = 0.5
-    continue_idle_s: float = 5 * 60
-    vacate_after_s: float = 10 * 60
+    continue_idle_s: float = 5 * 60.0
+    vacate_after_s: float = 10 * 60.0
     active_input_s: float = 5.0  # input this recent means the owner is at the keyboard
     allow_on_battery: bool = False
     windows: tuple[TimeWindow, ...] = field(default_factory=tuple)  # empty: any time
+
+    def __post_init__(self) -> None:
+        # Without these gaps between the thresholds the guest would flap between running and stopped.
+        if self.start_idle_s < self.active_input_s or self.continue_idle_s < self.active_input_s:
+            raise ValueError("start_idle_s and continue_idle_s must not be shorter than active_input_s")
+        if self.suspend_load < self.start_max_load:
+            raise ValueError("suspend_load must not be below start_max_load")
 
 
 @dataclass(frozen=True)
@@ -90,36 +97,42 @@ def _idle_for(obs: Observation, seconds: float, max_load: float) -> bool:
 
 def next_state(current: PolicyState, obs: Observation, has_jobs: bool, vacated: bool,
                cfg: PolicyConfig) -> PolicyState:
-    """The state after *obs*. *has_jobs*: the guest runs jobs; *vacated*: the guest has been saved away."""
-    state = current.state
+    """The state after *obs*. *has_jobs*: the guest runs jobs; *vacated*: the guest has been saved away.
+
+    Each observation moves the state at most once: applying the same observation again changes nothing.
+    """
+    new = _transition(current.state, current.since, obs, has_jobs, vacated, cfg)
+    if new is OwnerState.OWNER and current.state is not OwnerState.OWNER:
+        new = _transition(OwnerState.OWNER, obs.now, obs, has_jobs, vacated, cfg)  # settle where Owner would go
+    return current if new is current.state else PolicyState(new, obs.now)
+
+
+def _transition(state: OwnerState, since: float, obs: Observation, has_jobs: bool, vacated: bool,
+                cfg: PolicyConfig) -> OwnerState:
     allowed = _allowed(obs, cfg)
     busy = _owner_active(obs, cfg) or obs.owner_load is None or obs.owner_load > cfg.suspend_load or not allowed
-
-    def to(new: OwnerState) -> PolicyState:
-        return current if new is state else PolicyState(new, obs.now)
-
     if state is OwnerState.OWNER:
         if allowed and _idle_for(obs, cfg.start_idle_s, cfg.start_max_load):
-            return to(OwnerState.CLAIMED if has_jobs else OwnerState.UNCLAIMED)
-        return current
+            return OwnerState.CLAIMED if has_jobs else OwnerState.UNCLAIMED
+        return state
     if state is OwnerState.UNCLAIMED:
         if busy:
-            return to(OwnerState.OWNER)
-        return to(OwnerState.CLAIMED) if has_jobs else current
+            return OwnerState.OWNER
+        return OwnerState.CLAIMED if has_jobs else state
     if state is OwnerState.CLAIMED:
         if busy:
-            return to(OwnerState.SUSPENDED)
-        return current if has_jobs else to(OwnerState.UNCLAIMED)
+            return OwnerState.SUSPENDED if has_jobs else OwnerState.OWNER
+        return state if has_jobs else OwnerState.UNCLAIMED
     if state is OwnerState.SUSPENDED:
         if not has_jobs:
-            return to(OwnerState.OWNER)
+            return OwnerState.OWNER
         if allowed and _idle_for(obs, cfg.continue_idle_s, cfg.start_max_load):
-            return to(OwnerState.CLAIMED)
-        if obs.now - current.since >= cfg.vacate_after_s:
-            return to(OwnerState.VACATING)
-        return current
+            return OwnerState.CLAIMED
+        if obs.now - since >= cfg.vacate_after_s:
+            return OwnerState.VACATING
+        return state
     # VACATING: done once the guest is saved away
-    return to(OwnerState.OWNER) if vacated or not has_jobs else current
+    return OwnerState.OWNER if vacated or not has_jobs else state
 
 
 def guest_may_run(state: OwnerState) -> bool:

@@ -59,9 +59,12 @@ def node_state(pool, name):
 
 def test_idle_boot_job_owner_returns_guest_stops_owner_leaves_job_finishes(pool):
     owner = start_owner_aware_agent(pool, "desk")
-    pool.wait_until("the agent to report the owner present", lambda: node_state(pool, "desk") == "Owner", 60)
-    time.sleep(1.5)
-    assert all(g["state"] == "stopped" for g in agent_status(pool, "desk")["guests"])  # nothing runs yet
+    pool.wait_until("the agent to report the owner present", lambda: (owner.types(), node_state(pool, "desk"))[1]
+                    == "Owner", 60, interval=0.2)
+    for _ in range(8):  # the owner works on: no guest is started
+        owner.types()
+        time.sleep(0.25)
+    assert all(g["state"] == "stopped" for g in agent_status(pool, "desk")["guests"])
 
     owner.left()
     pool.wait_until("a guest offered to the pool", lambda: "desk" in pool.ready_nodes()

@@ -77,6 +77,23 @@ def test_the_guest_never_runs_while_the_owner_is_active(state, o, has_jobs, vaca
         assert new.since == o.now
 
 
+@given(states, observations, st.booleans())
+def test_one_observation_moves_the_state_at_most_once(state, o, has_jobs):
+    # Seeing the same observation again must not change the state again: no flapping between running and
+    # stopped while nothing changes.
+    once = step(state, o, has_jobs)
+    assert step(once, o, has_jobs).state is once.state
+
+
+def test_thresholds_without_hysteresis_are_refused():
+    import pytest
+
+    with pytest.raises(ValueError):
+        PolicyConfig(continue_idle_s=0.1, active_input_s=1.0)
+    with pytest.raises(ValueError):
+        PolicyConfig(start_max_load=0.6, suspend_load=0.5)
+
+
 @given(observations, st.booleans())
 def test_start_needs_fifteen_quiet_minutes(o, has_jobs):
     new = step(PolicyState(), o, has_jobs)
