@@ -142,7 +142,7 @@ def validate(message: Any) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ProtocolError("message is not a map")
     version = message.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
     kind = message.get("type")
     if not isinstance(kind, str) or kind not in SCHEMAS:
@@ -160,7 +160,11 @@ def encode(kind: str, **fields: Any) -> bytes:
     """Build, validate and pack a message: one function builds every message that goes on the wire."""
     message = {"v": PROTOCOL_VERSION, "type": kind, **fields}
     validate(message)
-    data = msgpack.packb(message, use_bin_type=True)
+    try:
+        data = msgpack.packb(message, use_bin_type=True)
+    except UnicodeEncodeError as exc:  # e.g. a command line that is not valid UTF-8
+        raise ProtocolError(f"{kind} message holds text that is not valid UTF-8: {exc.object[exc.start:exc.end]!r}") \
+            from None
     if len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"{kind} message of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     return data
