@@ -338,13 +338,17 @@ def _print_workstation_status(report: dict, state_dir: Path | None) -> None:
         click.echo(f"last yields:  {', '.join(f'{x:.0f}' for x in report['yield_ms'][-5:])} ms from input to guest stop")
 
 
-@main.command()
-def engine() -> None:
-    """Report which CPU engine and slicer this host uses, and why."""
+@main.group(invoke_without_command=True)
+@click.pass_context
+def engine(ctx: click.Context) -> None:
+    """Report which CPU engine runs the guest, and why (`conode engine build` builds the fast one)."""
+    if ctx.invoked_subcommand is not None:
+        return
 
     def body() -> int:
         import unicorn
 
+        from conode.vm import ENGINE
         from conode.vm.cpu import GuestRam, UnicornCpu
 
         class _NoPorts:
@@ -355,8 +359,31 @@ def engine() -> None:
                 pass
 
         cpu = UnicornCpu(GuestRam(1 << 20), _NoPorts())
-        click.echo(f"engine:  stock Unicorn {unicorn.__version__}, pure-Python passage")
-        click.echo(f"slicer:  {cpu.slicer.info.detail}")
+        kind = {"fast": "conode's fast engine", "stock": "stock Unicorn", "custom": "a custom Unicorn"}[ENGINE.name]
+        click.echo(f"engine:      {kind} {unicorn.__version__} ({ENGINE.reason})")
+        delivery = ("native, in the engine (QEMU's own code)" if cpu.native_interrupts
+                    else "the Python passage (conode/vm/cpu.py)")
+        click.echo(f"interrupts:  {delivery}")
+        click.echo(f"slicer:      {cpu.slicer.info.detail}")
+        return 0
+
+    _guarded(body)
+
+
+@engine.command("build")
+@click.option("--strict", is_flag=True, help="Fail (exit 1) when the host cannot build it, instead of falling back.")
+def engine_build(strict: bool) -> None:
+    """Build the fast engine from the pinned Unicorn sources (needs cc, cmake, make; about a minute)."""
+
+    def body() -> int:
+        from conode.vm.engine.build import ToolsMissing, build_engine
+
+        try:
+            build_engine(progress=lambda line: click.echo(f"conode: {line}", err=True))
+        except ToolsMissing as exc:
+            click.echo(f"conode: {exc}; conode will run on stock Unicorn with the Python passage "
+                       f"(slower, but complete)", err=True)
+            return 1 if strict else 0
         return 0
 
     _guarded(body)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import conode.vm  # noqa: F401  (chooses the Unicorn engine before any test module imports unicorn)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -14,14 +16,24 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.guest)
 
 
-@pytest.fixture
-def conode():
-    """Run the real `conode` CLI in a separate process."""
+def fast_engine_built() -> bool:
+    from conode.vm.engine import LIBRARY, engine_dir
+
+    return (engine_dir() / LIBRARY).exists()
+
+
+@pytest.fixture(params=["fast", "stock"])
+def conode(request):
+    """Run the real `conode` CLI in a separate process, on each engine."""
+    if request.param == "fast" and not fast_engine_built():
+        pytest.skip("the fast engine is not built on this host (`conode engine build`)")
 
     def run(*args: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "conode.cli", *args],
-            capture_output=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
+            capture_output=True, timeout=timeout, cwd=REPO,
+            env={**os.environ, "CONODE_ENGINE": request.param, **(env or {})},
         )
 
+    run.engine = request.param
     return run

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import mmap
+import os
 import struct
 from typing import Callable, Protocol
 
@@ -160,8 +161,21 @@ class GuestRam:
         return _U32.unpack_from(self._map, address)[0]
 
 
+_ACK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+
+def engine_has_native_interrupts() -> bool:
+    """Whether the loaded Unicorn is conode's engine, which can deliver exceptions and IRQs itself."""
+    return hasattr(uclib, "uc_conode_native_interrupts")
+
+
 class UnicornCpu:
-    """An i386 CPU on Unicorn with host-side exception and interrupt delivery."""
+    """An i386 CPU on Unicorn with host-side exception and interrupt delivery.
+
+    With conode's engine (conode/vm/engine) the delivery happens in C, in QEMU's own code, and external
+    interrupts come from a line the PIC drives (:meth:`set_irq_line`), acknowledged through a callback; the
+    Python passage below then only serves stock Unicorn.
+    """
 
     def __init__(self, ram: GuestRam, ports: PortBus) -> None:
         if unicorn.__version__ != SUPPORTED_UNICORN:
@@ -192,6 +206,31 @@ class UnicornCpu:
             self.uc.hook_add(uc_const.UC_HOOK_MEM_UNMAPPED, self._on_unmapped),
         ]
         self.slicer = Slicer(self.uc, lambda: self.regs.read(x86.UC_X86_REG_EFLAGS))
+        self.native_interrupts = engine_has_native_interrupts() and os.environ.get("CONODE_PASSAGE") != "python"
+        self._ack_callback: object = None
+        if self.native_interrupts:
+            uclib.uc_conode_native_interrupts(self.uc._uch, True)
+            uclib.uc_conode_take_reset.restype = ctypes.c_bool
+
+    def connect_interrupt_controller(self, acknowledge: Callable[[], int]) -> None:
+        """Native interrupts: the CPU asks *acknowledge* for the vector when it takes an external interrupt."""
+        if not self.native_interrupts:
+            return
+
+        def ack(opaque: object) -> int:
+            try:
+                self.stats["interrupts"] += 1
+                return acknowledge()
+            except BaseException as exc:  # never unwind through Unicorn's C frames
+                self._fail(exc)
+                return -1
+
+        self._ack_callback = _ACK_CALLBACK(ack)
+        uclib.uc_conode_set_pic(self.uc._uch, self._ack_callback, None)
+
+    def set_irq_line(self, level: bool) -> None:
+        """Native interrupts: raise or lower the CPU's INTR input."""
+        uclib.uc_conode_irq_line(self.uc._uch, bool(level))
 
     # --- devices ------------------------------------------------------------------------------------------
     def map_mmio(
@@ -413,6 +452,10 @@ class UnicornCpu:
         if self._pending_error is not None:
             error, self._pending_error = self._pending_error, None
             raise error
+        if self.native_interrupts and uclib.uc_conode_take_reset(self.uc._uch):
+            eip = self.regs.read(x86.UC_X86_REG_EIP)
+            raise GuestCrashed(f"the guest CPU triple-faulted at EIP {eip:#x} (a fault while delivering a double "
+                               f"fault); it cannot continue")
         reason = slicer.control.reason
         if slicer.control.stop_request:
             slicer.clear_request()

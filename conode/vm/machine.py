@@ -83,8 +83,9 @@ class CoMachine:
         self.config = config
         self.clock = VirtualClock()
         self.ram = GuestRam(config.mem_mib << 20)
-        self.pic = PicPair(on_request=self._on_interrupt_request)
+        self.pic = PicPair(on_output=self._on_pic_output)
         self.cpu = UnicornCpu(self.ram, self)
+        self.cpu.connect_interrupt_controller(self.pic.acknowledge)
         self._console_output = console_output
         self.console_tail = bytearray()
         self.pit = Pit(IrqLine(self.pic, layout.IRQ_PIT), self.clock.now)
@@ -159,10 +160,11 @@ class CoMachine:
             del tail[: len(tail) - CONSOLE_TAIL_BYTES]
         self._console_output(data)
 
-    def _on_interrupt_request(self) -> None:
-        # The PIC raised INTR: end the running slice so the interrupt is taken promptly.
-        self.cpu.request_stop()
-        self.halted = False
+    def _on_pic_output(self, level: bool) -> None:
+        if self.cpu.native_interrupts:
+            self.cpu.set_irq_line(level)  # the CPU takes it at the next instruction boundary where IF allows
+        elif level:
+            self.cpu.request_stop()  # end the slice so that the host delivers it promptly
 
     # --- boot ----------------------------------------------------------------------------------------------
     def boot(self, kernel: KernelImage, initrd: bytes, cmdline: str) -> None:
@@ -199,6 +201,7 @@ class CoMachine:
     def _loop(self) -> MachineExit:
         cpu, pic, pit, clock = self.cpu, self.pic, self.pit, self.clock
         calls = self._calls
+        native = cpu.native_interrupts
         while True:
             cpu.slicer.clear_request()
             while calls:
@@ -212,7 +215,8 @@ class CoMachine:
                 return MachineExit.PAUSED
             pit.update()
             if pic.has_interrupt() and cpu.interrupts_enabled():
-                cpu.deliver_interrupt(pic.acknowledge())
+                if not native:
+                    cpu.deliver_interrupt(pic.acknowledge())
                 self.halted = False
             next_tick = pit.next_event_ns()
             if self.pause_at_ns is not None and (next_tick is None or self.pause_at_ns < next_tick):
@@ -225,7 +229,7 @@ class CoMachine:
                 continue
             deadline = now + MAX_SLICE_NS if next_tick is None else min(next_tick, now + MAX_SLICE_NS)
             started = time.monotonic()
-            reason = cpu.run(clock.host_deadline(deadline), wait_for_if=pic.has_interrupt())
+            reason = cpu.run(clock.host_deadline(deadline), wait_for_if=not native and pic.has_interrupt())
             if reason is StopReason.HALT:
                 self.halted = True
             if self.cpu_cap < 1.0:

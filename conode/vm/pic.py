@@ -105,14 +105,14 @@ class _Chip:
 
 
 class PicPair:
-    """Master and slave 8259A; `on_request` is called whenever INTR may have been raised."""
+    """Master and slave 8259A; *on_output* gets the INTR level after every change that may alter it."""
 
     CASCADE_LINE = 2
 
-    def __init__(self, on_request: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, on_output: Callable[[bool], None] = lambda level: None) -> None:
         self.master = _Chip()
         self.slave = _Chip()
-        self._on_request = on_request
+        self._on_output = on_output
 
     # --- lines and the CPU side --------------------------------------------------------------------------
     def set_irq(self, irq: int, level: bool) -> None:
@@ -121,8 +121,7 @@ class PicPair:
         else:
             self.slave.set_input(irq - 8, level)
             self._update_cascade()
-        if level and self.has_interrupt():
-            self._on_request()
+        self._on_output(self.has_interrupt())
 
     def _update_cascade(self) -> None:
         # The cascade input behaves as level-triggered: the master keeps requesting while the slave does.
@@ -138,6 +137,11 @@ class PicPair:
 
     def acknowledge(self) -> int:
         """The CPU's INTA cycle: return the vector to deliver and mark it in service."""
+        vector = self._acknowledge()
+        self._on_output(self.has_interrupt())
+        return vector
+
+    def _acknowledge(self) -> int:
         line = self.master.highest_pending()
         if line is None:  # the request went away: a spurious IRQ 7, as on hardware
             return self.master.vector_base | 7
@@ -173,8 +177,7 @@ class PicPair:
             chip.write_command(value & 0xFF)
         if chip is self.slave:
             self._update_cascade()
-        if self.has_interrupt():
-            self._on_request()  # an unmask or EOI may let a waiting request through
+        self._on_output(self.has_interrupt())  # an unmask or EOI may let a waiting request through
 
     # --- snapshots --------------------------------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -183,6 +186,7 @@ class PicPair:
     def set_state(self, state: dict) -> None:
         self.master.set_state(state["master"])
         self.slave.set_state(state["slave"])
+        self._on_output(self.has_interrupt())
 
 
 class IrqLine:

@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from conode.cache import cache_dir
+
 log = logging.getLogger(__name__)
 
 SLICE_RUNNING = 0
@@ -48,14 +50,6 @@ class SlicerInfo:
 
     native: bool
     detail: str
-
-
-def cache_dir() -> Path:
-    explicit = os.environ.get("CONODE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "conode"
 
 
 def _unicorn_dirs() -> tuple[Path, Path]:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conode.vm.slicer import cache_dir
+from conode.cache import cache_dir
 
 
 def free_port() -> int:

@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """A real coordinator process against bad input: malformed frames, unenrolled keys, agents acting as admins.
 
-Each test gets its own coordinator (`coordinator init` + `coordinator serve` on a free localhost port, state and
-HOME in the test's tmp dir), killed whatever the outcome. Frames are sent over the real CURVE transport
-(conode.cluster.transport.ClientSocket) with the keys `init` created or ones enrolled with `coordinator keys add`.
+Each test gets a coordinator (`coordinator init` + `coordinator serve` on a free localhost port, state and
+HOME in a tmp dir), stopped whatever the outcome; the many small malformed-frame cases share one. Frames are
+sent over the real CURVE transport (conode.cluster.transport.ClientSocket) with the keys `init` created or
+ones enrolled with `coordinator keys add`.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class Coordinator:
         self.server_public = self.config.server_public_key
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "coordinator.cli", *args], env=self.env, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run([sys.executable, "-m", "coordinator.cli", *args], env=self.env,
+                              capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"coordinator {' '.join(args)}: {done.stderr}"
         return done
 
@@ -69,7 +70,8 @@ class Coordinator:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "coordinator.cli", "serve", "--state-dir", str(self.state)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True)
 
     def stop(self) -> int | None:
         """SIGTERM (a clean stop), SIGKILL to the whole group if that takes more than 5 s; the exit status."""
@@ -190,7 +192,7 @@ def admin_link(coordinator):
     link.close()
 
 
-# --- (a) ---------------------------------------------------------------------------------------------------------
+# --- (a) ----------------------------------------------------------------------------------------------------
 def test_admin_gets_status(coordinator):
     reply = coordinator.status()
     assert reply["type"] == "status_reply"
@@ -201,7 +203,7 @@ def test_admin_gets_status(coordinator):
     assert totals["malformed_messages"] == 0 and totals["refused_messages"] == 0
 
 
-# --- (b) ---------------------------------------------------------------------------------------------------------
+# --- (b) ----------------------------------------------------------------------------------------------------
 MALFORMED = {
     "random bytes": bytes(range(256))[::-7] * 3,
     "invalid msgpack": b"\xc1\xc1\xc1",
@@ -258,13 +260,14 @@ def test_multipart_message_is_ignored_and_the_coordinator_keeps_serving(coordina
     coordinator.status()
 
 
-# Frames a broken or hostile client might send: raw bytes, msgpack of anything, message-shaped maps with fields
-# of any type. Message-shaped maps can be valid (a `drain`, a `submit`...): those get a real answer.
+# Frames a broken or hostile client might send: raw bytes, msgpack of anything, message-shaped maps with
+# fields of any type. Message-shaped maps can be valid (a `drain`, a `submit`...): those get a real answer.
 _values = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
                        | st.text(max_size=20) | st.binary(max_size=20),
                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
                                                                                    max_size=3), max_leaves=8)
-_field_names = st.sampled_from(sorted({n for _, fields in SCHEMAS.values() for n in fields})) | st.text(max_size=6)
+_field_names = (st.sampled_from(sorted({n for _, fields in SCHEMAS.values() for n in fields}))
+                | st.text(max_size=6))
 _message_like = st.builds(lambda v, t, fields: packed({**fields, "v": v, "type": t}),
                           st.sampled_from([PROTOCOL_VERSION]) | _values,
                           st.sampled_from(sorted(SCHEMAS)) | _values,
@@ -274,7 +277,8 @@ _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 _path = st.lists(st.text("abc.-_", min_size=1, max_size=5).filter(lambda p: p not in (".", "..")), min_size=1,
                  max_size=3).map("/".join)
 _kind_values = {
-    "str": _text, "int": st.integers(-(2**63), 2**63 - 1) | st.integers(0, 5), "float": st.floats(allow_nan=False),
+    "str": _text, "int": st.integers(-(2**63), 2**63 - 1) | st.integers(0, 5),
+    "float": st.floats(allow_nan=False),
     "bool": st.booleans(), "bytes": st.binary(max_size=20), "str_list": st.lists(_text, max_size=3),
     "files": st.dictionaries(_path, st.binary(max_size=10), max_size=2),
     "list": st.lists(st.integers(0, 9), max_size=3), "map": st.dictionaries(_text, st.integers(), max_size=2),
@@ -323,7 +327,7 @@ def test_random_frames_never_stop_the_coordinator(coordinator, admin_link):
         assert client.request("jobs", "jobs_reply", limit=10)["type"] == "jobs_reply"
 
 
-# --- (c) ---------------------------------------------------------------------------------------------------------
+# --- (c) ----------------------------------------------------------------------------------------------------
 def test_unenrolled_key_is_refused_at_the_handshake(coordinator):
     public, secret = zmq.curve_keypair()
     stranger = KeyPair(public.decode(), secret.decode())
@@ -348,14 +352,16 @@ def test_unenrolled_key_is_refused_at_the_handshake(coordinator):
     assert coordinator.status()["totals"]["refused_messages"] == 0  # refused before any message got through
 
 
-# --- (d) ---------------------------------------------------------------------------------------------------------
+# --- (d) ----------------------------------------------------------------------------------------------------
 def test_agent_key_may_not_submit(coordinator):
     public, secret = zmq.curve_keypair()
-    coordinator.cli("keys", "add", "--state-dir", str(coordinator.state), "--role", "agent", "node-x",
+    # "--": a Z85 key can begin with "-" (1 in 85), which would otherwise parse as an option.
+    coordinator.cli("keys", "add", "--state-dir", str(coordinator.state), "--role", "agent", "--", "node-x",
                     public.decode())
     link = Link(coordinator, KeyPair(public.decode(), secret.decode()))
     try:
-        for kind, fields in [("submit", {"argv": ["rm", "-rf", "/"], "inputs": {}, "outputs": [], "mem_mib": 128}),
+        submit = {"argv": ["rm", "-rf", "/"], "inputs": {}, "outputs": [], "mem_mib": 128}
+        for kind, fields in [("submit", submit),
                              ("cancel", {"job": 1}), ("drain", {"node": "node-y"}), ("status", {})]:
             reply = link.ask(protocol.encode(kind, **fields))
             assert reply["type"] == "error" and reply["code"] == "forbidden", reply

@@ -18,12 +18,12 @@ def test_masked_pic_raises_nothing():
 
 def test_edge_is_latched_and_acknowledged_with_programmed_vector():
     requests = []
-    pic = PicPair(on_request=lambda: requests.append(1))
+    pic = PicPair(on_output=lambda level: requests.append(level))
     init_linux_style(pic)
     IrqLine(pic, 4).pulse()
-    assert requests and pic.has_interrupt()
+    assert requests[-1] is True and pic.has_interrupt()
     assert pic.acknowledge() == 0x34
-    assert not pic.has_interrupt()  # edge consumed, line 4 in service
+    assert requests[-1] is False and not pic.has_interrupt()  # edge consumed, line 4 in service
 
 
 def test_priority_and_in_service_blocking_until_eoi():

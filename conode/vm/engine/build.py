@@ -1,0 +1,119 @@
+"""Build the fast engine: the pinned Unicorn sdist from PyPI, conode's patches, x86 only.
+
+Everything comes from the package registry (``pip download`` of the sdist) and the host's C toolchain
+(cc, cmake, make); nothing else is downloaded. The result, ``libunicorn.so.2``, goes to the engine directory
+in the user's cache, where :mod:`conode.vm.engine` finds it. The patches (``patches/``), each small and
+explained in its own file:
+
+- ``0001-code-page-tracking``: only pages that hold translated code make stores take the slow,
+  code-invalidating path (stock Unicorn sends every store there), and host writes into guest RAM invalidate
+  translated code on the pages they touch.
+- ``0002-native-interrupts``: a switch to deliver exceptions and interrupts through the guest IDT with QEMU's own
+  code instead of calling UC_HOOK_INTR, an external interrupt line acknowledged through a callback to the
+  host's PIC, and a way to tell a triple fault from HLT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from conode.errors import EngineError
+from conode.vm.engine import LIBRARY, UNICORN_VERSION, engine_dir, patch_files
+
+REQUIRED_TOOLS = ("cmake", "make")
+
+
+class ToolsMissing(EngineError):
+    """The host lacks what the build needs; conode runs on stock Unicorn instead."""
+
+
+def missing_tools() -> list[str]:
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
+        missing.append("a C compiler (cc)")
+    if shutil.which("git") is None and shutil.which("patch") is None:
+        missing.append("git or patch")
+    return missing
+
+
+def _run(args: list[str], cwd: Path, what: str, log: Path) -> None:
+    with open(log, "ab") as out:
+        out.write(f"\n$ {' '.join(args)}\n".encode())
+        out.flush()
+        result = subprocess.run(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise EngineError(f"{what} failed (exit {result.returncode}); last lines of {log}:\n" + "\n".join(tail))
+
+
+def _apply_patch(patch: Path, source: Path, log: Path) -> None:
+    if shutil.which("git"):
+        _run(["git", "apply", "--whitespace=nowarn", str(patch)], source, f"applying {patch.name}", log)
+    else:
+        _run(["patch", "-p1", "-i", str(patch)], source, f"applying {patch.name}", log)
+
+
+def build_engine(progress: Callable[[str], None] = print, jobs: int | None = None) -> Path:
+    """Build (if needed) and return the engine directory. Raises ToolsMissing or EngineError."""
+    target = engine_dir()
+    if (target / LIBRARY).exists():
+        progress(f"the fast engine is already built in {target}")
+        return target
+    missing = missing_tools()
+    if missing:
+        raise ToolsMissing(f"cannot build the fast engine without {', '.join(missing)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="conode-engine-") as tmp:
+        work = Path(tmp)
+        log = target.parent / f"{target.name}.build.log"
+        log.write_text("")
+        progress(f"downloading the unicorn {UNICORN_VERSION} sources from PyPI")
+        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+              "--disable-pip-version-check", "-d", str(work), f"unicorn=={UNICORN_VERSION}"], work,
+             "downloading the unicorn sdist", log)
+        archives = list(work.glob("unicorn-*.tar.gz"))
+        if not archives:
+            raise EngineError("pip downloaded no unicorn sdist")
+        with tarfile.open(archives[0]) as archive:
+            archive.extractall(work, filter="data")
+        source = work / f"unicorn-{UNICORN_VERSION}"
+        for name, data in patch_files():
+            progress(f"applying {name}")
+            patch = work / name
+            patch.write_bytes(data)
+            _apply_patch(patch, source, log)
+        build = source / "src" / "build"
+        progress("configuring (x86 only)")
+        _run(["cmake", "-S", str(source / "src"), "-B", str(build), "-DUNICORN_ARCH=x86", "-DCMAKE_BUILD_TYPE=Release",
+              "-DUNICORN_BUILD_TESTS=OFF", "-DUNICORN_INSTALL=OFF"], source, "configuring the engine", log)
+        progress("compiling (about a minute on two cores)")
+        _run(["cmake", "--build", str(build), "--target", "unicorn", "-j", str(jobs or os.cpu_count() or 2)], source,
+             "compiling the engine", log)
+        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        shutil.copy2(build / LIBRARY, staging / LIBRARY)
+        (staging / "BUILDINFO").write_text(
+            f"unicorn {UNICORN_VERSION} from PyPI, x86 only\npatches: {', '.join(n for n, _ in patch_files())}\n")
+        _check(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)  # atomic: a half-built engine is never picked up
+    progress(f"the fast engine is built in {target}")
+    return target
+
+
+def _check(directory: Path) -> None:
+    """Load the new library through the stock binding, in a fresh process, and find conode's entry points."""
+    env = {**os.environ, "LIBUNICORN_PATH": str(directory), "CONODE_ENGINE_SELECTED": "1"}
+    probe = ("import unicorn; from unicorn.unicorn_py3.unicorn import uclib; "
+             "assert hasattr(uclib, 'uc_conode_native_interrupts'); print(unicorn.__version__)")
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise EngineError(f"the built engine does not load: {result.stderr.strip()[-500:]}")
