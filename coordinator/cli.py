@@ -104,6 +104,7 @@ def serve(state_dir: Path, bind: str | None, log_level: str) -> None:
         logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
         state = StateDir(state_dir)
         state.require()
+        _raise_open_file_limit()  # one socket per agent
         coordinator = Coordinator(state, bind or state.default_bind())
         signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
         signal.signal(signal.SIGINT, lambda *_: coordinator.stop())
@@ -112,12 +113,20 @@ def serve(state_dir: Path, bind: str | None, log_level: str) -> None:
     _guarded(body)
 
 
+def _raise_open_file_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 @main.group()
 def keys() -> None:
     """Enrolled agent and admin keys (run on the coordinator host)."""
 
 
-@keys.command("add")
+@keys.command("add", context_settings={"ignore_unknown_options": True})
 @state_dir_option
 @click.option("--role", type=click.Choice(["agent", "admin"]), required=True)
 @click.argument("name")

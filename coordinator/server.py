@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,11 +20,12 @@ from conode.cluster.heartbeat import PeerLiveness
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
 from coordinator.config import StateDir
-from coordinator.placement import NodeView, can_ever_fit, choose_node
+from coordinator.placement import ACCEPTING_STATES, NodeView, can_ever_fit, choose_node
 from coordinator.store import JOB_STATES, TERMINAL_STATES, Store
 
 log = logging.getLogger("coordinator")
 
+HOUSEKEEPING_EVERY_S = 0.1  # liveness and pings: often enough for 1 s beats, cheap with a thousand nodes
 MAX_ATTEMPTS = 3  # a job whose node is lost this many times fails instead of running again
 VACATED_HOLD_S = 3600.0  # a job saved on a node's disk waits this long for its owner to leave again
 ORPHAN_GRACE_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 2
@@ -59,7 +61,7 @@ class Counters:
     placed: int = 0
     requeued: int = 0
     nodes_lost: int = 0
-    placement_latency_s: list[float] = field(default_factory=list)
+    placement_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
 
 class Coordinator:
@@ -79,6 +81,7 @@ class Coordinator:
         self.counters = Counters()
         self._started = clock()
         self._queued_at: dict[int, float] = {}
+        self._next_housekeeping = clock()
         self._running = True
         self._handlers: dict[str, Callable[[bytes, str, dict[str, Any]], None]] = {
             name[len("_on_"):]: getattr(self, name) for name in dir(self) if name.startswith("_on_")
@@ -100,7 +103,9 @@ class Coordinator:
                             break
                         if received is not None:
                             self.handle(*received)
-                self.housekeeping()
+                if self._clock() >= self._next_housekeeping:
+                    self._next_housekeeping = self._clock() + HOUSEKEEPING_EVERY_S
+                    self.housekeeping()
         finally:
             self.close()
 
@@ -161,7 +166,7 @@ class Coordinator:
                     PeerLiveness(self._clock), msg["state"], msg["idle_s"])
         self.nodes[name] = node
         self.by_identity[identity] = name
-        held = {int(j) for j in msg["running"]}
+        held = set(msg["running"])
         vacated_here = set(self.store.vacated_jobs(name))
         # Reconcile: jobs we placed there that the node no longer has are lost; jobs it runs that we do not
         # expect there (cancelled, or re-placed while it was away) are told to stop.
@@ -180,13 +185,13 @@ class Coordinator:
     def _on_heartbeat(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node = self._node_of(identity)
         node.liveness.heard()
-        was_accepting = node.view(False).free_slots > 0 and node.state in ("Unclaimed", "Claimed")
+        was_accepting = node.state in ACCEPTING_STATES
         node.state = msg["state"]
         node.idle_s = msg["idle_s"]
         node.cpu_percent = float(msg.get("cpu_percent", 0.0))
         node.speed = float(msg.get("speed", node.speed))
-        if not was_accepting:
-            self.schedule()
+        if not was_accepting and node.state in ACCEPTING_STATES:
+            self.schedule()  # the owner left: queued work may go there now
 
     def _on_bye(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node = self._node_of(identity)
@@ -339,8 +344,11 @@ class Coordinator:
     # --- placement and liveness --------------------------------------------------------------------------
     def schedule(self) -> None:
         """Place queued jobs on nodes that can take them, oldest job first."""
+        queued = self.store.queued_jobs()
+        if not queued:
+            return  # the common case: nothing to place, so do not look at every node
         views = {name: node.view(name in self.drained) for name, node in self.nodes.items()}
-        for job in self.store.queued_jobs():
+        for job in queued:
             chosen = choose_node(job.mem_mib, list(views.values()))
             if chosen is None:
                 if not can_ever_fit(job.mem_mib, list(views.values())):

@@ -10,13 +10,13 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import msgpack
 
 from conode.errors import ConodeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TERMINAL_STATES = ("done", "failed", "cancelled")
 JOB_STATES = ("queued", "running", "vacated") + TERMINAL_STATES  # vacated: saved on its node's disk
 ROLES = ("agent", "admin")
@@ -108,12 +108,22 @@ class Store:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            self._migrate()
         except sqlite3.DatabaseError as exc:
             raise ConodeError(f"coordinator database {path} is unusable: {exc}") from None
         (version,) = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if int(version) != SCHEMA_VERSION:
             raise ConodeError(f"coordinator database {path} has schema {version}; this coordinator uses "
                               f"{SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older coordinator up to this schema."""
+        (version,) = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if int(version) == 1:  # version 2 added the time a job was vacated
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+            if "vacated_at" not in columns:
+                self.db.execute("ALTER TABLE jobs ADD COLUMN vacated_at REAL")
+            self.db.execute("UPDATE meta SET value='2' WHERE key='schema'")
 
     def close(self) -> None:
         self.db.close()
@@ -146,9 +156,9 @@ class Store:
             rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
         return [_job(row) for row in rows]
 
-    def queued_jobs(self) -> Iterator[Job]:
+    def queued_jobs(self) -> list[Job]:
         rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='queued' ORDER BY id").fetchall()
-        return (_job(row) for row in rows)
+        return [_job(row) for row in rows]
 
     def running_jobs(self, node: str | None = None) -> list[Job]:
         if node is None:

@@ -38,6 +38,7 @@ FLOAT = ("float", None)
 BOOL = ("bool", None)
 BYTES = ("bytes", MAX_FRAME_BYTES)
 STR_LIST = ("str_list", MAX_ARGV)
+INT_LIST = ("int_list", 100_000)  # job ids
 FILES = ("files", MAX_FILES)  # map of relative path -> bytes
 ANY_LIST = ("list", 100_000)
 ANY_MAP = ("map", 100_000)
@@ -57,9 +58,9 @@ def _f(kind: tuple[str, int | None], required: bool = True) -> Field:
 SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     # agent -> coordinator
     "hello": ("agent", {"node": _f(STR), "cores": _f(INT), "mem_mib": _f(INT), "speed": _f(FLOAT),
-                        "state": _f(STR), "idle_s": _f(FLOAT), "running": _f(ANY_LIST),
+                        "state": _f(STR), "idle_s": _f(FLOAT), "running": _f(INT_LIST),
                         "software": _f(STR)}),
-    "heartbeat": ("agent", {"node": _f(STR), "state": _f(STR), "idle_s": _f(FLOAT), "running": _f(ANY_LIST),
+    "heartbeat": ("agent", {"node": _f(STR), "state": _f(STR), "idle_s": _f(FLOAT), "running": _f(INT_LIST),
                             "speed": _f(FLOAT, False), "cpu_percent": _f(FLOAT, False)}),
     "job_output": ("agent", {"job": _f(INT), "stream": _f(STR), "data": _f(BYTES)}),
     "job_finished": ("agent", {"job": _f(INT), "status": _f(INT), "outputs": _f(FILES), "missing": _f(STR_LIST),
@@ -69,7 +70,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "job_resumed": ("agent", {"job": _f(INT)}),
     "bye": ("agent", {"node": _f(STR)}),
     # coordinator -> agent
-    "welcome": ("coordinator", {"heartbeat_s": _f(FLOAT), "known_jobs": _f(ANY_LIST)}),
+    "welcome": ("coordinator", {"heartbeat_s": _f(FLOAT), "known_jobs": _f(INT_LIST)}),
     "ping": ("coordinator", {}),
     "run_job": ("coordinator", {"job": _f(INT), "argv": _f(STR_LIST), "inputs": _f(FILES), "outputs": _f(STR_LIST),
                                 "mem_mib": _f(INT)}),
@@ -117,6 +118,9 @@ def _check_field(name: str, value: Any, kind: tuple[str, int | None]) -> None:
     elif tag == "str_list":
         ok = isinstance(value, list) and len(value) <= (bound or 0) and all(
             isinstance(v, str) and len(v) <= MAX_SMALL_FIELD for v in value)
+    elif tag == "int_list":
+        ok = isinstance(value, list) and len(value) <= (bound or 0) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in value)
     elif tag == "files":
         ok = isinstance(value, dict) and len(value) <= (bound or 0) and all(
             isinstance(k, str) and is_safe_relative_path(k) and isinstance(v, bytes) for k, v in value.items())
@@ -127,7 +131,7 @@ def _check_field(name: str, value: Any, kind: tuple[str, int | None]) -> None:
     else:  # pragma: no cover - schema typo
         raise AssertionError(tag)
     if not ok:
-        raise ProtocolError(f"field {name!r} is not a valid {tag}")
+        raise ProtocolError(f"field {name[:40]!r} is not a valid {tag}")
 
 
 def is_safe_relative_path(path: str) -> bool:
@@ -143,10 +147,12 @@ def validate(message: Any) -> dict[str, Any]:
         raise ProtocolError("message is not a map")
     version = message.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
+        shown = repr(version) if isinstance(version, (int, float, bool)) else type(version).__name__
+        raise ProtocolError(f"protocol version {shown} is not supported (this side speaks {PROTOCOL_VERSION})")
     kind = message.get("type")
     if not isinstance(kind, str) or kind not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {kind!r}")
+        shown = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
+        raise ProtocolError(f"unknown message type {shown}")
     _, fields = SCHEMAS[kind]
     for name, field in fields.items():
         if name in message:

@@ -280,6 +280,7 @@ _kind_values = {
     "str": _text, "int": st.integers(-(2**63), 2**63 - 1) | st.integers(0, 5),
     "float": st.floats(allow_nan=False),
     "bool": st.booleans(), "bytes": st.binary(max_size=20), "str_list": st.lists(_text, max_size=3),
+    "int_list": st.lists(st.integers(0, 99), max_size=3),
     "files": st.dictionaries(_path, st.binary(max_size=10), max_size=2),
     "list": st.lists(st.integers(0, 9), max_size=3), "map": st.dictionaries(_text, st.integers(), max_size=2),
 }

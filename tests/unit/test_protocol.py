@@ -37,6 +37,7 @@ KIND_STRATEGIES = {
     "bool": st.booleans(),
     "bytes": st.binary(max_size=200),
     "str_list": st.lists(TEXT, max_size=8),
+    "int_list": st.lists(st.integers(0, 2**63 - 1), max_size=8),
     "files": st.dictionaries(safe_path, st.binary(max_size=40), max_size=5),
     "list": st.lists(plain, max_size=5),
     "map": st.dictionaries(TEXT, plain, max_size=5),
@@ -264,6 +265,8 @@ def test_an_int_field_of_another_type_is_refused(value):
     ("drain", "undrain", 1),  # bool: 1 is not True here
     ("hello", "speed", True),  # float: bool is not a number here
     ("hello", "speed", "fast"),
+    ("hello", "running", ["not-a-job"]),  # job ids are integers: a node must not half-register on this
+    ("heartbeat", "running", [True]),
     ("job_output", "data", "str is not bytes"),
     ("submit", "argv", "echo"),
     ("submit", "argv", ["echo", 1]),
@@ -279,7 +282,7 @@ def test_a_field_of_the_wrong_type_is_refused(kind, field, value):
     for name, f in schema.items():
         if f.required:
             message[name] = {"str": "s", "int": 1, "float": 1.0, "bool": False, "bytes": b"", "str_list": [],
-                             "files": {}, "list": [], "map": {}}[f.kind[0]]
+                             "int_list": [], "files": {}, "list": [], "map": {}}[f.kind[0]]
     decode(packed(message))  # the baseline is valid
     message[field] = value
     with pytest.raises(ProtocolError, match=repr(field)):

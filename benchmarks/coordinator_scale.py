@@ -1,0 +1,773 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""How the coordinator scales with the number of agents: CPU, memory, placement latency, round trips.
+
+For each N in ``--agents``, a real coordinator runs as a separate process (``coordinator init``, N agent keys
+enrolled in its database, ``coordinator serve`` on a free localhost port). This process then plays N agents
+speaking the real protocol over real CURVE DEALER sockets: each says ``hello``, beats every second, answers
+``run_job`` with ``job_finished`` after a short simulated run and takes ``ping``/``ack``/``reconnect``. An
+admin socket (the admin key ``init`` wrote) submits jobs at ``--jobs-per-second`` meanwhile.
+
+Measured per N, once every agent has joined:
+
+* the coordinator's CPU use as % of one core (all its threads, from /proc via psutil), over a window with
+  heartbeats only and over the window with jobs flowing, plus the busiest second;
+* its resident memory at the end of the window;
+* placement latency: from the admin sending ``submit`` to the simulated agent receiving ``run_job``;
+* agent round trip: ``job_finished`` sent to ``ack`` received (heartbeats are one-way in this protocol, so
+  this is the agent-side round trip there is), and admin round trip of a cheap ``job`` request;
+* jobs completed, and that every submitted job ended ``done`` (asked with the admin ``jobs`` request).
+
+The design target is 1,000 agents at a 1 Hz heartbeat for under 10 % of one core. The load generator's own
+CPU use and the lateness of its heartbeats are printed too: if it is saturated, the figures are not the
+coordinator's. ``--profile`` runs the coordinator under cProfile (which slows it: CPU figures are then
+inflated) and prints its top costs. Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import heapq
+import json
+import os
+import platform
+import pstats
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import zmq
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from conode.cluster import protocol  # noqa: E402
+from conode.cluster.transport import SOCKET_MAX_MESSAGE  # noqa: E402
+from coordinator.config import StateDir, load_client_config  # noqa: E402
+from coordinator.store import Store  # noqa: E402
+
+TARGET_AGENTS = 1000
+TARGET_CPU_PERCENT = 10.0
+JOB_MEM_MIB = 128
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile, None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, int(round(fraction * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards *wanted* (up to the hard limit); return the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the coordinator never outlives the benchmark
+    except (OSError, AttributeError):
+        pass
+
+
+# --- the coordinator process --------------------------------------------------------------------------------
+class CoordinatorProcess:
+    """A real coordinator in its own process, in a scratch state directory with its own HOME."""
+
+    def __init__(self, scratch: Path, profile: bool = False, log_level: str = "INFO") -> None:
+        self.scratch = scratch
+        self.state = StateDir(scratch / "state")
+        self.port = free_port()
+        self.bind = f"tcp://127.0.0.1:{self.port}"
+        self.profile_path = scratch / "serve.prof" if profile else None
+        self.log_level = log_level
+        self.log_path = scratch / "coordinator.log"
+        home = scratch / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        # `init` also writes ~/.config/conode/client.toml: keep it out of the user's home.
+        self.env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+                    "PYTHONUNBUFFERED": "1"}
+        self.env.pop("CONODE_CLIENT_CONFIG", None)
+        self.env.pop("CONODE_COORDINATOR", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+
+    def init(self) -> None:
+        done = subprocess.run([sys.executable, "-m", "coordinator.cli", "init", "--state-dir",
+                               str(self.state.root), "--bind", self.bind],
+                              capture_output=True, text=True, env=self.env, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"coordinator init failed: {done.stderr.strip()}")
+
+    def enrol(self, agents: list[tuple[str, str]]) -> None:
+        """Enrol (name, public key) pairs as agents, in one transaction, before `serve` starts."""
+        store = Store(self.state.database)
+        try:
+            store.db.execute("BEGIN")
+            for name, public in agents:
+                store.add_key(name, "agent", public)
+            store.db.execute("COMMIT")
+        finally:
+            store.close()
+
+    def serve(self) -> None:
+        command = [sys.executable]
+        if self.profile_path is not None:
+            command += ["-m", "cProfile", "-o", str(self.profile_path)]
+        command += ["-m", "coordinator.cli", "serve", "--state-dir", str(self.state.root), "--log-level",
+                    self.log_level]
+        self._log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+                                     preexec_fn=_die_with_parent)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL if it does not stop within 10 s; the exit status (None if never started)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# --- simulated agents and the admin, in one event loop ------------------------------------------------------
+@dataclass
+class SimAgent:
+    index: int
+    name: str
+    public: str
+    secret: str
+    owner: bool = False
+    sock: zmq.Socket | None = None
+    hello_sent_at: float | None = None
+    welcomed_at: float | None = None
+    running: set[int] = field(default_factory=set)
+    finished_at: dict[int, float] = field(default_factory=dict)  # job_finished sent, ack awaited
+    idle_since: float = field(default_factory=time.time)
+
+    @property
+    def state(self) -> str:
+        if self.owner:
+            return "Owner"
+        return "Claimed" if self.running else "Unclaimed"
+
+
+@dataclass
+class Stats:
+    welcomes: int = 0
+    pings: int = 0
+    heartbeats: int = 0
+    beat_lateness_s: list[float] = field(default_factory=list)
+    send_failures: int = 0
+    reconnects: int = 0
+    errors: list[str] = field(default_factory=list)
+    run_jobs: int = 0
+    duplicate_run_jobs: int = 0
+    acks: int = 0
+    ack_rtt_s: list[float] = field(default_factory=list)
+    admin_rtt_s: list[float] = field(default_factory=list)
+    submitted_at: dict[int, float] = field(default_factory=dict)  # job id -> submit sent
+    placed_at: dict[int, float] = field(default_factory=dict)  # job id -> run_job received (first time)
+    finished: set[int] = field(default_factory=set)  # acked job_finished
+
+
+class Swarm:
+    """N simulated agents plus one admin socket, served by one poll loop in this thread."""
+
+    def __init__(self, endpoint: str, server_public: str, admin_public: str, admin_secret: str,
+                 agents: list[SimAgent], job_seconds: float,
+                 heartbeat_s: float = protocol.HEARTBEAT_INTERVAL_S) -> None:
+        self.endpoint = endpoint
+        self.server_public = server_public
+        self.agents = agents
+        self.job_seconds = job_seconds
+        self.heartbeat_s = heartbeat_s
+        self.context = zmq.Context()
+        self.context.set(zmq.MAX_SOCKETS, len(agents) + 64)
+        self.stats = Stats()
+        self.poller = zmq.Poller()
+        self.by_socket: dict[zmq.Socket, SimAgent] = {}
+        self.timers: list[tuple[float, int, str, int, int]] = []  # (due, seq, kind, agent index, job)
+        self._seq = 0
+        self.admin = self._dealer(admin_public, admin_secret)
+        self.poller.register(self.admin, zmq.POLLIN)
+        self.admin_pending: deque[tuple[str, float, Callable[[dict[str, Any]], None] | None]] = deque()
+        self.admin_unsent: deque[tuple[str, bytes, Callable[[dict[str, Any]], None] | None]] = deque()
+        self.need_hello: set[int] = set()
+        self.submitting = False
+        self.submit_interval = 0.0
+        self.next_submit = 0.0
+        self.next_probe = 0.0
+
+    def _dealer(self, public: str, secret: str) -> zmq.Socket:
+        sock = self.context.socket(zmq.DEALER)  # the same options as conode.cluster.transport.ClientSocket
+        sock.curve_serverkey = self.server_public.encode()
+        sock.curve_publickey = public.encode()
+        sock.curve_secretkey = secret.encode()
+        sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MESSAGE)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.linger = 0
+        sock.connect(self.endpoint)
+        return sock
+
+    def close(self) -> None:
+        for agent in self.agents:
+            if agent.sock is not None:
+                agent.sock.close(linger=0)
+                agent.sock = None
+        self.admin.close(linger=0)
+        self.context.term()
+
+    # --- timers ---------------------------------------------------------------------------------------------
+    def _at(self, due: float, kind: str, agent: int, job: int = 0) -> None:
+        self._seq += 1
+        heapq.heappush(self.timers, (due, self._seq, kind, agent, job))
+
+    # --- agents ---------------------------------------------------------------------------------------------
+    def connect_all(self) -> None:
+        for agent in self.agents:
+            agent.sock = self._dealer(agent.public, agent.secret)
+            self.by_socket[agent.sock] = agent
+            self.poller.register(agent.sock, zmq.POLLIN)
+            self.need_hello.add(agent.index)
+
+    def _hello(self, agent: SimAgent) -> bytes:
+        return protocol.encode("hello", node=agent.name, cores=2, mem_mib=1024, speed=5.0e6,
+                               state=agent.state, idle_s=time.time() - agent.idle_since,
+                               running=sorted(agent.running), software="coordinator_scale benchmark")
+
+    def _send(self, agent: SimAgent, payload: bytes) -> bool:
+        try:
+            agent.sock.send(payload, flags=zmq.NOBLOCK)  # type: ignore[union-attr]
+            return True
+        except zmq.Again:
+            self.stats.send_failures += 1
+            return False
+
+    def _send_hellos(self, now: float) -> None:
+        for index in list(self.need_hello):
+            agent = self.agents[index]
+            try:
+                agent.sock.send(self._hello(agent), flags=zmq.NOBLOCK)  # type: ignore[union-attr]
+            except zmq.Again:
+                continue  # not connected yet (IMMEDIATE): try again on the next turn
+            agent.hello_sent_at = now
+            self.need_hello.discard(index)
+            self._at(now + 5.0, "hello_timeout", index)
+
+    def _on_agent_message(self, agent: SimAgent, frame: bytes, now: float) -> None:
+        try:
+            message = protocol.decode(frame)
+        except protocol.ProtocolError as exc:
+            self.stats.errors.append(f"{agent.name}: malformed frame from the coordinator: {exc}")
+            return
+        kind = message["type"]
+        if kind == "welcome":
+            if agent.welcomed_at is None:
+                self.stats.welcomes += 1
+                # The first beat at a random phase, as agents that joined at different times would.
+                self._at(now + random.uniform(0.0, self.heartbeat_s), "beat", agent.index)
+            agent.welcomed_at = now
+        elif kind == "ping":
+            self.stats.pings += 1
+        elif kind == "run_job":
+            job = int(message["job"])
+            self.stats.run_jobs += 1
+            if job in self.stats.placed_at:
+                self.stats.duplicate_run_jobs += 1
+            else:
+                self.stats.placed_at[job] = now
+            if job not in agent.running and job not in agent.finished_at:
+                agent.running.add(job)
+                self._at(now + self.job_seconds, "finish", agent.index, job)
+        elif kind == "ack":
+            job = int(message["job"])
+            sent = agent.finished_at.pop(job, None)
+            if sent is not None:
+                self.stats.acks += 1
+                self.stats.ack_rtt_s.append(now - sent)
+                self.stats.finished.add(job)
+        elif kind == "cancel_job":
+            agent.running.discard(int(message["job"]))
+        elif kind == "reconnect":
+            self.stats.reconnects += 1
+            self.need_hello.add(agent.index)
+        elif kind == "error":
+            self.stats.errors.append(f"{agent.name}: {message['code']}: {message['message']}")
+        else:
+            self.stats.errors.append(f"{agent.name}: unexpected {kind}")
+
+    def _on_timer(self, kind: str, index: int, job: int, due: float, now: float) -> None:
+        agent = self.agents[index]
+        if kind == "beat":
+            payload = protocol.encode("heartbeat", node=agent.name, state=agent.state,
+                                      idle_s=0.0 if agent.running else time.time() - agent.idle_since,
+                                      running=sorted(agent.running | set(agent.finished_at)), speed=5.0e6,
+                                      cpu_percent=100.0 * len(agent.running))
+            if self._send(agent, payload):
+                self.stats.heartbeats += 1
+                self.stats.beat_lateness_s.append(now - due)
+            next_due = due + self.heartbeat_s
+            self._at(next_due if next_due > now else now + self.heartbeat_s, "beat", index)
+        elif kind == "finish":
+            if job in agent.running:
+                agent.running.discard(job)
+                if not agent.running:
+                    agent.idle_since = time.time()
+                payload = protocol.encode("job_finished", job=job, status=0, outputs={}, missing=[],
+                                          runtime_s=self.job_seconds)
+                agent.finished_at[job] = now
+                self._send(agent, payload)
+        elif kind == "hello_timeout":
+            if agent.welcomed_at is None and index not in self.need_hello:
+                self.stats.reconnects += 1
+                self.need_hello.add(index)
+
+    # --- the admin ------------------------------------------------------------------------------------------
+    def admin_request(self, kind: str, on_reply: Callable[[dict[str, Any]], None] | None = None,
+                      **fields: Any) -> None:
+        self.admin_unsent.append((kind, protocol.encode(kind, **fields), on_reply))
+
+    def _flush_admin(self, now: float) -> None:
+        while self.admin_unsent:
+            kind, payload, on_reply = self.admin_unsent[0]
+            try:
+                self.admin.send(payload, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.admin_unsent.popleft()
+            self.admin_pending.append((kind, now, on_reply))
+
+    def _on_admin_message(self, frame: bytes, now: float) -> None:
+        message = protocol.decode(frame)
+        if message["type"] == "ping":
+            return
+        if not self.admin_pending:
+            self.stats.errors.append(f"admin: unexpected {message['type']}")
+            return
+        kind, sent, on_reply = self.admin_pending.popleft()  # one connection: replies come in order
+        if message["type"] == "error":
+            self.stats.errors.append(f"admin {kind}: {message['code']}: {message['message']}")
+            return
+        if kind == "submit":
+            self.stats.submitted_at[int(message["job"])] = sent
+        elif kind == "job":
+            self.stats.admin_rtt_s.append(now - sent)
+        if on_reply is not None:
+            on_reply(message)
+
+    def start_submitting(self, rate: float) -> None:
+        self.submitting = rate > 0
+        self.submit_interval = 1.0 / rate if rate > 0 else 0.0
+        self.next_submit = time.monotonic()
+        self.next_probe = time.monotonic() + 0.5
+
+    def stop_submitting(self) -> None:
+        self.submitting = False
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def run_until(self, done: Callable[[], bool], timeout: float,
+                  tick: Callable[[], None] | None = None) -> bool:
+        """Serve every socket and timer until *done()* or *timeout* seconds; True if done."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if done():
+                return True
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            wait = deadline - now
+            if self.timers:
+                wait = min(wait, self.timers[0][0] - now)
+            if self.submitting:
+                wait = min(wait, self.next_submit - now, self.next_probe - now)
+            if self.need_hello or self.admin_unsent:
+                wait = min(wait, 0.02)
+            events = self.poller.poll(max(0, min(int(wait * 1000) + 1, 100)))
+            now = time.monotonic()
+            for sock, _ in events:
+                while True:
+                    try:
+                        frame = sock.recv(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if sock is self.admin:
+                        self._on_admin_message(frame, now)
+                    else:
+                        self._on_agent_message(self.by_socket[sock], frame, now)
+            while self.timers and self.timers[0][0] <= now:
+                due, _, kind, index, job = heapq.heappop(self.timers)
+                self._on_timer(kind, index, job, due, now)
+            if self.submitting:
+                while self.next_submit <= now:
+                    self.admin_request("submit", argv=["sleep", str(self.job_seconds)], inputs={}, outputs=[],
+                                       mem_mib=JOB_MEM_MIB)
+                    self.next_submit += self.submit_interval
+                if self.next_probe <= now:
+                    self.admin_request("job", job=1)
+                    self.next_probe = now + 1.0
+            if self.need_hello:
+                self._send_hellos(now)
+            if self.admin_unsent:
+                self._flush_admin(now)
+            if tick is not None:
+                tick()
+
+    def request_now(self, kind: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
+        """Send an admin request and keep serving until its reply comes."""
+        box: list[dict[str, Any]] = []
+        errors_before = len(self.stats.errors)
+        self.admin_request(kind, on_reply=box.append, **fields)
+        if not self.run_until(lambda: bool(box) or len(self.stats.errors) > errors_before, timeout):
+            raise RuntimeError(f"the coordinator did not answer {kind} within {timeout:g} s")
+        if not box:
+            raise RuntimeError(self.stats.errors[-1])
+        return box[0]
+
+
+# --- one run ------------------------------------------------------------------------------------------------
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def wait_until_serving(coordinator: CoordinatorProcess, timeout: float = 30.0) -> None:
+    from coordinator.client import AdminClient
+
+    deadline = time.monotonic() + timeout
+    config = load_client_config(coordinator.state.client_config)
+    while time.monotonic() < deadline:
+        if not coordinator.alive():
+            raise RuntimeError(f"the coordinator exited:\n{coordinator.log_tail()}")
+        try:
+            with AdminClient(config, timeout_s=2.0, context=zmq.Context.instance()) as client:
+                client.request("status", "status_reply")
+            return
+        except Exception:  # not listening yet
+            time.sleep(0.2)
+    raise RuntimeError(f"the coordinator did not start within {timeout:g} s:\n{coordinator.log_tail()}")
+
+
+def run_one(n: int, args: argparse.Namespace, scratch_root: Path) -> dict[str, Any]:
+    scratch = Path(tempfile.mkdtemp(prefix=f"n{n}-", dir=scratch_root))
+    coordinator = CoordinatorProcess(scratch, profile=args.profile)
+    swarm: Swarm | None = None
+    result: dict[str, Any] = {"agents": n}
+    try:
+        progress(f"N={n}: init, enrol {n} agent keys")
+        coordinator.init()
+        owners = int(round(n * args.owner_fraction))
+        agents = []
+        for i in range(n):
+            public, secret = zmq.curve_keypair()
+            agents.append(SimAgent(i, f"sim{i:05d}", public.decode(), secret.decode(), owner=i < owners))
+        coordinator.enrol([(a.name, a.public) for a in agents])
+        coordinator.serve()
+        wait_until_serving(coordinator)
+        proc = psutil.Process(coordinator.pid)
+        cpu_start = cpu_seconds(proc)
+        progress(f"N={n}: coordinator pid {coordinator.pid} serving on {coordinator.bind}; connecting agents")
+
+        config = load_client_config(coordinator.state.client_config)
+        swarm = Swarm(config.endpoint, config.server_public_key, config.keys.public, config.keys.secret,
+                      agents, job_seconds=args.job_seconds)
+        me = psutil.Process()
+        t_join = time.monotonic()
+        swarm.connect_all()
+        if not swarm.run_until(lambda: swarm.stats.welcomes >= n, timeout=60 + n / 10):
+            raise RuntimeError(f"only {swarm.stats.welcomes} of {n} agents were welcomed")
+        join_s = time.monotonic() - t_join
+        join_cpu = cpu_seconds(proc) - cpu_start
+        progress(f"N={n}: all agents joined in {join_s:.2f} s (coordinator CPU {join_cpu:.2f} s); warming up")
+        swarm.run_until(lambda: False, timeout=args.warmup)
+
+        def window(seconds: float) -> dict[str, float]:
+            """Run the loop for *seconds*, sampling the coordinator's CPU once a second."""
+            samples: list[float] = []
+            last = [time.monotonic(), cpu_seconds(proc)]
+
+            def tick() -> None:
+                t = time.monotonic()
+                if t - last[0] >= 1.0:
+                    c = cpu_seconds(proc)
+                    samples.append(100.0 * (c - last[1]) / (t - last[0]))
+                    last[0], last[1] = t, c
+
+            t0, c0, m0 = time.monotonic(), cpu_seconds(proc), cpu_seconds(me)
+            beats0 = swarm.stats.heartbeats
+            swarm.run_until(lambda: False, timeout=seconds, tick=tick)
+            elapsed = time.monotonic() - t0
+            return {"cpu_percent": 100.0 * (cpu_seconds(proc) - c0) / elapsed,
+                    "cpu_peak_1s_percent": max(samples) if samples else float("nan"),
+                    "bench_cpu_percent": 100.0 * (cpu_seconds(me) - m0) / elapsed,
+                    "heartbeats_per_s": (swarm.stats.heartbeats - beats0) / elapsed,
+                    "seconds": elapsed}
+
+        idle_s = 2.0 if args.quick else 5.0
+        progress(f"N={n}: {idle_s:g} s of heartbeats only")
+        lateness_from = len(swarm.stats.beat_lateness_s)
+        idle = window(idle_s)
+        progress(f"N={n}: {args.duration:g} s with {args.jobs_per_second:g} jobs/s")
+        swarm.start_submitting(args.jobs_per_second)
+        busy = window(args.duration)
+        swarm.stop_submitting()
+        rss = proc.memory_info().rss
+        lateness = swarm.stats.beat_lateness_s[lateness_from:]
+
+        # Let every submitted job finish, then ask the coordinator where each one ended.
+        swarm.run_until(lambda: not swarm.admin_pending and not swarm.admin_unsent, timeout=30)
+        submitted = set(swarm.stats.submitted_at)
+        swarm.run_until(lambda: submitted <= swarm.stats.finished, timeout=30 + 2 * args.job_seconds)
+        reply = swarm.request_now("jobs", limit=len(submitted) + 100)
+        states = {j["id"]: j["state"] for j in reply["jobs"]}
+        not_done = sorted(j for j in submitted if states.get(j) != "done")
+        status = swarm.request_now("status")
+        latencies = [swarm.stats.placed_at[j] - swarm.stats.submitted_at[j]
+                     for j in submitted if j in swarm.stats.placed_at]
+        result.update({
+            "join_s": join_s,
+            "join_cpu_s": join_cpu,
+            "idle": idle,
+            "busy": busy,
+            "rss_mib": rss / (1 << 20),
+            "placement_ms_median": _ms(median(latencies)),
+            "placement_ms_p95": _ms(percentile(latencies, 0.95)),
+            "ack_rtt_ms_median": _ms(median(swarm.stats.ack_rtt_s)),
+            "ack_rtt_ms_p95": _ms(percentile(swarm.stats.ack_rtt_s, 0.95)),
+            "admin_rtt_ms_median": _ms(median(swarm.stats.admin_rtt_s)),
+            "admin_rtt_ms_p95": _ms(percentile(swarm.stats.admin_rtt_s, 0.95)),
+            "beat_lateness_ms_p95": _ms(percentile(lateness, 0.95)),
+            "jobs_submitted": len(submitted),
+            "jobs_completed": len(swarm.stats.finished & submitted),
+            "jobs_done_per_coordinator": len(submitted) - len(not_done),
+            "jobs_not_done": not_done[:20],
+            "nodes_in_status": status["totals"]["nodes"],
+            "pings_received": swarm.stats.pings,
+            "duplicate_run_jobs": swarm.stats.duplicate_run_jobs,
+            "reconnects": swarm.stats.reconnects,
+            "send_failures": swarm.stats.send_failures,
+            "errors": swarm.stats.errors[:20],
+            "owner_nodes": owners,
+        })
+    finally:
+        if swarm is not None:
+            swarm.close()
+        result["coordinator_exit"] = coordinator.stop()
+        if coordinator.profile_path is not None and coordinator.profile_path.exists():
+            result["profile"] = str(coordinator.profile_path)
+            print_profile(coordinator.profile_path, n)
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            progress(f"N={n}: state kept in {scratch}")
+    return result
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000.0 * seconds
+
+
+def print_profile(path: Path, n: int) -> None:
+    print(f"\ncoordinator profile, N={n} (cProfile, main thread; top 25 by own time):")
+    stats = pstats.Stats(str(path), stream=sys.stdout)
+    stats.sort_stats("tottime").print_stats(25)
+    print(f"coordinator profile, N={n}: top 25 by cumulative time:")
+    stats.sort_stats("cumulative").print_stats(25)
+
+
+# --- the table ----------------------------------------------------------------------------------------------
+def _fmt(value: Any, spec: str = ".1f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def print_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    rows: list[tuple[str, Callable[[dict[str, Any]], str], str]] = [
+        ("agents joined (s to join all)", lambda r: f"{r['nodes_in_status']} ({r['join_s']:.1f} s)", ""),
+        ("coordinator CPU during join (s)", lambda r: _fmt(r["join_cpu_s"], ".2f"), ""),
+        ("coordinator CPU, heartbeats only (% core)", lambda r: _fmt(r["idle"]["cpu_percent"]), ""),
+        ("coordinator CPU, with jobs (% core)", lambda r: _fmt(r["busy"]["cpu_percent"]),
+         f"< {TARGET_CPU_PERCENT:g} at {TARGET_AGENTS}"),
+        ("coordinator CPU, busiest second (% core)", lambda r: _fmt(r["busy"]["cpu_peak_1s_percent"]), ""),
+        ("coordinator RSS (MiB)", lambda r: _fmt(r["rss_mib"]), ""),
+        ("placement latency median / p95 (ms)",
+         lambda r: f"{_fmt(r['placement_ms_median'])} / {_fmt(r['placement_ms_p95'])}", ""),
+        ("agent round trip finished->ack med / p95 (ms)",
+         lambda r: f"{_fmt(r['ack_rtt_ms_median'])} / {_fmt(r['ack_rtt_ms_p95'])}", ""),
+        ("admin round trip `job` med / p95 (ms)",
+         lambda r: f"{_fmt(r['admin_rtt_ms_median'])} / {_fmt(r['admin_rtt_ms_p95'])}", ""),
+        ("jobs submitted / completed / done", lambda r: (f"{r['jobs_submitted']} / {r['jobs_completed']} / "
+                                                         f"{r['jobs_done_per_coordinator']}"), "all done"),
+        ("heartbeats sent per s", lambda r: _fmt(r["busy"]["heartbeats_per_s"], ".0f"), ""),
+        ("load generator CPU (% core)", lambda r: _fmt(r["busy"]["bench_cpu_percent"]), ""),
+        ("heartbeat lateness p95 (ms)", lambda r: _fmt(r["beat_lateness_ms_p95"]), ""),
+        ("reconnects / send failures / errors",
+         lambda r: f"{r['reconnects']} / {r['send_failures']} / {len(r['errors'])}", "0 / 0 / 0"),
+    ]
+    headers = ["metric"] + [f"N={r['agents']}" for r in results] + ["target"]
+    cells = [headers] + [[label] + [fn(r) for r in results] + [target] for label, fn, target in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    print()
+    print(f"coordinator scale: {args.duration:g} s window, {args.jobs_per_second:g} jobs/s of "
+          f"{args.job_seconds:g} s, 1 Hz heartbeats, owner-present nodes {args.owner_fraction:.0%}"
+          + (" (cProfile: CPU inflated)" if args.profile else ""))
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    at_target = [r for r in results if r["agents"] >= TARGET_AGENTS]
+    if at_target:
+        r = at_target[0]
+        verdict = "met" if r["busy"]["cpu_percent"] < TARGET_CPU_PERCENT else "MISSED"
+        print(f"\ndesign target: {TARGET_AGENTS} agents at 1 Hz heartbeat under {TARGET_CPU_PERCENT:g} % of "
+              f"one core: {verdict} ({r['busy']['cpu_percent']:.1f} % at N={r['agents']})")
+    else:
+        print(f"\ndesign target: {TARGET_AGENTS} agents at 1 Hz heartbeat under {TARGET_CPU_PERCENT:g} % of "
+              f"one core (not measured: no run with {TARGET_AGENTS} agents)")
+    for r in results:
+        for message in r["errors"]:
+            print(f"  N={r['agents']} error: {message}")
+        if r["jobs_not_done"]:
+            print(f"  N={r['agents']} jobs not done: {r['jobs_not_done']}")
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agents", type=int, nargs="+", default=None, metavar="N",
+                   help="numbers of simulated agents, one run each (default: 100 1000; --quick: 20 100)")
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                   help="the measured window with jobs flowing (default 20; --quick: 5)")
+    p.add_argument("--jobs-per-second", type=float, default=5.0,
+                   help="admin submissions per second (default 5)")
+    p.add_argument("--job-seconds", type=float, default=0.5, help="simulated run time of a job (default 0.5)")
+    p.add_argument("--owner-fraction", type=float, default=0.0,
+                   help="share of agents reporting the owner present (state Owner, never given jobs; "
+                        "default 0)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds after the last join before measuring")
+    p.add_argument("--quick", action="store_true", help="small and short: for development")
+    p.add_argument("--profile", action="store_true",
+                   help="run the coordinator under cProfile and print its top costs (inflates CPU figures)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch state directories")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    if args.agents is None:
+        args.agents = [20, 100] if args.quick else [100, 1000]
+    if args.duration is None:
+        args.duration = 5.0 if args.quick else 20.0
+    if args.quick:
+        args.warmup = min(args.warmup, 1.0)
+    if not 0.0 <= args.owner_fraction <= 1.0:
+        p.error("--owner-fraction must be between 0 and 1")
+
+    # One DEALER per agent here (plus its TCP connection and mailbox), one TCP connection per agent in the
+    # coordinator (which inherits this limit).
+    wanted = 4 * max(args.agents) + 256
+    limit = raise_fd_limit(wanted)
+    if limit < wanted:
+        progress(f"warning: open-file limit {limit} is below the {wanted} this run may need")
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    results: list[dict[str, Any]] = []
+    started = time.monotonic()
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="conode-coord-scale-") as scratch_root:
+        try:
+            for n in args.agents:
+                results.append(run_one(n, args, Path(scratch_root)))
+        except KeyboardInterrupt:
+            progress("interrupted: coordinator stopped")
+            return 130
+        except RuntimeError as exc:
+            progress(f"failed: {exc}")
+            failed = True
+    if results:
+        print_table(results, args)
+    progress(f"done in {time.monotonic() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "benchmark": "coordinator_scale",
+            "host": {"machine": platform.machine(), "python": platform.python_version(),
+                     "cpus": os.cpu_count(), "zmq": zmq.zmq_version(), "pyzmq": zmq.__version__},
+            "commit": _git_commit(),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "results": results,
+        }, indent=2) + "\n")
+    bad = failed or any(r["jobs_not_done"] or r["jobs_completed"] < r["jobs_submitted"]
+                        or r["nodes_in_status"] != r["agents"] for r in results)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
