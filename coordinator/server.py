@@ -25,7 +25,8 @@ from coordinator.store import JOB_STATES, TERMINAL_STATES, Store
 
 log = logging.getLogger("coordinator")
 
-HOUSEKEEPING_EVERY_S = 0.1  # liveness and pings: often enough for 1 s beats, cheap with a thousand nodes
+HOUSEKEEPING_EVERY_S = 0.1
+KEY_CACHE_S = 30.0  # how long a key's enrolment is trusted before SQLite is asked again (revocation delay)  # liveness and pings: often enough for 1 s beats, cheap with a thousand nodes
 MAX_ATTEMPTS = 3  # a job whose node is lost this many times fails instead of running again
 VACATED_HOLD_S = 3600.0  # a job saved on a node's disk waits this long for its owner to leave again
 ORPHAN_GRACE_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 2
@@ -82,6 +83,9 @@ class Coordinator:
         self._started = clock()
         self._queued_at: dict[int, float] = {}
         self._next_housekeeping = clock()
+        self._next_sweep = clock()
+        self._key_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        self._ping = protocol.encode("ping")  # the same bytes every time: encode once
         self._running = True
         self._handlers: dict[str, Callable[[bytes, str, dict[str, Any]], None]] = {
             name[len("_on_"):]: getattr(self, name) for name in dir(self) if name.startswith("_on_")
@@ -128,7 +132,7 @@ class Coordinator:
             self.server.send(identity, protocol.error("malformed", str(exc)))
             return
         kind = message["type"]
-        owner = self.store.key_owner(key)
+        owner = self._key_owner(key)
         role = owner[1] if owner else None
         sender, _ = protocol.SCHEMAS[kind]
         if sender != role:
@@ -146,6 +150,16 @@ class Coordinator:
         except Exception as exc:  # one bad request must not take the pool down
             log.exception("error handling %s", kind)
             self.server.send(identity, protocol.error("internal", f"{type(exc).__name__}: {exc}", kind))
+
+    def _key_owner(self, key: str) -> tuple[str, str] | None:
+        """(name, role) of an enrolled key, from a short-lived cache in front of SQLite."""
+        now = self._clock()
+        cached = self._key_cache.get(key)
+        if cached is not None and now - cached[0] < KEY_CACHE_S:
+            return cached[1]
+        owner = self.store.key_owner(key)
+        self._key_cache[key] = (now, owner)
+        return owner
 
     def _reply(self, identity: bytes, kind: str, **fields: Any) -> None:
         self.server.send(identity, protocol.encode(kind, **fields))
@@ -374,17 +388,32 @@ class Coordinator:
             log.info("job %d placed on %s", job.id, chosen)
 
     def housekeeping(self) -> None:
-        for node in list(self.nodes.values()):
-            if node.liveness.expired():
-                self._lose_node(node, "missed its heartbeats")
-            elif node.liveness.beat_due():
-                if not self.server.send(node.identity, protocol.encode("ping")):
-                    self._lose_node(node, "unreachable")
+        """Expire silent nodes and ping the others; once a second, sweep the job table for stranded jobs."""
+        now = self._clock()
+        silence_limit = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS
+        lost, unreachable = [], []
+        for node in self.nodes.values():  # a thousand nodes ten times a second: keep this loop plain
+            liveness = node.liveness
+            if now - liveness.last_heard > silence_limit:
+                lost.append(node)
+            elif now >= liveness.next_beat:
+                liveness.next_beat = now + liveness.interval
+                if not self.server.send(node.identity, self._ping):
+                    unreachable.append(node)
+        for node in lost:
+            self._lose_node(node, "missed its heartbeats")
+        for node in unreachable:
+            self._lose_node(node, "unreachable")
+        if now >= self._next_sweep:
+            self._next_sweep = now + 1.0
+            self._sweep_jobs(now)
+
+    def _sweep_jobs(self, now: float) -> None:
         for job_id in self.store.vacated_jobs(older_than=time.time() - VACATED_HOLD_S):
             job = self.store.job(job_id)
             self.store.requeue(job_id, f"vacated on {job.node if job else '?'} for over {VACATED_HOLD_S:.0f} s")
             self.schedule()
-        if self._clock() - self._started > ORPHAN_GRACE_S:
+        if now - self._started > ORPHAN_GRACE_S:
             # Jobs left running by a previous coordinator on nodes that never came back.
             for job in self.store.running_jobs():
                 if job.node not in self.nodes:
