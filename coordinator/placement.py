@@ -16,6 +16,7 @@ class NodeView:
     running: int
     idle_s: float
     drained: bool = False
+    last_placed: float = 0.0  # when this node was last given a job (monotonic seconds; 0: never)
 
     @property
     def free_slots(self) -> int:
@@ -25,14 +26,16 @@ class NodeView:
 def choose_node(mem_mib: int, nodes: list[NodeView]) -> str | None:
     """The node for a job needing *mem_mib* of guest memory, or None if no node can take it now.
 
-    Idle nodes (no running job) first, then the least loaded; among equals, the node whose owner has been away
+    Idle nodes (no running job) first, then the least loaded; among equals, the node that has waited longest
+    for work (so that a stream of short jobs is spread over the pool), then the node whose owner has been away
     longest (least likely to come back soon), then by name for a stable order.
     """
     candidates = [n for n in nodes if n.state in ACCEPTING_STATES and not n.drained and n.free_slots > 0
                   and n.mem_mib >= mem_mib]
     if not candidates:
         return None
-    best = min(candidates, key=lambda n: (n.running > 0, n.running / max(n.cores, 1), -n.idle_s, n.name))
+    best = min(candidates, key=lambda n: (n.running > 0, n.running / max(n.cores, 1), n.last_placed, -n.idle_s,
+                                          n.name))
     return best.name
 
 

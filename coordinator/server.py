@@ -49,9 +49,11 @@ class Node:
     cpu_percent: float = 0.0
     running: set[int] = field(default_factory=set)
     connected_at: float = field(default_factory=time.time)
+    last_placed: float = 0.0
 
     def view(self, drained: bool) -> NodeView:
-        return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running), self.idle_s, drained)
+        return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running), self.idle_s, drained,
+                        self.last_placed)
 
 
 @dataclass
@@ -380,6 +382,7 @@ class Coordinator:
                 views.pop(chosen, None)
                 continue
             node.running.add(job.id)
+            node.last_placed = self._clock()
             views[chosen] = node.view(chosen in self.drained)
             self.counters.placed += 1
             queued_at = self._queued_at.pop(job.id, None)

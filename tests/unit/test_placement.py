@@ -18,6 +18,18 @@ def test_longest_idle_owner_wins_a_tie():
     assert choose_node(64, [node("recent", idle=30), node("long-gone", idle=3000)]) == "long-gone"
 
 
+def test_short_jobs_are_spread_over_idle_nodes():
+    from dataclasses import replace
+
+    nodes = [node("a"), node("b"), node("c")]
+    order = []
+    for clock in range(1, 7):
+        chosen = choose_node(64, nodes)
+        order.append(chosen)
+        nodes = [replace(n, last_placed=clock) if n.name == chosen else n for n in nodes]
+    assert order == ["a", "b", "c", "a", "b", "c"]
+
+
 def test_memory_state_drain_and_capacity_are_respected():
     assert choose_node(256, [node("small", mem=128)]) is None
     assert choose_node(64, [node("owner-back", state="Owner")]) is None
