@@ -5,6 +5,9 @@ then an agent is killed in the middle of a job.
 """
 
 import hashlib
+import json
+import os
+import signal
 
 import pytest
 from pool import Pool
@@ -71,6 +74,21 @@ def test_coordinator_killed_and_restarted_loses_nothing(pool):
     assert [pool.cli("logs", str(j)).stdout for j in queued] == [f"later-{i}\n".encode() for i in range(4)]
 
 
+def test_a_crashed_guest_is_restarted_and_its_job_requeued(pool):
+    job = pool.submit("sh", "-c", "sleep 4; echo after-the-crash")
+    state = pool.wait_until("the job to start", lambda: (j := pool.jobs()[job])["state"] == "running" and j, 60)
+    node = state["node"]
+    guest_pid = pool.wait_until("the agent to report the job's guest", lambda: next(
+        (g["pid"] for g in json.loads((pool.root / node / "status.json").read_text())["guests"] if g["job"] == job),
+        None), 10, interval=0.2)
+    os.kill(guest_pid, signal.SIGKILL)  # the guest's process dies; the agent must survive it
+    assert pool.cli("wait", str(job), "--timeout", "120", check=False, timeout=150).returncode == 0
+    final = pool.jobs()[job]
+    assert final["attempts"] == 2 and pool.cli("logs", str(job)).stdout == b"after-the-crash\n"
+    assert "guest 0 crashed" in pool.log(node)
+    pool.wait_until("the crashed node's guest to be back", lambda: node in pool.ready_nodes(), 60)
+
+
 def test_agent_killed_mid_job_is_requeued_and_completes_elsewhere(pool):
     job = pool.submit("sh", "-c", "sleep 3; echo finished-somewhere")
     state = pool.wait_until("the job to start", lambda: (j := pool.jobs()[job])["state"] == "running" and j,
@@ -91,3 +109,4 @@ def test_unenrolled_agent_is_refused_with_a_clear_error(pool):
     assert "refused this agent's key" in log and "coordinator keys add --role agent intruder" in log
     assert "Traceback" not in log
     assert "intruder" not in [n["name"] for n in pool.status()["nodes"]]
+
