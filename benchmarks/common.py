@@ -1,10 +1,15 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Shared machinery of the benchmarks: the three ways of running the guest's work, markers, the table.
+"""Shared machinery of the benchmarks: the four ways of running the guest's work, markers, the table.
 
-Every benchmark runs the same kernel and initramfs (the ones conode ships) in three places:
+Every benchmark runs the same kernel and initramfs (the ones conode ships) in four places:
 
-* **conode**, in-process, through :class:`conode.vm.session.GuestSession` (boot, ``start(argv)``, ``run()``);
-  the command's stdout goes to a :class:`MarkerStream`, which timestamps marker lines as they arrive;
+* **conode fast** and **conode stock**: conode on each of its two CPU engines (the patched Unicorn that
+  ``conode engine build`` builds, and the stock Unicorn wheel with conode's Python passage). The engine is
+  chosen when ``conode.vm`` is first imported, from ``CONODE_ENGINE``, so a process measures one engine only:
+  every conode measurement runs in a child process (:func:`run_child`) with ``CONODE_ENGINE`` set. A child
+  boots a :class:`conode.vm.session.GuestSession` (boot, ``start(argv)``, ``run()``); the command's stdout
+  goes to a :class:`MarkerStream`, which timestamps marker lines as they arrive, and the stream comes back
+  to the parent as JSON (:func:`run_conode`; ``python3 common.py --child SCRIPT`` is that child);
 * **qemu-system-i386** (TCG), driven through the busybox shell that the in-guest agent starts on the serial
   port when there is no host channel (``conode.shell=1``): commands go in on qemu's stdin, their output comes
   back on its stdout and goes through the same :class:`MarkerStream`;
@@ -17,6 +22,7 @@ Timed regions are delimited by marker lines that the shell in the guest prints (
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -36,6 +42,15 @@ SETUP_HINT = "run `bash benchmarks/setup.sh` (as root) to install qemu-system-i3
 DEFAULT_MEM_MIB = 128
 GUEST_BUSYBOX = "/bin/busybox"
 GUEST_TMP = "/tmp"
+
+# conode's CPU engines, in the order of the table's columns (see conode/vm/engine).
+ENGINES = ("fast", "stock")
+PLACES = (*ENGINES, "qemu", "native")  # everywhere a workload can run
+NOT_BUILT = "not built"
+BUILD_HINT = "build it with `conode engine build` (about half a minute; needs cmake and a C compiler)"
+# What would make a child run another engine than the one asked for: an explicit library, the marker of an
+# inherited choice (conode.vm sets both when it picks the fast engine), or the fast engine's Python passage.
+_ENGINE_OVERRIDES = ("LIBUNICORN_PATH", "CONODE_ENGINE_SELECTED", "CONODE_PASSAGE")
 
 
 # --- progress -----------------------------------------------------------------------------------------------
@@ -83,6 +98,66 @@ def find_busybox() -> str | None:
         if path.endswith("/bin/busybox") and os.access(path, os.X_OK):
             return path
     return None
+
+
+# --- conode's engines -----------------------------------------------------------------------------------
+def engine_env(engine: str) -> dict[str, str]:
+    """The environment of a child process that must run conode on *engine* ("fast" or "stock").
+
+    The cache directory is pinned to this process's (it holds the fast engine and the native slicer), so a
+    child with another HOME still finds them.
+    """
+    from conode.cache import cache_dir
+
+    env = {key: value for key, value in os.environ.items() if key not in _ENGINE_OVERRIDES}
+    env["CONODE_ENGINE"] = engine
+    env["CONODE_CACHE_DIR"] = str(cache_dir())
+    return env
+
+
+@functools.cache
+def engine_report(engine: str) -> tuple[bool, str]:
+    """(whether *engine* runs on this host, what `conode engine` says under CONODE_ENGINE=engine)."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "conode.cli", "engine"], capture_output=True,
+                                text=True, timeout=120, check=False, env=engine_env(engine))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"`conode engine` failed: {exc}"
+    text = "; ".join(" ".join(line.split()) for line in (result.stdout + result.stderr).splitlines())
+    expected = {"fast": "conode's fast engine", "stock": "stock Unicorn"}[engine]
+    return result.returncode == 0 and expected in text, text or "unknown"
+
+
+def engine_runs(engine: str) -> bool:
+    return engine_report(engine)[0]
+
+
+def conode_engines() -> list[str]:
+    """The engines this host can measure (stock always; fast once built); says so when fast is not."""
+    engines = [engine for engine in ENGINES if engine_runs(engine)]
+    if "fast" not in engines:
+        progress(f"the fast engine is not built here: {BUILD_HINT}; its column shows '{NOT_BUILT}'")
+    return engines
+
+
+def by_engine(figure: Callable[[str], "Value"]) -> dict[str, "Value"]:
+    """A row's conode cells: figure(engine) for each engine that runs here, "not built" for the others."""
+    return {engine: figure(engine) if engine_runs(engine) else NOT_BUILT for engine in ENGINES}
+
+
+def engine_notes() -> list[str]:
+    """Table notes about the engines: how to build the fast one when it is missing."""
+    notes = []
+    if not engine_runs("fast"):
+        notes.append(f"conode fast: {NOT_BUILT} on this host — {BUILD_HINT}, then run the benchmark again")
+    return notes
+
+
+def conode_label() -> str:
+    """"conode fast" or "conode stock": the engine this process runs (for progress lines)."""
+    from conode.vm import ENGINE
+
+    return f"conode {ENGINE.name}"
 
 
 @dataclass(frozen=True)
@@ -179,6 +254,22 @@ class MarkerStream:
     def tail(self, size: int = 400) -> str:
         return self.data[-size:].decode(errors="replace")
 
+    def to_json(self) -> dict:
+        """The stream as JSON (for a child process to hand it back): bytes as latin-1, times, offsets."""
+        return {"data": self.data.decode("latin-1"), "times": self.times,
+                "offsets": {name: list(span) for name, span in self.offsets.items()},
+                "first_byte_at": self.first_byte_at}
+
+    @classmethod
+    def from_json(cls, document: dict) -> "MarkerStream":
+        stream = cls()
+        stream.data = bytearray(document["data"].encode("latin-1"))
+        stream.times = {name: float(at) for name, at in document["times"].items()}
+        stream.offsets = {name: (int(a), int(b)) for name, (a, b) in document["offsets"].items()}
+        stream.first_byte_at = document["first_byte_at"]
+        stream._line_start = len(stream.data)
+        return stream
+
 
 class Discard:
     """A binary sink that drops everything (a guest's stderr we do not need)."""
@@ -195,6 +286,7 @@ class BenchmarkError(Exception):
 
 
 # --- conode ---------------------------------------------------------------------------------------------
+# These run in a child process whose engine was set by its parent (run_child, run_conode).
 def conode_boot(stdout: object, stderr: object | None = None, mem_mib: int = DEFAULT_MEM_MIB,
                 on_progress: Callable[[str], None] | None = None) -> object:
     """Boot a GuestSession on the packaged image (stdout/stderr: binary sinks). Returns the session."""
@@ -202,8 +294,10 @@ def conode_boot(stdout: object, stderr: object | None = None, mem_mib: int = DEF
     from conode.vm.machine import MachineConfig
     from conode.vm.session import GuestSession
 
+    label = conode_label()
+
     def show(line: str) -> None:
-        progress(f"conode: {line}")
+        progress(f"{label}: {line}")
         if on_progress is not None:
             on_progress(line)
 
@@ -213,8 +307,8 @@ def conode_boot(stdout: object, stderr: object | None = None, mem_mib: int = DEF
 
 def conode_run_script(script: str, timeout_s: float = 3600.0,
                       on_marker: Callable[[str], None] | None = None) -> tuple[MarkerStream, object]:
-    """Boot conode, run ``sh -c script`` in it, return the stdout stream and the session."""
-    stream = MarkerStream(on_marker, announce="conode")
+    """Boot conode in this process, run ``sh -c script`` in it, return the stdout stream and the session."""
+    stream = MarkerStream(on_marker, announce=conode_label())
     errors = MarkerStream()
     session = conode_boot(stream, errors)
     session.start(["sh", "-c", script])  # type: ignore[attr-defined]
@@ -225,14 +319,16 @@ def conode_run_script(script: str, timeout_s: float = 3600.0,
     return stream, session
 
 
-def conode_engine_info() -> str:
-    """What `conode engine` says about the CPU engine and slicer of this host."""
-    try:
-        result = subprocess.run([sys.executable, "-m", "conode.cli", "engine"], capture_output=True, text=True,
-                                timeout=120, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return "; ".join(" ".join(line.split()) for line in result.stdout.splitlines()) or "unknown"
+def run_conode(engine: str, script: str, timeout_s: float = 3600.0) -> MarkerStream:
+    """Run ``sh -c script`` in a conode guest on *engine*, in a child process; return its stdout stream."""
+    _, result = run_child(Path(__file__), [script], engine=engine, timeout_s=timeout_s + 120)
+    return MarkerStream.from_json(result["stream"])
+
+
+def _script_child(argv: Sequence[str]) -> int:
+    """``python3 common.py --child SCRIPT``: the child of run_conode."""
+    stream, _ = conode_run_script(argv[0])
+    return child_emit({"stream": stream.to_json()})
 
 
 # --- qemu-system-i386 ---------------------------------------------------------------------------------------
@@ -495,18 +591,17 @@ def as_script(steps: Iterable[tuple[str, str]], stamp: bool = False) -> str:
 StepMaker = Callable[[str, str, str], list[tuple[str, str]]]  # (tmp, true, busybox) -> steps
 
 
-def run_on(engine: str, make_steps: StepMaker, refs: References,
-           on_marker: Callable[[str], None] | None = None) -> MarkerStream:
-    """Run the steps *make_steps* gives for *engine*'s paths on "conode", "qemu" or "native".
+def run_on(place: str, make_steps: StepMaker, refs: References) -> MarkerStream:
+    """Run the steps *make_steps* gives for *place*'s paths on "fast", "stock", "qemu" or "native".
 
-    Returns the stream holding the markers. In the guest (conode, qemu) the scratch directory is /tmp and
-    true is /bin/true; natively they are a fresh directory and a link to the busybox binary.
+    Returns the stream holding the markers. In the guest (conode on either engine, qemu) the scratch directory
+    is /tmp and true is /bin/true; natively they are a fresh directory and a link to the busybox binary.
     """
-    if engine == "conode":
+    if place in ENGINES:
         steps = make_steps(GUEST_TMP, "/bin/true", GUEST_BUSYBOX)
-        stream, _ = conode_run_script(as_script(steps), on_marker=on_marker)
-        return stream
-    if engine == "qemu":
+        progress(f"conode {place}: booting in a child process")
+        return run_conode(place, as_script(steps))
+    if place == "qemu":
         assert refs.qemu is not None
         steps = make_steps(GUEST_TMP, "/bin/true", GUEST_BUSYBOX)
         progress("qemu: booting")
@@ -514,48 +609,156 @@ def run_on(engine: str, make_steps: StepMaker, refs: References,
             for name, command in steps:
                 guest.run_marked(name, command)
             return guest.out
-    if engine == "native":
+    if place == "native":
         assert refs.busybox is not None
         with NativeDir(refs.busybox) as scratch:
             steps = make_steps(scratch.path, scratch.true, refs.busybox)
             return native_run_script(refs.busybox, as_script(steps, stamp=True), cwd=scratch.path)
-    raise ValueError(engine)
+    raise ValueError(place)
+
+
+def available_places(refs: References) -> list[str]:
+    """Where workloads can run here: the engines that run, then the references that are installed."""
+    places = conode_engines()
+    if refs.qemu is not None:
+        places.append("qemu")
+    if refs.busybox is not None:
+        places.append("native")
+    return places
+
+
+def place_label(place: str) -> str:
+    """How progress lines and notes name *place*: "conode fast", "conode stock", "qemu", "native"."""
+    return f"conode {place}" if place in ENGINES else place
+
+
+def place_cell(place: str) -> str:
+    """What a column shows when *place* could not run here."""
+    return NOT_BUILT if place in ENGINES else "missing"
+
+
+def place_figures(streams: dict[str, MarkerStream], work: Workload, reps: int) -> dict[str, "Value"]:
+    """*work*'s figure in every place (median over its *reps* runs), or why a place has none."""
+    figures: dict[str, Value] = {}
+    for place in PLACES:
+        if place in streams:
+            seconds = median([streams[place].span(f"{work.name}.{rep}") for rep in range(reps)])
+            figures[place] = work.figure(seconds)
+        else:
+            figures[place] = place_cell(place)
+    return figures
 
 
 def normalise_check(text: str) -> str:
     return " ".join(text.replace("-", " ").split())
 
 
-# --- child processes (cold starts) ------------------------------------------------------------------------
-def run_child(script: Path, args: Sequence[str], timeout_s: float = 600.0) -> tuple[float, dict]:
-    """Run ``python3 script --child args...``; return (launch time, the JSON object it printed last)."""
+# --- child processes (cold starts, one engine each) --------------------------------------------------------
+def run_child(script: Path, args: Sequence[str], engine: str | None = None,
+              timeout_s: float = 600.0) -> tuple[float, dict]:
+    """Run ``python3 script --child args...``; return (launch time, the JSON object it printed last).
+
+    With *engine*, the child runs conode on that engine (CONODE_ENGINE set before it imports conode.vm) and
+    must say so (:func:`child_emit`).
+    """
     launched = time.monotonic()
-    result = subprocess.run([sys.executable, str(script), "--child", *args], stdout=subprocess.PIPE,
-                            timeout=timeout_s, check=False)
+    env = engine_env(engine) if engine is not None else None
+    try:
+        result = subprocess.run([sys.executable, str(script), "--child", *args], stdout=subprocess.PIPE,
+                                timeout=timeout_s, check=False, env=env)
+    except subprocess.TimeoutExpired:
+        raise BenchmarkError(f"{script.name} child ({engine or 'no engine'}) did not finish within "
+                             f"{timeout_s:g} s") from None
     lines = result.stdout.decode(errors="replace").strip().splitlines()
     if result.returncode != 0 or not lines:
-        raise BenchmarkError(f"{script.name} child failed with status {result.returncode}")
-    return launched, json.loads(lines[-1])
+        raise BenchmarkError(f"{script.name} child ({engine or 'no engine'}) failed with status "
+                             f"{result.returncode}")
+    document = json.loads(lines[-1])
+    if engine is not None and document.get("engine") != engine:
+        raise BenchmarkError(f"{script.name} child asked for the {engine} engine ran on "
+                             f"{document.get('engine')!r}")
+    return launched, document
+
+
+def child_emit(result: dict) -> int:
+    """A child's last act: print *result* as one JSON line on stdout, with the engine it ran on."""
+    from conode.vm import ENGINE
+
+    print(json.dumps({**result, "engine": ENGINE.name}), flush=True)
+    return 0
 
 
 # --- the table ----------------------------------------------------------------------------------------------
 Value = float | str | None
 
 
+@dataclass(frozen=True)
+class Target:
+    """A goal as printed, and how the table judges it: each engine's figure ≤ its limit.
+
+    With *relative*, the limits are multiples of qemu's figure (and need one). Only the engines in *limits*
+    are judged (a target for native delivery says nothing about the Python passage).
+    """
+
+    text: str
+    limits: dict[str, float]
+    relative: bool = False
+
+    @classmethod
+    def at_most(cls, text: str, limit: float, relative: bool = False,
+                engines: Sequence[str] = ENGINES) -> "Target":
+        return cls(text, {engine: limit for engine in engines}, relative)
+
+    def met(self, row: "Row") -> dict[str, bool]:
+        verdicts = {}
+        for engine, limit in self.limits.items():
+            value = row.conode.get(engine)
+            if not isinstance(value, (int, float)):
+                continue
+            if self.relative:
+                if not isinstance(row.qemu, (int, float)) or not row.qemu:
+                    continue
+                limit *= row.qemu
+            verdicts[engine] = value <= limit
+        return verdicts
+
+    def cell(self, row: "Row") -> str:
+        verdicts = self.met(row)
+        judged = " ".join(f"{engine} {'✓' if ok else '✗'}" for engine, ok in verdicts.items())
+        return f"{self.text}: {judged}" if judged else self.text
+
+
 @dataclass
 class Row:
     metric: str
     unit: str
-    conode: Value
+    conode: dict[str, Value]  # engine ("fast", "stock") -> figure; see by_engine
     qemu: Value = None
     native: Value = None
-    target: str = ""
+    target: str | Target = ""
 
-    @property
-    def ratio(self) -> float | None:
-        if isinstance(self.conode, (int, float)) and isinstance(self.qemu, (int, float)) and self.qemu:
-            return self.conode / self.qemu
+    def ratio(self, engine: str = "fast") -> float | None:
+        """conode's figure on *engine* over qemu's (times: above 1 means conode is slower)."""
+        value = self.conode.get(engine)
+        if isinstance(value, (int, float)) and isinstance(self.qemu, (int, float)) and self.qemu:
+            return value / self.qemu
         return None
+
+    @classmethod
+    def across(cls, metric: str, unit: str, figures: dict[str, Value], target: str | Target = "") -> "Row":
+        """A row from figures by place (fast, stock, qemu, native), as place_figures gives them."""
+        return cls(metric, unit, {engine: figures[engine] for engine in ENGINES}, figures["qemu"],
+                   figures["native"], target)
+
+    def target_text(self) -> str:
+        return self.target.cell(self) if isinstance(self.target, Target) else self.target
+
+    def to_json(self) -> dict:
+        target = self.target
+        return {"metric": self.metric, "unit": self.unit, "conode": dict(self.conode), "qemu": self.qemu,
+                "native": self.native, **{f"ratio_{engine}_qemu": self.ratio(engine) for engine in ENGINES},
+                "target": target.text if isinstance(target, Target) else target,
+                "target_met": target.met(self) if isinstance(target, Target) else None}
 
 
 def fmt(value: float) -> str:
@@ -581,17 +784,21 @@ def _cell(value: Value, unit: str) -> str:
     return f"{fmt(value)} {unit}".strip()
 
 
-HEADERS = ("metric", "conode", "qemu-system-i386", "native", "ratio conode/qemu", "target")
+HEADERS = ("metric", "conode fast", "conode stock", "qemu-system-i386", "native", "ratio fast/qemu", "target")
 
 
 def format_table(title: str, rows: Sequence[Row]) -> str:
+    def ratio(row: Row) -> str:
+        value = row.ratio("fast")
+        return f"{value:.2f}" if value is not None else "—"
+
     body = [
-        (r.metric, _cell(r.conode, r.unit), _cell(r.qemu, r.unit), _cell(r.native, r.unit),
-         f"{r.ratio:.2f}" if r.ratio is not None else "—", r.target or "")
+        (r.metric, *(_cell(r.conode.get(engine), r.unit) for engine in ENGINES), _cell(r.qemu, r.unit),
+         _cell(r.native, r.unit), ratio(r), r.target_text())
         for r in rows
     ]
     widths = [max([len(h)] + [len(line[i]) for line in body]) for i, h in enumerate(HEADERS)]
-    right = (False, True, True, True, True, False)
+    right = (False, True, True, True, True, True, False)
 
     def render(cells: Sequence[str]) -> str:
         out = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
@@ -616,7 +823,7 @@ def host_info(refs: References | None = None) -> dict:
         "guest_image": _image_build(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
-        "conode_engine": conode_engine_info(),
+        "conode_engines": {engine: engine_report(engine)[1] for engine in ENGINES},
     }
     if refs is not None:
         info["qemu"] = qemu_version(refs.qemu) if refs.qemu else None
@@ -657,8 +864,15 @@ def parser(description: str | None) -> argparse.ArgumentParser:
 
 
 def report(name: str, title: str, args: argparse.Namespace, rows: Sequence[Row], notes: Sequence[str],
-           refs: References, extra: dict | None = None) -> int:
-    """Print the table (stdout), write --json, and return the exit status (2 when a reference is missing)."""
+           refs: References | None, extra: dict | None = None) -> int:
+    """Print the table (stdout), write --json, and return the exit status.
+
+    The status is 2 when a column could not be measured: a reference is missing (*refs*; None when the
+    benchmark has none) or the fast engine is not built.
+    """
+    notes = [*notes, *engine_notes()]
+    if any(isinstance(row.target, Target) for row in rows):
+        notes.append("target column: ✓ met, ✗ missed, for each engine the target applies to")
     print(format_table(title, rows))
     for note in notes:
         print(f"  {note}")
@@ -668,19 +882,23 @@ def report(name: str, title: str, args: argparse.Namespace, rows: Sequence[Row],
             "benchmark": name,
             "quick": bool(args.quick),
             "host": host_info(refs),
-            "rows": [{"metric": r.metric, "unit": r.unit, "conode": r.conode, "qemu": r.qemu,
-                      "native": r.native, "ratio_conode_qemu": r.ratio, "target": r.target} for r in rows],
+            "rows": [row.to_json() for row in rows],
             "notes": list(notes),
             **(extra or {}),
         }
         args.json.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
         progress(f"figures written to {args.json}")
-    missing = [what for what, path in (("qemu-system-i386", refs.qemu), ("busybox-static", refs.busybox))
-               if path is None]
-    if missing:
-        print(f"{name}: error: {' and '.join(missing)} not found; {SETUP_HINT}", file=sys.stderr)
-        return 2
-    return 0
+    status = 0
+    if refs is not None:
+        missing = [what for what, path in (("qemu-system-i386", refs.qemu), ("busybox-static", refs.busybox))
+                   if path is None]
+        if missing:
+            print(f"{name}: error: {' and '.join(missing)} not found; {SETUP_HINT}", file=sys.stderr)
+            status = 2
+    if not engine_runs("fast"):
+        print(f"{name}: error: the fast engine is not built; {BUILD_HINT}", file=sys.stderr)
+        status = 2
+    return status
 
 
 def run_main(main: Callable[[], int]) -> None:
@@ -699,6 +917,7 @@ def run_main(main: Callable[[], int]) -> None:
     sys.exit(status)
 
 
-def missing_cell(path: str | None) -> str | None:
-    """What a reference's column shows when it cannot be run."""
-    return "missing" if path is None else None
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--child"]:
+        sys.exit("common.py is a library; as a script it only runs a conode child: common.py --child SCRIPT")
+    run_main(lambda: _script_child(sys.argv[2:]))

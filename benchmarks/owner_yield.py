@@ -6,8 +6,10 @@ A real coordinator and a real agent (separate processes) on localhost; the agent
 from a file (the file idle source), and its guest runs a CPU-bound job. Each trial writes "input now" to the
 file and waits until the agent reports its guest paused; the agent measures, per trial, from the input's
 timestamp to the moment the worker's guest stopped executing (the end of its last slice). Then the owner
-leaves, the guest continues, and the next trial starts. Reference: BOINC and HTCondor suspend on their next
-poll of the idle state, i.e. within a second or more; the target here is ≤ 100 ms at the 95th percentile.
+leaves, the guest continues, and the next trial starts. This runs once per conode engine: the agent (and so
+its workers) gets CONODE_ENGINE, and the cache directory that holds the engines, although its HOME is a
+scratch directory. Reference: BOINC and HTCondor suspend on their next poll of the idle state, i.e. within a
+second or more; the target here is ≤ 100 ms at the 95th percentile.
 """
 
 from __future__ import annotations
@@ -22,18 +24,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import common
-from common import Row
+from common import Row, Target
 
-TARGET = "≤ 100 ms p95"
+TARGET = Target.at_most("≤ 100 ms p95", 100.0)
 BUSY_JOB = "i=0; while true; do i=$((i+1)); done"
 
 
 class _Processes:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, engine: str) -> None:
         self.root = root
-        self.env = {**os.environ, "HOME": str(root / "home"), "CONODE_CLIENT_CONFIG": str(root / "coord" / "client.toml")}
+        # engine_env pins the cache directory: with HOME moved, the agent would otherwise miss the fast engine
+        # (and silently run stock) and rebuild the native slicer.
+        self.env = {**common.engine_env(engine), "HOME": str(root / "home"),
+                    "CONODE_CLIENT_CONFIG": str(root / "coord" / "client.toml")}
         self.children: list[subprocess.Popen] = []
 
     def run(self, *args: str) -> str:
@@ -77,9 +83,9 @@ def _status(path: Path) -> dict:
         return {}
 
 
-def measure(trials: int) -> list[float]:
+def measure(trials: int, engine: str) -> list[float]:
     root = Path(tempfile.mkdtemp(prefix="conode-yield-"))
-    procs = _Processes(root)
+    procs = _Processes(root, engine)
     (root / "home").mkdir()
     py = sys.executable
     try:
@@ -100,7 +106,7 @@ def measure(trials: int) -> list[float]:
                     "--coordinator-key", server_key, "--idle-source", f"file:{activity}", "--config", str(config),
                     log="agent.log")
         status_path = root / "desk" / "status.json"
-        common.progress("waiting for the agent's guest")
+        common.progress(f"conode {engine}: waiting for the agent's guest")
         _wait("the guest", lambda: any(g["state"] == "running" for g in _status(status_path).get("guests", [])), 180)
         procs.run(py, "-m", "coordinator.cli", "submit", "--", "sh", "-c", BUSY_JOB)
         _wait("the job", lambda: _status(status_path).get("jobs"), 60)
@@ -115,7 +121,7 @@ def measure(trials: int) -> list[float]:
             activity.write_text(f"{time.time() - 3600:.3f}")  # and leaves
             _wait("the guest to continue", lambda: any(g["state"] == "running"
                                                        for g in _status(status_path).get("guests", [])), 30)
-            common.progress(f"trial {trial + 1}/{trials}: {latencies[-1]:.1f} ms")
+            common.progress(f"conode {engine}: trial {trial + 1}/{trials}: {latencies[-1]:.1f} ms")
         return latencies
     finally:
         procs.close()
@@ -128,22 +134,24 @@ def measure(trials: int) -> list[float]:
 def main() -> int:
     args = common.parser(__doc__).parse_args()
     trials = 8 if args.quick else 40
-    latencies = measure(trials)
+    latencies = {engine: measure(trials, engine) for engine in common.conode_engines()}
+
+    def conode(figure: Callable[[list[float]], float]) -> dict[str, common.Value]:
+        return common.by_engine(lambda engine: figure(latencies[engine]))
+
+    na = "n/a"
     rows = [
-        Row("owner input → guest stopped: median", "ms", common.median(latencies)),
-        Row("owner input → guest stopped: p95", "ms", common.percentile(latencies, 0.95), target=TARGET),
-        Row("owner input → guest stopped: max", "ms", max(latencies)),
-        Row("trials", "", len(latencies)),
+        Row("owner input → guest stopped: median", "ms", conode(common.median), na, na),
+        Row("owner input → guest stopped: p95", "ms", conode(lambda v: common.percentile(v, 0.95)), na, na,
+            TARGET),
+        Row("owner input → guest stopped: max", "ms", conode(max), na, na),
+        Row("trials", "", conode(len), na, na),
     ]
-    notes = ["the guest runs a CPU-bound shell loop; the agent observes the owner every 20 ms (file idle source)",
+    notes = ["the guest runs a CPU-bound shell loop; the agent observes the owner every 20 ms (file idle "
+             "source); a real coordinator and agent per engine",
              "BOINC and HTCondor (reference, not run): suspend on their next idle poll, typically 1 s or more"]
-    print(common.format_table("Owner back → guest off the CPU", rows))
-    for note in notes:
-        print(f"  {note}")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"benchmark": "owner_yield", "latencies_ms": latencies,
-                                         "host": common.host_info()}, indent=2) + "\n")
-    return 0
+    title = f"Owner back → guest off the CPU ({'quick' if args.quick else 'full'})"
+    return common.report("owner_yield", title, args, rows, notes, None, extra={"latencies_ms": latencies})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Run every benchmark (boot, resume, workloads, traps), one after the other, each in its own process.
+"""Run every benchmark, one after the other, each in its own process (--only picks some).
 
-The tables go to stdout as each benchmark finishes; --json collects all their figures in one file.
+boot, resume, workloads, traps and owner_yield measure conode on both engines (each engine in child
+processes) beside qemu-system-i386 and native busybox where they apply; coordinator_scale measures the
+coordinator (no guest, no engine). The tables go to stdout as each benchmark finishes; --json collects all
+their figures in one file.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from pathlib import Path
 
 import common
 
-BENCHMARKS = ("boot", "resume", "workloads", "traps")
+BENCHMARKS = ("boot", "resume", "workloads", "traps", "owner_yield", "coordinator_scale")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__)
-    p.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
+    p.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
+                   help=f"run only these benchmarks (of: {', '.join(BENCHMARKS)})")
     args = p.parse_args(argv)
     chosen = args.only or list(BENCHMARKS)
     results: dict[str, object] = {}
@@ -34,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             argv_child = [sys.executable, str(common.BENCH_DIR / f"{name}.py"), "--json", str(out)]
             if args.quick:
                 argv_child.append("--quick")
+            began = time.monotonic()
             status = subprocess.run(argv_child, check=False).returncode
             sys.stdout.flush()
+            common.progress(f"=== {name}: {time.monotonic() - began:.0f} s, exit status {status} ===")
             if status != 0:
                 failed[name] = status
             if out.exists():
