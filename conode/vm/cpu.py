@@ -449,6 +449,8 @@ class UnicornCpu:
             if self._pending_error is None:
                 eip = self.uc.reg_read(x86.UC_X86_REG_EIP)
                 raise GuestCrashed(f"the CPU stopped with {exc} at EIP {eip:#x}") from None
+        finally:
+            slicer.disarm()
         if self._pending_error is not None:
             error, self._pending_error = self._pending_error, None
             raise error

@@ -1,8 +1,16 @@
-"""Ending guest CPU slices on time: the native block hook, built on first use, or a pure-Python fallback.
+"""Ending guest CPU slices on time.
 
-The native hook (``native/slice.c``) is compiled once per source version into the user's cache directory with
-the host C compiler against the headers Unicorn ships in its wheel. Where no compiler is available, a Python
-block hook does the same job, correctly but several times slower; ``conode engine`` says which one runs.
+Three ways, best first:
+
+- with conode's engine, a deadline timer thread kicks the CPU out at the deadline (blocks there check for exit
+  requests only at their start, so an asynchronous kick never leaves an instruction half done): no hook at all;
+- with stock Unicorn, a native block hook that checks the deadline (and the host's requests) at every
+  translation block — stock Unicorn also checks for exit requests after memory accesses in mid-block, where an
+  asynchronous stop would cut an instruction in half;
+- without a C compiler, the same block hook in Python: correct, several times slower.
+
+The native code (``native/slice.c``) is compiled once per source version into the user's cache directory with the
+host C compiler against the headers Unicorn ships in its wheel; ``conode engine`` says which way runs.
 """
 
 from __future__ import annotations
@@ -89,6 +97,13 @@ def build_native_slicer() -> Path:
     return target
 
 
+def _engine_function(name: str) -> object | None:
+    """A function only conode's engine exports, or None on stock Unicorn."""
+    from unicorn.unicorn_py3.unicorn import uclib
+
+    return getattr(uclib, name, None)
+
+
 class Slicer:
     """Owns the shared slice-control block and the hook that honours it."""
 
@@ -96,6 +111,7 @@ class Slicer:
         self.control = SliceControl()
         self._uc = uc
         self._hook_ref: object = None
+        self._timer: int | None = None
         self.info = self._attach(reg_read_eflags)
 
     def _attach(self, reg_read_eflags: Callable[[], int]) -> SlicerInfo:
@@ -103,6 +119,9 @@ class Slicer:
             try:
                 path = build_native_slicer()
                 lib = ctypes.CDLL(str(path))
+                kick = _engine_function("uc_conode_kick")
+                if kick is not None and os.environ.get("CONODE_SLICER") != "hook":
+                    return self._attach_timer(lib, kick, path)
                 handle = ctypes.c_size_t()
                 err = lib.conode_slice_attach(
                     self._uc._uch, ctypes.byref(self.control), ctypes.byref(handle)  # type: ignore[attr-defined]
@@ -118,6 +137,34 @@ class Slicer:
             reason = "CONODE_PURE_PYTHON=1"
         self._attach_python(reg_read_eflags)
         return SlicerInfo(False, f"Python block hook ({reason})")
+
+    def _attach_timer(self, lib: ctypes.CDLL, kick: object, path: Path) -> SlicerInfo:
+        from unicorn.unicorn_py3.unicorn import uclib
+
+        handle = self._uc._uch  # type: ignore[attr-defined]
+        uclib.uc_conode_lean_blocks(handle, True)  # before anything is translated
+        lib.conode_timer_start.restype = ctypes.c_void_p
+        lib.conode_timer_start.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.conode_timer_arm.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        lib.conode_timer_disarm.argtypes = [ctypes.c_void_p]
+        lib.conode_timer_stop.argtypes = [ctypes.c_void_p]
+        kick_address = ctypes.cast(kick, ctypes.c_void_p).value
+        timer = lib.conode_timer_start(handle, kick_address, ctypes.addressof(self.control))
+        if not timer:
+            raise OSError("cannot start the deadline timer thread")
+        self._timer = timer
+        self._lib = lib
+        self._kick = kick
+        self._unkick = _engine_function("uc_conode_unkick")
+        return SlicerInfo(True, f"deadline timer with engine kicks ({path.name})")
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._lib.conode_timer_stop(self._timer)
+            self._timer = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def _attach_python(self, reg_read_eflags: Callable[[], int]) -> None:
         from unicorn import UC_HOOK_BLOCK
@@ -148,10 +195,22 @@ class Slicer:
         c.wait_for_if = 1 if wait_for_if else 0
         c.countdown = 1  # read the clock at the first block: the deadline may already be near
         c.reason = SLICE_RUNNING
+        if self._timer is not None:
+            self._unkick(self._uc._uch)  # type: ignore[attr-defined]  # a kick meant for an earlier slice
+            if c.stop_request:
+                self._kick(self._uc._uch)  # type: ignore[attr-defined]
+            self._lib.conode_timer_arm(self._timer, deadline_ns)
+
+    def disarm(self) -> None:
+        """The slice is over (called on the machine thread after the CPU returned)."""
+        if self._timer is not None:
+            self._lib.conode_timer_disarm(self._timer)
 
     def request_stop(self) -> None:
         """End the current slice at the next block boundary; safe from any thread."""
         self.control.stop_request = 1
+        if self._timer is not None:
+            self._kick(self._uc._uch)  # type: ignore[attr-defined]
 
     def clear_request(self) -> None:
         self.control.stop_request = 0

@@ -4,8 +4,9 @@ import gzip
 
 import pytest
 
-LOOP = ("i=0; s=0; while [ $i -lt 6000 ]; do s=$(( (s*31 + i) % 1000003 )); i=$((i+1)); done; "
+LOOP = ("i=0; s=0; while [ $i -lt {n} ]; do s=$(( (s*31 + i) % 1000003 )); i=$((i+1)); done; "
         "echo sum=$s")
+LOOP_ITERATIONS = {"fast": 40000, "stock": 6000}  # a few seconds of guest time on each engine
 
 
 def assert_clean_error(result, *needles):
@@ -46,11 +47,12 @@ def test_large_output_streams_intact_and_memory_option(conode):
 
 
 def test_snapshot_mid_computation_resumes_in_a_new_process(conode, tmp_path):
-    straight = conode("vm", "run", "-q", "--", "sh", "-c", LOOP)
+    loop = LOOP.format(n=LOOP_ITERATIONS[conode.engine])
+    straight = conode("vm", "run", "-q", "--", "sh", "-c", loop)
     assert straight.returncode == 0 and straight.stdout.startswith(b"sum=")
     snap = tmp_path / "mid.snap"
     first = conode("vm", "run", "--snapshot-after", "0.5", "--snapshot-to", str(snap), "--",
-                   "sh", "-c", "echo started; " + LOOP)
+                   "sh", "-c", "echo started; " + loop)
     assert first.returncode == 0, first.stderr.decode()
     assert first.stdout == b"started\n"  # stopped in the middle: the result is not printed yet
     assert snap.stat().st_size > 0

@@ -11,6 +11,10 @@ explained in its own file:
 - ``0002-native-interrupts``: a switch to deliver exceptions and interrupts through the guest IDT with QEMU's own
   code instead of calling UC_HOOK_INTR, an external interrupt line acknowledged through a callback to the
   host's PIC, and a way to tell a triple fault from HLT.
+- ``0003-lean-blocks-and-kick``: translation blocks that check for exit requests only at their start, as QEMU
+  does (stock Unicorn also checks after every memory access, so an asynchronous stop can cut an instruction in
+  half — which is why Unicorn's own timeout corrupts a guest), and a kick that ends the run at the next block
+  boundary from any thread: slices end on a deadline timer instead of a per-block hook.
 """
 
 from __future__ import annotations
