@@ -171,6 +171,8 @@ class GuestWorker:
         self._ready = False
         self._waiting: list[dict[str, Any]] = []
         self._boot_snapshot = boot_snapshot
+        self._save_boot_snapshot = False  # set once the first boot is calibrated
+        self._control: dict[str, Any] | None = None  # pause, resume, vacate or quit, taken between slices
         self.speed = 0.0
         if resume is not None:
             self._restore(resume, with_jobs=True)
@@ -287,9 +289,6 @@ class GuestWorker:
                     self.forget(job.job)
 
     # --- the loop --------------------------------------------------------------------------------------------
-    _control: dict[str, Any] | None = None
-    _save_boot_snapshot = False
-
     def run(self) -> int:
         """Run the guest, pausing and resuming as the agent says; return the process exit status."""
         while True:

@@ -108,12 +108,10 @@ class _Registers:
         self._handle = uc._uch
         self._read = uclib.uc_reg_read
         self._write = uclib.uc_reg_write
-        self._read_batch = uclib.uc_reg_read_batch
         self._value = ctypes.c_uint64()
         self._value_ref = ctypes.byref(self._value)
         self._mmr = _TableRegister()
         self._mmr_ref = ctypes.byref(self._mmr)
-        self._batches: dict[tuple[int, ...], tuple[object, object, object]] = {}
 
     def read(self, reg: int) -> int:
         self._value.value = 0
@@ -124,18 +122,6 @@ class _Registers:
         self._value.value = value
         if self._write(self._handle, reg, self._value_ref) != 0:
             raise EngineError(f"Unicorn refused a write of {value:#x} to register {reg}")
-
-    def read_many(self, regs: tuple[int, ...]) -> tuple[int, ...]:
-        batch = self._batches.get(regs)
-        if batch is None:
-            values = (ctypes.c_uint64 * len(regs))()
-            pointers = (ctypes.c_void_p * len(regs))(
-                *[ctypes.addressof(values) + 8 * i for i in range(len(regs))])
-            batch = self._batches[regs] = ((ctypes.c_int * len(regs))(*regs), pointers, values)
-        ids, pointers, values = batch
-        ctypes.memset(values, 0, ctypes.sizeof(values))  # type: ignore[arg-type]
-        self._read_batch(self._handle, ids, pointers, len(regs))
-        return tuple(values)  # type: ignore[arg-type]
 
     def table_base(self, reg: int) -> tuple[int, int]:
         """Base and limit of a descriptor-table register (IDTR, GDTR, TR)."""
