@@ -161,6 +161,8 @@ class GuestSession:
             raise GuestCrashed(f"the guest {what} before the command finished")
         reason = self._stop_reason
         if reason == "exit" and job.exit_status is not None:
+            if snapshot_to is not None:
+                self._progress(f"the command finished before the snapshot point; no snapshot written to {snapshot_to}")
             return job.exit_status
         if reason == "agent-error":
             raise ConodeError(f"the in-guest agent refused the command: {job.agent_error}")
