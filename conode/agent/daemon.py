@@ -33,6 +33,7 @@ from conode.cluster.transport import AuthRefused, ClientSocket
 from conode.errors import ConodeError
 from conode.idle.policy import OwnerState, PolicyConfig, guest_may_run
 from conode.tomlfile import read_toml, write_toml
+from conode.vm.guest_image import image_tag
 
 log = logging.getLogger("conode.agent")
 
@@ -84,7 +85,11 @@ class AgentDaemon:
         self.backlog: deque[dict[str, Any]] = deque()  # run_job messages waiting for a free worker
         self.vacated_dir = config.state_dir / "vacated"
         self.vacated_dir.mkdir(exist_ok=True)
-        self.boot_snapshot = config.state_dir / "boot.snap"
+        # A post-boot snapshot belongs to one guest image: a new image (an upgrade) boots afresh.
+        self.boot_snapshot = config.state_dir / f"boot-{image_tag()}.snap"
+        for stale in config.state_dir.glob("boot-*.snap"):
+            if stale != self.boot_snapshot:
+                stale.unlink()
         fixed = config.idle_source in ("away", "present")
         self.owner = OwnerMonitor(make_sources(config.idle_source, clock), config.policy, clock=clock,
                                   fixed_load=0.0 if fixed else None)

@@ -25,6 +25,15 @@ class GuestImage:
     initrd_path: Path
 
 
+def image_tag(kernel_path: Path | None = None, initrd_path: Path | None = None) -> str:
+    """A short fingerprint of the guest image: snapshots of a booted guest are only valid for the same image."""
+    directory = packaged_image_dir()
+    digest = hashlib.sha256()
+    for path in (kernel_path or directory / KERNEL_NAME, initrd_path or directory / INITRD_NAME):
+        digest.update(_read(path, "guest image file"))
+    return digest.hexdigest()[:12]
+
+
 def packaged_image_dir() -> Path:
     return Path(str(resources.files("conode.vm").joinpath("images")))
 
