@@ -120,7 +120,9 @@ class Slicer:
                 path = build_native_slicer()
                 lib = ctypes.CDLL(str(path))
                 kick = _engine_function("uc_conode_kick")
-                if kick is not None and os.environ.get("CONODE_SLICER") != "hook":
+                # The timer cannot end a slice when interrupts get enabled; the Python passage needs that.
+                python_passage = os.environ.get("CONODE_PASSAGE") == "python"
+                if kick is not None and os.environ.get("CONODE_SLICER") != "hook" and not python_passage:
                     return self._attach_timer(lib, kick, path)
                 handle = ctypes.c_size_t()
                 err = lib.conode_slice_attach(
