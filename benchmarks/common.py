@@ -28,6 +28,7 @@ import os
 import platform
 import select
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,13 @@ _ENGINE_OVERRIDES = ("LIBUNICORN_PATH", "CONODE_ENGINE_SELECTED", "CONODE_PASSAG
 
 
 # --- progress -----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def progress(message: str) -> None:
     """A progress line on stderr (the tables go to stdout)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

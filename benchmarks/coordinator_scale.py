@@ -37,7 +37,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from conode.cluster import protocol  # noqa: E402
 from conode.cluster.transport import SOCKET_MAX_MESSAGE  # noqa: E402
 from coordinator.config import StateDir, load_client_config  # noqa: E402
 from coordinator.store import Store  # noqa: E402
+from common import free_port  # noqa: E402
 
 TARGET_AGENTS = 1000
 TARGET_CPU_PERCENT = 10.0
@@ -92,10 +92,6 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

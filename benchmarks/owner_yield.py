@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,12 +59,6 @@ class _Processes:
             child.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(what: str, predicate, timeout: float, interval: float = 0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -89,7 +82,7 @@ def measure(trials: int, engine: str) -> list[float]:
     (root / "home").mkdir()
     py = sys.executable
     try:
-        endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        endpoint = f"tcp://127.0.0.1:{common.free_port()}"
         procs.run(py, "-m", "coordinator.cli", "init", "--state-dir", str(root / "coord"), "--bind", endpoint)
         procs.spawn(py, "-m", "coordinator.cli", "serve", "--state-dir", str(root / "coord"), log="coord.log")
         public = procs.run(py, "-m", "conode.cli", "agent", "init", "--state-dir", str(root / "desk"), "--name",

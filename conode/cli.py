@@ -11,7 +11,7 @@ from typing import Callable, NoReturn
 
 import click
 
-from conode.errors import ConodeError
+from conode.cli_guard import run_guarded
 from conode.vm import layout
 
 EXIT_CONODE_ERROR = 125  # like `docker run`: 125 = the tool failed, otherwise the command's own status
@@ -23,21 +23,9 @@ def _progress(quiet: bool) -> Callable[[str], None]:
     return lambda line: click.echo(f"conode: {line}", err=True)
 
 
-def _fail(message: str) -> NoReturn:
-    click.echo(f"conode: error: {message}", err=True)
-    sys.exit(EXIT_CONODE_ERROR)
-
-
-def _guarded(fn: Callable[[], int]) -> NoReturn:
+def _guarded(fn: Callable[[], int | None]) -> NoReturn:
     """Run *fn*, turning conode errors into one clear line and a non-zero exit, never a traceback."""
-    try:
-        status = fn()
-    except ConodeError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        click.echo("conode: interrupted", err=True)
-        sys.exit(130)
-    sys.exit(status)
+    run_guarded(fn, "conode", EXIT_CONODE_ERROR)
 
 
 @click.group()

@@ -14,6 +14,7 @@ import click
 
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.cluster.protocol import is_safe_relative_path
+from conode.cli_guard import run_guarded
 from conode.errors import ConodeError
 from conode.tomlfile import write_toml
 from coordinator.config import (ADMIN_KEY_NAME, DEFAULT_BIND, SERVER_KEY_NAME, StateDir, load_client_config,
@@ -23,19 +24,9 @@ EXIT_ERROR = 2
 TERMINAL = ("done", "failed", "cancelled")
 
 
-def _fail(message: str) -> NoReturn:
-    click.echo(f"coordinator: error: {message}", err=True)
-    sys.exit(EXIT_ERROR)
-
-
 def _guarded(fn: Callable[[], int | None]) -> NoReturn:
-    try:
-        status = fn()
-    except ConodeError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(status or 0)
+    """Run *fn*, turning conode errors into one clear line and a non-zero exit, never a traceback."""
+    run_guarded(fn, "coordinator", EXIT_ERROR)
 
 
 @click.group()

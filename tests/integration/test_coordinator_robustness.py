@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,14 +30,9 @@ from conode.cluster.transport import AuthRefused, ClientSocket
 from conode.errors import ConodeError
 from coordinator.client import AdminClient
 from coordinator.config import ClientConfig, load_client_config
+from pool import free_port
 
 REPLY_TIMEOUT_S = 5.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Coordinator:
@@ -47,7 +41,7 @@ class Coordinator:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.state = root / "state"
-        self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         home = root / "home"
         home.mkdir()
         self.env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),

@@ -2,7 +2,6 @@
 
 import gzip
 
-import pytest
 
 LOOP = ("i=0; s=0; while [ $i -lt {n} ]; do s=$(( (s*31 + i) % 1000003 )); i=$((i+1)); done; "
         "echo sum=$s")
