@@ -1,0 +1,43 @@
+"""Pool-wide limits, defined once: the protocol, the coordinator, the agent, the worker and the guest channel
+all import them from here, so a submission the coordinator accepts always fits every hop to the guest and back.
+
+Each limit exists because something on the way is bounded: a ZeroMQ frame, the guest channel's frame, host
+memory. The budgets nest: the files of one job travel in one message, so the sum of their sizes stays well
+below the frame limit, leaving room for the message's other fields.
+"""
+
+from __future__ import annotations
+
+# --- Guest memory ------------------------------------------------------------------------------------------
+MIN_GUEST_MEM_MIB = 48  # the kernel decompresses itself to 16 MiB; below this it cannot boot
+MAX_GUEST_MEM_MIB = 768  # lowmem only (NOHIGHMEM): more would be invisible to the guest
+DEFAULT_GUEST_MEM_MIB = 128
+
+# --- Control-plane messages ----------------------------------------------------------------------------------
+MAX_FRAME_BYTES = 64 << 20  # one control-plane message
+MAX_SMALL_FIELD = 4096  # names, states, one argument, one path
+MAX_TEXT_FIELD = 1 << 20  # error texts, reasons
+
+# --- A job's command ---------------------------------------------------------------------------------------
+MAX_ARGV = 256  # arguments, program name included
+MAX_ARGV_BYTES = 256 << 10  # all arguments and the working directory, UTF-8, one NUL after each
+
+# --- A job's files -----------------------------------------------------------------------------------------
+MAX_FILES = 64  # inputs, and outputs asked for
+MAX_PATH_BYTES = 1024  # one input or output name, relative to the job directory
+MAX_JOB_INPUT_BYTES = 48 << 20  # all inputs of one job together
+MAX_OUTPUT_FILE_BYTES = 32 << 20  # one output file; a larger one is reported missing with the reason
+MAX_JOB_OUTPUT_BYTES = 48 << 20  # all output files of one job together
+
+# --- A job's stdout and stderr ---------------------------------------------------------------------------
+MAX_STREAM_BYTES = 16 << 20  # stdout and stderr of one job together; beyond it output is dropped, said once
+OUTPUT_CHUNK_BYTES = 32 << 10  # one job_output message carries at most this much
+
+# --- The guest channel ---------------------------------------------------------------------------------------
+CHANNEL_MAX_PAYLOAD = 1 << 20  # one frame between the host and the in-guest agent
+
+assert MAX_ARGV * MAX_SMALL_FIELD >= MAX_ARGV_BYTES  # the byte budget is the binding one
+assert MAX_ARGV_BYTES + MAX_SMALL_FIELD < CHANNEL_MAX_PAYLOAD  # an accepted command always fits an EXEC frame
+assert MAX_JOB_OUTPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + (1 << 20) < MAX_FRAME_BYTES
+assert MAX_JOB_INPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + MAX_ARGV_BYTES + (1 << 20) < MAX_FRAME_BYTES
+assert MAX_OUTPUT_FILE_BYTES <= MAX_JOB_OUTPUT_BYTES
