@@ -43,11 +43,12 @@ def _timed(fn: Callable, into: dict, key: str) -> Callable:
 
 def resume_child(path: str) -> int:
     """Restore *path* in this fresh process, run to the end of the pending command; print times as JSON."""
+    import conode.vm.guest as guest_module
     import conode.vm.machine as machine_module
     import conode.vm.session as session_module
 
     parts: dict[str, float] = {}
-    session_module.read_snapshot = _timed(session_module.read_snapshot, parts, "read")  # type: ignore
+    guest_module.read_snapshot = _timed(guest_module.read_snapshot, parts, "read")  # type: ignore
     machine_module.decode_ram = _timed(machine_module.decode_ram, parts, "decode_ram")  # type: ignore
     output = common.MarkerStream()
     started = time.monotonic()

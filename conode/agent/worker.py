@@ -1,7 +1,7 @@
-"""A guest worker: one process, one cooperative guest, jobs run inside it.
+"""A guest worker: one process that runs jobs, each in a fresh guest restored from the pristine snapshot.
 
-The agent starts one worker per core it offers (``python -m conode.agent.worker``), so a guest crash takes down
-only its own process. Messages from the agent arrive on stdin, messages to the agent leave on stdout, both as
+The agent starts one worker per core it offers (``python -m conode.agent.worker``), so a crash takes down only
+its own process. Messages from the agent arrive on stdin, messages to the agent leave on stdout, both as
 length-prefixed msgpack (pipe.py):
 
 - agent → worker: ``run`` (job, argv, inputs, outputs), ``cancel`` (job), ``pause``, ``resume``,
@@ -10,238 +10,148 @@ length-prefixed msgpack (pipe.py):
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
   ``resumed``, ``vacated`` (path, jobs).
 
-Each job runs in ``/job/<id>`` in the guest: inputs are written there first, outputs are read from there after.
-Booting is the slow part of starting a worker, so the first worker to boot saves a post-boot snapshot
-(``--boot-snapshot``) that later workers resume from in a fraction of a second. ``vacate`` saves the whole guest,
-jobs included, and ``--resume`` continues it, here or on another machine.
+**A fresh guest for every job.** The worker keeps the *pristine* post-boot snapshot: made by the host from a
+boot in which no job ran (``--boot-snapshot`` keeps it on disk for the next worker, tied to the guest image's
+digests), never on anything a guest says. Each job gets its own copy, restored in a fraction of a second,
+renewed with fresh entropy and the host's clock before any job code runs, and discarded when the job ends, is
+cancelled, breaks the host-channel protocol or crashes the guest — the job then fails with the reason, and the
+worker takes the next one. ``vacate`` saves the running guest, job included, and ``--resume`` continues it.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import queue
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from conode.agent.pipe import PipeError, Unpacker, pack
 from conode.errors import ConodeError
-from conode.vm.guest_agent import GuestAgentClient
-from conode.vm.guest_image import BASE_CMDLINE, load_guest_image
-from conode.vm.machine import CoMachine, MachineConfig, MachineExit
-from conode.vm.snapshot import read_snapshot, write_snapshot
+from conode.vm.guest import Guest, GuestSnapshot, ImageDigests, JobSpec
+from conode.vm.guest_image import load_guest_image
+from conode.vm.machine import CoMachine, MachineConfig
 
 CALIBRATION_LOOPS = 300
-SNAPSHOT_KIND = "conode-worker"
-
-
-class _Job:
-    """One job's progress: staging inputs, running, collecting outputs. Its state survives a snapshot."""
-
-    def __init__(self, worker: "GuestWorker", job: int, argv: list[str], inputs: dict[str, bytes],
-                 outputs: list[str], ran_s: float = 0.0) -> None:
-        self.worker = worker
-        self.job = job
-        self.argv = argv
-        self.inputs = inputs
-        self.wanted = outputs
-        self.directory = f"/job/{job}"
-        self.ran_before_s = ran_s  # run time before the last snapshot
-        self.started = time.monotonic()
-        self.command: int | None = None
-        self.status: int | None = None
-        self.collected: dict[str, bytes] = {}
-        self.missing: list[str] = []
-        self.cancelled = False
-
-    # --- snapshots -----------------------------------------------------------------------------------------
-    def get_state(self) -> dict[str, Any]:
-        return {"job": self.job, "argv": self.argv, "inputs": self.inputs, "wanted": self.wanted,
-                "command": self.command, "status": self.status,
-                "ran_s": self.ran_before_s + time.monotonic() - self.started}
-
-    @classmethod
-    def from_state(cls, worker: "GuestWorker", state: dict[str, Any]) -> "_Job":
-        job = cls(worker, state["job"], state["argv"], state["inputs"], state["wanted"], state["ran_s"])
-        job.command = state["command"]
-        job.status = state["status"]
-        return job
-
-    def continue_after_restore(self) -> None:
-        """Transfers in flight at snapshot time are not in the snapshot: redo the phase that was under way."""
-        if self.command is None:
-            self.start()  # was staging inputs
-        elif self.status is None:
-            self.worker.agent.attach(self.command, self)  # still running in the guest
-        else:
-            self._collect(list(self.wanted))  # was collecting outputs
-
-    # --- phases --------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        remaining = [len(self.inputs)]
-        if not self.inputs:
-            self._run()
-            return
-
-        def staged(error: str | None, name: str) -> None:
-            if error is not None:
-                self.worker.send({"type": "failed", "job": self.job, "reason": f"staging {name}: {error}"})
-                self.worker.forget(self.job)
-                return
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                self._run()
-
-        for name, data in self.inputs.items():
-            self.worker.agent.put_file(f"{self.directory}/{name}", data,
-                                       lambda error, name=name: staged(error, name))
-
-    def _run(self) -> None:
-        if not self.cancelled:
-            self.command = self.worker.agent.run(self.argv, self, cwd=self.directory)
-
-    # CommandHandler
-    def on_output(self, stream: str, data: bytes) -> None:
-        self.worker.send({"type": "output", "job": self.job, "stream": stream, "data": data})
-
-    def on_exit(self, status: int) -> None:
-        self.status = status
-        self._collect(list(self.wanted))
-
-    def on_error(self, message: str) -> None:
-        self.worker.send({"type": "failed", "job": self.job, "reason": f"in-guest agent: {message}"})
-        self.worker.forget(self.job)
-
-    def _collect(self, remaining: list[str]) -> None:
-        if not remaining:
-            self._finish()
-            return
-        path = remaining.pop(0)
-
-        def got(data: bytes | None, error: str | None) -> None:
-            if data is None:
-                self.missing.append(path)
-            else:
-                self.collected[path] = data
-            self._collect(remaining)
-
-        self.worker.agent.fetch_file(f"{self.directory}/{path}", got)
-
-    def _finish(self) -> None:
-        if not self.cancelled:
-            self.worker.send({"type": "finished", "job": self.job, "status": self.status, "outputs": self.collected,
-                              "missing": self.missing,
-                              "runtime_s": self.ran_before_s + time.monotonic() - self.started})
-        self.worker.agent.run(["rm", "-rf", self.directory], _Discard())
-        self.worker.forget(self.job)
-
-
-class _Discard:
-    def on_output(self, stream: str, data: bytes) -> None:
-        pass
-
-    def on_exit(self, status: int) -> None:
-        pass
-
-    def on_error(self, message: str) -> None:
-        pass
-
-
-class _Calibration(_Discard):
-    """Times a fixed shell loop in the guest: the node's guest speed, in loop iterations per second."""
-
-    def __init__(self, done: Callable[[float], None]) -> None:
-        self._started = time.monotonic()
-        self._done = done
-
-    def on_exit(self, status: int) -> None:
-        self._done(CALIBRATION_LOOPS / max(time.monotonic() - self._started, 1e-6))
+BOOT_TIMEOUT_S = 120.0
 
 
 class GuestWorker:
+    """Runs the agent's jobs one at a time, each in its own guest."""
+
     def __init__(self, mem_mib: int, out_fd: int, boot_snapshot: Path | None = None,
-                 resume: Path | None = None) -> None:
+                 resume: Path | None = None, cpu_cap: float = 1.0) -> None:
         self._out_fd = out_fd
         self._out_lock = threading.Lock()
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.jobs: dict[int, _Job] = {}
-        self._ready = False
-        self._waiting: list[dict[str, Any]] = []
+        self.mem_mib = mem_mib
+        self.cpu_cap = cpu_cap
         self._boot_snapshot = boot_snapshot
-        self._save_boot_snapshot = False  # set once the first boot is calibrated
-        self._control: dict[str, Any] | None = None  # pause, resume, vacate or quit, taken between slices
+        self._resume = resume
+        self.pristine: GuestSnapshot | None = None
+        self.guest: Guest | None = None
         self.speed = 0.0
-        if resume is not None:
-            self._restore(resume, with_jobs=True)
-        elif boot_snapshot is not None and boot_snapshot.exists():
-            try:
-                self._restore(boot_snapshot, with_jobs=False)
-            except ConodeError as exc:  # stale or damaged: boot afresh and replace it
-                print(f"conode-worker: boot snapshot unusable ({exc}); booting", file=sys.stderr)
-                self._boot(mem_mib)
-        else:
-            self._boot(mem_mib)
+        self._runs: deque[dict[str, Any]] = deque()  # run messages not started yet
+        self._control: dict[str, Any] | None = None  # pause, vacate or quit, taken between slices
+        self._cancelled = False  # the running guest's job was cancelled: discard it silently
+        self._running: Guest | None = None  # the guest on the CPU right now (a job's, the boot's, calibration's)
 
-    # --- starting the guest ----------------------------------------------------------------------------------
-    def _new_machine(self, config: MachineConfig) -> None:
-        self.machine = CoMachine(config, lambda data: None, self._from_guest)
-        self.agent = GuestAgentClient(self.machine.channel.send)
-
-    def _boot(self, mem_mib: int) -> None:
+    # --- the pristine guest -----------------------------------------------------------------------------
+    def _load_pristine(self) -> None:
+        """The post-boot snapshot from disk if it belongs to this image, else a fresh boot (saved for later)."""
         image = load_guest_image()
-        self._new_machine(MachineConfig(mem_mib=mem_mib))
-        self.agent.on_ready = self._on_guest_ready
-        self.machine.boot(image.kernel, image.initrd, BASE_CMDLINE + " quiet")
+        digests = ImageDigests.of(image)
+        path = self._boot_snapshot
+        if path is not None and path.exists():
+            try:
+                snapshot = GuestSnapshot.read(path)
+                if snapshot.image == digests and snapshot.job is None and \
+                        CoMachine.config_from_state(snapshot.machine).mem_mib == self.mem_mib:
+                    self.pristine = snapshot
+                    return
+                self._log(f"boot snapshot {path} is for another image or size; booting")
+            except ConodeError as exc:
+                self._log(f"boot snapshot unusable ({exc}); booting")
+        booted = Guest.boot(image, MachineConfig(mem_mib=self.mem_mib))
+        booted.on_ready = lambda name: booted.machine.pause()
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        timer = threading.Timer(BOOT_TIMEOUT_S, booted.machine.pause)
+        timer.daemon = True
+        timer.start()
+        try:
+            while not booted.agent.ready and booted.failure is None and time.monotonic() < deadline:
+                self._run_guest(booted)
+        finally:
+            timer.cancel()
+        if booted.failure is not None or not booted.agent.ready:
+            raise ConodeError(f"the guest did not boot: {booted.failure or f'not ready within {BOOT_TIMEOUT_S:g} s'}")
+        self.pristine = booted.snapshot()
+        if path is not None:
+            try:
+                self.pristine.write(path)
+            except ConodeError as exc:
+                self._log(f"cannot save the boot snapshot: {exc}")
 
-    def _restore(self, path: Path, with_jobs: bool) -> None:
-        state = read_snapshot(path)
-        if state.get("kind") != SNAPSHOT_KIND:
-            raise ConodeError(f"{path} is not a worker snapshot")
-        self._new_machine(CoMachine.config_from_state(state["machine"]))
-        self.machine.set_state(state["machine"])
-        self.agent.set_state(state["agent"])
-        # Every copy of a snapshot would otherwise draw the same random numbers: stir in fresh host entropy.
-        self.agent.put_file("/dev/urandom", os.urandom(64), lambda error: None)
-        self.speed = float(state["speed"])
-        if with_jobs:
-            for saved in state["jobs"]:
-                job = _Job.from_state(self, saved)
-                self.jobs[job.job] = job
-                job.continue_after_restore()
-        self._mark_ready()
+    def _fresh_guest(self) -> Guest:
+        if self.pristine is None:
+            self._load_pristine()
+        assert self.pristine is not None
+        guest = Guest.restore(self.pristine, new_identity=True)
+        guest.machine.cpu_cap = self.cpu_cap
+        return guest
 
-    def _on_guest_ready(self, guest: str) -> None:
-        loop = f"i=0; while [ $i -lt {CALIBRATION_LOOPS} ]; do i=$((i+1)); done"
+    def _calibrate(self) -> None:
+        """Time a fixed shell loop in a throwaway guest: the node's guest speed, in loop iterations per second."""
+        guest = self._fresh_guest()
+        started = time.monotonic()
+        took: list[float] = []
 
-        def calibrated(speed: float) -> None:
-            self.speed = speed
-            if self._boot_snapshot is not None:
-                # Save the freshly booted guest before any job touches it; ready is announced after that.
-                self._save_boot_snapshot = True
-                self.machine.pause()
-            else:
-                self._mark_ready()
+        def done(status: int) -> None:
+            took.append(time.monotonic() - started)
+            guest.machine.pause()
 
-        self.agent.run(["sh", "-c", loop], _Calibration(calibrated))
+        guest.run_host_command(["sh", "-c", f"i=0; while [ $i -lt {CALIBRATION_LOOPS} ]; do i=$((i+1)); done"],
+                               done)
+        while not took and guest.failure is None:
+            self._run_guest(guest)
+        if took:
+            self.speed = CALIBRATION_LOOPS / max(took[0], 1e-6)
+        self._discard(guest)
 
-    def _mark_ready(self) -> None:
-        self._ready = True
-        self.send({"type": "ready", "guest": self.agent.guest or "", "speed": self.speed})
-        for message in self._waiting:
-            self.handle(message)
-        self._waiting.clear()
+    def _run_guest(self, guest: Guest) -> None:
+        """Run *guest* until it pauses, then carry out what the agent asked meanwhile (pause, vacate, quit)."""
+        self._running = guest
+        try:
+            guest.run()
+        finally:
+            self._running = None
+        self.drain_inbox()
+        if self._control is not None and self._obey_control():
+            raise _Exit
 
-    def save(self, path: Path, with_jobs: bool) -> int:
-        state = {"kind": SNAPSHOT_KIND, "machine": self.machine.get_state(), "agent": self.agent.get_state(),
-                 "speed": self.speed, "jobs": [j.get_state() for j in self.jobs.values()] if with_jobs else []}
-        return write_snapshot(path, state)
+    def _discard(self, guest: Guest) -> None:
+        if self.guest is guest:
+            self.guest = None
+        guest.machine.cpu.slicer.close()
+        del guest
+        gc.collect()  # the machine holds Unicorn and its RAM in reference cycles: free them now
 
-    # --- the agent's side ----------------------------------------------------------------------------------
-    def _from_guest(self, data: bytes) -> None:
-        self.agent.feed(data)
+    # --- JobSink: results to the agent -----------------------------------------------------------------
+    def output(self, job: int, stream: str, data: bytes) -> None:
+        self.send({"type": "output", "job": job, "stream": stream, "data": data})
+
+    def finished(self, job: int, status: int, outputs: dict[str, bytes], missing: list[str],
+                 runtime_s: float) -> None:
+        self.send({"type": "finished", "job": job, "status": status, "outputs": outputs, "missing": missing,
+                   "runtime_s": runtime_s})
+
+    def failed(self, job: int, reason: str) -> None:
+        self.send({"type": "failed", "job": job, "reason": reason})
 
     def send(self, message: dict[str, Any]) -> None:
         data = pack(message)
@@ -251,8 +161,16 @@ class GuestWorker:
                 written = os.write(self._out_fd, view)
                 view = view[written:]
 
-    def forget(self, job: int) -> None:
-        self.jobs.pop(job, None)
+    @staticmethod
+    def _log(line: str) -> None:
+        print(f"conode-worker: {line}", file=sys.stderr, flush=True)
+
+    # --- the agent's messages -----------------------------------------------------------------------------
+    def wake(self) -> None:
+        """A message arrived (called by the reader thread after queueing it)."""
+        guest = self._running
+        if guest is not None:
+            guest.machine.call_soon(self.drain_inbox)
 
     def drain_inbox(self) -> None:
         """Handle the agent's messages (on the machine thread, between slices)."""
@@ -265,63 +183,89 @@ class GuestWorker:
 
     def handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
+        guest = self._running
         if kind in ("pause", "vacate", "quit"):
             self._control = message
-            self.machine.pause()
-            return
-        if kind == "resume":
-            return
-        if not self._ready:
-            self._waiting.append(message)
-            return
-        if kind == "run":
-            job = _Job(self, int(message["job"]), list(message["argv"]), dict(message["inputs"]),
-                       list(message["outputs"]))
-            self.jobs[job.job] = job
-            job.start()
+            if guest is not None:
+                guest.machine.pause()
+        elif kind == "run":
+            self._runs.append(message)
         elif kind == "cancel":
-            job = self.jobs.get(int(message["job"]))
-            if job is not None:
-                job.cancelled = True
-                if job.command is not None and job.status is None:
-                    self.agent.kill(job.command, 9)
-                else:
-                    self.forget(job.job)
+            job = message.get("job")
+            self._runs = deque(m for m in self._runs if m.get("job") != job)
+            if self.guest is not None and self.guest.job is not None and self.guest.job.spec.id == job:
+                self._cancelled = True
+                self.guest.machine.pause()
+
+    def _start_next_job(self) -> None:
+        message = self._runs.popleft()
+        spec = JobSpec.in_job_directory(int(message["job"]), list(message["argv"]), dict(message["inputs"]),
+                                        list(message["outputs"]))
+        self._cancelled = False
+        self.guest = self._fresh_guest()
+        self.guest.start_job(spec, self)
 
     # --- the loop --------------------------------------------------------------------------------------------
     def run(self) -> int:
-        """Run the guest, pausing and resuming as the agent says; return the process exit status."""
+        """Run jobs, pausing and resuming as the agent says; return the process exit status."""
+        try:
+            self._serve()
+        except _Exit:
+            pass
+        return 0
+
+    def _serve(self) -> None:
+        if self._resume is not None:
+            self.guest = Guest.restore(GuestSnapshot.read(self._resume), self)
+            self.guest.machine.cpu_cap = self.cpu_cap
+        else:
+            self._load_pristine()
+            self._calibrate()
+        name = self.guest.agent.guest if self.guest is not None else self._guest_name()
+        self.send({"type": "ready", "guest": name or "", "speed": self.speed})
         while True:
-            outcome = self.machine.run()
-            if outcome is not MachineExit.PAUSED:
-                print(f"conode-worker: guest stopped unexpectedly ({outcome.value})", file=sys.stderr)
-                return 1
-            if self._save_boot_snapshot:
-                self._save_boot_snapshot = False
-                try:
-                    self.save(self._boot_snapshot, with_jobs=False)  # type: ignore[arg-type]
-                except ConodeError as exc:
-                    print(f"conode-worker: cannot save the boot snapshot: {exc}", file=sys.stderr)
-                self._mark_ready()
-            control, self._control = self._control, None
-            if control is None:
+            self.drain_inbox()
+            if self._control is not None:
+                if self._obey_control():
+                    return
                 continue
-            stopped_at = time.time()
-            while control is not None:
-                kind = control["type"]
-                if kind == "quit":
-                    return 0
-                if kind == "vacate":
-                    path = Path(control["path"])
-                    self.save(path, with_jobs=True)
-                    self.send({"type": "vacated", "path": str(path), "jobs": sorted(self.jobs)})
-                    return 0
-                if kind == "pause":
-                    self.send({"type": "paused", "at": stopped_at})
-                    control = self._wait_while_paused()
-                else:  # resume
-                    self.send({"type": "resumed"})
-                    control = None
+            if self.guest is None:
+                if self._runs:
+                    self._start_next_job()
+                else:
+                    self.handle(self.inbox.get())
+                continue
+            guest = self.guest
+            self._run_guest(guest)
+            if guest.finished or self._cancelled:
+                self._discard(guest)
+
+    def _guest_name(self) -> str:
+        return str(self.pristine.agent.get("guest") or "") if self.pristine is not None else ""
+
+    def _obey_control(self) -> bool:
+        """Carry out pause, vacate or quit; True when the worker should exit."""
+        stopped_at = time.time()
+        control, self._control = self._control, None
+        while control is not None:
+            kind = control["type"]
+            if kind == "quit":
+                return True
+            if kind == "vacate":
+                path = Path(control["path"])
+                jobs = []
+                if self.guest is not None and self.guest.job is not None and not self.guest.finished:
+                    self.guest.save(path)
+                    jobs = [self.guest.job.spec.id]
+                self.send({"type": "vacated", "path": str(path), "jobs": jobs})
+                return True
+            if kind == "pause":
+                self.send({"type": "paused", "at": stopped_at})
+                control = self._wait_while_paused()
+            else:  # resume
+                self.send({"type": "resumed"})
+                control = None
+        return False
 
     def _wait_while_paused(self) -> dict[str, Any]:
         """Block (the guest stays stopped, its clock frozen) until resume, vacate or quit; queue the rest."""
@@ -330,7 +274,13 @@ class GuestWorker:
             if message.get("type") in ("resume", "vacate", "quit"):
                 return message
             self.handle(message)
+            if self._cancelled and self.guest is not None:
+                self._discard(self.guest)
             self._control = None  # handle() may have asked the (already stopped) machine to pause
+
+
+class _Exit(Exception):
+    """The agent said quit or vacate: unwind to the end of the process."""
 
 
 def _read_commands(worker: GuestWorker, in_fd: int) -> None:
@@ -346,18 +296,18 @@ def _read_commands(worker: GuestWorker, in_fd: int) -> None:
             messages = [{"type": "quit"}]
         for message in messages:
             worker.inbox.put(message)
-        worker.machine.call_soon(worker.drain_inbox)
+        worker.wake()
         if not data or messages[-1:] == [{"type": "quit"}]:
             return
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="conode-worker", description="Run jobs in one cooperative guest.")
+    parser = argparse.ArgumentParser(prog="conode-worker", description="Run jobs in cooperative guests.")
     parser.add_argument("--mem", type=int, default=128, help="guest memory in MiB")
     parser.add_argument("--cpu-cap", type=float, default=100.0, help="percent of one core the guest may use")
     parser.add_argument("--boot-snapshot", type=Path, default=None,
-                        help="resume from this post-boot snapshot if it exists, else boot and write it")
-    parser.add_argument("--resume", type=Path, default=None, help="continue a vacated guest, jobs included")
+                        help="the pristine post-boot snapshot: used if it exists and fits, else made and written")
+    parser.add_argument("--resume", type=Path, default=None, help="continue a vacated guest, job included")
     args = parser.parse_args(argv)
     out_fd = os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the message stream
@@ -366,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         pass
     try:
-        worker = GuestWorker(args.mem, out_fd, args.boot_snapshot, args.resume)
-        worker.machine.cpu_cap = max(0.01, min(args.cpu_cap, 100.0)) / 100.0
+        worker = GuestWorker(args.mem, out_fd, args.boot_snapshot, args.resume,
+                             max(0.01, min(args.cpu_cap, 100.0)) / 100.0)
         threading.Thread(target=_read_commands, args=(worker, sys.stdin.fileno()), daemon=True).start()
         return worker.run()
     except ConodeError as exc:

@@ -23,6 +23,8 @@ class GuestImage:
     initrd: bytes
     kernel_path: Path
     initrd_path: Path
+    kernel_sha256: str
+    initrd_sha256: str
 
 
 def image_tag(kernel_path: Path | None = None, initrd_path: Path | None = None) -> str:
@@ -67,10 +69,13 @@ def load_guest_image(kernel_path: Path | None = None, initrd_path: Path | None =
     kernel_data = _read(kernel_path, "guest kernel")
     initrd = _read(initrd_path, "guest initramfs")
     expected = _expected_checksums(kernel_path.parent) if kernel_path.parent == initrd_path.parent else {}
+    digests = []
     for path, data in ((kernel_path, kernel_data), (initrd_path, initrd)):
+        digests.append(hashlib.sha256(data).hexdigest())
         want = expected.get(path.name)
-        if want and hashlib.sha256(data).hexdigest() != want:
+        if want and digests[-1] != want:
             raise GuestImageError(f"{path} is corrupt: its SHA-256 does not match SHA256SUMS; reinstall conode")
     if initrd[:2] != b"\x1f\x8b" and initrd[:6] not in (b"070701", b"070702"):
         raise GuestImageError(f"{initrd_path} is not a gzip or newc cpio initramfs")
-    return GuestImage(KernelImage.parse(kernel_data, str(kernel_path)), initrd, kernel_path, initrd_path)
+    return GuestImage(KernelImage.parse(kernel_data, str(kernel_path)), initrd, kernel_path, initrd_path,
+                      digests[0], digests[1])

@@ -12,17 +12,25 @@
  *
  * Host -> guest:
  *   'X' exec   payload: cwd NUL argv0 NUL argv1 NUL ...
- *   'K' kill   payload: u32 signal, sent to the job's process group
+ *   'K' kill   payload: u32 signal, sent to the job's process group; with
+ *              id 0, to every process but the agent (PID 1 mode only)
  *   'P' put    payload: path NUL u32 mode; followed by 'D' data frames,
  *              an empty 'D' closes the file and is answered by 'A'
  *   'D' data   (see 'P')
- *   'G' get    payload: path; answered by 'F' chunks and an empty 'F'
+ *   'G' get    payload: root NUL relative-path NUL u32 max-bytes; answered
+ *              by 'F' chunks and an empty 'F'.  Only a regular file whose
+ *              real path lies inside root, of at most max-bytes, is sent:
+ *              anything else (a link out of root, a FIFO, a device, a file
+ *              too large) is answered by 'Z' with the reason
+ *   'N' renew  payload: i64 seconds, u32 nanoseconds (the host's wall
+ *              clock), then entropy bytes: sets the clock, credits the
+ *              entropy and reseeds the kernel's RNG; answered by 'A'
  *   'Q' quit   sync and power off
  * Guest -> host:
  *   'R' ready  payload: "sysname release machine" (sent once at start)
  *   'O' / 'E'  stdout / stderr data of an exec job
  *   'S' status payload: i32 exit code, or 128 + signal number
- *   'A' ack    a put finished successfully
+ *   'A' ack    a put or a renew finished successfully
  *   'F' file   data of a get
  *   'Z' error  payload: one-line message
  *
@@ -47,6 +55,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
+#include <linux/random.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/reboot.h>
@@ -451,6 +461,14 @@ static void handle_kill(uint32_t id, const unsigned char *data, uint32_t len)
 		send_error(id, "kill: malformed payload");
 		return;
 	}
+	/* Id 0 names no job: signal everything but ourselves (what finished
+	 * jobs left behind).  Only as PID 1 in the guest: on a test host this
+	 * would reach every process of the user. */
+	if (id == 0 && !job) {
+		if (pid1_mode && kill(-1, (int)get_le32(data)) < 0 && errno != ESRCH)
+			send_error(id, "kill: %s", strerror(errno));
+		return;
+	}
 	/* An unknown id is normal: the job may have finished in the meantime. */
 	if (!job)
 		return;
@@ -677,39 +695,90 @@ static void handle_data(uint32_t id, const unsigned char *data, uint32_t len)
 	}
 }
 
+/* Is the real path of `path` inside the directory `root` (itself resolved)? */
+static int path_is_inside(const char *path, const char *root)
+{
+	char real_root[PATH_MAX], real_path[PATH_MAX];
+	size_t n;
+
+	if (!realpath(root, real_root) || !realpath(path, real_path))
+		return 0;
+	n = strlen(real_root);
+	return strncmp(real_path, real_root, n) == 0 &&
+	       (real_path[n] == '/' || (n == 1 && real_root[0] == '/'));
+}
+
 static void handle_get(uint32_t id, const unsigned char *data, uint32_t len)
 {
 	static char buf[CHUNK];
-	char *path;
+	const char *root = (const char *)data, *rel;
+	size_t root_len, rel_len;
+	uint64_t max_bytes, sent = 0;
+	char *path = NULL;
 	struct stat st;
 	int fd;
 
-	path = xrealloc(NULL, len + 1);
-	memcpy(path, data, len);
-	path[len] = '\0';       /* a trailing NUL from the host is harmless */
+	root_len = strnlen(root, len);
+	if (root_len == 0 || root_len >= len) {
+		send_error(id, "get: malformed payload");
+		return;
+	}
+	rel = root + root_len + 1;
+	rel_len = strnlen(rel, len - root_len - 1);
+	if (rel_len == 0 || root_len + 1 + rel_len + 1 + 4 != len) {
+		send_error(id, "get: malformed payload");
+		return;
+	}
+	max_bytes = get_le32(data + len - 4);
+	path = xrealloc(NULL, root_len + rel_len + 2);
+	sprintf(path, "%s/%s", root, rel);
 
-	fd = open(path, O_RDONLY | O_CLOEXEC);
+	/* O_NOFOLLOW: a symlink as the file itself is refused outright;
+	 * O_NONBLOCK: opening a FIFO must not wait for a writer. */
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
 	if (fd < 0) {
-		send_error(id, "get: %s: %s", path, strerror(errno));
+		send_error(id, "get: %s: %s", rel, errno == ELOOP ?
+			   "is a symbolic link" : strerror(errno));
 		goto out;
 	}
-	if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
-		send_error(id, "get: %s: Is a directory", path);
+	if (fstat(fd, &st) < 0) {
+		send_error(id, "get: %s: %s", rel, strerror(errno));
+		goto out_close;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		send_error(id, "get: %s: not a regular file", rel);
+		goto out_close;
+	}
+	if (!path_is_inside(path, root)) {
+		send_error(id, "get: %s: lies outside the job directory", rel);
+		goto out_close;
+	}
+	if ((uint64_t)st.st_size > max_bytes) {
+		send_error(id, "get: %s: %llu bytes, more than the limit of %llu",
+			   rel, (unsigned long long)st.st_size,
+			   (unsigned long long)max_bytes);
 		goto out_close;
 	}
 	/* Sent in one go: the event loop waits, but the file is consistent
-	 * and the host gets its chunks back to back. */
+	 * and the host gets its chunks back to back.  A file that grows while
+	 * it is read is cut at the limit and refused. */
 	for (;;) {
 		ssize_t n = read(fd, buf, sizeof(buf));
 
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
-			send_error(id, "get: %s: %s", path, strerror(errno));
+			send_error(id, "get: %s: %s", rel, strerror(errno));
 			goto out_close;
 		}
 		if (n == 0)
 			break;
+		if (sent + (uint64_t)n > max_bytes) {
+			send_error(id, "get: %s: grew beyond the limit of %llu bytes",
+				   rel, (unsigned long long)max_bytes);
+			goto out_close;
+		}
+		sent += n;
 		send_frame('F', id, buf, n);
 	}
 	send_frame('F', id, NULL, 0);
@@ -717,6 +786,52 @@ out_close:
 	close(fd);
 out:
 	free(path);
+}
+
+/*
+ * A guest restored from a snapshot shares its RNG state and its clock with
+ * every other copy of that snapshot.  Before any job runs, the host sends
+ * fresh entropy and its wall clock: credit the entropy and force a reseed,
+ * so that the very next read of /dev/urandom differs from every other copy.
+ */
+static void handle_renew(uint32_t id, const unsigned char *data, uint32_t len)
+{
+	struct {
+		struct rand_pool_info info;
+		uint32_t words[64];
+	} seed;
+	struct timespec now;
+	uint32_t nbytes;
+	int fd;
+
+	if (len < 12 + 16 || len > 12 + sizeof(seed.words)) {
+		send_error(id, "renew: malformed payload");
+		return;
+	}
+	now.tv_sec = (time_t)((uint64_t)get_le32(data) | (uint64_t)get_le32(data + 4) << 32);
+	now.tv_nsec = get_le32(data + 8) % 1000000000u;
+	nbytes = len - 12;
+	memset(&seed, 0, sizeof(seed));
+	memcpy(seed.words, data + 12, nbytes);
+	seed.info.entropy_count = nbytes * 8;
+	seed.info.buf_size = nbytes;
+
+	if (clock_settime(CLOCK_REALTIME, &now) < 0) {
+		send_error(id, "renew: clock_settime: %s", strerror(errno));
+		return;
+	}
+	fd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		send_error(id, "renew: /dev/urandom: %s", strerror(errno));
+		return;
+	}
+	if (ioctl(fd, RNDADDENTROPY, &seed) < 0 || ioctl(fd, RNDRESEEDCRNG) < 0) {
+		send_error(id, "renew: reseeding the RNG: %s", strerror(errno));
+		close(fd);
+		return;
+	}
+	close(fd);
+	send_frame('A', id, NULL, 0);
 }
 
 static void handle_quit(void)
@@ -743,6 +858,7 @@ static void dispatch(uint8_t type, uint32_t id, const unsigned char *data, uint3
 	case 'P': handle_put(id, data, len); break;
 	case 'D': handle_data(id, data, len); break;
 	case 'G': handle_get(id, data, len); break;
+	case 'N': handle_renew(id, data, len); break;
 	case 'Q': handle_quit(); break;
 	default:
 		send_error(id, "unknown frame type 0x%02x", type);

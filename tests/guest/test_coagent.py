@@ -211,7 +211,7 @@ def test_put_get_roundtrip(agent: Agent, tmp_path: Path) -> None:
     assert path.read_bytes() == data
     assert path.stat().st_mode & 0o7777 == 0o640
 
-    agent.send(b"G", 11, str(path).encode())
+    agent.send(b"G", 11, get_payload(tmp_path, "sub/dir/blob.bin", len(data)))
     got = b""
     while True:
         ftype, fid, payload = agent.recv()
@@ -223,11 +223,53 @@ def test_put_get_roundtrip(agent: Agent, tmp_path: Path) -> None:
     assert got == data
 
 
+def get_payload(root: Path, relative: str, max_bytes: int) -> bytes:
+    return str(root).encode() + b"\0" + relative.encode() + b"\0" + struct.pack("<I", max_bytes)
+
+
+def get_refused(agent: Agent, fid: int, root: Path, relative: str, max_bytes: int = 1 << 20) -> bytes:
+    agent.send(b"G", fid, get_payload(root, relative, max_bytes))
+    ftype, got_id, payload = agent.recv()
+    assert (ftype, got_id) == (b"Z", fid), payload
+    return payload
+
+
 def test_get_missing_file(agent: Agent, tmp_path: Path) -> None:
-    agent.send(b"G", 12, str(tmp_path / "nope").encode())
+    assert b"No such file" in get_refused(agent, 12, tmp_path, "nope")
+
+
+def test_get_refuses_what_is_not_a_plain_file_inside_the_job(agent: Agent, tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    (job / "sub").mkdir(parents=True)
+    (tmp_path / "secret").write_bytes(b"s")
+    (job / "zero").symlink_to("/dev/zero")
+    (job / "out").symlink_to(tmp_path / "secret")
+    (job / "escape").symlink_to(tmp_path)
+    os.mkfifo(job / "fifo")
+    (job / "big").write_bytes(b"x" * 5000)
+    assert b"symbolic link" in get_refused(agent, 50, job, "zero")
+    assert b"symbolic link" in get_refused(agent, 51, job, "out")
+    assert b"outside the job directory" in get_refused(agent, 52, job, "escape/secret")
+    assert b"not a regular file" in get_refused(agent, 53, job, "fifo")  # and it did not block
+    assert b"not a regular file" in get_refused(agent, 54, job, "sub")
+    assert b"more than the limit of 4999" in get_refused(agent, 55, job, "big", 4999)
+    assert b"malformed" in get_refused(agent, 56, job, "")
+    agent.send(b"G", 57, get_payload(job, "big", 5000))
+    assert agent.recv() == (b"F", 57, b"x" * 5000)
+    assert agent.recv() == (b"F", 57, b"")
+
+
+def test_renew_refuses_a_malformed_payload(agent: Agent) -> None:
+    # A well-formed renew would set this host's clock: the real one is tested in the guest.
+    agent.send(b"N", 60, b"short")
     ftype, fid, payload = agent.recv()
-    assert (ftype, fid) == (b"Z", 12)
-    assert b"No such file" in payload
+    assert (ftype, fid) == (b"Z", 60) and b"malformed" in payload
+
+
+def test_kill_all_is_refused_outside_pid1(agent: Agent) -> None:
+    agent.exec(61, ["sh", "-c", "sleep 0.3; echo survived"])
+    agent.send(b"K", 0, struct.pack("<I", 9))  # a no-op off PID 1: this host's processes are not the guest's
+    assert agent.collect({61})[61] == {"O": b"survived\n", "E": b"", "S": 0}
 
 
 def test_put_error_ignores_later_data(agent: Agent, tmp_path: Path) -> None:
