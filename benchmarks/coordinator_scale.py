@@ -56,6 +56,7 @@ if str(REPO) not in sys.path:
 
 from conode.cluster import protocol  # noqa: E402
 from conode.cluster.transport import SOCKET_MAX_MESSAGE  # noqa: E402
+from conode.limits import MAX_GUEST_MEM_MIB  # noqa: E402
 from coordinator.config import StateDir, load_client_config  # noqa: E402
 from coordinator.store import Store  # noqa: E402
 from common import free_port  # noqa: E402
@@ -286,7 +287,7 @@ class Swarm:
             self.need_hello.add(agent.index)
 
     def _hello(self, agent: SimAgent) -> bytes:
-        return protocol.encode("hello", node=agent.name, cores=2, mem_mib=1024, speed=5.0e6,
+        return protocol.encode("hello", node=agent.name, cores=2, mem_mib=MAX_GUEST_MEM_MIB, speed=5.0e6,
                                state=agent.state, idle_s=time.time() - agent.idle_since,
                                running=sorted(agent.running), software="coordinator_scale benchmark")
 

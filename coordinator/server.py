@@ -293,10 +293,6 @@ class Coordinator:
         if not msg["argv"]:
             self._reply(identity, "error", code="invalid", message="a job needs a command", in_reply_to="submit")
             return
-        if msg["mem_mib"] < 48:
-            self._reply(identity, "error", code="invalid", message="a job needs at least 48 MiB of guest memory",
-                        in_reply_to="submit")
-            return
         job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name)
         self._queued_at[job_id] = self._clock()
         log.info("job %d submitted by %s: %s", job_id, name, " ".join(msg["argv"])[:200])
