@@ -1,10 +1,10 @@
-"""A clock that moves only when told: inject it wherever code takes a ``clock`` callable, then ``advance``."""
+"""A clock that moves only when a test says so."""
 
 from __future__ import annotations
 
 
 class FakeClock:
-    """Seconds as a float, like ``time.monotonic``; starts at *start* and stands still until advanced."""
+    """Pass it wherever a clock callable is taken (``clock=``); ``advance`` moves it forward."""
 
     def __init__(self, start: float = 1000.0) -> None:
         self._now = float(start)
@@ -17,5 +17,5 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         if seconds < 0:
-            raise ValueError("a clock does not go back")
+            raise ValueError("a clock does not go backwards")
         self._now += seconds
