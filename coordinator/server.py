@@ -35,6 +35,8 @@ HOUSEKEEPING_EVERY_S = 0.1
 KEY_CACHE_S = 30.0  # how long a key's enrolment is trusted before SQLite is asked again (revocation delay)
 MAX_ATTEMPTS = 3  # a job whose node is lost this many times fails instead of running again
 VACATED_HOLD_S = 3600.0  # a job saved on a node's disk waits this long for its owner to leave again
+MAX_JOBS_LISTED = 1000  # jobs in one `jobs` reply
+LISTED_ARGV_BYTES = 1024  # a listed job's command beyond this shows its first arguments only
 ORPHAN_GRACE_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 2
 
 
@@ -332,16 +334,26 @@ class Coordinator:
         self._reply(identity, "submitted", job=job_id)
         self.schedule()
 
-    def _job_summary(self, job: Any) -> dict[str, Any]:
+    def _job_summary(self, job: Any, listing: bool = False) -> dict[str, Any]:
         summary = job.summary()
         node = self.nodes.get(job.node or "")
         if job.state == "running" and node is not None and node.state in ("Suspended", "Vacating"):
             summary["state"] = "suspended"  # its guest is paused while the workstation's owner works
+        if listing and len(job.argv) > 1 and protocol.argv_bytes(job.argv) > LISTED_ARGV_BYTES:
+            # A list of long commands must still fit one reply; `job` gives the whole command.
+            kept, size = [job.argv[0]], protocol.argv_bytes(job.argv[:1])
+            for arg in job.argv[1:]:
+                size += protocol.argv_bytes([arg])
+                if size > LISTED_ARGV_BYTES:
+                    break
+                kept.append(arg)
+            summary["argv"], summary["argv_truncated"] = kept, True
         return summary
 
     def _on_jobs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        jobs = self.store.jobs(limit=int(msg.get("limit", 1000)))
-        self._reply(identity, "jobs_reply", jobs=[self._job_summary(j) for j in jobs])
+        limit = max(0, min(int(msg.get("limit", MAX_JOBS_LISTED)), MAX_JOBS_LISTED))
+        jobs = self.store.jobs(limit=limit)
+        self._reply(identity, "jobs_reply", jobs=[self._job_summary(j, listing=True) for j in jobs])
 
     def _job_or_error(self, identity: bytes, job_id: int, kind: str) -> Any:
         job = self.store.job(job_id)

@@ -375,3 +375,16 @@ def test_records_are_stamped_with_the_coordinators_clock(pool):
     assert state["started_at"] - state["submitted_at"] == pytest.approx(120.0)
     assert state["finished_at"] - state["started_at"] == pytest.approx(30.0)
     assert state["exit_status"] == 3 and "gone: not found" in state["reason"]
+
+
+def test_a_job_list_always_fits_one_reply(pool):
+    long_command = ["prog"] + ["a" * 4000] * 64  # 256 KiB of arguments: 1,000 of these would not fit
+    job = pool.submit(argv=tuple(long_command))
+    for _ in range(3):
+        pool.submit()
+    for limit, listed in ((-1, 0), (10**9, 4), (2, 2)):  # -1 is no limit to SQLite: clamped, as is 10**9
+        reply = pool.ask("jobs", limit=limit)
+        assert reply["type"] == "jobs_reply" and len(reply["jobs"]) == listed
+    listed = next(j for j in pool.ask("jobs")["jobs"] if j["id"] == job)
+    assert listed["argv_truncated"] and listed["argv"][0] == "prog" and len(listed["argv"]) < len(long_command)
+    assert pool.job(job)["argv"] == long_command  # `job` gives the whole command
