@@ -147,10 +147,7 @@ class CoordinatorProcess:
         """Enrol (name, public key) pairs as agents, in one transaction, before `serve` starts."""
         store = Store(self.state.database)
         try:
-            store.db.execute("BEGIN")
-            for name, public in agents:
-                store.add_key(name, "agent", public)
-            store.db.execute("COMMIT")
+            store.add_keys([(name, "agent", public) for name, public in agents])
         finally:
             store.close()
 

@@ -255,12 +255,23 @@ class Store:
 
     # --- keys --------------------------------------------------------------------------------------------
     def add_key(self, name: str, role: str, public_key: str) -> None:
-        if role not in ROLES:
-            raise ConodeError(f"role must be one of {', '.join(ROLES)}")
+        self.add_keys([(name, role, public_key)])
+
+    def add_keys(self, keys: list[tuple[str, str, str]]) -> None:
+        """Enrol (name, role, public key) entries, all or none (one transaction: fast for thousands)."""
+        self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute("INSERT INTO keys VALUES (?, ?, ?, ?)", (name, role, public_key, self._clock()))
-        except sqlite3.IntegrityError:
-            raise ConodeError(f"a key named {name!r} or with that public key is already enrolled") from None
+            for name, role, public_key in keys:
+                if role not in ROLES:
+                    raise ConodeError(f"role must be one of {', '.join(ROLES)}")
+                try:
+                    self.db.execute("INSERT INTO keys VALUES (?, ?, ?, ?)", (name, role, public_key, self._clock()))
+                except sqlite3.IntegrityError:
+                    raise ConodeError(f"a key named {name!r} or with that public key is already enrolled") from None
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def remove_key(self, name: str) -> bool:
         return self.db.execute("DELETE FROM keys WHERE name=?", (name,)).rowcount > 0

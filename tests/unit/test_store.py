@@ -98,3 +98,18 @@ def test_queued_and_counts(tmp_path):
     store.mark_running(jobs[1], "n1")
     assert store.queued() == [(jobs[0], 64), (jobs[2], 256)]
     assert store.job_counts() == {"queued": 2, "running": 1}
+
+
+def test_keys_are_enrolled_all_or_none(tmp_path):
+    import pytest
+
+    from conode.errors import ConodeError
+
+    store = Store(tmp_path / "c.db")
+    store.add_keys([("n1", "agent", "k1"), ("n2", "agent", "k2")])
+    with pytest.raises(ConodeError, match="'n3' or with that public key is already enrolled"):
+        store.add_keys([("n3", "agent", "k3"), ("n3", "agent", "k4")])
+    with pytest.raises(ConodeError, match="role must be one of"):
+        store.add_key("x", "root", "k5")
+    assert [row[:3] for row in store.keys()] == [("n1", "agent", "k1"), ("n2", "agent", "k2")]
+    assert store.key_owner("k3") is None and store.key_owner("k2") == ("n2", "agent")
