@@ -3,6 +3,10 @@
 A message is a msgpack map with ``v`` (the protocol version), ``type`` and the type's fields. Frames are
 decoded with size limits and validated against the schema below before anything acts on them; a message that
 fails gets an ``error`` reply naming what was wrong. Nothing is ever pickled.
+
+The schema carries the pool-wide limits of conode.limits (a job's command, files, memory; what a node may
+report), and ``encode`` checks them as ``decode`` does: a message one side can build, the other accepts, and
+a submission the coordinator accepts fits every hop to the guest and back.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from conode.limits import (MAX_ARGV, MAX_ARGV_BYTES, MAX_FILES, MAX_FRAME_BYTES,
                            MAX_SMALL_FIELD, MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
 
 PROTOCOL_VERSION = 1
-# The protocol's own limits come from the pool-wide ones (re-exported here for existing users).
+# MAX_FRAME_BYTES, MAX_SMALL_FIELD, MAX_ARGV and MAX_FILES come from conode.limits and stay importable from here.
 MAX_LIST_ENTRIES = 100_000  # job ids in a list, rows of a status reply
 MAX_NODE_CORES = 1024  # a sanity bound on the guests one node offers
 # The guest's working directory for a job (/job/<id>, at most 24 bytes, and its NUL), counted in the argv
