@@ -453,14 +453,23 @@ class Coordinator:
             self._lose_node(node, "unreachable")
 
     def _place(self, job_id: int, node: Node) -> bool:
-        """Send one queued job to *node*; False (the job still queued) if the node cannot be reached."""
+        """Send one queued job to *node*; False (the job still queued) if the node cannot be reached.
+
+        True means the job left the queue: placed, or failed because it breaks the limits (only a job queued
+        by an older coordinator can).
+        """
         job = self.store.job(job_id)
         assert job is not None and job.state == "queued", job_id
-        inputs = self.store.job_inputs(job_id)
+        try:
+            payload = protocol.encode("run_job", job=job_id, argv=job.argv, inputs=self.store.job_inputs(job_id),
+                                      outputs=job.wanted, mem_mib=job.mem_mib)
+        except ProtocolError as exc:
+            self.store.finish(job_id, "failed", None, f"not runnable within the pool's limits: {exc}")
+            log.warning("job %d failed: not runnable within the pool's limits: %s", job_id, exc)
+            return True
         self.store.clear_output(job_id)
         self.store.mark_running(job_id, node.name)
-        sent = self.server.send(node.identity, protocol.encode(
-            "run_job", job=job_id, argv=job.argv, inputs=inputs, outputs=job.wanted, mem_mib=job.mem_mib))
+        sent = self.server.send(node.identity, payload)
         if not sent:
             self.store.requeue(job_id, f"node {node.name} unreachable")
             return False

@@ -388,3 +388,18 @@ def test_a_job_list_always_fits_one_reply(pool):
     listed = next(j for j in pool.ask("jobs")["jobs"] if j["id"] == job)
     assert listed["argv_truncated"] and listed["argv"][0] == "prog" and len(listed["argv"]) < len(long_command)
     assert pool.job(job)["argv"] == long_command  # `job` gives the whole command
+
+
+def test_a_job_queued_under_older_rules_fails_with_the_reason_instead_of_reaching_a_node(tmp_path):
+    first = Pool(tmp_path)
+    first.close()
+    store = Store(first.state.database)  # what an older coordinator accepted
+    old = store.add_job(["cat"], {}, ["../outside"], 128, "admin")
+    store.close()
+    pool = Pool(tmp_path)
+    fine = pool.submit()
+    assert run_jobs(pool.hello("n1")) == [fine]
+    state = pool.job(old)
+    assert state["state"] == "failed" and "not runnable within the pool's limits" in state["reason"]
+    assert "'outputs'" in state["reason"] and len(pool.coordinator.queue) == 0
+    pool.close()
