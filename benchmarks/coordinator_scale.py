@@ -20,7 +20,14 @@ Measured per N, once every agent has joined:
 
 The design target is 1,000 agents at a 1 Hz heartbeat for under 10 % of one core. The load generator's own
 CPU use and the lateness of its heartbeats are printed too: if it is saturated, the figures are not the
-coordinator's. ``--profile`` runs the coordinator under cProfile (which slows it: CPU figures are then
+coordinator's.
+
+``--queue-depth N`` measures something else: how submission throughput holds up as the queue grows. A real
+coordinator with no agents (so that every job stays queued) takes N submissions, one after another, from the
+Python admin client (coordinator/client.py); the rate and the coordinator's CPU are printed per window of
+``--window`` submissions. The target is 300 submissions/s or more with 2,000 jobs queued.
+``--coordinator-code DIR`` runs the coordinator from another source tree (e.g. an older commit unpacked with
+``git archive``), so that the same client measures before and after a change. ``--profile`` runs the coordinator under cProfile (which slows it: CPU figures are then
 inflated) and prints its top costs. Progress goes to stderr, the table to stdout.
 """
 
@@ -56,6 +63,7 @@ if str(REPO) not in sys.path:
 
 from conode.cluster import protocol  # noqa: E402
 from conode.cluster.transport import SOCKET_MAX_MESSAGE  # noqa: E402
+from conode.limits import MAX_GUEST_MEM_MIB  # noqa: E402
 from coordinator.config import StateDir, load_client_config  # noqa: E402
 from coordinator.store import Store  # noqa: E402
 from common import free_port  # noqa: E402
@@ -106,7 +114,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class CoordinatorProcess:
     """A real coordinator in its own process, in a scratch state directory with its own HOME."""
 
-    def __init__(self, scratch: Path, profile: bool = False, log_level: str = "INFO") -> None:
+    def __init__(self, scratch: Path, profile: bool = False, log_level: str = "INFO",
+                 code: Path | None = None) -> None:
         self.scratch = scratch
         self.state = StateDir(scratch / "state")
         self.port = free_port()
@@ -121,13 +130,16 @@ class CoordinatorProcess:
                     "PYTHONUNBUFFERED": "1"}
         self.env.pop("CONODE_CLIENT_CONFIG", None)
         self.env.pop("CONODE_COORDINATOR", None)
+        # `python -m` puts the working directory first on the path: run from the tree to measure.
+        self.code = (code or REPO).resolve()
+        self.env["PYTHONPATH"] = str(self.code)
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
 
     def init(self) -> None:
         done = subprocess.run([sys.executable, "-m", "coordinator.cli", "init", "--state-dir",
                                str(self.state.root), "--bind", self.bind],
-                              capture_output=True, text=True, env=self.env, timeout=60)
+                              capture_output=True, text=True, env=self.env, cwd=self.code, timeout=60)
         if done.returncode != 0:
             raise RuntimeError(f"coordinator init failed: {done.stderr.strip()}")
 
@@ -135,10 +147,7 @@ class CoordinatorProcess:
         """Enrol (name, public key) pairs as agents, in one transaction, before `serve` starts."""
         store = Store(self.state.database)
         try:
-            store.db.execute("BEGIN")
-            for name, public in agents:
-                store.add_key(name, "agent", public)
-            store.db.execute("COMMIT")
+            store.add_keys([(name, "agent", public) for name, public in agents])
         finally:
             store.close()
 
@@ -150,7 +159,7 @@ class CoordinatorProcess:
                     self.log_level]
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.code,
                                      preexec_fn=_die_with_parent)
 
     @property
@@ -286,7 +295,7 @@ class Swarm:
             self.need_hello.add(agent.index)
 
     def _hello(self, agent: SimAgent) -> bytes:
-        return protocol.encode("hello", node=agent.name, cores=2, mem_mib=1024, speed=5.0e6,
+        return protocol.encode("hello", node=agent.name, cores=2, mem_mib=MAX_GUEST_MEM_MIB, speed=5.0e6,
                                state=agent.state, idle_s=time.time() - agent.idle_since,
                                running=sorted(agent.running), software="coordinator_scale benchmark")
 
@@ -617,6 +626,68 @@ def run_one(n: int, args: argparse.Namespace, scratch_root: Path) -> dict[str, A
     return result
 
 
+TARGET_SUBMITS_PER_S = 300.0
+TARGET_QUEUE_DEPTH = 2000
+
+
+def run_queue_depth(args: argparse.Namespace, scratch_root: Path) -> list[dict[str, float]]:
+    """Submit args.queue_depth jobs to a coordinator with no agents; the rate per window of args.window."""
+    from coordinator.client import AdminClient
+
+    scratch = Path(tempfile.mkdtemp(prefix="queue-", dir=scratch_root))
+    coordinator = CoordinatorProcess(scratch, profile=args.profile, log_level="WARNING",
+                                     code=args.coordinator_code)
+    windows: list[dict[str, float]] = []
+    try:
+        coordinator.init()
+        coordinator.serve()
+        wait_until_serving(coordinator)
+        proc = psutil.Process(coordinator.pid)
+        config = load_client_config(coordinator.state.client_config)
+        progress(f"queue depth: {args.queue_depth} submissions in windows of {args.window}")
+        with AdminClient(config, context=zmq.Context.instance()) as client:
+            depth = 0
+            while depth < args.queue_depth:
+                count = min(args.window, args.queue_depth - depth)
+                t0, c0 = time.perf_counter(), cpu_seconds(proc)
+                for _ in range(count):
+                    client.request("submit", "submitted", argv=["true"], inputs={}, outputs=[],
+                                   mem_mib=JOB_MEM_MIB)
+                elapsed = time.perf_counter() - t0
+                windows.append({"from": depth, "to": depth + count, "per_s": count / elapsed,
+                                "cpu_percent": 100.0 * (cpu_seconds(proc) - c0) / elapsed})
+                depth += count
+            status = client.request("status", "status_reply")
+        queued = status["totals"]["jobs"]["queued"]
+        if queued != args.queue_depth:
+            raise RuntimeError(f"{queued} jobs queued after {args.queue_depth} submissions")
+    finally:
+        coordinator.stop()
+        if coordinator.profile_path is not None and coordinator.profile_path.exists():
+            print_profile(coordinator.profile_path, 0)
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return windows
+
+
+def print_queue_depth(windows: list[dict[str, float]], args: argparse.Namespace) -> bool:
+    """The table; True if the target is met at the deepest window."""
+    code = f" (coordinator from {args.coordinator_code})" if args.coordinator_code else ""
+    print(f"\nsubmission throughput as the queue grows, Python admin client, no agents{code}:")
+    rows = [["queued before -> after", "submissions/s", "coordinator CPU (% core)"]]
+    rows += [[f"{w['from']:>6} -> {w['to']:<6}", f"{w['per_s']:.0f}", f"{w['cpu_percent']:.0f}"] for w in windows]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    last = windows[-1]
+    met = last["per_s"] >= TARGET_SUBMITS_PER_S
+    if last["to"] >= TARGET_QUEUE_DEPTH:
+        print(f"\ntarget: >= {TARGET_SUBMITS_PER_S:.0f} submissions/s with {TARGET_QUEUE_DEPTH} queued: "
+              f"{'met' if met else 'MISSED'} ({last['per_s']:.0f}/s at {last['from']}..{last['to']} queued; "
+              f"first window {windows[0]['per_s']:.0f}/s)")
+    return met
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else 1000.0 * seconds
 
@@ -713,8 +784,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="run the coordinator under cProfile and print its top costs (inflates CPU figures)")
     p.add_argument("--keep", action="store_true", help="keep the scratch state directories")
+    p.add_argument("--queue-depth", type=int, default=None, metavar="N",
+                   help="instead: submit N jobs to a coordinator without agents and print the submission rate "
+                        "as the queue grows (target: 300/s at 2000)")
+    p.add_argument("--window", type=int, default=250, help="submissions per measured window (--queue-depth)")
+    p.add_argument("--coordinator-code", type=Path, default=None, metavar="DIR",
+                   help="run the coordinator from this source tree (for before/after figures)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     args = p.parse_args(argv)
+    if args.queue_depth is not None:
+        if args.queue_depth < 1 or args.window < 1:
+            p.error("--queue-depth and --window must be at least 1")
+        with tempfile.TemporaryDirectory(prefix="conode-coord-queue-") as scratch_root:
+            try:
+                windows = run_queue_depth(args, Path(scratch_root))
+            except RuntimeError as exc:
+                progress(f"failed: {exc}")
+                return 1
+        met = print_queue_depth(windows, args)
+        if args.json:
+            args.json.write_text(json.dumps({"benchmark": "coordinator_queue_depth", "commit": _git_commit(),
+                                             "coordinator_code": str(args.coordinator_code or REPO),
+                                             "windows": windows}, indent=2) + "\n")
+        return 0 if met or args.queue_depth < TARGET_QUEUE_DEPTH else 1
     if args.agents is None:
         args.agents = [20, 100] if args.quick else [100, 1000]
     if args.duration is None:

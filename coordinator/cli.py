@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -13,12 +14,12 @@ from typing import Any, Callable, NoReturn
 import click
 
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
-from conode.cluster.protocol import is_safe_relative_path
 from conode.cli_guard import run_guarded
 from conode.errors import ConodeError
+from conode.limits import DEFAULT_GUEST_MEM_MIB, MAX_JOB_INPUT_BYTES
 from conode.tomlfile import write_toml
-from coordinator.config import (ADMIN_KEY_NAME, DEFAULT_BIND, SERVER_KEY_NAME, StateDir, load_client_config,
-                                user_client_config_path)
+from coordinator.config import (ADMIN_KEY_NAME, DEFAULT_BIND, PRIVATE_UMASK, SERVER_KEY_NAME, StateDir,
+                                load_client_config, user_client_config_path)
 
 EXIT_ERROR = 2
 TERMINAL = ("done", "failed", "cancelled")
@@ -53,6 +54,7 @@ def init(state_dir: Path, bind: str, advertise: str | None) -> None:
         state = StateDir(state_dir)
         if state.database.exists():
             raise ConodeError(f"{state_dir} already holds a coordinator")
+        os.umask(PRIVATE_UMASK)
         state.root.mkdir(parents=True, exist_ok=True)
         server = generate_key_pair(state.keys, SERVER_KEY_NAME)
         admin = generate_key_pair(state.keys, ADMIN_KEY_NAME)
@@ -64,6 +66,7 @@ def init(state_dir: Path, bind: str, advertise: str | None) -> None:
         client = {"endpoint": endpoint, "server_public_key": server.public,
                   "key_directory": str(state.keys.resolve()), "key_name": ADMIN_KEY_NAME}
         write_toml(state.client_config, client)
+        state.make_private()
         user_config = user_client_config_path()
         if not user_config.exists():
             user_config.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,7 @@ def serve(state_dir: Path, bind: str | None, log_level: str) -> None:
         logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
         state = StateDir(state_dir)
         state.require()
+        os.umask(PRIVATE_UMASK)
         _raise_open_file_limit()  # one socket per agent
         coordinator = Coordinator(state, bind or state.default_bind())
         signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
@@ -254,19 +258,18 @@ def status(config_path: Path | None, endpoint: str | None, as_json: bool, watch:
 @click.option("--input", "inputs", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A file to place in the job's working directory (repeatable).")
 @click.option("--output", "outputs", multiple=True, help="A path (relative to the job's directory) to bring back.")
-@click.option("--mem", "mem_mib", type=int, default=128, show_default=True, help="Guest memory the job needs (MiB).")
+@click.option("--mem", "mem_mib", type=int, default=DEFAULT_GUEST_MEM_MIB, show_default=True, help="Guest memory the job needs (MiB).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def submit(config_path: Path | None, endpoint: str | None, inputs: tuple[Path, ...], outputs: tuple[str, ...],
            mem_mib: int, command: tuple[str, ...]) -> None:
     """Queue COMMAND to run in a guest; prints the job id."""
 
     def body() -> None:
-        for path in outputs:
-            if not is_safe_relative_path(path):
-                raise ConodeError(f"output {path!r} must be a relative path inside the job directory")
-        files = {}
-        for path in inputs:
-            files[path.name] = path.read_bytes()
+        total = sum(path.stat().st_size for path in inputs)
+        if total > MAX_JOB_INPUT_BYTES:
+            raise ConodeError(f"the input files take {total} bytes; a job's inputs may take at most "
+                              f"{MAX_JOB_INPUT_BYTES}")
+        files = {path.name: path.read_bytes() for path in inputs}
         with _client(config_path, endpoint) as client:
             reply = client.request("submit", "submitted", argv=list(command), inputs=files, outputs=list(outputs),
                                    mem_mib=mem_mib)
@@ -355,14 +358,10 @@ def fetch(config_path: Path | None, endpoint: str | None, job: int, directory: P
     def body() -> None:
         with _client(config_path, endpoint) as client:
             reply = client.request("fetch", "fetch_reply", job=job)
-        directory.mkdir(parents=True, exist_ok=True)
-        for path, data in sorted(reply["outputs"].items()):
-            if not is_safe_relative_path(path):
-                raise ConodeError(f"refusing to write unsafe output path {path!r}")
-            target = directory / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            click.echo(f"{target} ({len(data)} bytes)")
+        from coordinator.outputs import write_outputs
+
+        for target, size in write_outputs(directory, reply["outputs"]):
+            click.echo(f"{target} ({size} bytes)")
         if not reply["outputs"]:
             click.echo(f"job {job} has no output files", err=True)
 

@@ -19,6 +19,7 @@ DEFAULT_PORT = 7700
 DEFAULT_BIND = f"tcp://127.0.0.1:{DEFAULT_PORT}"
 SERVER_KEY_NAME = "coordinator"
 ADMIN_KEY_NAME = "admin"
+PRIVATE_UMASK = 0o077  # what the coordinator creates is its own: directories 0700, files 0600
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,22 @@ class StateDir:
         if not self.database.exists():
             raise ConodeError(f"{self.root} is not a coordinator state directory; create it with "
                               f"`coordinator init --state-dir {self.root}`")
+
+    def make_private(self) -> None:
+        """Directories 0700, and every file in them 0600: the database and its WAL and SHM files hold job
+        inputs and outputs, the key files the coordinator's secret. Fixes a directory made by an older
+        coordinator or under a loose umask."""
+        for directory in (self.root, self.keys):
+            if not directory.is_dir():
+                continue
+            try:
+                os.chmod(directory, 0o700)
+                for entry in os.scandir(directory):
+                    if entry.is_file(follow_symlinks=False):
+                        os.chmod(entry.path, 0o600)
+            except OSError as exc:
+                raise ConodeError(f"cannot make the coordinator state {directory} private: {exc.strerror}; "
+                                  f"run the coordinator as the owner of that directory") from None
 
     def server_keys(self) -> KeyPair:
         return load_key_pair(self.keys, SERVER_KEY_NAME)

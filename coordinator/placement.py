@@ -23,6 +23,11 @@ class NodeView:
         return self.cores - self.running
 
 
+def can_take_work(node: NodeView) -> bool:
+    """Whether the node may be given a job now (of a size it fits): owner away, not drained, a slot free."""
+    return node.state in ACCEPTING_STATES and not node.drained and node.free_slots > 0
+
+
 def choose_node(mem_mib: int, nodes: list[NodeView]) -> str | None:
     """The node for a job needing *mem_mib* of guest memory, or None if no node can take it now.
 
@@ -30,15 +35,9 @@ def choose_node(mem_mib: int, nodes: list[NodeView]) -> str | None:
     for work (so that a stream of short jobs is spread over the pool), then the node whose owner has been away
     longest (least likely to come back soon), then by name for a stable order.
     """
-    candidates = [n for n in nodes if n.state in ACCEPTING_STATES and not n.drained and n.free_slots > 0
-                  and n.mem_mib >= mem_mib]
+    candidates = [n for n in nodes if can_take_work(n) and n.mem_mib >= mem_mib]
     if not candidates:
         return None
     best = min(candidates, key=lambda n: (n.running > 0, n.running / max(n.cores, 1), n.last_placed, -n.idle_s,
                                           n.name))
     return best.name
-
-
-def can_ever_fit(mem_mib: int, nodes: list[NodeView]) -> bool:
-    """Whether any known node offers enough guest memory for the job at all."""
-    return any(n.mem_mib >= mem_mib for n in nodes)

@@ -2,7 +2,12 @@
 
 Single-threaded: one poll loop receives messages, answers them, places queued jobs and expires silent nodes.
 Job state lives in SQLite (store.py) and is committed before it is acted on; the node registry lives in memory
-and is rebuilt from the agents' hellos after a restart.
+and is rebuilt from the agents' hellos after a restart. The queued jobs are also indexed in memory (queue.py),
+and the nodes that can take work now are kept in a set, so that placement costs nothing per waiting job and
+nothing at all while the pool is full.
+
+Time and the socket are injected: a test drives :meth:`Coordinator.handle` and :meth:`Coordinator.housekeeping`
+with a fake clock and an in-memory transport.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import zmq
 
@@ -20,15 +25,18 @@ from conode.cluster.heartbeat import PeerLiveness
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
 from coordinator.config import StateDir
-from coordinator.placement import ACCEPTING_STATES, NodeView, can_ever_fit, choose_node
+from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_node
+from coordinator.queue import JobQueue
 from coordinator.store import JOB_STATES, TERMINAL_STATES, Store
 
 log = logging.getLogger("coordinator")
 
 HOUSEKEEPING_EVERY_S = 0.1
-KEY_CACHE_S = 30.0  # how long a key's enrolment is trusted before SQLite is asked again (revocation delay)  # liveness and pings: often enough for 1 s beats, cheap with a thousand nodes
+KEY_CACHE_S = 30.0  # how long a key's enrolment is trusted before SQLite is asked again (revocation delay)
 MAX_ATTEMPTS = 3  # a job whose node is lost this many times fails instead of running again
 VACATED_HOLD_S = 3600.0  # a job saved on a node's disk waits this long for its owner to leave again
+MAX_JOBS_LISTED = 1000  # jobs in one `jobs` reply
+LISTED_ARGV_BYTES = 1024  # a listed job's command beyond this shows its first arguments only
 ORPHAN_GRACE_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 2
 
 
@@ -48,7 +56,7 @@ class Node:
     idle_s: float = 0.0
     cpu_percent: float = 0.0
     running: set[int] = field(default_factory=set)
-    connected_at: float = field(default_factory=time.time)
+    connected_at: float = 0.0  # wall-clock time of its hello
     last_placed: float = 0.0
 
     def view(self, drained: bool) -> NodeView:
@@ -67,19 +75,39 @@ class Counters:
     placement_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
 
+class Transport(Protocol):
+    """Where the coordinator's messages go: the ROUTER socket, or an in-memory one in tests."""
+
+    def send(self, identity: bytes, payload: bytes) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def wall_clock_from(clock: Callable[[], float]) -> Callable[[], float]:
+    """Wall-clock time that advances with *clock* (monotonic, or a test's fake): what records are stamped with."""
+    offset = time.time() - clock()
+    return lambda: offset + clock()
+
+
 class Coordinator:
-    def __init__(self, state: StateDir, bind: str, context: zmq.Context | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, state: StateDir, bind: str | None = None, context: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.monotonic, transport: Transport | None = None) -> None:
         state.require()
+        state.make_private()
         self.state = state
-        self.store = Store(state.database)
         self._clock = clock
-        self._context = context or zmq.Context.instance()
-        self._auth_store = Store(state.database)  # the ZAP thread's own connection
-        self.server = ServerSocket(self._context, bind, state.server_keys(),
-                                   lambda key: self._auth_store.key_owner(key) is not None)
+        self._wall = wall_clock_from(clock)
+        self.store = Store(state.database, clock=self._wall)
+        self._auth_store: Store | None = None
+        if transport is None:
+            self._auth_store = auth_store = Store(state.database, clock=self._wall)  # the ZAP thread's own
+            transport = ServerSocket(context or zmq.Context.instance(), bind or state.default_bind(),
+                                     state.server_keys(), lambda key: auth_store.key_owner(key) is not None)
+        self.server: Transport = transport
         self.nodes: dict[str, Node] = {}
         self.by_identity: dict[bytes, str] = {}
+        self.open_nodes: set[str] = set()  # nodes that can take a job now (see placement.can_take_work)
+        self.queue = JobQueue(self.store.queued())
         self.drained = self.store.drained()
         self.counters = Counters()
         self._started = clock()
@@ -95,16 +123,18 @@ class Coordinator:
 
     # --- the loop ----------------------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        log.info("coordinator listening on %s", self.server.endpoint)
+        server = self.server
+        assert isinstance(server, ServerSocket), "serve_forever needs the ZeroMQ transport"
+        log.info("coordinator listening on %s", server.endpoint)
         poller = zmq.Poller()
-        poller.register(self.server.socket, zmq.POLLIN)
+        poller.register(server.socket, zmq.POLLIN)
         try:
             while self._running:
                 events = dict(poller.poll(timeout=200))
-                if self.server.socket in events:
+                if server.socket in events:
                     for _ in range(1000):  # drain what is there, but keep the housekeeping going
                         try:
-                            received = self.server.receive_nowait()
+                            received = server.receive_nowait()
                         except zmq.Again:
                             break
                         if received is not None:
@@ -121,7 +151,8 @@ class Coordinator:
     def close(self) -> None:
         self.server.close()
         self.store.close()
-        self._auth_store.close()
+        if self._auth_store is not None:
+            self._auth_store.close()
 
     # --- dispatch ----------------------------------------------------------------------------------------
     def handle(self, identity: bytes, key: str, payload: bytes) -> None:
@@ -179,7 +210,7 @@ class Coordinator:
         if old is not None and old.identity != identity:
             self.by_identity.pop(old.identity, None)
         node = Node(name, identity, "", msg["cores"], msg["mem_mib"], msg["speed"], msg["software"],
-                    PeerLiveness(self._clock), msg["state"], msg["idle_s"])
+                    PeerLiveness(self._clock), msg["state"], msg["idle_s"], connected_at=self._wall())
         self.nodes[name] = node
         self.by_identity[identity] = name
         held = set(msg["running"])
@@ -196,6 +227,7 @@ class Coordinator:
         self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S, known_jobs=sorted(node.running))
         log.info("node %s joined: %d cores, %d MiB, speed %.0f, %s", name, node.cores, node.mem_mib, node.speed,
                  node.state)
+        self._refresh(node)
         self.schedule()
 
     def _on_heartbeat(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
@@ -206,7 +238,8 @@ class Coordinator:
         node.idle_s = msg["idle_s"]
         node.cpu_percent = float(msg.get("cpu_percent", 0.0))
         node.speed = float(msg.get("speed", node.speed))
-        if not was_accepting and node.state in ACCEPTING_STATES:
+        if was_accepting != (node.state in ACCEPTING_STATES):
+            self._refresh(node)
             self.schedule()  # the owner left: queued work may go there now
 
     def _on_bye(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
@@ -231,13 +264,13 @@ class Coordinator:
             reason = f"missing outputs: {', '.join(missing)}" if missing else None
             self.store.finish(job_id, "done", msg["status"], reason, outputs)
             log.info("job %d done on %s: status %d in %.1f s", job_id, name, msg["status"], msg["runtime_s"])
-        node.running.discard(job_id)
+        self._release(node, job_id)
         self._reply(identity, "ack", job=job_id)
         self.schedule()
 
     def _on_job_vacated(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node = self._node_of(identity)
-        node.running.discard(msg["job"])
+        self._release(node, msg["job"])
         job = self.store.job(msg["job"])
         if job is not None and job.state == "running" and job.node == name:
             self.store.mark_vacated(job.id)
@@ -250,6 +283,7 @@ class Coordinator:
         if job is not None and job.state == "vacated" and job.node == name:
             self.store.mark_resumed(job.id)
             node.running.add(job.id)
+            self._refresh(node)
             log.info("job %d resumed on %s", job.id, name)
         else:
             self.server.send(identity, protocol.encode("cancel_job", job=msg["job"]))
@@ -259,7 +293,7 @@ class Coordinator:
         node.liveness.heard()
         job_id = msg["job"]
         job = self.store.job(job_id)
-        node.running.discard(job_id)
+        self._release(node, job_id)
         if job is not None and job.state == "running" and job.node == name:
             if msg["retry"] and job.attempts < MAX_ATTEMPTS:
                 self._requeue(job_id, f"failed on {name}: {msg['reason']}")
@@ -276,7 +310,7 @@ class Coordinator:
             "jobs": sorted(n.running), "idle_s": n.idle_s, "drained": n.name in self.drained,
             "cpu_percent": n.cpu_percent, "software": n.software,
         } for n in sorted(self.nodes.values(), key=lambda n: n.name)]
-        counts = dict(self.store.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        counts = self.store.job_counts()
         totals = {
             "nodes": len(nodes),
             "cores": sum(n.cores for n in self.nodes.values()),
@@ -293,26 +327,33 @@ class Coordinator:
         if not msg["argv"]:
             self._reply(identity, "error", code="invalid", message="a job needs a command", in_reply_to="submit")
             return
-        if msg["mem_mib"] < 48:
-            self._reply(identity, "error", code="invalid", message="a job needs at least 48 MiB of guest memory",
-                        in_reply_to="submit")
-            return
         job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name)
+        self.queue.add(job_id, msg["mem_mib"])
         self._queued_at[job_id] = self._clock()
         log.info("job %d submitted by %s: %s", job_id, name, " ".join(msg["argv"])[:200])
         self._reply(identity, "submitted", job=job_id)
         self.schedule()
 
-    def _job_summary(self, job: Any) -> dict[str, Any]:
+    def _job_summary(self, job: Any, listing: bool = False) -> dict[str, Any]:
         summary = job.summary()
         node = self.nodes.get(job.node or "")
         if job.state == "running" and node is not None and node.state in ("Suspended", "Vacating"):
             summary["state"] = "suspended"  # its guest is paused while the workstation's owner works
+        if listing and len(job.argv) > 1 and protocol.argv_bytes(job.argv) > LISTED_ARGV_BYTES:
+            # A list of long commands must still fit one reply; `job` gives the whole command.
+            kept, size = [job.argv[0]], protocol.argv_bytes(job.argv[:1])
+            for arg in job.argv[1:]:
+                size += protocol.argv_bytes([arg])
+                if size > LISTED_ARGV_BYTES:
+                    break
+                kept.append(arg)
+            summary["argv"], summary["argv_truncated"] = kept, True
         return summary
 
     def _on_jobs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        jobs = self.store.jobs(limit=int(msg.get("limit", 1000)))
-        self._reply(identity, "jobs_reply", jobs=[self._job_summary(j) for j in jobs])
+        limit = max(0, min(int(msg.get("limit", MAX_JOBS_LISTED)), MAX_JOBS_LISTED))
+        jobs = self.store.jobs(limit=limit)
+        self._reply(identity, "jobs_reply", jobs=[self._job_summary(j, listing=True) for j in jobs])
 
     def _job_or_error(self, identity: bytes, job_id: int, kind: str) -> Any:
         job = self.store.job(job_id)
@@ -342,9 +383,11 @@ class Coordinator:
             self._reply(identity, "ok", detail=f"job {job.id} is already {job.state}")
             return
         self.store.finish(job.id, "cancelled", None, f"cancelled by {name}")
+        self.queue.remove(job.id)
+        self._queued_at.pop(job.id, None)
         node = self.nodes.get(job.node or "")
         if job.state in ("running", "vacated") and node is not None:
-            node.running.discard(job.id)
+            self._release(node, job.id)
             self.server.send(node.identity, protocol.encode("cancel_job", job=job.id))
         self._reply(identity, "ok", detail=f"job {job.id} cancelled")
         self.schedule()
@@ -353,42 +396,92 @@ class Coordinator:
         node, drain = msg["node"], not msg.get("undrain", False)
         self.store.set_drained(node, drain)
         self.drained = self.store.drained()
+        if node in self.nodes:
+            self._refresh(self.nodes[node])
         known = "" if node in self.nodes else " (not connected now)"
         self._reply(identity, "ok", detail=f"node {node} {'drained' if drain else 'accepting jobs again'}{known}")
         self.schedule()
 
     # --- placement and liveness --------------------------------------------------------------------------
+    def _refresh(self, node: Node) -> None:
+        """Keep *node*'s membership of the open set true after anything that changes whether it can take work."""
+        if self.nodes.get(node.name) is node and can_take_work(node.view(node.name in self.drained)):
+            self.open_nodes.add(node.name)
+        else:
+            self.open_nodes.discard(node.name)
+
+    def _release(self, node: Node, job_id: int) -> None:
+        """The node no longer runs *job_id* (finished, failed, vacated, cancelled)."""
+        node.running.discard(job_id)
+        self._refresh(node)
+
     def schedule(self) -> None:
-        """Place queued jobs on nodes that can take them, oldest job first."""
-        queued = self.store.queued_jobs()
-        if not queued:
-            return  # the common case: nothing to place, so do not look at every node
-        views = {name: node.view(name in self.drained) for name, node in self.nodes.items()}
-        for job in queued:
-            chosen = choose_node(job.mem_mib, list(views.values()))
+        """Place queued jobs on nodes that can take them, oldest job first.
+
+        Only the open nodes are looked at, and only while some have room: with the pool full, a submission
+        costs no placement work at all, however long the queue.
+        """
+        if not self.open_nodes or not len(self.queue):
+            return
+        views = {name: self.nodes[name].view(name in self.drained) for name in self.open_nodes}
+        largest: int | None = None  # the most guest memory any known node offers, found when first needed
+        placed: list[int] = []
+        unreachable: list[Node] = []
+        for job_id in self.queue:
+            if not views:
+                break
+            mem_mib = self.queue.mem_mib(job_id)
+            chosen = choose_node(mem_mib, list(views.values()))
             if chosen is None:
-                if not can_ever_fit(job.mem_mib, list(views.values())):
+                if largest is None:
+                    largest = max(n.mem_mib for n in self.nodes.values())
+                if mem_mib > largest:
                     continue  # a bigger node may join later: keep it queued, try the next job
                 break  # nodes are busy: later jobs wait their turn (FIFO)
             node = self.nodes[chosen]
-            inputs = self.store.job_inputs(job.id)
-            self.store.clear_output(job.id)
-            self.store.mark_running(job.id, chosen)
-            sent = self.server.send(node.identity, protocol.encode(
-                "run_job", job=job.id, argv=job.argv, inputs=inputs, outputs=job.wanted, mem_mib=job.mem_mib))
-            if not sent:
-                self.store.requeue(job.id, f"node {chosen} unreachable")
-                self._lose_node(node, "unreachable")
-                views.pop(chosen, None)
-                continue
-            node.running.add(job.id)
-            node.last_placed = self._clock()
-            views[chosen] = node.view(chosen in self.drained)
-            self.counters.placed += 1
-            queued_at = self._queued_at.pop(job.id, None)
-            if queued_at is not None:
-                self.counters.placement_latency_s.append(self._clock() - queued_at)
-            log.info("job %d placed on %s", job.id, chosen)
+            if self._place(job_id, node):
+                placed.append(job_id)
+                views[chosen] = node.view(chosen in self.drained)
+                if not can_take_work(views[chosen]):
+                    del views[chosen]
+            else:
+                unreachable.append(node)
+                del views[chosen]
+        for job_id in placed:
+            self.queue.remove(job_id)
+        for node in unreachable:
+            self._lose_node(node, "unreachable")
+
+    def _place(self, job_id: int, node: Node) -> bool:
+        """Send one queued job to *node*; False (the job still queued) if the node cannot be reached.
+
+        True means the job left the queue: placed, or failed because it breaks the limits (only a job queued
+        by an older coordinator can).
+        """
+        job = self.store.job(job_id)
+        assert job is not None and job.state == "queued", job_id
+        try:
+            payload = protocol.encode("run_job", job=job_id, argv=job.argv, inputs=self.store.job_inputs(job_id),
+                                      outputs=job.wanted, mem_mib=job.mem_mib)
+        except ProtocolError as exc:
+            self.store.finish(job_id, "failed", None, f"not runnable within the pool's limits: {exc}")
+            log.warning("job %d failed: not runnable within the pool's limits: %s", job_id, exc)
+            return True
+        self.store.clear_output(job_id)
+        self.store.mark_running(job_id, node.name)
+        sent = self.server.send(node.identity, payload)
+        if not sent:
+            self.store.requeue(job_id, f"node {node.name} unreachable")
+            return False
+        node.running.add(job_id)
+        node.last_placed = self._clock()
+        self._refresh(node)
+        self.counters.placed += 1
+        queued_at = self._queued_at.pop(job_id, None)
+        if queued_at is not None:
+            self.counters.placement_latency_s.append(self._clock() - queued_at)
+        log.info("job %d placed on %s", job_id, node.name)
+        return True
 
     def housekeeping(self) -> None:
         """Expire silent nodes and ping the others; once a second, sweep the job table for stranded jobs."""
@@ -412,9 +505,9 @@ class Coordinator:
             self._sweep_jobs(now)
 
     def _sweep_jobs(self, now: float) -> None:
-        for job_id in self.store.vacated_jobs(older_than=time.time() - VACATED_HOLD_S):
+        for job_id in self.store.vacated_jobs(older_than=self._wall() - VACATED_HOLD_S):
             job = self.store.job(job_id)
-            self.store.requeue(job_id, f"vacated on {job.node if job else '?'} for over {VACATED_HOLD_S:.0f} s")
+            self._requeue(job_id, f"vacated on {job.node if job else '?'} for over {VACATED_HOLD_S:.0f} s")
             self.schedule()
         if now - self._started > ORPHAN_GRACE_S:
             # Jobs left running by a previous coordinator on nodes that never came back.
@@ -428,19 +521,22 @@ class Coordinator:
         self.counters.nodes_lost += 1
         self.nodes.pop(node.name, None)
         self.by_identity.pop(node.identity, None)
+        self.open_nodes.discard(node.name)
         for job_id in sorted(node.running):
             self._requeue(job_id, f"node {node.name} lost ({why})")
         node.running.clear()
         self.schedule()
 
     def _requeue(self, job_id: int, reason: str) -> None:
+        """Put a running or vacated job back in the queue, or fail it if it has been tried too often."""
         job = self.store.job(job_id)
-        if job is None or job.state != "running":
+        if job is None or job.state not in ("running", "vacated"):
             return
-        if job.attempts >= MAX_ATTEMPTS:
+        if job.state == "running" and job.attempts >= MAX_ATTEMPTS:
             self.store.finish(job_id, "failed", None, f"{reason}; gave up after {job.attempts} attempts")
             return
         self.store.requeue(job_id, reason)
+        self.queue.add(job_id, job.mem_mib)
         self._queued_at[job_id] = self._clock()
         self.counters.requeued += 1
         log.info("job %d requeued: %s", job_id, reason)

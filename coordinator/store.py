@@ -1,7 +1,11 @@
 """The coordinator's durable state in SQLite (WAL): jobs, their output, enrolled keys, drained nodes.
 
 Every job transition is committed before the coordinator acts on it, so a coordinator killed with SIGKILL
-and restarted finds every job where it left it.
+and restarted finds every job where it left it. All of the coordinator's SQL lives here. Timestamps come from
+the clock the store is given (the coordinator's), so that tests can move time.
+
+A job's stdout and stderr together are stored up to MAX_STREAM_BYTES; beyond that one marker line is stored
+and the rest dropped, so that one chatty job can neither fill the disk nor make its `logs` reply too big.
 """
 
 from __future__ import annotations
@@ -10,16 +14,19 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
 from conode.errors import ConodeError
+from conode.limits import MAX_STREAM_BYTES
 
 SCHEMA_VERSION = 2
 TERMINAL_STATES = ("done", "failed", "cancelled")
 JOB_STATES = ("queued", "running", "vacated") + TERMINAL_STATES  # vacated: saved on its node's disk
 ROLES = ("agent", "admin")
+TRUNCATION_MARKER = f"\n[conode: output truncated after {MAX_STREAM_BYTES} bytes]\n".encode()
+_STORED_OUTPUT_MAX = MAX_STREAM_BYTES + len(TRUNCATION_MARKER)  # what one job's streams may take in the table
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -101,7 +108,9 @@ def _job(row: tuple) -> Job:
 class Store:
     """One SQLite database under the coordinator's state directory."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._output_bytes: dict[int, int] = {}  # stored stdout+stderr per job, for the jobs written to lately
         try:
             self.db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -135,7 +144,7 @@ class Store:
             "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at) "
             "VALUES ('queued', ?, ?, ?, ?, ?, ?)",
             (msgpack.packb(argv), msgpack.packb(inputs, use_bin_type=True), msgpack.packb(wanted), mem_mib,
-             submitted_by, time.time()),
+             submitted_by, self._clock()),
         )
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -156,9 +165,13 @@ class Store:
             rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
         return [_job(row) for row in rows]
 
-    def queued_jobs(self) -> list[Job]:
-        rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='queued' ORDER BY id").fetchall()
-        return [_job(row) for row in rows]
+    def queued(self) -> list[tuple[int, int]]:
+        """(job id, guest memory) of every queued job, oldest first."""
+        return self.db.execute("SELECT id, mem_mib FROM jobs WHERE state='queued' ORDER BY id").fetchall()
+
+    def job_counts(self) -> dict[str, int]:
+        """How many jobs are in each state (states without jobs are absent)."""
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
 
     def running_jobs(self, node: str | None = None) -> list[Job]:
         if node is None:
@@ -169,7 +182,7 @@ class Store:
 
     def mark_running(self, ident: int, node: str) -> None:
         self.db.execute("UPDATE jobs SET state='running', node=?, attempts=attempts+1, started_at=? WHERE id=?",
-                        (node, time.time(), ident))
+                        (node, self._clock(), ident))
 
     def requeue(self, ident: int, reason: str) -> None:
         self.db.execute("UPDATE jobs SET state='queued', node=NULL, reason=? WHERE id=? AND state IN "
@@ -177,7 +190,7 @@ class Store:
 
     def mark_vacated(self, ident: int) -> None:
         self.db.execute("UPDATE jobs SET state='vacated', vacated_at=? WHERE id=? AND state='running'",
-                        (time.time(), ident))
+                        (self._clock(), ident))
 
     def mark_resumed(self, ident: int) -> None:
         self.db.execute("UPDATE jobs SET state='running', vacated_at=NULL WHERE id=? AND state='vacated'", (ident,))
@@ -198,36 +211,67 @@ class Store:
             for path, data in (outputs or {}).items():
                 self.db.execute("INSERT OR REPLACE INTO job_files VALUES (?, ?, ?)", (ident, path, data))
             self.db.execute("UPDATE jobs SET state=?, exit_status=?, reason=?, finished_at=? WHERE id=?",
-                            (state, exit_status, reason, time.time(), ident))
+                            (state, exit_status, reason, self._clock(), ident))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        self._output_bytes.pop(ident, None)
 
     def append_output(self, ident: int, stream: str, data: bytes) -> None:
-        self.db.execute("INSERT INTO job_output (job, stream, data) VALUES (?, ?, ?)", (ident, stream, data))
+        """Store a piece of a job's stdout or stderr, within the job's MAX_STREAM_BYTES (see the module)."""
+        stored = self._output_bytes.get(ident)
+        if stored is None:
+            (stored,) = self.db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM job_output WHERE job=?",
+                                        (ident,)).fetchone()
+        room = MAX_STREAM_BYTES - stored
+        if room < 0:
+            return  # truncated already, and said so
+        if len(data) > room:
+            data = data[:room] + TRUNCATION_MARKER
+        if data:
+            self.db.execute("INSERT INTO job_output (job, stream, data) VALUES (?, ?, ?)", (ident, stream, data))
+        self._output_bytes[ident] = stored + len(data)
 
     def output(self, ident: int) -> dict[str, bytes]:
+        """A job's stdout and stderr as stored; never more than MAX_STREAM_BYTES and the marker together."""
         streams = {"stdout": bytearray(), "stderr": bytearray()}
+        total = 0
         for stream, data in self.db.execute("SELECT stream, data FROM job_output WHERE job=? ORDER BY seq", (ident,)):
+            if total + len(data) > _STORED_OUTPUT_MAX:  # only in a database written before the cap
+                streams[stream] += data[:max(0, MAX_STREAM_BYTES - total)] + TRUNCATION_MARKER
+                break
             streams[stream] += data
+            total += len(data)
         return {name: bytes(data) for name, data in streams.items()}
 
     def clear_output(self, ident: int) -> None:
         """Forget the output of an attempt that will be run again."""
         self.db.execute("DELETE FROM job_output WHERE job=?", (ident,))
+        self._output_bytes[ident] = 0
 
     def files(self, ident: int) -> dict[str, bytes]:
         return {path: data for path, data in self.db.execute("SELECT path, data FROM job_files WHERE job=?", (ident,))}
 
     # --- keys --------------------------------------------------------------------------------------------
     def add_key(self, name: str, role: str, public_key: str) -> None:
-        if role not in ROLES:
-            raise ConodeError(f"role must be one of {', '.join(ROLES)}")
+        self.add_keys([(name, role, public_key)])
+
+    def add_keys(self, keys: list[tuple[str, str, str]]) -> None:
+        """Enrol (name, role, public key) entries, all or none (one transaction: fast for thousands)."""
+        self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute("INSERT INTO keys VALUES (?, ?, ?, ?)", (name, role, public_key, time.time()))
-        except sqlite3.IntegrityError:
-            raise ConodeError(f"a key named {name!r} or with that public key is already enrolled") from None
+            for name, role, public_key in keys:
+                if role not in ROLES:
+                    raise ConodeError(f"role must be one of {', '.join(ROLES)}")
+                try:
+                    self.db.execute("INSERT INTO keys VALUES (?, ?, ?, ?)", (name, role, public_key, self._clock()))
+                except sqlite3.IntegrityError:
+                    raise ConodeError(f"a key named {name!r} or with that public key is already enrolled") from None
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def remove_key(self, name: str) -> bool:
         return self.db.execute("DELETE FROM keys WHERE name=?", (name,)).rowcount > 0

@@ -3,22 +3,32 @@
 A message is a msgpack map with ``v`` (the protocol version), ``type`` and the type's fields. Frames are
 decoded with size limits and validated against the schema below before anything acts on them; a message that
 fails gets an ``error`` reply naming what was wrong. Nothing is ever pickled.
+
+The schema carries the pool-wide limits of conode.limits (a job's command, files, memory; what a node may
+report), and ``encode`` checks them as ``decode`` does: a message one side can build, the other accepts, and
+a submission the coordinator accepts fits every hop to the guest and back.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
 from conode.errors import ConodeError
+from conode.limits import (MAX_ARGV, MAX_ARGV_BYTES, MAX_FILES, MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB,
+                           MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES,
+                           MAX_SMALL_FIELD, MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
 
 PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 64 << 20  # a job's inputs or outputs travel in one message
-MAX_SMALL_FIELD = 4096  # names, states, messages
-MAX_ARGV = 256
-MAX_FILES = 64
+# MAX_FRAME_BYTES, MAX_SMALL_FIELD, MAX_ARGV and MAX_FILES come from conode.limits and stay importable from here.
+MAX_LIST_ENTRIES = 100_000  # job ids in a list, rows of a status reply
+MAX_NODE_CORES = 1024  # a sanity bound on the guests one node offers
+# The guest's working directory for a job (/job/<id>, at most 24 bytes, and its NUL), counted in the argv
+# budget because the guest receives it in the same frame as the arguments.
+JOB_CWD_BYTES = 32
 
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3  # beats missed before the peer is declared lost
@@ -30,56 +40,72 @@ class ProtocolError(ConodeError):
     """A frame that is not a valid message of this protocol."""
 
 
-# Field kinds: the Python type msgpack yields, and a bound on its size.
-STR = ("str", MAX_SMALL_FIELD)
-TEXT = ("str", 1 << 20)
-INT = ("int", None)
-FLOAT = ("float", None)
-BOOL = ("bool", None)
-BYTES = ("bytes", MAX_FRAME_BYTES)
-STR_LIST = ("str_list", MAX_ARGV)
-INT_LIST = ("int_list", 100_000)  # job ids
-FILES = ("files", MAX_FILES)  # map of relative path -> bytes
-ANY_LIST = ("list", 100_000)
-ANY_MAP = ("map", 100_000)
+class Kind(NamedTuple):
+    """A field's type (``tag``: what msgpack yields) and its bounds; None means unbounded."""
+
+    tag: str
+    bound: int | None = None  # characters of a str, bytes of bytes, entries of a list or map
+    item: int | None = None  # one entry: characters of an argument or a list's str, bytes of a file
+    total: int | None = None  # all entries together, in bytes
+    low: float | None = None  # numbers: the smallest allowed
+    high: float | None = None  # numbers: the largest allowed
+
+
+STR = Kind("str", MAX_SMALL_FIELD)
+TEXT = Kind("str", MAX_TEXT_FIELD)
+INT = Kind("int")
+CORES = Kind("int", low=1, high=MAX_NODE_CORES)
+GUEST_MEM = Kind("int", low=MIN_GUEST_MEM_MIB, high=MAX_GUEST_MEM_MIB)
+FLOAT = Kind("float")  # finite: NaN and infinities are refused everywhere
+MEASURE = Kind("float", low=0.0)  # a finite measurement: speed, seconds, a percentage
+BOOL = Kind("bool")
+BYTES = Kind("bytes", MAX_FRAME_BYTES)
+ARGV = Kind("argv", MAX_ARGV, item=MAX_SMALL_FIELD, total=MAX_ARGV_BYTES - JOB_CWD_BYTES)
+PATHS = Kind("paths", MAX_FILES)  # output files asked for: safe relative paths
+MISSING = Kind("str_list", MAX_FILES, item=MAX_SMALL_FIELD)  # "path" or "path: reason"
+INT_LIST = Kind("int_list", MAX_LIST_ENTRIES)  # job ids
+INPUTS = Kind("files", MAX_FILES, total=MAX_JOB_INPUT_BYTES)  # map of relative path -> bytes
+OUTPUTS = Kind("files", MAX_FILES, item=MAX_OUTPUT_FILE_BYTES, total=MAX_JOB_OUTPUT_BYTES)
+ANY_LIST = Kind("list", MAX_LIST_ENTRIES)
+ANY_MAP = Kind("map", MAX_LIST_ENTRIES)
 
 
 @dataclass(frozen=True)
 class Field:
-    kind: tuple[str, int | None]
+    kind: Kind
     required: bool = True
 
 
-def _f(kind: tuple[str, int | None], required: bool = True) -> Field:
+def _f(kind: Kind, required: bool = True) -> Field:
     return Field(kind, required)
 
 
 # Who may send what: "agent" (enrolled node keys), "admin" (enrolled admin keys), "coordinator".
 SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     # agent -> coordinator
-    "hello": ("agent", {"node": _f(STR), "cores": _f(INT), "mem_mib": _f(INT), "speed": _f(FLOAT),
-                        "state": _f(STR), "idle_s": _f(FLOAT), "running": _f(INT_LIST),
+    "hello": ("agent", {"node": _f(STR), "cores": _f(CORES), "mem_mib": _f(GUEST_MEM), "speed": _f(MEASURE),
+                        "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
                         "software": _f(STR)}),
-    "heartbeat": ("agent", {"node": _f(STR), "state": _f(STR), "idle_s": _f(FLOAT), "running": _f(INT_LIST),
-                            "speed": _f(FLOAT, False), "cpu_percent": _f(FLOAT, False)}),
+    "heartbeat": ("agent", {"node": _f(STR), "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
+                            "speed": _f(MEASURE, False), "cpu_percent": _f(MEASURE, False)}),
     "job_output": ("agent", {"job": _f(INT), "stream": _f(STR), "data": _f(BYTES)}),
-    "job_finished": ("agent", {"job": _f(INT), "status": _f(INT), "outputs": _f(FILES), "missing": _f(STR_LIST),
-                               "runtime_s": _f(FLOAT)}),
+    "job_finished": ("agent", {"job": _f(INT), "status": _f(INT), "outputs": _f(OUTPUTS), "missing": _f(MISSING),
+                               "runtime_s": _f(MEASURE)}),
     "job_failed": ("agent", {"job": _f(INT), "reason": _f(TEXT), "retry": _f(BOOL)}),
     "job_vacated": ("agent", {"job": _f(INT)}),  # saved to the node's disk with its guest; resumable there
     "job_resumed": ("agent", {"job": _f(INT)}),
     "bye": ("agent", {"node": _f(STR)}),
     # coordinator -> agent
-    "welcome": ("coordinator", {"heartbeat_s": _f(FLOAT), "known_jobs": _f(INT_LIST)}),
+    "welcome": ("coordinator", {"heartbeat_s": _f(MEASURE), "known_jobs": _f(INT_LIST)}),
     "ping": ("coordinator", {}),
-    "run_job": ("coordinator", {"job": _f(INT), "argv": _f(STR_LIST), "inputs": _f(FILES), "outputs": _f(STR_LIST),
-                                "mem_mib": _f(INT)}),
+    "run_job": ("coordinator", {"job": _f(INT), "argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS),
+                                "mem_mib": _f(GUEST_MEM)}),
     "cancel_job": ("coordinator", {"job": _f(INT)}),
     "ack": ("coordinator", {"job": _f(INT)}),
     "reconnect": ("coordinator", {"reason": _f(STR)}),
     # admin -> coordinator
     "status": ("admin", {}),
-    "submit": ("admin", {"argv": _f(STR_LIST), "inputs": _f(FILES), "outputs": _f(STR_LIST), "mem_mib": _f(INT)}),
+    "submit": ("admin", {"argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS), "mem_mib": _f(GUEST_MEM)}),
     "jobs": ("admin", {"limit": _f(INT, False)}),
     "job": ("admin", {"job": _f(INT)}),
     "logs": ("admin", {"job": _f(INT)}),
@@ -92,7 +118,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "jobs_reply": ("coordinator", {"jobs": _f(ANY_LIST)}),
     "job_reply": ("coordinator", {"job": _f(ANY_MAP)}),
     "logs_reply": ("coordinator", {"job": _f(INT), "stdout": _f(BYTES), "stderr": _f(BYTES)}),
-    "fetch_reply": ("coordinator", {"job": _f(INT), "outputs": _f(FILES)}),
+    "fetch_reply": ("coordinator", {"job": _f(INT), "outputs": _f(OUTPUTS)}),
     "ok": ("coordinator", {"detail": _f(STR, False)}),
     # either way
     "error": ("any", {"code": _f(STR), "message": _f(TEXT), "in_reply_to": _f(STR, False)}),
@@ -102,41 +128,133 @@ ADMIN_TYPES = frozenset(t for t, (sender, _) in SCHEMAS.items() if sender == "ad
 AGENT_TYPES = frozenset(t for t, (sender, _) in SCHEMAS.items() if sender == "agent")
 
 
-def _check_field(name: str, value: Any, kind: tuple[str, int | None]) -> None:
-    tag, bound = kind
-    ok: bool
+def _shown(value: str) -> str:
+    return repr(value[:60] + "..." if len(value) > 60 else value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+def _in_range(value: float, kind: Kind) -> bool:
+    return (kind.low is None or value >= kind.low) and (kind.high is None or value <= kind.high)
+
+
+def _range_text(kind: Kind) -> str:
+    if kind.low is not None and kind.high is not None:
+        return f" from {kind.low:g} to {kind.high:g}"
+    return f" of at least {kind.low:g}" if kind.low is not None else ""
+
+
+def argv_bytes(argv: list[str]) -> int:
+    """What the arguments take in the guest's exec frame: each one UTF-8 and its NUL."""
+    return sum(len(arg.encode("utf-8")) + 1 for arg in argv)
+
+
+def _list_problem(value: Any, kind: Kind, what: str) -> str | None:
+    if not isinstance(value, list):
+        return f"must be a list of {what}"
+    if len(value) > (kind.bound or 0):
+        return f"has {len(value)} entries; at most {kind.bound} are allowed"
+    return None
+
+
+def _problem(value: Any, kind: Kind) -> str | None:
+    """Why *value* is not a valid *kind*, or None if it is."""
+    tag = kind.tag
     if tag == "str":
-        ok = isinstance(value, str) and len(value) <= (bound or 0)
-    elif tag == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
-    elif tag == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif tag == "bool":
-        ok = isinstance(value, bool)
-    elif tag == "bytes":
-        ok = isinstance(value, bytes) and len(value) <= (bound or 0)
-    elif tag == "str_list":
-        ok = isinstance(value, list) and len(value) <= (bound or 0) and all(
-            isinstance(v, str) and len(v) <= MAX_SMALL_FIELD for v in value)
-    elif tag == "int_list":
-        ok = isinstance(value, list) and len(value) <= (bound or 0) and all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in value)
-    elif tag == "files":
-        ok = isinstance(value, dict) and len(value) <= (bound or 0) and all(
-            isinstance(k, str) and is_safe_relative_path(k) and isinstance(v, bytes) for k, v in value.items())
-    elif tag == "list":
-        ok = isinstance(value, list) and len(value) <= (bound or 0)
-    elif tag == "map":
-        ok = isinstance(value, dict) and len(value) <= (bound or 0)
-    else:  # pragma: no cover - schema typo
-        raise AssertionError(tag)
-    if not ok:
-        raise ProtocolError(f"field {name[:40]!r} is not a valid {tag}")
+        ok = isinstance(value, str) and len(value) <= (kind.bound or 0)
+        return None if ok else f"must be text of at most {kind.bound} characters"
+    if tag == "int":
+        ok = _is_int(value) and _in_range(value, kind)
+        return None if ok else f"must be an integer{_range_text(kind) or ' of 64 bits'}"
+    if tag == "float":
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and _in_range(value, kind))
+        return None if ok else f"must be a finite number{_range_text(kind)}"
+    if tag == "bool":
+        return None if isinstance(value, bool) else "must be true or false"
+    if tag == "bytes":
+        ok = isinstance(value, bytes) and len(value) <= (kind.bound or 0)
+        return None if ok else f"must be bytes, at most {kind.bound}"
+    if tag in ("str_list", "argv"):
+        problem = _list_problem(value, kind, "text")
+        if problem:
+            return problem
+        if not all(isinstance(v, str) and len(v) <= (kind.item or 0) for v in value):
+            return f"must hold text entries of at most {kind.item} characters each"
+        if kind.total is not None:
+            try:
+                size = argv_bytes(value)
+            except UnicodeEncodeError:
+                return "holds text that is not valid UTF-8"
+            if size > kind.total:
+                return f"takes {size} bytes (UTF-8, one NUL each); at most {kind.total} are allowed"
+        return None
+    if tag == "paths":
+        problem = _list_problem(value, kind, "paths")
+        if problem:
+            return problem
+        for path in value:
+            if not isinstance(path, str) or not is_safe_relative_path(path):
+                return _path_problem(path)
+        return None
+    if tag == "int_list":
+        problem = _list_problem(value, kind, "job ids")
+        if problem:
+            return problem
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in value)
+        return None if ok else "must hold job ids (integers from 0)"
+    if tag == "files":
+        return _files_problem(value, kind)
+    if tag == "list":
+        ok = isinstance(value, list) and len(value) <= (kind.bound or 0)
+        return None if ok else f"must be a list of at most {kind.bound} entries"
+    if tag == "map":
+        ok = isinstance(value, dict) and len(value) <= (kind.bound or 0)
+        return None if ok else f"must be a map of at most {kind.bound} entries"
+    raise AssertionError(tag)  # pragma: no cover - schema typo
+
+
+def _path_problem(path: Any) -> str:
+    shown = _shown(path) if isinstance(path, str) else type(path).__name__
+    return (f"holds {shown}, which is not a relative path inside the job directory "
+            f"(no '..', '.', empty part or leading '/', at most {MAX_PATH_BYTES} bytes)")
+
+
+def _files_problem(value: Any, kind: Kind) -> str | None:
+    if not isinstance(value, dict):
+        return "must be a map of file names to contents"
+    if len(value) > (kind.bound or 0):
+        return f"has {len(value)} files; at most {kind.bound} are allowed"
+    total = 0
+    for path, data in value.items():
+        if not isinstance(path, str) or not is_safe_relative_path(path):
+            return _path_problem(path)
+        if not isinstance(data, bytes):
+            return f"file {_shown(path)} must be bytes"
+        if kind.item is not None and len(data) > kind.item:
+            return f"file {_shown(path)} has {len(data)} bytes; at most {kind.item} are allowed per file"
+        total += len(data)
+    if kind.total is not None and total > kind.total:
+        return f"files take {total} bytes together; at most {kind.total} are allowed"
+    return None
+
+
+def _check_field(name: str, value: Any, kind: Kind) -> None:
+    problem = _problem(value, kind)
+    if problem is not None:
+        raise ProtocolError(f"field {name[:40]!r} {problem}")
 
 
 def is_safe_relative_path(path: str) -> bool:
-    """A job file name: relative, no '..', no NUL, not empty."""
-    if not path or len(path) > 1024 or "\0" in path or path.startswith("/"):
+    """A job file name: relative, no '..' or '.' or empty part, no NUL, at most MAX_PATH_BYTES of UTF-8."""
+    if not path or "\0" in path or path.startswith("/"):
+        return False
+    try:
+        if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+            return False
+    except UnicodeEncodeError:  # lone surrogates: not a name the guest could hold
         return False
     return all(part not in ("", ".", "..") for part in path.split("/"))
 
@@ -182,7 +300,8 @@ def decode(frame: bytes) -> dict[str, Any]:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     try:
         message = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=MAX_FRAME_BYTES,
-                                  max_str_len=1 << 20, max_array_len=100_000, max_map_len=100_000)
+                                  max_str_len=MAX_TEXT_FIELD, max_array_len=MAX_LIST_ENTRIES,
+                                  max_map_len=MAX_LIST_ENTRIES)
     except Exception as exc:  # msgpack raises a zoo of types on hostile input; none may escape
         raise ProtocolError(f"frame is not valid msgpack: {type(exc).__name__}") from None
     return validate(message)

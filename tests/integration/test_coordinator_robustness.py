@@ -25,9 +25,11 @@ from hypothesis import strategies as st
 
 from conode.cluster import protocol
 from conode.cluster.keys import KeyPair, load_key_pair
-from conode.cluster.protocol import MAX_FRAME_BYTES, MAX_SMALL_FIELD, PROTOCOL_VERSION, SCHEMAS, ProtocolError
+from conode.cluster.protocol import (MAX_FILES, MAX_FRAME_BYTES, MAX_SMALL_FIELD, PROTOCOL_VERSION, SCHEMAS,
+                                     ProtocolError)
 from conode.cluster.transport import AuthRefused, ClientSocket
 from conode.errors import ConodeError
+from conode.limits import MIN_GUEST_MEM_MIB
 from coordinator.client import AdminClient
 from coordinator.config import ClientConfig, load_client_config
 from pool import free_port
@@ -217,6 +219,15 @@ MALFORMED = {
                                   "outputs": [], "mem_mib": 128}),
     "unsafe input path": packed({"v": PROTOCOL_VERSION, "type": "submit", "argv": ["cat"],
                                  "inputs": {"../../etc/passwd": b""}, "outputs": [], "mem_mib": 128}),
+    "unsafe output path": packed({"v": PROTOCOL_VERSION, "type": "submit", "argv": ["cat"], "inputs": {},
+                                  "outputs": ["../x"], "mem_mib": 128}),
+    "too many outputs": packed({"v": PROTOCOL_VERSION, "type": "submit", "argv": ["cat"], "inputs": {},
+                                "outputs": [f"o{i}" for i in range(MAX_FILES + 1)], "mem_mib": 128}),
+    "guest memory below the minimum": packed({"v": PROTOCOL_VERSION, "type": "submit", "argv": ["cat"],
+                                              "inputs": {}, "outputs": [], "mem_mib": MIN_GUEST_MEM_MIB - 1}),
+    "hello with no cores": packed({"v": PROTOCOL_VERSION, "type": "hello", "node": "n", "cores": 0, "mem_mib": 128,
+                                   "speed": 1.0, "state": "Unclaimed", "idle_s": 0.0, "running": [],
+                                   "software": "x"}),
     "trailing bytes": packed({"v": PROTOCOL_VERSION, "type": "status"}) + b"\x00",
 }
 
@@ -271,19 +282,28 @@ _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 _path = st.lists(st.text("abc.-_", min_size=1, max_size=5).filter(lambda p: p not in (".", "..")), min_size=1,
                  max_size=3).map("/".join)
 _kind_values = {
-    "str": _text, "int": st.integers(-(2**63), 2**63 - 1) | st.integers(0, 5),
-    "float": st.floats(allow_nan=False),
-    "bool": st.booleans(), "bytes": st.binary(max_size=20), "str_list": st.lists(_text, max_size=3),
+    "str": _text, "bool": st.booleans(), "bytes": st.binary(max_size=20), "str_list": st.lists(_text, max_size=3),
+    "argv": st.lists(_text, max_size=3), "paths": st.lists(_path, max_size=3),
     "int_list": st.lists(st.integers(0, 99), max_size=3),
     "files": st.dictionaries(_path, st.binary(max_size=10), max_size=2),
     "list": st.lists(st.integers(0, 9), max_size=3), "map": st.dictionaries(_text, st.integers(), max_size=2),
 }
 
 
+def _value_of(kind: protocol.Kind) -> st.SearchStrategy:
+    if kind.tag == "int":
+        if kind.low is not None:
+            return st.integers(int(kind.low), int(kind.high))
+        return st.integers(-(2**63), 2**63 - 1) | st.integers(0, 5)
+    if kind.tag == "float":
+        return st.floats(min_value=kind.low, allow_nan=False, allow_infinity=False)
+    return _kind_values[kind.tag]
+
+
 @st.composite
 def _valid_message(draw):
     kind = draw(st.sampled_from(sorted(protocol.ADMIN_TYPES)) | st.sampled_from(sorted(SCHEMAS)))
-    fields = {name: draw(_kind_values[f.kind[0]]) for name, f in SCHEMAS[kind][1].items()
+    fields = {name: draw(_value_of(f.kind)) for name, f in SCHEMAS[kind][1].items()
               if f.required or draw(st.booleans())}
     return protocol.encode(kind, **fields)
 

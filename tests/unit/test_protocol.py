@@ -15,13 +15,13 @@ from conode.errors import ConodeError
 
 # --- strategies ---------------------------------------------------------------------------------------------
 INT64 = st.integers(-(2**63), 2**63 - 1)
-FINITE = st.floats(allow_nan=False)  # NaN is a valid float on the wire, but never equal to itself
+FINITE = st.floats(allow_nan=False, allow_infinity=False)
 # Text that msgpack can carry: no lone surrogates (they are not UTF-8).
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 
 path_part = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1,
                     max_size=12).filter(lambda s: s not in (".", ".."))
-safe_path = st.lists(path_part, min_size=1, max_size=5).map("/".join)
+safe_path = st.lists(path_part, min_size=1, max_size=5).map("/".join).filter(lambda p: len(p.encode()) <= 1024)
 
 # Values that survive a msgpack round trip unchanged (lists, not tuples; str keys).
 plain = st.recursive(
@@ -30,18 +30,38 @@ plain = st.recursive(
     max_leaves=12,
 )
 
-KIND_STRATEGIES = {
-    "str": st.text(st.characters(blacklist_categories=("Cs",)), max_size=60),
-    "int": INT64,
-    "float": FINITE | INT64,  # an integer is an acceptable float
-    "bool": st.booleans(),
-    "bytes": st.binary(max_size=200),
-    "str_list": st.lists(TEXT, max_size=8),
-    "int_list": st.lists(st.integers(0, 2**63 - 1), max_size=8),
-    "files": st.dictionaries(safe_path, st.binary(max_size=40), max_size=5),
-    "list": st.lists(plain, max_size=5),
-    "map": st.dictionaries(TEXT, plain, max_size=5),
-}
+def strategy_for(kind):
+    """Valid values of a field kind, within its bounds."""
+    tag = kind.tag
+    if tag == "str":
+        return st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
+    if tag == "int":
+        low = -(2**63) if kind.low is None else int(kind.low)
+        high = 2**63 - 1 if kind.high is None else int(kind.high)
+        return st.integers(low, high)
+    if tag == "float":
+        floats = st.floats(min_value=kind.low, allow_nan=False, allow_infinity=False)
+        return floats | st.integers(0 if kind.low is not None else -(2**63), 2**63 - 1)  # an int is a float
+    return {
+        "bool": st.booleans(),
+        "bytes": st.binary(max_size=200),
+        "str_list": st.lists(TEXT, max_size=8),
+        "argv": st.lists(TEXT, max_size=8),
+        "paths": st.lists(safe_path, max_size=5),
+        "int_list": st.lists(st.integers(0, 2**63 - 1), max_size=8),
+        "files": st.dictionaries(safe_path, st.binary(max_size=40), max_size=5),
+        "list": st.lists(plain, max_size=5),
+        "map": st.dictionaries(TEXT, plain, max_size=5),
+    }[tag]
+
+
+def minimal_value(kind):
+    """The simplest valid value of a field kind."""
+    if kind.tag in ("int", "float"):
+        value = 1 if kind.low is None else kind.low
+        return int(value) if kind.tag == "int" else float(value)
+    return {"str": "s", "bool": False, "bytes": b"", "str_list": [], "argv": [], "paths": [], "int_list": [],
+            "files": {}, "list": [], "map": {}}[kind.tag]
 
 
 @st.composite
@@ -51,7 +71,7 @@ def fields_of(draw, kind):
     fields = {}
     for name, field in schema.items():
         if field.required or draw(st.booleans()):
-            fields[name] = draw(KIND_STRATEGIES[field.kind[0]])
+            fields[name] = draw(strategy_for(field.kind))
     return fields
 
 
@@ -281,8 +301,7 @@ def test_a_field_of_the_wrong_type_is_refused(kind, field, value):
     message = {"v": PROTOCOL_VERSION, "type": kind}
     for name, f in schema.items():
         if f.required:
-            message[name] = {"str": "s", "int": 1, "float": 1.0, "bool": False, "bytes": b"", "str_list": [],
-                             "int_list": [], "files": {}, "list": [], "map": {}}[f.kind[0]]
+            message[name] = minimal_value(f.kind)
     decode(packed(message))  # the baseline is valid
     message[field] = value
     with pytest.raises(ProtocolError, match=repr(field)):
