@@ -46,6 +46,8 @@ _image_options = [
                  help="Guest kernel (bzImage) instead of the packaged one."),
     click.option("--initrd", type=click.Path(path_type=Path), default=None,
                  help="Guest initramfs instead of the packaged one."),
+    click.option("--append", default="", metavar="TEXT",
+                 help="Text added to the guest kernel's command line."),
 ]
 
 
@@ -68,7 +70,7 @@ def _with_image_options(fn: Callable) -> Callable:
 @click.option("-v", "--verbose", is_flag=True, help="Show the guest kernel's boot messages on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(mem_mib: int, kernel: Path | None, initrd: Path | None, snapshot_after: float | None,
+def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, snapshot_after: float | None,
         snapshot_to: Path | None, timeout: float | None, cwd: str, verbose: bool, quiet: bool,
         command: tuple[str, ...]) -> None:
     """Boot the guest, run COMMAND in it, stream its output, exit with its status.
@@ -86,7 +88,7 @@ def run(mem_mib: int, kernel: Path | None, initrd: Path | None, snapshot_after: 
 
         image = load_guest_image(kernel, initrd)
         console = (lambda data: (sys.stderr.buffer.write(data), sys.stderr.buffer.flush())) if verbose else None
-        session = GuestSession.boot(image, MachineConfig(mem_mib=mem_mib), sys.stdout.buffer,
+        session = GuestSession.boot(image, MachineConfig(mem_mib=mem_mib, cmdline_extra=append), sys.stdout.buffer,
                                     sys.stderr.buffer, _progress(quiet), verbose, console)
         session.start(list(command), cwd)
         return session.run(snapshot_after, snapshot_to, timeout)
@@ -116,7 +118,7 @@ LEAVE_KEY = b"\x1d"  # Ctrl-], as in telnet and virsh console
 
 @vm.command()
 @_with_image_options
-def console(mem_mib: int, kernel: Path | None, initrd: Path | None) -> None:
+def console(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str) -> None:
     """An interactive shell on the guest's serial console (Ctrl-] leaves)."""
 
     def body() -> int:
@@ -130,7 +132,7 @@ def console(mem_mib: int, kernel: Path | None, initrd: Path | None) -> None:
             out.write(data)
             out.flush()
 
-        machine = CoMachine(MachineConfig(mem_mib=mem_mib), show, lambda data: None)
+        machine = CoMachine(MachineConfig(mem_mib=mem_mib, cmdline_extra=append), show, lambda data: None)
         machine.boot(image.kernel, image.initrd, BASE_CMDLINE + " conode.shell=1")
         click.echo("conode: guest console; press Ctrl-] to leave", err=True)
         with _raw_terminal():

@@ -140,7 +140,10 @@ class GuestSession:
             return self.exit_status
         reason = self._stop_reason
         if reason == "boot-timeout":
-            raise GuestTimeout(f"the guest did not become ready within {boot_timeout_s:g} s")
+            lines = [line for line in self.machine.console_tail.decode(errors="replace").splitlines() if line.strip()]
+            said = f"; its console last said: {lines[-1][-200:]!r}" if lines else \
+                "; its console said nothing (--verbose shows the boot messages)"
+            raise GuestTimeout(f"the guest did not become ready within {boot_timeout_s:g} s{said}")
         if reason == "timeout":
             raise GuestTimeout(f"the command did not finish within {timeout_s:g} s; the guest was stopped")
         # Paused at the snapshot point.

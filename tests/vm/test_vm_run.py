@@ -98,3 +98,26 @@ def test_guest_randomness_is_seeded_by_the_host_at_boot(conode):
     assert first.returncode == 0 and second.returncode == 0
     assert b"[    0.000000] random: crng init done" in first.stdout
     assert first.stdout.splitlines()[0] != second.stdout.splitlines()[0]  # each boot gets its own seed
+
+
+def test_append_reaches_the_kernel_command_line(conode):
+    result = conode("vm", "run", "-q", "--append", "conode.test=appended", "--", "cat", "/proc/cmdline")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().split()[-1] == "conode.test=appended"
+
+
+def test_a_kernel_that_cannot_start_init_says_why(conode):
+    result = conode("vm", "run", "-q", "--append", "rdinit=/no/such/init", "--", "true")
+    assert_clean_error(result, "kernel panic")
+
+
+def test_timeout_zero_is_refused(conode):
+    assert_clean_error(conode("vm", "run", "-q", "--timeout", "0", "--", "true"), "--timeout")
+
+
+def test_resume_refuses_a_fifo_without_blocking(conode, tmp_path):
+    import os
+
+    fifo = tmp_path / "guest.snap"
+    os.mkfifo(fifo)
+    assert_clean_error(conode("vm", "resume", str(fifo)), str(fifo))
