@@ -63,14 +63,8 @@ def restart_delay(crashes: int) -> float:
 class WorkerProcess:
     """One `python -m conode.agent.worker` child and the threads serving its pipes."""
 
-    def __init__(self, index: int, mem_mib: int, cpu_cap: float, signal: Callable[[], Signal],
-                 boot_snapshot: Path | None = None, resume: Path | None = None) -> None:
+    def __init__(self, index: int, args: list[str], signal: Callable[[], Signal]) -> None:
         self.index = index
-        args = [sys.executable, "-m", "conode.agent.worker", "--mem", str(mem_mib), "--cpu-cap", str(cpu_cap)]
-        if resume is not None:
-            args += ["--resume", str(resume)]
-        elif boot_snapshot is not None:
-            args += ["--boot-snapshot", str(boot_snapshot)]
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, bufsize=0)
         self.pid = self.process.pid
@@ -86,7 +80,7 @@ class WorkerProcess:
                                                     ("in", self._write, ()))]
         for thread in self._threads:
             thread.start()
-        log.info("guest worker %d started (pid %d, %d MiB)", index, self.pid, mem_mib)
+        log.info("guest worker %d started (pid %d)", index, self.pid)
 
     # --- the pipe threads ------------------------------------------------------------------------------------
     def _read_messages(self, signal: Callable[[], Signal]) -> None:
@@ -183,6 +177,11 @@ def process_starter(mem_mib: int, cpu_cap: float, signal: Callable[[], Signal]) 
     """A StartWorker that starts real worker processes."""
 
     def start(index: int, boot_snapshot: Path | None, resume: Path | None) -> WorkerHandle:
-        return WorkerProcess(index, mem_mib, cpu_cap, signal, boot_snapshot=boot_snapshot, resume=resume)
+        args = [sys.executable, "-m", "conode.agent.worker", "--mem", str(mem_mib), "--cpu-cap", str(cpu_cap)]
+        if resume is not None:
+            args += ["--resume", str(resume)]
+        elif boot_snapshot is not None:
+            args += ["--boot-snapshot", str(boot_snapshot)]
+        return WorkerProcess(index, args, signal)
 
     return start

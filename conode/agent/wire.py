@@ -13,7 +13,8 @@ import math
 from typing import Any
 
 from conode.agent.pipe import PipeError
-from conode.cluster.protocol import FILES, FLOAT, INT, INT_LIST, STR, Field, ProtocolError, _check_field
+from conode.cluster.protocol import (FILES, FLOAT, INT, INT_LIST, STR, Field, ProtocolError, _check_field,
+                                     is_safe_relative_path)
 from conode.limits import (CHANNEL_MAX_PAYLOAD, MAX_ARGV, MAX_ARGV_BYTES, MAX_FILES, MAX_JOB_INPUT_BYTES,
                            MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES, MAX_TEXT_FIELD)
 
@@ -72,7 +73,10 @@ def _check(message: Any, schemas: dict[str, dict[str, Field]], direction: str) -
 
 
 def _check_names(kind: str, names: Any) -> None:
+    """Job file names: relative to the job directory, no way out of it, bounded."""
     for name in names:
+        if not is_safe_relative_path(name):
+            raise PipeError(f"{kind}: {name[:40]!r} is not a file name inside the job directory")
         if len(name.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
             raise PipeError(f"{kind}: file name {name[:40]!r}... exceeds {MAX_PATH_BYTES} bytes")
 
