@@ -22,7 +22,7 @@ from conode.agent.disk import StateDisk
 from conode.agent.guests import Guests
 from conode.agent.link import CoordinatorLink, Transport, ZmqTransport
 from conode.agent.outbox import Outbox
-from conode.agent.owner import OwnerMonitor, make_sources
+from conode.agent.owner import FIXED_SOURCES, OwnerMonitor, make_sources
 from conode.agent.settings import AGENT_KEY_NAME, AgentConfig
 from conode.agent.status import StatusFile
 from conode.agent.supervisor import StartWorker, process_starter
@@ -69,7 +69,7 @@ class AgentDaemon:
         start_worker = start_worker or process_starter(config.mem_mib, config.cpu_cap, self.waker.signal)
         self.guests = Guests(config.cores, config.mem_mib, config.state_dir, start_worker, self.link, clock,
                              self.disk)
-        fixed = sources is not None or config.idle_source in ("away", "present")
+        fixed = sources is not None or config.idle_source in FIXED_SOURCES
         self.owner = OwnerMonitor(sources if sources is not None else make_sources(config.idle_source, clock, wall),
                                   config.policy, clock=clock, wall=wall, fixed_load=0.0 if fixed else None)
         self.status_file = StatusFile(config.state_dir, clock, self.disk)
@@ -171,7 +171,7 @@ class AgentDaemon:
                 idle = self.owner.last.idle_s
                 self.guests.activity_at = self._wall() - (idle if idle is not None and idle < 1e9 else 0.0)
             self.link.beat_soon()  # tell the coordinator at once
-        self.guests.follow_owner(current, shutdown_while_owner=self.config.while_owner == "shutdown")
+        self.guests.follow_owner(current, self.config.shutdown_while_owner)
 
     def status(self) -> dict[str, Any]:
         last = self.owner.last

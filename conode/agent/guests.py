@@ -28,7 +28,6 @@ log = logging.getLogger("conode.agent")
 
 DRAIN_S = 2.0  # how long an exited worker's last words may take to arrive before it is judged without them
 YIELD_SAMPLES = 100
-REASON_CHARS = 4000
 
 
 class Reports(Protocol):
@@ -120,7 +119,8 @@ class Guests:
 
     def status(self) -> list[dict[str, Any]]:
         return [{"index": s.index, "pid": s.handle.pid if s.handle is not None and s.alive else None,
-                 "state": s.state, "job": s.job, "speed": s.speed, "crashes": s.crashes} for s in self.slots]
+                 "state": s.state, "job": s.job, "guest": s.guest, "speed": s.speed, "crashes": s.crashes}
+                for s in self.slots]
 
     # --- jobs from the coordinator ------------------------------------------------------------------------
     def accept(self, message: dict[str, Any]) -> None:
@@ -165,7 +165,7 @@ class Guests:
 
     def _fail(self, job: int, reason: str, retry: bool) -> None:
         self._streamed.pop(job, None)
-        self._reports.result(job, "job_failed", reason=reason[:REASON_CHARS], retry=retry)
+        self._reports.result(job, "job_failed", reason=reason, retry=retry)
 
     def _send(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         if slot.handle is not None:
@@ -209,7 +209,7 @@ class Guests:
         if kind == "ready":
             slot.ready = True
             slot.crashes = 0
-            slot.speed, slot.guest = message["speed"], message["guest"]
+            slot.speed, slot.guest = float(message["speed"]), message["guest"]
             log.info("guest %d ready: %s, speed %.0f loops/s", slot.index, slot.guest, slot.speed)
             self._take_resumed_jobs(slot)
             self._dispatch()

@@ -27,7 +27,7 @@ log = logging.getLogger("conode.agent")
 
 MAX_BUFFERED_BYTES = 64 << 20  # live output kept while the coordinator is unreachable
 HEARTBEAT_BOUNDS_S = (0.05, 60.0)  # a beat interval the coordinator may ask for
-REASON_CHARS = 4000
+REASON_CHARS = 4000  # a failure's reason is a sentence, not a log
 
 
 class Transport(Protocol):
@@ -187,6 +187,8 @@ class CoordinatorLink:
 
     def result(self, job: int, kind: str, **fields: Any) -> None:
         """A job's final word, kept in the outbox until acknowledged; one the protocol refuses becomes a failure."""
+        if "reason" in fields:
+            fields["reason"] = fields["reason"][:REASON_CHARS]
         try:
             payload = protocol.encode(kind, job=job, **fields)
         except ProtocolError as exc:

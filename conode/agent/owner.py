@@ -11,6 +11,8 @@ from typing import Callable
 from conode.idle.policy import Observation, OwnerState, PolicyConfig, PolicyState, next_state
 from conode.idle.sources import FileSource, IdleReading, IdleSource, OwnerLoad, combine, on_battery, platform_sources
 
+AUTO, AWAY, PRESENT = "auto", "away", "present"  # idle-source specs beside file:PATH
+FIXED_SOURCES = (AWAY, PRESENT)  # the owner declared away or present: no load to measure either
 SLOW_SOURCE_INTERVAL_S = 1.0  # sources that spawn a process (logind, macOS) are read at most this often
 
 
@@ -22,7 +24,7 @@ class _FixedSource:
         self._away = away
 
     def read(self) -> IdleReading:
-        return IdleReading(self.name, math.inf if self._away else 0.0, "--owner " + ("away" if self._away else "present"))
+        return IdleReading(self.name, math.inf if self._away else 0.0, "--owner " + (AWAY if self._away else PRESENT))
 
 
 class _Throttled:
@@ -47,9 +49,9 @@ class _Throttled:
 def make_sources(spec: str, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> list[IdleSource]:
     """``auto`` (the platform's sources), ``away``, ``present``, or ``file:PATH``."""
-    if spec == "away":
+    if spec == AWAY:
         return [_FixedSource(True)]
-    if spec == "present":
+    if spec == PRESENT:
         return [_FixedSource(False)]
     if spec.startswith("file:"):
         return [FileSource(Path(spec[len("file:"):]), wall)]

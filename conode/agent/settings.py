@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conode.agent.owner import AUTO, FIXED_SOURCES
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.errors import ConodeError
 from conode.idle.policy import PolicyConfig
@@ -21,8 +22,9 @@ from conode.tomlfile import read_toml, write_toml
 
 SETTINGS_NAME = "agent.toml"
 AGENT_KEY_NAME = "agent"
-IDLE_SOURCES = ("auto", "away", "present")  # or file:PATH
-WHILE_OWNER = ("pause", "shutdown")
+IDLE_SOURCES = (AUTO, *FIXED_SOURCES)  # or file:PATH
+PAUSE, SHUTDOWN = "pause", "shutdown"  # what idle guests do while the owner works
+WHILE_OWNER = (PAUSE, SHUTDOWN)
 POLICY_FIELDS = [f.name for f in dataclasses.fields(PolicyConfig) if f.name != "windows"]
 # The agent's own keys and the Python type each takes (the policy's are all numbers but one).
 AGENT_KEYS: dict[str, type] = {"name": str, "coordinator": str, "coordinator_key": str, "cores": int, "mem": int,
@@ -38,10 +40,14 @@ class AgentConfig:
     coordinator_key: str
     cores: int
     mem_mib: int
-    idle_source: str = "auto"  # auto | away | present | file:PATH
+    idle_source: str = AUTO  # auto | away | present | file:PATH
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    while_owner: str = "pause"  # keep guests paused while the owner works, or "shutdown"
+    while_owner: str = PAUSE  # keep guests paused while the owner works, or shut them down
     cpu_cap: float = 100.0  # percent of a core each guest may use
+
+    @property
+    def shutdown_while_owner(self) -> bool:
+        return self.while_owner == SHUTDOWN
 
 
 def default_node_name() -> str:
@@ -119,8 +125,8 @@ def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: d
     cores = _typed(values, "cores", 1)
     mem_mib = _typed(values, "mem", DEFAULT_GUEST_MEM_MIB)
     cpu_cap = _typed(values, "cpu_cap", 100.0)
-    idle_source = _typed(values, "idle_source", "auto")
-    while_owner = _typed(values, "while_owner", "pause")
+    idle_source = _typed(values, "idle_source", AUTO)
+    while_owner = _typed(values, "while_owner", PAUSE)
     if cores < 1:
         raise ConodeError("--cores must be at least 1")
     if not MIN_GUEST_MEM_MIB <= mem_mib <= MAX_GUEST_MEM_MIB:

@@ -82,8 +82,12 @@ def _check_names(kind: str, names: Any) -> None:
 
 
 def _check_finite(kind: str, name: str, value: float) -> None:
-    if not math.isfinite(value) or value < 0:
-        raise PipeError(f"{kind}: {name} must be a finite, non-negative number, not {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite or value < 0:
+        raise PipeError(f"{kind}: {name} must be a finite, non-negative number, not {value!r:.40}")
 
 
 def argv_bytes(argv: list[str]) -> int:

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import zmq
 
 from conode.agent.daemon import TICK_MS
@@ -50,71 +51,64 @@ def wait_for_messages(waker, worker, timeout=10.0):
     return got
 
 
-def start(waker):
-    return WorkerProcess(0, [sys.executable, "-c", CHILD], waker.signal)
-
-
-def test_messages_wake_the_loop_and_big_ones_arrive_whole():
+@pytest.fixture
+def pipe():
+    """A started child and the waker its reader thread signals; both ended afterwards."""
     waker = Waker(zmq.Context.instance())
-    worker = start(waker)
+    worker = WorkerProcess(0, [sys.executable, "-c", CHILD], waker.signal)
     try:
-        assert wait_for_messages(waker, worker) == [{"type": "ready", "guest": "script", "speed": 1.0}]
-        poller = zmq.Poller()
-        poller.register(waker.socket, zmq.POLLIN)
-        sent_at = time.monotonic()
-        worker.send({"type": "big", "size": 5 << 20})  # far more than the pipe and the read-ahead hold
-        got = []
-        while not got:
-            assert poller.poll(1000), "the reader thread did not wake the loop"
-            waker.drain()
-            got = worker.messages()
-        assert len(got[0]["data"]) == 5 << 20 and time.monotonic() - sent_at < 10
-        worker.send({"type": "quit"})
-        deadline = time.monotonic() + 10
-        while worker.exit_code() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert worker.exit_code() == 0
+        yield waker, worker
     finally:
         worker.kill()
         waker.close()
 
 
-def test_a_dying_worker_is_read_to_its_last_word():
-    waker = Waker(zmq.Context.instance())
-    worker = start(waker)
-    try:
-        wait_for_messages(waker, worker)
-        worker.send({"type": "die"})
-        deadline = time.monotonic() + 10
-        last_words = []
-        while not (worker.exit_code() is not None and worker.drained()) and time.monotonic() < deadline:
-            last_words += worker.messages()  # drained() only once everything was handed over
-            time.sleep(0.01)
-        assert worker.exit_code() == 9 and last_words == [{"type": "resumed"}]
-        while not worker.stderr_tail and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert list(worker.stderr_tail) == ["dying as asked"]
-        assert not worker.send({"type": "quit"})  # a dead worker takes nothing
-    finally:
-        worker.kill()
-        waker.close()
+def test_messages_wake_the_loop_and_big_ones_arrive_whole(pipe):
+    waker, worker = pipe
+    assert wait_for_messages(waker, worker) == [{"type": "ready", "guest": "script", "speed": 1.0}]
+    poller = zmq.Poller()
+    poller.register(waker.socket, zmq.POLLIN)
+    sent_at = time.monotonic()
+    worker.send({"type": "big", "size": 5 << 20})  # far more than the pipe and the read-ahead hold
+    got = []
+    while not got:
+        assert poller.poll(1000), "the reader thread did not wake the loop"
+        waker.drain()
+        got = worker.messages()
+    assert len(got[0]["data"]) == 5 << 20 and time.monotonic() - sent_at < 10
+    worker.send({"type": "quit"})
+    deadline = time.monotonic() + 10
+    while worker.exit_code() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.exit_code() == 0
 
 
-def test_garbage_on_the_pipe_is_a_pipe_error():
-    waker = Waker(zmq.Context.instance())
-    worker = start(waker)
-    try:
-        wait_for_messages(waker, worker)
-        worker.send({"type": "garbage"})
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                worker.messages()
-            except PipeError:
-                break
-            time.sleep(0.01)
-        else:
-            raise AssertionError("garbage was not noticed")
-    finally:
-        worker.kill()
-        waker.close()
+def test_a_dying_worker_is_read_to_its_last_word(pipe):
+    waker, worker = pipe
+    wait_for_messages(waker, worker)
+    worker.send({"type": "die"})
+    deadline = time.monotonic() + 10
+    last_words = []
+    while not (worker.exit_code() is not None and worker.drained()) and time.monotonic() < deadline:
+        last_words += worker.messages()  # drained() only once everything was handed over
+        time.sleep(0.01)
+    assert worker.exit_code() == 9 and last_words == [{"type": "resumed"}]
+    while not worker.stderr_tail and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(worker.stderr_tail) == ["dying as asked"]
+    assert not worker.send({"type": "quit"})  # a dead worker takes nothing
+
+
+def test_garbage_on_the_pipe_is_a_pipe_error(pipe):
+    waker, worker = pipe
+    wait_for_messages(waker, worker)
+    worker.send({"type": "garbage"})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            worker.messages()
+        except PipeError:
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("garbage was not noticed")

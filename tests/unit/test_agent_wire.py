@@ -3,6 +3,8 @@
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conode.agent.pipe import PipeError
 from conode.agent.wire import FROM_WORKER, TO_WORKER, OutputLimitError, validate_from_worker, validate_to_worker
@@ -74,3 +76,21 @@ def test_outputs_over_the_limits_are_the_jobs_fault():
 def test_what_the_agent_may_not_send_a_worker(field, value):
     with pytest.raises(PipeError):
         validate_to_worker({"type": "run", **GOOD_TO["run"], field: value})
+
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from([*FROM_WORKER, "run", "x"]), fields=st.dictionaries(
+    st.sampled_from(["job", "stream", "data", "status", "outputs", "missing", "runtime_s", "reason", "at", "path",
+                     "jobs", "guest", "speed"]), values, max_size=6))
+def test_any_worker_message_is_either_valid_or_a_pipe_error(kind, fields):
+    try:
+        checked = validate_from_worker({"type": kind, **fields})
+    except PipeError:
+        return
+    assert set(checked) == {"type", *FROM_WORKER[kind]}
