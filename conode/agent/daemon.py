@@ -39,7 +39,7 @@ log = logging.getLogger("conode.agent")
 TICK_MS = 20  # how often the owner is observed: the bound on noticing that the owner is back
 MAX_IDLE_REPORTED_S = 1e9  # "forever" as a finite number for the wire
 
-__all__ = ["AgentConfig", "AgentDaemon", "TICK_MS", "agent_keys"]
+__all__ = ["TICK_MS", "AgentConfig", "AgentDaemon", "agent_keys"]
 
 
 def agent_keys(state_dir: Path) -> KeyPair:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -389,4 +390,4 @@ class Guests:
     def _drop_vacated_files(self, index: int) -> None:
         for suffix in ("snap", "toml"):
             path = self.vacated_dir / f"worker-{index}.{suffix}"
-            self._disk.attempt("remove a vacated guest", lambda: path.unlink(missing_ok=True))
+            self._disk.attempt("remove a vacated guest", partial(path.unlink, missing_ok=True))

@@ -8,6 +8,7 @@ the disk copy is what survives a restart, written when the disk allows (StateDis
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 from conode.agent.disk import StateDisk
@@ -47,8 +48,8 @@ class Outbox:
 
     def remove(self, job: int) -> None:
         self._results.pop(job, None)
-        self._disk.attempt("remove an acknowledged result", lambda: (self.directory / f"{job}.msg").unlink(
-            missing_ok=True))
+        self._disk.attempt("remove an acknowledged result", partial((self.directory / f"{job}.msg").unlink,
+                                                                    missing_ok=True))
 
     def __contains__(self, job: int) -> bool:
         return job in self._results

@@ -105,7 +105,7 @@ def test_a_job_the_worker_pipe_cannot_carry_fails_without_retry(agent):
 
 
 def test_cancel_stops_a_running_job_and_drops_a_waiting_one(agent):
-    w0, w1 = agent.join()
+    w0, _ = agent.join()
     for job in (1, 2, 3):
         agent.run_job(job)
     agent.coordinator.deliver("cancel_job", job=3)
@@ -119,7 +119,7 @@ def test_cancel_stops_a_running_job_and_drops_a_waiting_one(agent):
 
 
 def test_a_crashed_worker_fails_its_job_for_a_retry_and_restarts_with_back_off(agent):
-    w0, w1 = agent.join()
+    w0, _ = agent.join()
     agent.run_job(1)
     w0.crash(code=-11, last_words="worker: Segmentation fault")
     agent.step()
@@ -153,7 +153,7 @@ def test_a_crashed_worker_fails_its_job_for_a_retry_and_restarts_with_back_off(a
     ["not", "a", "map"],
 ])
 def test_a_worker_that_sends_an_invalid_message_is_treated_as_crashed(agent, bad, caplog):
-    w0, w1 = agent.join()
+    w0, _ = agent.join()
     agent.run_job(1)
     w0.emit_raw(bad)
     agent.step()
@@ -167,7 +167,7 @@ def test_a_worker_that_sends_an_invalid_message_is_treated_as_crashed(agent, bad
 
 
 def test_a_broken_pipe_is_treated_as_a_crash(agent):
-    w0, w1 = agent.join()
+    w0, _ = agent.join()
     agent.run_job(1)
     w0.send_garbage()
     agent.step(2)

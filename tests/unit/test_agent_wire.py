@@ -7,9 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conode.agent.pipe import PipeError
-from conode.agent.wire import FROM_WORKER, TO_WORKER, OutputLimitError, validate_from_worker, validate_to_worker
-from conode.limits import (CHANNEL_MAX_PAYLOAD, MAX_ARGV, MAX_FILES, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES,
-                           MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES)
+from conode.agent.wire import (FROM_WORKER, TO_WORKER, OutputLimitError, validate_from_worker,
+                               validate_to_worker)
+from conode.limits import (CHANNEL_MAX_PAYLOAD, MAX_ARGV, MAX_FILES, MAX_JOB_INPUT_BYTES,
+                           MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES)
 
 GOOD_FROM = {
     "ready": {"guest": "Linux 6.1 i686", "speed": 1234.5},
