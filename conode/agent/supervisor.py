@@ -92,6 +92,7 @@ class WorkerProcess:
         except (OSError, ValueError):
             pass  # the pipe was closed under us: the worker is being discarded
         finally:
+            self._close(self.process.stdout)
             self._read_all.set()
             wake()
             wake.close()
@@ -109,6 +110,7 @@ class WorkerProcess:
                         log.debug("worker %d: %s", self.index, line)
         except (OSError, ValueError):
             pass
+        self._close(self.process.stderr)
         if partial.strip():
             self.stderr_tail.append(partial.decode(errors="replace").strip())
 
@@ -118,7 +120,16 @@ class WorkerProcess:
             try:
                 stdin.write(data)  # type: ignore[union-attr]
             except (OSError, ValueError):
-                return  # the worker is gone; its exit is noticed by the agent's loop
+                break  # the worker is gone; its exit is noticed by the agent's loop
+        self._close(stdin)
+
+    @staticmethod
+    def _close(stream: Any) -> None:
+        """Each pipe is closed by the thread that uses it, once it is done with it."""
+        try:
+            stream.close()
+        except OSError:
+            pass
 
     # --- the agent's side -------------------------------------------------------------------------------------
     def exit_code(self) -> int | None:
@@ -165,12 +176,7 @@ class WorkerProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        self._outgoing.put(None)
-        if self.process.stdin is not None:
-            try:
-                self.process.stdin.close()
-            except OSError:
-                pass
+        self._outgoing.put(None)  # the writer thread closes stdin after what is queued
 
 
 def process_starter(mem_mib: int, cpu_cap: float, signal: Callable[[], Signal]) -> StartWorker:
