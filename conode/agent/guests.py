@@ -273,9 +273,10 @@ class Guests:
                 continue
             if slot.exited_at is None:
                 slot.exited_at = now
-            if not handle.drained() and now - slot.exited_at < DRAIN_S:
-                continue  # its last words are still on their way
-            self._pump(slot)
+            if slot.broken is None:  # a worker discarded for garbage has nothing more worth reading
+                if not handle.drained() and now - slot.exited_at < DRAIN_S:
+                    continue  # its last words are still on their way
+                self._pump(slot)
             handle.kill()
             if (slot.vacating or slot.stopping) and slot.job is None and slot.broken is None:
                 slot.clear()  # it exited as told

@@ -24,14 +24,14 @@ POLICY = PolicyConfig()
 class Agent:
     """One agent on a state directory, with every outside part replaced by a test double."""
 
-    def __init__(self, state_dir, cores=2, clock=None, wall=None):
+    def __init__(self, state_dir, cores=2, clock=None, wall=None, while_owner="pause"):
         self.clock = clock or FakeClock(1000.0)
         self.wall = wall or FakeClock(1.7e9)
         self.coordinator = MemoryTransport()
         self.workers = FakeWorkers()
         self.idle = SettableIdle(math.inf)
         config = AgentConfig(state_dir=state_dir, name="desk1", coordinator="tcp://127.0.0.1:1",
-                             coordinator_key="", cores=cores, mem_mib=128, policy=POLICY)
+                             coordinator_key="", cores=cores, mem_mib=128, policy=POLICY, while_owner=while_owner)
         self.daemon = AgentDaemon(config, clock=self.clock, wall=self.wall, transport=self.coordinator,
                                   start_worker=self.workers, sources=[self.idle])
 
@@ -315,6 +315,41 @@ def test_suspended_too_long_the_guest_is_vacated_and_a_restarted_agent_resumes_i
     resumed.finish(1)
     restarted.step()
     assert restarted.sent("job_finished", 1)
+
+
+def test_a_worker_that_dies_while_vacating_fails_its_job_for_a_retry(agent):
+    w0, _ = agent.join()
+    agent.run_job(1)
+    agent.idle.owner_back()
+    agent.step()
+    agent.pass_time(POLICY.vacate_after_s)
+    assert w0.of_type("vacate")
+    w0.crash(last_words="cannot save: No space left on device")
+    agent.step()
+    [failed] = agent.sent("job_failed", 1)
+    assert failed["retry"] and "No space left" in failed["reason"]
+    assert not agent.daemon.guests.vacated
+
+
+def test_idle_guests_quit_while_the_owner_works_if_so_configured(tmp_path):
+    agent = Agent(tmp_path, while_owner="shutdown")
+    w0, w1 = agent.join()
+    agent.run_job(1)
+    agent.idle.owner_back()
+    agent.step()
+    assert agent.daemon.owner.policy.state is OwnerState.SUSPENDED
+    assert w0.of_type("pause") and not w1.of_type("quit")  # suspended with a job: paused, not shut down
+    w0.finish(1)
+    agent.step()
+    assert agent.daemon.owner.policy.state is OwnerState.OWNER
+    assert w1.of_type("quit") and w0.of_type("quit")
+    w0.exit(0)
+    w1.exit(0)
+    agent.step(advance=60)
+    assert len(agent.workers.started) == 2  # nothing restarts while the owner works
+    agent.idle.owner_away()
+    agent.step(2)
+    assert len(agent.workers.started) == 4
 
 
 def test_a_restarted_agent_reports_unacknowledged_results_in_its_hello(agent, tmp_path):
