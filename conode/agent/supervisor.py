@@ -28,6 +28,7 @@ STDERR_TAIL = 20
 STDERR_LINE_CHARS = 500
 READ_CHUNK = 1 << 16
 QUEUED_CHUNKS = 64  # read-ahead from one worker; beyond it the worker waits for the agent (back-pressure)
+HAND_OVER_POLL_S = 0.1
 
 
 class WorkerHandle(Protocol):
@@ -73,29 +74,38 @@ class WorkerProcess:
         self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=QUEUED_CHUNKS)
         self._outgoing: queue.Queue[bytes | None] = queue.Queue()
         self._read_all = threading.Event()
+        self._discarded = threading.Event()  # killed: nobody will read its messages any more
         self._psutil: psutil.Process | None = None
-        self._threads = [threading.Thread(target=target, args=args, daemon=True, name=f"worker-{index}-{name}")
-                         for name, target, args in (("out", self._read_messages, (signal,)),
-                                                    ("err", self._read_diagnostics, ()),
-                                                    ("in", self._write, ()))]
-        for thread in self._threads:
-            thread.start()
+        for name, target, extra in (("out", self._read_messages, (signal,)), ("err", self._read_diagnostics, ()),
+                                    ("in", self._write, ())):
+            threading.Thread(target=target, args=extra, daemon=True, name=f"worker-{index}-{name}").start()
         log.info("guest worker %d started (pid %d)", index, self.pid)
 
     # --- the pipe threads ------------------------------------------------------------------------------------
     def _read_messages(self, signal: Callable[[], Signal]) -> None:
         wake = signal()
+        stdout = self.process.stdout
+        assert stdout is not None
         try:
-            while data := self.process.stdout.read(READ_CHUNK):  # type: ignore[union-attr]
-                self._chunks.put(data)
+            while (data := stdout.read(READ_CHUNK)) and self._hand_over(data):
                 wake()
         except (OSError, ValueError):
             pass  # the pipe was closed under us: the worker is being discarded
         finally:
-            self._close(self.process.stdout)
+            self._close(stdout)
             self._read_all.set()
             wake()
             wake.close()
+
+    def _hand_over(self, data: bytes) -> bool:
+        """Queue a chunk for the agent, waiting while the queue is full; False once the worker is discarded."""
+        while not self._discarded.is_set():
+            try:
+                self._chunks.put(data, timeout=HAND_OVER_POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def _read_diagnostics(self) -> None:
         partial = b""
@@ -176,6 +186,7 @@ class WorkerProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._discarded.set()
         self._outgoing.put(None)  # the writer thread closes stdin after what is queued
 
 

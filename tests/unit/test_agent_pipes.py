@@ -5,6 +5,7 @@ The child here is a small Python script speaking the worker's pipe format, so no
 
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -112,3 +113,19 @@ def test_garbage_on_the_pipe_is_a_pipe_error(pipe):
         time.sleep(0.01)
     else:
         raise AssertionError("garbage was not noticed")
+
+
+def test_a_discarded_worker_leaves_no_reader_behind(pipe):
+    waker, worker = pipe
+    wait_for_messages(waker, worker)
+    worker.send({"type": "big", "size": 16 << 20})  # more than the read-ahead: the reader waits for the agent
+    time.sleep(0.5)
+    worker.kill()  # the agent discards it without reading on
+
+    def readers():
+        return [t for t in threading.enumerate() if t.name == "worker-0-out"]
+
+    deadline = time.monotonic() + 5
+    while readers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not readers()  # it gave up handing over chunks nobody will read, and ended
