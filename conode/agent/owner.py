@@ -11,6 +11,8 @@ from typing import Callable
 from conode.idle.policy import Observation, OwnerState, PolicyConfig, PolicyState, next_state
 from conode.idle.sources import FileSource, IdleReading, IdleSource, OwnerLoad, combine, on_battery, platform_sources
 
+AUTO, AWAY, PRESENT = "auto", "away", "present"  # idle-source specs beside file:PATH
+FIXED_SOURCES = (AWAY, PRESENT)  # the owner declared away or present: no load to measure either
 SLOW_SOURCE_INTERVAL_S = 1.0  # sources that spawn a process (logind, macOS) are read at most this often
 
 
@@ -22,7 +24,7 @@ class _FixedSource:
         self._away = away
 
     def read(self) -> IdleReading:
-        return IdleReading(self.name, math.inf if self._away else 0.0, "--owner " + ("away" if self._away else "present"))
+        return IdleReading(self.name, math.inf if self._away else 0.0, "--owner " + (AWAY if self._away else PRESENT))
 
 
 class _Throttled:
@@ -44,14 +46,15 @@ class _Throttled:
         return IdleReading(self._last.source, aged, self._last.detail)
 
 
-def make_sources(spec: str, clock: Callable[[], float] = time.monotonic) -> list[IdleSource]:
+def make_sources(spec: str, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> list[IdleSource]:
     """``auto`` (the platform's sources), ``away``, ``present``, or ``file:PATH``."""
-    if spec == "away":
+    if spec == AWAY:
         return [_FixedSource(True)]
-    if spec == "present":
+    if spec == PRESENT:
         return [_FixedSource(False)]
     if spec.startswith("file:"):
-        return [FileSource(Path(spec[len("file:"):]))]
+        return [FileSource(Path(spec[len("file:"):]), wall)]
     sources: list[IdleSource] = []
     for source in platform_sources():
         sources.append(source if source.name in ("x11", "windows") else _Throttled(source, clock))
@@ -70,11 +73,13 @@ class OwnerSnapshot:
 
 class OwnerMonitor:
     def __init__(self, sources: list[IdleSource], config: PolicyConfig, load: OwnerLoad | None = None,
-                 clock: Callable[[], float] = time.monotonic, fixed_load: float | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, fixed_load: float | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
         self.sources = sources
         self.config = config
         self.load = load or OwnerLoad()
         self._clock = clock
+        self._wall = wall  # for time-of-day windows
         self._fixed_load = fixed_load
         self.policy = PolicyState(OwnerState.OWNER, clock())
         self.last = OwnerSnapshot((), None, None, None)
@@ -95,7 +100,7 @@ class OwnerMonitor:
         load = self._owner_load(now)
         battery = on_battery()
         self.last = OwnerSnapshot(readings, idle, load, battery)
-        local = time.localtime()
+        local = time.localtime(self._wall())
         return Observation(now, idle, load, battery, local.tm_wday, local.tm_hour * 60 + local.tm_min)
 
     def step(self, has_jobs: bool, vacated: bool) -> tuple[OwnerState, OwnerState]:

@@ -8,9 +8,10 @@ from typing import Any
 import msgpack
 
 from conode.errors import ConodeError
+from conode.limits import MAX_FRAME_BYTES
 
 _LENGTH = struct.Struct(">I")
-MAX_MESSAGE = 128 << 20
+MAX_MESSAGE = 2 * MAX_FRAME_BYTES  # a result holds up to a frame's worth of files; more is garbage
 
 
 class PipeError(ConodeError):

@@ -1,20 +1,57 @@
-"""The agent's state directory and settings: flags override the config file, which overrides defaults."""
+"""The agent's state directory and settings: flags override the config file, which overrides defaults.
+
+Every key a settings file may hold is listed here with its type; a key that is not (a typo, a setting of another
+version) is an error that names it, never silently ignored.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conode.agent.daemon import AGENT_KEY_NAME, AgentConfig, default_node_name
+from conode.agent.owner import AUTO, FIXED_SOURCES
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.errors import ConodeError
 from conode.idle.policy import PolicyConfig
+from conode.limits import DEFAULT_GUEST_MEM_MIB, MAX_GUEST_MEM_MIB, MIN_GUEST_MEM_MIB
 from conode.tomlfile import read_toml, write_toml
-from conode.vm import layout
 
 SETTINGS_NAME = "agent.toml"
+AGENT_KEY_NAME = "agent"
+IDLE_SOURCES = (AUTO, *FIXED_SOURCES)  # or file:PATH
+PAUSE, SHUTDOWN = "pause", "shutdown"  # what idle guests do while the owner works
+WHILE_OWNER = (PAUSE, SHUTDOWN)
 POLICY_FIELDS = [f.name for f in dataclasses.fields(PolicyConfig) if f.name != "windows"]
+# The agent's own keys and the Python type each takes (the policy's are all numbers but one).
+AGENT_KEYS: dict[str, type] = {"name": str, "coordinator": str, "coordinator_key": str, "cores": int, "mem": int,
+                               "idle_source": str, "while_owner": str, "cpu_cap": float}
+KNOWN_KEYS = [*AGENT_KEYS, *POLICY_FIELDS]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    name: str
+    coordinator: str
+    coordinator_key: str
+    cores: int
+    mem_mib: int
+    idle_source: str = AUTO  # auto | away | present | file:PATH
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    while_owner: str = PAUSE  # keep guests paused while the owner works, or shut them down
+    cpu_cap: float = 100.0  # percent of a core each guest may use
+
+    @property
+    def shutdown_while_owner(self) -> bool:
+        return self.while_owner == SHUTDOWN
+
+
+def default_node_name() -> str:
+    return socket.gethostname().split(".")[0] or "node"
 
 
 def init_agent_state(state_dir: Path, name: str | None) -> tuple[str, str]:
@@ -23,6 +60,30 @@ def init_agent_state(state_dir: Path, name: str | None) -> tuple[str, str]:
     keys = generate_key_pair(state_dir / "keys", AGENT_KEY_NAME)
     write_toml(state_dir / SETTINGS_NAME, {"name": node})
     return node, keys.public
+
+
+def check_keys(values: dict[str, Any], where: Path) -> None:
+    """Refuse a key this version does not know, naming it and the closest known one."""
+    for key in values:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConodeError(f"{where}: unknown setting {key!r}; {hint}known settings are {', '.join(KNOWN_KEYS)}")
+
+
+def _typed(values: dict[str, Any], key: str, default: Any) -> Any:
+    """The value of *key* converted to its type, or a clear error saying which type it needs."""
+    if key not in values:
+        return default
+    value, kind = values[key], AGENT_KEYS[key]
+    if kind is str and isinstance(value, str):
+        return value
+    if kind in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind is int and value != int(value):
+            raise ConodeError(f"setting {key} must be a whole number, not {value!r}")
+        return kind(value)
+    need = {str: "text", int: "a whole number", float: "a number"}[kind]
+    raise ConodeError(f"setting {key} must be {need}, not {value!r}"[:300])
 
 
 def _policy(values: dict[str, Any]) -> PolicyConfig:
@@ -51,29 +112,32 @@ def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: d
         raise ConodeError(f"{state_dir} is not an agent state directory; run `conode agent init --state-dir "
                           f"{state_dir}` first")
     values = read_toml(settings_path)
+    check_keys(values, settings_path)
     if config_file is not None:
-        values.update(read_toml(config_file))
+        extra = read_toml(config_file)
+        check_keys(extra, config_file)
+        values.update(extra)
     values.update({key: value for key, value in overrides.items() if value is not None})
     if not values.get("coordinator"):
         raise ConodeError("no coordinator endpoint: pass --coordinator tcp://HOST:PORT or set it in the config")
     if not is_valid_public_key(str(values.get("coordinator_key", ""))):
         raise ConodeError("no valid coordinator key: pass --coordinator-key (as `coordinator init` printed it)")
-    cores = int(values.get("cores", 1))
-    mem_mib = int(values.get("mem", layout.DEFAULT_RAM_MIB))
-    cpu_cap = float(values.get("cpu_cap", 100.0))
-    idle_source = str(values.get("idle_source", "auto"))
-    while_owner = str(values.get("while_owner", "pause"))
+    cores = _typed(values, "cores", 1)
+    mem_mib = _typed(values, "mem", DEFAULT_GUEST_MEM_MIB)
+    cpu_cap = _typed(values, "cpu_cap", 100.0)
+    idle_source = _typed(values, "idle_source", AUTO)
+    while_owner = _typed(values, "while_owner", PAUSE)
     if cores < 1:
         raise ConodeError("--cores must be at least 1")
-    if not layout.MIN_RAM_MIB <= mem_mib <= layout.MAX_RAM_MIB:
-        raise ConodeError(f"--mem must be between {layout.MIN_RAM_MIB} and {layout.MAX_RAM_MIB} MiB")
+    if not MIN_GUEST_MEM_MIB <= mem_mib <= MAX_GUEST_MEM_MIB:
+        raise ConodeError(f"--mem must be between {MIN_GUEST_MEM_MIB} and {MAX_GUEST_MEM_MIB} MiB")
     if not 1.0 <= cpu_cap <= 100.0:
         raise ConodeError("--cpu-cap must be between 1 and 100 (percent of a core)")
-    if idle_source not in ("auto", "away", "present") and not idle_source.startswith("file:"):
-        raise ConodeError("--idle-source must be auto, away, present or file:PATH")
-    if while_owner not in ("pause", "shutdown"):
-        raise ConodeError("--while-owner must be pause or shutdown")
-    return AgentConfig(state_dir=state_dir, name=str(values.get("name") or default_node_name()),
+    if idle_source not in IDLE_SOURCES and not idle_source.startswith("file:"):
+        raise ConodeError(f"--idle-source must be {', '.join(IDLE_SOURCES)} or file:PATH")
+    if while_owner not in WHILE_OWNER:
+        raise ConodeError(f"--while-owner must be {' or '.join(WHILE_OWNER)}")
+    return AgentConfig(state_dir=state_dir, name=_typed(values, "name", "") or default_node_name(),
                        coordinator=str(values["coordinator"]), coordinator_key=str(values["coordinator_key"]),
                        cores=cores, mem_mib=mem_mib, idle_source=idle_source, policy=_policy(values),
                        while_owner=while_owner, cpu_cap=cpu_cap)

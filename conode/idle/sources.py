@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import psutil
 
@@ -42,8 +42,9 @@ class FileSource:
 
     name = "file"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, wall: Callable[[], float] = time.time) -> None:
         self.path = path
+        self._wall = wall
 
     def read(self) -> IdleReading:
         try:
@@ -53,7 +54,7 @@ class FileSource:
             return IdleReading(self.name, None, f"{self.path} does not exist")
         except (OSError, ValueError) as exc:
             return IdleReading(self.name, None, f"{self.path} unreadable: {exc}")
-        return IdleReading(self.name, max(0.0, time.time() - last), str(self.path))
+        return IdleReading(self.name, max(0.0, self._wall() - last), str(self.path))
 
 
 class _XScreenSaverInfo(ctypes.Structure):
@@ -187,11 +188,12 @@ class MacSource:
 class OwnerLoad:
     """CPU used by everything except conode's own processes, in cores (0.5 = half a core), via psutil."""
 
-    def __init__(self, own_pids: "set[int] | None" = None) -> None:
+    def __init__(self, own_pids: "set[int] | None" = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._own = own_pids if own_pids is not None else set()
+        self._clock = clock  # must run at the pace of the CPU times it divides
         self._last_total: float | None = None
         self._last_own: float = 0.0
-        self._last_at = time.monotonic()
+        self._last_at = clock()
         self._ncpu = psutil.cpu_count() or 1
 
     def set_own_pids(self, pids: set[int]) -> None:
@@ -209,7 +211,7 @@ class OwnerLoad:
 
     def read(self) -> float | None:
         """Owner load since the previous call (None on the first call)."""
-        now = time.monotonic()
+        now = self._clock()
         times = psutil.cpu_times()
         busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
         own = self._own_cpu_seconds()

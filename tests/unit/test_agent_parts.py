@@ -4,22 +4,15 @@ from conode.agent.outbox import Outbox
 from conode.agent.pipe import PipeError, Unpacker, pack
 from conode.cluster.heartbeat import PeerLiveness
 from conode.cluster.protocol import RECONNECT_MAX_S
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
+from conode.testing.clock import FakeClock
 
 
 def test_liveness_expires_after_missed_beats_and_back_off_doubles_to_a_cap():
-    clock = Clock()
+    clock = FakeClock(100.0)
     peer = PeerLiveness(clock, interval=1.0, liveness=3)
-    clock.now += 2.9
+    clock.advance(2.9)
     assert not peer.expired()
-    clock.now += 0.2
+    clock.advance(0.2)
     assert peer.expired()
     peer.heard()
     assert not peer.expired()
@@ -30,10 +23,10 @@ def test_liveness_expires_after_missed_beats_and_back_off_doubles_to_a_cap():
 
 
 def test_beats_are_due_once_per_interval():
-    clock = Clock()
+    clock = FakeClock(100.0)
     peer = PeerLiveness(clock, interval=1.0)
     assert not peer.beat_due()
-    clock.now += 1.0
+    clock.advance(1.0)
     assert peer.beat_due() and not peer.beat_due()
 
 
@@ -60,3 +53,12 @@ def test_outbox_keeps_results_until_acknowledged(tmp_path):
     assert again.items() == [(3, b"three"), (7, b"seven")]
     again.remove(3)
     assert again.jobs() == [7]
+
+
+def test_outbox_keeps_results_in_memory_when_the_disk_refuses(tmp_path):
+    (tmp_path / "outbox").write_text("a file where the outbox directory should be")
+    box = Outbox(tmp_path / "outbox")
+    box.put(5, b"five")
+    assert box.items() == [(5, b"five")] and 5 in box
+    box.remove(5)
+    assert box.jobs() == []

@@ -1,0 +1,394 @@
+"""The agent's guests: one worker slot per offered core, the jobs they run, the backlog, vacated guests on disk.
+
+Everything a worker says is validated (wire.py) before it is acted on: a worker that sends something invalid is
+discarded like a crashed one (its job fails with the reason and is retried elsewhere; the slot restarts with
+back-off), and a result whose files exceed the pool's limits fails that job alone. What the coordinator must
+hear goes out through a Reports (the coordinator link): live messages, and results kept until acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from conode.agent.disk import StateDisk
+from conode.agent.pipe import PipeError
+from conode.agent.supervisor import StartWorker, WorkerHandle, restart_delay
+from conode.agent.wire import OutputLimitError, validate_from_worker, validate_to_worker
+from conode.errors import ConodeError
+from conode.idle.policy import OwnerState, guest_may_run
+from conode.limits import MAX_STREAM_BYTES, OUTPUT_CHUNK_BYTES
+from conode.tomlfile import read_toml, write_toml
+from conode.vm.guest_image import image_tag
+
+log = logging.getLogger("conode.agent")
+
+DRAIN_S = 2.0  # how long an exited worker's last words may take to arrive before it is judged without them
+YIELD_SAMPLES = 100
+
+
+class Reports(Protocol):
+    """Where the guests' news goes: the coordinator link."""
+
+    def report(self, kind: str, **fields: Any) -> None:
+        """A live message (output, vacated, resumed): sent now, or buffered while the coordinator is away."""
+
+    def result(self, job: int, kind: str, **fields: Any) -> None:
+        """A job's final word (job_finished, job_failed): kept until the coordinator acknowledges it."""
+
+
+@dataclass
+class WorkerSlot:
+    """One guest slot: the agent's knowledge of the worker running in it (if any) and its job."""
+
+    index: int
+    handle: WorkerHandle | None = None
+    ready: bool = False
+    paused: bool = False  # the worker confirmed its guest is stopped
+    pause_requested: bool = False
+    vacating: bool = False
+    stopping: bool = False
+    broken: str | None = None  # why the agent discarded the worker
+    exited_at: float | None = None
+    resumed_jobs: list[int] = field(default_factory=list)  # jobs continued from a vacated snapshot this run
+    speed: float = 0.0
+    guest: str = ""
+    job: int | None = None
+    crashes: int = 0  # in a row, before a worker came up ready
+    restart_at: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.handle is not None and self.handle.exit_code() is None
+
+    def clear(self) -> None:
+        """Forget the worker (it has exited); keep the slot's history (crashes, speed)."""
+        self.handle = None
+        self.ready = self.paused = self.pause_requested = self.vacating = self.stopping = False
+        self.broken = None
+        self.exited_at = None
+
+    @property
+    def state(self) -> str:
+        if not self.alive:
+            return "stopped"
+        return "paused" if self.paused else "running" if self.ready else "starting"
+
+
+class Guests:
+    def __init__(self, cores: int, mem_mib: int, state_dir: Path, start_worker: StartWorker, reports: Reports,
+                 clock: Callable[[], float], disk: StateDisk) -> None:
+        self.mem_mib = mem_mib
+        self._start_worker = start_worker
+        self._reports = reports
+        self._clock = clock
+        self._disk = disk
+        self.slots = [WorkerSlot(i) for i in range(cores)]
+        self.jobs: dict[int, WorkerSlot] = {}  # running jobs and the slot running each
+        self.backlog: deque[dict[str, Any]] = deque()  # run messages waiting for a free worker
+        self._streamed: dict[int, int] = {}  # job -> stdout and stderr bytes forwarded
+        self.yield_latencies: deque[float] = deque(maxlen=YIELD_SAMPLES)  # owner input -> guest stopped, s
+        self.activity_at: float | None = None  # wall time of the owner's input that stopped the guests
+        self.vacated_dir = state_dir / "vacated"
+        disk.attempt("create the vacated-guests directory", lambda: self.vacated_dir.mkdir(exist_ok=True))
+        # A post-boot snapshot belongs to one guest image: a new image (an upgrade) boots afresh.
+        self.boot_snapshot = state_dir / f"boot-{image_tag()}.snap"
+        disk.attempt("remove stale boot snapshots", lambda: self._remove_stale_boot_snapshots(state_dir))
+        self.vacated: dict[int, int] = disk.attempt("read the vacated guests", self._read_vacated) or {}
+
+    # --- what the agent holds ----------------------------------------------------------------------------
+    def held_jobs(self) -> set[int]:
+        return set(self.jobs) | set(self.vacated) | {int(m["job"]) for m in self.backlog}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.jobs or self.vacated)
+
+    def speed(self) -> float:
+        speeds = [slot.speed for slot in self.slots if slot.speed]
+        return sum(speeds) / len(speeds) if speeds else 0.0
+
+    def pids(self) -> set[int]:
+        return {slot.handle.pid for slot in self.slots if slot.handle is not None and slot.alive}
+
+    def cpu_percent(self) -> float:
+        return sum(slot.handle.cpu_percent() for slot in self.slots if slot.handle is not None and slot.alive)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{"index": s.index, "pid": s.handle.pid if s.handle is not None and s.alive else None,
+                 "state": s.state, "job": s.job, "guest": s.guest, "speed": s.speed, "crashes": s.crashes}
+                for s in self.slots]
+
+    # --- jobs from the coordinator ------------------------------------------------------------------------
+    def accept(self, message: dict[str, Any]) -> None:
+        job = int(message["job"])
+        if job in self.held_jobs():
+            return  # a duplicate placement: we have it already
+        if message["mem_mib"] > self.mem_mib:
+            self._fail(job, f"needs {message['mem_mib']} MiB, guests here have {self.mem_mib}", retry=False)
+            return
+        try:
+            run = validate_to_worker({"type": "run", "job": job, "argv": message["argv"],
+                                      "inputs": message["inputs"], "outputs": message["outputs"]})
+        except PipeError as exc:
+            self._fail(job, f"cannot run it: {exc}", retry=False)
+            return
+        self.backlog.append(run)
+        self._dispatch()
+
+    def cancel(self, job: int) -> None:
+        if job in self.vacated:
+            self._discard_vacated(self.vacated.pop(job), f"job {job}, saved with it, was cancelled")
+        self.backlog = deque(m for m in self.backlog if m["job"] != job)
+        slot = self.jobs.pop(job, None)
+        self._streamed.pop(job, None)
+        if slot is not None:
+            self._send(slot, {"type": "cancel", "job": job})
+            slot.job = None
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.backlog:
+            slot = next((s for s in self.slots if s.alive and s.job is None and not (s.vacating or s.stopping)),
+                        None)
+            if slot is None:
+                return
+            run = self.backlog.popleft()
+            job = run["job"]
+            slot.job = job
+            self.jobs[job] = slot
+            self._send(slot, run)
+            log.info("job %d started on guest %d: %s", job, slot.index, " ".join(run["argv"])[:120])
+
+    def _fail(self, job: int, reason: str, retry: bool) -> None:
+        self._streamed.pop(job, None)
+        self._reports.result(job, "job_failed", reason=reason, retry=retry)
+
+    def _send(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
+        if slot.handle is not None:
+            slot.handle.send(validate_to_worker(message))
+
+    # --- what the workers say ------------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Act on everything the workers have said since the last call."""
+        for slot in self.slots:
+            if slot.handle is not None:
+                self._pump(slot)
+
+    def _pump(self, slot: WorkerSlot) -> None:
+        try:
+            messages = slot.handle.messages()  # type: ignore[union-attr]
+        except PipeError as exc:
+            self._discard(slot, str(exc))
+            return
+        for raw in messages:
+            try:
+                message = validate_from_worker(raw)
+            except OutputLimitError as exc:
+                if self.jobs.get(exc.job) is slot:
+                    self._job_done(slot, exc.job)
+                    self._fail(exc.job, str(exc), retry=False)
+                    log.warning("job %d failed: %s", exc.job, exc)
+                continue
+            except PipeError as exc:
+                self._discard(slot, str(exc))
+                return
+            self._on_message(slot, message)
+
+    def _discard(self, slot: WorkerSlot, why: str) -> None:
+        """A worker that broke the pipe's rules is ended; supervise() then treats it as crashed."""
+        log.error("guest worker %d sent an invalid message (%s); restarting it", slot.index, why)
+        slot.broken = f"it sent an invalid message: {why}"
+        slot.handle.kill()  # type: ignore[union-attr]
+
+    def _on_message(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "ready":
+            slot.ready = True
+            slot.crashes = 0
+            slot.speed, slot.guest = float(message["speed"]), message["guest"]
+            log.info("guest %d ready: %s, speed %.0f loops/s", slot.index, slot.guest, slot.speed)
+            self._take_resumed_jobs(slot)
+            self._dispatch()
+        elif kind == "paused":
+            slot.paused = True
+            if self.activity_at is not None:
+                latency = message["at"] - self.activity_at
+                self.yield_latencies.append(latency)
+                log.info("guest %d stopped %.0f ms after the owner's input", slot.index, latency * 1000)
+        elif kind == "resumed":
+            slot.paused = False
+        elif kind == "vacated":
+            self._on_vacated(slot, message)
+        elif self.jobs.get(message["job"]) is not slot:
+            return  # a cancelled job's last words
+        elif kind == "output":
+            self._forward_output(message["job"], message["stream"], message["data"])
+        elif kind == "finished":
+            job = message["job"]
+            self._job_done(slot, job)
+            self._reports.result(job, "job_finished", status=message["status"], outputs=message["outputs"],
+                                 missing=message["missing"], runtime_s=message["runtime_s"])
+            log.info("job %d finished with status %d", job, message["status"])
+        elif kind == "failed":
+            self._job_done(slot, message["job"])
+            self._fail(message["job"], message["reason"], retry=False)
+
+    def _job_done(self, slot: WorkerSlot, job: int) -> None:
+        del self.jobs[job]
+        self._streamed.pop(job, None)
+        if slot.job == job:
+            slot.job = None
+        self._dispatch()
+
+    def _forward_output(self, job: int, stream: str, data: bytes) -> None:
+        """Pass output on in control-plane-sized chunks, up to the per-job stream limit (said once)."""
+        sent = self._streamed.get(job, 0)
+        room = MAX_STREAM_BYTES - sent
+        if room <= 0:
+            return
+        if len(data) > room:
+            log.warning("job %d wrote more than %d bytes of output; the rest is dropped", job, MAX_STREAM_BYTES)
+            data = data[:room]
+        self._streamed[job] = sent + len(data)
+        for start in range(0, len(data), OUTPUT_CHUNK_BYTES):
+            self._reports.report("job_output", job=job, stream=stream, data=data[start:start + OUTPUT_CHUNK_BYTES])
+
+    # --- supervising the workers -------------------------------------------------------------------------
+    def supervise(self, may_run: bool) -> None:
+        """Notice exited workers (a crash fails their job for a retry elsewhere); start workers when allowed."""
+        now = self._clock()
+        for slot in self.slots:
+            handle = slot.handle
+            if handle is None:
+                if may_run and (slot.restart_at is None or now >= slot.restart_at):
+                    self._start(slot)
+                continue
+            code = handle.exit_code()
+            if code is None:
+                continue
+            if slot.exited_at is None:
+                slot.exited_at = now
+            if slot.broken is None:  # a worker discarded for garbage has nothing more worth reading
+                if not handle.drained() and now - slot.exited_at < DRAIN_S:
+                    continue  # its last words are still on their way
+                self._pump(slot)
+            handle.kill()
+            if (slot.vacating or slot.stopping) and slot.job is None and slot.broken is None:
+                slot.clear()  # it exited as told
+            else:
+                self._crashed(slot, code, now)
+
+    def _crashed(self, slot: WorkerSlot, code: int, now: float) -> None:
+        slot.crashes += 1
+        slot.restart_at = now + restart_delay(slot.crashes)
+        handle = slot.handle
+        last = handle.stderr_tail[-1] if handle is not None and handle.stderr_tail else "no message"
+        why = slot.broken or f"guest worker exited with status {code}: {last}"
+        log.error("guest %d crashed: %s; restarting in %.0f s", slot.index, why, slot.restart_at - now)
+        for job in [job for job, holder in self.jobs.items() if holder is slot]:
+            del self.jobs[job]
+            self._fail(job, f"guest crashed: {why}", retry=True)
+        if slot.resumed_jobs:  # it died resuming a vacated guest: that snapshot is not to be tried again
+            self._discard_vacated(slot.index, f"the guest could not be resumed: {why}")
+        slot.job = None
+        slot.resumed_jobs = []
+        slot.clear()
+
+    def _start(self, slot: WorkerSlot) -> None:
+        saved = self.vacated_dir / f"worker-{slot.index}.snap"
+        if saved.exists():
+            slot.resumed_jobs = sorted(job for job, index in self.vacated.items() if index == slot.index)
+            slot.handle = self._start_worker(slot.index, None, saved)
+            log.info("guest %d resumes its vacated jobs %s", slot.index, slot.resumed_jobs)
+        else:
+            slot.resumed_jobs = []
+            slot.handle = self._start_worker(slot.index, self.boot_snapshot, None)
+        slot.restart_at = None
+
+    def stop_all(self) -> None:
+        for slot in self.slots:
+            if slot.handle is not None:
+                slot.handle.stop()
+                slot.clear()
+
+    # --- following the owner -------------------------------------------------------------------------------
+    def follow_owner(self, state: OwnerState, shutdown_while_owner: bool) -> None:
+        """Tell every worker what the owner's state asks of it: run, pause, vacate to disk, or quit."""
+        for slot in self.slots:
+            if not slot.alive:
+                continue
+            if guest_may_run(state):
+                if slot.pause_requested:
+                    slot.pause_requested = False
+                    self._send(slot, {"type": "resume"})
+            elif state is OwnerState.VACATING and slot.job is not None:
+                if not slot.vacating:
+                    slot.vacating = True
+                    self._send(slot, {"type": "vacate", "path": str(self.vacated_dir / f"worker-{slot.index}.snap")})
+            elif state is OwnerState.OWNER and shutdown_while_owner and slot.job is None:
+                if not slot.stopping:
+                    slot.stopping = True
+                    self._send(slot, {"type": "quit"})
+            elif not slot.pause_requested:
+                slot.pause_requested = True
+                self._send(slot, {"type": "pause"})
+
+    # --- vacated guests on disk ----------------------------------------------------------------------------
+    def _remove_stale_boot_snapshots(self, state_dir: Path) -> None:
+        for stale in state_dir.glob("boot-*.snap"):
+            if stale != self.boot_snapshot:
+                stale.unlink()
+
+    def _read_vacated(self) -> dict[int, int]:
+        """Jobs saved in vacated guests on disk, and the slot each belongs to."""
+        jobs: dict[int, int] = {}
+        for meta in self.vacated_dir.glob("worker-*.toml"):
+            try:
+                index = int(meta.stem.split("-")[1])
+                listed = read_toml(meta).get("jobs", [])
+                if isinstance(listed, str):  # the space-separated form of earlier versions
+                    listed = listed.split()
+                for job in listed:
+                    jobs[int(job)] = index
+            except (ValueError, IndexError, ConodeError) as exc:
+                log.warning("ignoring damaged vacated-guest record %s: %s", meta, exc)
+        return jobs
+
+    def _on_vacated(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
+        jobs = sorted(message["jobs"])
+        meta = self.vacated_dir / f"worker-{slot.index}.toml"
+        self._disk.attempt("record a vacated guest's jobs", lambda: write_toml(meta, {"jobs": jobs}))
+        for job in jobs:
+            self.jobs.pop(job, None)
+            self.vacated[job] = slot.index
+            self._reports.report("job_vacated", job=job)
+        slot.job = None
+        log.info("guest %d saved to %s with jobs %s", slot.index, message["path"], jobs)
+
+    def _take_resumed_jobs(self, slot: WorkerSlot) -> None:
+        for job in slot.resumed_jobs:
+            self.jobs[job] = slot
+            slot.job = job
+            self._reports.report("job_resumed", job=job)
+        if slot.resumed_jobs:
+            self._drop_vacated_files(slot.index)
+            self.vacated = {job: i for job, i in self.vacated.items() if i != slot.index}
+        slot.resumed_jobs = []
+
+    def _discard_vacated(self, index: int, why: str) -> None:
+        """Give up a vacated guest: its other jobs fail for a retry elsewhere."""
+        for job in sorted(job for job, i in self.vacated.items() if i == index):
+            del self.vacated[job]
+            if job not in self.jobs:
+                self._fail(job, f"its saved guest was discarded: {why}", retry=True)
+        self._drop_vacated_files(index)
+
+    def _drop_vacated_files(self, index: int) -> None:
+        for suffix in ("snap", "toml"):
+            path = self.vacated_dir / f"worker-{index}.{suffix}"
+            self._disk.attempt("remove a vacated guest", partial(path.unlink, missing_ok=True))
