@@ -87,7 +87,9 @@ class AgentDaemon:
 
     def _idle_s(self) -> float:
         idle = self.owner.last.idle_s
-        return 0.0 if idle is None else min(idle, MAX_IDLE_REPORTED_S)
+        if idle is None or idle != idle:  # unknown (or a source that answered NaN) never counts as idle
+            return 0.0
+        return max(0.0, min(idle, MAX_IDLE_REPORTED_S))
 
     @staticmethod
     def _shown_idle(idle: float | None) -> float | None:

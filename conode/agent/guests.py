@@ -303,7 +303,7 @@ class Guests:
         saved = self.vacated_dir / f"worker-{slot.index}.snap"
         if saved.exists():
             slot.resumed_jobs = sorted(job for job, index in self.vacated.items() if index == slot.index)
-            slot.handle = self._start_worker(slot.index, None, saved)
+            slot.handle = self._start_worker(slot.index, self.boot_snapshot, saved)
             log.info("guest %d resumes its vacated jobs %s", slot.index, slot.resumed_jobs)
         else:
             slot.resumed_jobs = []

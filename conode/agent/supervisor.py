@@ -195,10 +195,10 @@ def process_starter(mem_mib: int, cpu_cap: float, signal: Callable[[], Signal]) 
 
     def start(index: int, boot_snapshot: Path | None, resume: Path | None) -> WorkerHandle:
         args = [sys.executable, "-m", "conode.agent.worker", "--mem", str(mem_mib), "--cpu-cap", str(cpu_cap)]
+        if boot_snapshot is not None:  # a resumed guest's worker runs its later jobs in fresh guests too
+            args += ["--boot-snapshot", str(boot_snapshot)]
         if resume is not None:
             args += ["--resume", str(resume)]
-        elif boot_snapshot is not None:
-            args += ["--boot-snapshot", str(boot_snapshot)]
         return WorkerProcess(index, args, signal)
 
     return start

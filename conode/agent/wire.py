@@ -9,23 +9,19 @@ agent. Fields not in the schema are dropped, so nothing reaches the agent that i
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from conode.agent.pipe import PipeError
-from conode.cluster.protocol import (FILES, FLOAT, INT, INT_LIST, STR, Field, ProtocolError, _check_field,
-                                     is_safe_relative_path)
-from conode.limits import (CHANNEL_MAX_PAYLOAD, MAX_ARGV, MAX_ARGV_BYTES, MAX_FILES, MAX_JOB_INPUT_BYTES,
-                           MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES, MAX_TEXT_FIELD)
+from conode.cluster.protocol import (ARGV, INPUTS, INT, INT_LIST, MEASURE, MISSING, PATHS, STR, TEXT, Field, Kind,
+                                     ProtocolError, _check_field, is_safe_relative_path)
+from conode.limits import CHANNEL_MAX_PAYLOAD, MAX_FILES, MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES
 
-ARGV = ("str_list", MAX_ARGV)
-NAMES = ("str_list", MAX_FILES)  # output names asked for, or reported missing
-CHUNK = ("bytes", CHANNEL_MAX_PAYLOAD)  # the worker forwards output as the guest channel delivers it
-TEXT = ("str", MAX_TEXT_FIELD)
+CHUNK = Kind("bytes", CHANNEL_MAX_PAYLOAD)  # the worker forwards output as the guest channel delivers it
+RESULTS = Kind("files", MAX_FILES)  # sizes are checked apart: over the limits is the job's fault (OutputLimitError)
 STREAMS = ("stdout", "stderr")
 
 TO_WORKER: dict[str, dict[str, Field]] = {
-    "run": {"job": Field(INT), "argv": Field(ARGV), "inputs": Field(FILES), "outputs": Field(NAMES)},
+    "run": {"job": Field(INT), "argv": Field(ARGV), "inputs": Field(INPUTS), "outputs": Field(PATHS)},
     "cancel": {"job": Field(INT)},
     "pause": {},
     "resume": {},
@@ -34,12 +30,12 @@ TO_WORKER: dict[str, dict[str, Field]] = {
 }
 
 FROM_WORKER: dict[str, dict[str, Field]] = {
-    "ready": {"guest": Field(STR), "speed": Field(FLOAT)},
+    "ready": {"guest": Field(STR), "speed": Field(MEASURE)},
     "output": {"job": Field(INT), "stream": Field(STR), "data": Field(CHUNK)},
-    "finished": {"job": Field(INT), "status": Field(INT), "outputs": Field(FILES), "missing": Field(NAMES),
-                 "runtime_s": Field(FLOAT)},
+    "finished": {"job": Field(INT), "status": Field(INT), "outputs": Field(RESULTS), "missing": Field(MISSING),
+                 "runtime_s": Field(MEASURE)},
     "failed": {"job": Field(INT), "reason": Field(TEXT)},
-    "paused": {"at": Field(FLOAT)},
+    "paused": {"at": Field(MEASURE)},
     "resumed": {},
     "vacated": {"path": Field(STR), "jobs": Field(INT_LIST)},
 }
@@ -72,42 +68,18 @@ def _check(message: Any, schemas: dict[str, dict[str, Field]], direction: str) -
     return checked
 
 
-def _check_names(kind: str, names: Any) -> None:
-    """Job file names: relative to the job directory, no way out of it, bounded."""
-    for name in names:
-        if not is_safe_relative_path(name):
-            raise PipeError(f"{kind}: {name[:40]!r} is not a file name inside the job directory")
-        if len(name.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-            raise PipeError(f"{kind}: file name {name[:40]!r}... exceeds {MAX_PATH_BYTES} bytes")
-
-
-def _check_finite(kind: str, name: str, value: float) -> None:
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        finite = False
-    if not finite or value < 0:
-        raise PipeError(f"{kind}: {name} must be a finite, non-negative number, not {value!r:.40}")
-
-
-def argv_bytes(argv: list[str]) -> int:
-    """What a command line costs in the guest: each argument in UTF-8 and its NUL."""
-    return sum(len(arg.encode("utf-8", "surrogatepass")) + 1 for arg in argv)
+def _check_missing(kind: str, missing: list[str]) -> None:
+    """Outputs reported missing: "path" or "path: reason", the path inside the job directory."""
+    for entry in missing:
+        if not is_safe_relative_path(entry.split(": ", 1)[0]):
+            raise PipeError(f"{kind}: {entry[:40]!r} does not name a file inside the job directory")
 
 
 def validate_to_worker(message: Any) -> dict[str, Any]:
     """Check a message the agent is about to send a worker; return it, or raise PipeError saying why not."""
     checked = _check(message, TO_WORKER, "to the worker")
-    if checked["type"] == "run":
-        argv, inputs = checked["argv"], checked["inputs"]
-        if not argv:
-            raise PipeError("run: the command is empty")
-        if argv_bytes(argv) > MAX_ARGV_BYTES:
-            raise PipeError(f"run: the command line of {argv_bytes(argv)} bytes exceeds {MAX_ARGV_BYTES}")
-        _check_names("run", [*inputs, *checked["outputs"]])
-        total = sum(len(data) for data in inputs.values())
-        if total > MAX_JOB_INPUT_BYTES:
-            raise PipeError(f"run: inputs of {total} bytes exceed the {MAX_JOB_INPUT_BYTES}-byte limit")
+    if checked["type"] == "run" and not checked["argv"]:
+        raise PipeError("run: the command is empty")
     return checked
 
 
@@ -118,16 +90,11 @@ def validate_from_worker(message: Any) -> dict[str, Any]:
     """
     checked = _check(message, FROM_WORKER, "from the worker")
     kind = checked["type"]
-    if kind == "ready":
-        _check_finite(kind, "speed", checked["speed"])
-    elif kind == "output" and checked["stream"] not in STREAMS:
+    if kind == "output" and checked["stream"] not in STREAMS:
         raise PipeError(f"output: unknown stream {checked['stream'][:40]!r}")
-    elif kind == "paused":
-        _check_finite(kind, "at", checked["at"])
-    elif kind == "finished":
-        _check_finite(kind, "runtime_s", checked["runtime_s"])
+    if kind == "finished":
+        _check_missing(kind, checked["missing"])
         outputs = checked["outputs"]
-        _check_names(kind, [*outputs, *checked["missing"]])
         for name, data in outputs.items():
             if len(data) > MAX_OUTPUT_FILE_BYTES:
                 raise OutputLimitError(checked["job"], f"output {name[:80]!r} of {len(data)} bytes exceeds the "

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from conode.agent.pipe import PipeError, Unpacker, pack
+from conode.agent.platform import lower_priority
+from conode.agent.wire import validate_to_worker
 from conode.errors import ConodeError
 from conode.vm.guest import Guest, GuestSnapshot, ImageDigests, JobSpec
 from conode.vm.guest_image import load_guest_image
@@ -291,8 +293,9 @@ def _read_commands(worker: GuestWorker, in_fd: int) -> None:
         except OSError:
             data = b""
         try:
-            messages = unpacker.feed(data) if data else [{"type": "quit"}]  # EOF: the agent is gone
-        except PipeError:
+            messages = [validate_to_worker(m) for m in unpacker.feed(data)] if data else [{"type": "quit"}]
+        except PipeError as exc:  # EOF above: the agent is gone; garbage here: it is not the agent
+            print(f"conode-worker: the agent sent garbage ({exc}); quitting", file=sys.stderr)
             messages = [{"type": "quit"}]
         for message in messages:
             worker.inbox.put(message)
@@ -311,10 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out_fd = os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the message stream
-    try:
-        os.nice(19)  # the owner's work always comes first
-    except OSError:
-        pass
+    lower_priority()  # the owner's work always comes first
     try:
         worker = GuestWorker(args.mem, out_fd, args.boot_snapshot, args.resume,
                              max(0.01, min(args.cpu_cap, 100.0)) / 100.0)
