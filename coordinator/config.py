@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from conode.cache import config_dir
 from conode.cluster.keys import KeyPair, load_key_pair
 from conode.errors import ConodeError
 from conode.tomlfile import read_toml
@@ -80,8 +81,8 @@ class ClientConfig:
 
 
 def user_client_config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "conode" / "client.toml"
+    """The platform's per-user configuration directory (on Linux ~/.config/conode, or under $XDG_CONFIG_HOME)."""
+    return config_dir() / "client.toml"
 
 
 def load_client_config(path: Path | None = None, endpoint: str | None = None) -> ClientConfig:

@@ -4,8 +4,8 @@ Every job transition is committed before the coordinator acts on it, so a coordi
 and restarted finds every job where it left it. All of the coordinator's SQL lives here. Timestamps come from
 the clock the store is given (the coordinator's), so that tests can move time.
 
-A job's stdout and stderr together are stored up to MAX_STREAM_BYTES; beyond that one marker line is stored
-and the rest dropped, so that one chatty job can neither fill the disk nor make its `logs` reply too big.
+A job's stdout and stderr together are stored within the stream cap (conode/output_cap.py); beyond it one note
+is stored and the rest dropped, so that one chatty job can neither fill the disk nor make its `logs` reply too big.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from typing import Any, Callable
 import msgpack
 
 from conode.errors import ConodeError
-from conode.limits import MAX_STREAM_BYTES
+from conode import output_cap
 
 SCHEMA_VERSION = 2
 TERMINAL_STATES = ("done", "failed", "cancelled")
 JOB_STATES = ("queued", "running", "vacated") + TERMINAL_STATES  # vacated: saved on its node's disk
 ROLES = ("agent", "admin")
-TRUNCATION_MARKER = f"\n[conode: output truncated after {MAX_STREAM_BYTES} bytes]\n".encode()
-_STORED_OUTPUT_MAX = MAX_STREAM_BYTES + len(TRUNCATION_MARKER)  # what one job's streams may take in the table
+_STORED_OUTPUT_MAX = output_cap.DOWNSTREAM_LIMIT + len(output_cap.TRUNCATION_NOTE)  # one job's streams, at most
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -219,27 +218,23 @@ class Store:
         self._output_bytes.pop(ident, None)
 
     def append_output(self, ident: int, stream: str, data: bytes) -> None:
-        """Store a piece of a job's stdout or stderr, within the job's MAX_STREAM_BYTES (see the module)."""
+        """Store a piece of a job's stdout or stderr, within the job's stream cap (conode/output_cap.py)."""
         stored = self._output_bytes.get(ident)
         if stored is None:
             (stored,) = self.db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM job_output WHERE job=?",
                                         (ident,)).fetchone()
-        room = MAX_STREAM_BYTES - stored
-        if room < 0:
-            return  # truncated already, and said so
-        if len(data) > room:
-            data = data[:room] + TRUNCATION_MARKER
-        if data:
-            self.db.execute("INSERT INTO job_output (job, stream, data) VALUES (?, ?, ?)", (ident, stream, data))
-        self._output_bytes[ident] = stored + len(data)
+        passed = output_cap.clip(stored, data, output_cap.DOWNSTREAM_LIMIT)
+        if passed:
+            self.db.execute("INSERT INTO job_output (job, stream, data) VALUES (?, ?, ?)", (ident, stream, passed))
+        self._output_bytes[ident] = stored + len(passed)  # past the limit once cut: nothing more is stored
 
     def output(self, ident: int) -> dict[str, bytes]:
-        """A job's stdout and stderr as stored; never more than MAX_STREAM_BYTES and the marker together."""
+        """A job's stdout and stderr as stored; never more than the stream cap and its note."""
         streams = {"stdout": bytearray(), "stderr": bytearray()}
         total = 0
         for stream, data in self.db.execute("SELECT stream, data FROM job_output WHERE job=? ORDER BY seq", (ident,)):
             if total + len(data) > _STORED_OUTPUT_MAX:  # only in a database written before the cap
-                streams[stream] += data[:max(0, MAX_STREAM_BYTES - total)] + TRUNCATION_MARKER
+                streams[stream] += output_cap.clip(total, data)
                 break
             streams[stream] += data
             total += len(data)

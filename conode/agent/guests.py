@@ -19,6 +19,7 @@ from conode.agent.disk import StateDisk
 from conode.agent.pipe import PipeError
 from conode.agent.supervisor import StartWorker, WorkerHandle, restart_delay
 from conode.agent.wire import OutputLimitError, validate_from_worker, validate_to_worker
+from conode import output_cap
 from conode.errors import ConodeError
 from conode.idle.policy import OwnerState, guest_may_run
 from conode.limits import MAX_STREAM_BYTES, OUTPUT_CHUNK_BYTES
@@ -246,17 +247,14 @@ class Guests:
         self._dispatch()
 
     def _forward_output(self, job: int, stream: str, data: bytes) -> None:
-        """Pass output on in control-plane-sized chunks, up to the per-job stream limit (said once)."""
+        """Pass output on in control-plane-sized chunks, within the per-job stream cap (output_cap.py)."""
         sent = self._streamed.get(job, 0)
-        room = MAX_STREAM_BYTES - sent
-        if room <= 0:
-            return
-        if len(data) > room:
-            log.warning("job %d wrote more than %d bytes of output; the rest is dropped", job, MAX_STREAM_BYTES)
-            data = data[:room]
+        passed = output_cap.clip(sent, data, output_cap.DOWNSTREAM_LIMIT)
         self._streamed[job] = sent + len(data)
-        for start in range(0, len(data), OUTPUT_CHUNK_BYTES):
-            self._reports.report("job_output", job=job, stream=stream, data=data[start:start + OUTPUT_CHUNK_BYTES])
+        if len(passed) < len(data) and sent <= output_cap.DOWNSTREAM_LIMIT:
+            log.warning("job %d wrote more than %d bytes of output; the rest is dropped", job, MAX_STREAM_BYTES)
+        for start in range(0, len(passed), OUTPUT_CHUNK_BYTES):
+            self._reports.report("job_output", job=job, stream=stream, data=passed[start:start + OUTPUT_CHUNK_BYTES])
 
     # --- supervising the workers -------------------------------------------------------------------------
     def supervise(self, may_run: bool) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from conode import limits
+from conode import limits, output_cap
 from conode.errors import ConodeError, GuestCrashed, SnapshotError
 from conode.vm.channel import RENEW_ENTROPY_BYTES, ChannelError
 from conode.vm.guest_agent import GuestAgentClient
@@ -37,7 +37,6 @@ SNAPSHOT_FORMAT = 1
 CHANNEL_STALL_S = 10.0  # guest seconds half a frame may wait for the rest: longer is a desynchronised stream
 COLLECT_TIMEOUT_S = 120.0  # guest seconds to hand back a finished job's outputs
 WATCHDOG_EVERY_S = 1.0
-TRUNCATED_NOTE = "\n[conode: output truncated after {limit} bytes]\n"
 
 
 class JobSink(Protocol):
@@ -137,13 +136,10 @@ class GuestJob:
 
     # CommandHandler
     def on_output(self, stream: str, data: bytes) -> None:
-        room = limits.MAX_STREAM_BYTES - self.stream_bytes
-        self.stream_bytes += len(data)  # counts on past the limit, so the note is added once
-        if len(data) > room >= 0:
-            data = data[:room] + TRUNCATED_NOTE.format(limit=limits.MAX_STREAM_BYTES).encode()
-        elif room < 0:
-            return
-        self.sink.output(self.spec.id, stream, data)
+        passed = output_cap.clip(self.stream_bytes, data)
+        self.stream_bytes += len(data)
+        if passed:
+            self.sink.output(self.spec.id, stream, passed)
 
     def on_exit(self, status: int) -> None:
         self.status = status

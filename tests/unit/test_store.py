@@ -38,12 +38,12 @@ def test_job_lifecycle_survives_reopening(tmp_path):
 
 
 def test_output_is_stored_up_to_the_stream_limit_with_one_marker(tmp_path):
-    from conode.limits import MAX_STREAM_BYTES
-    from coordinator.store import TRUNCATION_MARKER
+    from conode.output_cap import DOWNSTREAM_LIMIT as LIMIT
+    from conode.output_cap import TRUNCATION_NOTE as TRUNCATION_MARKER
 
     store = Store(tmp_path / "c.db")
     job = store.add_job(["yes"], {}, [], 128, "admin")
-    store.append_output(job, "stdout", b"a" * (MAX_STREAM_BYTES - 10))
+    store.append_output(job, "stdout", b"a" * (LIMIT - 10))
     store.append_output(job, "stderr", b"b" * 10)  # exactly full: nothing dropped yet
     store.append_output(job, "stdout", b"c" * 5)  # over: the marker, once
     store.append_output(job, "stdout", b"d" * 1000)
@@ -51,10 +51,10 @@ def test_output_is_stored_up_to_the_stream_limit_with_one_marker(tmp_path):
     again = Store(tmp_path / "c.db")  # the count survives a restart (it is read back from the table)
     again.append_output(job, "stderr", b"e" * 1000)
     out = again.output(job)
-    assert out["stdout"] == b"a" * (MAX_STREAM_BYTES - 10) + TRUNCATION_MARKER
+    assert out["stdout"] == b"a" * (LIMIT - 10) + TRUNCATION_MARKER
     assert out["stderr"] == b"b" * 10
     (stored,) = again.db.execute("SELECT SUM(LENGTH(data)) FROM job_output WHERE job=?", (job,)).fetchone()
-    assert stored == MAX_STREAM_BYTES + len(TRUNCATION_MARKER)
+    assert stored == LIMIT + len(TRUNCATION_MARKER)
     again.clear_output(job)  # a new attempt starts with a clean slate
     again.append_output(job, "stdout", b"fresh")
     assert again.output(job) == {"stdout": b"fresh", "stderr": b""}
@@ -62,7 +62,7 @@ def test_output_is_stored_up_to_the_stream_limit_with_one_marker(tmp_path):
 
 def test_output_read_back_is_capped_even_from_a_database_written_before_the_cap(tmp_path):
     from conode.limits import MAX_STREAM_BYTES
-    from coordinator.store import TRUNCATION_MARKER
+    from conode.output_cap import TRUNCATION_NOTE
 
     store = Store(tmp_path / "c.db")
     job = store.add_job(["yes"], {}, [], 128, "admin")
@@ -70,7 +70,7 @@ def test_output_read_back_is_capped_even_from_a_database_written_before_the_cap(
     for _ in range(MAX_STREAM_BYTES // len(chunk) + 3):  # what an older coordinator let through
         store.db.execute("INSERT INTO job_output (job, stream, data) VALUES (?, 'stdout', ?)", (job, chunk))
     out = store.output(job)
-    assert out["stdout"] == b"z" * MAX_STREAM_BYTES + TRUNCATION_MARKER
+    assert out["stdout"] == b"z" * MAX_STREAM_BYTES + TRUNCATION_NOTE
 
 
 def test_timestamps_come_from_the_given_clock(tmp_path):
