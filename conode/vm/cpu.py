@@ -16,6 +16,7 @@ import enum
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import unicorn
@@ -23,10 +24,12 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uclib
 
-from conode.errors import EngineError, GuestCrashed
+from conode.errors import EngineError, GuestCrashed, SnapshotError
 from conode.vm import _uc_context as ctx_layout
+from conode.vm import state
 from conode.vm._uc_context import CpuContext, verify_layout
 from conode.vm.slicer import SLICE_DEADLINE, SLICE_IRQ_WINDOW, SLICE_REQUEST, SLICE_RUNNING, Slicer
+from conode.vm.state import blob
 
 SUPPORTED_UNICORN = "2.1.4"
 
@@ -47,6 +50,20 @@ _GATE = struct.Struct("<II")  # an IDT gate or a GDT descriptor: low and high do
 _TSS_STACK0 = struct.Struct("<II")  # ESP0, SS0 at offset 4 of a 32-bit TSS
 _DESC_B = 1 << 22  # 32-bit segment
 _DESC_G = 1 << 23  # limit in pages
+
+
+def _context_layout() -> str:
+    """What the saved context blob's layout depends on: the Unicorn release (both engines share it)."""
+    return f"unicorn-{unicorn.__version__}"
+
+
+@dataclass(frozen=True)
+class CpuState(state.Record):
+    KIND = "CPU"
+    VERSION = 1
+
+    layout: str = blob(max_len=64)
+    context: bytes = blob(exact=ctx_layout.CONTEXT_SIZE - ctx_layout.HEADER)
 
 
 class StopReason(enum.Enum):
@@ -476,24 +493,20 @@ class UnicornCpu:
         uc.reg_write(x86.UC_X86_REG_EIP, eip)
 
     def get_state(self) -> dict:
-        """The whole CPU state as plain data: Unicorn's saved context (a copy of QEMU's CPUX86State)."""
+        """The whole CPU state as plain data: QEMU's CPUX86State as Unicorn's context holds it (the context's
+        own header describes this process's buffer, not the guest, and is left out)."""
         ctx = self.uc.context_save()
-        return {
-            "engine": f"unicorn-{unicorn.__version__}",
-            "context": ctypes.string_at(ctx.context.value, ctx.size),
-        }
+        blob = ctypes.string_at(ctx.context.value + ctx_layout.HEADER, ctx.size - ctx_layout.HEADER)
+        return state.dump(CpuState(_context_layout(), blob))
 
-    def set_state(self, state: dict) -> None:
-        engine = f"unicorn-{unicorn.__version__}"
-        if state.get("engine") != engine:
-            raise EngineError(f"snapshot CPU state is from {state.get('engine')}, this host runs {engine}")
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
+        saved = state.load(CpuState, data)
+        if saved.layout != _context_layout():
+            raise SnapshotError(f"snapshot CPU state is laid out for {saved.layout}; this host runs "
+                                f"{_context_layout()}: boot the guest afresh")
         ctx = self.uc.context_save()
-        blob = state["context"]
-        if len(blob) != ctx.size:
-            raise EngineError(f"snapshot CPU context has {len(blob)} bytes, expected {ctx.size}")
-        # The header of the buffer (size, mode, arch, owner) belongs to this process: keep ours.
-        header = ctx_layout.HEADER
-        ctypes.memmove(ctx.context.value + header, blob[header:], ctx.size - header)
+        ctypes.memmove(ctx.context.value + ctx_layout.HEADER, saved.context, len(saved.context))
         self.uc.context_restore(ctx)
         self.uc.ctl_flush_tb()  # code translated before the restore belongs to other RAM contents
 

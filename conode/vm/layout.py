@@ -1,5 +1,7 @@
 """Every guest-physical address, I/O port and IRQ line of the cooperative machine, in one place."""
 
+from conode.limits import DEFAULT_GUEST_MEM_MIB, MAX_GUEST_MEM_MIB, MIN_GUEST_MEM_MIB
+
 PAGE_SIZE = 0x1000
 
 # --- Guest physical memory -------------------------------------------------------------------------------
@@ -13,9 +15,9 @@ LOW_MEMORY_END = 0x9F000  # usable RAM below the legacy hole (e820 type 1)
 HIGH_MEMORY_START = 0x100000
 INITRD_MAX_END = 0x37FFFFFF  # keep the initrd below the kernel's lowmem limit (initrd_addr_max)
 
-MIN_RAM_MIB = 48  # the kernel decompresses itself to 16 MiB; below this it cannot boot
-MAX_RAM_MIB = 768  # lowmem only (NOHIGHMEM): more would be invisible to the guest
-DEFAULT_RAM_MIB = 128
+MIN_RAM_MIB = MIN_GUEST_MEM_MIB
+MAX_RAM_MIB = MAX_GUEST_MEM_MIB
+DEFAULT_RAM_MIB = DEFAULT_GUEST_MEM_MIB
 
 # Boot GDT selectors, as the Linux 32-bit boot protocol requires (__BOOT_CS / __BOOT_DS).
 BOOT_CS = 0x10

@@ -17,15 +17,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from conode.errors import ConodeError, GuestCrashed
-from conode.vm import layout
+from conode.errors import ConodeError, GuestCrashed, SnapshotError
+from conode.vm import layout, state
 from conode.vm.bootloader import RNG_SEED_BYTES, KernelImage, load_linux
 from conode.vm.clock import VirtualClock
 from conode.vm.cmos import Cmos
 from conode.vm.cpu import GuestRam, StopReason, UnicornCpu
+from conode.vm.host_stream import HostStream
 from conode.vm.pic import IrqLine, PicPair
 from conode.vm.pit import Pit
 from conode.vm.snapshot import decode_ram, encode_ram
+from conode.vm.state import blob, bounded, items
 from conode.vm.uart import Uart16550
 from conode.vm.virtio_console import VirtioConsole
 from conode.vm.virtio_mmio import VirtioMmio
@@ -50,10 +52,45 @@ class MachineConfig:
     cmdline_extra: str = ""
 
 
+@dataclass(frozen=True)
+class ConfigState(state.Record):
+    KIND = "machine configuration"
+    VERSION = 1
+
+    mem_mib: int = bounded(layout.MIN_RAM_MIB, layout.MAX_RAM_MIB)
+    cmdline_extra: str = blob(max_len=layout.CMDLINE_MAX)
+
+
+@dataclass(frozen=True)
+class DevicesState:
+    pic: dict
+    pit: dict
+    uart: dict
+    cmos: dict
+    virtio: tuple[dict, ...] = items(max_len=len(layout.VIRTIO_IRQS))
+    channel: dict
+
+
+@dataclass(frozen=True)
+class MachineState(state.Record):
+    """The machine's own record; each part below is checked by its owner's record."""
+
+    KIND = "machine"
+    VERSION = 1
+
+    config: dict
+    cpu: dict
+    ram: dict
+    clock: dict
+    halted: bool
+    devices: DevicesState
+
+
 class _DmaMemory:
     """Guest memory as devices see it: reads from the shared RAM, writes through the CPU (for coherence)."""
 
     def __init__(self, ram: GuestRam, cpu: UnicornCpu) -> None:
+        self.size = ram.size
         self.read = ram.read
         self.write = cpu.write_phys
 
@@ -92,9 +129,9 @@ class CoMachine:
         self.uart = Uart16550(IrqLine(self.pic, layout.IRQ_COM1), self._on_console_output)
         self.cmos = Cmos(self.clock.now)
         memory = _DmaMemory(self.ram, self.cpu)
-        self.channel = VirtioConsole(channel_receive)
+        self.channel = HostStream(channel_receive)
         self.virtio: list[VirtioMmio] = []
-        self._attach_virtio(self.channel, memory)
+        self._attach_virtio(VirtioConsole(self.channel), memory)
         self._ports = _PortTable()
         self._wire_ports()
         self.halted = False
@@ -251,41 +288,44 @@ class CoMachine:
     # --- snapshots ---------------------------------------------------------------------------------------
     def get_state(self) -> dict:
         """The whole machine as plain data (call only while it is not running)."""
-        return {
-            "config": {"mem_mib": self.config.mem_mib, "cmdline_extra": self.config.cmdline_extra},
-            "cpu": self.cpu.get_state(),
-            "ram": encode_ram(self.ram.view),
-            "clock": self.clock.get_state(),
-            "halted": self.halted,
-            "devices": {
-                "pic": self.pic.get_state(),
-                "pit": self.pit.get_state(),
-                "uart": self.uart.get_state(),
-                "cmos": self.cmos.get_state(),
-                "virtio": [t.get_state() for t in self.virtio],
-                "channel": self.channel.get_state(),
-            },
-        }
+        config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra))
+        devices = DevicesState(self.pic.get_state(), self.pit.get_state(), self.uart.get_state(),
+                               self.cmos.get_state(), tuple(t.get_state() for t in self.virtio),
+                               self.channel.get_state())
+        return state.dump(MachineState(config, self.cpu.get_state(), encode_ram(self.ram.view),
+                                       self.clock.get_state(), self.halted, devices))
 
-    def set_state(self, state: dict) -> None:
-        """Continue from :meth:`get_state` output, in a machine built with the same config."""
-        decode_ram(state["ram"], self.ram.view)
-        self.cpu.set_state(state["cpu"])
-        self.clock.set_state(state["clock"])
-        self.halted = bool(state["halted"])
-        devices = state["devices"]
-        self.pic.set_state(devices["pic"])
-        self.pit.set_state(devices["pit"])
-        self.uart.set_state(devices["uart"])
-        self.cmos.set_state(devices["cmos"])
-        for transport, saved in zip(self.virtio, devices["virtio"], strict=True):
-            transport.set_state(saved)
-        self.channel.set_state(devices["channel"], self.virtio[0])
+    def set_state(self, data: dict) -> None:
+        """Continue from :meth:`get_state` output, in a freshly built machine of the same config.
+
+        Bad content raises SnapshotError only; the machine is then unusable (build a new one).
+        """
+        saved = state.load(MachineState, data)
+        if self.config_from_state(data) != self.config:
+            raise SnapshotError("snapshot is of a machine with another configuration than this one")
+        if len(saved.devices.virtio) != len(self.virtio):
+            raise SnapshotError(f"snapshot has {len(saved.devices.virtio)} virtio devices; this machine has "
+                                f"{len(self.virtio)}")
+        decode_ram(saved.ram, self.ram.view)
+        self.cpu.set_state(saved.cpu)
+        self.clock.set_state(saved.clock)
+        self.halted = saved.halted
+        devices = saved.devices
+        self.pic.set_state(devices.pic)
+        self.pit.set_state(devices.pit)
+        self.uart.set_state(devices.uart)
+        self.cmos.set_state(devices.cmos)
+        self.channel.set_state(devices.channel)  # backends before transports: activation may move bytes
+        for transport, transport_state in zip(self.virtio, devices.virtio):
+            transport.set_state(transport_state)
 
     @staticmethod
-    def config_from_state(state: dict) -> MachineConfig:
-        config = state["config"]
-        return MachineConfig(mem_mib=int(config["mem_mib"]), cmdline_extra=str(config["cmdline_extra"]))
+    def config_from_state(data: dict) -> MachineConfig:
+        """The configuration to build a machine with for :meth:`set_state`; raise SnapshotError if invalid."""
+        if not isinstance(data, dict):
+            raise SnapshotError("snapshot machine state is not a map; the file is damaged")
+        config = state.load(ConfigState, data.get("config"))
+        return MachineConfig(mem_mib=config.mem_mib, cmdline_extra=config.cmdline_extra)
 
     def _explain(self, message: str) -> str:
         panic = self.panic_message()

@@ -7,7 +7,36 @@ never rotates them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
+
+from conode.vm import state
+from conode.vm.state import one_of, uint
+
+
+@dataclass(frozen=True)
+class ChipState:
+    """What one 8259A holds that the guest can observe."""
+
+    irr: int = uint(8)
+    isr: int = uint(8)
+    imr: int = uint(8)
+    level: int = uint(8)
+    elcr: int = uint(8)
+    vector_base: int = one_of(*range(0, 256, 8))
+    read_isr: bool
+    init_step: int = one_of(0, 2, 3, 4)
+    expect_icw4: bool
+    auto_eoi: bool
+
+
+@dataclass(frozen=True)
+class PicState(state.Record):
+    KIND = "PIC"
+    VERSION = 1
+
+    master: ChipState
+    slave: ChipState
 
 
 class _Chip:
@@ -93,16 +122,6 @@ class _Chip:
     def read_command(self) -> int:
         return self.isr if self.read_isr else self.irr
 
-    _STATE = ("irr", "isr", "imr", "level", "elcr", "vector_base", "read_isr", "init_step", "expect_icw4",
-              "auto_eoi")
-
-    def get_state(self) -> dict:
-        return {name: getattr(self, name) for name in self._STATE}
-
-    def set_state(self, state: dict) -> None:
-        for name in self._STATE:
-            setattr(self, name, state[name])
-
 
 class PicPair:
     """Master and slave 8259A; *on_output* gets the INTR level after every change that may alter it."""
@@ -181,12 +200,14 @@ class PicPair:
 
     # --- snapshots --------------------------------------------------------------------------------------------
     def get_state(self) -> dict:
-        return {"master": self.master.get_state(), "slave": self.slave.get_state()}
+        return state.dump(PicState(state.capture(ChipState, self.master), state.capture(ChipState, self.slave)))
 
-    def set_state(self, state: dict) -> None:
-        self.master.set_state(state["master"])
-        self.slave.set_state(state["slave"])
-        self._on_output(self.has_interrupt())
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
+        saved = state.load(PicState, data)
+        state.assign(saved.master, self.master)
+        state.assign(saved.slave, self.slave)
+        self._on_output(self.has_interrupt())  # the INTR line is derived: recompute it
 
 
 class IrqLine:

@@ -8,12 +8,39 @@ a handful of numbers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+from conode.vm import state
+from conode.vm.clock import NS_PER_S
 from conode.vm.pic import IrqLine
+from conode.vm.state import GUEST_NS_MAX, bounded, items, one_of, uint
 
 PIT_HZ = 1_193_182
-NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    mode: int = one_of(0, 1, 2, 3, 4, 5)
+    access: int = one_of(1, 2, 3)
+    reload: int = bounded(1, 0x10000)
+    start_ns: int = bounded(0, GUEST_NS_MAX)
+    armed: bool
+    write_low: int | None = uint(8)
+    read_high_next: bool
+    latched: int | None = uint(16)
+    latched_high_next: bool
+    fired: int = bounded(0, GUEST_NS_MAX)
+    gate: bool
+
+
+@dataclass(frozen=True)
+class PitState(state.Record):
+    KIND = "PIT"
+    VERSION = 1
+
+    channels: tuple[ChannelState, ...] = items(exact=3)
+    speaker: int = uint(2)
 
 
 class _Channel:
@@ -38,7 +65,7 @@ class _Channel:
             return 0
         elapsed = self.ticks(now_ns)
         if self.mode in (2, 3):
-            return self.reload - elapsed % self.reload
+            return (self.reload - elapsed % self.reload) & 0xFFFF  # a full 0x10000 count reads as 0
         return (self.reload - elapsed) & 0xFFFF
 
     def output(self, now_ns: int) -> bool:
@@ -52,16 +79,6 @@ class _Channel:
     def event_ns(self, index: int) -> int:
         """Guest time of the index-th terminal count (1-based) since the count was loaded."""
         return self.start_ns + -(-index * self.reload * NS_PER_S // PIT_HZ)
-
-    _STATE = ("mode", "access", "reload", "start_ns", "armed", "write_low", "read_high_next", "latched",
-              "latched_high_next", "fired", "gate")
-
-    def get_state(self) -> dict:
-        return {name: getattr(self, name) for name in self._STATE}
-
-    def set_state(self, state: dict) -> None:
-        for name in self._STATE:
-            setattr(self, name, state[name])
 
 
 class Pit:
@@ -173,9 +190,11 @@ class Pit:
 
     # --- snapshots --------------------------------------------------------------------------------------------
     def get_state(self) -> dict:
-        return {"channels": [c.get_state() for c in self.channels], "speaker": self.speaker}
+        return state.dump(PitState(tuple(state.capture(ChannelState, c) for c in self.channels), self.speaker))
 
-    def set_state(self, state: dict) -> None:
-        for ch, s in zip(self.channels, state["channels"]):
-            ch.set_state(s)
-        self.speaker = state["speaker"]
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
+        saved = state.load(PitState, data)
+        for channel, channel_state in zip(self.channels, saved.channels):
+            state.assign(channel_state, channel)
+        self.speaker = saved.speaker

@@ -11,12 +11,16 @@ import hashlib
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from conode.errors import SnapshotError
+from conode.limits import MAX_GUEST_MEM_MIB
+from conode.vm import state
+from conode.vm.state import blob, bounded, items, one_of
 
 MAGIC = b"CONODE\x00S"
 FORMAT_VERSION = 1
@@ -25,6 +29,17 @@ MAX_PAYLOAD = 4 << 30  # refuse anything larger than any guest conode can run
 PAGE = 4096
 PAGES_PER_CHUNK = 256  # 1 MiB of RAM per compressed chunk
 ZERO_PAGE = bytes(PAGE)
+
+
+@dataclass(frozen=True)
+class RamState(state.Record):
+    KIND = "RAM"
+    VERSION = 1
+
+    size: int = bounded(0, MAX_GUEST_MEM_MIB << 20)
+    page_size: int = one_of(PAGE)
+    bitmap: bytes = blob(max_len=(MAX_GUEST_MEM_MIB << 20) // PAGE // 8)
+    chunks: tuple[bytes, ...] = items(max_len=-(-(MAX_GUEST_MEM_MIB << 20) // PAGE // PAGES_PER_CHUNK))
 
 
 def encode_ram(ram: memoryview) -> dict[str, Any]:
@@ -45,27 +60,35 @@ def encode_ram(ram: memoryview) -> dict[str, Any]:
             batch = []
     if batch:
         chunks.append(zlib.compress(b"".join(batch), 1))
-    return {"size": size, "page_size": PAGE, "bitmap": bytes(bitmap), "chunks": chunks}
+    return state.dump(RamState(size, PAGE, bytes(bitmap), tuple(chunks)))
 
 
 def decode_ram(encoded: dict[str, Any], ram: memoryview) -> None:
-    """Fill *ram* (which must be zeroed and of the recorded size) from :func:`encode_ram`'s output."""
-    if encoded.get("size") != len(ram) or encoded.get("page_size") != PAGE:
-        raise SnapshotError(f"snapshot RAM is {encoded.get('size')} bytes, the machine has {len(ram)}")
-    bitmap = encoded["bitmap"]
-    present = [i for i in range(len(ram) // PAGE) if bitmap[i >> 3] >> (i & 7) & 1]
-    pages = iter(present)
-    for chunk in encoded["chunks"]:
+    """Fill *ram* (which must be zeroed) from :func:`encode_ram`'s output; raise SnapshotError if it is not
+    valid (RAM is then partly written). Memory use is bounded: each chunk inflates to at most one chunk."""
+    saved = state.load(RamState, encoded)
+    if saved.size != len(ram):
+        raise SnapshotError(f"snapshot RAM is {saved.size} bytes, the machine has {len(ram)}")
+    pages = len(ram) // PAGE
+    if len(saved.bitmap) != (pages + 7) // 8:
+        raise SnapshotError(f"snapshot RAM bitmap has {len(saved.bitmap)} bytes for {pages} pages")
+    bitmap = saved.bitmap
+    present = iter([i for i in range(pages) if bitmap[i >> 3] >> (i & 7) & 1])
+    chunk_bytes = PAGES_PER_CHUNK * PAGE
+    for chunk in saved.chunks:
+        inflater = zlib.decompressobj()
         try:
-            data = zlib.decompress(chunk)
+            data = inflater.decompress(chunk, chunk_bytes)
         except zlib.error as exc:
             raise SnapshotError(f"snapshot RAM is corrupt: {exc}") from None
+        if inflater.unconsumed_tail or not inflater.eof or len(data) % PAGE or not data:
+            raise SnapshotError("snapshot RAM is corrupt: a chunk does not hold whole pages")
         for offset in range(0, len(data), PAGE):
-            index = next(pages, None)
+            index = next(present, None)
             if index is None:
                 raise SnapshotError("snapshot RAM holds more pages than its bitmap lists")
             ram[index * PAGE:(index + 1) * PAGE] = data[offset:offset + PAGE]
-    if next(pages, None) is not None:
+    if next(present, None) is not None:
         raise SnapshotError("snapshot RAM holds fewer pages than its bitmap lists")
 
 

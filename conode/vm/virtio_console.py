@@ -1,54 +1,42 @@
-"""The host channel: a virtio-console device (one port, /dev/hvc0 in the guest) carrying a byte stream.
+"""A virtio-console device with one port (/dev/hvc0 in the guest), carrying a byte stream to its backend.
 
-The device only moves bytes; what they mean (the framing spoken with the in-guest agent) is
-conode/vm/channel.py's business.
+The device moves bytes between guest buffers and a :class:`~conode.vm.host_stream.HostStream`. It saves no
+state of its own: its queues are the transport's (which re-activates it on restore), its bytes the backend's.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import TYPE_CHECKING, Callable
-
+from conode.vm.host_stream import HostStream
+from conode.vm.virtio_mmio import Activation
 from conode.vm.virtqueue import read_chain, write_chain
-
-if TYPE_CHECKING:
-    from conode.vm.virtio_mmio import VirtioMmio
 
 VIRTIO_ID_CONSOLE = 3
 RECEIVEQ, TRANSMITQ = 0, 1  # port 0: guest receives on queue 0, transmits on queue 1
+# hvc writes at most a page per buffer; a larger chain is not the guest's console driver talking.
+MAX_TRANSMIT_CHAIN = 64 << 10
 
 
 class VirtioConsole:
-    """A single-port virtio console; bytes from the guest go to *on_receive*."""
+    """A single-port virtio console bound to *backend*."""
 
     device_id = VIRTIO_ID_CONSOLE
     features = 0  # no multiport, no console size: a plain byte pipe
     num_queues = 2
 
-    def __init__(self, on_receive: Callable[[bytes], None]) -> None:
-        self._on_receive = on_receive
-        self._transport: VirtioMmio | None = None
-        self._pending: deque[bytes] = deque()  # host->guest bytes waiting for receive buffers
-
-    @property
-    def backlog(self) -> int:
-        return sum(len(chunk) for chunk in self._pending)
+    def __init__(self, backend: HostStream) -> None:
+        self.backend = backend
+        self._active: Activation | None = None
+        backend.connect(self._fill_receive_buffers)
 
     def config_read(self, offset: int, size: int) -> int:
         return 0
 
-    def activate(self, transport: "VirtioMmio") -> None:
-        self._transport = transport
+    def activate(self, activation: Activation) -> None:
+        self._active = activation
         self._fill_receive_buffers()
 
     def reset(self) -> None:
-        self._transport = None
-
-    def send(self, data: bytes) -> None:
-        """Queue bytes for the guest; they are delivered as soon as it has posted receive buffers."""
-        if data:
-            self._pending.append(bytes(data))
-            self._fill_receive_buffers()
+        self._active = None
 
     def notify(self, queue_index: int) -> None:
         if queue_index == TRANSMITQ:
@@ -57,41 +45,31 @@ class VirtioConsole:
             self._fill_receive_buffers()
 
     def _drain_transmit(self) -> None:
-        transport = self._transport
-        if transport is None:
-            return
-        queue = transport.queues[TRANSMITQ]
-        if queue is None:
+        active = self._active
+        queue = active.queues[TRANSMITQ] if active else None
+        if active is None or queue is None:
             return
         chunks = []
         while (chain := queue.pop()) is not None:
-            chunks.append(read_chain(transport.memory, chain))
+            if chain.readable_bytes() > MAX_TRANSMIT_CHAIN:
+                queue.fail(f"a transmit chain of {chain.readable_bytes()} bytes exceeds {MAX_TRANSMIT_CHAIN}")
+                break
+            chunks.append(read_chain(active.memory, chain))
             queue.push_used(chain.head, 0)
         if chunks:
-            transport.signal_used(TRANSMITQ)
-            self._on_receive(b"".join(chunks))
+            active.signal_used(TRANSMITQ)
+            self.backend.on_receive(b"".join(chunks))
 
     def _fill_receive_buffers(self) -> None:
-        transport = self._transport
-        if transport is None or not self._pending:
-            return
-        queue = transport.queues[RECEIVEQ]
-        if queue is None:
+        active, backend = self._active, self.backend
+        queue = active.queues[RECEIVEQ] if active else None
+        if active is None or queue is None or not backend.has_pending():
             return
         delivered = False
-        while self._pending and (chain := queue.pop()) is not None:
-            data = self._pending.popleft()
-            written = write_chain(transport.memory, chain, data)
-            if written < len(data):
-                self._pending.appendleft(data[written:])
+        while backend.has_pending() and (chain := queue.pop()) is not None:
+            room = sum(b.length for b in chain.writable())
+            written = write_chain(active.memory, chain, backend.take(room)) if room else 0
             queue.push_used(chain.head, written)
             delivered = True
         if delivered:
-            transport.signal_used(RECEIVEQ)
-
-    def get_state(self) -> dict:
-        return {"pending": b"".join(self._pending)}
-
-    def set_state(self, state: dict, transport: "VirtioMmio") -> None:
-        self._pending = deque([state["pending"]] if state["pending"] else [])
-        self._transport = transport if transport.driver_ok else None
+            active.signal_used(RECEIVEQ)

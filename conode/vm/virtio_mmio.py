@@ -7,19 +7,27 @@ are declared to the guest kernel on its command line (``virtio_mmio.device=4K@ba
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
+from conode.errors import SnapshotError
+from conode.vm import state
 from conode.vm.pic import IrqLine
-from conode.vm.virtqueue import GuestMemory, Virtqueue
+from conode.vm.state import bits, items, uint
+from conode.vm.virtqueue import GuestMemory, Virtqueue, layout_error
+
+log = logging.getLogger(__name__)
 
 MAGIC = 0x74726976  # "virt"
 VERSION = 2
 VENDOR_ID = 0x45444F43  # "CODE" in little-endian ASCII: conode's devices
 VIRTIO_F_VERSION_1 = 1 << 32
 QUEUE_SIZE_MAX = 256
+MAX_QUEUES = 8  # more than any device here has
 
 STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
-STATUS_FAILED = 0x80
+STATUS_NEEDS_RESET, STATUS_FAILED = 0x40, 0x80
 INT_USED_BUFFER, INT_CONFIG_CHANGE = 1, 2
 
 (REG_MAGIC, REG_VERSION, REG_DEVICE_ID, REG_VENDOR_ID, REG_DEVICE_FEATURES, REG_DEVICE_FEATURES_SEL,
@@ -32,6 +40,17 @@ INT_USED_BUFFER, INT_CONFIG_CHANGE = 1, 2
 REG_CONFIG = 0x100
 
 
+@dataclass(frozen=True)
+class Activation:
+    """What a device gets when the driver sets DRIVER_OK: its queues (None where the driver set none up),
+    guest memory, the negotiated features, and the used-buffer interrupt. Never the transport itself."""
+
+    queues: list[Virtqueue | None]
+    memory: GuestMemory
+    features: int
+    signal_used: Callable[[int], None]
+
+
 class VirtioDevice(Protocol):
     """A virtio device behind a transport."""
 
@@ -41,14 +60,41 @@ class VirtioDevice(Protocol):
 
     def config_read(self, offset: int, size: int) -> int: ...
 
-    def activate(self, transport: "VirtioMmio") -> None: ...
+    def activate(self, activation: Activation) -> None: ...
 
     def notify(self, queue_index: int) -> None: ...
 
     def reset(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class QueueState:
+    num: int = uint(32)
+    ready: bool
+    desc: int = uint(32)  # a 32-bit guest: the *_HIGH halves are always zero
+    driver: int = uint(32)
+    device: int = uint(32)
+    next_avail: int = uint(16)
+    next_used: int = uint(16)
+
+
+@dataclass(frozen=True)
+class VirtioMmioState(state.Record):
+    KIND = "virtio-mmio"
+    VERSION = 1
+
+    status: int = uint(8)
+    driver_features: int = uint(64)
+    device_features_sel: int = uint(32)
+    driver_features_sel: int = uint(32)
+    queue_sel: int = uint(32)
+    interrupt_status: int = bits(INT_USED_BUFFER | INT_CONFIG_CHANGE)
+    queues: tuple[QueueState, ...] = items(max_len=MAX_QUEUES)
+
+
 class _QueueConfig:
+    """Where the driver put one queue; the Virtqueue is built from it when the driver makes it ready."""
+
     def __init__(self) -> None:
         self.num = QUEUE_SIZE_MAX
         self.ready = False
@@ -74,7 +120,6 @@ class VirtioMmio:
         self.driver_features = 0
         self.queue_sel = 0
         self.interrupt_status = 0
-        self.config_generation = 0
         self._configs = [_QueueConfig() for _ in range(self.device.num_queues)]
         self.queues = [None] * self.device.num_queues
         self._irq.set(False)
@@ -87,13 +132,35 @@ class VirtioMmio:
     def driver_ok(self) -> bool:
         return bool(self.status & STATUS_DRIVER_OK)
 
-    # --- interrupts --------------------------------------------------------------------------------------
+    @property
+    def needs_reset(self) -> bool:
+        return bool(self.status & STATUS_NEEDS_RESET)
+
+    # --- interrupts and errors ----------------------------------------------------------------------------
     def signal_used(self, queue_index: int) -> None:
         """Tell the driver that *queue_index* has new used buffers, unless it asked not to be told."""
         queue = self.queues[queue_index]
-        if queue is not None and queue.interrupt_wanted():
+        if queue is not None and not queue.broken and queue.interrupt_wanted():
             self.interrupt_status |= INT_USED_BUFFER
             self._irq.set(True)
+
+    def _device_error(self, message: str) -> None:
+        """The driver broke a rule: the device stops and asks for a reset (virtio 1.x, 2.1.2)."""
+        if self.needs_reset:
+            return  # said once; the driver has been told
+        log.warning("virtio device %d stopped: %s; the guest driver must reset it", self.device.device_id, message)
+        self.status |= STATUS_NEEDS_RESET
+        if self.driver_ok:
+            self.interrupt_status |= INT_CONFIG_CHANGE
+            self._irq.set(True)
+
+    def _make_queue(self, cfg: _QueueConfig, next_avail: int = 0, next_used: int = 0) -> Virtqueue | None:
+        error = layout_error(self.memory.size, cfg.num, cfg.desc, cfg.driver, cfg.device, QUEUE_SIZE_MAX)
+        if error is not None:
+            self._device_error(error)
+            return None
+        return Virtqueue(self.memory, cfg.num, cfg.desc, cfg.driver, cfg.device, self._device_error,
+                         next_avail, next_used)
 
     # --- registers ----------------------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -119,24 +186,24 @@ class VirtioMmio:
             return self.interrupt_status
         if offset == REG_STATUS:
             return self.status
-        if offset == REG_CONFIG_GENERATION:
-            return self.config_generation
-        return 0
+        return 0  # REG_CONFIG_GENERATION among others: the configuration never changes
 
     def write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFFFFFFFF
         cfg = self._configs[self.queue_sel] if self.queue_sel < len(self._configs) else None
         if offset == REG_DEVICE_FEATURES_SEL:
             self.device_features_sel = value
         elif offset == REG_DRIVER_FEATURES_SEL:
             self.driver_features_sel = value
         elif offset == REG_DRIVER_FEATURES:
-            if self.driver_features_sel < 2:
+            if self.driver_features_sel < 2 and not self.status & STATUS_FEATURES_OK:
                 shift = 32 * self.driver_features_sel
                 self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
         elif offset == REG_QUEUE_SEL:
             self.queue_sel = value
         elif offset == REG_QUEUE_NOTIFY:
-            if value < len(self.queues) and self.queues[value] is not None and self.driver_ok:
+            if value < len(self.queues) and self.queues[value] is not None and self.driver_ok \
+                    and not self.needs_reset:
                 self.device.notify(value)
         elif offset == REG_INTERRUPT_ACK:
             self.interrupt_status &= ~value
@@ -147,12 +214,18 @@ class VirtioMmio:
             self._write_queue_register(cfg, offset, value)
 
     def _write_queue_register(self, cfg: _QueueConfig, offset: int, value: int) -> None:
-        if offset == REG_QUEUE_NUM:
+        if offset == REG_QUEUE_READY:
+            if value & 1 and not cfg.ready:
+                queue = self._make_queue(cfg)
+                cfg.ready = queue is not None
+                self.queues[self.queue_sel] = queue
+            elif not value & 1:
+                cfg.ready = False
+                self.queues[self.queue_sel] = None
+        elif cfg.ready:
+            return  # a ready queue's layout is fixed until the driver takes it down or resets the device
+        elif offset == REG_QUEUE_NUM:
             cfg.num = value
-        elif offset == REG_QUEUE_READY:
-            cfg.ready = bool(value & 1)
-            if cfg.ready:
-                self.queues[self.queue_sel] = Virtqueue(self.memory, cfg.num, cfg.desc, cfg.driver, cfg.device)
         elif offset == REG_QUEUE_DESC_LOW:
             cfg.desc = value
         elif offset == REG_QUEUE_DRIVER_LOW:
@@ -162,6 +235,7 @@ class VirtioMmio:
         # the *_HIGH halves are always zero on a 32-bit guest
 
     def _write_status(self, value: int) -> None:
+        value &= 0xFF
         if value == 0:
             self._reset()
             self.device.reset()
@@ -170,31 +244,49 @@ class VirtioMmio:
             if self.driver_features & ~self.offered_features or not self.driver_features & VIRTIO_F_VERSION_1:
                 value &= ~STATUS_FEATURES_OK  # refuse: the driver will see FEATURES_OK did not stick
         activating = value & STATUS_DRIVER_OK and not self.status & STATUS_DRIVER_OK
-        self.status = value
-        if activating:
-            self.device.activate(self)
+        self.status = (value & ~STATUS_NEEDS_RESET) | (self.status & STATUS_NEEDS_RESET)
+        if activating and not self.needs_reset:
+            self._activate()
+
+    def _activate(self) -> None:
+        self.device.activate(Activation(self.queues, self.memory, self.driver_features, self.signal_used))
 
     # --- snapshots -------------------------------------------------------------------------------------------
     def get_state(self) -> dict:
-        return {
-            "status": self.status,
-            "driver_features": self.driver_features,
-            "device_features_sel": self.device_features_sel,
-            "driver_features_sel": self.driver_features_sel,
-            "queue_sel": self.queue_sel,
-            "interrupt_status": self.interrupt_status,
-            "queue_configs": [vars(c).copy() for c in self._configs],
-            "queues": [q.get_state() if q else None for q in self.queues],
-        }
+        queues = tuple(
+            QueueState(cfg.num, cfg.ready, cfg.desc, cfg.driver, cfg.device,
+                       queue.next_avail if queue else 0, queue.next_used if queue else 0)
+            for cfg, queue in zip(self._configs, self.queues))
+        return state.dump(VirtioMmioState(self.status, self.driver_features, self.device_features_sel,
+                                          self.driver_features_sel, self.queue_sel, self.interrupt_status,
+                                          queues))
 
-    def set_state(self, state: dict) -> None:
-        self.status = state["status"]
-        self.driver_features = state["driver_features"]
-        self.device_features_sel = state["device_features_sel"]
-        self.driver_features_sel = state["driver_features_sel"]
-        self.queue_sel = state["queue_sel"]
-        self.interrupt_status = state["interrupt_status"]
-        for cfg, saved in zip(self._configs, state["queue_configs"]):
-            vars(cfg).update(saved)
-        self.queues = [Virtqueue.from_state(self.memory, q) if q else None for q in state["queues"]]
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output (after the device's backend); raise SnapshotError if invalid.
+
+        The queues and the device's activation are derived: they are rebuilt from the saved registers.
+        """
+        saved = state.load(VirtioMmioState, data)
+        if len(saved.queues) != self.device.num_queues:
+            raise SnapshotError(f"snapshot virtio-mmio state has {len(saved.queues)} queues; device "
+                                f"{self.device.device_id} has {self.device.num_queues}")
+        for q in saved.queues:
+            error = q.ready and layout_error(self.memory.size, q.num, q.desc, q.driver, q.device, QUEUE_SIZE_MAX)
+            if error:
+                raise SnapshotError(f"snapshot virtio-mmio state holds a queue the guest could not have set up: "
+                                    f"{error}")
+        if saved.driver_features & ~self.offered_features:
+            raise SnapshotError("snapshot virtio-mmio state has features this device does not offer")
+        self.status = saved.status
+        self.driver_features = saved.driver_features
+        self.device_features_sel = saved.device_features_sel
+        self.driver_features_sel = saved.driver_features_sel
+        self.queue_sel = saved.queue_sel
+        self.interrupt_status = saved.interrupt_status
+        self.queues = []
+        for cfg, q in zip(self._configs, saved.queues):
+            cfg.num, cfg.ready, cfg.desc, cfg.driver, cfg.device = q.num, q.ready, q.desc, q.driver, q.device
+            self.queues.append(self._make_queue(cfg, q.next_avail, q.next_used) if q.ready else None)
         self._irq.set(self.interrupt_status != 0)
+        if self.driver_ok and not self.needs_reset:
+            self._activate()

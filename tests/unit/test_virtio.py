@@ -1,5 +1,6 @@
 import struct
 
+from conode.vm.host_stream import HostStream
 from conode.vm.pic import IrqLine, PicPair
 from conode.vm.virtio_console import VirtioConsole
 from conode.vm.virtio_mmio import (REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL, REG_INTERRUPT_ACK,
@@ -12,6 +13,7 @@ class Ram:
     """Guest memory as a plain byte array."""
 
     def __init__(self, size: int) -> None:
+        self.size = size
         self.data = bytearray(size)
 
     def read(self, address: int, length: int) -> bytes:
@@ -69,10 +71,10 @@ def make():
     pic = PicPair()
     pic.write_port(0x21, 0x00)
     received = bytearray()
-    device = VirtioConsole(received.extend)
+    stream = HostStream(received.extend)
     ram = Ram(1 << 16)
-    transport = VirtioMmio(device, IrqLine(pic, 5), ram)
-    return transport, device, ram, pic, received
+    transport = VirtioMmio(VirtioConsole(stream), IrqLine(pic, 5), ram)
+    return transport, stream, ram, pic, received
 
 
 def test_identity_registers():
@@ -81,7 +83,7 @@ def test_identity_registers():
 
 
 def test_guest_to_host_bytes_and_interrupt():
-    transport, device, ram, pic, received = make()
+    transport, stream, ram, pic, received = make()
     driver = Driver(transport, ram)
     driver.bring_up()
     ram.write(0x8000, b"hello")
@@ -95,14 +97,14 @@ def test_guest_to_host_bytes_and_interrupt():
 
 
 def test_host_to_guest_waits_for_buffers_and_splits():
-    transport, device, ram, pic, _ = make()
+    transport, stream, ram, pic, _ = make()
     driver = Driver(transport, ram)
     driver.bring_up()
-    device.send(b"0123456789")
-    assert device.backlog == 10  # no receive buffer yet
+    stream.send(b"0123456789")
+    assert stream.backlog == 10  # no receive buffer yet
     driver.post(0, 0x9000, 4, writable=True)
     transport.write(REG_QUEUE_NOTIFY, 4, 0)
-    assert ram.read(0x9000, 4) == b"0123" and device.backlog == 6
+    assert ram.read(0x9000, 4) == b"0123" and stream.backlog == 6
     driver.post(0, 0xA000, 64, writable=True)
     transport.write(REG_QUEUE_NOTIFY, 4, 0)
     assert ram.read(0xA000, 6) == b"456789" and driver.used(0) == [(0, 4), (1, 6)]
@@ -116,16 +118,16 @@ def test_driver_without_version_1_is_refused():
 
 
 def test_transport_state_roundtrip_keeps_queue_positions():
-    transport, device, ram, _, _ = make()
+    transport, stream, ram, _, _ = make()
     driver = Driver(transport, ram)
     driver.bring_up()
     ram.write(0x8000, b"x")
     driver.post(1, 0x8000, 1, writable=False)
     transport.write(REG_QUEUE_NOTIFY, 4, 1)
-    other, other_device, _, _, got = make()
+    other, other_stream, _, _, got = make()
     other.memory = ram
+    other_stream.set_state(stream.get_state())
     other.set_state(transport.get_state())
-    other_device.set_state(device.get_state(), other)
     ram.write(0x8100, b"y")
     driver.post(1, 0x8100, 1, writable=False)
     other.write(REG_QUEUE_NOTIFY, 4, 1)
