@@ -20,7 +20,7 @@ from conode.vm.host_stream import HostStream
 from conode.vm.machine import CoMachine, MachineConfig
 from conode.vm.pic import IrqLine, PicPair
 from conode.vm.pit import Pit
-from conode.vm.snapshot import decode_ram, encode_ram
+from conode.vm.snapshot import decode_ram, encode_ram, read_snapshot, write_snapshot
 from conode.vm.state import uint
 from conode.vm.uart import Uart16550
 from conode.vm.virtio_console import VirtioConsole
@@ -341,3 +341,13 @@ def test_mutated_machine_state_raises_only_snapshot_error(machine_state, data):
             and data.draw(st.booleans()):
         damaged["ram"]["chunks"] = machine_state["ram"]["chunks"]
     only_snapshot_errors(restore_machine, damaged)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_signed_snapshot_file_with_odd_content_raises_only_snapshot_error(machine_state, tmp_path, data):
+    light = {**machine_state, "ram": {**machine_state["ram"], "chunks": machine_state["ram"]["chunks"][:1]}}
+    path = tmp_path / "odd.snap"
+    write_snapshot(path, {"machine": data.draw(mutated(light))})
+    only_snapshot_errors(lambda d: restore_machine(read_snapshot(d)["machine"]), path)
