@@ -14,23 +14,23 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from conode.errors import ConodeError, GuestCrashed, SnapshotError
 from conode.vm import layout, state
 from conode.vm.bootloader import RNG_SEED_BYTES, KernelImage, load_linux
+from conode.vm.builder import MachineBuilder, PortBus
 from conode.vm.clock import VirtualClock
-from conode.vm.cmos import Cmos
-from conode.vm.cpu import GuestRam, StopReason, UnicornCpu
-from conode.vm.host_stream import HostStream
-from conode.vm.pic import IrqLine, PicPair
-from conode.vm.pit import Pit
+from conode.vm.cpu.unicorn_cpu import GuestRam, StopReason, UnicornCpu
+from conode.vm.devices.legacy.cmos import Cmos
+from conode.vm.devices.legacy.pic import PicPair
+from conode.vm.devices.legacy.pit import Pit
+from conode.vm.devices.legacy.uart import Uart16550
+from conode.vm.devices.virtio.console import VirtioConsole
+from conode.vm.devices.virtio.host_stream import HostStream
 from conode.vm.snapshot import decode_ram, encode_ram
 from conode.vm.state import blob, bounded, items
-from conode.vm.uart import Uart16550
-from conode.vm.virtio_console import VirtioConsole
-from conode.vm.virtio_mmio import VirtioMmio
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,6 @@ class _DmaMemory:
         self.write = cpu.write_phys
 
 
-@dataclass
-class _PortTable:
-    readers: dict[int, Callable[[int], int]] = field(default_factory=dict)
-    writers: dict[int, Callable[[int, int], None]] = field(default_factory=dict)
-
-    def add(self, ports: range | tuple[int, ...], read: Callable[[int], int],
-            write: Callable[[int, int], None]) -> None:
-        for port in ports:
-            self.readers[port] = read
-            self.writers[port] = write
-
-
 class CoMachine:
     """An i386 PC reduced to what the guest kernel uses, plus conode's paravirtual devices."""
 
@@ -120,20 +108,26 @@ class CoMachine:
         self.config = config
         self.clock = VirtualClock()
         self.ram = GuestRam(config.mem_mib << 20)
+        self.ports = PortBus()
         self.pic = PicPair(on_output=self._on_pic_output)
-        self.cpu = UnicornCpu(self.ram, self)
+        self.cpu = UnicornCpu(self.ram, self.ports)
         self.cpu.connect_interrupt_controller(self.pic.acknowledge)
         self._console_output = console_output
         self.console_tail = bytearray()
-        self.pit = Pit(IrqLine(self.pic, layout.IRQ_PIT), self.clock.now)
-        self.uart = Uart16550(IrqLine(self.pic, layout.IRQ_COM1), self._on_console_output)
+        build = MachineBuilder(self.ports, self.pic, self.cpu.map_mmio, _DmaMemory(self.ram, self.cpu))
+        build.attach_pic()
+        self.pit = Pit(build.irq(layout.IRQ_PIT), self.clock.now)
+        build.attach_pit(self.pit)
+        self.uart = Uart16550(build.irq(layout.IRQ_COM1), self._on_console_output)
+        build.attach_uart(self.uart)
         self.cmos = Cmos(self.clock.now)
-        memory = _DmaMemory(self.ram, self.cpu)
+        build.attach_cmos(self.cmos)
+        build.bus.attach(layout.PORT_KEYBOARD_COMMAND, lambda offset: 0xFF, self._keyboard_controller_command)
+        build.bus.attach(layout.PORT_SYSTEM_CONTROL_A, lambda offset: 0x02, self._system_control_a)
         self.channel = HostStream(channel_receive)
-        self.virtio: list[VirtioMmio] = []
-        self._attach_virtio(VirtioConsole(self.channel), memory)
-        self._ports = _PortTable()
-        self._wire_ports()
+        build.attach_virtio(VirtioConsole(self.channel))
+        self.virtio = build.virtio
+        self._build = build
         self.halted = False
         self._calls: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
@@ -143,52 +137,20 @@ class CoMachine:
         self.cpu_cap = 1.0  # share of one host core the guest may use, enforced per slice
 
     # --- wiring -----------------------------------------------------------------------------------------
-    def _attach_virtio(self, device: VirtioConsole, memory: _DmaMemory) -> None:
-        slot = len(self.virtio)
-        transport = VirtioMmio(device, IrqLine(self.pic, layout.VIRTIO_IRQS[slot]), memory)
-        self.cpu.map_mmio(layout.virtio_slot_base(slot), layout.VIRTIO_MMIO_SIZE, transport.read, transport.write)
-        self.virtio.append(transport)
-
     def virtio_cmdline(self) -> str:
-        return " ".join(
-            f"virtio_mmio.device=4K@{layout.virtio_slot_base(i):#x}:{layout.VIRTIO_IRQS[i]}"
-            for i in range(len(self.virtio))
-        )
+        return self._build.kernel_cmdline()
 
-    def _wire_ports(self) -> None:
-        pic, pit, cmos, uart = self.pic, self.pit, self.cmos, self.uart
-        self._ports.add((0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1), pic.read_port, pic.write_port)
-        self._ports.add((0x40, 0x41, 0x42, 0x43, 0x61), pit.read_port, pit.write_port)
-        self._ports.add((0x70, 0x71), cmos.read_port, cmos.write_port)
-        base = layout.PORT_COM1
-        self._ports.add(range(base, base + 8), lambda p: uart.read_port(p - base),
-                        lambda p, v: uart.write_port(p - base, v))
-        self._ports.add((0x64,), lambda p: 0xFF, self._keyboard_controller_command)
-        self._ports.add((0x92,), lambda p: 0x02, self._system_control_a)
-
-    def _keyboard_controller_command(self, port: int, value: int) -> None:
+    def _keyboard_controller_command(self, offset: int, value: int) -> None:
         if value == 0xFE:  # pulse the reset line: how Linux reboots a PC without ACPI
             self._request_reset()
 
-    def _system_control_a(self, port: int, value: int) -> None:
+    def _system_control_a(self, offset: int, value: int) -> None:
         if value & 1:  # fast reset
             self._request_reset()
 
     def _request_reset(self) -> None:
         self._reset_requested = True
         self.cpu.request_stop()
-
-    # PortBus, called from the CPU's I/O hooks.
-    def port_read(self, port: int, size: int) -> int:
-        reader = self._ports.readers.get(port)
-        if reader is None:
-            return (1 << (8 * size)) - 1  # nothing there: the bus floats high
-        return reader(port)
-
-    def port_write(self, port: int, size: int, value: int) -> None:
-        writer = self._ports.writers.get(port)
-        if writer is not None:
-            writer(port, value)
 
     def _on_console_output(self, data: bytes) -> None:
         tail = self.console_tail

@@ -24,7 +24,7 @@ import msgpack
 
 from conode.errors import SnapshotError
 from conode.limits import MAX_GUEST_MEM_MIB, MAX_SNAPSHOT_BYTES
-from conode.vm import state
+from conode.vm import layout, state
 from conode.vm.state import blob, bounded, items, one_of
 
 MAGIC = b"CONODE\x00S"
@@ -33,7 +33,7 @@ HEADER = struct.Struct("<8sIQ32s")
 MAX_PAYLOAD = MAX_SNAPSHOT_BYTES - HEADER.size
 ENVELOPE_KEYS = ("machine",)  # what every snapshot holds; its writer may add its own keys beside
 _READ_CHUNK = 1 << 20
-PAGE = 4096
+PAGE = layout.PAGE_SIZE
 PAGES_PER_CHUNK = 256  # 1 MiB of RAM per compressed chunk
 ZERO_PAGE = bytes(PAGE)
 
@@ -171,7 +171,7 @@ def _read_exactly(fd: int, length: int) -> bytes:
 def _decode_envelope(path: Path, payload: bytes, keys: tuple[str, ...]) -> dict[str, Any]:
     try:
         envelope = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:  # all hostile input can cause
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:  # what hostile input causes
         raise SnapshotError(f"{path} is corrupt: {type(exc).__name__}: {str(exc)[:120]}") from None
     if not isinstance(envelope, dict):
         raise SnapshotError(f"{path} is corrupt: the payload is not a map")

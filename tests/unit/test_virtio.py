@@ -1,12 +1,15 @@
 import struct
 
-from conode.vm.host_stream import HostStream
-from conode.vm.pic import IrqLine, PicPair
-from conode.vm.virtio_console import VirtioConsole
-from conode.vm.virtio_mmio import (REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL, REG_INTERRUPT_ACK,
-                                   REG_INTERRUPT_STATUS, REG_MAGIC, REG_QUEUE_DESC_LOW, REG_QUEUE_DEVICE_LOW,
-                                   REG_QUEUE_DRIVER_LOW, REG_QUEUE_NOTIFY, REG_QUEUE_NUM, REG_QUEUE_READY,
-                                   REG_QUEUE_SEL, REG_STATUS, REG_VERSION, VirtioMmio)
+from conode.vm.devices.irq import IrqLine
+from conode.vm.devices.legacy.pic import PicPair
+from conode.vm.devices.virtio.console import VirtioConsole
+from conode.vm.devices.virtio.host_stream import HostStream
+from conode.vm.devices.virtio.mmio import (REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL, REG_INTERRUPT_ACK,
+                                           REG_INTERRUPT_STATUS, REG_MAGIC, REG_QUEUE_DESC_LOW,
+                                           REG_QUEUE_DEVICE_LOW, REG_QUEUE_DRIVER_LOW, REG_QUEUE_NOTIFY,
+                                           REG_QUEUE_NUM, REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS,
+                                           REG_VERSION, VirtioMmio)
+from portio import out
 
 
 class Ram:
@@ -69,7 +72,7 @@ class Driver:
 
 def make():
     pic = PicPair()
-    pic.write_port(0x21, 0x00)
+    out(pic, 0x21, 0x00)
     received = bytearray()
     stream = HostStream(received.extend)
     ram = Ram(1 << 16)

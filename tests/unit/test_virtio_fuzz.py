@@ -11,13 +11,15 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conode.vm.host_stream import HostStream
-from conode.vm.pic import IrqLine, PicPair
-from conode.vm.virtio_console import MAX_TRANSMIT_CHAIN, VirtioConsole
-from conode.vm.virtio_mmio import (QUEUE_SIZE_MAX, REG_CONFIG, REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL,
-                                   REG_INTERRUPT_ACK, REG_QUEUE_DESC_LOW, REG_QUEUE_DEVICE_LOW,
-                                   REG_QUEUE_DRIVER_LOW, REG_QUEUE_NOTIFY, REG_QUEUE_NUM, REG_QUEUE_READY,
-                                   REG_QUEUE_SEL, REG_STATUS, STATUS_NEEDS_RESET, VirtioMmio)
+from conode.vm.devices.irq import IrqLine
+from conode.vm.devices.legacy.pic import PicPair
+from conode.vm.devices.virtio.console import MAX_TRANSMIT_CHAIN, VirtioConsole
+from conode.vm.devices.virtio.host_stream import HostStream
+from conode.vm.devices.virtio.mmio import (QUEUE_SIZE_MAX, REG_CONFIG, REG_DRIVER_FEATURES,
+                                           REG_DRIVER_FEATURES_SEL, REG_INTERRUPT_ACK, REG_QUEUE_DESC_LOW,
+                                           REG_QUEUE_DEVICE_LOW, REG_QUEUE_DRIVER_LOW, REG_QUEUE_NOTIFY,
+                                           REG_QUEUE_NUM, REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS,
+                                           STATUS_NEEDS_RESET, VirtioMmio)
 
 RAM_SIZE = 1 << 16
 REGISTERS = [0x000, 0x004, 0x008, 0x00C, 0x010, 0x014, 0x020, 0x024, 0x030, 0x034, 0x038, 0x044, 0x050,
@@ -166,7 +168,8 @@ FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCh
 
 
 @FUZZ
-@given(sizes=st.tuples(queue_size, queue_size), layouts=ring_layout, ops=st.lists(operation, min_size=5, max_size=60))
+@given(sizes=st.tuples(queue_size, queue_size), layouts=ring_layout,
+       ops=st.lists(operation, min_size=5, max_size=60))
 def test_hostile_driver_after_a_bring_up(sizes, layouts, ops):
     rig = Rig()
     rig.bring_up(sizes, layouts)
@@ -215,7 +218,8 @@ def test_a_huge_transmit_chain_is_refused_not_read():
     layouts = ((0x1000, 0x3000, 0x4000), (0x6000, 0x8000, 0x9000))
     rig.bring_up((8, 8), layouts)
     for i in range(8):  # eight buffers of 60 KiB each over the same RAM: 480 KiB in one chain
-        rig.ram.data[0x6000 + 16 * i:0x6010 + 16 * i] = struct.pack("<QIHH", 0, 60 << 10, 1 if i < 7 else 0, i + 1)
+        link = 1 if i < 7 else 0
+        rig.ram.data[0x6000 + 16 * i:0x6010 + 16 * i] = struct.pack("<QIHH", 0, 60 << 10, link, i + 1)
     rig.ram.data[0x8002:0x8006] = struct.pack("<HH", 1, 0)
     rig.transport.write(REG_QUEUE_NOTIFY, 4, 1)
     assert rig.received == 0 and rig.transport.read(REG_STATUS, 4) & STATUS_NEEDS_RESET

@@ -1,7 +1,7 @@
 """The host end of the host channel: a byte stream between the agent and the virtio console device.
 
-The device model (:mod:`conode.vm.virtio_console`) moves bytes between guest buffers and this backend; the
-backend holds what the host sent until the guest has room for it, and hands what the guest sent to
+The device model (:mod:`conode.vm.devices.virtio.console`) moves bytes between guest buffers and this
+backend; the backend holds what the host sent until the guest has room for it, and hands what the guest sent to
 *on_receive*. What the bytes mean is conode/vm/channel.py's business.
 """
 
@@ -28,7 +28,7 @@ class HostStreamState(state.Record):
 
 
 class HostStream:
-    """Bytes the host sends wait here for the guest's receive buffers; bytes the guest sends go to *on_receive*."""
+    """Bytes the host sends wait here for guest receive buffers; bytes the guest sends go to *on_receive*."""
 
     def __init__(self, on_receive: Callable[[bytes], None]) -> None:
         self.on_receive = on_receive

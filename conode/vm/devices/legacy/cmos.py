@@ -1,4 +1,4 @@
-"""The CMOS RTC (MC146818) at ports 0x70/0x71: wall-clock time for the guest at boot.
+"""The CMOS RTC (MC146818), an index port (offset 0) and a data port (offset 1): wall-clock time at boot.
 
 The guest reads the date once at boot and then keeps time itself; the RTC's wall clock is derived from
 the virtual clock, so a restored guest sees the time continue from its snapshot rather than jump.
@@ -21,6 +21,7 @@ REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
 REG_CENTURY = 0x32
 REG_B_24H, REG_B_BINARY = 0x02, 0x04
 SIZE = 128
+INDEX = 0  # the index port's offset; the data port follows it
 EPOCH_MAX_S = 1 << 40  # a wall clock far beyond any real date, still within what gmtime() can render
 
 
@@ -62,8 +63,8 @@ class Cmos:
             return None
         return value if self.ram[REG_B] & REG_B_BINARY else _bcd(value)
 
-    def read_port(self, port: int) -> int:
-        if port == 0x70:
+    def read_port(self, offset: int) -> int:
+        if offset == INDEX:
             return self.index
         reg = self.index
         if reg == REG_A:
@@ -73,8 +74,8 @@ class Cmos:
         value = self._time_register(reg)
         return self.ram[reg] if value is None else value
 
-    def write_port(self, port: int, value: int) -> None:
-        if port == 0x70:
+    def write_port(self, offset: int, value: int) -> None:
+        if offset == INDEX:
             self.index = value & 0x7F  # bit 7 is the NMI mask
         elif self.index not in (REG_C, REG_D):
             self.ram[self.index] = value & 0xFF

@@ -1,7 +1,7 @@
 """The 8254 programmable interval timer, driven by the virtual clock.
 
 Channel 0 drives IRQ 0 (the guest's periodic tick and, read back, its clocksource); channel 2 is gated and
-read through system control port B (0x61). The counters are never stepped: their values and the next
+read through system control port B. The counters are never stepped: their values and the next
 interrupt are computed from guest time, so the timer costs nothing between events and survives snapshots as
 a handful of numbers.
 """
@@ -13,10 +13,12 @@ from typing import Callable
 
 from conode.vm import state
 from conode.vm.clock import NS_PER_S
-from conode.vm.pic import IrqLine
+from conode.vm.devices.irq import IrqLine
 from conode.vm.state import GUEST_NS_MAX, bounded, items, one_of, uint
 
 PIT_HZ = 1_193_182
+COMMAND = 3  # the mode/command register's offset
+CONTROL_B_OUT2 = 0x20  # system control port B: channel 2's output
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class Pit:
         self._irq = irq
         self._now = now_ns
         self.channels = [_Channel(), _Channel(), _Channel()]
-        self.speaker = 0  # bits 0-1 of port 0x61
+        self.speaker = 0  # bits 0-1 of system control port B
 
     # --- time ----------------------------------------------------------------------------------------------
     def next_event_ns(self) -> int | None:
@@ -115,14 +117,19 @@ class Pit:
             ch.fired = 1
         self._irq.pulse()
 
-    # --- ports -------------------------------------------------------------------------------------------
-    def read_port(self, port: int) -> int:
-        if port == 0x61:
-            out2 = self.channels[2].output(self._now())
-            return self.speaker | (0x20 if out2 else 0)
-        ch = self.channels[port - 0x40] if port < 0x43 else None
-        if ch is None:
-            return 0xFF
+    # --- ports: offsets 0-2 are the channels, 3 the mode/command register; system control B apart -----------
+    def read_control_b(self, offset: int) -> int:
+        out2 = self.channels[2].output(self._now())
+        return self.speaker | (CONTROL_B_OUT2 if out2 else 0)
+
+    def write_control_b(self, offset: int, value: int) -> None:
+        self.speaker = value & 0x03
+        self.channels[2].gate = bool(value & 1)
+
+    def read_port(self, offset: int) -> int:
+        if offset == COMMAND:
+            return 0xFF  # write-only
+        ch = self.channels[offset]
         if ch.latched is not None:
             value = ch.latched
             if ch.access == 3 and not ch.latched_high_next:
@@ -139,16 +146,12 @@ class Pit:
         ch.read_high_next = not ch.read_high_next
         return value & 0xFF if ch.read_high_next else (value >> 8) & 0xFF
 
-    def write_port(self, port: int, value: int) -> None:
+    def write_port(self, offset: int, value: int) -> None:
         value &= 0xFF
-        if port == 0x61:
-            self.speaker = value & 0x03
-            self.channels[2].gate = bool(value & 1)
-            return
-        if port == 0x43:
+        if offset == COMMAND:
             self._command(value)
             return
-        ch = self.channels[port - 0x40]
+        ch = self.channels[offset]
         if ch.access == 1:
             self._load(ch, value)
         elif ch.access == 2:

@@ -13,9 +13,9 @@ from typing import Callable, Protocol
 
 from conode.errors import SnapshotError
 from conode.vm import state
-from conode.vm.pic import IrqLine
+from conode.vm.devices.irq import IrqLine
+from conode.vm.devices.virtio.queue import GuestMemory, Virtqueue, layout_error
 from conode.vm.state import bits, items, uint
-from conode.vm.virtqueue import GuestMemory, Virtqueue, layout_error
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +271,10 @@ class VirtioMmio:
             raise SnapshotError(f"snapshot virtio-mmio state has {len(saved.queues)} queues; device "
                                 f"{self.device.device_id} has {self.device.num_queues}")
         for q in saved.queues:
-            error = q.ready and layout_error(self.memory.size, q.num, q.desc, q.driver, q.device, QUEUE_SIZE_MAX)
+            error = q.ready and layout_error(self.memory.size, q.num, q.desc, q.driver, q.device,
+                                             QUEUE_SIZE_MAX)
             if error:
-                raise SnapshotError(f"snapshot virtio-mmio state holds a queue the guest could not have set up: "
-                                    f"{error}")
+                raise SnapshotError(f"snapshot virtio-mmio state holds a queue no guest could set up: {error}")
         if saved.driver_features & ~self.offered_features:
             raise SnapshotError("snapshot virtio-mmio state has features this device does not offer")
         self.status = saved.status

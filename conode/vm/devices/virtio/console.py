@@ -1,14 +1,14 @@
 """A virtio-console device with one port (/dev/hvc0 in the guest), carrying a byte stream to its backend.
 
-The device moves bytes between guest buffers and a :class:`~conode.vm.host_stream.HostStream`. It saves no
-state of its own: its queues are the transport's (which re-activates it on restore), its bytes the backend's.
+The device moves bytes between guest buffers and its backend, a
+:class:`~conode.vm.devices.virtio.host_stream.HostStream`. It saves no state of its own: its queues are the transport's (which re-activates it on restore), its bytes the backend's.
 """
 
 from __future__ import annotations
 
-from conode.vm.host_stream import HostStream
-from conode.vm.virtio_mmio import Activation
-from conode.vm.virtqueue import read_chain, write_chain
+from conode.vm.devices.virtio.host_stream import HostStream
+from conode.vm.devices.virtio.mmio import Activation
+from conode.vm.devices.virtio.queue import read_chain, write_chain
 
 VIRTIO_ID_CONSOLE = 3
 RECEIVEQ, TRANSMITQ = 0, 1  # port 0: guest receives on queue 0, transmits on queue 1

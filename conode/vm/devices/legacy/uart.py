@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from conode.vm import state
-from conode.vm.pic import IrqLine
+from conode.vm.devices.irq import IrqLine
 from conode.vm.state import bits, blob, uint
 
 # Register offsets from the base port.
