@@ -1,7 +1,7 @@
 import calendar
 
 from conode.vm.devices.legacy.cmos import Cmos
-from portio import inp, out
+from parts import inp, out
 
 
 def test_rtc_reports_bcd_time_advancing_with_guest_clock():

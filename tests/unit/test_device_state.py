@@ -23,25 +23,11 @@ from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
 from conode.vm.devices.virtio.console import VirtioConsole
 from conode.vm.devices.virtio.host_stream import HostStream
-from conode.vm.devices.virtio.mmio import (REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL, REG_QUEUE_DESC_LOW,
-                                           REG_QUEUE_DEVICE_LOW, REG_QUEUE_DRIVER_LOW, REG_QUEUE_NUM,
-                                           REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS, VirtioMmio)
+from conode.vm.devices.virtio.mmio import VirtioMmio
 from conode.vm.machine import CoMachine, MachineConfig
 from conode.vm.snapshot import decode_ram, encode_ram, read_snapshot, write_snapshot
 from conode.vm.state import uint
-from portio import out
-
-
-class Ram:
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.data = bytearray(size)
-
-    def read(self, address: int, length: int) -> bytes:
-        return bytes(self.data[address:address + length])
-
-    def write(self, address: int, data: bytes) -> None:
-        self.data[address:address + len(data)] = data
+from parts import Ram, bring_up, out
 
 
 class NoPorts:
@@ -107,24 +93,10 @@ def make_clock() -> VirtualClock:
     return clock
 
 
-QUEUES = ((0x1000, 0x1100, 0x1200), (0x2000, 0x2100, 0x2200))
-
-
-def make_transport(ram: Ram | None = None) -> tuple[VirtioMmio, HostStream]:
+def make_transport() -> tuple[VirtioMmio, HostStream]:
     stream = HostStream(lambda data: None)
-    transport = VirtioMmio(VirtioConsole(stream), IrqLine(PicPair(), 5), ram or Ram(1 << 16))
-    transport.write(REG_STATUS, 4, 3)
-    transport.write(REG_DRIVER_FEATURES_SEL, 4, 1)
-    transport.write(REG_DRIVER_FEATURES, 4, 1)
-    transport.write(REG_STATUS, 4, 11)
-    for q, (desc, avail, used) in enumerate(QUEUES):
-        transport.write(REG_QUEUE_SEL, 4, q)
-        transport.write(REG_QUEUE_NUM, 4, 8)
-        transport.write(REG_QUEUE_DESC_LOW, 4, desc)
-        transport.write(REG_QUEUE_DRIVER_LOW, 4, avail)
-        transport.write(REG_QUEUE_DEVICE_LOW, 4, used)
-        transport.write(REG_QUEUE_READY, 4, 1)
-    transport.write(REG_STATUS, 4, 15)
+    transport = VirtioMmio(VirtioConsole(stream), IrqLine(PicPair(), 5), Ram(1 << 16))
+    bring_up(transport)
     stream.send(b"waiting for the guest")
     return transport, stream
 

@@ -1,6 +1,6 @@
 from conode.vm.devices.irq import IrqLine
 from conode.vm.devices.legacy.pic import PicPair
-from portio import inp, out
+from parts import inp, out
 
 
 def init_linux_style(pic: PicPair) -> None:

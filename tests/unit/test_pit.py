@@ -1,7 +1,7 @@
 from conode.vm.devices.irq import IrqLine
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.pit import PIT_HZ, Pit
-from portio import inp, out
+from parts import inp, out
 
 
 class Clock:

@@ -1,7 +1,7 @@
 from conode.vm.devices.irq import IrqLine
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.uart import Uart16550
-from portio import out as port_out
+from parts import out as port_out
 
 
 def make():

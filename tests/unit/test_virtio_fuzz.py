@@ -15,31 +15,13 @@ from conode.vm.devices.irq import IrqLine
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.virtio.console import MAX_TRANSMIT_CHAIN, VirtioConsole
 from conode.vm.devices.virtio.host_stream import HostStream
-from conode.vm.devices.virtio.mmio import (QUEUE_SIZE_MAX, REG_CONFIG, REG_DRIVER_FEATURES,
-                                           REG_DRIVER_FEATURES_SEL, REG_INTERRUPT_ACK, REG_QUEUE_DESC_LOW,
-                                           REG_QUEUE_DEVICE_LOW, REG_QUEUE_DRIVER_LOW, REG_QUEUE_NOTIFY,
-                                           REG_QUEUE_NUM, REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS,
-                                           STATUS_NEEDS_RESET, VirtioMmio)
+from conode.vm.devices.virtio.mmio import (QUEUE_SIZE_MAX, REG_CONFIG, REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY,
+                                           REG_STATUS, STATUS_NEEDS_RESET, VirtioMmio)
+from parts import RINGS, Ram, bring_up
 
 RAM_SIZE = 1 << 16
 REGISTERS = [0x000, 0x004, 0x008, 0x00C, 0x010, 0x014, 0x020, 0x024, 0x030, 0x034, 0x038, 0x044, 0x050,
              0x060, 0x064, 0x070, 0x080, 0x084, 0x090, 0x094, 0x0A0, 0x0A4, 0x0FC, REG_CONFIG, REG_CONFIG + 4]
-
-
-class Ram:
-    """Guest memory as a plain byte array; an access outside it is a host bug the test must catch."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.data = bytearray(size)
-
-    def read(self, address: int, length: int) -> bytes:
-        assert 0 <= address and address + length <= self.size, f"device read outside RAM: {address:#x}+{length}"
-        return bytes(self.data[address:address + length])
-
-    def write(self, address: int, data: bytes) -> None:
-        assert 0 <= address and address + len(data) <= self.size, f"device write outside RAM: {address:#x}"
-        self.data[address:address + len(data)] = data
 
 
 class Rig:
@@ -53,21 +35,6 @@ class Rig:
     def _receive(self, data: bytes) -> None:
         assert len(data) <= QUEUE_SIZE_MAX * MAX_TRANSMIT_CHAIN  # one notify moves a bounded amount
         self.received += len(data)
-
-    def bring_up(self, sizes: tuple[int, int], layouts: tuple[tuple[int, int, int], ...]) -> None:
-        t = self.transport
-        t.write(REG_STATUS, 4, 3)
-        t.write(REG_DRIVER_FEATURES_SEL, 4, 1)
-        t.write(REG_DRIVER_FEATURES, 4, 1)
-        t.write(REG_STATUS, 4, 11)
-        for q, (size, (desc, avail, used)) in enumerate(zip(sizes, layouts)):
-            t.write(REG_QUEUE_SEL, 4, q)
-            t.write(REG_QUEUE_NUM, 4, size)
-            t.write(REG_QUEUE_DESC_LOW, 4, desc)
-            t.write(REG_QUEUE_DRIVER_LOW, 4, avail)
-            t.write(REG_QUEUE_DEVICE_LOW, 4, used)
-            t.write(REG_QUEUE_READY, 4, 1)
-        t.write(REG_STATUS, 4, 15)
 
 
 u32 = st.one_of(st.integers(0, 0xFFFFFFFF), st.sampled_from([0, 1, 2, 3, 4, 7, 8, 15, 16, 255, 256, 257, 4096,
@@ -100,7 +67,7 @@ operation = st.one_of(
 )
 
 # Valid layouts mostly, so that random descriptors reach the device; sometimes bogus ones.
-ring_layout = mostly(st.just(((0x1000, 0x3000, 0x4000), (0x6000, 0x8000, 0x9000))),
+ring_layout = mostly(st.just(RINGS),
                      st.tuples(*[st.tuples(u32, u32, u32)] * 2))
 queue_size = mostly(st.sampled_from([8, 16, 64, 256, 1, 2]), u32)
 
@@ -172,7 +139,7 @@ FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCh
        ops=st.lists(operation, min_size=5, max_size=60))
 def test_hostile_driver_after_a_bring_up(sizes, layouts, ops):
     rig = Rig()
-    rig.bring_up(sizes, layouts)
+    bring_up(rig.transport, sizes, layouts)
     run(rig, layouts, ops)
     check(rig)
 
@@ -187,8 +154,8 @@ def test_hostile_driver_from_reset(layouts, ops):
 
 def test_a_looping_chain_stops_the_queue_and_asks_for_a_reset():
     rig = Rig()
-    layouts = ((0x1000, 0x3000, 0x4000), (0x6000, 0x8000, 0x9000))
-    rig.bring_up((8, 8), layouts)
+    layouts = RINGS
+    bring_up(rig.transport, (8, 8), layouts)
     ram = rig.ram.data
     ram[0x6000:0x6010] = struct.pack("<QIHH", 0xA000, 4, 1, 1)  # 0 -> 1
     ram[0x6010:0x6020] = struct.pack("<QIHH", 0xA000, 4, 1, 0)  # 1 -> 0: a loop
@@ -198,7 +165,7 @@ def test_a_looping_chain_stops_the_queue_and_asks_for_a_reset():
     assert rig.transport.read(REG_STATUS, 4) & STATUS_NEEDS_RESET
     assert rig.pic.master.irr & (1 << 5) or rig.transport.interrupt_status & 2  # config change raised
     rig.transport.write(REG_STATUS, 4, 0)  # the driver resets the device: it works again
-    rig.bring_up((8, 8), layouts)
+    bring_up(rig.transport, (8, 8), layouts)
     ram[0x6000:0x6010] = struct.pack("<QIHH", 0xA000, 2, 0, 0)
     ram[0xA000:0xA002] = b"ok"
     ram[0x8002:0x8006] = struct.pack("<HH", 1, 0)
@@ -208,15 +175,15 @@ def test_a_looping_chain_stops_the_queue_and_asks_for_a_reset():
 
 def test_rings_outside_ram_are_refused_at_ready():
     rig = Rig()
-    rig.bring_up((8, 8), ((RAM_SIZE - 16, 0x3000, 0x4000), (0x6000, 0x8001, 0x9000)))
+    bring_up(rig.transport, (8, 8), ((RAM_SIZE - 16, 0x3000, 0x4000), (0x6000, 0x8001, 0x9000)))
     assert rig.transport.queues == [None, None]
     assert rig.transport.read(REG_STATUS, 4) & STATUS_NEEDS_RESET
 
 
 def test_a_huge_transmit_chain_is_refused_not_read():
     rig = Rig()
-    layouts = ((0x1000, 0x3000, 0x4000), (0x6000, 0x8000, 0x9000))
-    rig.bring_up((8, 8), layouts)
+    layouts = RINGS
+    bring_up(rig.transport, (8, 8), layouts)
     for i in range(8):  # eight buffers of 60 KiB each over the same RAM: 480 KiB in one chain
         link = 1 if i < 7 else 0
         rig.ram.data[0x6000 + 16 * i:0x6010 + 16 * i] = struct.pack("<QIHH", 0, 60 << 10, link, i + 1)
@@ -230,8 +197,8 @@ def test_a_huge_transmit_chain_is_refused_not_read():
        size=st.sampled_from([1, 2, 8, 256]))
 def test_well_formed_traffic_arrives_intact_whatever_the_buffer_sizes(chunks, size):
     rig = Rig()
-    layouts = ((0x1000, 0x3000, 0x4000), (0x6000, 0x8000, 0x9000))
-    rig.bring_up((size, size), layouts)
+    layouts = RINGS
+    bring_up(rig.transport, (size, size), layouts)
     got = bytearray()
     rig.stream.on_receive = got.extend
     for i, chunk in enumerate(chunks):
