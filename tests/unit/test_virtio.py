@@ -1,5 +1,7 @@
 import struct
 
+import pytest
+
 from conode.vm.devices.irq import IrqLine
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.virtio.console import VirtioConsole
@@ -105,3 +107,17 @@ def test_transport_state_roundtrip_keeps_queue_positions():
     driver.post(1, 0xB100, 1, writable=False)
     other.write(REG_QUEUE_NOTIFY, 4, 1)
     assert got == b"y"
+
+
+def test_host_channel_backlog_is_bounded():
+    from conode.errors import ConodeError
+    from conode.vm.devices.virtio.host_stream import MAX_PENDING_BYTES
+
+    stream = HostStream(lambda data: None)
+    stream.send(bytes(MAX_PENDING_BYTES - 10))
+    with pytest.raises(ConodeError, match="not reading its host channel"):
+        stream.send(bytes(11))
+    assert stream.backlog == MAX_PENDING_BYTES - 10
+    stream.take(100)
+    stream.send(bytes(11))
+    assert stream.backlog == MAX_PENDING_BYTES - 99

@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from conode.errors import ConodeError
 from conode.limits import MAX_FRAME_BYTES
 from conode.vm import state
 from conode.vm.state import blob
@@ -33,6 +34,7 @@ class HostStream:
     def __init__(self, on_receive: Callable[[bytes], None]) -> None:
         self.on_receive = on_receive
         self._pending: deque[bytes] = deque()
+        self._pending_bytes = 0
         self._wake: Callable[[], None] = lambda: None
 
     def connect(self, wake: Callable[[], None]) -> None:
@@ -41,13 +43,18 @@ class HostStream:
 
     @property
     def backlog(self) -> int:
-        return sum(len(chunk) for chunk in self._pending)
+        return self._pending_bytes
 
     def send(self, data: bytes) -> None:
         """Queue bytes for the guest; they are delivered as soon as it has posted receive buffers."""
-        if data:
-            self._pending.append(bytes(data))
-            self._wake()
+        if not data:
+            return
+        if self._pending_bytes + len(data) > MAX_PENDING_BYTES:
+            raise ConodeError(f"the guest is not reading its host channel ({self._pending_bytes} bytes wait); "
+                              f"stop the guest or wait for it")
+        self._pending.append(bytes(data))
+        self._pending_bytes += len(data)
+        self._wake()
 
     def has_pending(self) -> bool:
         return bool(self._pending)
@@ -58,6 +65,7 @@ class HostStream:
         if len(head) > limit:
             self._pending.appendleft(head[limit:])
             head = head[:limit]
+        self._pending_bytes -= len(head)
         return head
 
     def get_state(self) -> dict:
@@ -67,3 +75,4 @@ class HostStream:
         """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
         saved = state.load(HostStreamState, data)
         self._pending = deque([saved.pending] if saved.pending else [])
+        self._pending_bytes = len(saved.pending)
