@@ -44,7 +44,7 @@ DEFAULT_MEM_MIB = 128
 GUEST_BUSYBOX = "/bin/busybox"
 GUEST_TMP = "/tmp"
 
-# conode's CPU engines, in the order of the table's columns (see conode/vm/engine).
+# conode's CPU engines, in the order of the table's columns (see conode/vm/cpu/engine).
 ENGINES = ("fast", "stock")
 PLACES = (*ENGINES, "qemu", "native")  # everywhere a workload can run
 NOT_BUILT = "not built"

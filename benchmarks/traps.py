@@ -44,7 +44,7 @@ class TrapClock:
         self.recording = False
 
     def install(self) -> None:
-        from conode.vm.cpu import UnicornCpu
+        from conode.vm.cpu.unicorn_cpu import UnicornCpu
 
         clock = self
         on_exception = UnicornCpu._on_exception

@@ -339,7 +339,7 @@ def engine(ctx: click.Context) -> None:
         import unicorn
 
         from conode.vm import ENGINE
-        from conode.vm.cpu import GuestRam, UnicornCpu
+        from conode.vm.cpu.unicorn_cpu import GuestRam, UnicornCpu
 
         class _NoPorts:
             def port_read(self, port: int, size: int) -> int:
@@ -352,7 +352,7 @@ def engine(ctx: click.Context) -> None:
         kind = {"fast": "conode's fast engine", "stock": "stock Unicorn", "custom": "a custom Unicorn"}[ENGINE.name]
         click.echo(f"engine:      {kind} {unicorn.__version__} ({ENGINE.reason})")
         delivery = ("native, in the engine (QEMU's own code)" if cpu.native_interrupts
-                    else "the Python passage (conode/vm/cpu.py)")
+                    else "the Python passage (conode/vm/cpu/passage.py)")
         click.echo(f"interrupts:  {delivery}")
         click.echo(f"slicer:      {cpu.slicer.info.detail}")
         return 0
@@ -366,7 +366,7 @@ def engine_build(strict: bool) -> None:
     """Build the fast engine from the pinned Unicorn sources (needs cc, cmake, make; about a minute)."""
 
     def body() -> int:
-        from conode.vm.engine.build import ToolsMissing, build_engine
+        from conode.vm.cpu.engine.build import ToolsMissing, build_engine
 
         try:
             build_engine(progress=lambda line: click.echo(f"conode: {line}", err=True))

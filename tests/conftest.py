@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(items):
 
 
 def fast_engine_built() -> bool:
-    from conode.vm.engine import LIBRARY, engine_dir
+    from conode.vm.cpu.engine import LIBRARY, engine_dir
 
     return (engine_dir() / LIBRARY).exists()
 

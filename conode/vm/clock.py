@@ -7,9 +7,21 @@ migrated guest sees no jump: its time resumes exactly where it stopped.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
+from conode.vm import state
+from conode.vm.state import GUEST_NS_MAX, bounded
+
 NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class ClockState(state.Record):
+    KIND = "clock"
+    VERSION = 1
+
+    now_ns: int = bounded(0, GUEST_NS_MAX)
 
 
 class VirtualClock:
@@ -47,9 +59,11 @@ class VirtualClock:
         return self._host_ns() + max(0, guest_ns - self.now())
 
     def get_state(self) -> dict:
-        return {"now_ns": self.now()}
+        return state.dump(ClockState(self.now()))
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
+        saved = state.load(ClockState, data)
         running = self.running
-        self._base_ns = int(state["now_ns"])
+        self._base_ns = saved.now_ns
         self._resumed_at = self._host_ns() if running else None

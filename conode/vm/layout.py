@@ -1,5 +1,17 @@
 """Every guest-physical address, I/O port and IRQ line of the cooperative machine, in one place."""
 
+from typing import NamedTuple
+
+from conode.limits import DEFAULT_GUEST_MEM_MIB, MAX_GUEST_MEM_MIB, MIN_GUEST_MEM_MIB
+
+
+class PortRange(NamedTuple):
+    """Consecutive I/O ports of one device; the device sees offsets from *base*."""
+
+    base: int
+    count: int
+
+
 PAGE_SIZE = 0x1000
 
 # --- Guest physical memory -------------------------------------------------------------------------------
@@ -8,32 +20,32 @@ BOOT_PARAMS = 0x7000  # the Linux "zero page" (struct boot_params)
 SETUP_DATA = 0x8000  # linked list of struct setup_data (the RNG seed)
 CMDLINE = 0x20000  # kernel command line, NUL-terminated
 CMDLINE_MAX = 0x1000
-KERNEL_LOAD = 0x100000  # protected-mode kernel (code32_start) for a non-relocatable bzImage
 LOW_MEMORY_END = 0x9F000  # usable RAM below the legacy hole (e820 type 1)
 HIGH_MEMORY_START = 0x100000
 INITRD_MAX_END = 0x37FFFFFF  # keep the initrd below the kernel's lowmem limit (initrd_addr_max)
 
-MIN_RAM_MIB = 48  # the kernel decompresses itself to 16 MiB; below this it cannot boot
-MAX_RAM_MIB = 768  # lowmem only (NOHIGHMEM): more would be invisible to the guest
-DEFAULT_RAM_MIB = 128
+MIN_RAM_MIB = MIN_GUEST_MEM_MIB
+MAX_RAM_MIB = MAX_GUEST_MEM_MIB
+DEFAULT_RAM_MIB = DEFAULT_GUEST_MEM_MIB
 
 # Boot GDT selectors, as the Linux 32-bit boot protocol requires (__BOOT_CS / __BOOT_DS).
 BOOT_CS = 0x10
 BOOT_DS = 0x18
 
 # --- Legacy I/O ports ------------------------------------------------------------------------------------
-PORT_PIC_MASTER = 0x20  # 0x20-0x21
-PORT_PIC_SLAVE = 0xA0  # 0xA0-0xA1
-PORT_PIT = 0x40  # 0x40-0x43
-PORT_SYSTEM_CONTROL_B = 0x61  # PIT channel 2 gate and output
-PORT_CMOS = 0x70  # 0x70-0x71
-PORT_POST = 0x80  # written by the kernel as an I/O delay; ignored
-PORT_ELCR = 0x4D0  # 0x4D0-0x4D1, edge/level control of the PICs
-PORT_COM1 = 0x3F8  # 0x3F8-0x3FF: cocon, the console UART
+PORTS_PIC_MASTER = PortRange(0x20, 2)  # command, data
+PORTS_PIC_SLAVE = PortRange(0xA0, 2)
+PORTS_ELCR = PortRange(0x4D0, 2)  # edge/level control of the master and the slave PIC
+PORTS_PIT = PortRange(0x40, 4)  # channels 0-2, mode/command
+PORT_SYSTEM_CONTROL_B = PortRange(0x61, 1)  # PIT channel 2 gate and output
+PORT_KEYBOARD_COMMAND = PortRange(0x64, 1)  # the 8042's command port: only its reset pulse is modelled
+PORTS_CMOS = PortRange(0x70, 2)  # index, data
+PORT_SYSTEM_CONTROL_A = PortRange(0x92, 1)  # fast reset
+PORTS_COM1 = PortRange(0x3F8, 8)  # cocon, the console UART
 
 # --- IRQ lines on the 8259 pair -------------------------------------------------------------------------
 IRQ_PIT = 0
-IRQ_CASCADE = 2
+IRQ_CASCADE = 2  # the slave PIC's output, on the master's input 2
 IRQ_COM1 = 4
 
 # --- virtio-mmio slots -----------------------------------------------------------------------------------
@@ -48,5 +60,5 @@ def virtio_slot_base(slot: int) -> int:
     return VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE
 
 
-# --- CPU ------------------------------------------------------------------------------------------------
-VECTOR_PIC_MASTER_DEFAULT = 0x08  # BIOS default; the guest reprograms the PICs to 0x30 (Linux i386)
+# --- Interrupt vectors ------------------------------------------------------------------------------------
+VECTOR_PIC_RESET = 0x08  # a PIC's vector base until the guest programs it (Linux i386 uses 0x30 and 0x38)

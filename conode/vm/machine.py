@@ -14,21 +14,23 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-from conode.errors import ConodeError, GuestCrashed
-from conode.vm import layout
+from conode.errors import ConodeError, GuestCrashed, SnapshotError
+from conode.vm import layout, state
 from conode.vm.bootloader import RNG_SEED_BYTES, KernelImage, load_linux
+from conode.vm.builder import MachineBuilder, PortBus
 from conode.vm.clock import VirtualClock
-from conode.vm.cmos import Cmos
-from conode.vm.cpu import GuestRam, StopReason, UnicornCpu
-from conode.vm.pic import IrqLine, PicPair
-from conode.vm.pit import Pit
+from conode.vm.cpu.unicorn_cpu import GuestRam, StopReason, UnicornCpu
+from conode.vm.devices.legacy.cmos import Cmos
+from conode.vm.devices.legacy.pic import PicPair
+from conode.vm.devices.legacy.pit import Pit
+from conode.vm.devices.legacy.uart import Uart16550
+from conode.vm.devices.virtio.console import VirtioConsole
+from conode.vm.devices.virtio.host_stream import HostStream
 from conode.vm.snapshot import decode_ram, encode_ram
-from conode.vm.uart import Uart16550
-from conode.vm.virtio_console import VirtioConsole
-from conode.vm.virtio_mmio import VirtioMmio
+from conode.vm.state import blob, bounded, items
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +52,47 @@ class MachineConfig:
     cmdline_extra: str = ""
 
 
+@dataclass(frozen=True)
+class ConfigState(state.Record):
+    KIND = "machine configuration"
+    VERSION = 1
+
+    mem_mib: int = bounded(layout.MIN_RAM_MIB, layout.MAX_RAM_MIB)
+    cmdline_extra: str = blob(max_len=layout.CMDLINE_MAX)
+
+
+@dataclass(frozen=True)
+class DevicesState:
+    pic: dict
+    pit: dict
+    uart: dict
+    cmos: dict
+    virtio: tuple[dict, ...] = items(max_len=len(layout.VIRTIO_IRQS))
+    channel: dict
+
+
+@dataclass(frozen=True)
+class MachineState(state.Record):
+    """The machine's own record; each part below is checked by its owner's record."""
+
+    KIND = "machine"
+    VERSION = 1
+
+    config: dict
+    cpu: dict
+    ram: dict
+    clock: dict
+    halted: bool
+    devices: DevicesState
+
+
 class _DmaMemory:
     """Guest memory as devices see it: reads from the shared RAM, writes through the CPU (for coherence)."""
 
     def __init__(self, ram: GuestRam, cpu: UnicornCpu) -> None:
+        self.size = ram.size
         self.read = ram.read
         self.write = cpu.write_phys
-
-
-@dataclass
-class _PortTable:
-    readers: dict[int, Callable[[int], int]] = field(default_factory=dict)
-    writers: dict[int, Callable[[int, int], None]] = field(default_factory=dict)
-
-    def add(self, ports: range | tuple[int, ...], read: Callable[[int], int],
-            write: Callable[[int, int], None]) -> None:
-        for port in ports:
-            self.readers[port] = read
-            self.writers[port] = write
 
 
 class CoMachine:
@@ -83,20 +108,26 @@ class CoMachine:
         self.config = config
         self.clock = VirtualClock()
         self.ram = GuestRam(config.mem_mib << 20)
+        self.ports = PortBus()
         self.pic = PicPair(on_output=self._on_pic_output)
-        self.cpu = UnicornCpu(self.ram, self)
+        self.cpu = UnicornCpu(self.ram, self.ports)
         self.cpu.connect_interrupt_controller(self.pic.acknowledge)
         self._console_output = console_output
         self.console_tail = bytearray()
-        self.pit = Pit(IrqLine(self.pic, layout.IRQ_PIT), self.clock.now)
-        self.uart = Uart16550(IrqLine(self.pic, layout.IRQ_COM1), self._on_console_output)
+        build = MachineBuilder(self.ports, self.pic, self.cpu.map_mmio, _DmaMemory(self.ram, self.cpu))
+        build.attach_pic()
+        self.pit = Pit(build.irq(layout.IRQ_PIT), self.clock.now)
+        build.attach_pit(self.pit)
+        self.uart = Uart16550(build.irq(layout.IRQ_COM1), self._on_console_output)
+        build.attach_uart(self.uart)
         self.cmos = Cmos(self.clock.now)
-        memory = _DmaMemory(self.ram, self.cpu)
-        self.channel = VirtioConsole(channel_receive)
-        self.virtio: list[VirtioMmio] = []
-        self._attach_virtio(self.channel, memory)
-        self._ports = _PortTable()
-        self._wire_ports()
+        build.attach_cmos(self.cmos)
+        build.bus.attach(layout.PORT_KEYBOARD_COMMAND, lambda offset: 0xFF, self._keyboard_controller_command)
+        build.bus.attach(layout.PORT_SYSTEM_CONTROL_A, lambda offset: 0x02, self._system_control_a)
+        self.channel = HostStream(channel_receive)
+        build.attach_virtio(VirtioConsole(self.channel))
+        self.virtio = build.virtio
+        self._build = build
         self.halted = False
         self._calls: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
@@ -106,52 +137,20 @@ class CoMachine:
         self.cpu_cap = 1.0  # share of one host core the guest may use, enforced per slice
 
     # --- wiring -----------------------------------------------------------------------------------------
-    def _attach_virtio(self, device: VirtioConsole, memory: _DmaMemory) -> None:
-        slot = len(self.virtio)
-        transport = VirtioMmio(device, IrqLine(self.pic, layout.VIRTIO_IRQS[slot]), memory)
-        self.cpu.map_mmio(layout.virtio_slot_base(slot), layout.VIRTIO_MMIO_SIZE, transport.read, transport.write)
-        self.virtio.append(transport)
-
     def virtio_cmdline(self) -> str:
-        return " ".join(
-            f"virtio_mmio.device=4K@{layout.virtio_slot_base(i):#x}:{layout.VIRTIO_IRQS[i]}"
-            for i in range(len(self.virtio))
-        )
+        return self._build.kernel_cmdline()
 
-    def _wire_ports(self) -> None:
-        pic, pit, cmos, uart = self.pic, self.pit, self.cmos, self.uart
-        self._ports.add((0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1), pic.read_port, pic.write_port)
-        self._ports.add((0x40, 0x41, 0x42, 0x43, 0x61), pit.read_port, pit.write_port)
-        self._ports.add((0x70, 0x71), cmos.read_port, cmos.write_port)
-        base = layout.PORT_COM1
-        self._ports.add(range(base, base + 8), lambda p: uart.read_port(p - base),
-                        lambda p, v: uart.write_port(p - base, v))
-        self._ports.add((0x64,), lambda p: 0xFF, self._keyboard_controller_command)
-        self._ports.add((0x92,), lambda p: 0x02, self._system_control_a)
-
-    def _keyboard_controller_command(self, port: int, value: int) -> None:
+    def _keyboard_controller_command(self, offset: int, value: int) -> None:
         if value == 0xFE:  # pulse the reset line: how Linux reboots a PC without ACPI
             self._request_reset()
 
-    def _system_control_a(self, port: int, value: int) -> None:
+    def _system_control_a(self, offset: int, value: int) -> None:
         if value & 1:  # fast reset
             self._request_reset()
 
     def _request_reset(self) -> None:
         self._reset_requested = True
         self.cpu.request_stop()
-
-    # PortBus, called from the CPU's I/O hooks.
-    def port_read(self, port: int, size: int) -> int:
-        reader = self._ports.readers.get(port)
-        if reader is None:
-            return (1 << (8 * size)) - 1  # nothing there: the bus floats high
-        return reader(port)
-
-    def port_write(self, port: int, size: int, value: int) -> None:
-        writer = self._ports.writers.get(port)
-        if writer is not None:
-            writer(port, value)
 
     def _on_console_output(self, data: bytes) -> None:
         tail = self.console_tail
@@ -251,41 +250,44 @@ class CoMachine:
     # --- snapshots ---------------------------------------------------------------------------------------
     def get_state(self) -> dict:
         """The whole machine as plain data (call only while it is not running)."""
-        return {
-            "config": {"mem_mib": self.config.mem_mib, "cmdline_extra": self.config.cmdline_extra},
-            "cpu": self.cpu.get_state(),
-            "ram": encode_ram(self.ram.view),
-            "clock": self.clock.get_state(),
-            "halted": self.halted,
-            "devices": {
-                "pic": self.pic.get_state(),
-                "pit": self.pit.get_state(),
-                "uart": self.uart.get_state(),
-                "cmos": self.cmos.get_state(),
-                "virtio": [t.get_state() for t in self.virtio],
-                "channel": self.channel.get_state(),
-            },
-        }
+        config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra))
+        devices = DevicesState(self.pic.get_state(), self.pit.get_state(), self.uart.get_state(),
+                               self.cmos.get_state(), tuple(t.get_state() for t in self.virtio),
+                               self.channel.get_state())
+        return state.dump(MachineState(config, self.cpu.get_state(), encode_ram(self.ram.view),
+                                       self.clock.get_state(), self.halted, devices))
 
-    def set_state(self, state: dict) -> None:
-        """Continue from :meth:`get_state` output, in a machine built with the same config."""
-        decode_ram(state["ram"], self.ram.view)
-        self.cpu.set_state(state["cpu"])
-        self.clock.set_state(state["clock"])
-        self.halted = bool(state["halted"])
-        devices = state["devices"]
-        self.pic.set_state(devices["pic"])
-        self.pit.set_state(devices["pit"])
-        self.uart.set_state(devices["uart"])
-        self.cmos.set_state(devices["cmos"])
-        for transport, saved in zip(self.virtio, devices["virtio"], strict=True):
-            transport.set_state(saved)
-        self.channel.set_state(devices["channel"], self.virtio[0])
+    def set_state(self, data: dict) -> None:
+        """Continue from :meth:`get_state` output, in a freshly built machine of the same config.
+
+        Bad content raises SnapshotError only; the machine is then unusable (build a new one).
+        """
+        saved = state.load(MachineState, data)
+        if self.config_from_state(data) != self.config:
+            raise SnapshotError("snapshot is of a machine with another configuration than this one")
+        if len(saved.devices.virtio) != len(self.virtio):
+            raise SnapshotError(f"snapshot has {len(saved.devices.virtio)} virtio devices; this machine has "
+                                f"{len(self.virtio)}")
+        decode_ram(saved.ram, self.ram.view)
+        self.cpu.set_state(saved.cpu)
+        self.clock.set_state(saved.clock)
+        self.halted = saved.halted
+        devices = saved.devices
+        self.pic.set_state(devices.pic)
+        self.pit.set_state(devices.pit)
+        self.uart.set_state(devices.uart)
+        self.cmos.set_state(devices.cmos)
+        self.channel.set_state(devices.channel)  # backends before transports: activation may move bytes
+        for transport, transport_state in zip(self.virtio, devices.virtio):
+            transport.set_state(transport_state)
 
     @staticmethod
-    def config_from_state(state: dict) -> MachineConfig:
-        config = state["config"]
-        return MachineConfig(mem_mib=int(config["mem_mib"]), cmdline_extra=str(config["cmdline_extra"]))
+    def config_from_state(data: dict) -> MachineConfig:
+        """The configuration to build a machine with for :meth:`set_state`; raise SnapshotError if invalid."""
+        if not isinstance(data, dict):
+            raise SnapshotError("snapshot machine state is not a map; the file is damaged")
+        config = state.load(ConfigState, data.get("config"))
+        return MachineConfig(mem_mib=config.mem_mib, cmdline_extra=config.cmdline_extra)
 
     def _explain(self, message: str) -> str:
         panic = self.panic_message()

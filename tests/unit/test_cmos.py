@@ -1,6 +1,7 @@
 import calendar
 
-from conode.vm.cmos import Cmos
+from conode.vm.devices.legacy.cmos import Cmos
+from parts import inp, out
 
 
 def test_rtc_reports_bcd_time_advancing_with_guest_clock():
@@ -9,8 +10,8 @@ def test_rtc_reports_bcd_time_advancing_with_guest_clock():
     cmos = Cmos(lambda: now[0], epoch_s=epoch)
 
     def reg(index):
-        cmos.write_port(0x70, index)
-        return cmos.read_port(0x71)
+        out(cmos, 0x70, index)
+        return inp(cmos, 0x71)
 
     assert (reg(0x04), reg(0x02), reg(0x00)) == (0x10, 0x59, 0x58)
     assert (reg(0x09), reg(0x08), reg(0x07), reg(0x32)) == (0x26, 0x11, 0x21, 0x20)
@@ -21,9 +22,9 @@ def test_rtc_reports_bcd_time_advancing_with_guest_clock():
 
 def test_cmos_ram_roundtrip():
     cmos = Cmos(lambda: 0, epoch_s=0)
-    cmos.write_port(0x70, 0x40)
-    cmos.write_port(0x71, 0x99)
+    out(cmos, 0x70, 0x40)
+    out(cmos, 0x71, 0x99)
     copy = Cmos(lambda: 0, epoch_s=1)
     copy.set_state(cmos.get_state())
-    copy.write_port(0x70, 0x40)
-    assert copy.read_port(0x71) == 0x99 and copy.epoch_s == 0
+    out(copy, 0x70, 0x40)
+    assert inp(copy, 0x71) == 0x99 and copy.epoch_s == 0

@@ -5,7 +5,7 @@ import struct
 import pytest
 from unicorn import x86_const as x86
 
-from conode.vm.cpu import GuestRam, StopReason, UnicornCpu, engine_has_native_interrupts
+from conode.vm.cpu.unicorn_cpu import GuestRam, StopReason, UnicornCpu, engine_has_native_interrupts
 
 # At address 0:  mov $3,%ecx
 #         loop:  movb %cl, patched+1      (rewrites the immediate of the next instruction)

@@ -6,7 +6,7 @@ import pytest
 from unicorn import x86_const as x86
 
 from conode.errors import GuestCrashed
-from conode.vm.cpu import GuestRam, StopReason, UnicornCpu, cpuid_leaf
+from conode.vm.cpu.unicorn_cpu import GuestRam, StopReason, UnicornCpu, cpuid_leaf
 
 # Kernel code at 0x6000 (assembled with `as --32`; source in the comments):
 #   entry:  mov $0x10,%ax; mov %ax,%ds; mov %ax,%es; mov %ax,%ss; mov $0x9000,%esp

@@ -1,5 +1,7 @@
-from conode.vm.pic import IrqLine, PicPair
-from conode.vm.pit import PIT_HZ, Pit
+from conode.vm.devices.irq import IrqLine
+from conode.vm.devices.legacy.pic import PicPair
+from conode.vm.devices.legacy.pit import PIT_HZ, Pit
+from parts import inp, out
 
 
 class Clock:
@@ -13,14 +15,14 @@ class Clock:
 def make_pit():
     clock = Clock()
     pic = PicPair()
-    pic.write_port(0x21, 0x00)  # unmask
+    out(pic, 0x21, 0x00)  # unmask
     return Pit(IrqLine(pic, 0), clock), pic, clock
 
 
 def program_periodic(pit: Pit, count: int) -> None:
-    pit.write_port(0x43, 0x34)  # channel 0, lo/hi, mode 2
-    pit.write_port(0x40, count & 0xFF)
-    pit.write_port(0x40, count >> 8)
+    out(pit, 0x43, 0x34)  # channel 0, lo/hi, mode 2
+    out(pit, 0x40, count & 0xFF)
+    out(pit, 0x40, count >> 8)
 
 
 def test_periodic_tick_at_100_hz():
@@ -49,21 +51,21 @@ def test_latched_count_reads_low_then_high():
     pit, _, clock = make_pit()
     program_periodic(pit, 10000)
     clock.ns = -(-1_000_000_000 * 1000 // PIT_HZ)  # 1000 input ticks later
-    pit.write_port(0x43, 0x00)  # latch channel 0
+    out(pit, 0x43, 0x00)  # latch channel 0
     clock.ns *= 3  # the latched value must not move
-    low, high = pit.read_port(0x40), pit.read_port(0x40)
+    low, high = inp(pit, 0x40), inp(pit, 0x40)
     assert (high << 8 | low) == 9000
 
 
 def test_channel2_output_via_port_61():
     pit, _, clock = make_pit()
-    pit.write_port(0x61, 0x01)
-    pit.write_port(0x43, 0xB0)  # channel 2, lo/hi, mode 0
-    pit.write_port(0x42, 100)
-    pit.write_port(0x42, 0)
-    assert not pit.read_port(0x61) & 0x20
+    out(pit, 0x61, 0x01)
+    out(pit, 0x43, 0xB0)  # channel 2, lo/hi, mode 0
+    out(pit, 0x42, 100)
+    out(pit, 0x42, 0)
+    assert not inp(pit, 0x61) & 0x20
     clock.ns = 200 * 1_000_000_000 // PIT_HZ
-    assert pit.read_port(0x61) & 0x20
+    assert inp(pit, 0x61) & 0x20
 
 
 def test_state_roundtrip_keeps_schedule():

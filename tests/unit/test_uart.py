@@ -1,10 +1,12 @@
-from conode.vm.pic import IrqLine, PicPair
-from conode.vm.uart import Uart16550
+from conode.vm.devices.irq import IrqLine
+from conode.vm.devices.legacy.pic import PicPair
+from conode.vm.devices.legacy.uart import Uart16550
+from parts import out as port_out
 
 
 def make():
     pic = PicPair()
-    pic.write_port(0x21, 0x00)
+    port_out(pic, 0x21, 0x00)
     out = bytearray()
     return Uart16550(IrqLine(pic, 4), out.extend), pic, out
 

@@ -1,28 +1,17 @@
 import struct
 
-from conode.vm.pic import IrqLine, PicPair
-from conode.vm.virtio_console import VirtioConsole
-from conode.vm.virtio_mmio import (REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL, REG_INTERRUPT_ACK,
-                                   REG_INTERRUPT_STATUS, REG_MAGIC, REG_QUEUE_DESC_LOW, REG_QUEUE_DEVICE_LOW,
-                                   REG_QUEUE_DRIVER_LOW, REG_QUEUE_NOTIFY, REG_QUEUE_NUM, REG_QUEUE_READY,
-                                   REG_QUEUE_SEL, REG_STATUS, REG_VERSION, VirtioMmio)
+import pytest
 
-
-class Ram:
-    """Guest memory as a plain byte array."""
-
-    def __init__(self, size: int) -> None:
-        self.data = bytearray(size)
-
-    def read(self, address: int, length: int) -> bytes:
-        return bytes(self.data[address:address + length])
-
-    def write(self, address: int, data: bytes) -> None:
-        self.data[address:address + len(data)] = data
-
+from conode.vm.devices.irq import IrqLine
+from conode.vm.devices.legacy.pic import PicPair
+from conode.vm.devices.virtio.console import VirtioConsole
+from conode.vm.devices.virtio.host_stream import HostStream
+from conode.vm.devices.virtio.mmio import (REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS, REG_MAGIC, REG_QUEUE_NOTIFY,
+                                           REG_STATUS, REG_VERSION, VirtioMmio)
+from parts import RINGS, Ram, bring_up, out
 
 QSIZE = 8
-QUEUES = {0: (0x1000, 0x1100, 0x1200), 1: (0x2000, 0x2100, 0x2200)}
+QUEUES = dict(enumerate(RINGS))
 
 
 class Driver:
@@ -34,20 +23,8 @@ class Driver:
         self.next_desc = {0: 0, 1: 0}
 
     def bring_up(self) -> None:
-        t = self.t
-        t.write(REG_STATUS, 4, 1 | 2)
-        t.write(REG_DRIVER_FEATURES_SEL, 4, 1)
-        t.write(REG_DRIVER_FEATURES, 4, 1)  # VIRTIO_F_VERSION_1
-        t.write(REG_STATUS, 4, 1 | 2 | 8)
-        assert t.read(REG_STATUS, 4) & 8
-        for q, (desc, avail, used) in QUEUES.items():
-            t.write(REG_QUEUE_SEL, 4, q)
-            t.write(REG_QUEUE_NUM, 4, QSIZE)
-            t.write(REG_QUEUE_DESC_LOW, 4, desc)
-            t.write(REG_QUEUE_DRIVER_LOW, 4, avail)
-            t.write(REG_QUEUE_DEVICE_LOW, 4, used)
-            t.write(REG_QUEUE_READY, 4, 1)
-        t.write(REG_STATUS, 4, 1 | 2 | 8 | 4)
+        bring_up(self.t, (QSIZE, QSIZE))
+        assert self.t.read(REG_STATUS, 4) == 15  # FEATURES_OK stuck, DRIVER_OK set
 
     def post(self, q: int, address: int, length: int, writable: bool) -> None:
         desc, avail, _ = QUEUES[q]
@@ -67,12 +44,12 @@ class Driver:
 
 def make():
     pic = PicPair()
-    pic.write_port(0x21, 0x00)
+    out(pic, 0x21, 0x00)
     received = bytearray()
-    device = VirtioConsole(received.extend)
+    stream = HostStream(received.extend)
     ram = Ram(1 << 16)
-    transport = VirtioMmio(device, IrqLine(pic, 5), ram)
-    return transport, device, ram, pic, received
+    transport = VirtioMmio(VirtioConsole(stream), IrqLine(pic, 5), ram)
+    return transport, stream, ram, pic, received
 
 
 def test_identity_registers():
@@ -81,11 +58,11 @@ def test_identity_registers():
 
 
 def test_guest_to_host_bytes_and_interrupt():
-    transport, device, ram, pic, received = make()
+    transport, stream, ram, pic, received = make()
     driver = Driver(transport, ram)
     driver.bring_up()
-    ram.write(0x8000, b"hello")
-    driver.post(1, 0x8000, 5, writable=False)
+    ram.write(0xB000, b"hello")
+    driver.post(1, 0xB000, 5, writable=False)
     transport.write(REG_QUEUE_NOTIFY, 4, 1)
     assert received == b"hello"
     assert driver.used(1) == [(0, 0)]
@@ -95,17 +72,17 @@ def test_guest_to_host_bytes_and_interrupt():
 
 
 def test_host_to_guest_waits_for_buffers_and_splits():
-    transport, device, ram, pic, _ = make()
+    transport, stream, ram, pic, _ = make()
     driver = Driver(transport, ram)
     driver.bring_up()
-    device.send(b"0123456789")
-    assert device.backlog == 10  # no receive buffer yet
-    driver.post(0, 0x9000, 4, writable=True)
+    stream.send(b"0123456789")
+    assert stream.backlog == 10  # no receive buffer yet
+    driver.post(0, 0xC000, 4, writable=True)
     transport.write(REG_QUEUE_NOTIFY, 4, 0)
-    assert ram.read(0x9000, 4) == b"0123" and device.backlog == 6
-    driver.post(0, 0xA000, 64, writable=True)
+    assert ram.read(0xC000, 4) == b"0123" and stream.backlog == 6
+    driver.post(0, 0xD000, 64, writable=True)
     transport.write(REG_QUEUE_NOTIFY, 4, 0)
-    assert ram.read(0xA000, 6) == b"456789" and driver.used(0) == [(0, 4), (1, 6)]
+    assert ram.read(0xD000, 6) == b"456789" and driver.used(0) == [(0, 4), (1, 6)]
 
 
 def test_driver_without_version_1_is_refused():
@@ -116,17 +93,31 @@ def test_driver_without_version_1_is_refused():
 
 
 def test_transport_state_roundtrip_keeps_queue_positions():
-    transport, device, ram, _, _ = make()
+    transport, stream, ram, _, _ = make()
     driver = Driver(transport, ram)
     driver.bring_up()
-    ram.write(0x8000, b"x")
-    driver.post(1, 0x8000, 1, writable=False)
+    ram.write(0xB000, b"x")
+    driver.post(1, 0xB000, 1, writable=False)
     transport.write(REG_QUEUE_NOTIFY, 4, 1)
-    other, other_device, _, _, got = make()
+    other, other_stream, _, _, got = make()
     other.memory = ram
+    other_stream.set_state(stream.get_state())
     other.set_state(transport.get_state())
-    other_device.set_state(device.get_state(), other)
-    ram.write(0x8100, b"y")
-    driver.post(1, 0x8100, 1, writable=False)
+    ram.write(0xB100, b"y")
+    driver.post(1, 0xB100, 1, writable=False)
     other.write(REG_QUEUE_NOTIFY, 4, 1)
     assert got == b"y"
+
+
+def test_host_channel_backlog_is_bounded():
+    from conode.errors import ConodeError
+    from conode.vm.devices.virtio.host_stream import MAX_PENDING_BYTES
+
+    stream = HostStream(lambda data: None)
+    stream.send(bytes(MAX_PENDING_BYTES - 10))
+    with pytest.raises(ConodeError, match="not reading its host channel"):
+        stream.send(bytes(11))
+    assert stream.backlog == MAX_PENDING_BYTES - 10
+    stream.take(100)
+    stream.send(bytes(11))
+    assert stream.backlog == MAX_PENDING_BYTES - 99

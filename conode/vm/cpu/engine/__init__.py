@@ -32,7 +32,7 @@ class EngineChoice:
 
 
 def patch_files() -> list[tuple[str, bytes]]:
-    folder = resources.files("conode.vm.engine").joinpath("patches")
+    folder = resources.files("conode.vm.cpu.engine").joinpath("patches")
     return sorted((p.name, p.read_bytes()) for p in folder.iterdir() if p.name.endswith(".patch"))
 
 

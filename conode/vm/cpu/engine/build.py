@@ -2,7 +2,7 @@
 
 Everything comes from the package registry (``pip download`` of the sdist) and the host's C toolchain
 (cc, cmake, make); nothing else is downloaded. The result, ``libunicorn.so.2``, goes to the engine directory
-in the user's cache, where :mod:`conode.vm.engine` finds it. The patches (``patches/``), each small and
+in the user's cache, where :mod:`conode.vm.cpu.engine` finds it. The patches (``patches/``), each small and
 explained in its own file:
 
 - ``0001-code-page-tracking``: only pages that hold translated code make stores take the slow,
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from conode.errors import EngineError
-from conode.vm.engine import LIBRARY, UNICORN_VERSION, engine_dir, patch_files
+from conode.vm.cpu.engine import LIBRARY, UNICORN_VERSION, engine_dir, patch_files
 
 REQUIRED_TOOLS = ("cmake", "make")
 

@@ -1,4 +1,4 @@
-"""The CMOS RTC (MC146818) at ports 0x70/0x71: wall-clock time for the guest at boot.
+"""The CMOS RTC (MC146818), an index port (offset 0) and a data port (offset 1): wall-clock time at boot.
 
 The guest reads the date once at boot and then keeps time itself; the RTC's wall clock is derived from
 the virtual clock, so a restored guest sees the time continue from its snapshot rather than jump.
@@ -7,15 +7,32 @@ the virtual clock, so a restored guest sees the time continue from its snapshot 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
-NS_PER_S = 1_000_000_000
+from conode.vm import state
+from conode.vm.clock import NS_PER_S
+from conode.vm.state import blob, bounded
+
 
 REG_SECONDS, REG_MINUTES, REG_HOURS = 0x00, 0x02, 0x04
 REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR = 0x06, 0x07, 0x08, 0x09
 REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
 REG_CENTURY = 0x32
 REG_B_24H, REG_B_BINARY = 0x02, 0x04
+SIZE = 128
+INDEX = 0  # the index port's offset; the data port follows it
+EPOCH_MAX_S = 1 << 40  # a wall clock far beyond any real date, still within what gmtime() can render
+
+
+@dataclass(frozen=True)
+class CmosState(state.Record):
+    KIND = "CMOS"
+    VERSION = 1
+
+    epoch_s: int = bounded(0, EPOCH_MAX_S)
+    index: int = bounded(0, SIZE - 1)
+    ram: bytes = blob(exact=SIZE)
 
 
 def _bcd(value: int) -> int:
@@ -30,7 +47,7 @@ class Cmos:
         # Wall-clock seconds at guest time zero.
         self.epoch_s = int(time.time()) if epoch_s is None else epoch_s
         self.index = 0
-        self.ram = bytearray(128)
+        self.ram = bytearray(SIZE)
         self.ram[REG_B] = REG_B_24H
         self.ram[REG_D] = 0x80  # battery good
 
@@ -46,8 +63,8 @@ class Cmos:
             return None
         return value if self.ram[REG_B] & REG_B_BINARY else _bcd(value)
 
-    def read_port(self, port: int) -> int:
-        if port == 0x70:
+    def read_port(self, offset: int) -> int:
+        if offset == INDEX:
             return self.index
         reg = self.index
         if reg == REG_A:
@@ -57,16 +74,17 @@ class Cmos:
         value = self._time_register(reg)
         return self.ram[reg] if value is None else value
 
-    def write_port(self, port: int, value: int) -> None:
-        if port == 0x70:
+    def write_port(self, offset: int, value: int) -> None:
+        if offset == INDEX:
             self.index = value & 0x7F  # bit 7 is the NMI mask
         elif self.index not in (REG_C, REG_D):
             self.ram[self.index] = value & 0xFF
 
     def get_state(self) -> dict:
-        return {"epoch_s": self.epoch_s, "index": self.index, "ram": bytes(self.ram)}
+        return state.dump(CmosState(self.epoch_s, self.index, bytes(self.ram)))
 
-    def set_state(self, state: dict) -> None:
-        self.epoch_s = state["epoch_s"]
-        self.index = state["index"]
-        self.ram[:] = state["ram"]
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
+        saved = state.load(CmosState, data)
+        self.epoch_s, self.index = saved.epoch_s, saved.index
+        self.ram[:] = saved.ram

@@ -16,6 +16,7 @@ from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uclib
 
 from conode.errors import EngineError
+from conode.vm.cpu.engine import UNICORN_VERSION
 
 CONTEXT_SIZE = 5608
 HEADER = 40  # uc_context's own fields (size, mode, arch, snapshot bookkeeping) precede CPUX86State
@@ -58,7 +59,7 @@ class CpuContext:
         self._pointer = saved.context
         if saved.size != CONTEXT_SIZE:
             raise EngineError(f"Unicorn's CPU context is {saved.size} bytes; conode was validated on "
-                              f"{CONTEXT_SIZE} (unicorn 2.1.4)")
+                              f"{CONTEXT_SIZE} (unicorn {UNICORN_VERSION})")
         self.view = memoryview((ctypes.c_char * saved.size).from_address(saved.context.value)).cast("B")
 
     def save(self) -> None:
@@ -114,4 +115,4 @@ def verify_layout(uc: object, context: CpuContext) -> None:
         uc.reg_write(x86.UC_X86_REG_IDTR, idtr)  # type: ignore[attr-defined]
     if not ok:
         raise EngineError("Unicorn's internal CPU layout is not the one conode was validated on; "
-                          "install unicorn==2.1.4")
+                          f"install unicorn=={UNICORN_VERSION}")

@@ -1,4 +1,4 @@
-"""The 8259A programmable interrupt controller pair (master at 0x20, slave at 0xA0, cascaded on IRQ 2).
+"""The 8259A programmable interrupt controller pair: a master and a slave cascaded on the master's IRQ 2.
 
 Only what Linux's i8259 driver uses: ICW1-4 initialisation, the mask register, specific and non-specific EOI,
 reading IRR/ISR through OCW3, edge and level triggering (ELCR). Priorities are fixed (no rotation), as Linux
@@ -7,7 +7,36 @@ never rotates them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
+
+from conode.vm import layout, state
+from conode.vm.state import one_of, uint
+
+
+@dataclass(frozen=True)
+class ChipState:
+    """What one 8259A holds that the guest can observe."""
+
+    irr: int = uint(8)
+    isr: int = uint(8)
+    imr: int = uint(8)
+    level: int = uint(8)
+    elcr: int = uint(8)
+    vector_base: int = one_of(*range(0, 256, 8))
+    read_isr: bool
+    init_step: int = one_of(0, 2, 3, 4)
+    expect_icw4: bool
+    auto_eoi: bool
+
+
+@dataclass(frozen=True)
+class PicState(state.Record):
+    KIND = "PIC"
+    VERSION = 1
+
+    master: ChipState
+    slave: ChipState
 
 
 class _Chip:
@@ -19,7 +48,7 @@ class _Chip:
         self.imr = 0xFF  # masked lines (all masked at reset)
         self.level = 0  # current input levels, for edge detection
         self.elcr = 0  # 1 = level-triggered line
-        self.vector_base = 0x08
+        self.vector_base = layout.VECTOR_PIC_RESET
         self.read_isr = False  # OCW3 selects ISR (else IRR) for reads of the command port
         self.init_step = 0  # 0 = initialised; 2..4 = expecting ICW2..ICW4
         self.expect_icw4 = False
@@ -93,21 +122,9 @@ class _Chip:
     def read_command(self) -> int:
         return self.isr if self.read_isr else self.irr
 
-    _STATE = ("irr", "isr", "imr", "level", "elcr", "vector_base", "read_isr", "init_step", "expect_icw4",
-              "auto_eoi")
-
-    def get_state(self) -> dict:
-        return {name: getattr(self, name) for name in self._STATE}
-
-    def set_state(self, state: dict) -> None:
-        for name in self._STATE:
-            setattr(self, name, state[name])
-
 
 class PicPair:
     """Master and slave 8259A; *on_output* gets the INTR level after every change that may alter it."""
-
-    CASCADE_LINE = 2
 
     def __init__(self, on_output: Callable[[bool], None] = lambda level: None) -> None:
         self.master = _Chip()
@@ -125,7 +142,7 @@ class PicPair:
 
     def _update_cascade(self) -> None:
         # The cascade input behaves as level-triggered: the master keeps requesting while the slave does.
-        bit = 1 << self.CASCADE_LINE
+        bit = 1 << layout.IRQ_CASCADE
         if self.slave.highest_pending() is not None:
             self.master.irr |= bit
         else:
@@ -146,7 +163,7 @@ class PicPair:
         if line is None:  # the request went away: a spurious IRQ 7, as on hardware
             return self.master.vector_base | 7
         self.master.acknowledge(line)
-        if line != self.CASCADE_LINE:
+        if line != layout.IRQ_CASCADE:
             return self.master.vector_base | line
         slave_line = self.slave.highest_pending()
         if slave_line is None:
@@ -156,22 +173,31 @@ class PicPair:
         self._update_cascade()
         return self.slave.vector_base | slave_line
 
-    # --- ports ------------------------------------------------------------------------------------------------
-    def _chip(self, port: int) -> _Chip:
-        return self.master if port < 0x80 else self.slave
+    # --- ports: each chip decodes offset 0 (command) and 1 (data); ELCR offset 0 (master) and 1 (slave) ----
+    def read_master(self, offset: int) -> int:
+        return self._read_chip(self.master, offset)
 
-    def read_port(self, port: int) -> int:
-        if port in (0x4D0, 0x4D1):
-            return (self.master if port == 0x4D0 else self.slave).elcr
-        chip = self._chip(port)
-        return chip.imr if port & 1 else chip.read_command()
+    def write_master(self, offset: int, value: int) -> None:
+        self._write_chip(self.master, offset, value)
 
-    def write_port(self, port: int, value: int) -> None:
-        if port in (0x4D0, 0x4D1):
-            (self.master if port == 0x4D0 else self.slave).elcr = value & 0xFF
-            return
-        chip = self._chip(port)
-        if port & 1:
+    def read_slave(self, offset: int) -> int:
+        return self._read_chip(self.slave, offset)
+
+    def write_slave(self, offset: int, value: int) -> None:
+        self._write_chip(self.slave, offset, value)
+
+    def read_elcr(self, offset: int) -> int:
+        return (self.slave if offset else self.master).elcr
+
+    def write_elcr(self, offset: int, value: int) -> None:
+        (self.slave if offset else self.master).elcr = value & 0xFF
+
+    @staticmethod
+    def _read_chip(chip: _Chip, offset: int) -> int:
+        return chip.imr if offset else chip.read_command()
+
+    def _write_chip(self, chip: _Chip, offset: int, value: int) -> None:
+        if offset:
             chip.write_data(value & 0xFF)
         else:
             chip.write_command(value & 0xFF)
@@ -181,29 +207,11 @@ class PicPair:
 
     # --- snapshots --------------------------------------------------------------------------------------------
     def get_state(self) -> dict:
-        return {"master": self.master.get_state(), "slave": self.slave.get_state()}
+        return state.dump(PicState(state.capture(ChipState, self.master), state.capture(ChipState, self.slave)))
 
-    def set_state(self, state: dict) -> None:
-        self.master.set_state(state["master"])
-        self.slave.set_state(state["slave"])
-        self._on_output(self.has_interrupt())
-
-
-class IrqLine:
-    """One interrupt input of the PIC pair, the only thing a device gets to signal interrupts."""
-
-    def __init__(self, pic: PicPair, irq: int) -> None:
-        self._pic = pic
-        self.irq = irq
-        self.level = False
-
-    def set(self, level: bool) -> None:
-        if level != self.level:
-            self.level = level
-            self._pic.set_irq(self.irq, level)
-
-    def pulse(self) -> None:
-        """An edge: what a PIT tick is to the PIC."""
-        self.set(False)
-        self.set(True)
-        self.set(False)
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
+        saved = state.load(PicState, data)
+        state.assign(saved.master, self.master)
+        state.assign(saved.slave, self.slave)
+        self._on_output(self.has_interrupt())  # the INTR line is derived: recompute it

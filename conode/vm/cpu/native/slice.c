@@ -22,7 +22,7 @@ enum slice_stop {
     SLICE_IRQ_WINDOW = 3,
 };
 
-/* Shared with Python through ctypes: keep in step with conode/vm/slicer.py. */
+/* Shared with Python through ctypes: keep in step with conode/vm/cpu/slicer.py. */
 struct conode_slice {
     int64_t deadline_ns;    /* CLOCK_MONOTONIC; the slice ends at the first block boundary after it */
     int32_t stop_request;   /* set from any thread: end the slice at the next block boundary */

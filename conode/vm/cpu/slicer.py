@@ -69,7 +69,7 @@ def _unicorn_dirs() -> tuple[Path, Path]:
 
 def build_native_slicer() -> Path:
     """Compile native/slice.c (once per source and Unicorn version) and return the library's path."""
-    source = resources.files("conode.vm").joinpath("native/slice.c").read_bytes()
+    source = resources.files("conode.vm.cpu").joinpath("native/slice.c").read_bytes()
     include, libdir = _unicorn_dirs()
     import unicorn
 

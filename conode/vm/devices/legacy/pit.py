@@ -1,19 +1,48 @@
 """The 8254 programmable interval timer, driven by the virtual clock.
 
 Channel 0 drives IRQ 0 (the guest's periodic tick and, read back, its clocksource); channel 2 is gated and
-read through system control port B (0x61). The counters are never stepped: their values and the next
+read through system control port B. The counters are never stepped: their values and the next
 interrupt are computed from guest time, so the timer costs nothing between events and survives snapshots as
 a handful of numbers.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
-from conode.vm.pic import IrqLine
+from conode.vm import state
+from conode.vm.clock import NS_PER_S
+from conode.vm.devices.irq import IrqLine
+from conode.vm.state import GUEST_NS_MAX, bounded, items, one_of, uint
 
 PIT_HZ = 1_193_182
-NS_PER_S = 1_000_000_000
+COMMAND = 3  # the mode/command register's offset
+CONTROL_B_OUT2 = 0x20  # system control port B: channel 2's output
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    mode: int = one_of(0, 1, 2, 3, 4, 5)
+    access: int = one_of(1, 2, 3)
+    reload: int = bounded(1, 0x10000)
+    start_ns: int = bounded(0, GUEST_NS_MAX)
+    armed: bool
+    write_low: int | None = uint(8)
+    read_high_next: bool
+    latched: int | None = uint(16)
+    latched_high_next: bool
+    fired: int = bounded(0, GUEST_NS_MAX)
+    gate: bool
+
+
+@dataclass(frozen=True)
+class PitState(state.Record):
+    KIND = "PIT"
+    VERSION = 1
+
+    channels: tuple[ChannelState, ...] = items(exact=3)
+    speaker: int = uint(2)
 
 
 class _Channel:
@@ -38,7 +67,7 @@ class _Channel:
             return 0
         elapsed = self.ticks(now_ns)
         if self.mode in (2, 3):
-            return self.reload - elapsed % self.reload
+            return (self.reload - elapsed % self.reload) & 0xFFFF  # a full 0x10000 count reads as 0
         return (self.reload - elapsed) & 0xFFFF
 
     def output(self, now_ns: int) -> bool:
@@ -53,16 +82,6 @@ class _Channel:
         """Guest time of the index-th terminal count (1-based) since the count was loaded."""
         return self.start_ns + -(-index * self.reload * NS_PER_S // PIT_HZ)
 
-    _STATE = ("mode", "access", "reload", "start_ns", "armed", "write_low", "read_high_next", "latched",
-              "latched_high_next", "fired", "gate")
-
-    def get_state(self) -> dict:
-        return {name: getattr(self, name) for name in self._STATE}
-
-    def set_state(self, state: dict) -> None:
-        for name in self._STATE:
-            setattr(self, name, state[name])
-
 
 class Pit:
     """An 8254 whose channel 0 output is wired to *irq*."""
@@ -71,7 +90,7 @@ class Pit:
         self._irq = irq
         self._now = now_ns
         self.channels = [_Channel(), _Channel(), _Channel()]
-        self.speaker = 0  # bits 0-1 of port 0x61
+        self.speaker = 0  # bits 0-1 of system control port B
 
     # --- time ----------------------------------------------------------------------------------------------
     def next_event_ns(self) -> int | None:
@@ -98,14 +117,19 @@ class Pit:
             ch.fired = 1
         self._irq.pulse()
 
-    # --- ports -------------------------------------------------------------------------------------------
-    def read_port(self, port: int) -> int:
-        if port == 0x61:
-            out2 = self.channels[2].output(self._now())
-            return self.speaker | (0x20 if out2 else 0)
-        ch = self.channels[port - 0x40] if port < 0x43 else None
-        if ch is None:
-            return 0xFF
+    # --- ports: offsets 0-2 are the channels, 3 the mode/command register; system control B apart -----------
+    def read_control_b(self, offset: int) -> int:
+        out2 = self.channels[2].output(self._now())
+        return self.speaker | (CONTROL_B_OUT2 if out2 else 0)
+
+    def write_control_b(self, offset: int, value: int) -> None:
+        self.speaker = value & 0x03
+        self.channels[2].gate = bool(value & 1)
+
+    def read_port(self, offset: int) -> int:
+        if offset == COMMAND:
+            return 0xFF  # write-only
+        ch = self.channels[offset]
         if ch.latched is not None:
             value = ch.latched
             if ch.access == 3 and not ch.latched_high_next:
@@ -122,16 +146,12 @@ class Pit:
         ch.read_high_next = not ch.read_high_next
         return value & 0xFF if ch.read_high_next else (value >> 8) & 0xFF
 
-    def write_port(self, port: int, value: int) -> None:
+    def write_port(self, offset: int, value: int) -> None:
         value &= 0xFF
-        if port == 0x61:
-            self.speaker = value & 0x03
-            self.channels[2].gate = bool(value & 1)
-            return
-        if port == 0x43:
+        if offset == COMMAND:
             self._command(value)
             return
-        ch = self.channels[port - 0x40]
+        ch = self.channels[offset]
         if ch.access == 1:
             self._load(ch, value)
         elif ch.access == 2:
@@ -173,9 +193,11 @@ class Pit:
 
     # --- snapshots --------------------------------------------------------------------------------------------
     def get_state(self) -> dict:
-        return {"channels": [c.get_state() for c in self.channels], "speaker": self.speaker}
+        return state.dump(PitState(tuple(state.capture(ChannelState, c) for c in self.channels), self.speaker))
 
-    def set_state(self, state: dict) -> None:
-        for ch, s in zip(self.channels, state["channels"]):
-            ch.set_state(s)
-        self.speaker = state["speaker"]
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
+        saved = state.load(PitState, data)
+        for channel, channel_state in zip(self.channels, saved.channels):
+            state.assign(channel_state, channel)
+        self.speaker = saved.speaker

@@ -1,9 +1,9 @@
-"""The emulated i386 CPU: the only module that knows Unicorn.
+"""The emulated i386 CPU: with the modules beside it (context, passage, slicer), all that knows Unicorn.
 
-Unicorn is a CPU, not a PC: it never delivers an exception or an interrupt through the guest's IDT. This
-module therefore contains *the passage*, the host-side delivery of exceptions and interrupts, and offers the
-rest of the machine a small interface: run a slice until a deadline, deliver an interrupt vector, read and
-write the whole CPU state for snapshots, and route port I/O and MMIO to the devices.
+Unicorn is a CPU, not a PC: stock Unicorn never delivers an exception or an interrupt through the guest's IDT,
+so on it :mod:`conode.vm.cpu.passage` does, from Unicorn's hooks. This module offers the rest of the machine a
+small interface: run a slice until a deadline, deliver an interrupt vector, read and write the whole CPU
+state for snapshots, and route port I/O and MMIO to the devices.
 
 Guest RAM is host memory mapped into Unicorn (``mem_map_ptr``), so the passage and the devices read guest
 memory through a ``memoryview`` without crossing into the library.
@@ -16,6 +16,7 @@ import enum
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import unicorn
@@ -23,30 +24,30 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uclib
 
-from conode.errors import EngineError, GuestCrashed
-from conode.vm import _uc_context as ctx_layout
-from conode.vm._uc_context import CpuContext, verify_layout
-from conode.vm.slicer import SLICE_DEADLINE, SLICE_IRQ_WINDOW, SLICE_REQUEST, SLICE_RUNNING, Slicer
-
-SUPPORTED_UNICORN = "2.1.4"
-
-_VEC_DE, _VEC_UD, _VEC_DF, _VEC_GP, _VEC_PF = 0, 6, 8, 13, 14
-_HAS_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17})
-# Faults after which QEMU marks an exception in flight (contributory faults, #PF, #DF).
-_MARKS_IN_FLIGHT = frozenset({0, 8, 10, 11, 12, 13, 14})
-_SOFTWARE_VECTORS_BELOW_32 = frozenset({3, 4})  # int3 and into: trap-like, EIP already past them
+from conode.errors import EngineError, GuestCrashed, SnapshotError
+from conode.vm import state
+from conode.vm.cpu import context as ctx_layout
+from conode.vm.cpu.context import CpuContext, verify_layout
+from conode.vm.cpu.engine import UNICORN_VERSION
+from conode.vm.cpu.passage import Passage
+from conode.vm.cpu.slicer import SLICE_DEADLINE, SLICE_IRQ_WINDOW, SLICE_REQUEST, SLICE_RUNNING, Slicer
+from conode.vm.state import blob
 
 _EFLAGS_IF = 1 << 9
-_EFLAGS_CLEARED_ON_DELIVERY = (1 << 8) | (1 << 14) | (1 << 16) | (1 << 17)  # TF, NT, RF, VM
-_CR0_PG = 1 << 31
-_CR4_PSE = 1 << 4
-
 _U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_GATE = struct.Struct("<II")  # an IDT gate or a GDT descriptor: low and high doublewords
-_TSS_STACK0 = struct.Struct("<II")  # ESP0, SS0 at offset 4 of a 32-bit TSS
-_DESC_B = 1 << 22  # 32-bit segment
-_DESC_G = 1 << 23  # limit in pages
+
+def _context_layout() -> str:
+    """What the saved context blob's layout depends on: the Unicorn release (both engines share it)."""
+    return f"unicorn-{unicorn.__version__}"
+
+
+@dataclass(frozen=True)
+class CpuState(state.Record):
+    KIND = "CPU"
+    VERSION = 1
+
+    layout: str = blob(max_len=64)
+    context: bytes = blob(exact=ctx_layout.CONTEXT_SIZE - ctx_layout.HEADER)
 
 
 class StopReason(enum.Enum):
@@ -100,7 +101,7 @@ class _TableRegister(ctypes.Structure):
                 ("flags", ctypes.c_uint32)]
 
 
-class _Registers:
+class Registers:
     """Register access through Unicorn's C API directly: the binding's generic path costs 2-15 µs a call,
     which the passage cannot afford (it needs a dozen per trap)."""
 
@@ -158,16 +159,16 @@ def engine_has_native_interrupts() -> bool:
 class UnicornCpu:
     """An i386 CPU on Unicorn with host-side exception and interrupt delivery.
 
-    With conode's engine (conode/vm/engine) the delivery happens in C, in QEMU's own code, and external
+    With conode's engine (conode/vm/cpu/engine) the delivery happens in C, in QEMU's own code, and external
     interrupts come from a line the PIC drives (:meth:`set_irq_line`), acknowledged through a callback; the
-    Python passage below then only serves stock Unicorn.
+    Python passage (conode/vm/cpu/passage.py) then only serves stock Unicorn.
     """
 
     def __init__(self, ram: GuestRam, ports: PortBus) -> None:
-        if unicorn.__version__ != SUPPORTED_UNICORN:
+        if unicorn.__version__ != UNICORN_VERSION:
             raise EngineError(
-                f"conode needs unicorn=={SUPPORTED_UNICORN} (found {unicorn.__version__}); "
-                f"install it with: pip install unicorn=={SUPPORTED_UNICORN}"
+                f"conode needs unicorn=={UNICORN_VERSION} (found {unicorn.__version__}); "
+                f"install it with: pip install unicorn=={UNICORN_VERSION}"
             )
         self.ram = ram
         self._ports = ports
@@ -177,10 +178,10 @@ class UnicornCpu:
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
         self.uc.mem_map_ptr(0, ram.size, uc_const.UC_PROT_ALL, ram.host_address)
-        self.regs = _Registers(self.uc)
-        self._context = CpuContext(self.uc)  # reused: allocating one per trap would cost microseconds
-        verify_layout(self.uc, self._context)
-        self._marker_checked = False
+        self.regs = Registers(self.uc)
+        context = CpuContext(self.uc)  # reused: allocating one per trap would cost microseconds
+        verify_layout(self.uc, context)
+        self._passage = Passage(ram, context, self.regs)
         self._pending_error: BaseException | None = None
         self.stats = {"exceptions": 0, "interrupts": 0, "syscalls": 0}
         self._hooks = [
@@ -261,15 +262,14 @@ class UnicornCpu:
                 self.stats["syscalls"] += 1
             else:
                 self.stats["exceptions"] += 1
-            software = vector >= 32 or vector in _SOFTWARE_VECTORS_BELOW_32
-            self._deliver(vector, software=software, in_flight=vector in _MARKS_IN_FLIGHT)
+            self._passage.exception(vector)
         except BaseException as exc:  # never let an exception unwind through Unicorn's C frames
             self._fail(exc)
 
     def _on_invalid_insn(self, uc: unicorn.Uc, user_data: object) -> bool:
         try:
             self.stats["exceptions"] += 1
-            self._deliver(_VEC_UD)
+            self._passage.invalid_opcode()
         except BaseException as exc:
             self._fail(exc)
         return True
@@ -287,131 +287,6 @@ class UnicornCpu:
             self._pending_error = exc
         self.uc.emu_stop()
 
-    # --- the passage -------------------------------------------------------------------------------------
-    def _linear_to_physical(self, linear: int, cr0: int, cr3: int, cr4: int) -> int:
-        """Walk the guest's (non-PAE) page tables; raise GuestCrashed if *linear* is not mapped."""
-        if not cr0 & _CR0_PG:
-            return linear
-        ram = self.ram
-        pde = ram.u32((cr3 & 0xFFFFF000) + ((linear >> 22) << 2))
-        if not pde & 1:
-            raise GuestCrashed(f"kernel stack or IDT not mapped at {linear:#x}")
-        if pde & 0x80 and cr4 & _CR4_PSE:
-            return (pde & 0xFFC00000) | (linear & 0x3FFFFF)
-        pte = ram.u32((pde & 0xFFFFF000) + (((linear >> 12) & 0x3FF) << 2))
-        if not pte & 1:
-            raise GuestCrashed(f"kernel stack or IDT not mapped at {linear:#x}")
-        return (pte & 0xFFFFF000) | (linear & 0xFFF)
-
-    def _deliver(self, vector: int, software: bool = False, in_flight: bool = False,
-                 error_code: int | None = None) -> None:
-        """Deliver *vector* through the guest IDT as the CPU would (32-bit gates; Linux's flat segments).
-
-        One context save gives every register the passage reads; the frame is written straight into guest
-        RAM; the new CS:EIP, SS:ESP, EFLAGS and CPL are edited into the context, which one restore applies.
-        """
-        context = self._context
-        context.save()
-        view = context.view
-        if in_flight:
-            # Unicorn never clears QEMU's "exception in flight" marker after a hooked exception, so the
-            # next fault would be promoted to a double fault. Clear it; the fault's error code is beside it.
-            marker, code = context.take_exception_in_flight()
-            if not self._marker_checked:
-                if marker != vector:
-                    raise EngineError(f"Unicorn's exception marker reads {marker} during vector {vector}; "
-                                      f"conode was validated on unicorn=={SUPPORTED_UNICORN}")
-                self._marker_checked = True
-            if vector in _HAS_ERROR_CODE:
-                error_code = code
-        eip = _U64.unpack_from(view, ctx_layout.EIP)[0] & 0xFFFFFFFF
-        hflags = context.u32(ctx_layout.HFLAGS)
-        cpl = hflags & ctx_layout.HF_CPL_MASK
-        cr0, _, _, cr3, cr4 = context.control_registers()
-        idt_base = context.u64(ctx_layout.IDT + 8)
-        idt_limit = context.u32(ctx_layout.IDT + 16)
-        if vector * 8 + 7 > idt_limit:
-            raise GuestCrashed(f"interrupt vector {vector} is beyond the guest IDT (limit {idt_limit})")
-        gate_at = self._linear_to_physical(idt_base + vector * 8, cr0, cr3, cr4)
-        low, high = _GATE.unpack_from(self.ram.view, gate_at)
-        if software and ((high >> 13) & 3) < cpl:
-            # A user program raised a kernel-only vector with `int n`: #GP(vector*8+2), as on hardware. #GP
-            # is a fault, so the saved EIP goes back to the instruction (CD nn; int3 and into are 1 byte).
-            start = eip - 2
-            if self.ram.view[self._linear_to_physical(start, cr0, cr3, cr4)] != 0xCD:
-                start = eip - 1
-            self.regs.write(x86.UC_X86_REG_EIP, start)
-            return self._deliver(_VEC_GP, error_code=vector * 8 + 2)
-        if not high & 0x8000:
-            raise GuestCrashed(f"guest took vector {vector} with no IDT gate present (EIP {eip:#x})")
-        gate_type = (high >> 8) & 0x1F
-        if gate_type not in (0xE, 0xF):
-            what = "a double fault" if vector == _VEC_DF else f"vector {vector} through a task gate"
-            raise GuestCrashed(f"guest kernel took {what} at EIP {eip:#x}; it cannot continue")
-        self._enter_gate(vector, low, high, eip, cpl, hflags, cr0, cr3, cr4, error_code)
-
-    def _enter_gate(self, vector: int, low: int, high: int, eip: int, cpl: int, hflags: int, cr0: int,
-                    cr3: int, cr4: int, error_code: int | None) -> None:
-        context = self._context
-        eflags = self.regs.read(x86.UC_X86_REG_EFLAGS)  # with the lazily computed arithmetic flags
-        cs = context.u32(ctx_layout.SEG_CS)
-        ss = context.u32(ctx_layout.SEG_SS)
-        esp = context.u64(ctx_layout.ESP) & 0xFFFFFFFF
-        target_cs = low >> 16
-        target_eip = (low & 0xFFFF) | (high & 0xFFFF0000)
-        target_cpl = target_cs & 3
-        frame = (eflags, cs, eip) if error_code is None else (eflags, cs, eip, error_code)
-        if target_cpl < cpl:
-            # Privilege change: the handler's stack comes from the TSS (SS0:ESP0); the old SS:ESP go on it.
-            tss = self._linear_to_physical(context.u64(ctx_layout.TR + 8), cr0, cr3, cr4)
-            stack_top, stack_ss = _TSS_STACK0.unpack_from(self.ram.view, tss + 4)
-            stack_ss &= 0xFFFF
-            frame = (ss, esp) + frame
-            new_esp = (stack_top - 4 * len(frame)) & 0xFFFFFFFF
-            self._push(new_esp, frame, cr0, cr3, cr4)
-            ss_flags = self._load_segment(ctx_layout.SEG_SS, stack_ss, cr0, cr3, cr4)
-            hflags = (hflags & ~ctx_layout.HF_SS32_MASK) | (ctx_layout.HF_SS32_MASK if ss_flags & _DESC_B else 0)
-        else:
-            new_esp = (esp - 4 * len(frame)) & 0xFFFFFFFF
-            self._push(new_esp, frame, cr0, cr3, cr4)
-        if target_cs != cs:
-            cs_flags = self._load_segment(ctx_layout.SEG_CS, target_cs, cr0, cr3, cr4)
-            hflags = (hflags & ~ctx_layout.HF_CS32_MASK) | (ctx_layout.HF_CS32_MASK if cs_flags & _DESC_B else 0)
-        hflags = (hflags & ~(ctx_layout.HF_CPL_MASK | ctx_layout.HF_INHIBIT_IRQ_MASK)) | target_cpl
-        cleared = _EFLAGS_CLEARED_ON_DELIVERY | (_EFLAGS_IF if (high >> 8) & 0x1F == 0xE else 0)
-        raw_eflags = context.u64(ctx_layout.EFLAGS) & ~cleared
-        context.set_u64(ctx_layout.ESP, new_esp)
-        context.set_u64(ctx_layout.EIP, target_eip)
-        context.set_u64(ctx_layout.EFLAGS, raw_eflags)
-        context.set_u32(ctx_layout.HFLAGS, hflags)
-        context.restore()
-
-    def _load_segment(self, offset: int, selector: int, cr0: int, cr3: int, cr4: int) -> int:
-        """Fill a segment cache in the context from the guest GDT, as a segment load would; return its flags."""
-        context = self._context
-        gdt_base = context.u64(ctx_layout.GDT + 8)
-        if selector & 4 or (selector | 7) > context.u32(ctx_layout.GDT + 16):
-            raise GuestCrashed(f"interrupt gate names selector {selector:#x} outside the GDT")
-        e1, e2 = _GATE.unpack_from(self.ram.view, self._linear_to_physical(gdt_base + (selector & ~7), cr0, cr3, cr4))
-        base = (e1 >> 16) | ((e2 & 0xFF) << 16) | (e2 & 0xFF000000)
-        limit = (e1 & 0xFFFF) | (e2 & 0x000F0000)
-        if e2 & _DESC_G:
-            limit = (limit << 12) | 0xFFF
-        ctx_layout.SEGMENT.pack_into(context.view, offset, selector, base, limit, e2)
-        return e2
-
-    def _push(self, esp: int, frame: tuple[int, ...], cr0: int, cr3: int, cr4: int) -> None:
-        """Write an interrupt frame (lowest address first = last pushed) at linear *esp*."""
-        words = frame[::-1]
-        data = struct.pack(f"<{len(words)}I", *words)
-        start = self._linear_to_physical(esp, cr0, cr3, cr4)
-        if (esp >> 12) == ((esp + len(data) - 1) >> 12):
-            self.ram.view[start : start + len(data)] = data
-        else:  # the frame straddles a page boundary: map each word on its own
-            for i, word in enumerate(words):
-                at = self._linear_to_physical(esp + 4 * i, cr0, cr3, cr4)
-                self.ram.view[at : at + 4] = _U32.pack(word)
-
     # --- running ---------------------------------------------------------------------------------------------
     def interrupts_enabled(self) -> bool:
         return bool(self.regs.read(x86.UC_X86_REG_EFLAGS) & _EFLAGS_IF)
@@ -419,7 +294,7 @@ class UnicornCpu:
     def deliver_interrupt(self, vector: int) -> None:
         """Deliver an external interrupt (from the PIC) between slices."""
         self.stats["interrupts"] += 1
-        self._deliver(vector)
+        self._passage.deliver(vector)
 
     def run(self, deadline_ns: int, wait_for_if: bool) -> StopReason:
         """Run the guest until *deadline_ns* (host CLOCK_MONOTONIC), a stop request, or HLT."""
@@ -476,24 +351,20 @@ class UnicornCpu:
         uc.reg_write(x86.UC_X86_REG_EIP, eip)
 
     def get_state(self) -> dict:
-        """The whole CPU state as plain data: Unicorn's saved context (a copy of QEMU's CPUX86State)."""
+        """The whole CPU state as plain data: QEMU's CPUX86State as Unicorn's context holds it (the context's
+        own header describes this process's buffer, not the guest, and is left out)."""
         ctx = self.uc.context_save()
-        return {
-            "engine": f"unicorn-{unicorn.__version__}",
-            "context": ctypes.string_at(ctx.context.value, ctx.size),
-        }
+        blob = ctypes.string_at(ctx.context.value + ctx_layout.HEADER, ctx.size - ctx_layout.HEADER)
+        return state.dump(CpuState(_context_layout(), blob))
 
-    def set_state(self, state: dict) -> None:
-        engine = f"unicorn-{unicorn.__version__}"
-        if state.get("engine") != engine:
-            raise EngineError(f"snapshot CPU state is from {state.get('engine')}, this host runs {engine}")
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
+        saved = state.load(CpuState, data)
+        if saved.layout != _context_layout():
+            raise SnapshotError(f"snapshot CPU state is laid out for {saved.layout}; this host runs "
+                                f"{_context_layout()}: boot the guest afresh")
         ctx = self.uc.context_save()
-        blob = state["context"]
-        if len(blob) != ctx.size:
-            raise EngineError(f"snapshot CPU context has {len(blob)} bytes, expected {ctx.size}")
-        # The header of the buffer (size, mode, arch, owner) belongs to this process: keep ours.
-        header = ctx_layout.HEADER
-        ctypes.memmove(ctx.context.value + header, blob[header:], ctx.size - header)
+        ctypes.memmove(ctx.context.value + ctx_layout.HEADER, saved.context, len(saved.context))
         self.uc.context_restore(ctx)
         self.uc.ctl_flush_tb()  # code translated before the restore belongs to other RAM contents
 

@@ -1,16 +1,20 @@
 """cocon: the guest console, a 16550A UART at COM1.
 
 Kernel printk polls the line status register; user-space tty output is interrupt driven (THR-empty
-interrupts), so both paths are modelled. The 16-byte FIFOs are modelled as unbounded queues on the receive
-side (the host never overruns the guest) and as immediate transmission on the send side.
+interrupts), so both paths are modelled. The 16-byte FIFOs are modelled as a large receive buffer (the
+host rarely overruns the guest; beyond RX_BUFFER_BYTES bytes are dropped, as in an overrun) and as immediate
+transmission on the send side.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
-from conode.vm.pic import IrqLine
+from conode.vm import state
+from conode.vm.devices.irq import IrqLine
+from conode.vm.state import bits, blob, uint
 
 # Register offsets from the base port.
 RBR_THR_DLL, IER_DLM, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
@@ -21,6 +25,23 @@ IIR_FIFO_ENABLED = 0xC0
 LSR_DR, LSR_THRE, LSR_TEMT = 0x01, 0x20, 0x40
 LCR_DLAB = 0x80
 MCR_OUT2, MCR_LOOP = 0x08, 0x10
+FCR_WRITABLE = 0xC9  # FIFO enable, DMA mode, trigger level
+RX_BUFFER_BYTES = 64 << 10  # received bytes the guest has not read yet; more are lost (an overrun)
+
+
+@dataclass(frozen=True)
+class UartState(state.Record):
+    KIND = "UART"
+    VERSION = 1
+
+    ier: int = uint(4)
+    lcr: int = uint(8)
+    mcr: int = uint(5)
+    scr: int = uint(8)
+    fcr: int = bits(FCR_WRITABLE)
+    divisor: int = uint(16)
+    thr_interrupt: bool
+    rx: bytes = blob(max_len=RX_BUFFER_BYTES)
 
 
 class Uart16550:
@@ -41,7 +62,7 @@ class Uart16550:
     # --- host side -----------------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """Bytes typed at the console, for the guest to read."""
-        self.rx.extend(data)
+        self.rx.extend(data[: RX_BUFFER_BYTES - len(self.rx)])
         self._update_irq()
 
     # --- guest side ----------------------------------------------------------------------------------------
@@ -82,7 +103,8 @@ class Uart16550:
                 self.divisor = (self.divisor & 0xFF00) | value
                 return
             if self.mcr & MCR_LOOP:
-                self.rx.append(value)
+                if len(self.rx) < RX_BUFFER_BYTES:
+                    self.rx.append(value)
             else:
                 self._output(bytes((value,)))
             # The byte leaves at once, so the holding register is empty again straight away.
@@ -98,7 +120,7 @@ class Uart16550:
                 self.thr_interrupt = True  # THR is empty: enabling the interrupt raises it
             self._update_irq()
         elif offset == IIR_FCR:
-            self.fcr = value & 0xC9
+            self.fcr = value & FCR_WRITABLE
             if value & 0x02:
                 self.rx.clear()
             self._update_irq()
@@ -122,15 +144,13 @@ class Uart16550:
         self._irq.set(self._iir() != IIR_NO_INT and bool(self.mcr & MCR_OUT2))
 
     # --- snapshots ------------------------------------------------------------------------------------------
-    _STATE = ("ier", "lcr", "mcr", "scr", "fcr", "divisor", "thr_interrupt")
-
     def get_state(self) -> dict:
-        state = {name: getattr(self, name) for name in self._STATE}
-        state["rx"] = bytes(self.rx)
-        return state
+        return state.dump(UartState(self.ier, self.lcr, self.mcr, self.scr, self.fcr, self.divisor,
+                                    self.thr_interrupt, bytes(self.rx)))
 
-    def set_state(self, state: dict) -> None:
-        for name in self._STATE:
-            setattr(self, name, state[name])
-        self.rx = deque(state["rx"])
-        self._update_irq()
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
+        saved = state.load(UartState, data)
+        state.assign(saved, self)
+        self.rx = deque(saved.rx)
+        self._update_irq()  # the interrupt line is derived: recompute it

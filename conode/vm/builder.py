@@ -1,0 +1,107 @@
+"""Wiring a machine: I/O port ranges, interrupt lines and virtio-mmio slots, each device attached in one call.
+
+Addresses, ports and IRQ numbers come from :mod:`conode.vm.layout` only; a device never learns where it
+sits (it decodes offsets from the base it is attached at) and gets narrow things — an interrupt line, guest
+memory — never the machine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from conode.errors import ConodeError
+from conode.vm import layout
+from conode.vm.devices.irq import IrqLine
+from conode.vm.devices.legacy.cmos import Cmos
+from conode.vm.devices.legacy.pic import PicPair
+from conode.vm.devices.legacy.pit import Pit
+from conode.vm.devices.legacy.uart import Uart16550
+from conode.vm.devices.virtio.mmio import VirtioDevice, VirtioMmio
+from conode.vm.devices.virtio.queue import GuestMemory
+from conode.vm.layout import PortRange
+
+PortRead = Callable[[int], int]
+PortWrite = Callable[[int, int], None]
+
+
+class PortBus:
+    """The I/O port space, as the CPU's IN and OUT instructions see it."""
+
+    def __init__(self) -> None:
+        self._ports: dict[int, tuple[PortRead, PortWrite, int]] = {}
+
+    def attach(self, ports: PortRange, read: PortRead, write: PortWrite) -> None:
+        """Route *ports* to a device's read(offset) and write(offset, value)."""
+        for port in range(ports.base, ports.base + ports.count):
+            if port in self._ports:
+                raise ValueError(f"I/O port {port:#x} is attached twice")
+            self._ports[port] = (read, write, ports.base)
+
+    def port_read(self, port: int, size: int) -> int:
+        entry = self._ports.get(port)
+        if entry is None:
+            return (1 << (8 * size)) - 1  # nothing there: the bus floats high
+        read, _, base = entry
+        return read(port - base)
+
+    def port_write(self, port: int, size: int, value: int) -> None:
+        entry = self._ports.get(port)
+        if entry is not None:
+            write, base = entry[1], entry[2]
+            write(port - base, value)
+
+
+MapMmio = Callable[[int, int, Callable[[int, int], int], Callable[[int, int, int], None]], None]
+
+
+class MachineBuilder:
+    """Attaches devices to a machine's port bus, interrupt controller and MMIO space, one call each."""
+
+    def __init__(self, bus: PortBus, pic: PicPair, map_mmio: MapMmio | None = None,
+                 memory: GuestMemory | None = None) -> None:
+        self.bus = bus
+        self.pic = pic
+        self._map_mmio = map_mmio
+        self._memory = memory
+        self.virtio: list[VirtioMmio] = []
+
+    def irq(self, line: int) -> IrqLine:
+        return IrqLine(self.pic, line)
+
+    # --- the legacy PC devices, at their fixed places ------------------------------------------------------
+    def attach_pic(self) -> None:
+        self.bus.attach(layout.PORTS_PIC_MASTER, self.pic.read_master, self.pic.write_master)
+        self.bus.attach(layout.PORTS_PIC_SLAVE, self.pic.read_slave, self.pic.write_slave)
+        self.bus.attach(layout.PORTS_ELCR, self.pic.read_elcr, self.pic.write_elcr)
+
+    def attach_pit(self, pit: Pit) -> None:
+        self.bus.attach(layout.PORTS_PIT, pit.read_port, pit.write_port)
+        self.bus.attach(layout.PORT_SYSTEM_CONTROL_B, pit.read_control_b, pit.write_control_b)
+
+    def attach_cmos(self, cmos: Cmos) -> None:
+        self.bus.attach(layout.PORTS_CMOS, cmos.read_port, cmos.write_port)
+
+    def attach_uart(self, uart: Uart16550) -> None:
+        self.bus.attach(layout.PORTS_COM1, uart.read_port, uart.write_port)
+
+    # --- virtio-mmio slots ---------------------------------------------------------------------------------
+    def attach_virtio(self, device: VirtioDevice) -> VirtioMmio:
+        """Put *device* (holding its backend) in the next slot: its window, IRQ and command-line entry."""
+        slot = len(self.virtio)
+        if slot >= len(layout.VIRTIO_IRQS):
+            raise ConodeError(f"the machine has room for {len(layout.VIRTIO_IRQS)} virtio devices")
+        if self._map_mmio is None or self._memory is None:
+            raise ValueError("this builder has no MMIO space or guest memory for virtio devices")
+        transport = VirtioMmio(device, self.irq(layout.VIRTIO_IRQS[slot]), self._memory)
+        base = layout.virtio_slot_base(slot)
+        self._map_mmio(base, layout.VIRTIO_MMIO_SIZE, transport.read, transport.write)
+        self.virtio.append(transport)
+        return transport
+
+    def kernel_cmdline(self) -> str:
+        """How the guest learns of the virtio devices: ``virtio_mmio.device=<size>@<base>:<irq>`` each."""
+        return " ".join(
+            f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE >> 10}K@{layout.virtio_slot_base(i):#x}:"
+            f"{layout.VIRTIO_IRQS[i]}"
+            for i in range(len(self.virtio))
+        )
