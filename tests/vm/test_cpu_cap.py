@@ -21,12 +21,18 @@ def test_busy_guest_honours_its_cpu_cap():
             time.sleep(0.05)
         assert session.ready_at is not None
         time.sleep(0.5)  # the busy loop is running
+        uncapped = _share_over(1.0)  # what this host gives the guest now (less than 1 on a busy host)
         machine.call_soon(lambda: setattr(machine, "cpu_cap", 0.25))
         time.sleep(0.2)
-        cpu_before, wall_before = time.process_time(), time.monotonic()
-        time.sleep(2.0)
-        share = (time.process_time() - cpu_before) / (time.monotonic() - wall_before)
+        share = _share_over(2.0)
     finally:
         machine.pause()
         runner.join(10)
-    assert 0.12 < share < 0.40, share
+    # The cap is an upper bound; below it the guest still gets its share of what the host can give.
+    assert min(0.12, 0.2 * uncapped) < share < 0.40, (share, uncapped)
+
+
+def _share_over(seconds: float) -> float:
+    cpu_before, wall_before = time.process_time(), time.monotonic()
+    time.sleep(seconds)
+    return (time.process_time() - cpu_before) / (time.monotonic() - wall_before)
