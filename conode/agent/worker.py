@@ -35,6 +35,7 @@ from conode.agent.pipe import PipeError, Unpacker, pack
 from conode.agent.platform import lower_priority
 from conode.agent.wire import validate_to_worker
 from conode.errors import ConodeError
+from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.guest import Guest, GuestSnapshot, ImageDigests, JobSpec
 from conode.vm.guest_image import load_guest_image
 from conode.vm.machine import CoMachine, MachineConfig
@@ -56,6 +57,7 @@ class GuestWorker:
         self._boot_snapshot = boot_snapshot
         self._resume = resume
         self.pristine: GuestSnapshot | None = None
+        self._pristine_ram: RamImage | None = None  # the pristine RAM, mapped copy-on-write by each fresh guest
         self.guest: Guest | None = None
         self.speed = 0.0
         self._runs: deque[dict[str, Any]] = deque()  # run messages not started yet
@@ -103,7 +105,9 @@ class GuestWorker:
         if self.pristine is None:
             self._load_pristine()
         assert self.pristine is not None
-        guest = Guest.restore(self.pristine, new_identity=True)
+        if self._pristine_ram is None:
+            self._pristine_ram = self.pristine.ram_image()
+        guest = Guest.restore(self.pristine, new_identity=True, ram_image=self._pristine_ram)
         guest.machine.cpu_cap = self.cpu_cap
         return guest
 
@@ -139,7 +143,7 @@ class GuestWorker:
     def _discard(self, guest: Guest) -> None:
         if self.guest is guest:
             self.guest = None
-        guest.machine.cpu.slicer.close()
+        guest.machine.close()
         del guest
         gc.collect()  # the machine holds Unicorn and its RAM in reference cycles: free them now
 

@@ -29,6 +29,7 @@ from conode.errors import ConodeError, GuestCrashed, SnapshotError
 from conode.vm.channel import RENEW_ENTROPY_BYTES, ChannelError
 from conode.vm.guest_agent import GuestAgentClient
 from conode.vm.guest_image import BASE_CMDLINE, GuestImage
+from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.machine import CoMachine, MachineConfig, MachineExit
 from conode.vm.snapshot import read_snapshot, write_snapshot
 
@@ -267,6 +268,10 @@ class GuestSnapshot:
     def write(self, path: Path) -> int:
         return write_snapshot(path, self.to_data())
 
+    def ram_image(self) -> RamImage:
+        """This snapshot's RAM as a copy-on-write image: guests restored with it start without decoding."""
+        return CoMachine.ram_image(self.machine)
+
     @classmethod
     def read(cls, path: Path) -> "GuestSnapshot":
         return cls.from_data(read_snapshot(path), str(path))
@@ -306,8 +311,8 @@ class Guest:
     """A machine with its in-guest agent and at most one job."""
 
     def __init__(self, config: MachineConfig, image: ImageDigests, guest_id: str | None = None,
-                 console: Callable[[bytes], None] | None = None) -> None:
-        self.machine = CoMachine(config, console or (lambda data: None), self._from_guest)
+                 console: Callable[[bytes], None] | None = None, ram_image: RamImage | None = None) -> None:
+        self.machine = CoMachine(config, console or (lambda data: None), self._from_guest, ram_image)
         self.agent = GuestAgentClient(self.machine.channel.send)
         self.agent.on_violation = self._on_violation
         self.image = image
@@ -331,11 +336,13 @@ class Guest:
         return guest
 
     @classmethod
-    def restore(cls, snapshot: GuestSnapshot, sink: JobSink | None = None, new_identity: bool = False) -> "Guest":
-        """Continue *snapshot*. With *new_identity* the guest is a fresh copy (a pristine guest for a new job)."""
+    def restore(cls, snapshot: GuestSnapshot, sink: JobSink | None = None, new_identity: bool = False,
+                ram_image: RamImage | None = None) -> "Guest":
+        """Continue *snapshot*. With *new_identity* the guest is a fresh copy (a pristine guest for a new job);
+        *ram_image* (:meth:`GuestSnapshot.ram_image`) maps the snapshot's RAM instead of decoding it."""
         try:
             config = CoMachine.config_from_state(snapshot.machine)
-            guest = cls(config, snapshot.image, None if new_identity else snapshot.guest_id)
+            guest = cls(config, snapshot.image, None if new_identity else snapshot.guest_id, ram_image=ram_image)
             guest.machine.set_state(snapshot.machine)
         except SnapshotError:
             raise

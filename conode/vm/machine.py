@@ -22,7 +22,7 @@ from conode.vm import layout, state
 from conode.vm.bootloader import RNG_SEED_BYTES, KernelImage, load_linux
 from conode.vm.builder import MachineBuilder, PortBus
 from conode.vm.clock import VirtualClock
-from conode.vm.cpu.unicorn_cpu import GuestRam, StopReason, UnicornCpu
+from conode.vm.cpu.unicorn_cpu import GuestRam, RamImage, StopReason, UnicornCpu
 from conode.vm.devices.legacy.cmos import Cmos
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.pit import Pit
@@ -99,7 +99,7 @@ class CoMachine:
     """An i386 PC reduced to what the guest kernel uses, plus conode's paravirtual devices."""
 
     def __init__(self, config: MachineConfig, console_output: Callable[[bytes], None],
-                 channel_receive: Callable[[bytes], None]) -> None:
+                 channel_receive: Callable[[bytes], None], ram_image: RamImage | None = None) -> None:
         if not layout.MIN_RAM_MIB <= config.mem_mib <= layout.MAX_RAM_MIB:
             raise ConodeError(
                 f"guest memory must be between {layout.MIN_RAM_MIB} and {layout.MAX_RAM_MIB} MiB "
@@ -107,7 +107,8 @@ class CoMachine:
             )
         self.config = config
         self.clock = VirtualClock()
-        self.ram = GuestRam(config.mem_mib << 20)
+        self.ram = GuestRam(config.mem_mib << 20, ram_image)
+        self._ram_preloaded = ram_image is not None  # set_state then leaves RAM alone: it is the image's
         self.ports = PortBus()
         self.pic = PicPair(on_output=self._on_pic_output)
         self.cpu = UnicornCpu(self.ram, self.ports)
@@ -268,7 +269,8 @@ class CoMachine:
         if len(saved.devices.virtio) != len(self.virtio):
             raise SnapshotError(f"snapshot has {len(saved.devices.virtio)} virtio devices; this machine has "
                                 f"{len(self.virtio)}")
-        decode_ram(saved.ram, self.ram.view)
+        if not self._ram_preloaded:
+            decode_ram(saved.ram, self.ram.view)
         self.cpu.set_state(saved.cpu)
         self.clock.set_state(saved.clock)
         self.halted = saved.halted
@@ -280,6 +282,24 @@ class CoMachine:
         self.channel.set_state(devices.channel)  # backends before transports: activation may move bytes
         for transport, transport_state in zip(self.virtio, devices.virtio):
             transport.set_state(transport_state)
+
+    @staticmethod
+    def ram_image(data: dict) -> RamImage:
+        """The RAM of a saved machine as an image that machines built from it map copy-on-write (they must
+        then be restored from *data* itself); raise SnapshotError if the RAM is not valid."""
+        saved = state.load(MachineState, data)
+        image = RamImage(CoMachine.config_from_state(data).mem_mib << 20)
+        with image.writable() as memory:
+            try:
+                decode_ram(saved.ram, memoryview(memory))
+            except SnapshotError:
+                image.close()
+                raise
+        return image
+
+    def close(self) -> None:
+        """Release what outlives a dropped machine: the slicer's timer thread."""
+        self.cpu.slicer.close()
 
     @staticmethod
     def config_from_state(data: dict) -> MachineConfig:

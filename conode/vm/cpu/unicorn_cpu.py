@@ -16,6 +16,7 @@ import enum
 import mmap
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -130,12 +131,37 @@ class Registers:
         return self._mmr.base, self._mmr.limit
 
 
-class GuestRam:
-    """Guest physical RAM as host memory, shared with Unicorn."""
+class RamImage:
+    """A guest RAM image in an unlinked memory file. Guests mapped from it share its pages copy-on-write: a
+    fresh guest's RAM is ready at once, and each guest pays only for the pages it changes."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._map = mmap.mmap(-1, size)
+        if hasattr(os, "memfd_create"):  # Linux: the image lives in RAM
+            self._file = os.fdopen(os.memfd_create("conode-ram-image", os.MFD_CLOEXEC), "w+b")
+        else:  # elsewhere a temporary file the OS deletes on close
+            self._file = tempfile.TemporaryFile()
+        self._file.truncate(size)
+
+    def writable(self) -> mmap.mmap:
+        """A shared mapping to fill the image through (zeroed at first); close it when done."""
+        return mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_WRITE)
+
+    def private_copy(self) -> mmap.mmap:
+        return mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_COPY)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class GuestRam:
+    """Guest physical RAM as host memory, shared with Unicorn: zeroed, or a private copy of a RamImage."""
+
+    def __init__(self, size: int, image: RamImage | None = None) -> None:
+        if image is not None and image.size != size:
+            raise ValueError(f"a RAM image of {image.size} bytes for a guest of {size}")
+        self.size = size
+        self._map = image.private_copy() if image is not None else mmap.mmap(-1, size)
         self.view = memoryview(self._map)
         self.host_address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
