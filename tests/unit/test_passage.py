@@ -6,7 +6,8 @@ import pytest
 from unicorn import x86_const as x86
 
 from conode.errors import GuestCrashed
-from conode.vm.cpu.unicorn_cpu import GuestRam, StopReason, UnicornCpu, cpuid_leaf
+from conode.vm.cpu.cpuid import cpuid_leaf
+from conode.vm.cpu.unicorn_cpu import GuestRam, StopReason, UnicornCpu
 
 # Kernel code at 0x6000 (assembled with `as --32`; source in the comments):
 #   entry:  mov $0x10,%ax; mov %ax,%ds; mov %ax,%es; mov %ax,%ss; mov $0x9000,%esp
@@ -130,9 +131,13 @@ def test_cpu_state_roundtrips_into_a_fresh_cpu():
     assert words(other_ram, 0x8000, 1) == [42] and words(other_ram, 0x8020, 1) == [2]
 
 
-def test_cpuid_hides_tsc_sep_and_apic():
-    _, _, _, edx = cpuid_leaf(1)
-    assert not edx & ((1 << 4) | (1 << 11) | (1 << 9))
-    assert edx & (1 << 15)  # CMOV, which the guest's busybox needs
+def test_cpuid_hides_sep_and_apic_and_names_conode():
+    _, ebx, ecx, edx = cpuid_leaf(1)
+    assert not edx & ((1 << 11) | (1 << 9))  # no SEP (the guest stays on int 0x80), no local APIC
+    assert edx & (1 << 15) and ebx >> 8 & 0xFF == 8  # CMOV, which the guest's busybox needs; 64-byte lines
     _, ebx, ecx, edx = cpuid_leaf(0)
     assert struct.pack("<III", ebx, edx, ecx) == b"GenuineIntel"
+    _, ebx, ecx, edx = cpuid_leaf(0x40000000)
+    assert struct.pack("<III", ebx, ecx, edx) == b"conodeconode"
+    brand = b"".join(struct.pack("<IIII", *cpuid_leaf(leaf)) for leaf in (0x80000002, 0x80000003, 0x80000004))
+    assert brand.rstrip(b"\0") == b"conode virtual CPU (Unicorn TCG)"

@@ -28,6 +28,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 from conode.errors import EngineError, GuestCrashed, SnapshotError
 from conode.vm import state
 from conode.vm.cpu import context as ctx_layout
+from conode.vm.cpu.cpuid import UNICORN_MODEL, cpuid_leaf
 from conode.vm.cpu.context import CpuContext, verify_layout
 from conode.vm.cpu.engine import UNICORN_VERSION
 from conode.vm.cpu.passage import Passage
@@ -66,33 +67,6 @@ class PortBus(Protocol):
     def port_read(self, port: int, size: int) -> int: ...
 
     def port_write(self, port: int, size: int, value: int) -> None: ...
-
-
-# The CPU the guest sees. The kernel is built for a 486 and needs no TSC; hiding it (and SEP, APIC, PAE)
-# keeps the guest on the PIT, on int 0x80 and on the 8259s, which is all this machine provides.
-_CPUID_VENDOR = b"GenuineIntel"
-_CPUID_FEATURES_EDX = (
-    (1 << 0)  # FPU
-    | (1 << 3)  # PSE: 4 MiB pages for the kernel's direct map
-    | (1 << 8)  # CX8
-    | (1 << 13)  # PGE
-    | (1 << 15)  # CMOV: Debian's i386 busybox uses it
-    | (1 << 23)  # MMX
-    | (1 << 24)  # FXSR
-)
-_CPUID_SIGNATURE = (6 << 8) | (1 << 4) | 1  # family 6, model 1, stepping 1: a Pentium Pro-class part
-
-
-def cpuid_leaf(leaf: int) -> tuple[int, int, int, int]:
-    """EAX, EBX, ECX, EDX for CPUID *leaf*: a pure function, so it is tested on its own."""
-    if leaf == 0:
-        ebx, edx, ecx = struct.unpack("<III", _CPUID_VENDOR)
-        return 1, ebx, ecx, edx
-    if leaf == 1:
-        return _CPUID_SIGNATURE, 0, 0, _CPUID_FEATURES_EDX
-    if leaf == 0x80000000:
-        return 0x80000000, 0, 0, 0
-    return 0, 0, 0, 0
 
 
 class _TableRegister(ctypes.Structure):
@@ -199,7 +173,7 @@ class UnicornCpu:
         self.ram = ram
         self._ports = ports
         self.uc = unicorn.Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_32)
-        self.uc.ctl_set_cpu_model(x86.UC_CPU_X86_QEMU32)
+        self.uc.ctl_set_cpu_model(UNICORN_MODEL)
         # An `until` address would raise bogus page faults once paging is on: run until stopped instead.
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])

@@ -1,0 +1,75 @@
+"""Build small static i386 programs and run them in a real guest and natively, for byte-for-byte comparisons."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conode.vm.guest import Guest, JobSpec
+from conode.vm.guest_image import load_guest_image
+from conode.vm.machine import MachineConfig
+
+
+def build_static_i386(source: Path, out: Path, *flags: str) -> Path:
+    """``gcc -m32 -static``; skip the test (with the reason) where this host cannot build i386 programs."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("needs gcc with 32-bit support (Debian: gcc-multilib)")
+    result = subprocess.run([gcc, "-m32", "-static", "-O1", *flags, "-o", str(out), str(source)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot build static i386 programs here (Debian: gcc-multilib): {result.stderr[:300]}")
+    return out
+
+
+def run_natively(program: Path, *args: str) -> bytes:
+    """The program on the host CPU; skip where the host kernel cannot run i386 binaries."""
+    try:
+        result = subprocess.run([str(program), *args], capture_output=True, timeout=120)
+    except OSError as exc:
+        pytest.skip(f"this host cannot run i386 programs: {exc}")
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout
+
+
+@dataclass
+class _Collect:
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    status: int | None = None
+    failure: str | None = None
+
+    def output(self, job: int, stream: str, data: bytes) -> None:
+        (self.stdout if stream == "stdout" else self.stderr).extend(data)
+
+    def finished(self, job: int, status: int, outputs: dict[str, bytes], missing: list[str],
+                 runtime_s: float) -> None:
+        self.status = status
+
+    def failed(self, job: int, reason: str) -> None:
+        self.failure = reason
+
+
+def run_in_guest(program: Path, *args: str) -> bytes:
+    """The program in a freshly booted guest on the engine this process runs; its stdout."""
+    return run_command_in_guest(["sh", "-c", 'chmod +x prog && exec ./prog "$@"', "prog", *args],
+                                {"prog": program.read_bytes()})
+
+
+def run_command_in_guest(argv: list[str], inputs: dict[str, bytes] | None = None) -> bytes:
+    """*argv* in a freshly booted guest, in a job directory holding *inputs*; its stdout."""
+    guest = Guest.boot(load_guest_image(), MachineConfig())
+    sink = _Collect()
+    spec = JobSpec.in_job_directory(1, argv, inputs or {}, [])
+    guest.on_ready = lambda name: guest.start_job(spec, sink)
+    try:
+        guest.run()
+    finally:
+        guest.machine.close()
+    assert sink.failure is None, sink.failure
+    assert sink.status == 0, (sink.status, bytes(sink.stderr))
+    return bytes(sink.stdout)
