@@ -81,8 +81,8 @@ class MachineBuilder:
     def attach_cmos(self, cmos: Cmos) -> None:
         self.bus.attach(layout.PORTS_CMOS, cmos.read_port, cmos.write_port)
 
-    def attach_uart(self, uart: Uart16550) -> None:
-        self.bus.attach(layout.PORTS_COM1, uart.read_port, uart.write_port)
+    def attach_uart(self, uart: Uart16550, ports: layout.PortRange = layout.PORTS_COM1) -> None:
+        self.bus.attach(ports, uart.read_port, uart.write_port)
 
     # --- virtio-mmio slots ---------------------------------------------------------------------------------
     def attach_virtio(self, device: VirtioDevice) -> VirtioMmio:

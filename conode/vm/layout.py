@@ -42,11 +42,13 @@ PORT_KEYBOARD_COMMAND = PortRange(0x64, 1)  # the 8042's command port: only its 
 PORTS_CMOS = PortRange(0x70, 2)  # index, data
 PORT_SYSTEM_CONTROL_A = PortRange(0x92, 1)  # fast reset
 PORTS_COM1 = PortRange(0x3F8, 8)  # cocon, the console UART
+PORTS_COM2 = PortRange(0x2F8, 8)  # the host channel for kernels without a virtio console
 
 # --- IRQ lines on the 8259 pair -------------------------------------------------------------------------
 IRQ_PIT = 0
 IRQ_CASCADE = 2  # the slave PIC's output, on the master's input 2
 IRQ_COM1 = 4
+IRQ_COM2 = 3
 
 # --- virtio-mmio slots -----------------------------------------------------------------------------------
 VIRTIO_MMIO_BASE = 0xD0000000

@@ -28,7 +28,7 @@ from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
 from conode.vm.devices.virtio.console import VirtioConsole
-from conode.vm.devices.virtio.host_stream import HostStream
+from conode.vm.host_channel import HostChannel, connect_uart
 from conode.vm.snapshot import decode_ram, encode_ram
 from conode.vm.state import blob, bounded, items
 
@@ -66,6 +66,7 @@ class DevicesState:
     pic: dict
     pit: dict
     uart: dict
+    serial_channel: dict  # COM2
     cmos: dict
     virtio: tuple[dict, ...] = items(max_len=len(layout.VIRTIO_IRQS))
     channel: dict
@@ -76,7 +77,7 @@ class MachineState(state.Record):
     """The machine's own record; each part below is checked by its owner's record."""
 
     KIND = "machine"
-    VERSION = 1
+    VERSION = 2  # 2: COM2 and the two-transport host channel
 
     config: dict
     cpu: dict
@@ -125,8 +126,11 @@ class CoMachine:
         build.attach_cmos(self.cmos)
         build.bus.attach(layout.PORT_KEYBOARD_COMMAND, lambda offset: 0xFF, self._keyboard_controller_command)
         build.bus.attach(layout.PORT_SYSTEM_CONTROL_A, lambda offset: 0x02, self._system_control_a)
-        self.channel = HostStream(channel_receive)
-        build.attach_virtio(VirtioConsole(self.channel))
+        self.channel = HostChannel(channel_receive)
+        build.attach_virtio(VirtioConsole(self.channel.virtio))
+        self.serial_channel = Uart16550(build.irq(layout.IRQ_COM2), self.channel.serial.on_receive)
+        build.attach_uart(self.serial_channel, layout.PORTS_COM2)
+        self._refill_serial_channel = connect_uart(self.channel.serial, self.serial_channel)
         self.virtio = build.virtio
         self._build = build
         self.halted = False
@@ -253,7 +257,7 @@ class CoMachine:
         """The whole machine as plain data (call only while it is not running)."""
         config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra))
         devices = DevicesState(self.pic.get_state(), self.pit.get_state(), self.uart.get_state(),
-                               self.cmos.get_state(), tuple(t.get_state() for t in self.virtio),
+                               self.serial_channel.get_state(), self.cmos.get_state(), tuple(t.get_state() for t in self.virtio),
                                self.channel.get_state())
         return state.dump(MachineState(config, self.cpu.get_state(), encode_ram(self.ram.view),
                                        self.clock.get_state(), self.halted, devices))
@@ -278,10 +282,12 @@ class CoMachine:
         self.pic.set_state(devices.pic)
         self.pit.set_state(devices.pit)
         self.uart.set_state(devices.uart)
+        self.serial_channel.set_state(devices.serial_channel)
         self.cmos.set_state(devices.cmos)
         self.channel.set_state(devices.channel)  # backends before transports: activation may move bytes
         for transport, transport_state in zip(self.virtio, devices.virtio):
             transport.set_state(transport_state)
+        self._refill_serial_channel()
 
     @staticmethod
     def ram_image(data: dict) -> RamImage:

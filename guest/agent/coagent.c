@@ -3,7 +3,9 @@
  * coagent - the conode in-guest agent.
  *
  * It runs as PID 1 inside the guest (exec'd by /init) and serves the host over
- * the virtio console /dev/hvc0 with a small binary protocol.  Every frame, in
+ * the virtio console /dev/hvc0 — or, with a kernel that has no virtio console
+ * (a distribution kernel builds it as a module), over the second serial port
+ * /dev/ttyS1 — with a small binary protocol.  Every frame, in
  * both directions, is a 9-byte little-endian header
  *
  *     type:u8  id:u32  length:u32
@@ -93,7 +95,11 @@ struct put {
 	char *path;
 };
 
+#define VIRTIO_CONSOLE_DRIVER "/sys/bus/virtio/drivers/virtio_console"
+#define SERIAL_CHANNEL "/dev/ttyS1"
+
 static const char *device_path = "/dev/hvc0";
+static int default_device = 1;  /* no --device: hvc0, else the serial channel */
 static int pid1_mode = 1;
 
 static int hvc_fd = -1;
@@ -929,33 +935,58 @@ static int read_console(void)
 
 /* Open the console and make it a clean 8-bit channel: no echo, no line
  * editing, no CR/LF translation, no flow-control characters. */
-static int open_console(void)
+/* Open `path` as a raw, 8-bit clean byte stream; -1 (errno set) if it cannot be opened. */
+static int open_raw(const char *path)
 {
 	struct termios tio;
-	int fd = -1;
+	int fd = open(path, O_RDWR | O_NOCTTY | O_CLOEXEC);
 
-	/* The hvc driver creates /dev/hvc0..7 early, but hvc0 only works once
-	 * the virtio console has registered its port, which can happen after
-	 * /init started (ports of a multiport device are added from a work
-	 * queue).  Until then the open fails (ENOENT, ENODEV, ...): retry for
-	 * about two seconds before giving up. */
-	for (int tries = 0; ; tries++) {
-		fd = open(device_path, O_RDWR | O_NOCTTY | O_CLOEXEC);
-		if (fd >= 0 || !pid1_mode || tries == 20)
-			break;
-		usleep(100 * 1000);
-	}
 	if (fd < 0)
-		return -1;      /* errno is still that of the last open() */
+		return -1;
 	if (tcgetattr(fd, &tio) == 0) {
 		cfmakeraw(&tio);
+		tio.c_cflag &= ~CRTSCTS;
+		tio.c_cflag |= CLOCAL;
 		tio.c_cc[VMIN] = 1;
 		tio.c_cc[VTIME] = 0;
 		if (tcsetattr(fd, TCSANOW, &tio) < 0)
-			logmsg("%s: cannot set raw mode: %s", device_path,
-			       strerror(errno));
+			logmsg("%s: cannot set raw mode: %s", path, strerror(errno));
 	}
 	return fd;
+}
+
+static int open_console(void)
+{
+	int fd = -1;
+
+	if (!default_device || access(VIRTIO_CONSOLE_DRIVER, F_OK) == 0) {
+		/* The hvc driver creates /dev/hvc0..7 early, but hvc0 only
+		 * works once the virtio console has registered its port, which
+		 * can happen after /init started (ports of a multiport device
+		 * are added from a work queue).  Until then the open fails
+		 * (ENOENT, ENODEV, ...): retry for about two seconds. */
+		for (int tries = 0; ; tries++) {
+			fd = open_raw(device_path);
+			if (fd >= 0 || !pid1_mode || tries == 20)
+				break;
+			usleep(100 * 1000);
+		}
+	} else {
+		errno = ENOENT;
+	}
+	if (fd < 0 && default_device) {
+		/* A kernel without a virtio console (a distribution kernel
+		 * builds it as a module): the host also listens on COM2, which
+		 * every PC kernel drives.  An absent UART fails to open. */
+		int saved = errno;
+
+		fd = open_raw(SERIAL_CHANNEL);
+		if (fd >= 0)
+			device_path = SERIAL_CHANNEL;
+		else
+			errno = saved;
+	}
+	return fd;      /* on failure errno is that of the virtio console's open() */
 }
 
 static void send_ready(void)
@@ -1030,9 +1061,10 @@ int main(int argc, char **argv)
 	size_t cap_pfds = 0;
 
 	for (int i = 1; i < argc; i++) {
-		if (strcmp(argv[i], "--device") == 0 && i + 1 < argc)
+		if (strcmp(argv[i], "--device") == 0 && i + 1 < argc) {
 			device_path = argv[++i];
-		else if (strcmp(argv[i], "--no-pid1") == 0)
+			default_device = 0;
+		} else if (strcmp(argv[i], "--no-pid1") == 0)
 			pid1_mode = 0;
 		else
 			usage(argv[0]);

@@ -42,6 +42,7 @@ class _Collect:
     stderr: bytearray = field(default_factory=bytearray)
     status: int | None = None
     failure: str | None = None
+    missing: list[str] = field(default_factory=list)
 
     def output(self, job: int, stream: str, data: bytes) -> None:
         (self.stdout if stream == "stdout" else self.stderr).extend(data)
@@ -49,6 +50,9 @@ class _Collect:
     def finished(self, job: int, status: int, outputs: dict[str, bytes], missing: list[str],
                  runtime_s: float) -> None:
         self.status = status
+        self.missing = missing
+        for data in outputs.values():
+            self.stdout.extend(data)
 
     def failed(self, job: int, reason: str) -> None:
         self.failure = reason
@@ -60,11 +64,13 @@ def run_in_guest(program: Path, *args: str) -> bytes:
                                 {"prog": program.read_bytes()})
 
 
-def run_command_in_guest(argv: list[str], inputs: dict[str, bytes] | None = None) -> bytes:
-    """*argv* in a freshly booted guest, in a job directory holding *inputs*; its stdout."""
-    guest = Guest.boot(load_guest_image(), MachineConfig())
+def run_command_in_guest(argv: list[str], inputs: dict[str, bytes] | None = None, kernel: Path | None = None,
+                         outputs: list[str] | None = None) -> bytes:
+    """*argv* in a freshly booted guest (conode's kernel, or *kernel* with conode's initramfs), in a job
+    directory holding *inputs*; its stdout, then each of *outputs* fetched back, concatenated."""
+    guest = Guest.boot(load_guest_image(kernel), MachineConfig())
     sink = _Collect()
-    spec = JobSpec.in_job_directory(1, argv, inputs or {}, [])
+    spec = JobSpec.in_job_directory(1, argv, inputs or {}, outputs or [])
     guest.on_ready = lambda name: guest.start_job(spec, sink)
     try:
         guest.run()
@@ -72,4 +78,5 @@ def run_command_in_guest(argv: list[str], inputs: dict[str, bytes] | None = None
         guest.machine.close()
     assert sink.failure is None, sink.failure
     assert sink.status == 0, (sink.status, bytes(sink.stderr))
+    assert not sink.missing, sink.missing
     return bytes(sink.stdout)

@@ -27,6 +27,7 @@ LCR_DLAB = 0x80
 MCR_OUT2, MCR_LOOP = 0x08, 0x10
 FCR_WRITABLE = 0xC9  # FIFO enable, DMA mode, trigger level
 RX_BUFFER_BYTES = 64 << 10  # received bytes the guest has not read yet; more are lost (an overrun)
+RX_REFILL_BELOW = 4096  # a host stream behind the UART (on_rx_room) tops the buffer up below this
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,15 @@ class Uart16550:
         self.fcr = 0
         self.divisor = 12  # 9600 baud until the guest sets its own
         self.thr_interrupt = False  # "THR empty" is pending until IIR is read or THR written
+        self.on_rx_room: Callable[[], None] = lambda: None  # the guest drained the receive buffer low
 
     # --- host side -----------------------------------------------------------------------------------------
+    @property
+    def rx_room(self) -> int:
+        return RX_BUFFER_BYTES - len(self.rx)
+
     def feed(self, data: bytes) -> None:
-        """Bytes typed at the console, for the guest to read."""
+        """Bytes typed at the console, for the guest to read (beyond the buffer: lost, as in an overrun)."""
         self.rx.extend(data[: RX_BUFFER_BYTES - len(self.rx)])
         self._update_irq()
 
@@ -72,6 +78,8 @@ class Uart16550:
             if dlab:
                 return self.divisor & 0xFF
             value = self.rx.popleft() if self.rx else 0
+            if len(self.rx) < RX_REFILL_BELOW:
+                self.on_rx_room()
             self._update_irq()
             return value
         if offset == IER_DLM:
