@@ -224,7 +224,7 @@ class Coordinator:
                 self._requeue(job.id, f"node {name} restarted without it")
         for job_id in held - node.running - vacated_here:
             self._reply(identity, "cancel_job", job=job_id)
-        self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S, known_jobs=sorted(node.running))
+        self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S)
         log.info("node %s joined: %d cores, %d MiB, speed %.0f, %s", name, node.cores, node.mem_mib, node.speed,
                  node.state)
         self._refresh(node)

@@ -96,7 +96,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "job_resumed": ("agent", {"job": _f(INT)}),
     "bye": ("agent", {"node": _f(STR)}),
     # coordinator -> agent
-    "welcome": ("coordinator", {"heartbeat_s": _f(MEASURE), "known_jobs": _f(INT_LIST)}),
+    "welcome": ("coordinator", {"heartbeat_s": _f(MEASURE)}),
     "ping": ("coordinator", {}),
     "run_job": ("coordinator", {"job": _f(INT), "argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS),
                                 "mem_mib": _f(GUEST_MEM)}),

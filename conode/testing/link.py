@@ -55,8 +55,8 @@ class MemoryTransport:
     def deliver_raw(self, frame: bytes) -> None:
         self._incoming.append(frame)
 
-    def welcome(self, known_jobs: list[int] | None = None) -> None:
-        self.deliver("welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S, known_jobs=known_jobs or [])
+    def welcome(self) -> None:
+        self.deliver("welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S)
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [m for m in self.sent if m["type"] == kind]
