@@ -1,0 +1,136 @@
+"""The guest's x87 gives the bit patterns and status words of the host's x87, instruction by instruction.
+
+Small static i386 programs (``x87/*.c``) run each x87 instruction (and glibc's libm, built on them) over a table of
+special and pseudo-random operands and print raw bits; they run natively on the host (an x86 CPU) and in the
+guest on the fast engine, and the outputs must be equal line for line.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+if __name__ == "__main__":  # the guest half, run in its own process: tests/ holds conftest
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from conftest import REPO, fast_engine_built  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SOURCES = HERE / "x87"
+PROGRAMS = {"x87ops": [], "libm": ["-lm"]}
+GUEST_TIMEOUT_S = 900
+
+pytestmark = pytest.mark.skipif(not fast_engine_built(), reason="the fast engine is not built (`conode engine build`)")
+
+
+def build(name: str, into: Path) -> Path | str:
+    """Compile one test program; return its path, or why it cannot be built here."""
+    if platform.machine() not in ("x86_64", "i386", "i686", "AMD64"):
+        return f"the host is {platform.machine()}, not x86: no hardware to compare with"
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return "no C compiler"
+    binary = into / name
+    result = subprocess.run([compiler, "-m32", "-static", "-O0", str(SOURCES / f"{name}.c"), "-o", str(binary),
+                             *PROGRAMS[name]], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"gcc -m32 -static cannot build i386 programs here: {result.stderr.strip()[-300:]}"
+    return binary
+
+
+def run_in_guest(binaries: dict[str, bytes]) -> dict[str, bytes]:
+    """Boot a guest, run each program once, return each one's stdout (run in this process: pick the engine first)."""
+    import conode.vm  # noqa: F401  (selects the engine before unicorn is imported)
+    from conode.vm.guest import Guest, JobSpec
+    from conode.vm.guest_image import load_guest_image
+    from conode.vm.machine import MachineConfig
+
+    names = sorted(binaries)
+    script = " && ".join(["chmod +x " + " ".join(names)] + [f"./{n} > {n}.out" for n in names])
+    results: dict[str, bytes] = {}
+
+    class Sink:
+        def output(self, job: int, stream: str, data: bytes) -> None:
+            sys.stderr.buffer.write(data)
+
+        def finished(self, job: int, status: int, outputs: dict[str, bytes], missing: list[str],
+                     runtime_s: float) -> None:
+            if status != 0 or missing:
+                raise SystemExit(f"the programs failed in the guest: status {status}, missing {missing}")
+            results.update({name: outputs[f"{name}.out"] for name in names})
+
+        def failed(self, job: int, reason: str) -> None:
+            raise SystemExit(f"the guest job failed: {reason}")
+
+    guest = Guest.boot(load_guest_image(), MachineConfig())
+    spec = JobSpec(1, ["sh", "-c", script], "/job/1", inputs=dict(binaries), outputs=[f"{n}.out" for n in names])
+    guest.on_ready = lambda name: guest.start_job(spec, Sink())
+    guest.run()
+    if guest.failure is not None:
+        raise SystemExit(f"the guest failed: {guest.failure}")
+    return results
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """For each program: (the host's output, the guest's output)."""
+    work = tmp_path_factory.mktemp("x87")
+    binaries: dict[str, Path] = {}
+    for name in PROGRAMS:
+        built = build(name, work)
+        if isinstance(built, str):
+            pytest.skip(built)
+        binaries[name] = built
+    native = {name: subprocess.run([str(path)], capture_output=True, check=True, timeout=120).stdout.decode()
+              for name, path in binaries.items()}
+    env = {**os.environ, "CONODE_ENGINE": os.environ.get("CONODE_ENGINE", "fast")}
+    result = subprocess.run([sys.executable, __file__, str(work), *binaries], cwd=REPO, env=env,
+                            capture_output=True, timeout=GUEST_TIMEOUT_S)
+    if result.returncode != 0:
+        pytest.fail(f"running the programs in the guest failed: {result.stderr.decode(errors='replace')[-2000:]}")
+    return {name: (native[name], (work / f"{name}.guest").read_text()) for name in binaries}
+
+
+def by_function(text: str) -> dict[str, list[str]]:
+    lines: dict[str, list[str]] = defaultdict(list)
+    for line in text.splitlines():
+        lines[line.split(" ", 1)[0]].append(line)
+    return lines
+
+
+def compare(outputs: dict[str, tuple[str, str]], program: str, function: str) -> None:
+    host, guest = (by_function(text)[function] for text in outputs[program])
+    assert host, f"{program} printed nothing for {function}"
+    assert len(host) == len(guest), f"{function}: {len(host)} cases natively, {len(guest)} in the guest"
+    wrong = [(h, g) for h, g in zip(host, guest) if h != g]
+    detail = "\n".join(f"  host:  {h}\n  guest: {g}" for h, g in wrong[:8])
+    assert not wrong, f"{function}: {len(wrong)} of {len(host)} cases differ from the hardware:\n{detail}"
+
+
+INSTRUCTIONS = ["f2xm1", "fyl2x", "fyl2xp1", "fpatan", "fprem", "fprem1", "fscale", "fxtract", "fsin", "fcos",
+                "fptan", "fsincos", "frndint", "fsqrt", "fadd", "fmul", "fdiv", "fxam"]
+LIBM = ["log", "log2", "log10", "log1p", "exp", "exp2", "expm1", "sin", "cos", "tan", "atan", "asin", "acos",
+        "sinh", "tanh", "atan2", "pow", "fmod", "remainder"]
+
+
+@pytest.mark.parametrize("instruction", INSTRUCTIONS)
+def test_x87_instruction_matches_the_hardware(outputs, instruction):
+    compare(outputs, "x87ops", instruction)
+
+
+@pytest.mark.parametrize("function", LIBM)
+def test_libm_matches_the_hardware(outputs, function):
+    compare(outputs, "libm", function)
+
+
+if __name__ == "__main__":
+    directory = Path(sys.argv[1])
+    produced = run_in_guest({name: (directory / name).read_bytes() for name in sys.argv[2:]})
+    for name, data in produced.items():
+        (directory / f"{name}.guest").write_bytes(data)

@@ -1,0 +1,173 @@
+/* x87 instructions on a table of 80-bit operands: one line per case with the operands, the control word, the
+ * status word after the instruction and the raw bit patterns left on the stack.  Run natively and in the guest;
+ * the two outputs must be equal byte for byte.  Build: gcc -m32 -static -O0 x87ops.c -o x87ops */
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+typedef struct { uint64_t m; uint16_t se; } __attribute__((packed)) x80;
+typedef struct { x80 v; uint8_t pad[6]; } __attribute__((packed)) slot;
+
+static uint64_t lcg_state = 0x853c49e6748fea9bULL;
+
+static uint64_t next64(void)
+{
+    lcg_state = lcg_state * 6364136223846793005ULL + 1442695040888963407ULL;
+    uint64_t hi = lcg_state >> 32;
+    lcg_state = lcg_state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (hi << 32) | (lcg_state >> 32);
+}
+
+static x80 mk(uint16_t se, uint64_t m)
+{
+    x80 v = {m, se};
+    return v;
+}
+
+/* A random normal number with an exponent in [lo, hi] (unbiased) and a random sign if signed_ is set. */
+static x80 rnd(int lo, int hi, int signed_)
+{
+    uint64_t r = next64();
+    int e = lo + (int)(next64() % (uint64_t)(hi - lo + 1));
+    uint16_t s = (signed_ && (r & 1)) ? 0x8000 : 0;
+    return mk(s | (uint16_t)(e + 16383), next64() | 0x8000000000000000ULL);
+}
+
+static const x80 specials[] = {
+    {0, 0}, {0, 0x8000},                                                 /* zeros */
+    {1, 0}, {0x4000000000000000ULL, 0x8000}, {0x7fffffffffffffffULL, 0}, /* denormals */
+    {0x8000000000000000ULL, 0}, {0x8000000000000001ULL, 0x8000},         /* pseudo-denormals */
+    {0x8000000000000000ULL, 1}, {0x8000000000000000ULL, 0x8001},         /* smallest normals */
+    {0x8000000000000000ULL, 0x3fff}, {0x8000000000000000ULL, 0xbfff},    /* +-1 */
+    {0x8000000000000000ULL, 0x4000}, {0x8000000000000000ULL, 0x3ffe},    /* 2, 0.5 */
+    {0xc000000000000000ULL, 0xbffe}, {0xc000000000000000ULL, 0x4000},    /* -0.75, 3 */
+    {0xffffffffffffffffULL, 0x3ffe}, {0x8000000000000001ULL, 0x3fff},    /* 1-ulp, 1+ulp */
+    {0xc90fdaa22168c235ULL, 0x4000}, {0xc90fdaa22168c234ULL, 0x3fff},    /* pi, pi/2 */
+    {0xb504f333f9de6484ULL, 0x3ffe}, {0xb504f333f9de6484ULL, 0xbffd},    /* 1/sqrt2, -(1-1/sqrt2)ish */
+    {0x8000000000000000ULL, 0x3fbf}, {0x8000000000000000ULL, 0xbfc0},    /* 2^-64, -2^-63 */
+    {0x8000000000000000ULL, 0x403e}, {0x8000000000000000ULL, 0xc03d},    /* 2^63, -2^62 */
+    {0xabcdef0123456789ULL, 0x4010}, {0x9999999999999999ULL, 0xbff0},
+    {0xffffffffffffffffULL, 0x7ffe}, {0xffffffffffffffffULL, 0xfffe},    /* largest */
+    {0x8000000000000000ULL, 0x7fff}, {0x8000000000000000ULL, 0xffff},    /* infinities */
+    {0xc000000000000000ULL, 0x7fff}, {0xc000000000000001ULL, 0xffff},    /* quiet NaNs */
+    {0xa000000000000000ULL, 0x7fff}, {0x8000000000000001ULL, 0xffff},    /* signalling NaNs */
+    {0xc000000000000000ULL, 0xffff},                                     /* the indefinite */
+    {0x4000000000000000ULL, 0x3fff}, {0x0000000000000001ULL, 0x4005},    /* unnormals */
+    {0x4000000000000000ULL, 0x7fff},                                     /* pseudo-NaN */
+    {0, 0x7fff},                                                         /* pseudo-infinity */
+};
+#define NSPECIAL (sizeof specials / sizeof specials[0])
+
+enum { UNARY, BINARY };
+
+struct op {
+    const char *name;
+    int kind;
+    int outs;           /* registers left on the stack (of the two loaded) */
+    void (*run)(const x80 *st0, const x80 *st1, uint16_t cw, uint16_t *sw, slot *out);
+    int lo, hi;         /* exponent range of the random ST0 operands */
+    int lo1, hi1;       /* ... and of ST1 (binary) */
+};
+
+/* fninit; fldcw; load ST1 then ST0; clear the flags; the instruction; the status word; store what is left. */
+#define OP(name, insn, stores)                                                                            \
+    static void run_##name(const x80 *a, const x80 *b, uint16_t cw, uint16_t *sw, slot *out)              \
+    {                                                                                                     \
+        __asm__ volatile("fninit\n\tfldcw %[cw]\n\tfldt %[b]\n\tfldt %[a]\n\tfnclex\n\t" insn "\n\t"     \
+                         "fnstsw %[sw]\n\t" stores                                                        \
+                         : [sw] "=m"(*sw)                                                                 \
+                         : [a] "m"(*a), [b] "m"(*b), [cw] "m"(cw), [o] "r"(out)                           \
+                         : "memory");                                                                     \
+    }
+#define S1 "fstpt (%[o])\n\tfninit"
+#define S2 "fstpt (%[o])\n\tfstpt 16(%[o])\n\tfninit"
+#define S3 "fstpt (%[o])\n\tfstpt 16(%[o])\n\tfstpt 32(%[o])\n\tfninit"
+
+OP(f2xm1, "f2xm1", S2)
+OP(fyl2x, "fyl2x", S1)
+OP(fyl2xp1, "fyl2xp1", S1)
+OP(fpatan, "fpatan", S1)
+OP(fprem, "fprem", S2)
+OP(fprem1, "fprem1", S2)
+OP(fscale, "fscale", S2)
+OP(fxtract, "fxtract", S3)
+OP(fsin, "fsin", S2)
+OP(fcos, "fcos", S2)
+OP(fptan, "fptan", S3)
+OP(fsincos, "fsincos", S3)
+OP(frndint, "frndint", S2)
+OP(fsqrt, "fsqrt", S2)
+OP(fadd, "faddp", S1)
+OP(fmul, "fmulp", S1)
+OP(fdiv, "fdivp", S1)
+OP(fxam, "fxam", S2)
+
+static const struct op ops[] = {
+    {"f2xm1", UNARY, 2, run_f2xm1, -70, 0, 0, 0},
+    {"fyl2x", BINARY, 1, run_fyl2x, -16000, 16000, -80, 80},
+    {"fyl2xp1", BINARY, 1, run_fyl2xp1, -70, -2, -20, 20},
+    {"fpatan", BINARY, 1, run_fpatan, -200, 200, -200, 200},
+    {"fprem", BINARY, 2, run_fprem, -100, 200, -100, 100},
+    {"fprem1", BINARY, 2, run_fprem1, -100, 200, -100, 100},
+    {"fscale", BINARY, 2, run_fscale, -16000, 16000, -5, 14},
+    {"fxtract", UNARY, 3, run_fxtract, -16382, 16383, 0, 0},
+    {"fsin", UNARY, 2, run_fsin, -70, 70, 0, 0},
+    {"fcos", UNARY, 2, run_fcos, -70, 70, 0, 0},
+    {"fptan", UNARY, 3, run_fptan, -70, 70, 0, 0},
+    {"fsincos", UNARY, 3, run_fsincos, -70, 70, 0, 0},
+    {"frndint", UNARY, 2, run_frndint, -3, 70, 0, 0},
+    {"fsqrt", UNARY, 2, run_fsqrt, -16382, 16383, 0, 0},
+    {"fadd", BINARY, 1, run_fadd, -100, 100, -100, 100},
+    {"fmul", BINARY, 1, run_fmul, -8000, 8000, -8000, 8000},
+    {"fdiv", BINARY, 1, run_fdiv, -8000, 8000, -8000, 8000},
+    {"fxam", UNARY, 2, run_fxam, -16382, 16383, 0, 0},
+};
+
+static const uint16_t modes[] = {0x037f, 0x0f7f, 0x077f, 0x0b7f, 0x027f, 0x007f};
+#define NMODES (sizeof modes / sizeof modes[0])
+#define RANDOM_CASES 300
+
+static void show(const struct op *op, const x80 *a, const x80 *b, uint16_t cw)
+{
+    slot out[3];
+    uint16_t sw = 0;
+    memset(out, 0, sizeof out);
+    op->run(a, b, cw, &sw, out);
+    printf("%s %04x:%016llx", op->name, a->se, (unsigned long long)a->m);
+    if (op->kind == BINARY)
+        printf(" %04x:%016llx", b->se, (unsigned long long)b->m);
+    printf(" cw=%04x sw=%04x", cw, sw);
+    for (int i = 0; i < op->outs; i++)
+        printf(" %04x:%016llx", out[i].v.se, (unsigned long long)out[i].v.m);
+    printf("\n");
+}
+
+int main(int argc, char **argv)
+{
+    const char *only = argc > 1 ? argv[1] : NULL;
+    const x80 one = {0x8000000000000000ULL, 0x3fff};
+    for (size_t k = 0; k < sizeof ops / sizeof ops[0]; k++) {
+        const struct op *op = &ops[k];
+        if (only && strcmp(only, op->name) != 0)
+            continue;
+        lcg_state = 0x853c49e6748fea9bULL + k;
+        for (size_t i = 0; i < NSPECIAL; i++) {
+            if (op->kind == UNARY) {
+                show(op, &specials[i], &one, 0x037f);
+                continue;
+            }
+            for (size_t j = 0; j < NSPECIAL; j++)
+                show(op, &specials[i], &specials[j], 0x037f);
+        }
+        for (int i = 0; i < RANDOM_CASES; i++) {
+            x80 a = rnd(op->lo, op->hi, 1);
+            x80 b = op->kind == BINARY ? rnd(op->lo1, op->hi1, 1) : one;
+            if (op->run == run_fyl2x)
+                a.se &= 0x7fff;   /* the interesting domain: positive */
+            if (op->run == run_f2xm1 && i % 3 == 0)
+                a = mk((uint16_t)(0x3ffe | ((next64() & 1) << 15)), next64() | 0x8000000000000000ULL);
+            show(op, &a, &b, modes[i % NMODES]);
+        }
+    }
+    return 0;
+}
