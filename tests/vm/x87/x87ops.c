@@ -63,64 +63,70 @@ enum { UNARY, BINARY };
 struct op {
     const char *name;
     int kind;
-    int outs;           /* registers left on the stack (of the two loaded) */
-    void (*run)(const x80 *st0, const x80 *st1, uint16_t cw, uint16_t *sw, slot *out);
+    void (*run)(const x80 *st0, const x80 *st1, uint16_t cw, uint16_t *sw);
     int lo, hi;         /* exponent range of the random ST0 operands */
     int lo1, hi1;       /* ... and of ST1 (binary) */
 };
 
-/* fninit; fldcw; load ST1 then ST0; clear the flags; the instruction; the status word; store what is left. */
-#define OP(name, insn, stores)                                                                            \
-    static void run_##name(const x80 *a, const x80 *b, uint16_t cw, uint16_t *sw, slot *out)              \
+/* fninit; fldcw; load ST1 then ST0; clear the flags; the instruction; the status word.  The registers left
+ * on the stack are stored by store_stack (their number is in the status word's TOP). */
+#define OP(name, insn)                                                                                    \
+    static void run_##name(const x80 *a, const x80 *b, uint16_t cw, uint16_t *sw)                        \
     {                                                                                                     \
         __asm__ volatile("fninit\n\tfldcw %[cw]\n\tfldt %[b]\n\tfldt %[a]\n\tfnclex\n\t" insn "\n\t"     \
-                         "fnstsw %[sw]\n\t" stores                                                        \
+                         "fnstsw %[sw]"                                                                   \
                          : [sw] "=m"(*sw)                                                                 \
-                         : [a] "m"(*a), [b] "m"(*b), [cw] "m"(cw), [o] "r"(out)                           \
+                         : [a] "m"(*a), [b] "m"(*b), [cw] "m"(cw)                                         \
                          : "memory");                                                                     \
     }
-#define S1 "fstpt (%[o])\n\tfninit"
-#define S2 "fstpt (%[o])\n\tfstpt 16(%[o])\n\tfninit"
-#define S3 "fstpt (%[o])\n\tfstpt 16(%[o])\n\tfstpt 32(%[o])\n\tfninit"
 
-OP(f2xm1, "f2xm1", S2)
-OP(fyl2x, "fyl2x", S1)
-OP(fyl2xp1, "fyl2xp1", S1)
-OP(fpatan, "fpatan", S1)
-OP(fprem, "fprem", S2)
-OP(fprem1, "fprem1", S2)
-OP(fscale, "fscale", S2)
-OP(fxtract, "fxtract", S3)
-OP(fsin, "fsin", S2)
-OP(fcos, "fcos", S2)
-OP(fptan, "fptan", S3)
-OP(fsincos, "fsincos", S3)
-OP(frndint, "frndint", S2)
-OP(fsqrt, "fsqrt", S2)
-OP(fadd, "faddp", S1)
-OP(fmul, "fmulp", S1)
-OP(fdiv, "fdivp", S1)
-OP(fxam, "fxam", S2)
+static int store_stack(uint16_t sw, slot *out)
+{
+    int depth = (8 - ((sw >> 11) & 7)) & 7;
+    for (int i = 0; i < depth && i < 3; i++)
+        __asm__ volatile("fstpt %0" : "=m"(out[i].v) : : "memory");
+    __asm__ volatile("fninit");
+    return depth;
+}
+
+OP(f2xm1, "f2xm1")
+OP(fyl2x, "fyl2x")
+OP(fyl2xp1, "fyl2xp1")
+OP(fpatan, "fpatan")
+OP(fprem, "fprem")
+OP(fprem1, "fprem1")
+OP(fscale, "fscale")
+OP(fxtract, "fxtract")
+OP(fsin, "fsin")
+OP(fcos, "fcos")
+OP(fptan, "fptan")
+OP(fsincos, "fsincos")
+OP(frndint, "frndint")
+OP(fsqrt, "fsqrt")
+OP(fadd, "faddp")
+OP(fmul, "fmulp")
+OP(fdiv, "fdivp")
+OP(fxam, "fxam")
 
 static const struct op ops[] = {
-    {"f2xm1", UNARY, 2, run_f2xm1, -70, 0, 0, 0},
-    {"fyl2x", BINARY, 1, run_fyl2x, -16000, 16000, -80, 80},
-    {"fyl2xp1", BINARY, 1, run_fyl2xp1, -70, -2, -20, 20},
-    {"fpatan", BINARY, 1, run_fpatan, -200, 200, -200, 200},
-    {"fprem", BINARY, 2, run_fprem, -100, 200, -100, 100},
-    {"fprem1", BINARY, 2, run_fprem1, -100, 200, -100, 100},
-    {"fscale", BINARY, 2, run_fscale, -16000, 16000, -5, 14},
-    {"fxtract", UNARY, 3, run_fxtract, -16382, 16383, 0, 0},
-    {"fsin", UNARY, 2, run_fsin, -70, 70, 0, 0},
-    {"fcos", UNARY, 2, run_fcos, -70, 70, 0, 0},
-    {"fptan", UNARY, 3, run_fptan, -70, 70, 0, 0},
-    {"fsincos", UNARY, 3, run_fsincos, -70, 70, 0, 0},
-    {"frndint", UNARY, 2, run_frndint, -3, 70, 0, 0},
-    {"fsqrt", UNARY, 2, run_fsqrt, -16382, 16383, 0, 0},
-    {"fadd", BINARY, 1, run_fadd, -100, 100, -100, 100},
-    {"fmul", BINARY, 1, run_fmul, -8000, 8000, -8000, 8000},
-    {"fdiv", BINARY, 1, run_fdiv, -8000, 8000, -8000, 8000},
-    {"fxam", UNARY, 2, run_fxam, -16382, 16383, 0, 0},
+    {"f2xm1", UNARY, run_f2xm1, -70, 0, 0, 0},
+    {"fyl2x", BINARY, run_fyl2x, -16000, 16000, -80, 80},
+    {"fyl2xp1", BINARY, run_fyl2xp1, -70, -2, -20, 20},
+    {"fpatan", BINARY, run_fpatan, -200, 200, -200, 200},
+    {"fprem", BINARY, run_fprem, -100, 200, -100, 100},
+    {"fprem1", BINARY, run_fprem1, -100, 200, -100, 100},
+    {"fscale", BINARY, run_fscale, -16000, 16000, -5, 14},
+    {"fxtract", UNARY, run_fxtract, -16382, 16383, 0, 0},
+    {"fsin", UNARY, run_fsin, -70, 70, 0, 0},
+    {"fcos", UNARY, run_fcos, -70, 70, 0, 0},
+    {"fptan", UNARY, run_fptan, -70, 70, 0, 0},
+    {"fsincos", UNARY, run_fsincos, -70, 70, 0, 0},
+    {"frndint", UNARY, run_frndint, -3, 70, 0, 0},
+    {"fsqrt", UNARY, run_fsqrt, -16382, 16383, 0, 0},
+    {"fadd", BINARY, run_fadd, -100, 100, -100, 100},
+    {"fmul", BINARY, run_fmul, -8000, 8000, -8000, 8000},
+    {"fdiv", BINARY, run_fdiv, -8000, 8000, -8000, 8000},
+    {"fxam", UNARY, run_fxam, -16382, 16383, 0, 0},
 };
 
 static const uint16_t modes[] = {0x037f, 0x0f7f, 0x077f, 0x0b7f, 0x027f, 0x007f};
@@ -132,12 +138,13 @@ static void show(const struct op *op, const x80 *a, const x80 *b, uint16_t cw)
     slot out[3];
     uint16_t sw = 0;
     memset(out, 0, sizeof out);
-    op->run(a, b, cw, &sw, out);
+    op->run(a, b, cw, &sw);
+    int depth = store_stack(sw, out);
     printf("%s %04x:%016llx", op->name, a->se, (unsigned long long)a->m);
     if (op->kind == BINARY)
         printf(" %04x:%016llx", b->se, (unsigned long long)b->m);
     printf(" cw=%04x sw=%04x", cw, sw);
-    for (int i = 0; i < op->outs; i++)
+    for (int i = 0; i < depth; i++)
         printf(" %04x:%016llx", out[i].v.se, (unsigned long long)out[i].v.m);
     printf("\n");
 }
