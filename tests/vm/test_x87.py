@@ -90,7 +90,7 @@ def outputs(tmp_path_factory) -> dict[str, tuple[str, str]]:
         binaries[name] = built
     native = {name: subprocess.run([str(path)], capture_output=True, check=True, timeout=120).stdout.decode()
               for name, path in binaries.items()}
-    env = {**os.environ, "CONODE_ENGINE": os.environ.get("CONODE_ENGINE", "fast")}
+    env = {**os.environ, "CONODE_ENGINE": "fast"}
     result = subprocess.run([sys.executable, __file__, str(work), *binaries], cwd=REPO, env=env,
                             capture_output=True, timeout=GUEST_TIMEOUT_S)
     if result.returncode != 0:
