@@ -63,19 +63,21 @@ enum { UNARY, BINARY };
 struct op {
     const char *name;
     int kind;
-    void (*run)(const x80 *st0, const x80 *st1, uint16_t cw, uint16_t *sw);
+    void (*run)(const x80 *st0, const x80 *st1, uint16_t cw, uint16_t *sw, uint8_t *mem);
     int lo, hi;         /* exponent range of the random ST0 operands */
     int lo1, hi1;       /* ... and of ST1 (binary) */
+    int mem;            /* bytes of memory the instruction writes (printed), or -4/-8: it loads that many */
 };
 
 /* fninit; fldcw; load ST1 then ST0; clear the flags; the instruction; the status word.  The registers left
- * on the stack are stored by store_stack (their number is in the status word's TOP). */
+ * on the stack are stored by store_stack (their number is in the status word's TOP).  Instructions that use
+ * memory use mem: it holds ST0's significand before, and is printed after. */
 #define OP(name, insn)                                                                                    \
-    static void run_##name(const x80 *a, const x80 *b, uint16_t cw, uint16_t *sw)                        \
+    static void run_##name(const x80 *a, const x80 *b, uint16_t cw, uint16_t *sw, uint8_t *mem)          \
     {                                                                                                     \
         __asm__ volatile("fninit\n\tfldcw %[cw]\n\tfldt %[b]\n\tfldt %[a]\n\tfnclex\n\t" insn "\n\t"     \
                          "fnstsw %[sw]"                                                                   \
-                         : [sw] "=m"(*sw)                                                                 \
+                         : [sw] "=m"(*sw), [m] "+m"(*(uint8_t(*)[16])mem)                                 \
                          : [a] "m"(*a), [b] "m"(*b), [cw] "m"(cw)                                         \
                          : "memory");                                                                     \
     }
@@ -107,6 +109,19 @@ OP(fadd, "faddp")
 OP(fmul, "fmulp")
 OP(fdiv, "fdivp")
 OP(fxam, "fxam")
+OP(fsub, "fsubp")
+OP(fsubr, "fsubrp")
+OP(fdivr, "fdivrp")
+OP(fcom, "fcom %%st(1)")
+OP(fucom, "fucom %%st(1)")
+OP(fst32, "fsts %[m]")
+OP(fst64, "fstl %[m]")
+OP(fist16, "fists %[m]")
+OP(fist32, "fistl %[m]")
+OP(fistp64, "fistpll %[m]")
+OP(fbstp, "fbstp %[m]")
+OP(fld32, "flds %[m]")
+OP(fld64, "fldl %[m]")
 
 static const struct op ops[] = {
     {"f2xm1", UNARY, run_f2xm1, -70, 0, 0, 0},
@@ -127,6 +142,19 @@ static const struct op ops[] = {
     {"fmul", BINARY, run_fmul, -8000, 8000, -8000, 8000},
     {"fdiv", BINARY, run_fdiv, -8000, 8000, -8000, 8000},
     {"fxam", UNARY, run_fxam, -16382, 16383, 0, 0},
+    {"fsub", BINARY, run_fsub, -100, 100, -100, 100},
+    {"fsubr", BINARY, run_fsubr, -100, 100, -100, 100},
+    {"fdivr", BINARY, run_fdivr, -8000, 8000, -8000, 8000},
+    {"fcom", BINARY, run_fcom, -3, 3, -3, 3},
+    {"fucom", BINARY, run_fucom, -3, 3, -3, 3},
+    {"fst32", UNARY, run_fst32, -160, 160, 0, 0, 4},
+    {"fst64", UNARY, run_fst64, -1100, 1100, 0, 0, 8},
+    {"fist16", UNARY, run_fist16, -3, 17, 0, 0, 2},
+    {"fist32", UNARY, run_fist32, -3, 33, 0, 0, 4},
+    {"fistp64", UNARY, run_fistp64, -3, 65, 0, 0, 8},
+    {"fbstp", UNARY, run_fbstp, -3, 62, 0, 0, 10},
+    {"fld32", UNARY, run_fld32, 0, 0, 0, 0, -4},
+    {"fld64", UNARY, run_fld64, 0, 0, 0, 0, -8},
 };
 
 static const uint16_t modes[] = {0x037f, 0x0f7f, 0x077f, 0x0b7f, 0x027f, 0x007f};
@@ -137,8 +165,15 @@ static void show(const struct op *op, const x80 *a, const x80 *b, uint16_t cw)
 {
     slot out[3];
     uint16_t sw = 0;
+    uint8_t mem[16];
+    uint32_t high = (uint32_t)(a->m >> 32);
     memset(out, 0, sizeof out);
-    op->run(a, b, cw, &sw);
+    memset(mem, 0, sizeof mem);
+    if (op->mem == -4)
+        memcpy(mem, &high, 4);
+    else
+        memcpy(mem, &a->m, 8);
+    op->run(a, b, cw, &sw, mem);
     int depth = store_stack(sw, out);
     printf("%s %04x:%016llx", op->name, a->se, (unsigned long long)a->m);
     if (op->kind == BINARY)
@@ -146,6 +181,11 @@ static void show(const struct op *op, const x80 *a, const x80 *b, uint16_t cw)
     printf(" cw=%04x sw=%04x", cw, sw);
     for (int i = 0; i < depth; i++)
         printf(" %04x:%016llx", out[i].v.se, (unsigned long long)out[i].v.m);
+    if (op->mem > 0) {
+        printf(" mem=");
+        for (int i = op->mem - 1; i >= 0; i--)
+            printf("%02x", mem[i]);
+    }
     printf("\n");
 }
 
