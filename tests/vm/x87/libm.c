@@ -42,6 +42,8 @@ static const double specials[] = {
 
 typedef double (*f1)(double);
 typedef double (*f2)(double, double);
+typedef long double (*l1)(long double);
+typedef long double (*l2)(long double, long double);
 
 struct fn {
     const char *name;
@@ -72,7 +74,54 @@ static const struct fn fns[] = {
     {"remainder", 0, remainder, -60, 100, 1},
 };
 
+/* The long double functions: glibc computes them with the x87 instructions at full precision, so they show
+ * the instructions' own last bits. */
+struct lfn {
+    const char *name;
+    l1 one;
+    l2 two;
+    int lo, hi, neg;
+};
+
+static const struct lfn lfns[] = {
+    {"logl", logl, 0, -1000, 1000, 0},
+    {"log2l", log2l, 0, -1000, 1000, 0},
+    {"log1pl", log1pl, 0, -60, 10, 1},
+    {"expl", expl, 0, -20, 9, 1},
+    {"exp2l", exp2l, 0, -20, 9, 1},
+    {"expm1l", expm1l, 0, -60, 6, 1},
+    {"sinl", sinl, 0, -30, 60, 1},
+    {"cosl", cosl, 0, -30, 60, 1},
+    {"tanl", tanl, 0, -30, 60, 1},
+    {"atanl", atanl, 0, -60, 60, 1},
+    {"atan2l", 0, atan2l, -100, 100, 1},
+    {"powl", 0, powl, -10, 10, 1},
+};
+
 #define RANDOM_CASES 200
+
+static void show_long(const struct lfn *f, long double x, long double y)
+{
+    unsigned char r[10], a[10], b[10];
+    feclearexcept(FE_ALL_EXCEPT);
+    long double v = f->one ? f->one(x) : f->two(x, y);
+    int flags = fetestexcept(FE_ALL_EXCEPT);
+    memcpy(r, &v, 10);
+    memcpy(a, &x, 10);
+    memcpy(b, &y, 10);
+    printf("%s %02x%02x:", f->name, a[9], a[8]);
+    for (int i = 7; i >= 0; i--)
+        printf("%02x", a[i]);
+    if (!f->one) {
+        printf(" %02x%02x:", b[9], b[8]);
+        for (int i = 7; i >= 0; i--)
+            printf("%02x", b[i]);
+    }
+    printf(" flags=%02x %02x%02x:", flags, r[9], r[8]);
+    for (int i = 7; i >= 0; i--)
+        printf("%02x", r[i]);
+    printf("\n");
+}
 
 static void show(const struct fn *f, double x, double y)
 {
@@ -102,6 +151,24 @@ int main(void)
             double x = rnd(f->lo, f->hi, f->neg);
             double y = f->one ? 0 : (f->two == pow ? rnd(-4, 6, 1) : rnd(f->lo, f->hi, f->neg));
             show(f, x, y);
+        }
+    }
+    for (size_t k = 0; k < sizeof lfns / sizeof lfns[0]; k++) {
+        const struct lfn *f = &lfns[k];
+        lcg_state = 0x2545f4914f6cdd1dULL + k;
+        for (size_t i = 0; i < NSPECIAL; i++) {
+            if (f->one) {
+                show_long(f, specials[i], 0);
+                continue;
+            }
+            for (size_t j = 0; j < NSPECIAL; j++)
+                show_long(f, specials[i], specials[j]);
+        }
+        for (int i = 0; i < RANDOM_CASES; i++) {
+            /* a double's worth of random bits, then 11 more: arguments that use the extended precision */
+            long double x = (long double)rnd(f->lo, f->hi, f->neg) * (1.0L + (long double)(next64() >> 53) * 0x1p-64L);
+            long double y = f->one ? 0 : (f->two == powl ? rnd(-4, 6, 1) : rnd(f->lo, f->hi, f->neg));
+            show_long(f, x, y);
         }
     }
     return 0;
