@@ -1,6 +1,6 @@
-/* glibc's libm on i386 (built on the x87 instructions) over a table of arguments: one line per call with the
- * raw bits of the arguments and the result and the exception flags raised.  Run natively and in the guest; the
- * two outputs must be equal byte for byte.  Build: gcc -m32 -static -O0 libm.c -o libm -lm */
+/* glibc's libm on i386 (built on the x87 instructions) over a table of arguments: one line per call with
+ * the raw bits of the arguments and the result and the exception flags raised.  Run natively and in the
+ * guest; the two outputs must be equal byte for byte.  Build: gcc -m32 -static -O0 libm.c -o libm -lm */
 #include <fenv.h>
 #include <math.h>
 #include <stdint.h>
@@ -166,7 +166,8 @@ int main(void)
         }
         for (int i = 0; i < RANDOM_CASES; i++) {
             /* a double's worth of random bits, then 11 more: arguments that use the extended precision */
-            long double x = (long double)rnd(f->lo, f->hi, f->neg) * (1.0L + (long double)(next64() >> 53) * 0x1p-64L);
+            long double low = (long double)(next64() >> 53) * 0x1p-64L;
+            long double x = (long double)rnd(f->lo, f->hi, f->neg) * (1.0L + low);
             long double y = f->one ? 0 : (f->two == powl ? rnd(-4, 6, 1) : rnd(f->lo, f->hi, f->neg));
             show_long(f, x, y);
         }

@@ -1,6 +1,7 @@
-/* x87 instructions on a table of 80-bit operands: one line per case with the operands, the control word, the
- * status word after the instruction and the raw bit patterns left on the stack.  Run natively and in the guest;
- * the two outputs must be equal byte for byte.  Build: gcc -m32 -static -O0 x87ops.c -o x87ops */
+/* x87 instructions on a table of 80-bit operands: one line per case with the operands, the control word,
+ * the status word after the instruction and the raw bit patterns left on the stack (and in memory).  Run
+ * natively and in the guest; the two outputs must be equal byte for byte.
+ * Build: gcc -m32 -static -O0 x87ops.c -o x87ops */
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
