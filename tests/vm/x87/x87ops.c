@@ -123,6 +123,11 @@ OP(fistp64, "fistpll %[m]")
 OP(fbstp, "fbstp %[m]")
 OP(fld32, "flds %[m]")
 OP(fld64, "fldl %[m]")
+OP(fldpi, "fldpi")
+OP(fldl2e, "fldl2e")
+OP(fldl2t, "fldl2t")
+OP(fldlg2, "fldlg2")
+OP(fldln2, "fldln2")
 
 static const struct op ops[] = {
     {"f2xm1", UNARY, run_f2xm1, -70, 0, 0, 0},
@@ -156,6 +161,11 @@ static const struct op ops[] = {
     {"fbstp", UNARY, run_fbstp, -3, 62, 0, 0, 10},
     {"fld32", UNARY, run_fld32, 0, 0, 0, 0, -4},
     {"fld64", UNARY, run_fld64, 0, 0, 0, 0, -8},
+    {"fldpi", UNARY, run_fldpi, 0, 0, 0, 0},
+    {"fldl2e", UNARY, run_fldl2e, 0, 0, 0, 0},
+    {"fldl2t", UNARY, run_fldl2t, 0, 0, 0, 0},
+    {"fldlg2", UNARY, run_fldlg2, 0, 0, 0, 0},
+    {"fldln2", UNARY, run_fldln2, 0, 0, 0, 0},
 };
 
 static const uint16_t modes[] = {0x037f, 0x0f7f, 0x077f, 0x0b7f, 0x027f, 0x007f};
