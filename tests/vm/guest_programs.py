@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -14,15 +15,17 @@ from conode.vm.guest_image import load_guest_image
 from conode.vm.machine import MachineConfig
 
 
-def build_static_i386(source: Path, out: Path, *flags: str) -> Path:
-    """``gcc -m32 -static``; skip the test (with the reason) where this host cannot build i386 programs."""
+def build_static_i386(source: Path, out: Path, *flags: str, optimise: str = "-O1") -> Path:
+    """``gcc -m32 -static``; skip the test (with the reason) where this host cannot build or run i386 programs."""
+    if platform.machine() not in ("x86_64", "i386", "i686", "AMD64"):
+        pytest.skip(f"the host is {platform.machine()}, not x86: no hardware to compare with")
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("needs gcc with 32-bit support (Debian: gcc-multilib)")
-    result = subprocess.run([gcc, "-m32", "-static", "-O1", *flags, "-o", str(out), str(source)],
+    result = subprocess.run([gcc, "-m32", "-static", optimise, "-o", str(out), str(source), *flags],
                             capture_output=True, text=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot build static i386 programs here (Debian: gcc-multilib): {result.stderr[:300]}")
+        pytest.skip(f"cannot build static i386 programs here (Debian: gcc-multilib): {result.stderr[-300:]}")
     return out
 
 
@@ -37,46 +40,45 @@ def run_natively(program: Path, *args: str) -> bytes:
 
 
 @dataclass
-class _Collect:
+class JobResult:
     stdout: bytearray = field(default_factory=bytearray)
     stderr: bytearray = field(default_factory=bytearray)
+    outputs: dict[str, bytes] = field(default_factory=dict)
     status: int | None = None
-    failure: str | None = None
     missing: list[str] = field(default_factory=list)
+    failure: str | None = None
 
+    # JobSink
     def output(self, job: int, stream: str, data: bytes) -> None:
         (self.stdout if stream == "stdout" else self.stderr).extend(data)
 
     def finished(self, job: int, status: int, outputs: dict[str, bytes], missing: list[str],
                  runtime_s: float) -> None:
-        self.status = status
-        self.missing = missing
-        for data in outputs.values():
-            self.stdout.extend(data)
+        self.status, self.outputs, self.missing = status, outputs, missing
 
     def failed(self, job: int, reason: str) -> None:
         self.failure = reason
 
 
-def run_in_guest(program: Path, *args: str) -> bytes:
-    """The program in a freshly booted guest on the engine this process runs; its stdout."""
-    return run_command_in_guest(["sh", "-c", 'chmod +x prog && exec ./prog "$@"', "prog", *args],
-                                {"prog": program.read_bytes()})
-
-
-def run_command_in_guest(argv: list[str], inputs: dict[str, bytes] | None = None, kernel: Path | None = None,
-                         outputs: list[str] | None = None) -> bytes:
-    """*argv* in a freshly booted guest (conode's kernel, or *kernel* with conode's initramfs), in a job
-    directory holding *inputs*; its stdout, then each of *outputs* fetched back, concatenated."""
+def run_job_in_guest(argv: list[str], inputs: dict[str, bytes] | None = None, outputs: list[str] | None = None,
+                     kernel: Path | None = None) -> JobResult:
+    """*argv* as a job in a freshly booted guest (conode's kernel, or *kernel* with conode's initramfs) on the
+    engine this process runs, its job directory holding *inputs*; it must succeed."""
     guest = Guest.boot(load_guest_image(kernel), MachineConfig())
-    sink = _Collect()
+    result = JobResult()
     spec = JobSpec.in_job_directory(1, argv, inputs or {}, outputs or [])
-    guest.on_ready = lambda name: guest.start_job(spec, sink)
+    guest.on_ready = lambda name: guest.start_job(spec, result)
     try:
         guest.run()
     finally:
         guest.machine.close()
-    assert sink.failure is None, sink.failure
-    assert sink.status == 0, (sink.status, bytes(sink.stderr))
-    assert not sink.missing, sink.missing
-    return bytes(sink.stdout)
+    assert result.failure is None, result.failure
+    assert result.status == 0, (result.status, bytes(result.stderr))
+    assert not result.missing, result.missing
+    return result
+
+
+def run_in_guest(program: Path, *args: str) -> bytes:
+    """The program in a freshly booted guest; its stdout."""
+    return bytes(run_job_in_guest(["sh", "-c", 'chmod +x prog && exec ./prog "$@"', "prog", *args],
+                                  {"prog": program.read_bytes()}).stdout)

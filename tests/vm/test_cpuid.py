@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from guest_programs import build_static_i386, run_command_in_guest, run_in_guest, run_natively
+from guest_programs import build_static_i386, run_in_guest, run_job_in_guest, run_natively
 
 from conode.vm import ENGINE
 
@@ -66,7 +66,7 @@ def test_absent_features_fault(tables):
 
 
 def test_the_kernel_sees_conodes_cpu_and_what_it_offers():
-    cpuinfo = run_command_in_guest(["cat", "/proc/cpuinfo"]).decode()
+    cpuinfo = run_job_in_guest(["cat", "/proc/cpuinfo"]).stdout.decode()
     fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in cpuinfo.splitlines())}
     assert fields["model name"] == "conode virtual CPU (Unicorn TCG)"
     flags = fields["flags"].split()

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from guest_programs import run_command_in_guest
+from guest_programs import run_job_in_guest
 
 from conode.cache import cache_dir
 
@@ -58,10 +58,10 @@ def debian_kernel(flavour: str) -> Path:
 def test_debian_kernel_runs_a_job_with_files(flavour, tmp_path):
     kernel = debian_kernel(flavour)
     data = bytes(range(256)) * 1000
-    out = run_command_in_guest(["sh", "-c", "uname -r; sha256sum data | cut -d' ' -f1; "
-                                "tr a-z A-Z < note > loud"],
-                               {"data": data, "note": b"stock kernel\n"}, kernel=kernel, outputs=["loud"])
-    release, digest, loud = out.decode().splitlines()
+    result = run_job_in_guest(["sh", "-c", "uname -r; sha256sum data | cut -d' ' -f1; tr a-z A-Z < note > loud"],
+                              {"data": data, "note": b"stock kernel\n"}, ["loud"], kernel=kernel)
+    release, digest = result.stdout.decode().splitlines()
+    loud = result.outputs["loud"].decode().strip()
     assert release == kernel.name.removeprefix("vmlinuz-") and release.endswith(flavour)
     assert digest == hashlib.sha256(data).hexdigest()
     assert loud == "STOCK KERNEL"

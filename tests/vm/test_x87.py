@@ -11,8 +11,6 @@ nothing else. FYL2XP1 is compared in its documented domain only.
 from __future__ import annotations
 
 import os
-import platform
-import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -23,79 +21,35 @@ import pytest
 
 if __name__ == "__main__":  # the guest half, run in its own process: tests/ holds conftest
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import REPO, fast_engine_built
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import REPO, fast_engine_built  # noqa: E402
+from guest_programs import build_static_i386, run_job_in_guest, run_natively  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SOURCES = HERE / "x87"
 PROGRAMS = {"x87ops": [], "libm": ["-lm"]}
 GUEST_TIMEOUT_S = 900
 
-pytestmark = pytest.mark.skipif(not fast_engine_built(),
-                                reason="the fast engine is not built (`conode engine build`)")
-
-
-def build(name: str, into: Path) -> Path | str:
-    """Compile one test program; return its path, or why it cannot be built here."""
-    if platform.machine() not in ("x86_64", "i386", "i686", "AMD64"):
-        return f"the host is {platform.machine()}, not x86: no hardware to compare with"
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        return "no C compiler"
-    binary = into / name
-    command = [compiler, "-m32", "-static", "-O0", str(SOURCES / f"{name}.c"), "-o", str(binary), *PROGRAMS[name]]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        return f"gcc -m32 -static cannot build i386 programs here: {result.stderr.strip()[-300:]}"
-    return binary
+pytestmark = [pytest.mark.guest,
+              pytest.mark.skipif(not fast_engine_built(), reason="the fast engine is not built (`conode engine build`)")]
 
 
 def run_in_guest(binaries: dict[str, bytes]) -> dict[str, bytes]:
-    """Boot a guest, run each program once and return each one's stdout (in this process: the engine is chosen
-    by the environment before unicorn is imported)."""
-    import conode.vm  # noqa: F401  (selects the engine before unicorn is imported)
-    from conode.vm.guest import Guest, JobSpec
-    from conode.vm.guest_image import load_guest_image
-    from conode.vm.machine import MachineConfig
-
+    """Run each program once in one guest and return each one's stdout (in the process this file runs in as a
+    script: the engine is chosen by the environment before unicorn is imported)."""
     names = sorted(binaries)
     script = " && ".join(["chmod +x " + " ".join(names)] + [f"./{n} > {n}.out" for n in names])
-    results: dict[str, bytes] = {}
-
-    class Sink:
-        def output(self, job: int, stream: str, data: bytes) -> None:
-            sys.stderr.buffer.write(data)
-
-        def finished(self, job: int, status: int, outputs: dict[str, bytes], missing: list[str],
-                     runtime_s: float) -> None:
-            if status != 0 or missing:
-                raise SystemExit(f"the programs failed in the guest: status {status}, missing {missing}")
-            results.update({name: outputs[f"{name}.out"] for name in names})
-
-        def failed(self, job: int, reason: str) -> None:
-            raise SystemExit(f"the guest job failed: {reason}")
-
-    guest = Guest.boot(load_guest_image(), MachineConfig())
-    spec = JobSpec(1, ["sh", "-c", script], "/job/1", inputs=dict(binaries),
-                   outputs=[f"{n}.out" for n in names])
-    guest.on_ready = lambda name: guest.start_job(spec, Sink())
-    guest.run()
-    if guest.failure is not None:
-        raise SystemExit(f"the guest failed: {guest.failure}")
-    return results
+    result = run_job_in_guest(["sh", "-c", script], dict(binaries), [f"{n}.out" for n in names])
+    return {name: result.outputs[f"{name}.out"] for name in names}
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict[str, tuple[str, str]]:
-    """For each program: (the host's output, the guest's output)."""
+    """For each program: (the host's output, the guest's output), the guest on the fast engine."""
     work = tmp_path_factory.mktemp("x87")
-    binaries: dict[str, Path] = {}
-    for name in PROGRAMS:
-        built = build(name, work)
-        if isinstance(built, str):
-            pytest.skip(built)
-        binaries[name] = built
-    native = {name: subprocess.run([str(path)], capture_output=True, check=True, timeout=120).stdout.decode()
-              for name, path in binaries.items()}
+    binaries = {name: build_static_i386(SOURCES / f"{name}.c", work / name, *flags, optimise="-O0")
+                for name, flags in PROGRAMS.items()}
+    native = {name: run_natively(path).decode() for name, path in binaries.items()}
     env = {**os.environ, "CONODE_ENGINE": "fast"}
     result = subprocess.run([sys.executable, __file__, str(work), *binaries], cwd=REPO, env=env,
                             capture_output=True, timeout=GUEST_TIMEOUT_S, check=False)

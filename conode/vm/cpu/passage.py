@@ -31,6 +31,8 @@ _EFLAGS_IF = 1 << 9
 _EFLAGS_CLEARED_ON_DELIVERY = (1 << 8) | (1 << 14) | (1 << 16) | (1 << 17)  # TF, NT, RF, VM
 _CR0_PG = 1 << 31
 _CR4_PSE = 1 << 4
+_CR4_PAE = 1 << 5
+_PAE_ADDRESS = 0x000FFFFFFFFFF000  # bits 12-51 of a PAE entry
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -58,9 +60,12 @@ class Passage:
         self.deliver(_VEC_UD)
 
     def _linear_to_physical(self, linear: int, cr0: int, cr3: int, cr4: int) -> int:
-        """Walk the guest's (non-PAE) page tables; raise GuestCrashed if *linear* is not mapped."""
+        """Walk the guest's page tables (two-level, or PAE's three); raise GuestCrashed if *linear* is not
+        mapped to RAM."""
         if not cr0 & _CR0_PG:
             return linear
+        if cr4 & _CR4_PAE:
+            return self._pae_to_physical(linear, cr3)
         ram = self.ram
         pde = ram.u32((cr3 & 0xFFFFF000) + ((linear >> 22) << 2))
         if not pde & 1:
@@ -71,6 +76,22 @@ class Passage:
         if not pte & 1:
             raise GuestCrashed(f"kernel stack or IDT not mapped at {linear:#x}")
         return (pte & 0xFFFFF000) | (linear & 0xFFF)
+
+    def _pae_to_physical(self, linear: int, cr3: int) -> int:
+        entry = self._pae_entry((cr3 & 0xFFFFFFE0) + ((linear >> 30) & 3) * 8, linear)
+        entry = self._pae_entry((entry & _PAE_ADDRESS) + ((linear >> 21) & 0x1FF) * 8, linear)
+        if entry & 0x80:  # a 2 MiB page
+            return (entry & _PAE_ADDRESS & ~0x1FFFFF) | (linear & 0x1FFFFF)
+        entry = self._pae_entry((entry & _PAE_ADDRESS) + ((linear >> 12) & 0x1FF) * 8, linear)
+        return (entry & _PAE_ADDRESS) | (linear & 0xFFF)
+
+    def _pae_entry(self, address: int, linear: int) -> int:
+        if address + 8 > self.ram.size:
+            raise GuestCrashed(f"the page tables for {linear:#x} lie outside RAM")
+        entry = self.ram.u32(address) | self.ram.u32(address + 4) << 32
+        if not entry & 1:
+            raise GuestCrashed(f"kernel stack or IDT not mapped at {linear:#x}")
+        return entry
 
     def deliver(self, vector: int, software: bool = False, in_flight: bool = False,
                  error_code: int | None = None) -> None:

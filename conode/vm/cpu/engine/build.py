@@ -15,6 +15,13 @@ explained in its own file:
   does (stock Unicorn also checks after every memory access, so an asynchronous stop can cut an instruction in
   half — which is why Unicorn's own timeout corrupts a guest), and a kick that ends the run at the next block
   boundary from any thread: slices end on a deadline timer instead of a per-block hook.
+- ``0004-x87-as-hardware``: the x87 as hardware computes it — 80-bit arithmetic with softfloat's exception
+  flags and C1 in the status word, special cases, loads, stores and compares as the hardware treats them,
+  exact partial remainders and scaling, and the transcendental instructions (F2XM1, FYL2X, FYL2XP1, FPATAN,
+  FSIN, FCOS, FSINCOS, FPTAN) computed in float128 and rounded once (stock Unicorn uses host doubles, and
+  FYL2X of zero or a negative number returns garbage).
+- ``0005-vex-needs-avx``: VEX-encoded instructions raise #UD on a CPU model without AVX and BMI, as hardware
+  does (stock Unicorn runs them as legacy SSE), so that CPUID's missing AVX is the truth.
 """
 
 from __future__ import annotations
