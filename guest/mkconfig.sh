@@ -31,7 +31,7 @@ cfg -e BLOCK -e VIRTIO_MENU -e VIRTIO -e VIRTIO_MMIO \
     -e VIRTIO_MMIO_CMDLINE_DEVICES -e VIRTIO_BLK -e NETDEVICES -e NET_CORE \
     -e VIRTIO_NET -e HVC_DRIVER -e VIRTIO_CONSOLE -e EXT2_FS
 # CPU and platform: keep the emulated machine as simple as possible.
-cfg -d 64BIT -e M486 -d M686 -d MPENTIUMII -d GENERIC_CPU -d SMP \
+cfg -d 64BIT -e M486SX -d M486 -d M686 -d MPENTIUMII -d GENERIC_CPU -d SMP \
     -d X86_LOCAL_APIC -d X86_IO_APIC -d X86_UP_APIC -d X86_UP_IOAPIC \
     -e NOHIGHMEM -d HIGHMEM4G -d HIGHMEM64G -d X86_PAE \
     -e HZ_100 -d HZ_250 -d HZ_300 -d HZ_1000 \
@@ -50,6 +50,8 @@ cfg -d IPV6 -d INET_DIAG -d VT -d INPUT -d SERIO
 # line, so random.trust_bootloader=on comes too late: trusting the boot loader must be the built-in default,
 # or the guest's first read of /dev/urandom waits seconds for entropy.
 cfg -e RANDOM_TRUST_BOOTLOADER
+# The kernel's own x87 emulator, for engines whose x87 cannot be trusted (booted with no387).
+cfg -e MODIFY_LDT_SYSCALL -e MATH_EMULATION
 
 make ARCH=i386 olddefconfig >&2
 cp .config "$here/kernel.config"

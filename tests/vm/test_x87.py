@@ -59,6 +59,17 @@ def outputs(tmp_path_factory) -> dict[str, tuple[str, str]]:
     return {name: (native[name], (work / f"{name}.guest").read_text()) for name in binaries}
 
 
+def test_the_stock_engine_gives_no_wrong_answer_to_everyday_math(tmp_path):
+    """Stock Unicorn computes the x87 in host doubles (log(0) = 0 there): on it the guest gets no FPU, and the
+    kernel's own x87 emulator answers as the hardware does."""
+    program = build_static_i386(SOURCES / "basics.c", tmp_path / "basics", "-lm", optimise="-O0")
+    env = {**os.environ, "CONODE_ENGINE": "stock"}
+    result = subprocess.run([sys.executable, __file__, str(tmp_path), "basics"], cwd=REPO, env=env,
+                            capture_output=True, timeout=GUEST_TIMEOUT_S, check=False)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    assert (tmp_path / "basics.guest").read_bytes() == run_natively(program)
+
+
 def by_function(text: str) -> dict[str, list[str]]:
     lines: dict[str, list[str]] = defaultdict(list)
     for line in text.splitlines():

@@ -6,6 +6,11 @@ Westmere model's instruction set — SSE to SSE4.2, SSSE3, POPCNT, AES-NI, PCLMU
 implements, and nothing it does not (no AVX, MOVBE, BMI, RDRAND). Features of the platform rather than the
 instruction set follow what the machine provides: no local APIC, no SEP (the guest stays on ``int 0x80``), no
 MSRs, no machine checks. The name is conode's own: the brand string, and the hypervisor leaf.
+
+Only conode's engine computes the x87 as hardware does (its patch 0004); stock Unicorn computes it in host
+doubles. On the stock engine the guest therefore gets no FPU: CPUID says so (and, since CR0.EM then makes
+MMX and SSE undefined too, hides those); the kernel, finding no FPU, sets CR0.EM and runs its own x87
+emulator (CONFIG_MATH_EMULATION), and no program gets a wrong floating-point answer — only a slower one.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ FEATURES_EDX = (
     | (1 << 25)  # SSE
     | (1 << 26)  # SSE2
 )
+# What needs an FPU: with CR0.EM set (no FPU) these raise #UD.
+NEEDS_FPU_EDX = (1 << 0) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)  # FPU, MMX, FXSR, SSE, SSE2
+NEEDS_FPU_ECX = (1 << 0) | (1 << 1) | (1 << 9) | (1 << 19) | (1 << 20) | (1 << 25)  # SSE3 .. AES
+
 FEATURES_ECX = (
     (1 << 0)  # SSE3
     | (1 << 1)  # PCLMULQDQ
@@ -58,12 +67,14 @@ def _words(text: bytes) -> tuple[int, ...]:
 _BRAND = _words(BRAND.ljust(48, b"\0"))
 
 
-def cpuid_leaf(leaf: int) -> tuple[int, int, int, int]:
-    """EAX, EBX, ECX, EDX for CPUID *leaf*: a pure function, so it is tested on its own."""
+def cpuid_leaf(leaf: int, fpu: bool = True) -> tuple[int, int, int, int]:
+    """EAX, EBX, ECX, EDX for CPUID *leaf* of a CPU with or without its FPU: a pure function, tested on its own."""
     if leaf == 0:
         ebx, edx, ecx = _words(VENDOR)
         return 1, ebx, ecx, edx
     if leaf == 1:
+        if not fpu:
+            return SIGNATURE, CLFLUSH_LINE << 8, FEATURES_ECX & ~NEEDS_FPU_ECX, FEATURES_EDX & ~NEEDS_FPU_EDX
         return SIGNATURE, CLFLUSH_LINE << 8, FEATURES_ECX, FEATURES_EDX
     if leaf == HYPERVISOR_LEAF:
         return (HYPERVISOR_LEAF, *_words(HYPERVISOR))  # type: ignore[return-value]

@@ -194,6 +194,9 @@ class UnicornCpu:
         ]
         self.slicer = Slicer(self.uc, lambda: self.regs.read(x86.UC_X86_REG_EFLAGS))
         self.native_interrupts = engine_has_native_interrupts() and os.environ.get("CONODE_PASSAGE") != "python"
+        # Only conode's engine computes the x87 as hardware does; on stock Unicorn the guest has no FPU
+        # (cpuid.py) and the kernel emulates the x87 itself.
+        self.has_fpu = engine_has_native_interrupts()
         self._ack_callback: object = None
         if self.native_interrupts:
             uclib.uc_conode_native_interrupts(self.uc._uch, True)
@@ -249,7 +252,7 @@ class UnicornCpu:
         self._ports.port_write(port, size, value)
 
     def _on_cpuid(self, uc: unicorn.Uc, user_data: object) -> int:
-        eax, ebx, ecx, edx = cpuid_leaf(uc.reg_read(x86.UC_X86_REG_EAX))
+        eax, ebx, ecx, edx = cpuid_leaf(uc.reg_read(x86.UC_X86_REG_EAX), self.has_fpu)
         uc.reg_write(x86.UC_X86_REG_EAX, eax)
         uc.reg_write(x86.UC_X86_REG_EBX, ebx)
         uc.reg_write(x86.UC_X86_REG_ECX, ecx)
