@@ -59,6 +59,7 @@
 #include <string.h>
 #include <limits.h>
 #include <linux/random.h>
+#include <linux/serial.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/reboot.h>
@@ -979,8 +980,15 @@ static int open_console(void)
 		 * builds it as a module): the host also listens on COM2, which
 		 * every PC kernel drives.  An absent UART fails to open. */
 		int saved = errno;
+		struct serial_struct port;
 
 		fd = open_raw(SERIAL_CHANNEL);
+		/* The 8250 driver keeps a node for every legacy port; one
+		 * with no UART behind it opens, then fails every write. */
+		if (fd >= 0 && ioctl(fd, TIOCGSERIAL, &port) == 0 && port.type == 0 /* PORT_UNKNOWN */) {
+			close(fd);
+			fd = -1;
+		}
 		if (fd >= 0)
 			device_path = SERIAL_CHANNEL;
 		else
