@@ -16,6 +16,7 @@ from conode.vm.devices.legacy.cmos import Cmos
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
+from conode.vm.devices.open_bus import OpenBus
 from conode.vm.devices.virtio.mmio import VirtioDevice, VirtioMmio
 from conode.vm.devices.virtio.queue import GuestMemory
 from conode.vm.layout import PortRange
@@ -97,6 +98,22 @@ class MachineBuilder:
         self._map_mmio(base, layout.VIRTIO_MMIO_SIZE, transport.read, transport.write)
         self.virtio.append(transport)
         return transport
+
+    # --- the rest of the physical address space -------------------------------------------------------------
+    def attach_open_bus(self, ram_bytes: int) -> list[OpenBus]:
+        """Make every guest-physical address below 4 GiB that is neither RAM nor an attached device window read
+        as all ones and ignore writes (call after the devices are attached)."""
+        if self._map_mmio is None:
+            raise ValueError("this builder has no MMIO space")
+        devices_end = layout.virtio_slot_base(len(self.virtio))
+        windows = [(ram_bytes, layout.VIRTIO_MMIO_BASE), (devices_end, layout.PHYSICAL_SPACE_END)]
+        buses = []
+        for start, end in windows:
+            if start < end:
+                bus = OpenBus(start)
+                self._map_mmio(start, end - start, bus.read, bus.write)
+                buses.append(bus)
+        return buses
 
     def kernel_cmdline(self) -> str:
         """How the guest learns of the virtio devices: ``virtio_mmio.device=<size>@<base>:<irq>`` each."""

@@ -51,6 +51,7 @@ IRQ_COM1 = 4
 IRQ_COM2 = 3
 
 # --- virtio-mmio slots -----------------------------------------------------------------------------------
+PHYSICAL_SPACE_END = 1 << 32  # above RAM and the device windows, up to here, the bus floats (open_bus.py)
 VIRTIO_MMIO_BASE = 0xD0000000
 VIRTIO_MMIO_SIZE = 0x1000
 # IRQ lines the legacy PC leaves free without an APIC; slot n uses VIRTIO_IRQS[n].

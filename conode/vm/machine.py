@@ -131,6 +131,7 @@ class CoMachine:
         self.serial_channel = Uart16550(build.irq(layout.IRQ_COM2), self.channel.serial.on_receive)
         build.attach_uart(self.serial_channel, layout.PORTS_COM2)
         self._refill_serial_channel = connect_uart(self.channel.serial, self.serial_channel)
+        self.open_bus = build.attach_open_bus(self.ram.size)
         self.virtio = build.virtio
         self._build = build
         self.halted = False
