@@ -20,6 +20,7 @@ import msgpack
 
 from conode.errors import ConodeError
 from conode import output_cap
+from conode.limits import MAX_STREAM_BYTES
 
 SCHEMA_VERSION = 2
 TERMINAL_STATES = ("done", "failed", "cancelled")
@@ -234,7 +235,8 @@ class Store:
         total = 0
         for stream, data in self.db.execute("SELECT stream, data FROM job_output WHERE job=? ORDER BY seq", (ident,)):
             if total + len(data) > _STORED_OUTPUT_MAX:  # only in a database written before the cap
-                streams[stream] += output_cap.clip(total, data)
+                # Cut where the cap cuts, and say so even if the cap fell on a row boundary.
+                streams[stream] += data[:max(0, MAX_STREAM_BYTES - total)] + output_cap.TRUNCATION_NOTE
                 break
             streams[stream] += data
             total += len(data)

@@ -340,20 +340,20 @@ class Guest:
                 ram_image: RamImage | None = None) -> "Guest":
         """Continue *snapshot*. With *new_identity* the guest is a fresh copy (a pristine guest for a new job);
         *ram_image* (:meth:`GuestSnapshot.ram_image`) maps the snapshot's RAM instead of decoding it."""
+        config = CoMachine.config_from_state(snapshot.machine)  # raises SnapshotError only, as set_state does
+        guest = cls(config, snapshot.image, None if new_identity else snapshot.guest_id, ram_image=ram_image)
         try:
-            config = CoMachine.config_from_state(snapshot.machine)
-            guest = cls(config, snapshot.image, None if new_identity else snapshot.guest_id, ram_image=ram_image)
             guest.machine.set_state(snapshot.machine)
+            guest.agent.set_state(snapshot.agent)
+            if not guest.agent.ready:
+                raise SnapshotError("the snapshot holds a guest whose agent never became ready")
+            if snapshot.job is not None:
+                guest.job = GuestJob.from_state(guest, snapshot.job, sink or _NoJob())
         except SnapshotError:
+            guest.machine.close()  # a machine that will never run must not keep its slicer thread
             raise
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise SnapshotError(f"the snapshot's machine state is malformed ({type(exc).__name__})") from None
-        guest.agent.set_state(snapshot.agent)
         guest._restored = True
-        if not guest.agent.ready:
-            raise SnapshotError("the snapshot holds a guest whose agent never became ready")
-        if snapshot.job is not None:
-            guest.job = GuestJob.from_state(guest, snapshot.job, sink or _NoJob())
+        if guest.job is not None:
             guest.job.continue_after_restore()
         return guest
 

@@ -193,10 +193,11 @@ class UnicornCpu:
             self.uc.hook_add(uc_const.UC_HOOK_MEM_UNMAPPED, self._on_unmapped),
         ]
         self.slicer = Slicer(self.uc, lambda: self.regs.read(x86.UC_X86_REG_EFLAGS))
-        self.native_interrupts = engine_has_native_interrupts() and os.environ.get("CONODE_PASSAGE") != "python"
+        conodes_engine = engine_has_native_interrupts()
+        self.native_interrupts = conodes_engine and os.environ.get("CONODE_PASSAGE") != "python"
         # Only conode's engine computes the x87 as hardware does; on stock Unicorn the guest has no FPU
         # (cpuid.py) and the kernel emulates the x87 itself.
-        self.has_fpu = engine_has_native_interrupts()
+        self.has_fpu = conodes_engine
         self._ack_callback: object = None
         if self.native_interrupts:
             uclib.uc_conode_native_interrupts(self.uc._uch, True)
