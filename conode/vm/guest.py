@@ -16,6 +16,7 @@ crashes or outlives a deadline ends with its job failed and a reason; the host n
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 import time
@@ -27,11 +28,13 @@ from typing import Any, Callable, Protocol
 from conode import limits, output_cap
 from conode.errors import ConodeError, GuestCrashed, SnapshotError
 from conode.vm.channel import RENEW_ENTROPY_BYTES, ChannelError
+from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.guest_agent import GuestAgentClient
 from conode.vm.guest_image import BASE_CMDLINE, GuestImage
-from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.machine import CoMachine, MachineConfig, MachineExit
+from conode.vm import state
 from conode.vm.snapshot import read_snapshot, write_snapshot
+from conode.vm.state import blob, bounded, items, one_of, uint
 
 SNAPSHOT_KIND = "conode-guest"
 SNAPSHOT_FORMAT = 1
@@ -67,9 +70,33 @@ class JobSpec:
         return cls(ident, argv, f"/job/{ident}", inputs, outputs)
 
 
-class _Phase:
-    RENEWING, STAGING, RUNNING, COLLECTING, DONE = "renewing", "staging", "running", "collecting", "done"
-    ALL = (RENEWING, STAGING, RUNNING, COLLECTING, DONE)
+class _Phase(enum.IntEnum):
+    RENEWING, STAGING, RUNNING, COLLECTING, DONE = range(5)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    name: str = blob(max_len=limits.MAX_PATH_BYTES)
+    data: bytes = blob(max_len=limits.MAX_JOB_INPUT_BYTES)
+
+
+@dataclass(frozen=True)
+class JobState(state.Record):
+    """A job as a snapshot holds it: what to run, and how far it got."""
+
+    KIND = "job"
+    VERSION = 1
+
+    id: int = uint(63)
+    argv: tuple[str, ...] = items(max_len=limits.MAX_ARGV)
+    cwd: str = blob(max_len=limits.MAX_SMALL_FIELD)
+    inputs: tuple[InputFile, ...] = items(max_len=limits.MAX_FILES)  # until staged
+    outputs: tuple[str, ...] = items(max_len=limits.MAX_FILES)
+    phase: int = one_of(*_Phase)
+    command: int | None = uint(32)
+    status: int | None = bounded(-(1 << 31), (1 << 31) - 1)
+    stream_bytes: int = uint(63)
+    ran_s: float
 
 
 class GuestJob:
@@ -182,30 +209,23 @@ class GuestJob:
 
     # --- snapshots -----------------------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
-        return {"id": self.spec.id, "argv": self.spec.argv, "cwd": self.spec.cwd, "inputs": self.spec.inputs,
-                "outputs": self.spec.outputs, "phase": self.phase, "command": self.command, "status": self.status,
-                "stream_bytes": self.stream_bytes, "ran_s": self.runtime_s}
+        spec = self.spec
+        return state.dump(JobState(spec.id, tuple(spec.argv), spec.cwd,
+                                   tuple(InputFile(name, data) for name, data in spec.inputs.items()),
+                                   tuple(spec.outputs), int(self.phase), self.command, self.status, self.stream_bytes,
+                                   self.runtime_s))
 
     @classmethod
-    def from_state(cls, guest: "Guest", state: Any, sink: JobSink) -> "GuestJob":
-        try:
-            spec = JobSpec(state["id"], state["argv"], state["cwd"], state["inputs"], state["outputs"])
-            ok = (type(spec.id) is int and isinstance(spec.argv, list) and spec.argv
-                  and all(isinstance(a, str) for a in spec.argv) and isinstance(spec.cwd, str)
-                  and isinstance(spec.inputs, dict)
-                  and all(isinstance(k, str) and isinstance(v, bytes) for k, v in spec.inputs.items())
-                  and isinstance(spec.outputs, list) and all(isinstance(o, str) for o in spec.outputs)
-                  and state["phase"] in _Phase.ALL and type(state["stream_bytes"]) is int
-                  and isinstance(state["ran_s"], (int, float))
-                  and (state["command"] is None or type(state["command"]) is int)
-                  and (state["status"] is None or type(state["status"]) is int))
-        except (KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise SnapshotError("the snapshot's job state is malformed")
+    def from_state(cls, guest: "Guest", data: Any, sink: JobSink) -> "GuestJob":
+        """Restore :meth:`get_state` output; raise SnapshotError if it is not valid."""
+        saved = state.load(JobState, data)
+        if not saved.argv:
+            raise SnapshotError("the snapshot's job has no command")
+        spec = JobSpec(saved.id, list(saved.argv), saved.cwd, {f.name: f.data for f in saved.inputs},
+                       list(saved.outputs))
         job = cls(guest, spec, sink)
-        job.phase, job.command, job.status = state["phase"], state["command"], state["status"]
-        job.stream_bytes, job.ran_before_s = state["stream_bytes"], float(state["ran_s"])
+        job.phase, job.command, job.status = _Phase(saved.phase), saved.command, saved.status
+        job.stream_bytes, job.ran_before_s = saved.stream_bytes, saved.ran_s
         return job
 
     def continue_after_restore(self) -> None:

@@ -16,9 +16,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from conode.errors import SnapshotError
-from conode.vm import channel
+from conode.vm import channel, state
 from conode.vm.channel import ChannelError, Frame, FrameDecoder
+from conode.vm.state import blob, bounded
+
+MAX_GUEST_NAME = 200  # the READY payload kept ("Linux 6.1.x i686")
 
 
 class CommandHandler(Protocol):
@@ -42,6 +44,16 @@ class _Fetch:
     name: str
     received: int = 0
     chunks: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AgentState(state.Record):
+    KIND = "host-channel protocol"
+    VERSION = 1
+
+    decoder: bytes = blob(max_len=channel.HEADER.size + channel.MAX_PAYLOAD)  # half a frame
+    next_id: int = bounded(1, (1 << 32) - 1)
+    guest: str | None = blob(max_len=MAX_GUEST_NAME)
 
 
 class GuestAgentClient:
@@ -135,7 +147,7 @@ class GuestAgentClient:
         if kind == channel.READY:
             if self.guest is not None:
                 raise ChannelError("the guest announced itself (READY) a second time")
-            self.guest = frame.payload.decode(errors="replace")[:200]
+            self.guest = frame.payload.decode(errors="replace")[:MAX_GUEST_NAME]
             self.on_ready(self.guest)
         elif kind in (channel.STDOUT, channel.STDERR):
             handler = self._commands.get(ident)
@@ -181,15 +193,11 @@ class GuestAgentClient:
     # --- snapshots -----------------------------------------------------------------------------------------
     def get_state(self) -> dict:
         """Protocol state; handlers are host objects and are re-attached by their owner after a restore."""
-        return {"decoder": self._decoder.get_state(), "next_id": self._next_id, "guest": self.guest}
+        return state.dump(AgentState(self._decoder.get_state(), self._next_id, self.guest))
 
-    def set_state(self, state: dict) -> None:
-        try:
-            next_id, guest = state["next_id"], state["guest"]
-            if type(next_id) is not int or not 1 <= next_id < 2**32 or not (guest is None or isinstance(guest, str)):
-                raise TypeError
-            self._decoder.set_state(state["decoder"])
-        except (KeyError, TypeError, ChannelError):
-            raise SnapshotError("the snapshot's host-channel state is malformed") from None
-        self._next_id = next_id
-        self.guest = guest
+    def set_state(self, data: dict) -> None:
+        """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
+        saved = state.load(AgentState, data)
+        self._decoder.set_state(saved.decoder)
+        self._next_id = saved.next_id
+        self.guest = saved.guest

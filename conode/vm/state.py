@@ -15,6 +15,7 @@ one; a version with no step is refused with a message saying which conode wrote 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Callable, ClassVar, TypeVar
@@ -176,6 +177,10 @@ def _load_value(hint: Any, meta: typing.Mapping[str, Any], value: Any, where: st
                 or value & ~meta.get("mask", -1)):
             raise SnapshotError(f"snapshot state {where} = {value} is out of range; the file is damaged")
         return value
+    if hint is float:  # a measurement: finite (NaN and infinities are no values a device or job records)
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise _wrong(where, "a finite number", value)
+        return float(value)
     if hint in (bytes, str):
         if type(value) is not hint:
             raise _wrong(where, "bytes" if hint is bytes else "text", value)

@@ -51,3 +51,27 @@ def test_random_job_states_only_raise_snapshot_error(state):
     except SnapshotError:
         pass
 
+
+
+def test_a_job_state_round_trips_and_refuses_what_a_job_cannot_hold():
+    from conode.vm.guest import JobSpec
+
+    spec = JobSpec(7, ["sh", "-c", "true"], "/job/7", {"in.txt": b"data"}, ["out.txt"])
+    data = GuestJob(None, spec, None).get_state()  # type: ignore[arg-type]
+    again = GuestJob.from_state(None, data, None)  # type: ignore[arg-type]
+    assert (again.spec, again.phase, again.command, again.status) == (spec, 0, None, None)
+    for change, message in (({"ran_s": float("nan")}, "finite number"), ({"argv": []}, "no command"),
+                            ({"phase": 9}, "out of range"), ({"version": 0}, "older conode")):
+        with pytest.raises(SnapshotError, match=message):
+            GuestJob.from_state(None, {**data, **change}, None)  # type: ignore[arg-type]
+
+
+def test_the_channel_client_state_is_checked():
+    from conode.vm.guest_agent import GuestAgentClient
+
+    client = GuestAgentClient(lambda data: None)
+    saved = client.get_state()
+    client.set_state(saved)
+    for change in ({"next_id": 0}, {"guest": 5}, {"decoder": b"x" * (2 << 20)}):
+        with pytest.raises(SnapshotError):
+            client.set_state({**saved, **change})
