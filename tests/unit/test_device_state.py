@@ -121,7 +121,7 @@ COMPONENTS = [
     Component("UART", lambda: Uart16550(IrqLine(PicPair(), 4), lambda data: None), make_uart),
     Component("CMOS", lambda: Cmos(lambda: 0), make_cmos),
     Component("clock", VirtualClock, make_clock),
-    Component("virtio-mmio", lambda: make_fresh_transport(), lambda: make_transport()[0]),
+    Component("virtio transport", lambda: make_fresh_transport(), lambda: make_transport()[0]),
     Component("host channel", lambda: HostStream(lambda data: None), lambda: make_transport()[1]),
 ]
 
