@@ -70,6 +70,8 @@ class DevicesState:
     cmos: dict
     virtio: tuple[dict, ...] = items(max_len=len(layout.VIRTIO_IRQS))
     channel: dict
+    pci: dict
+    virtio_pci: tuple[dict, ...] = items(max_len=len(layout.VIRTIO_PCI_IRQS))
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class MachineState(state.Record):
     """The machine's own record; each part below is checked by its owner's record."""
 
     KIND = "machine"
-    VERSION = 2  # 2: COM2 and the two-transport host channel
+    VERSION = 3  # 2: COM2 and the two-transport host channel; 3: the PCI bus and virtio-pci functions
 
     config: dict
     cpu: dict
@@ -126,6 +128,7 @@ class CoMachine:
         build.attach_cmos(self.cmos)
         build.bus.attach(layout.PORT_KEYBOARD_COMMAND, lambda offset: 0xFF, self._keyboard_controller_command)
         build.bus.attach(layout.PORT_SYSTEM_CONTROL_A, lambda offset: 0x02, self._system_control_a)
+        self.pci = build.attach_pci()
         self.channel = HostChannel(channel_receive)
         build.attach_virtio(VirtioConsole(self.channel.virtio))
         self.serial_channel = Uart16550(build.irq(layout.IRQ_COM2), self.channel.serial.on_receive)
@@ -133,6 +136,7 @@ class CoMachine:
         self._refill_serial_channel = connect_uart(self.channel.serial, self.serial_channel)
         self.open_bus = build.attach_open_bus(self.ram.size)
         self.virtio = build.virtio
+        self.virtio_pci = build.virtio_pci
         self._build = build
         self.halted = False
         self._calls: deque[Callable[[], None]] = deque()
@@ -258,8 +262,9 @@ class CoMachine:
         """The whole machine as plain data (call only while it is not running)."""
         config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra))
         devices = DevicesState(self.pic.get_state(), self.pit.get_state(), self.uart.get_state(),
-                               self.serial_channel.get_state(), self.cmos.get_state(), tuple(t.get_state() for t in self.virtio),
-                               self.channel.get_state())
+                               self.serial_channel.get_state(), self.cmos.get_state(),
+                               tuple(t.get_state() for t in self.virtio), self.channel.get_state(),
+                               self.pci.get_state(), tuple(f.get_state() for f in self.virtio_pci))
         return state.dump(MachineState(config, self.cpu.get_state(), encode_ram(self.ram.view),
                                        self.clock.get_state(), self.halted, devices))
 
@@ -271,7 +276,7 @@ class CoMachine:
         saved = state.load(MachineState, data)
         if self.config_from_state(data) != self.config:
             raise SnapshotError("snapshot is of a machine with another configuration than this one")
-        if len(saved.devices.virtio) != len(self.virtio):
+        if len(saved.devices.virtio) != len(self.virtio) or len(saved.devices.virtio_pci) != len(self.virtio_pci):
             raise SnapshotError(f"snapshot has {len(saved.devices.virtio)} virtio devices; this machine has "
                                 f"{len(self.virtio)}")
         if not self._ram_preloaded:
@@ -286,8 +291,11 @@ class CoMachine:
         self.serial_channel.set_state(devices.serial_channel)
         self.cmos.set_state(devices.cmos)
         self.channel.set_state(devices.channel)  # backends before transports: activation may move bytes
+        self.pci.set_state(devices.pci)
         for transport, transport_state in zip(self.virtio, devices.virtio):
             transport.set_state(transport_state)
+        for function, function_state in zip(self.virtio_pci, devices.virtio_pci):
+            function.set_state(function_state)
         self._refill_serial_channel()
 
     @staticmethod
