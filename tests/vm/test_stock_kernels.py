@@ -67,6 +67,7 @@ def debian_kernel(flavour: str) -> Path:
         for name, module in zip(VIRTIO_MODULES, modules):
             (directory / "lib" / "modules" / release / "kernel" / f"{name}.ko").rename(module)
         shutil.rmtree(directory / "lib")
+        shutil.rmtree(directory / "boot")
         debs[0].unlink()
     return kernel
 

@@ -81,18 +81,16 @@ class ConfigSpace:
         if irq is not None:
             self._put(INTERRUPT_PIN, 1, INTX_PIN_A)
             self._put(INTERRUPT_LINE, 1, irq.irq, 0xFF)  # where the host routed the pin: firmware's job on a PC
-        at = CAPABILITIES_START
+        pointer, at = CAPABILITIES_POINTER, CAPABILITIES_START
         for body in capabilities:
             if at + len(body) > CONFIG_SIZE:
                 raise ValueError("the capabilities do not fit in the configuration space")
-            if at == CAPABILITIES_START:
-                self._put(CAPABILITIES_POINTER, 1, at)
-                self._put(STATUS, 2, STATUS_CAPABILITIES)
-            else:
-                self.data[previous + 1] = at
+            self.data[pointer] = at
             self.data[at:at + len(body)] = body
-            self.data[at + 1] = 0
-            previous, at = at, at + (len(body) + 3) // 4 * 4
+            self.data[at + 1] = 0  # the end of the list, until another capability follows
+            pointer, at = at + 1, at + (len(body) + 3) // 4 * 4
+        if capabilities:
+            self._put(STATUS, 2, STATUS_CAPABILITIES)
 
     def _put(self, offset: int, size: int, value: int, writable: int = 0) -> None:
         self.data[offset:offset + size] = value.to_bytes(size, "little")

@@ -7,10 +7,9 @@ nothing about any particular device. Devices are declared to the guest kernel on
 
 from __future__ import annotations
 
-from conode.vm.devices.virtio.transport import (  # noqa: F401 (re-exported: the register-level names)
-    INT_CONFIG_CHANGE, INT_USED_BUFFER, QUEUE_DESC, QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_NUM, QUEUE_SIZE_MAX,
-    STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, Activation, VirtioDevice,
-    VirtioTransport)
+from conode.vm.devices.virtio.transport import (QUEUE_DESC, QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_NUM, QUEUE_SIZE_MAX,
+                                                VirtioTransport)
+from conode.vm.devices.virtio.transport import STATUS_FEATURES_OK, STATUS_NEEDS_RESET  # noqa: F401 (status bits)
 
 MAGIC = 0x74726976  # "virt"
 VERSION = 2
