@@ -16,10 +16,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from guest_programs import run_job_in_guest
+from guest_programs import JobResult, run_job_in_guest
 
 from conode.cache import cache_dir
 from conode.vm import layout
+from conode.vm.guest import Guest, GuestSnapshot, JobSpec
 from conode.vm.guest_image import load_guest_image
 from conode.vm.host_channel import VIRTIO
 from conode.vm.machine import MachineConfig
@@ -110,6 +111,31 @@ def test_debian_kernel_runs_a_job_with_files(flavour, tmp_path):
     assert loud == "STOCK KERNEL"
 
 
+def boot_and_snapshot(kernel: Path, initrd: Path, config: MachineConfig) -> GuestSnapshot:
+    """Boot until the in-guest agent is ready, then take the guest's snapshot."""
+    guest = Guest.boot(load_guest_image(kernel, initrd), config)
+    guest.on_ready = lambda name: guest.machine.pause()
+    try:
+        guest.run()
+        assert guest.agent.ready, guest.failure
+        return guest.snapshot()
+    finally:
+        guest.machine.close()
+
+
+def run_restored(snapshot: GuestSnapshot, argv: list[str], inputs: dict[str, bytes]) -> JobResult:
+    result = JobResult()
+    guest = Guest.restore(snapshot, new_identity=True)
+    guest.start_job(JobSpec.in_job_directory(1, argv, inputs, []), result)
+    try:
+        guest.run()
+    finally:
+        guest.machine.close()
+    result.channel = guest.machine.channel.live
+    assert result.failure is None and result.status == 0, (result.failure, bytes(result.stderr))
+    return result
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_debian_kernel_drives_conodes_virtio_console_over_pci(flavour, tmp_path):
     kernel = debian_kernel(flavour)
@@ -119,8 +145,9 @@ def test_debian_kernel_drives_conodes_virtio_console_over_pci(flavour, tmp_path)
     script = (f"cat {device}/vendor {device}/device {device}/irq; ls /sys/bus/virtio/drivers/virtio_console; "
               "readlink /sys/bus/virtio/devices/virtio0/driver; grep -c virtio0 /proc/interrupts; "
               "sha256sum data | cut -d' ' -f1")
-    result = run_job_in_guest(["sh", "-c", script], {"data": data}, kernel=kernel, initrd=initrd,
-                              config=MachineConfig(cmdline_extra="rdinit=/pci-init"))
+    # Booted, then saved and restored in a new machine: the PCI state (BAR, command, INTx) comes back with it.
+    snapshot = boot_and_snapshot(kernel, initrd, MachineConfig(cmdline_extra="rdinit=/pci-init"))
+    result = run_restored(snapshot, ["sh", "-c", script], {"data": data})
     vendor, device_id, irq, *lines = result.stdout.decode().split()
     assert (vendor, device_id, int(irq)) == ("0x1af4", "0x1043", layout.VIRTIO_PCI_IRQS[0])
     assert "virtio0" in lines and lines[-3].endswith("/virtio_console") and lines[-2] == "1"
