@@ -4,9 +4,15 @@ network (tests/multihost/testnet.py) and nothing else. Root only; skipped elsewh
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
+import testnet
 
 from conode.cluster.protocol import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, RECONNECT_MAX_S
 
@@ -20,6 +26,15 @@ def peers_of(host) -> set[str]:
     """The addresses *host* has established TCP connections with."""
     lines = host.run(["ss", "-Htn", "state", "established"], capture_output=True, text=True, check=True).stdout
     return {line.split()[-1].rsplit(":", 1)[0] for line in lines.splitlines() if line.strip()}
+
+
+def still_running(pid: int, started: float) -> bool:
+    """Whether the process *pid* that started at *started* still runs (not a later process with its pid)."""
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def node_names(pool) -> list[str]:
@@ -72,5 +87,49 @@ def test_a_cut_link_loses_the_node_requeues_its_job_and_the_node_comes_back(pool
     assert pool.coordinator.poll() is None
     assert all(p.poll() is None for p in pool.agents.values())
     assert "Traceback" not in pool.log("coordinator") + pool.log("a1") + pool.log("a2")
+    assert pool.log("a1").count("joined the pool") == 2 and "reconnecting" in pool.log("a1")
     # The job a1 still held when it came back was cancelled there, not reported twice.
     assert pool.jobs()[job]["attempts"] == 2 and pool.cli("logs", str(job)).stdout == b"finished\n"
+
+
+FAILING_TEST = '''
+import json
+
+import psutil
+
+
+def test_fails_half_way(pool_on_hosts, network):
+    pool_on_hosts.submit("sh", "-c", "sleep 600")
+    # A process that leaves its process group, as a daemon would: only the namespace still knows it.
+    network.hosts["a1"].spawn(["sh", "-c", "setsid sleep 600 & sleep 600"])
+    pool_on_hosts.wait_until("the job to run", lambda: pool_on_hosts.jobs()[1]["state"] == "running", 60)
+    seen = {name: [(pid, psutil.Process(pid).create_time()) for pid in host.pids()]
+            for name, host in network.hosts.items()}
+    with open(RECORD, "w") as f:
+        json.dump({"namespaces": [h.namespace for h in network.hosts.values()] + [network.switch],
+                   "processes": seen}, f)
+    assert False, "a test that fails half-way"
+'''
+
+
+def test_a_test_failing_half_way_leaves_no_namespace_and_no_process(tmp_path):
+    """The fixtures clean up after a failing test: every namespace deleted, every process in them gone."""
+    here = Path(__file__).resolve().parent
+    record = tmp_path / "seen.json"
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "conftest.py").write_text(f"import sys\nsys.path.insert(0, {str(here)!r})\n"
+                                       "from hostpool import network, pool_on_hosts  # noqa: F401\n")
+    (inner / "test_inner.py").write_text(FAILING_TEST.replace("RECORD", repr(str(record))))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(inner)],
+                          cwd=inner, capture_output=True, text=True, timeout=180, check=False)
+    if "SKIPPED" in done.stdout or " skipped" in done.stdout:
+        pytest.skip(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 1 and "a test that fails half-way" in done.stdout, done.stdout[-3000:]
+
+    seen = json.loads(record.read_text())
+    processes = [tuple(p) for host in seen["processes"].values() for p in host]
+    assert len(seen["processes"]["a1"]) >= 4  # the agent, its guest worker, and the runaway sleeps
+    assert len(processes) >= 7
+    assert not set(seen["namespaces"]) & set(testnet.namespaces())
+    assert not [pid for pid, started in processes if still_running(pid, started)]
