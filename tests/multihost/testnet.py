@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from typing import Any, Self
 
 PREFIX = "conode-test-"
@@ -68,7 +69,7 @@ def pids_in(namespace: str) -> list[int]:
     return [int(pid) for pid in done.stdout.split() if pid.isdigit()]
 
 
-def kill_everything_in(namespace: str, groups: list[int] = ()) -> None:
+def kill_everything_in(namespace: str, groups: Iterable[int] = ()) -> None:
     """SIGKILL the process groups in *groups*, then every process left in *namespace*, until none is."""
     for group in groups:
         try:
