@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Fixtures for tests on several test hosts: the network itself, and a real pool spread over it.
 
-conftest.py imports them for this directory; a test run elsewhere (a benchmark, a generated test) imports them
-from here the same way.
+A test module loads them with ``pytest_plugins = ["hostpool"]`` (there is no conftest.py in this directory: a
+second module named ``conftest`` would shadow tests/conftest.py, which other tests import from).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import testnet
 from conode.cluster.protocol import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, RECONNECT_MAX_S
 from coordinator.server import HOUSEKEEPING_EVERY_S
 
+pytest_plugins = ["hostpool"]  # the fixtures network and pool_on_hosts
 pytestmark = [pytest.mark.guest,
               pytest.mark.skipif(testnet.unavailable() is not None, reason=str(testnet.unavailable()))]
 
