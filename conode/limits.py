@@ -33,6 +33,10 @@ MAX_JOB_OUTPUT_BYTES = 48 << 20  # all output files of one job together
 MAX_STREAM_BYTES = 16 << 20  # stdout and stderr of one job together; beyond it output is dropped, said once
 OUTPUT_CHUNK_BYTES = 32 << 10  # one job_output message carries at most this much
 
+# --- Jobs of several guests (gangs) and conet ------------------------------------------------------------------
+MAX_JOB_GUESTS = 64  # guests of one job, placed all at once
+MAX_HOSTNAME = 63  # one DNS label
+
 # --- Snapshots ----------------------------------------------------------------------------------------------
 # A whole guest on disk or on the wire: its RAM (incompressible at worst) plus the jobs' state beside it.
 MAX_SNAPSHOT_BYTES = (MAX_GUEST_MEM_MIB << 20) + 8 * MAX_FRAME_BYTES

@@ -16,7 +16,7 @@ import click
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.cli_guard import run_guarded
 from conode.errors import ConodeError
-from conode.limits import DEFAULT_GUEST_MEM_MIB, MAX_JOB_INPUT_BYTES
+from conode.limits import DEFAULT_GUEST_MEM_MIB, MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES
 from conode.tomlfile import write_toml
 from coordinator.config import (ADMIN_KEY_NAME, DEFAULT_BIND, PRIVATE_UMASK, SERVER_KEY_NAME, StateDir,
                                 load_client_config, user_client_config_path)
@@ -259,10 +259,13 @@ def status(config_path: Path | None, endpoint: str | None, as_json: bool, watch:
               help="A file to place in the job's working directory (repeatable).")
 @click.option("--output", "outputs", multiple=True, help="A path (relative to the job's directory) to bring back.")
 @click.option("--mem", "mem_mib", type=int, default=DEFAULT_GUEST_MEM_MIB, show_default=True, help="Guest memory the job needs (MiB).")
+@click.option("--guests", type=click.IntRange(1, MAX_JOB_GUESTS), default=1, show_default=True,
+              help="Run COMMAND in this many guests at once, joined by conet (rank i in $CONODE_RANK).")
+@click.option("--network", default=None, help="A shared conet network to join, by name (default: the job's own).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def submit(config_path: Path | None, endpoint: str | None, inputs: tuple[Path, ...], outputs: tuple[str, ...],
-           mem_mib: int, command: tuple[str, ...]) -> None:
-    """Queue COMMAND to run in a guest; prints the job id."""
+           mem_mib: int, guests: int, network: str | None, command: tuple[str, ...]) -> None:
+    """Queue COMMAND to run in a guest (or in several, --guests); prints the job id."""
 
     def body() -> None:
         total = sum(path.stat().st_size for path in inputs)
@@ -271,8 +274,9 @@ def submit(config_path: Path | None, endpoint: str | None, inputs: tuple[Path, .
                               f"{MAX_JOB_INPUT_BYTES}")
         files = {path.name: path.read_bytes() for path in inputs}
         with _client(config_path, endpoint) as client:
+            extra = {"network": network} if network else {}
             reply = client.request("submit", "submitted", argv=list(command), inputs=files, outputs=list(outputs),
-                                   mem_mib=mem_mib)
+                                   mem_mib=mem_mib, guests=guests, **extra)
         click.echo(reply["job"])
 
     _guarded(body)
@@ -297,7 +301,8 @@ def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: i
             end = j["finished_at"] or now
             runtime = _duration(end - j["started_at"]) if j["started_at"] else "-"
             status_text = "-" if j["exit_status"] is None else j["exit_status"]
-            rows.append([j["id"], j["state"], j["node"] or "-", status_text, runtime, j["attempts"],
+            where = j["node"] or (f"{j['guests']} guests" if j.get("guests", 1) > 1 else "-")
+            rows.append([j["id"], j["state"], where, status_text, runtime, j["attempts"],
                          " ".join(j["argv"])[:60]])
         _table(["JOB", "STATE", "NODE", "STATUS", "RUNTIME", "TRIES", "COMMAND"], rows)
 
@@ -307,18 +312,24 @@ def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: i
 @main.command()
 @with_client
 @click.argument("job", type=int)
-def logs(config_path: Path | None, endpoint: str | None, job: int) -> None:
+@click.option("--rank", type=click.IntRange(0, MAX_JOB_GUESTS - 1), default=None,
+              help="Only this guest of a job of several (default: all, each under a header).")
+def logs(config_path: Path | None, endpoint: str | None, job: int, rank: int | None) -> None:
     """The job's stdout (to stdout) and stderr (to stderr) so far."""
 
     def body() -> None:
         with _client(config_path, endpoint) as client:
-            reply = client.request("logs", "logs_reply", job=job)
+            reply = client.request("logs", "logs_reply", job=job, **_rank(rank))
         sys.stdout.buffer.write(reply["stdout"])
         sys.stdout.flush()
         sys.stderr.buffer.write(reply["stderr"])
         sys.stderr.flush()
 
     _guarded(body)
+
+
+def _rank(rank: int | None) -> dict[str, int]:
+    return {} if rank is None else {"rank": rank}
 
 
 @main.command()
@@ -352,12 +363,14 @@ def wait(config_path: Path | None, endpoint: str | None, job: int, timeout: floa
 @with_client
 @click.argument("job", type=int)
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def fetch(config_path: Path | None, endpoint: str | None, job: int, directory: Path) -> None:
+@click.option("--rank", type=click.IntRange(0, MAX_JOB_GUESTS - 1), default=None,
+              help="Only this guest's files (default: every guest's, under rankN/).")
+def fetch(config_path: Path | None, endpoint: str | None, job: int, directory: Path, rank: int | None) -> None:
     """Write JOB's output files into DIRECTORY."""
 
     def body() -> None:
         with _client(config_path, endpoint) as client:
-            reply = client.request("fetch", "fetch_reply", job=job)
+            reply = client.request("fetch", "fetch_reply", job=job, **_rank(rank))
         from coordinator.outputs import write_outputs
 
         for target, size in write_outputs(directory, reply["outputs"]):

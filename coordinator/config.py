@@ -15,6 +15,7 @@ from conode.cache import config_dir
 from conode.cluster.keys import KeyPair, load_key_pair
 from conode.errors import ConodeError
 from conode.tomlfile import read_toml
+from coordinator.identity import DEFAULT_SUBNET
 
 DEFAULT_PORT = 7700
 DEFAULT_BIND = f"tcp://127.0.0.1:{DEFAULT_PORT}"
@@ -68,9 +69,14 @@ class StateDir:
         return load_key_pair(self.keys, SERVER_KEY_NAME)
 
     def default_bind(self) -> str:
-        if self.settings.exists():
-            return str(read_toml(self.settings).get("bind", DEFAULT_BIND))
-        return DEFAULT_BIND
+        return str(self._setting("bind", DEFAULT_BIND))
+
+    def conet_subnet(self) -> str:
+        """The guests' own IPv4 subnet (``conet_subnet`` in coordinator.toml): guest-only, never routed."""
+        return str(self._setting("conet_subnet", DEFAULT_SUBNET))
+
+    def _setting(self, key: str, default: object) -> object:
+        return read_toml(self.settings).get(key, default) if self.settings.exists() else default
 
 
 @dataclass(frozen=True)

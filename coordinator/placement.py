@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ACCEPTING_STATES = ("Unclaimed", "Claimed")  # the owner is away: the node may take work
 
@@ -41,3 +41,17 @@ def choose_node(mem_mib: int, nodes: list[NodeView]) -> str | None:
     best = min(candidates, key=lambda n: (n.running > 0, n.running / max(n.cores, 1), n.last_placed, -n.idle_s,
                                           n.name))
     return best.name
+
+
+def choose_gang(mem_mib: int, guests: int, nodes: list[NodeView]) -> list[str] | None:
+    """A node for each of a gang's *guests* (rank i on the i-th; a node with several free slots may take several
+    ranks), or None if the pool cannot take them all now: a gang starts all at once or not at all."""
+    views = {n.name: n for n in nodes}
+    chosen: list[str] = []
+    for _ in range(guests):
+        name = choose_node(mem_mib, list(views.values()))
+        if name is None:
+            return None
+        chosen.append(name)
+        views[name] = replace(views[name], running=views[name].running + 1)
+    return chosen

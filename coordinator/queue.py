@@ -9,18 +9,21 @@ from typing import Iterable, Iterator
 
 class JobQueue:
     """Job ids in ascending order (the oldest submission first, a requeued job back in its old place), each
-    with the guest memory it needs."""
+    with the guest memory it needs and its number of guests."""
 
-    def __init__(self, jobs: Iterable[tuple[int, int]] = ()) -> None:
+    def __init__(self, jobs: Iterable[tuple[int, int, int]] = ()) -> None:
         self._mem: dict[int, int] = {}
+        self._guests: dict[int, int] = {}  # only jobs of more than one guest
         self._order: list[int] = []
-        for job, mem_mib in jobs:
-            self.add(job, mem_mib)
+        for job, mem_mib, guests in jobs:
+            self.add(job, mem_mib, guests)
 
-    def add(self, job: int, mem_mib: int) -> None:
+    def add(self, job: int, mem_mib: int, guests: int = 1) -> None:
         if job in self._mem:
             return
         self._mem[job] = mem_mib
+        if guests > 1:
+            self._guests[job] = guests
         if not self._order or job > self._order[-1]:
             self._order.append(job)  # a new submission: the common case
         else:
@@ -30,11 +33,15 @@ class JobQueue:
         """Take *job* out of the queue; False if it was not queued."""
         if self._mem.pop(job, None) is None:
             return False
+        self._guests.pop(job, None)
         del self._order[bisect.bisect_left(self._order, job)]
         return True
 
     def mem_mib(self, job: int) -> int:
         return self._mem[job]
+
+    def guests(self, job: int) -> int:
+        return self._guests.get(job, 1)
 
     def __iter__(self) -> Iterator[int]:
         """The queued ids, oldest first. The queue must not change while this is iterated."""

@@ -20,14 +20,18 @@ from typing import Any, Callable, Protocol
 
 import zmq
 
+from conode import output_cap
 from conode.cluster import protocol
 from conode.cluster.heartbeat import PeerLiveness
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
+from conode.limits import MAX_FILES, MAX_JOB_OUTPUT_BYTES
 from coordinator.config import StateDir
-from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_node
+from coordinator.conet_peers import PeerDirectory
+from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
+from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
 from coordinator.queue import JobQueue
-from coordinator.store import JOB_STATES, TERMINAL_STATES, Store
+from coordinator.store import JOB_STATES, TERMINAL_STATES, Job, Store
 
 log = logging.getLogger("coordinator")
 
@@ -38,6 +42,7 @@ VACATED_HOLD_S = 3600.0  # a job saved on a node's disk waits this long for its 
 MAX_JOBS_LISTED = 1000  # jobs in one `jobs` reply
 LISTED_ARGV_BYTES = 1024  # a listed job's command beyond this shows its first arguments only
 ORPHAN_GRACE_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 2
+GANG_LOGS_NOTE = b"\n[conode: the ranks' output together is longer than one reply; see each with --rank]\n"
 
 
 @dataclass
@@ -104,6 +109,9 @@ class Coordinator:
             transport = ServerSocket(context or zmq.Context.instance(), bind or state.default_bind(),
                                      state.server_keys(), lambda key: auth_store.key_owner(key) is not None)
         self.server: Transport = transport
+        self.subnet = guest_subnet(state.conet_subnet())
+        self.peers = PeerDirectory()
+        self._sender_key = ""  # the CURVE key of the message being handled
         self.nodes: dict[str, Node] = {}
         self.by_identity: dict[bytes, str] = {}
         self.open_nodes: set[str] = set()  # nodes that can take a job now (see placement.can_take_work)
@@ -176,8 +184,13 @@ class Coordinator:
             return
         if role == "agent" and kind != "hello" and self.by_identity.get(identity) is None:
             # A node we do not know (we restarted, or it was declared lost): it must introduce itself again.
+            # Its results come again from its outbox, but live output would not: keep what belongs to a job
+            # the store says runs there.
+            if kind == "job_output":
+                self._keep_output(owner[0], message)  # type: ignore[index]
             self.server.send(identity, protocol.encode("reconnect", reason="unknown node, say hello"))
             return
+        self._sender_key = key
         try:
             self._handlers[kind](identity, owner[0], message)  # type: ignore[index]
         except Exception as exc:  # one bad request must not take the pool down
@@ -209,7 +222,7 @@ class Coordinator:
         old = self.nodes.get(name)
         if old is not None and old.identity != identity:
             self.by_identity.pop(old.identity, None)
-        node = Node(name, identity, "", msg["cores"], msg["mem_mib"], msg["speed"], msg["software"],
+        node = Node(name, identity, self._sender_key, msg["cores"], msg["mem_mib"], msg["speed"], msg["software"],
                     PeerLiveness(self._clock), msg["state"], msg["idle_s"], connected_at=self._wall())
         self.nodes[name] = node
         self.by_identity[identity] = name
@@ -225,6 +238,10 @@ class Coordinator:
         for job_id in held - node.running - vacated_here:
             self._reply(identity, "cancel_job", job=job_id)
         self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S)
+        self.peers.node_joined(name, msg.get("conet"), node.key)
+        for job in self.store.running_jobs(name):
+            self.peers.guest_placed(job.id, self._network_of(job), name)
+        self._tell_peers()
         log.info("node %s joined: %d cores, %d MiB, speed %.0f, %s", name, node.cores, node.mem_mib, node.speed,
                  node.state)
         self._refresh(node)
@@ -253,6 +270,12 @@ class Coordinator:
         if job in node.running and msg["stream"] in ("stdout", "stderr"):
             self.store.append_output(job, msg["stream"], msg["data"])
 
+    def _keep_output(self, name: str, msg: dict[str, Any]) -> None:
+        """Output from node *name* before it said hello again: stored if the job runs there by the store."""
+        job = self.store.job(msg["job"])
+        if job is not None and job.state == "running" and job.node == name and msg["stream"] in ("stdout", "stderr"):
+            self.store.append_output(job.id, msg["stream"], msg["data"])
+
     def _on_job_finished(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node = self._node_of(identity)
         node.liveness.heard()
@@ -264,6 +287,8 @@ class Coordinator:
             reason = f"missing outputs: {', '.join(missing)}" if missing else None
             self.store.finish(job_id, "done", msg["status"], reason, outputs)
             log.info("job %d done on %s: status %d in %.1f s", job_id, name, msg["status"], msg["runtime_s"])
+            if job.gang is not None:
+                self._gang_progress(job.gang)
         self._release(node, job_id)
         self._reply(identity, "ack", job=job_id)
         self.schedule()
@@ -283,6 +308,8 @@ class Coordinator:
         if job is not None and job.state == "vacated" and job.node == name:
             self.store.mark_resumed(job.id)
             node.running.add(job.id)
+            self.peers.guest_placed(job.id, self._network_of(job), name)
+            self._tell_peers()
             self._refresh(node)
             log.info("job %d resumed on %s", job.id, name)
         else:
@@ -300,6 +327,8 @@ class Coordinator:
             else:
                 self.store.finish(job_id, "failed", None, msg["reason"])
                 log.warning("job %d failed on %s: %s", job_id, name, msg["reason"])
+                if job.gang is not None:
+                    self._gang_progress(job.gang)
         self._reply(identity, "ack", job=job_id)
         self.schedule()
 
@@ -327,8 +356,14 @@ class Coordinator:
         if not msg["argv"]:
             self._reply(identity, "error", code="invalid", message="a job needs a command", in_reply_to="submit")
             return
-        job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name)
-        self.queue.add(job_id, msg["mem_mib"])
+        network = msg.get("network")
+        problem = check_network_name(network) if network is not None else None
+        if problem:
+            self._reply(identity, "error", code="invalid", message=problem, in_reply_to="submit")
+            return
+        guests = msg.get("guests", 1)
+        job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name, guests, network)
+        self.queue.add(job_id, msg["mem_mib"], guests)
         self._queued_at[job_id] = self._clock()
         log.info("job %d submitted by %s: %s", job_id, name, " ".join(msg["argv"])[:200])
         self._reply(identity, "submitted", job=job_id)
@@ -336,6 +371,9 @@ class Coordinator:
 
     def _job_summary(self, job: Any, listing: bool = False) -> dict[str, Any]:
         summary = job.summary()
+        if job.guests > 1 and not listing:
+            summary["ranks"] = [{"rank": r.rank, "id": r.id, "node": r.node, "state": r.state,
+                                 "exit_status": r.exit_status, "reason": r.reason} for r in self.store.ranks(job.id)]
         node = self.nodes.get(job.node or "")
         if job.state == "running" and node is not None and node.state in ("Suspended", "Vacating"):
             summary["state"] = "suspended"  # its guest is paused while the workstation's owner works
@@ -366,14 +404,53 @@ class Coordinator:
         if job is not None:
             self._reply(identity, "job_reply", job=self._job_summary(job))
 
+    def _guests_asked(self, identity: bytes, msg: dict[str, Any], kind: str) -> list[tuple[int, int]] | None:
+        """(rank, id) of the guests a per-job request is about: every rank of a gang in order, or the one asked
+        for with ``rank``; a one-guest job is its own rank 0."""
+        job = self._job_or_error(identity, msg["job"], kind)
+        if job is None:
+            return None
+        guests = [(r.rank, r.id) for r in self.store.ranks(job.id)] if job.guests > 1 else [(0, job.id)]
+        if "rank" in msg:
+            guests = [(rank, ident) for rank, ident in guests if rank == msg["rank"]]
+            if not guests:
+                self._reply(identity, "error", code="not-found", in_reply_to=kind,
+                            message=f"job {job.id} has no rank {msg['rank']} (it has {job.guests} guest(s))")
+                return None
+        return guests
+
     def _on_logs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        if self._job_or_error(identity, msg["job"], "logs") is not None:
-            output = self.store.output(msg["job"])
-            self._reply(identity, "logs_reply", job=msg["job"], stdout=output["stdout"], stderr=output["stderr"])
+        guests = self._guests_asked(identity, msg, "logs")
+        if guests is None:
+            return
+        streams = {"stdout": bytearray(), "stderr": bytearray()}
+        for rank, ident in guests:
+            output = self.store.output(ident)
+            for stream, data in output.items():
+                if len(guests) > 1 and data:
+                    data = f"==> rank {rank} <==\n".encode() + data
+                kept = output_cap.clip(len(streams[stream]), data, output_cap.DOWNSTREAM_LIMIT)
+                streams[stream] += kept
+                if len(kept) < len(data) and not streams[stream].endswith(GANG_LOGS_NOTE):
+                    streams[stream] += GANG_LOGS_NOTE
+        self._reply(identity, "logs_reply", job=msg["job"], stdout=bytes(streams["stdout"]),
+                    stderr=bytes(streams["stderr"]))
 
     def _on_fetch(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        if self._job_or_error(identity, msg["job"], "fetch") is not None:
-            self._reply(identity, "fetch_reply", job=msg["job"], outputs=self.store.files(msg["job"]))
+        guests = self._guests_asked(identity, msg, "fetch")
+        if guests is None:
+            return
+        outputs: dict[str, bytes] = {}
+        for rank, ident in guests:
+            for path, data in self.store.files(ident).items():
+                outputs[f"rank{rank}/{path}" if len(guests) > 1 else path] = data
+        total = sum(len(data) for data in outputs.values())
+        if total > MAX_JOB_OUTPUT_BYTES or len(outputs) > MAX_FILES:
+            self._reply(identity, "error", code="too-large", in_reply_to="fetch",
+                        message=f"the ranks' outputs take {len(outputs)} files, {total} bytes together; fetch them "
+                                f"one rank at a time (--rank)")
+            return
+        self._reply(identity, "fetch_reply", job=msg["job"], outputs=outputs)
 
     def _on_cancel(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         job = self._job_or_error(identity, msg["job"], "cancel")
@@ -382,6 +459,7 @@ class Coordinator:
         if job.state in TERMINAL_STATES:
             self._reply(identity, "ok", detail=f"job {job.id} is already {job.state}")
             return
+        self._stop_ranks(job, f"job {job.id} cancelled")
         self.store.finish(job.id, "cancelled", None, f"cancelled by {name}")
         self.queue.remove(job.id)
         self._queued_at.pop(job.id, None)
@@ -413,10 +491,11 @@ class Coordinator:
     def _release(self, node: Node, job_id: int) -> None:
         """The node no longer runs *job_id* (finished, failed, vacated, cancelled)."""
         node.running.discard(job_id)
+        self.peers.guest_gone(job_id)
         self._refresh(node)
 
     def schedule(self) -> None:
-        """Place queued jobs on nodes that can take them, oldest job first.
+        """Place queued jobs on nodes that can take them, oldest job first; a gang all at once or not at all.
 
         Only the open nodes are looked at, and only while some have room: with the pool full, a submission
         costs no placement work at all, however long the queue.
@@ -424,64 +503,145 @@ class Coordinator:
         if not self.open_nodes or not len(self.queue):
             return
         views = {name: self.nodes[name].view(name in self.drained) for name in self.open_nodes}
-        largest: int | None = None  # the most guest memory any known node offers, found when first needed
+        largest: tuple[int, int] | None = None  # most guest memory and slots any node offers, found when needed
         placed: list[int] = []
         unreachable: list[Node] = []
         for job_id in self.queue:
             if not views:
                 break
-            mem_mib = self.queue.mem_mib(job_id)
-            chosen = choose_node(mem_mib, list(views.values()))
+            mem_mib, guests = self.queue.mem_mib(job_id), self.queue.guests(job_id)
+            if guests == 1:
+                single = choose_node(mem_mib, list(views.values()))
+                chosen = None if single is None else [single]
+            else:
+                chosen = choose_gang(mem_mib, guests, list(views.values()))
             if chosen is None:
                 if largest is None:
-                    largest = max(n.mem_mib for n in self.nodes.values())
-                if mem_mib > largest:
-                    continue  # a bigger node may join later: keep it queued, try the next job
+                    largest = (max(n.mem_mib for n in self.nodes.values()),
+                               sum(n.cores for n in self.nodes.values()))
+                if mem_mib > largest[0] or guests > largest[1]:
+                    continue  # bigger or more nodes may join later: keep it queued, try the next job
                 break  # nodes are busy: later jobs wait their turn (FIFO)
-            node = self.nodes[chosen]
-            if self._place(job_id, node):
+            nodes = [self.nodes[name] for name in chosen]
+            failed = self._place(job_id, nodes)
+            if failed is None:
                 placed.append(job_id)
-                views[chosen] = node.view(chosen in self.drained)
-                if not can_take_work(views[chosen]):
-                    del views[chosen]
             else:
-                unreachable.append(node)
-                del views[chosen]
+                unreachable.append(failed)
+            for name in set(chosen):
+                views[name] = self.nodes[name].view(name in self.drained)
+                if not can_take_work(views[name]) or (failed is not None and failed.name == name):
+                    del views[name]
         for job_id in placed:
             self.queue.remove(job_id)
         for node in unreachable:
             self._lose_node(node, "unreachable")
 
-    def _place(self, job_id: int, node: Node) -> bool:
-        """Send one queued job to *node*; False (the job still queued) if the node cannot be reached.
+    def _network_of(self, job: Job) -> str:
+        return network_name(job.gang if job.gang is not None else job.id, job.network)
 
-        True means the job left the queue: placed, or failed because it breaks the limits (only a job queued
+    def _tell_peers(self) -> None:
+        """Send the agents whose guests' networks changed the conet switches they must now reach."""
+        for name, peers in self.peers.changes().items():
+            node = self.nodes.get(name)
+            if node is not None:
+                self.server.send(node.identity, protocol.encode("conet_peers", peers=peers))
+
+    def _place(self, job_id: int, nodes: list[Node]) -> Node | None:
+        """Send a queued job to its node (a gang: rank i to nodes[i]); the node that could not be reached
+        (the job then still queued), else None.
+
+        None means the job left the queue: placed, or failed because it breaks the limits (only a job queued
         by an older coordinator can).
         """
         job = self.store.job(job_id)
         assert job is not None and job.state == "queued", job_id
-        try:
-            payload = protocol.encode("run_job", job=job_id, argv=job.argv, inputs=self.store.job_inputs(job_id),
-                                      outputs=job.wanted, mem_mib=job.mem_mib)
+        inputs = self.store.job_inputs(job_id)
+        try:  # the ranks' messages differ only in their identities: one check of the limits covers all
+            protocol.encode("run_job", job=job_id, argv=job.argv, inputs=inputs, outputs=job.wanted,
+                            mem_mib=job.mem_mib)
         except ProtocolError as exc:
             self.store.finish(job_id, "failed", None, f"not runnable within the pool's limits: {exc}")
             log.warning("job %d failed: not runnable within the pool's limits: %s", job_id, exc)
-            return True
-        self.store.clear_output(job_id)
-        self.store.mark_running(job_id, node.name)
-        sent = self.server.send(node.identity, payload)
-        if not sent:
-            self.store.requeue(job_id, f"node {node.name} unreachable")
-            return False
-        node.running.add(job_id)
-        node.last_placed = self._clock()
-        self._refresh(node)
+            return None
+        if job.guests > 1:
+            guests = self.store.start_gang(job_id, [node.name for node in nodes])
+        else:
+            self.store.clear_output(job_id)
+            self.store.mark_running(job_id, nodes[0].name)
+            guests = [job_id]
+        identities = job_identities(job_id, guests, self.subnet, job.network)
+        for guest, node, net in zip(guests, nodes, identities):
+            self.peers.guest_placed(guest, net.network, node.name)
+        self._tell_peers()  # before the guests start: their switches must already admit each other
+        for guest, node, net in zip(guests, nodes, identities):
+            payload = protocol.encode("run_job", job=guest, argv=job.argv, inputs=inputs, outputs=job.wanted,
+                                      mem_mib=job.mem_mib, net=net.wire())
+            if not self.server.send(node.identity, payload):
+                if job.guests > 1:
+                    self._restart_gang(job_id, f"node {node.name} unreachable", requeue_now=False)
+                else:
+                    self.peers.guest_gone(guest)
+                    self.store.requeue(job_id, f"node {node.name} unreachable")
+                return node
+            node.running.add(guest)
+            node.last_placed = self._clock()
+            self._refresh(node)
         self.counters.placed += 1
         queued_at = self._queued_at.pop(job_id, None)
         if queued_at is not None:
             self.counters.placement_latency_s.append(self._clock() - queued_at)
-        log.info("job %d placed on %s", job_id, node.name)
-        return True
+        where = ", ".join(node.name for node in nodes)
+        log.info("job %d placed on %s", job_id, where)
+        return None
+
+    # --- gangs: jobs of several guests ---------------------------------------------------------------------
+    def _stop_ranks(self, gang: Job, reason: str) -> None:
+        """Cancel what the gang's ranks of this attempt still run or hold (nothing for a one-guest job)."""
+        if gang.guests == 1:
+            return
+        for rank in self.store.ranks(gang.id):
+            if rank.state in TERMINAL_STATES:
+                continue
+            self.store.finish(rank.id, "cancelled", None, reason)
+            node = self.nodes.get(rank.node or "")
+            if node is not None:
+                self._release(node, rank.id)
+                self.server.send(node.identity, protocol.encode("cancel_job", job=rank.id))
+
+    def _gang_progress(self, gang_id: int) -> None:
+        """A rank ended: the gang ends when all its ranks have, and fails (the rest cancelled) when one fails."""
+        gang = self.store.job(gang_id)
+        if gang is None or gang.state != "running":
+            return
+        ranks = self.store.ranks(gang_id)
+        failed = next((r for r in ranks if r.state == "failed"), None)
+        if failed is not None:
+            self._stop_ranks(gang, f"rank {failed.rank} failed")
+            self.store.finish(gang_id, "failed", None, f"rank {failed.rank} failed: {failed.reason}")
+            log.warning("job %d failed: rank %d failed: %s", gang_id, failed.rank, failed.reason)
+        elif all(r.state in TERMINAL_STATES for r in ranks):
+            status = next((r.exit_status for r in ranks if r.exit_status), 0)
+            reasons = [f"rank {r.rank}: {r.reason}" for r in ranks if r.reason]
+            self.store.finish(gang_id, "done", status, "; ".join(reasons) or None)
+            log.info("job %d done: %d ranks, status %d", gang_id, len(ranks), status)
+
+    def _restart_gang(self, gang_id: int, reason: str, requeue_now: bool = True) -> None:
+        """A rank was lost: the whole gang starts again (its ranks depend on each other), or fails when it has
+        been tried too often."""
+        gang = self.store.job(gang_id)
+        if gang is None or gang.state != "running":
+            return
+        self._stop_ranks(gang, f"gang restarted: {reason}")
+        if gang.attempts >= MAX_ATTEMPTS:
+            self.store.finish(gang_id, "failed", None, f"{reason}; gave up after {gang.attempts} attempts")
+            return
+        self.store.requeue_gang(gang_id, reason)
+        if requeue_now:
+            self.queue.add(gang_id, gang.mem_mib, gang.guests)
+        self._queued_at[gang_id] = self._clock()
+        self.counters.requeued += 1
+        log.info("job %d requeued: %s", gang_id, reason)
 
     def housekeeping(self) -> None:
         """Expire silent nodes and ping the others; once a second, sweep the job table for stranded jobs."""
@@ -522,15 +682,21 @@ class Coordinator:
         self.nodes.pop(node.name, None)
         self.by_identity.pop(node.identity, None)
         self.open_nodes.discard(node.name)
+        self.peers.node_left(node.name)
         for job_id in sorted(node.running):
             self._requeue(job_id, f"node {node.name} lost ({why})")
         node.running.clear()
+        self._tell_peers()
         self.schedule()
 
     def _requeue(self, job_id: int, reason: str) -> None:
-        """Put a running or vacated job back in the queue, or fail it if it has been tried too often."""
+        """Put a running or vacated job back in the queue, or fail it if it has been tried too often; a gang's
+        rank takes its whole gang back."""
         job = self.store.job(job_id)
         if job is None or job.state not in ("running", "vacated"):
+            return
+        if job.gang is not None:
+            self._restart_gang(job.gang, f"rank {job.rank}: {reason}")
             return
         if job.state == "running" and job.attempts >= MAX_ATTEMPTS:
             self.store.finish(job_id, "failed", None, f"{reason}; gave up after {job.attempts} attempts")

@@ -22,7 +22,7 @@ from conode.errors import ConodeError
 from conode import output_cap
 from conode.limits import MAX_STREAM_BYTES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TERMINAL_STATES = ("done", "failed", "cancelled")
 JOB_STATES = ("queued", "running", "vacated") + TERMINAL_STATES  # vacated: saved on its node's disk
 ROLES = ("agent", "admin")
@@ -45,7 +45,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     submitted_at REAL NOT NULL,
     started_at REAL,
     vacated_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    guests INTEGER NOT NULL DEFAULT 1,
+    network TEXT,
+    gang INTEGER,
+    rank INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
 CREATE TABLE IF NOT EXISTS job_output (
@@ -85,24 +89,29 @@ class Job:
     submitted_at: float
     started_at: float | None
     finished_at: float | None
+    guests: int = 1  # a job of several guests is a gang: one rank per guest, placed all or none
+    network: str | None = None  # a shared conet network an admin named; None: the job's own
+    gang: int | None = None  # set on a rank: the job it is a guest of
+    rank: int | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.id, "state": self.state, "argv": self.argv, "node": self.node, "attempts": self.attempts,
             "exit_status": self.exit_status, "reason": self.reason, "mem_mib": self.mem_mib,
             "submitted_at": self.submitted_at, "started_at": self.started_at, "finished_at": self.finished_at,
+            "guests": self.guests, "network": self.network,
         }
 
 
 _JOB_COLUMNS = ("id, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at, "
-                "finished_at")
+                "finished_at, guests, network, gang, rank")
 
 
 def _job(row: tuple) -> Job:
     (ident, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at,
-     finished_at) = row
+     finished_at, guests, network, gang, rank) = row
     return Job(ident, state, msgpack.unpackb(argv), msgpack.unpackb(wanted), mem_mib, node, attempts, exit_status,
-               reason, submitted_at, started_at, finished_at)
+               reason, submitted_at, started_at, finished_at, guests, network, gang, rank)
 
 
 class Store:
@@ -133,20 +142,66 @@ class Store:
             if "vacated_at" not in columns:
                 self.db.execute("ALTER TABLE jobs ADD COLUMN vacated_at REAL")
             self.db.execute("UPDATE meta SET value='2' WHERE key='schema'")
+            version = 2
+        if int(version) == 2:  # version 3 added gangs: jobs of several guests, and their ranks
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in (("guests", "INTEGER NOT NULL DEFAULT 1"), ("network", "TEXT"),
+                                 ("gang", "INTEGER"), ("rank", "INTEGER")):
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            self.db.execute("UPDATE meta SET value='3' WHERE key='schema'")
+        self.db.execute("CREATE INDEX IF NOT EXISTS jobs_gang ON jobs(gang, attempts, rank)")
 
     def close(self) -> None:
         self.db.close()
 
     # --- jobs ------------------------------------------------------------------------------------------
     def add_job(self, argv: list[str], inputs: dict[str, bytes], wanted: list[str], mem_mib: int,
-                submitted_by: str) -> int:
+                submitted_by: str, guests: int = 1, network: str | None = None) -> int:
         cur = self.db.execute(
-            "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at) "
-            "VALUES ('queued', ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at, guests, network) "
+            "VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?)",
             (msgpack.packb(argv), msgpack.packb(inputs, use_bin_type=True), msgpack.packb(wanted), mem_mib,
-             submitted_by, self._clock()),
+             submitted_by, self._clock(), guests, network),
         )
         return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def start_gang(self, gang: int, nodes: list[str]) -> list[int]:
+        """Mark gang job *gang* running as one new attempt with a rank on each of *nodes* (rank i on nodes[i]);
+        return the ranks' ids. The ranks share the gang's command and outputs; its inputs stay on the gang."""
+        now = self._clock()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("UPDATE jobs SET state='running', node=NULL, attempts=attempts+1, started_at=? "
+                            "WHERE id=?", (now, gang))
+            ranks = [int(self.db.execute(  # type: ignore[arg-type]
+                "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, node, attempts, submitted_by, submitted_at, "
+                "started_at, guests, network, gang, rank) SELECT 'running', argv, ?, wanted, mem_mib, ?, attempts, "
+                "submitted_by, submitted_at, ?, guests, network, id, ? FROM jobs WHERE id=?",
+                (msgpack.packb({}), node, now, rank, gang)).lastrowid) for rank, node in enumerate(nodes)]
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return ranks
+
+    def ranks(self, gang: int) -> list[Job]:
+        """The ranks of the gang's latest attempt, by rank."""
+        rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE gang=? AND attempts=(SELECT attempts FROM "
+                               f"jobs WHERE id=?) ORDER BY rank", (gang, gang))
+        return [_job(row) for row in rows]
+
+    def requeue_gang(self, gang: int, reason: str) -> None:
+        """Put a gang back in the queue; what its ranks of this attempt still held is cancelled."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("UPDATE jobs SET state='cancelled', reason=?, finished_at=? WHERE gang=? AND state IN "
+                            "('running', 'vacated', 'queued')", (f"gang restarted: {reason}", self._clock(), gang))
+            self.db.execute("UPDATE jobs SET state='queued', node=NULL, reason=? WHERE id=?", (reason, gang))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def job(self, ident: int) -> Job | None:
         row = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=?", (ident,)).fetchone()
@@ -159,23 +214,26 @@ class Store:
     def jobs(self, states: tuple[str, ...] | None = None, limit: int = 1000) -> list[Job]:
         if states:
             marks = ",".join("?" * len(states))
-            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id LIMIT ?",
-                                   (*states, limit))
+            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) AND gang IS NULL "
+                                   f"ORDER BY id LIMIT ?", (*states, limit))
         else:
-            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE gang IS NULL ORDER BY id DESC LIMIT ?",
+                                   (limit,))
         return [_job(row) for row in rows]
 
-    def queued(self) -> list[tuple[int, int]]:
-        """(job id, guest memory) of every queued job, oldest first."""
-        return self.db.execute("SELECT id, mem_mib FROM jobs WHERE state='queued' ORDER BY id").fetchall()
+    def queued(self) -> list[tuple[int, int, int]]:
+        """(job id, guest memory, guests) of every queued job, oldest first."""
+        return self.db.execute("SELECT id, mem_mib, guests FROM jobs WHERE state='queued' AND gang IS NULL "
+                               "ORDER BY id").fetchall()
 
     def job_counts(self) -> dict[str, int]:
-        """How many jobs are in each state (states without jobs are absent)."""
-        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        """How many jobs are in each state (states without jobs are absent); a gang counts once, not per rank."""
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs WHERE gang IS NULL GROUP BY state").fetchall())
 
     def running_jobs(self, node: str | None = None) -> list[Job]:
+        """Jobs and ranks running on *node*, or on any node (a gang itself runs nowhere: its ranks do)."""
         if node is None:
-            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='running'")
+            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='running' AND node IS NOT NULL")
         else:
             rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='running' AND node=?", (node,))
         return [_job(row) for row in rows]

@@ -19,6 +19,7 @@ import zmq
 
 import conode
 from conode.agent.disk import StateDisk
+from conode.agent.conet import OFF, ConetSwitch
 from conode.agent.guests import Guests
 from conode.agent.link import CoordinatorLink, Transport, ZmqTransport
 from conode.agent.outbox import Outbox
@@ -67,8 +68,11 @@ class AgentDaemon:
         self.outbox = Outbox(config.state_dir / "outbox", self.disk)
         self.link = CoordinatorLink(transport, self.outbox, clock, hello=self._hello, heartbeat=self._heartbeat)
         start_worker = start_worker or process_starter(config.mem_mib, config.cpu_cap, self.waker.signal)
+        listen = config.conet_listen if start_worker is None else OFF  # stand-in workers have no guests to join
+        self.conet = ConetSwitch(config.state_dir, listen, config.coordinator, config.state_dir / "keys",
+                                 self.waker.signal, clock)
         self.guests = Guests(config.cores, config.mem_mib, config.state_dir, start_worker, self.link, clock,
-                             self.disk)
+                             self.disk, self.conet)
         fixed = sources is not None or config.idle_source in FIXED_SOURCES
         self.owner = OwnerMonitor(sources if sources is not None else make_sources(config.idle_source, clock, wall),
                                   config.policy, clock=clock, wall=wall, fixed_load=0.0 if fixed else None)
@@ -104,9 +108,10 @@ class AgentDaemon:
         return own + self.guests.cpu_percent()
 
     def _hello(self) -> bytes:
+        conet = {"conet": self.conet.endpoint} if self.conet.endpoint else {}
         return protocol.encode("hello", node=self.config.name, cores=self.config.cores, mem_mib=self.config.mem_mib,
                                speed=self.guests.speed(), state=self.state, idle_s=self._idle_s(),
-                               running=self.held_jobs(), software=f"conode {conode.__version__}")
+                               running=self.held_jobs(), software=f"conode {conode.__version__}", **conet)
 
     def _heartbeat(self) -> bytes:
         return protocol.encode("heartbeat", node=self.config.name, state=self.state, idle_s=self._idle_s(),
@@ -116,6 +121,7 @@ class AgentDaemon:
     def run(self) -> None:
         log.info("agent %s: %d guest(s) of %d MiB, coordinator %s", self.config.name, self.config.cores,
                  self.config.mem_mib, self.config.coordinator)
+        self.conet.start()
         try:
             while self._running:
                 self.poll_once(TICK_MS)
@@ -128,6 +134,7 @@ class AgentDaemon:
     def shutdown(self) -> None:
         self.link.close(bye=protocol.encode("bye", node=self.config.name))
         self.guests.stop_all()
+        self.conet.close()
         self.waker.close()
 
     def poll_once(self, timeout_ms: int) -> None:
@@ -145,6 +152,7 @@ class AgentDaemon:
         for message in self.link.receive():
             self._on_message(message)
         self.guests.pump()
+        self.conet.pump()
         self.guests.supervise(guest_may_run(self.owner.policy.state))
         self.owner.load.set_own_pids({self._process.pid} | self.guests.pids())
         self._follow_owner()
@@ -164,6 +172,8 @@ class AgentDaemon:
         elif message["type"] == "cancel_job":
             self.guests.cancel(message["job"])
             self.outbox.remove(message["job"])
+        elif message["type"] == "conet_peers":
+            self.conet.set_peers(message["peers"])
 
     def _follow_owner(self) -> None:
         previous, current = self.owner.step(has_jobs=self.guests.busy, vacated=not self.guests.jobs)
@@ -188,4 +198,5 @@ class AgentDaemon:
             "jobs": sorted(self.guests.jobs), "vacated_jobs": sorted(self.guests.vacated),
             "unacknowledged": self.outbox.jobs(), "disk_problems": self.disk.problems,
             "yield_ms": [round(x * 1000, 1) for x in self.guests.yield_latencies],
+            "conet": {"endpoint": self.conet.endpoint, "problem": self.conet.problem, **self.conet.stats},
         }

@@ -80,10 +80,29 @@ class WorkerSlot:
         return "paused" if self.paused else "running" if self.ready else "starting"
 
 
+class Ports(Protocol):
+    """Where a guest's NIC is plugged in (the agent's conet switch)."""
+
+    def attach(self, guest: int, net: dict[str, Any]) -> dict[str, Any]: ...
+
+    def detach(self, guest: int) -> None: ...
+
+
+class Unplugged:
+    """No switch: a guest keeps its identity, and its NIC has no carrier."""
+
+    def attach(self, guest: int, net: dict[str, Any]) -> dict[str, Any]:
+        return dict(net)
+
+    def detach(self, guest: int) -> None:
+        pass
+
+
 class Guests:
     def __init__(self, cores: int, mem_mib: int, state_dir: Path, start_worker: StartWorker, reports: Reports,
-                 clock: Callable[[], float], disk: StateDisk) -> None:
+                 clock: Callable[[], float], disk: StateDisk, ports: Ports | None = None) -> None:
         self.mem_mib = mem_mib
+        self._ports = ports or Unplugged()
         self._start_worker = start_worker
         self._reports = reports
         self._clock = clock
@@ -132,9 +151,12 @@ class Guests:
         if message["mem_mib"] > self.mem_mib:
             self._fail(job, f"needs {message['mem_mib']} MiB, guests here have {self.mem_mib}", retry=False)
             return
+        run = {"type": "run", "job": job, "argv": message["argv"], "inputs": message["inputs"],
+               "outputs": message["outputs"]}
+        if "net" in message:
+            run["net"] = self._ports.attach(job, message["net"])
         try:
-            run = validate_to_worker({"type": "run", "job": job, "argv": message["argv"],
-                                      "inputs": message["inputs"], "outputs": message["outputs"]})
+            run = validate_to_worker(run)
         except PipeError as exc:
             self._fail(job, f"cannot run it: {exc}", retry=False)
             return
@@ -147,6 +169,7 @@ class Guests:
         self.backlog = deque(m for m in self.backlog if m["job"] != job)
         slot = self.jobs.pop(job, None)
         self._streamed.pop(job, None)
+        self._ports.detach(job)
         if slot is not None:
             self._send(slot, {"type": "cancel", "job": job})
             slot.job = None
@@ -167,6 +190,7 @@ class Guests:
 
     def _fail(self, job: int, reason: str, retry: bool) -> None:
         self._streamed.pop(job, None)
+        self._ports.detach(job)
         self._reports.result(job, "job_failed", reason=reason, retry=retry)
 
     def _send(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
@@ -242,6 +266,7 @@ class Guests:
     def _job_done(self, slot: WorkerSlot, job: int) -> None:
         del self.jobs[job]
         self._streamed.pop(job, None)
+        self._ports.detach(job)
         if slot.job == job:
             slot.job = None
         self._dispatch()
@@ -363,6 +388,7 @@ class Guests:
         self._disk.attempt("record a vacated guest's jobs", lambda: write_toml(meta, {"jobs": jobs}))
         for job in jobs:
             self.jobs.pop(job, None)
+            self._ports.detach(job)  # its guest is on disk: nothing to deliver frames to
             self.vacated[job] = slot.index
             self._reports.report("job_vacated", job=job)
         slot.job = None

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conode.agent.conet import DEFAULT_LISTEN, OFF
 from conode.agent.owner import AUTO, FIXED_SOURCES
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.errors import ConodeError
@@ -28,7 +30,7 @@ WHILE_OWNER = (PAUSE, SHUTDOWN)
 POLICY_FIELDS = [f.name for f in dataclasses.fields(PolicyConfig) if f.name != "windows"]
 # The agent's own keys and the Python type each takes (the policy's are all numbers but one).
 AGENT_KEYS: dict[str, type] = {"name": str, "coordinator": str, "coordinator_key": str, "cores": int, "mem": int,
-                               "idle_source": str, "while_owner": str, "cpu_cap": float}
+                               "idle_source": str, "while_owner": str, "cpu_cap": float, "conet_listen": str}
 KNOWN_KEYS = [*AGENT_KEYS, *POLICY_FIELDS]
 
 
@@ -44,6 +46,7 @@ class AgentConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     while_owner: str = PAUSE  # keep guests paused while the owner works, or shut them down
     cpu_cap: float = 100.0  # percent of a core each guest may use
+    conet_listen: str = DEFAULT_LISTEN  # the conet switch's endpoint for other agents, or "off"
 
     @property
     def shutdown_while_owner(self) -> bool:
@@ -135,9 +138,12 @@ def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: d
         raise ConodeError("--cpu-cap must be between 1 and 100 (percent of a core)")
     if idle_source not in IDLE_SOURCES and not idle_source.startswith("file:"):
         raise ConodeError(f"--idle-source must be {', '.join(IDLE_SOURCES)} or file:PATH")
+    conet_listen = _typed(values, "conet_listen", DEFAULT_LISTEN)
+    if conet_listen != OFF and not re.fullmatch(r"tcp://[^:/\s]+:(\d{1,5}|\*)", conet_listen):
+        raise ConodeError(f"--conet-listen must be tcp://ADDRESS:PORT or off, not {conet_listen!r}"[:300])
     if while_owner not in WHILE_OWNER:
         raise ConodeError(f"--while-owner must be {' or '.join(WHILE_OWNER)}")
     return AgentConfig(state_dir=state_dir, name=_typed(values, "name", "") or default_node_name(),
                        coordinator=str(values["coordinator"]), coordinator_key=str(values["coordinator_key"]),
                        cores=cores, mem_mib=mem_mib, idle_source=idle_source, policy=_policy(values),
-                       while_owner=while_owner, cpu_cap=cpu_cap)
+                       while_owner=while_owner, cpu_cap=cpu_cap, conet_listen=conet_listen)

@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 import msgpack
 
 from conode.errors import ConodeError
-from conode.limits import (MAX_ARGV, MAX_ARGV_BYTES, MAX_FILES, MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB,
-                           MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES,
-                           MAX_SMALL_FIELD, MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
+from conode.limits import (MAX_ARGV, MAX_ARGV_BYTES, MAX_FILES, MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB, MAX_HOSTNAME,
+                           MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES,
+                           MAX_PATH_BYTES, MAX_SMALL_FIELD, MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
 
 PROTOCOL_VERSION = 1
 # MAX_FRAME_BYTES, MAX_SMALL_FIELD, MAX_ARGV and MAX_FILES come from conode.limits and stay importable from here.
@@ -66,6 +66,10 @@ MISSING = Kind("str_list", MAX_FILES, item=MAX_SMALL_FIELD)  # "path" or "path: 
 INT_LIST = Kind("int_list", MAX_LIST_ENTRIES)  # job ids
 INPUTS = Kind("files", MAX_FILES, total=MAX_JOB_INPUT_BYTES)  # map of relative path -> bytes
 OUTPUTS = Kind("files", MAX_FILES, item=MAX_OUTPUT_FILE_BYTES, total=MAX_JOB_OUTPUT_BYTES)
+GUESTS = Kind("int", low=1, high=MAX_JOB_GUESTS)
+RANK = Kind("int", low=0, high=MAX_JOB_GUESTS - 1)
+IDENTITY = Kind("identity", MAX_JOB_GUESTS)  # a guest's conet identity (see _identity_problem)
+PEERS = Kind("peers", MAX_LIST_ENTRIES)  # the conet endpoints and keys of the other agents
 ANY_LIST = Kind("list", MAX_LIST_ENTRIES)
 ANY_MAP = Kind("map", MAX_LIST_ENTRIES)
 
@@ -85,7 +89,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     # agent -> coordinator
     "hello": ("agent", {"node": _f(STR), "cores": _f(CORES), "mem_mib": _f(GUEST_MEM), "speed": _f(MEASURE),
                         "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
-                        "software": _f(STR)}),
+                        "software": _f(STR), "conet": _f(STR, False)}),
     "heartbeat": ("agent", {"node": _f(STR), "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
                             "speed": _f(MEASURE, False), "cpu_percent": _f(MEASURE, False)}),
     "job_output": ("agent", {"job": _f(INT), "stream": _f(STR), "data": _f(BYTES)}),
@@ -99,17 +103,19 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "welcome": ("coordinator", {"heartbeat_s": _f(MEASURE)}),
     "ping": ("coordinator", {}),
     "run_job": ("coordinator", {"job": _f(INT), "argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS),
-                                "mem_mib": _f(GUEST_MEM)}),
+                                "mem_mib": _f(GUEST_MEM), "net": _f(IDENTITY, False)}),
+    "conet_peers": ("coordinator", {"peers": _f(PEERS)}),
     "cancel_job": ("coordinator", {"job": _f(INT)}),
     "ack": ("coordinator", {"job": _f(INT)}),
     "reconnect": ("coordinator", {"reason": _f(STR)}),
     # admin -> coordinator
     "status": ("admin", {}),
-    "submit": ("admin", {"argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS), "mem_mib": _f(GUEST_MEM)}),
+    "submit": ("admin", {"argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS), "mem_mib": _f(GUEST_MEM),
+                         "guests": _f(GUESTS, False), "network": _f(STR, False)}),
     "jobs": ("admin", {"limit": _f(INT, False)}),
     "job": ("admin", {"job": _f(INT)}),
-    "logs": ("admin", {"job": _f(INT)}),
-    "fetch": ("admin", {"job": _f(INT)}),
+    "logs": ("admin", {"job": _f(INT), "rank": _f(RANK, False)}),
+    "fetch": ("admin", {"job": _f(INT), "rank": _f(RANK, False)}),
     "cancel": ("admin", {"job": _f(INT)}),
     "drain": ("admin", {"node": _f(STR), "undrain": _f(BOOL, False)}),
     # coordinator -> admin
@@ -207,6 +213,10 @@ def _problem(value: Any, kind: Kind) -> str | None:
         return None if ok else "must hold job ids (integers from 0)"
     if tag == "files":
         return _files_problem(value, kind)
+    if tag == "identity":
+        return _identity_problem(value)
+    if tag == "peers":
+        return _peers_problem(value, kind)
     if tag == "list":
         ok = isinstance(value, list) and len(value) <= (kind.bound or 0)
         return None if ok else f"must be a list of at most {kind.bound} entries"
@@ -238,6 +248,51 @@ def _files_problem(value: Any, kind: Kind) -> str | None:
         total += len(data)
     if kind.total is not None and total > kind.total:
         return f"files take {total} bytes together; at most {kind.total} are allowed"
+    return None
+
+
+_IDENTITY_FIELDS = {"network": str, "mac": bytes, "ip": str, "prefix": int, "hostname": str, "rank": int,
+                    "size": int, "hosts": list}
+
+
+def _is_ipv4(text: Any) -> bool:
+    parts = text.split(".") if isinstance(text, str) else []
+    return len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts)
+
+
+def _is_hostname(text: Any) -> bool:
+    return (isinstance(text, str) and 0 < len(text) <= MAX_HOSTNAME and text.isascii()
+            and all(c.isalnum() or c == "-" for c in text) and not text.startswith("-"))
+
+
+def _identity_problem(value: Any) -> str | None:
+    """A guest's conet identity: everything the guest is told about itself and its job's other guests."""
+    if not isinstance(value, dict) or set(value) != set(_IDENTITY_FIELDS):
+        return f"must be a map of exactly {', '.join(_IDENTITY_FIELDS)}"
+    for name, kind in _IDENTITY_FIELDS.items():
+        if not isinstance(value[name], kind) or (kind is int and isinstance(value[name], bool)):
+            return f"has {name} of the wrong type"
+    size, hosts = value["size"], value["hosts"]
+    if not (1 <= size <= MAX_JOB_GUESTS and 0 <= value["rank"] < size and len(hosts) == size):
+        return "has a rank, size or host list that do not agree"
+    if len(value["mac"]) != 6 or value["mac"][0] & 1 or not 8 <= value["prefix"] <= 30:
+        return "has an invalid MAC (6 bytes, unicast) or prefix length"
+    if not _is_ipv4(value["ip"]) or not _is_hostname(value["hostname"]) or len(value["network"]) > MAX_SMALL_FIELD:
+        return "has an invalid address, hostname or network"
+    for entry in hosts:
+        if not (isinstance(entry, list) and len(entry) == 2 and _is_hostname(entry[0]) and _is_ipv4(entry[1])):
+            return "has a host entry that is not [hostname, IPv4 address]"
+    return None
+
+
+def _peers_problem(value: Any, kind: Kind) -> str | None:
+    problem = _list_problem(value, kind, "peers")
+    if problem:
+        return problem
+    for peer in value:
+        if not (isinstance(peer, dict) and set(peer) == {"node", "endpoint", "key"}
+                and all(isinstance(v, str) and len(v) <= MAX_SMALL_FIELD for v in peer.values())):
+            return "must hold maps of node, endpoint and key (text)"
     return None
 
 

@@ -1,4 +1,9 @@
-"""A real pool on localhost for tests: a coordinator and agents as separate processes, real guests."""
+"""A real pool for tests: a coordinator and agents as separate processes, real guests.
+
+By default every process runs on this machine and the coordinator listens on loopback. Given hosts (anything
+with an ``address``, ``spawn`` and ``run``, such as the multi-host harness's test hosts in tests/multihost), the
+coordinator and its admin CLI run on one host, listening on its address, and each agent on its own.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Protocol
 
 from conode.cache import cache_dir
 
@@ -20,12 +26,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Host(Protocol):
+    """Where a pool's process runs."""
+
+    address: str
+
+    def spawn(self, argv: list[str], **popen: Any) -> subprocess.Popen: ...
+
+    def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess: ...
+
+
+class ThisMachine:
+    """Processes run here as they are, in their own process group; the coordinator listens on loopback."""
+
+    address = "127.0.0.1"
+
+    def spawn(self, argv: list[str], **popen: Any) -> subprocess.Popen:
+        return subprocess.Popen(argv, start_new_session=True, **popen)
+
+    def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, **kwargs)  # noqa: PLW1510  (the caller's check=)
+
+
+THIS_MACHINE = ThisMachine()
+
+
 class Pool:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, host: Host = THIS_MACHINE) -> None:
+        """*host* runs the coordinator and the admin CLI."""
         self.root = root
+        self.host = host
+        self.agent_hosts: dict[str, Host] = {}
         self.state = root / "coordinator"
         self.port = free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.endpoint = f"tcp://{host.address}:{self.port}"
         home = root / "home"
         home.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "HOME": str(home), "CONODE_CLIENT_CONFIG": str(self.state / "client.toml"),
@@ -36,16 +70,18 @@ class Pool:
         self.server_key = (self.state / "keys" / "coordinator.public").read_text().strip()
 
     # --- processes ---------------------------------------------------------------------------------------
-    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
-        out = open(self.root / log, "ab")
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+    def _spawn(self, host: Host, args: list[str], log: str) -> subprocess.Popen:
+        with open(self.root / log, "ab") as out:
+            return host.spawn(args, stdout=out, stderr=subprocess.STDOUT, env=self.env)
 
     def start_coordinator(self) -> None:
-        self.coordinator = self._spawn([sys.executable, "-m", "coordinator.cli", "serve", "--state-dir",
-                                        str(self.state)], "coordinator.log")
+        self.coordinator = self._spawn(self.host, [sys.executable, "-m", "coordinator.cli", "serve", "--state-dir",
+                                                   str(self.state)], "coordinator.log")
 
-    def add_agent(self, name: str, *extra: str, enrol: bool = True) -> subprocess.Popen:
-        """Create, enrol and start an agent; *extra* are agent flags (default: the owner is away)."""
+    def add_agent(self, name: str, *extra: str, enrol: bool = True, host: Host | None = None) -> subprocess.Popen:
+        """Create, enrol and start an agent on *host* (default: the coordinator's); *extra* are agent flags
+        (default: the owner is away)."""
+        self.agent_hosts[name] = host or self.host
         directory = self.root / name
         out = subprocess.run([sys.executable, "-m", "conode.cli", "agent", "init", "--state-dir", str(directory),
                               "--name", name], env=self.env, capture_output=True, text=True, check=True).stdout
@@ -55,7 +91,8 @@ class Pool:
         return self.start_agent(name, *(extra or ("--owner", "away")))
 
     def start_agent(self, name: str, *extra: str) -> subprocess.Popen:
-        process = self._spawn([sys.executable, "-m", "conode.cli", "agent", "--state-dir", str(self.root / name),
+        process = self._spawn(self.agent_hosts.get(name, self.host),
+                              [sys.executable, "-m", "conode.cli", "agent", "--state-dir", str(self.root / name),
                                "--coordinator", self.endpoint, "--coordinator-key", self.server_key, *extra],
                               f"{name}.log")
         self.agents[name] = process
@@ -80,8 +117,8 @@ class Pool:
 
     # --- the admin CLI --------------------------------------------------------------------------------------
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "coordinator.cli", *args], env=self.env, capture_output=True,
-                                timeout=timeout)
+        result = self.host.run([sys.executable, "-m", "coordinator.cli", *args], env=self.env, capture_output=True,
+                               timeout=timeout, check=False)
         if check and result.returncode != 0:
             raise AssertionError(f"coordinator {' '.join(args)} failed ({result.returncode}): "
                                  f"{result.stderr.decode(errors='replace')}")

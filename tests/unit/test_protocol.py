@@ -30,6 +30,23 @@ plain = st.recursive(
     max_leaves=12,
 )
 
+label = st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=20)
+ipv4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
+
+
+@st.composite
+def identities(draw):
+    size = draw(st.integers(1, 4))
+    hosts = draw(st.lists(st.tuples(label, ipv4).map(list), min_size=size, max_size=size))
+    rank = draw(st.integers(0, size - 1))
+    mac = bytes([draw(st.integers(0, 127)) * 2]) + draw(st.binary(min_size=5, max_size=5))
+    return {"network": draw(TEXT), "mac": mac, "ip": hosts[rank][1], "prefix": draw(st.integers(8, 30)),
+            "hostname": hosts[rank][0], "rank": rank, "size": size, "hosts": hosts}
+
+
+peers = st.lists(st.fixed_dictionaries({"node": TEXT, "endpoint": TEXT, "key": TEXT}), max_size=4)
+
+
 def strategy_for(kind):
     """Valid values of a field kind, within its bounds."""
     tag = kind.tag
@@ -52,6 +69,8 @@ def strategy_for(kind):
         "files": st.dictionaries(safe_path, st.binary(max_size=40), max_size=5),
         "list": st.lists(plain, max_size=5),
         "map": st.dictionaries(TEXT, plain, max_size=5),
+        "identity": identities(),
+        "peers": peers,
     }[tag]
 
 
@@ -61,7 +80,7 @@ def minimal_value(kind):
         value = 1 if kind.low is None else kind.low
         return int(value) if kind.tag == "int" else float(value)
     return {"str": "s", "bool": False, "bytes": b"", "str_list": [], "argv": [], "paths": [], "int_list": [],
-            "files": {}, "list": [], "map": {}}[kind.tag]
+            "files": {}, "list": [], "map": {}, "peers": []}[kind.tag]
 
 
 @st.composite

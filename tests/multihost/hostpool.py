@@ -1,0 +1,57 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Fixtures for tests on several test hosts: the network itself, and a real pool spread over it.
+
+A test module loads them with ``pytest_plugins = ["hostpool"]`` (there is no conftest.py in this directory: a
+second module named ``conftest`` would shadow tests/conftest.py, which other tests import from).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))  # pool.py
+
+from pool import Pool
+from testnet import TestNetwork, unavailable
+
+COORDINATOR_HOST = "coord"
+READY_TIMEOUT_S = 120
+
+
+@pytest.fixture
+def network() -> Iterator[TestNetwork]:
+    """An empty test network; every host made on it is deleted, with its processes, after the test."""
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with TestNetwork() as net:
+        yield net
+
+
+def pool_across_hosts(net: TestNetwork, root: Path, agents: list[str]) -> Pool:
+    """A coordinator on host "coord", listening on its address, and one agent (owner away) per host in *agents*;
+    returns once every agent's guest is ready."""
+    pool = Pool(root, host=net.host(COORDINATOR_HOST))
+    pool.start_coordinator()
+    for name in agents:
+        pool.add_agent(name, host=net.host(name))
+    pool.wait_until(f"{len(agents)} ready nodes", lambda: sorted(pool.ready_nodes()) == sorted(agents),
+                    timeout=READY_TIMEOUT_S)
+    return pool
+
+
+@pytest.fixture
+def pool_on_hosts(request: pytest.FixtureRequest, network: TestNetwork, tmp_path: Path) -> Iterator[Pool]:
+    """A ready pool: the coordinator on "coord" and agents a1..aN each on its own host (N = 2, or the
+    fixture's parameter: ``@pytest.mark.parametrize("pool_on_hosts", [3], indirect=True)``)."""
+    count = getattr(request, "param", 2)
+    pool = pool_across_hosts(network, tmp_path, [f"a{i}" for i in range(1, count + 1)])
+    try:
+        yield pool
+    finally:
+        pool.close()  # the network's cleanup would kill them too; this reaps them first
+
