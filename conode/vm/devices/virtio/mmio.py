@@ -43,12 +43,14 @@ REG_CONFIG = 0x100
 @dataclass(frozen=True)
 class Activation:
     """What a device gets when the driver sets DRIVER_OK: its queues (None where the driver set none up),
-    guest memory, the negotiated features, and the used-buffer interrupt. Never the transport itself."""
+    guest memory, the negotiated features, the used-buffer interrupt and the configuration-change interrupt.
+    Never the transport itself."""
 
     queues: list[Virtqueue | None]
     memory: GuestMemory
     features: int
     signal_used: Callable[[int], None]
+    signal_config: Callable[[], None]
 
 
 class VirtioDevice(Protocol):
@@ -144,6 +146,12 @@ class VirtioMmio:
             self.interrupt_status |= INT_USED_BUFFER
             self._irq.set(True)
 
+    def signal_config(self) -> None:
+        """Tell the driver that the device's configuration changed (a NIC's link came up or went down)."""
+        if self.driver_ok and not self.needs_reset:
+            self.interrupt_status |= INT_CONFIG_CHANGE
+            self._irq.set(True)
+
     def _device_error(self, message: str) -> None:
         """The driver broke a rule: the device stops and asks for a reset (virtio 1.x, 2.1.2)."""
         if self.needs_reset:
@@ -186,7 +194,9 @@ class VirtioMmio:
             return self.interrupt_status
         if offset == REG_STATUS:
             return self.status
-        return 0  # REG_CONFIG_GENERATION among others: the configuration never changes
+        # REG_CONFIG_GENERATION among others: stays 0, because what may change in a configuration (a NIC's
+        # link status) is one 16-bit field, which the driver reads whole: it cannot see a torn configuration
+        return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFFFFFFFF
@@ -249,7 +259,8 @@ class VirtioMmio:
             self._activate()
 
     def _activate(self) -> None:
-        self.device.activate(Activation(self.queues, self.memory, self.driver_features, self.signal_used))
+        self.device.activate(Activation(self.queues, self.memory, self.driver_features, self.signal_used,
+                                        self.signal_config))
 
     # --- snapshots -------------------------------------------------------------------------------------------
     def get_state(self) -> dict:
