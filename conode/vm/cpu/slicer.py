@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -109,6 +110,10 @@ class Slicer:
 
     def __init__(self, uc: object, reg_read_eflags: Callable[[], int]) -> None:
         self.control = SliceControl()
+        # With kicks, a request is its flag *and* its kick: the lock keeps the two together, so that a kick
+        # whose flag the machine already cleared cannot land in a later slice and end it for no reason
+        # (which would read as HLT).
+        self._request_lock = threading.Lock()
         self._uc = uc
         self._hook_ref: object = None
         self._timer: int | None = None
@@ -198,9 +203,10 @@ class Slicer:
         c.countdown = 1  # read the clock at the first block: the deadline may already be near
         c.reason = SLICE_RUNNING
         if self._timer is not None:
-            self._unkick(self._uc._uch)  # type: ignore[attr-defined]  # a kick meant for an earlier slice
-            if c.stop_request:
-                self._kick(self._uc._uch)  # type: ignore[attr-defined]
+            with self._request_lock:
+                self._unkick(self._uc._uch)  # type: ignore[attr-defined]  # a kick meant for an earlier slice
+                if c.stop_request:
+                    self._kick(self._uc._uch)  # type: ignore[attr-defined]
             self._lib.conode_timer_arm(self._timer, deadline_ns)
 
     def disarm(self) -> None:
@@ -210,9 +216,13 @@ class Slicer:
 
     def request_stop(self) -> None:
         """End the current slice at the next block boundary; safe from any thread."""
-        self.control.stop_request = 1
-        if self._timer is not None:
+        if self._timer is None:
+            self.control.stop_request = 1
+            return
+        with self._request_lock:
+            self.control.stop_request = 1
             self._kick(self._uc._uch)  # type: ignore[attr-defined]
 
     def clear_request(self) -> None:
-        self.control.stop_request = 0
+        with self._request_lock:
+            self.control.stop_request = 0
