@@ -288,5 +288,6 @@ class VirtioNet:
     def _drop(self, reason: str, detail: str = "") -> None:
         """Count a dropped frame under *reason* (one of a fixed few); the first of each reason is logged."""
         if not self.dropped[reason]:
-            log.warning("conet NIC dropped a frame: %s%s (counted; said once)", reason, f" ({detail})" if detail else "")
+            log.warning("conet NIC dropped a frame: %s%s (counted; said once)", reason,
+                        f" ({detail})" if detail else "")
         self.dropped[reason] += 1
