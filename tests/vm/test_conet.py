@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from conode.agent.pipe import Unpacker, pack
 from conode.conet.port import Port
 from conode.vm.devices.virtio import net
 from conode.vm.guest import Guest, GuestSnapshot, JobSpec
@@ -210,3 +213,69 @@ def test_a_tcp_transfer_arrives_intact_with_offloads_end_to_end(pristine, tmp_pa
     cpu = a.marks["sent"][1] - a.marks["go"][1]  # both guests, the ports and the relay: one process
     print(f"\nconet nc transfer between two guests in one process: {TRANSFER_MIB / seconds:.1f} MiB/s "
           f"({TRANSFER_MIB} MiB in {seconds:.2f} s), host CPU {cpu / TRANSFER_MIB * 1000:.0f} ms per MiB")
+
+
+class WorkerProcess:
+    """A real guest worker process (python -m conode.agent.worker), spoken to over its pipes as the agent does."""
+
+    def __init__(self, boot_snapshot: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "conode.agent.worker", "--boot-snapshot",
+                                      str(boot_snapshot)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self._unpacker = Unpacker()
+        self._messages: list[dict] = []
+
+    def send(self, message: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(pack(message))
+        self.proc.stdin.flush()
+
+    def receive(self, kind: str) -> dict:
+        """Messages until one of type *kind* (returned); output messages are collected on the way."""
+        assert self.proc.stdout is not None
+        while True:
+            for message in self._messages:
+                if message["type"] == kind:
+                    self._messages.remove(message)
+                    return message
+            data = os.read(self.proc.stdout.fileno(), 1 << 16)
+            assert data, self.proc.stderr.read().decode()[-2000:] if self.proc.stderr else "worker died"
+            self._messages += self._unpacker.feed(data)
+
+    def output(self) -> bytes:
+        return b"".join(m["data"] for m in self._messages if m["type"] == "output" and m["stream"] == "stdout")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_workers_join_their_guests_to_the_switch_socket_the_agent_names(tmp_path):
+    relay = Relay(tmp_path / "switch")
+    snapshot = tmp_path / "boot.snap"
+    workers: list[WorkerProcess] = []
+    try:
+        for rank in range(2):  # one after the other: the second restores the boot snapshot the first made
+            worker = WorkerProcess(snapshot)
+            workers.append(worker)
+            worker.receive("ready")
+        scripts = ("ping -c 2 -W 5 rank1 | grep -c ' bytes from '", "mkfifo /q; nc -l -p 7000 <>/q")
+        for rank, worker in enumerate(workers):
+            who = identity(rank)
+            net_map = {"token": bytes([rank]) * 16, "socket": relay.path, "mac": who.mac, "ip": who.ip,
+                       "prefix": who.prefix, "hostname": who.hostname,
+                       "hosts": {entry.name: entry.ip for entry in who.hosts}, "rank": rank, "size": 2}
+            worker.send({"type": "run", "job": 10 + rank, "argv": ["sh", "-c", scripts[rank]], "inputs": {},
+                         "outputs": [], "net": net_map})
+        first = workers[0].receive("finished")
+        assert first["status"] == 0 and workers[0].output() == b"2\n"
+        workers[1].send({"type": "cancel", "job": 11})
+        assert sorted(relay.tokens) == [bytes([0]) * 16, bytes([1]) * 16]
+    finally:
+        for worker in workers:
+            worker.close()
+        relay.close()
