@@ -153,10 +153,8 @@ class VirtioNet:
         self._clear_backlog()
 
     def notify(self, queue_index: int) -> None:
-        if queue_index == TRANSMITQ:
-            self._drain_transmit()
-        else:
-            self._fill_receive_buffers()
+        """The driver posted frames to send, or buffers to receive into."""
+        (self._drain_transmit if queue_index == TRANSMITQ else self._fill_receive_buffers)()
 
     # --- guest -> network ----------------------------------------------------------------------------------
     def _drain_transmit(self) -> None:
