@@ -7,23 +7,16 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parts import RINGS, Ram, bring_up
-from test_virtio_fuzz import REGISTERS, descriptor, mostly, post, queue_size, ring_layout, u32
-from test_virtio_fuzz import run as driver_operations
 
 from conode.limits import CONET_MAX_FRAME, CONET_MTU
 from conode.vm.devices.irq import IrqLine
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.virtio import net
-from conode.vm.devices.virtio.mmio import (
-    REG_CONFIG,
-    REG_DRIVER_FEATURES,
-    REG_DRIVER_FEATURES_SEL,
-    REG_INTERRUPT_STATUS,
-    REG_STATUS,
-    STATUS_NEEDS_RESET,
-    VirtioMmio,
-)
+from conode.vm.devices.virtio.mmio import (REG_CONFIG, REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL,
+                                           REG_INTERRUPT_STATUS, REG_STATUS, STATUS_NEEDS_RESET, VirtioMmio)
+from parts import RINGS, Ram, bring_up
+from test_virtio_fuzz import REGISTERS, descriptor, mostly, post, queue_size, ring_layout, u32
+from test_virtio_fuzz import run as driver_operations
 
 RAM_SIZE = 1 << 17
 ALL = net.OFFERED
