@@ -8,12 +8,12 @@ from collections import deque
 
 import msgpack
 import pytest
-from test_virtio_net import ETHERNET, Rig, header
 
 from conode.conet.port import QUEUE_FRAMES, Port, PortError
 from conode.limits import CONET_MAX_FRAME
 from conode.vm.devices.virtio import net
 from conode.vm.devices.virtio.mmio import REG_CONFIG
+from test_virtio_net import ETHERNET, Rig, header
 
 
 class Switch:
