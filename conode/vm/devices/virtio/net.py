@@ -43,7 +43,9 @@ F_HOST_ECN = 1 << 13
 F_STATUS = 1 << 16  # the link status is in the configuration space
 OFFERED = F_CSUM | F_GUEST_CSUM | F_MTU | F_MAC | F_GUEST_TSO4 | F_GUEST_ECN | F_HOST_TSO4 | F_HOST_ECN | F_STATUS
 
-# virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+# virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers. The transport
+# accepts only VERSION_1 drivers (mmio.py), and their header always has num_buffers: the legacy 10-byte header
+# (a driver without VERSION_1 or mergeable buffers) never occurs.
 HEADER = struct.Struct("<BBHHHHH")
 assert HEADER.size == CONET_VNET_HDR
 HDR_F_NEEDS_CSUM, HDR_F_DATA_VALID = 1, 2
