@@ -99,11 +99,11 @@ def build_native_slicer() -> Path:
 
 
 def holding_gil(function: object, restype: object, *argtypes: object) -> Callable[..., object]:
-    """*function*, a ctypes function of a CDLL (which hands the GIL over around every call), called holding it.
+    """*function*, a ctypes function of a CDLL (which hands the GIL over around each call), called holding it.
 
     For short native calls only — a flag stored, a lock no Python thread holds, a copy into guest RAM — where
-    handing the GIL over and taking it back costs more than the call: with other threads busy (a port's reader,
-    the watchdog, another guest) taking it back waits up to a switch interval.
+    handing the GIL over and taking it back costs more than the call: with other threads busy (a port's
+    reader, the watchdog, another guest) taking it back waits up to a switch interval.
     """
     address = ctypes.cast(function, ctypes.c_void_p).value
     return ctypes.PYFUNCTYPE(restype, *argtypes)(address)  # type: ignore[arg-type]

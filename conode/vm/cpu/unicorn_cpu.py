@@ -207,7 +207,8 @@ class UnicornCpu:
         if self.native_interrupts:
             uclib.uc_conode_native_interrupts(self.uc._uch, True)
             uclib.uc_conode_take_reset.restype = ctypes.c_bool
-            self._irq_line = holding_gil(uclib.uc_conode_irq_line, ctypes.c_int, ctypes.c_void_p, ctypes.c_bool)
+            self._irq_line = holding_gil(uclib.uc_conode_irq_line, ctypes.c_int, ctypes.c_void_p,
+                                         ctypes.c_bool)
 
     def connect_interrupt_controller(self, acknowledge: Callable[[], int]) -> None:
         """Native interrupts: the CPU asks *acknowledge* for the vector when it takes an external interrupt."""
