@@ -91,3 +91,10 @@ def test_a_job_keeps_its_network_identity_and_older_job_states_load_without_one(
     broken = {**data, "net": {**data["net"], "rank": 2}}  # rank 2 of 2: a shape state.py passes, check() refuses
     with pytest.raises(SnapshotError, match="network identity"):
         GuestJob.from_state(None, broken, None)  # type: ignore[arg-type]
+
+
+def test_a_machine_saved_before_the_nic_is_refused_in_one_line():
+    from conode.vm.machine import CoMachine
+
+    with pytest.raises(SnapshotError, match="version 2, written by an older conode.*boot the guest afresh"):
+        CoMachine.config_from_state({"version": 2, "config": {"version": 1, "mem_mib": 128, "cmdline_extra": ""}})
