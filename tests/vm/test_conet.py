@@ -156,6 +156,7 @@ def _run_to_the_end(guest: Guest) -> None:
 
 
 PING = """
+for tool in ip ping nc wget httpd udhcpc; do command -v $tool >/dev/null || echo "missing $tool" >&2; done
 hostname; echo "rank=$CONODE_RANK size=$CONODE_SIZE hosts=$CONODE_HOSTS"
 cat /sys/class/net/eth0/address; ip -4 addr show dev eth0 | grep inet; ip route
 ping -c 3 -W 5 rank1
@@ -171,6 +172,7 @@ def test_two_guests_ping_each_other_by_name(pristine, tmp_path):
     (a, b), _ = run_pair(pristine, tmp_path, (PING, LISTEN_ONCE))
     assert a.failure is None and b.failure is None, (a.failure, b.failure)
     assert a.status == 0, a.stdout.decode() + a.stderr.decode()
+    assert b"missing" not in a.stderr, a.stderr  # the network tools a job may use are in the initramfs
     out = a.stdout.decode()
     assert out.startswith("rank0\nrank=0 size=2 hosts=rank0 rank1\n02:c0:de:00:00:01\n"), out
     assert "inet 10.77.0.1/24" in out
