@@ -28,6 +28,7 @@ from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
 from conode.vm.devices.virtio.console import VirtioConsole
+from conode.vm.devices.virtio.net import VirtioNet
 from conode.vm.host_channel import HostChannel, connect_uart
 from conode.vm.snapshot import decode_ram, encode_ram
 from conode.vm.state import blob, bounded, items
@@ -79,7 +80,8 @@ class MachineState(state.Record):
     """The machine's own record; each part below is checked by its owner's record."""
 
     KIND = "machine"
-    VERSION = 3  # 2: COM2 and the two-transport host channel; 3: the PCI bus and virtio-pci functions
+    VERSION = 4  # 2: COM2 and the two-transport host channel; 3: the PCI bus and virtio-pci functions;
+    # 4: the conet NIC
 
     config: dict
     cpu: dict
@@ -131,6 +133,10 @@ class CoMachine:
         self.pci = build.attach_pci()
         self.channel = HostChannel(channel_receive)
         build.attach_virtio(VirtioConsole(self.channel.virtio))
+        # Every guest has its NIC from boot, so the pristine snapshot has the driver bound; the MAC it reads
+        # then is a placeholder: a job's identity is applied in the guest after the restore (guest.py).
+        self.nic = VirtioNet()
+        build.attach_virtio(self.nic)
         self.serial_channel = Uart16550(build.irq(layout.IRQ_COM2), self.channel.serial.on_receive)
         build.attach_uart(self.serial_channel, layout.PORTS_COM2)
         self._refill_serial_channel = connect_uart(self.channel.serial, self.serial_channel)
@@ -319,8 +325,7 @@ class CoMachine:
     @staticmethod
     def config_from_state(data: dict) -> MachineConfig:
         """The configuration to build a machine with for :meth:`set_state`; raise SnapshotError if invalid."""
-        if not isinstance(data, dict):
-            raise SnapshotError("snapshot machine state is not a map; the file is damaged")
+        state.load(MachineState, data)  # a machine of another version (other devices) is refused here, in one line
         config = state.load(ConfigState, data.get("config"))
         return MachineConfig(mem_mib=config.mem_mib, cmdline_extra=config.cmdline_extra)
 

@@ -32,7 +32,8 @@ from conode.vm.cpu.cpuid import UNICORN_MODEL, cpuid_leaf
 from conode.vm.cpu.context import CpuContext, verify_layout
 from conode.vm.cpu.engine import UNICORN_VERSION
 from conode.vm.cpu.passage import Passage
-from conode.vm.cpu.slicer import SLICE_DEADLINE, SLICE_IRQ_WINDOW, SLICE_REQUEST, SLICE_RUNNING, Slicer
+from conode.vm.cpu.slicer import (SLICE_DEADLINE, SLICE_IRQ_WINDOW, SLICE_REQUEST, SLICE_RUNNING, Slicer,
+                                  holding_gil)
 from conode.vm.state import blob
 
 _EFLAGS_IF = 1 << 9
@@ -199,9 +200,15 @@ class UnicornCpu:
         # (cpuid.py) and the kernel emulates the x87 itself.
         self.has_fpu = conodes_engine
         self._ack_callback: object = None
+        # Device DMA and the interrupt line are short calls made often, from the machine thread and from device
+        # callbacks: they keep the GIL (slicer.holding_gil).
+        self._mem_write = holding_gil(uclib.uc_mem_write, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64,
+                                      ctypes.c_char_p, ctypes.c_uint64)
         if self.native_interrupts:
             uclib.uc_conode_native_interrupts(self.uc._uch, True)
             uclib.uc_conode_take_reset.restype = ctypes.c_bool
+            self._irq_line = holding_gil(uclib.uc_conode_irq_line, ctypes.c_int, ctypes.c_void_p,
+                                         ctypes.c_bool)
 
     def connect_interrupt_controller(self, acknowledge: Callable[[], int]) -> None:
         """Native interrupts: the CPU asks *acknowledge* for the vector when it takes an external interrupt."""
@@ -221,7 +228,7 @@ class UnicornCpu:
 
     def set_irq_line(self, level: bool) -> None:
         """Native interrupts: raise or lower the CPU's INTR input."""
-        uclib.uc_conode_irq_line(self.uc._uch, bool(level))
+        self._irq_line(self.uc._uch, bool(level))
 
     # --- devices ------------------------------------------------------------------------------------------
     def map_mmio(
@@ -243,7 +250,9 @@ class UnicornCpu:
 
     def write_phys(self, address: int, data: bytes) -> None:
         """Device DMA into guest RAM: through Unicorn, so translated code on those pages is invalidated."""
-        self.uc.mem_write(address, data)
+        status = self._mem_write(self.uc._uch, address, bytes(data), len(data))
+        if status != uc_const.UC_ERR_OK:
+            raise unicorn.UcError(status)
 
     # --- hooks ---------------------------------------------------------------------------------------------
     def _on_in(self, uc: unicorn.Uc, port: int, size: int, user_data: object) -> int:

@@ -44,12 +44,14 @@ class InterruptPin(Protocol):
 @dataclass(frozen=True)
 class Activation:
     """What a device gets when the driver sets DRIVER_OK: its queues (None where the driver set none up),
-    guest memory, the negotiated features, and the used-buffer interrupt. Never the transport itself."""
+    guest memory, the negotiated features, the used-buffer interrupt and the configuration-change interrupt.
+    Never the transport itself."""
 
     queues: list[Virtqueue | None]
     memory: GuestMemory
     features: int
     signal_used: Callable[[int], None]
+    signal_config: Callable[[], None]
 
 
 class VirtioDevice(Protocol):
@@ -174,6 +176,12 @@ class VirtioTransport:
             self.interrupt_status |= INT_USED_BUFFER
             self._irq.set(True)
 
+    def signal_config(self) -> None:
+        """Tell the driver that the device's configuration changed (a NIC's link came up or went down)."""
+        if self.driver_ok and not self.needs_reset:
+            self.interrupt_status |= INT_CONFIG_CHANGE
+            self._irq.set(True)
+
     def acknowledge_interrupt(self, mask: int) -> None:
         self.interrupt_status &= ~mask
         self._irq.set(self.interrupt_status != 0)
@@ -252,7 +260,8 @@ class VirtioTransport:
             self._activate()
 
     def _activate(self) -> None:
-        self.device.activate(Activation(self.queues, self.memory, self.driver_features, self.signal_used))
+        self.device.activate(Activation(self.queues, self.memory, self.driver_features, self.signal_used,
+                                        self.signal_config))
 
     # --- snapshots -------------------------------------------------------------------------------------------
     def get_state(self) -> dict:
