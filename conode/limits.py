@@ -40,8 +40,33 @@ MAX_SNAPSHOT_BYTES = (MAX_GUEST_MEM_MIB << 20) + 8 * MAX_FRAME_BYTES
 # --- The guest channel ---------------------------------------------------------------------------------------
 CHANNEL_MAX_PAYLOAD = 1 << 20  # one frame between the host and the in-guest agent
 
+# --- conet, the guests' network ------------------------------------------------------------------------------
+# A conet frame is a 12-byte virtio_net_hdr_v1 and one Ethernet frame. Plain frames carry IP packets of at most
+# the MTU; GSO frames (segmentation offload) carry up to 64 KiB, cut into MTU-sized packets by the receiving NIC.
+CONET_VNET_HDR = 12
+CONET_MTU = 1500
+CONET_MAX_FRAME = CONET_VNET_HDR + 65535 + 14
+# What one guest may send into its switch, and one peer agent into ours: token buckets in bytes and frames,
+# each holding CONET_BURST_S seconds of its rate. A flooding guest costs its agent at most this much.
+CONET_PORT_BYTES_PER_S = 128 << 20
+CONET_PORT_FRAMES_PER_S = 8192
+CONET_PEER_BYTES_PER_S = 512 << 20
+CONET_PEER_FRAMES_PER_S = 65536
+CONET_BURST_S = 0.05
+# Frames waiting for one guest's port (beyond its socket's buffer), and for one peer agent's link.
+CONET_PORT_QUEUE_FRAMES = 256
+CONET_PORT_QUEUE_BYTES = 2 << 20
+CONET_PEER_QUEUE_FRAMES = 1024
+# One switch: its guests, its peers, and the MACs it learns behind peers per network (forgotten when idle).
+CONET_MAX_PORTS = 256
+CONET_MAX_PEERS = 1024
+CONET_MAC_TABLE = 4096
+CONET_MAC_AGE_S = 300.0
+
 assert MAX_ARGV * MAX_SMALL_FIELD >= MAX_ARGV_BYTES  # the byte budget is the binding one
 assert MAX_ARGV_BYTES + MAX_SMALL_FIELD < CHANNEL_MAX_PAYLOAD  # an accepted command always fits an EXEC frame
 assert MAX_JOB_OUTPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + (1 << 20) < MAX_FRAME_BYTES
 assert MAX_JOB_INPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + MAX_ARGV_BYTES + (1 << 20) < MAX_FRAME_BYTES
 assert MAX_OUTPUT_FILE_BYTES <= MAX_JOB_OUTPUT_BYTES
+assert CONET_PORT_BYTES_PER_S * CONET_BURST_S >= CONET_MAX_FRAME  # a bucket always holds the largest frame
+assert CONET_PEER_BYTES_PER_S * CONET_BURST_S >= CONET_MAX_FRAME

@@ -1,0 +1,185 @@
+"""A real conet switch process and real guest-side ports, for tests and benchmarks that need no guest.
+
+:class:`SwitchProcess` starts ``python -m conode.conet.switchd`` and speaks its control pipe;
+:class:`GuestPort` connects to it exactly as a guest worker does (SOCK_SEQPACKET, token first) and sends and
+receives conet frames that the functions below craft.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from conode.agent.pipe import Unpacker, pack
+from conode.agent.settings import AGENT_KEY_NAME
+from conode.cluster.keys import KeyPair, generate_key_pair
+from conode.conet.frames import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, GSO_NONE, vnet_header
+
+
+def ip4(text: str) -> bytes:
+    return ipaddress.IPv4Address(text).packed
+
+
+def ethernet(dst: bytes, src: bytes, ethertype: int, payload: bytes, gso_type: int = GSO_NONE) -> bytes:
+    return vnet_header(gso_type) + dst + src + struct.pack("!H", ethertype) + payload
+
+
+def arp(src_mac: bytes, sender_ip: str, target_ip: str, sender_mac: bytes | None = None,
+        dst: bytes = BROADCAST) -> bytes:
+    """An ARP request (by default broadcast) from *src_mac* asking for *target_ip*."""
+    body = struct.pack("!HHBBH6s4s6s4s", 1, ETHERTYPE_IPV4, 6, 4, 1, sender_mac or src_mac, ip4(sender_ip),
+                       bytes(6), ip4(target_ip))
+    return ethernet(dst, src_mac, ETHERTYPE_ARP, body)
+
+
+def ipv4(dst_mac: bytes, src_mac: bytes, src_ip: str, dst_ip: str, payload: bytes = b"",
+         gso_type: int = GSO_NONE) -> bytes:
+    """A UDP-flavoured IPv4 packet (checksums are not the switch's business)."""
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, min(20 + len(payload), 0xFFFF), 0, 0, 64, 17, 0,
+                         ip4(src_ip), ip4(dst_ip))
+    return ethernet(dst_mac, src_mac, ETHERTYPE_IPV4, header + payload, gso_type)
+
+
+def sized(frame: bytes, size: int) -> bytes:
+    """*frame* padded with zeros to *size* bytes in all."""
+    return frame + bytes(max(0, size - len(frame)))
+
+
+class GuestPort:
+    """One guest's end of a port: a SOCK_SEQPACKET client of the switch."""
+
+    def __init__(self, path: Path, token: bytes, mac: bytes, ip: str, network: str, name: str,
+                 sndbuf: int = 1 << 20) -> None:
+        self.token, self.mac, self.ip, self.network, self.name = token, mac, ip, network, name
+        self._path, self._sndbuf = path, sndbuf
+        self.sock: socket.socket | None = None
+
+    def connect(self, token: bytes | None = None) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.connect(str(self._path))
+        sock.send(msgpack.packb({"token": self.token if token is None else token}))
+        self.sock = sock
+
+    def send(self, frame: bytes) -> bool:
+        """Send without waiting; False if the socket is full."""
+        assert self.sock is not None
+        try:
+            self.sock.send(frame, socket.MSG_DONTWAIT)
+            return True
+        except BlockingIOError:
+            return False
+
+    def receive(self, timeout: float = 2.0) -> bytes | None:
+        """The next frame, or None if none comes within *timeout* seconds."""
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(1 << 17)
+        except TimeoutError:
+            return None
+        finally:
+            self.sock.setblocking(True)
+        return data
+
+    def drain(self, quiet: float = 0.3) -> list[bytes]:
+        """Every frame that arrives until none has for *quiet* seconds."""
+        frames = []
+        while (frame := self.receive(quiet)) is not None:
+            frames.append(frame)
+        return frames
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class SwitchProcess:
+    """A running switchd with its own key pair; ``stop()`` always ends it."""
+
+    def __init__(self, directory: Path, name: str, listen: str = "tcp://127.0.0.1:*",
+                 keys: KeyPair | None = None) -> None:
+        self.directory, self.name, self._listen = directory, name, listen
+        directory.mkdir(parents=True, exist_ok=True)
+        self.keys = keys or generate_key_pair(directory / "keys", AGENT_KEY_NAME)
+        self.ports_path = directory / "ports.sock"
+        self._stderr = open(directory / "switchd.log", "ab")
+        self._unpacker = Unpacker()
+        self._inbox: list[dict[str, Any]] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.endpoint = ""
+
+    def start(self) -> SwitchProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "conode.conet.switchd", "--ports", str(self.ports_path),
+             "--listen", self._listen, "--keys", str(self.directory / "keys")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+        self.endpoint = self.expect("ready")["endpoint"]
+        return self
+
+    def request(self, message: dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(pack(message))
+        self.proc.stdin.flush()
+
+    def expect(self, kind: str, timeout: float = 20.0) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            for index, message in enumerate(self._inbox):
+                if message.get("type") == kind:
+                    return self._inbox.pop(index)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"switch {self.name} sent no {kind!r}; log:\n{self.log()}")
+            os.set_blocking(self.proc.stdout.fileno(), False)
+            data = self.proc.stdout.read()
+            if data:
+                self._inbox.extend(self._unpacker.feed(data))
+            elif self.proc.poll() is not None:
+                raise RuntimeError(f"switch {self.name} exited with {self.proc.returncode}; log:\n{self.log()}")
+            else:
+                time.sleep(0.01)
+
+    def stats(self) -> dict[str, Any]:
+        self.request({"type": "stats"})
+        return self.expect("stats")
+
+    def add_port(self, mac: bytes, ip: str, network: str, guest: str) -> GuestPort:
+        """Register a guest's port and connect to it."""
+        token = os.urandom(16)
+        self.request({"type": "port", "token": token, "mac": mac, "ip": ip, "network": network, "guest": guest})
+        port = GuestPort(self.ports_path, token, mac, ip, network, guest)
+        self.stats()  # the switch has taken the port request once it answers the one after it
+        port.connect()
+        return port
+
+    def set_peers(self, *peers: SwitchProcess) -> None:
+        self.request({"type": "peers", "peers": [
+            {"agent": peer.name, "endpoint": peer.endpoint, "key": peer.keys.public} for peer in peers]})
+        self.stats()
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the switch process has used so far."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log(self) -> str:
+        return (self.directory / "switchd.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._stderr.close()
