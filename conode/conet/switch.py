@@ -36,7 +36,6 @@ from conode.limits import (
     CONET_BURST_S,
     CONET_MAC_AGE_S,
     CONET_MAC_TABLE,
-    CONET_MAX_FRAME,
     CONET_MAX_PEERS,
     CONET_MAX_PORTS,
     CONET_PEER_BYTES_PER_S,
@@ -83,24 +82,33 @@ class Limits:
 
 
 class Bucket:
-    """Two token buckets at once: a frame passes only if both its bytes and one frame token are there."""
+    """Two token buckets at once, in bytes and in frames.
+
+    A frame passes while there is a frame token and any byte credit left; its bytes may take the byte count
+    below zero, a debt the rate repays before the next frame. So a frame larger than the burst still passes,
+    and on average no more than the rate does.
+    """
 
     __slots__ = ("at", "bytes", "bytes_cap", "bytes_rate", "frames", "frames_cap", "frames_rate")
 
     def __init__(self, bytes_per_s: float, frames_per_s: float, burst_s: float, now: float) -> None:
         self.bytes_rate, self.frames_rate = bytes_per_s, frames_per_s
-        self.bytes_cap = max(bytes_per_s * burst_s, CONET_MAX_FRAME)
+        self.bytes_cap = bytes_per_s * burst_s
         self.frames_cap = max(frames_per_s * burst_s, 1.0)
         self.bytes, self.frames, self.at = self.bytes_cap, self.frames_cap, now
 
     def take(self, size: int, now: float) -> bool:
-        if self.bytes < size or self.frames < 1.0:
+        if self.bytes <= 0 or self.frames < 1.0:
             self._refill(now)
-            if self.bytes < size or self.frames < 1.0:
+            if self.bytes <= 0 or self.frames < 1.0:
                 return False
         self.bytes -= size
         self.frames -= 1.0
         return True
+
+    def empty(self) -> bool:
+        """Whether the next frame must wait (as of the last refill)."""
+        return self.bytes <= 0 or self.frames < 1.0
 
     def _refill(self, now: float) -> None:
         elapsed = now - self.at
@@ -109,10 +117,10 @@ class Bucket:
             self.frames = min(self.frames_cap, self.frames + elapsed * self.frames_rate)
             self.at = now
 
-    def ready_at(self, size: int) -> float:
-        """When a frame of *size* bytes will pass, if nothing else is taken meanwhile."""
-        wait_bytes = max(0.0, size - self.bytes) / self.bytes_rate
-        wait_frames = max(0.0, 1.0 - self.frames) / self.frames_rate
+    def ready_at(self) -> float:
+        """When the next frame will pass, if nothing else is taken meanwhile."""
+        wait_bytes = (1.0 - self.bytes) / self.bytes_rate if self.bytes <= 0 else 0.0
+        wait_frames = (1.0 - self.frames) / self.frames_rate if self.frames < 1.0 else 0.0
         return self.at + max(wait_bytes, wait_frames)
 
 
@@ -156,6 +164,9 @@ class Port(Party):
         self.queue: deque[bytes] = deque()  # frames for this port that its socket could not take yet
         self.queued_bytes = 0
         self.queue_frames, self.queue_bytes = limits.queue_frames, limits.queue_bytes
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "connected": self.link is not None, "queued": len(self.queue)}
 
     def enqueue(self, frame: bytes) -> bool:
         """Keep a frame for later; False (and nothing kept) if the queue is full."""

@@ -40,9 +40,16 @@ from conode.agent.settings import AGENT_KEY_NAME
 from conode.cluster.keys import KeyPair, is_valid_public_key, load_key_pair
 from conode.cluster.transport import AuthRefused, ClientSocket, ServerSocket
 from conode.conet.frames import OVERSIZED
-from conode.conet.switch import QUEUE_FULL, RATE_LIMITED, Limits, Peer, Port, Switch, SwitchError
+from conode.conet.switch import QUEUE_FULL, Limits, Peer, Port, Switch, SwitchError
 from conode.errors import ConodeError
-from conode.limits import CONET_MAX_FRAME, CONET_PEER_QUEUE_FRAMES, CONET_PORT_QUEUE_BYTES, MAX_SMALL_FIELD
+from conode.limits import (
+    CONET_MAX_FRAME,
+    CONET_PEER_QUEUE_FRAMES,
+    CONET_PORT_BYTES_PER_S,
+    CONET_PORT_FRAMES_PER_S,
+    CONET_PORT_QUEUE_BYTES,
+    MAX_SMALL_FIELD,
+)
 
 log = logging.getLogger("conode.conet")
 
@@ -51,6 +58,7 @@ PEER_BATCH = 256  # messages read from the peers' ROUTER per turn
 MAX_PENDING = 64  # connections that have not sent their token yet
 TOKEN_TIMEOUT_S = 5.0
 HOUSEKEEPING_S = 1.0
+MIN_PAUSE_S = 0.002  # a rate-limited port waits at least this long: fewer, larger bites
 MAX_PEER_MESSAGE = CONET_MAX_FRAME + 256  # a network name (at most 255 bytes) beside the frame
 
 # Drop reasons of I/O.
@@ -363,20 +371,19 @@ class SwitchDaemon:
                 continue
             frame = view[:size]
             verdict = switch.from_port(port, frame)
-            if isinstance(verdict, str):
-                if verdict is RATE_LIMITED:
-                    self._paused[port] = port.bucket.ready_at(CONET_MAX_FRAME)
-                    self._watch_port(port)
-                    return
-                continue
-            ports, peers = verdict
-            for dest in ports:
-                if dest is not port:
-                    self._to_port(dest, frame)
-            if peers:
-                network = port.network.name
-                for peer in peers:
-                    self._to_peer(peer, network, frame)
+            if not isinstance(verdict, str):
+                ports, peers = verdict
+                for dest in ports:
+                    if dest is not port:
+                        self._to_port(dest, frame)
+                if peers:
+                    network = port.network.name
+                    for peer in peers:
+                        self._to_peer(peer, network, frame)
+            if port.bucket.empty():  # read no more until it refills: the guest's own socket holds the rest
+                self._paused[port] = max(port.bucket.ready_at(), time.monotonic() + MIN_PAUSE_S)
+                self._watch_port(port)
+                return
 
     def _to_port(self, port: Port, frame: memoryview) -> None:
         sock = port.link
@@ -459,13 +466,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ports", type=Path, required=True, help="Unix socket path for the guests' ports")
     parser.add_argument("--listen", required=True, help="ZeroMQ endpoint for peers, e.g. tcp://0.0.0.0:7010")
     parser.add_argument("--keys", type=Path, required=True, help="directory of the agent's CURVE key pair")
+    parser.add_argument("--port-bytes-per-s", type=float, default=CONET_PORT_BYTES_PER_S,
+                        help="what one guest may send, in bytes per second")
+    parser.add_argument("--port-frames-per-s", type=float, default=CONET_PORT_FRAMES_PER_S,
+                        help="what one guest may send, in frames per second")
     args = parser.parse_args(argv)
+    if args.port_bytes_per_s <= 0 or args.port_frames_per_s <= 0:
+        parser.error("rates must be positive")
+    limits = Limits(port_bytes_per_s=args.port_bytes_per_s, port_frames_per_s=args.port_frames_per_s)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out_fd = os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the message stream
     try:
         daemon = SwitchDaemon(args.ports, args.listen, load_key_pair(args.keys, AGENT_KEY_NAME), out_fd,
-                              sys.stdin.fileno())
+                              sys.stdin.fileno(), limits)
         return daemon.run()
     except ConodeError as exc:
         print(f"conode-switchd: error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ receives conet frames that the functions below craft.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
 import struct
@@ -109,10 +110,16 @@ class SwitchProcess:
     """A running switchd with its own key pair; ``stop()`` always ends it."""
 
     def __init__(self, directory: Path, name: str, listen: str = "tcp://127.0.0.1:*",
-                 keys: KeyPair | None = None) -> None:
-        self.directory, self.name, self._listen = directory, name, listen
+                 keys: KeyPair | None = None, options: tuple[str, ...] = ()) -> None:
+        self.directory, self.name, self._listen, self._options = directory, name, listen, options
         directory.mkdir(parents=True, exist_ok=True)
-        self.keys = keys or generate_key_pair(directory / "keys", AGENT_KEY_NAME)
+        if keys is None:
+            keys = generate_key_pair(directory / "keys", AGENT_KEY_NAME)
+        else:  # another switch's identity: the same agent, restarted
+            (directory / "keys").mkdir(exist_ok=True)
+            (directory / "keys" / f"{AGENT_KEY_NAME}.public").write_text(keys.public)
+            (directory / "keys" / f"{AGENT_KEY_NAME}.secret").write_text(keys.secret)
+        self.keys = keys
         self.ports_path = directory / "ports.sock"
         self._stderr = open(directory / "switchd.log", "ab")
         self._unpacker = Unpacker()
@@ -123,7 +130,7 @@ class SwitchProcess:
     def start(self) -> SwitchProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "conode.conet.switchd", "--ports", str(self.ports_path),
-             "--listen", self._listen, "--keys", str(self.directory / "keys")],
+             "--listen", self._listen, "--keys", str(self.directory / "keys"), *self._options],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
         self.endpoint = self.expect("ready")["endpoint"]
         return self
@@ -160,9 +167,16 @@ class SwitchProcess:
         token = os.urandom(16)
         self.request({"type": "port", "token": token, "mac": mac, "ip": ip, "network": network, "guest": guest})
         port = GuestPort(self.ports_path, token, mac, ip, network, guest)
-        self.stats()  # the switch has taken the port request once it answers the one after it
         port.connect()
+        self.wait_connected(guest)
         return port
+
+    def wait_connected(self, guest: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.stats()["ports"].get(guest, {}).get("connected"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"guest {guest}'s port never connected to switch {self.name}")
+            time.sleep(0.01)
 
     def set_peers(self, *peers: SwitchProcess) -> None:
         self.request({"type": "peers", "peers": [
@@ -183,3 +197,80 @@ class SwitchProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._stderr.close()
+
+
+# --- load: one process per guest port, so a measurement shows the switch, not the test's own GIL -------------
+def _send_for(port: GuestPort, frame: bytes, seconds: float) -> dict[str, Any]:
+    """Send *frame* over and over for *seconds*, waiting whenever the socket is full (as fast as the switch
+    takes frames, never faster)."""
+    assert port.sock is not None
+    sock, sent = port.sock, 0
+    started = time.monotonic()
+    deadline = started + seconds
+    while time.monotonic() < deadline:
+        for _ in range(64):
+            sock.send(frame)
+        sent += 64
+    return {"frames": sent, "seconds": time.monotonic() - started}
+
+
+def _receive_for(port: GuestPort, seconds: float, idle: float = 1.0) -> dict[str, Any]:
+    """Count frames for *seconds*, or until none has come for *idle* seconds after the first."""
+    assert port.sock is not None
+    sock, frames, size = port.sock, 0, 0
+    deadline = time.monotonic() + seconds
+    first = last = 0.0
+    sock.settimeout(idle)
+    buffer = bytearray(1 << 17)
+    while (now := time.monotonic()) < deadline:
+        try:
+            got = sock.recv_into(buffer)
+        except TimeoutError:
+            if frames:
+                break
+            continue
+        if not frames:
+            first = now
+        last = now
+        frames += 1
+        size += got
+    return {"frames": frames, "bytes": size, "first": first, "last": last}
+
+
+def load_process(role: str, path: Path, token: bytes, seconds: float, frame: bytes = b"") -> subprocess.Popen:
+    """Start a process that connects to the port *token* and sends *frame* (role "send") or counts what
+    arrives (role "receive") for *seconds*; it prints its figures as JSON when done (:func:`load_result`)."""
+    proc = subprocess.Popen([sys.executable, "-m", "conode.testing.conet", role, str(path), token.hex(),
+                             str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(frame)
+    proc.stdin.close()
+    return proc
+
+
+def load_result(proc: subprocess.Popen, timeout: float = 60) -> dict[str, Any]:
+    assert proc.stdout is not None
+    proc.wait(timeout)
+    out = proc.stdout.read()
+    if proc.returncode:
+        raise RuntimeError(f"load process failed with status {proc.returncode}")
+    return json.loads(out)
+
+
+def _load_main(argv: list[str]) -> int:
+    role, path, token, seconds = argv
+    frame = sys.stdin.buffer.read()
+    port = GuestPort(Path(path), bytes.fromhex(token), b"", "", "", role, sndbuf=4 << 20)
+    port.connect()
+    assert port.sock is not None
+    port.sock.setblocking(True)
+    if role == "send":
+        result = _send_for(port, frame, float(seconds))
+    else:
+        result = _receive_for(port, float(seconds))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_load_main(sys.argv[1:]))
