@@ -53,6 +53,10 @@ CONET_PORT_FRAMES_PER_S = 8192
 CONET_PEER_BYTES_PER_S = 512 << 20
 CONET_PEER_FRAMES_PER_S = 65536
 CONET_BURST_S = 0.05
+# Storm control: the copies of a guest's broadcast, multicast and unknown-unicast frames (one per port and peer
+# it goes to), so that what a flooding guest costs does not grow with the size of the pool.
+CONET_PORT_FLOOD_COPIES_PER_S = 4096
+CONET_PORT_FLOOD_BYTES_PER_S = 32 << 20
 # Frames waiting for one guest's port (beyond its socket's buffer), and for one peer agent's link.
 CONET_PORT_QUEUE_FRAMES = 256
 CONET_PORT_QUEUE_BYTES = 2 << 20

@@ -12,7 +12,8 @@ network; a frame never leaves its network:
   to its port); a unicast frame for no local port is dropped, never flooded.
 - A port may send only from its own MAC, and from its own IPv4 address or 0.0.0.0 (ARP sender likewise). A peer
   may not send from a MAC of one of this switch's ports.
-- Token buckets (bytes and frames) bound what each port and each peer may send.
+- Token buckets (bytes and frames) bound what each port and each peer may send, and (storm control) how many
+  copies of a port's flooded frames the switch makes.
 
 Every drop is counted by reason, overall and per party, and logged once per reason per party.
 
@@ -40,6 +41,8 @@ from conode.limits import (
     CONET_MAX_PORTS,
     CONET_PEER_BYTES_PER_S,
     CONET_PEER_FRAMES_PER_S,
+    CONET_PORT_FLOOD_BYTES_PER_S,
+    CONET_PORT_FLOOD_COPIES_PER_S,
     CONET_PORT_BYTES_PER_S,
     CONET_PORT_FRAMES_PER_S,
     CONET_PORT_QUEUE_BYTES,
@@ -53,6 +56,7 @@ SPOOFED_MAC = "spoofed-mac"
 SPOOFED_IP = "spoofed-ip"
 SPOOFED_ARP = "spoofed-arp"
 RATE_LIMITED = "rate-limited"
+FLOOD_LIMITED = "flood-limited"
 HAIRPIN = "to-own-port"
 NOT_HERE = "no-such-local-port"
 NETWORK_ABSENT = "network-not-here"
@@ -70,6 +74,8 @@ class Limits:
 
     port_bytes_per_s: float = CONET_PORT_BYTES_PER_S
     port_frames_per_s: float = CONET_PORT_FRAMES_PER_S
+    flood_copies_per_s: float = CONET_PORT_FLOOD_COPIES_PER_S
+    flood_bytes_per_s: float = CONET_PORT_FLOOD_BYTES_PER_S
     peer_bytes_per_s: float = CONET_PEER_BYTES_PER_S
     peer_frames_per_s: float = CONET_PEER_FRAMES_PER_S
     burst_s: float = CONET_BURST_S
@@ -84,9 +90,9 @@ class Limits:
 class Bucket:
     """Two token buckets at once, in bytes and in frames.
 
-    A frame passes while there is a frame token and any byte credit left; its bytes may take the byte count
-    below zero, a debt the rate repays before the next frame. So a frame larger than the burst still passes,
-    and on average no more than the rate does.
+    A frame passes while there is a frame token and any byte credit left; it may take either count below zero
+    (a large frame, or many copies of one), a debt the rate repays before the next frame. So a frame larger
+    than the burst still passes, and on average no more than the rate does.
     """
 
     __slots__ = ("at", "bytes", "bytes_cap", "bytes_rate", "frames", "frames_cap", "frames_rate")
@@ -97,13 +103,14 @@ class Bucket:
         self.frames_cap = max(frames_per_s * burst_s, 1.0)
         self.bytes, self.frames, self.at = self.bytes_cap, self.frames_cap, now
 
-    def take(self, size: int, now: float) -> bool:
+    def take(self, size: int, now: float, count: int = 1) -> bool:
+        """Take *count* frames of *size* bytes in all, if the bucket allows; False (nothing taken) if not."""
         if self.bytes <= 0 or self.frames < 1.0:
             self._refill(now)
             if self.bytes <= 0 or self.frames < 1.0:
                 return False
         self.bytes -= size
-        self.frames -= 1.0
+        self.frames -= count
         return True
 
     def empty(self) -> bool:
@@ -145,6 +152,7 @@ class Port(Party):
     """One guest's NIC on this switch."""
 
     __slots__ = (
+        "flood",
         "ip",
         "mac",
         "network",
@@ -164,6 +172,7 @@ class Port(Party):
         self.queue: deque[bytes] = deque()  # frames for this port that its socket could not take yet
         self.queued_bytes = 0
         self.queue_frames, self.queue_bytes = limits.queue_frames, limits.queue_bytes
+        self.flood = Bucket(limits.flood_bytes_per_s, limits.flood_copies_per_s, limits.burst_s, bucket.at)
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "connected": self.link is not None, "queued": len(self.queue)}
@@ -320,7 +329,8 @@ class Switch:
     def from_port(self, port: Port, frame: bytes | bytearray | memoryview) -> Verdict:
         """Where a frame a guest sent goes, or why not. The destinations may include *port*: skip it."""
         size = len(frame)
-        if not port.bucket.take(size, self._clock()):  # first: every frame a guest sends costs it tokens
+        now = self._clock()
+        if not port.bucket.take(size, now):  # first: every frame a guest sends costs it tokens
             return self.drop(port, RATE_LIMITED)
         facts = frames.parse(frame)
         if isinstance(facts, str):
@@ -332,21 +342,34 @@ class Switch:
             return self.drop(port, SPOOFED_ARP if ethertype == frames.ETHERTYPE_ARP else SPOOFED_IP)
         if sender_mac != src:
             return self.drop(port, SPOOFED_ARP)
-        port.rx_frames += 1
-        port.rx_bytes += size
         net = port.network
         if dst[0] & 1:
-            return net.group_from_port
+            decision = net.group_from_port
+            return self._flood(port, size, now, decision, len(decision[0]) - 1 + len(decision[1]))
         local = net.local.get(dst)
         if local is not None:
-            return local.only if local is not port else self.drop(port, HAIRPIN)
+            if local is port:
+                return self.drop(port, HAIRPIN)
+            port.rx_frames += 1
+            port.rx_bytes += size
+            return local.only
         entry = net.learned.get(dst)
         if entry is not None:
             peer, seen = entry
-            if self._clock() - seen <= self.limits.mac_age_s:
+            if now - seen <= self.limits.mac_age_s:
+                port.rx_frames += 1
+                port.rx_bytes += size
                 return peer.only
             del net.learned[dst]
-        return self._to_peers
+        return self._flood(port, size, now, self._to_peers, len(self._all_peers))
+
+    def _flood(self, port: Port, size: int, now: float, decision: Decision, copies: int) -> Verdict:
+        """Storm control: a flooded frame costs its port's flood bucket one token per copy."""
+        if copies > 1 and not port.flood.take(size * copies, now, copies):
+            return self.drop(port, FLOOD_LIMITED)
+        port.rx_frames += 1
+        port.rx_bytes += size
+        return decision
 
     def from_peer(self, key: str, network: bytes, frame: bytes | bytearray | memoryview) -> Verdict:
         """Where a frame from the peer with public key *key* goes, or why not."""

@@ -325,3 +325,21 @@ def test_random_input_never_raises(frame, network):
     assert isinstance(s.from_peer(KEY_P, network, frame), (str, tuple))
     assert isinstance(s.from_peer(KEY_P, b"red", frame), (str, tuple))
 
+
+
+def test_storm_control_bounds_the_copies_of_flooded_frames(clock):
+    limits = Limits()
+    s = Switch(limits, clock)
+    p = s.add_port(token(1), "red", mac(1), "10.9.0.1", "g1")
+    s.add_port(token(2), "red", mac(2), "10.9.0.2", "g2")
+    s.set_peers([(f"a{n}", f"tcp://h{n}:1", f"{n:040d}") for n in range(100)])  # 101 copies of a broadcast
+    broadcast = arp(mac(1), "10.9.0.1", "10.9.0.2")
+    unicast = ipv4(mac(2), mac(1), "10.9.0.1", "10.9.0.2")
+    flooded = forwarded = 0
+    for _ in range(100):  # one second, in 10 ms steps
+        clock.advance(0.01)
+        flooded += sum(s.from_port(p, broadcast) != sw.FLOOD_LIMITED for _ in range(5))
+        forwarded += sum(s.from_port(p, unicast) != sw.FLOOD_LIMITED for _ in range(5))
+    copies = limits.flood_copies_per_s * (1 + limits.burst_s)
+    assert copies / 101 - 2 <= flooded <= copies / 101 + 2
+    assert forwarded == 500  # unicast to a known port is no flood
