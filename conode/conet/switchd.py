@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import socket
 import sys
 import time
@@ -362,7 +363,7 @@ class SwitchDaemon:
             except OSError:
                 size = 0
                 events |= zmq.POLLERR
-            if size == 0 and events & zmq.POLLERR:
+            if size == 0 and (events & zmq.POLLERR or _hung_up(sock)):  # else an empty datagram
                 log.info("conet: guest %s disconnected", port.name)
                 self._disconnect(port)
                 return
@@ -450,6 +451,13 @@ class SwitchDaemon:
             frame = message.buffer
             for dest in verdict[0]:
                 self._to_port(dest, frame)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the other end of a SEQPACKET socket has closed (a read of 0 bytes is EOF or an empty datagram)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
 
 
 def _field(message: dict[str, Any], name: str, kind: type[str] | type[bytes]) -> Any:
