@@ -5,8 +5,10 @@ descriptors too, on POSIX):
 
 - **The agent**, on stdin/stdout with conode.agent.pipe framing: ``port`` {token, mac, ip, network, guest},
   ``unport`` {token}, ``peers`` {peers: [{agent, endpoint, key}]}, ``stats`` {}, ``quit`` {}; the switch answers
-  ``ready`` {endpoint} once listening and ``stats`` {ports, peers, dropped} when asked. A malformed request is
-  logged and ignored. The switch exits when its stdin closes: its agent is gone.
+  ``ready`` {endpoint} once listening and ``stats`` when asked: {ports: {guest: counts}, peers: {agent:
+  counts}, dropped: {reason: count}}, where counts are rx/tx frames and bytes (rx: from it), its drops by
+  reason, and for a port whether its worker is connected and how many frames wait for it. A malformed request
+  is logged and ignored. The switch exits when its stdin closes: its agent is gone.
 - **Ports**, the agent's guest workers, on a Unix SOCK_SEQPACKET socket at PATH: a worker connects and sends
   ``msgpack {"token": <16 bytes>}``, then each datagram either way is one conet frame. An unknown token closes
   the connection. A port whose rate bucket runs dry is not read until it refills, so its own socket fills and
@@ -14,6 +16,9 @@ descriptors too, on POSIX):
 - **Peers**, the other agents' switches: a ROUTER bound on URL as a CURVE server with this agent's key pair
   admits only the current peers' keys; one DEALER per peer carries our frames to it, [network, frame], with a
   bounded queue and nothing queued while it is unreachable.
+
+Frames are conet frames as frames.py reads them: plain ones up to the MTU, GSO ones up to 64 KiB, which pass
+whole, to peers as well; the receiving NIC cuts them to what its guest takes.
 
 Nothing here waits for one party: every socket is non-blocking, a destination that cannot take a frame gets it
 queued (bounded) or dropped and counted, and each source is read in bounded batches in turn.
@@ -61,6 +66,8 @@ TOKEN_TIMEOUT_S = 5.0
 HOUSEKEEPING_S = 1.0
 MIN_PAUSE_S = 0.002  # a rate-limited port waits at least this long: fewer, larger bites
 MAX_PEER_MESSAGE = CONET_MAX_FRAME + 256  # a network name (at most 255 bytes) beside the frame
+
+_MORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
 
 # Drop reasons of I/O.
 PORT_GONE = "port-not-connected"
@@ -426,8 +433,10 @@ class SwitchDaemon:
 
     # --- peers ------------------------------------------------------------------------------------------------
     def _to_peer(self, peer: Peer, network: bytes, frame: memoryview) -> None:
+        sock = peer.link.socket
         try:
-            peer.link.socket.send_multipart((network, frame), zmq.NOBLOCK)
+            sock.send(network, _MORE_NOBLOCK)
+            sock.send(frame, zmq.NOBLOCK)  # cannot fail once the first part is in: a message is atomic
         except zmq.Again:
             self.switch.drop(peer, PEER_BUSY)
             return
