@@ -205,6 +205,26 @@ def test_malformed_input_is_counted_and_the_switch_goes_on(switches):
     assert "Traceback" not in log
 
 
+def test_a_guest_that_does_not_read_loses_frames_and_nothing_else(switches):
+    a = switches("a")
+    g1 = a.add_port(mac(1), ip(1), "red", "g1")
+    g2 = a.add_port(mac(2), ip(2), "red", "g2")  # never reads
+    g3 = a.add_port(mac(3), ip(3), "red", "g3")
+    g1.sock.settimeout(10)
+    for n in range(300):  # 19 MiB: more than g2's socket and its queue in the switch hold
+        g1.sock.send(sized(ipv4(mac(2), mac(1), ip(1), ip(2), n.to_bytes(4, "big"), gso_type=1), 65_000))
+    wait_for(lambda: a.stats()["ports"]["g2"]["dropped"].get(sw.QUEUE_FULL, 0) > 0)
+    stats = a.stats()["ports"]["g2"]
+    assert stats["queued"] <= sw.Limits().queue_frames
+    assert stats["tx_frames"] + stats["queued"] + stats["dropped"][sw.QUEUE_FULL] == 300
+    small = ipv4(mac(3), mac(1), ip(1), ip(3))
+    g1.send(small)
+    assert g3.receive() == small
+    kept = [int.from_bytes(frame[46:50], "big") for frame in g2.drain()]
+    assert len(kept) == stats["tx_frames"] + stats["queued"]
+    assert kept == sorted(set(kept))  # what was kept arrives once each, in order
+
+
 def test_a_restarted_worker_takes_over_its_port(switches):
     a = switches("a")
     g1 = a.add_port(mac(1), ip(1), "red", "g1")
@@ -232,8 +252,10 @@ def test_the_link_comes_back_after_a_peer_restarts(switches, tmp_path):
     until_delivered(g1, arp(mac(1), ip(1), ip(2)), g2)
     b.proc.send_signal(signal.SIGKILL)
     b.proc.wait(10)
+    time.sleep(0.5)
     for _ in range(10):
         g1.send(arp(mac(1), ip(1), ip(2)))  # to a peer that is gone: dropped, counted
+    wait_for(lambda: a.stats()["peers"]["b"]["dropped"].get(PEER_BUSY, 0) >= 1)
     b2 = switches("b2", listen=f"tcp://127.0.0.1:{port_number}", keys=b.keys)
     b2.name = "b"
     b2.set_peers(a)
