@@ -4,6 +4,8 @@ guest ports that are real SOCK_SEQPACKET clients sending crafted frames (conode/
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import msgpack
@@ -315,3 +317,25 @@ def test_a_flooding_guest_is_limited_and_the_others_keep_their_throughput(switch
     assert 0 < flood_got["frames"] <= a.stats()["ports"]["flooder"]["rx_frames"]
     limit = sw.Limits()
     assert flood_got["frames"] <= limit.port_frames_per_s * (span * 1.1 + limit.burst_s) + 64
+
+
+@pytest.mark.parametrize("problem", ["address in use", "no keys", "no directory"])
+def test_a_switch_that_cannot_start_says_why(switches, tmp_path, problem):
+    a = switches("a")
+    keys = tmp_path / "a" / "keys"
+    ports = tmp_path / "b.sock"
+    listen = "tcp://127.0.0.1:*"
+    if problem == "address in use":
+        listen = a.endpoint
+    elif problem == "no keys":
+        keys = tmp_path / "nowhere"
+    else:
+        ports = tmp_path / "nowhere" / "b.sock"
+    result = subprocess.run([sys.executable, "-m", "conode.conet.switchd", "--ports", str(ports),
+                             "--listen", listen, "--keys", str(keys)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith("conode-switchd: error: ")
+    assert "Traceback" not in result.stderr
+    assert {"address in use": "cannot listen on", "no keys": "is missing",
+            "no directory": "cannot listen for guest ports"}[problem] in result.stderr
+    assert not ports.exists()
