@@ -256,13 +256,13 @@ class Switch:
         if not network or len(network.encode()) > 255:
             raise SwitchError("a network name must be 1 to 255 bytes of UTF-8")
         old = self.ports.get(token)
+        owner = self._local_macs.get(mac)
+        if owner is not None and owner is not old:
+            raise SwitchError(f"MAC {mac.hex(':')} already belongs to guest {owner.name}")
+        if old is None and len(self.ports) >= self.limits.max_ports:
+            raise SwitchError(f"this switch already serves {self.limits.max_ports} ports")
         if old is not None:
             self.remove_port(token)
-        owner = self._local_macs.get(mac)
-        if owner is not None:
-            raise SwitchError(f"MAC {mac.hex(':')} already belongs to guest {owner.name}")
-        if len(self.ports) >= self.limits.max_ports:
-            raise SwitchError(f"this switch already serves {self.limits.max_ports} ports")
         name = network.encode()
         net = self.networks.get(name)
         if net is None:

@@ -230,6 +230,13 @@ def test_bad_port_requests_are_refused_with_a_reason(switch, args, message):
         switch.add_port(*args)
 
 
+def test_a_refused_replacement_keeps_the_port_it_would_replace(switch):
+    with pytest.raises(SwitchError, match="already belongs to guest g2"):
+        switch.add_port(token(1), "red", mac(2), "10.9.0.1", "g1")
+    assert port(switch, 1).mac == mac(1)
+    assert names(switch.from_port(port(switch, 2), ipv4(mac(1), mac(2), "10.9.0.2", "10.9.0.1"))) == (["g1"], [])
+
+
 def test_port_and_peer_counts_are_bounded(clock):
     s = Switch(Limits(max_ports=2, max_peers=1), clock)
     s.add_port(token(1), "red", mac(1), "10.9.0.1", "g1")
