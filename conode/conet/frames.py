@@ -13,6 +13,7 @@ not tag frames (802.1Q and friends): networks are the switch's, never the guest'
 from __future__ import annotations
 
 import struct
+from functools import partial
 from typing import NamedTuple
 
 from conode.limits import CONET_MAX_FRAME, CONET_MTU, CONET_VNET_HDR
@@ -43,12 +44,10 @@ BAD_ARP = "bad-arp"
 BAD_IPV4 = "bad-ipv4"
 GROUP_SOURCE = "multicast-source-mac"
 
-_HEADER = struct.Struct("<xBxxxxxxxxH")  # gso_type, num_buffers
-_ETHERNET = struct.Struct("!6s6sH")
+_HEAD = struct.Struct("!xB8x2s6s6sH")  # gso_type, num_buffers, then the Ethernet header: dst, src, type
+_IPV4 = struct.Struct("!B11x4s4s")  # version and header length, source, destination
 _ARP = struct.Struct("!HHBBH6s4s6s4s")  # htype, ptype, hlen, plen, op, sha, spa, tha, tpa
-_IPV4_ADDRESSES = struct.Struct("!4s4s")
-_ARP_OFFSET = MIN_FRAME
-_IPV4_OFFSET = MIN_FRAME
+_NO_BUFFERS = bytes(2)
 
 
 class Frame(NamedTuple):
@@ -60,6 +59,9 @@ class Frame(NamedTuple):
     sender_mac: bytes  # ARP sender hardware address; the Ethernet source for IPv4
     sender_ip: bytes  # ARP sender protocol address, or the IPv4 source
     target_ip: bytes  # ARP target protocol address, or the IPv4 destination
+
+
+_frame = partial(tuple.__new__, Frame)  # builds a Frame from a tuple without a Python-level __new__
 
 
 def is_group(mac: bytes) -> bool:
@@ -74,32 +76,30 @@ def parse(frame: bytes | bytearray | memoryview) -> Frame | str:
         return SHORT
     if size > CONET_MAX_FRAME:
         return OVERSIZED
-    gso, buffers = _HEADER.unpack_from(frame)
-    if buffers:
+    gso, buffers, dst, src, ethertype = _HEAD.unpack_from(frame)
+    if buffers != _NO_BUFFERS:
         return BAD_HEADER
     if gso == GSO_NONE:
         if size > MAX_PLAIN_FRAME:
             return OVERSIZED
     elif gso & ~GSO_ECN not in GSO_KINDS:
         return BAD_HEADER
-    dst, src, ethertype = _ETHERNET.unpack_from(frame, CONET_VNET_HDR)
     if src[0] & 1:
         return GROUP_SOURCE
     if ethertype == ETHERTYPE_IPV4:
-        if size < _IPV4_OFFSET + 20:
+        if size < MIN_FRAME + 20:
             return BAD_IPV4
-        version_ihl = frame[_IPV4_OFFSET]
-        if version_ihl >> 4 != 4 or version_ihl & 15 < 5 or _IPV4_OFFSET + (version_ihl & 15) * 4 > size:
+        version_ihl, ip_src, ip_dst = _IPV4.unpack_from(frame, MIN_FRAME)
+        if version_ihl >> 4 != 4 or version_ihl & 15 < 5 or MIN_FRAME + (version_ihl & 15) * 4 > size:
             return BAD_IPV4
-        ip_src, ip_dst = _IPV4_ADDRESSES.unpack_from(frame, _IPV4_OFFSET + 12)
-        return Frame(dst, src, ethertype, src, ip_src, ip_dst)
+        return _frame((dst, src, ethertype, src, ip_src, ip_dst))
     if ethertype == ETHERTYPE_ARP:
-        if size < _ARP_OFFSET + _ARP.size:
+        if size < MIN_FRAME + _ARP.size:
             return BAD_ARP
-        htype, ptype, hlen, plen, _op, sha, spa, _tha, tpa = _ARP.unpack_from(frame, _ARP_OFFSET)
+        htype, ptype, hlen, plen, _op, sha, spa, _tha, tpa = _ARP.unpack_from(frame, MIN_FRAME)
         if htype != 1 or ptype != ETHERTYPE_IPV4 or hlen != 6 or plen != 4:
             return BAD_ARP
-        return Frame(dst, src, ethertype, sha, spa, tpa)
+        return _frame((dst, src, ethertype, sha, spa, tpa))
     if ethertype in VLAN_TPIDS:
         return TAGGED
     return ETHERTYPE

@@ -469,7 +469,7 @@ def _hung_up(sock: socket.socket) -> bool:
     return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
 
 
-def _field(message: dict[str, Any], name: str, kind: type[str] | type[bytes]) -> Any:
+def _field(message: dict[str, Any], name: str, kind: type[str | bytes]) -> Any:
     value = message.get(name)
     if not isinstance(value, kind):
         raise ControlError(f"field {name!r} must be {kind.__name__}")
