@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import select
 import socket
 import sys
@@ -68,6 +69,7 @@ MIN_PAUSE_S = 0.002  # a rate-limited port waits at least this long: fewer, larg
 MAX_PEER_MESSAGE = CONET_MAX_FRAME + 256  # a network name (at most 255 bytes) beside the frame
 
 _MORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
+_ENDPOINT = re.compile(r"tcp://(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
 # Drop reasons of I/O.
 PORT_GONE = "port-not-connected"
@@ -264,7 +266,8 @@ class SwitchDaemon:
             agent, endpoint, key = (_field(entry, name, str) for name in ("agent", "endpoint", "key"))
             if not is_valid_public_key(key):
                 raise ControlError(f"peer {agent}'s key is not a Z85 public key")
-            if not endpoint.startswith("tcp://"):
+            match = _ENDPOINT.fullmatch(endpoint)
+            if match is None or not 0 < int(match[1]) < 65536:
                 raise ControlError(f"peer {agent}'s endpoint {endpoint!r} is not tcp://HOST:PORT")
             if key != self._keys.public:  # a directory may list this agent too
                 peers.append((agent, endpoint, key))
@@ -272,9 +275,16 @@ class SwitchDaemon:
         for peer in removed:
             peer.link.close()
             self._refusing.discard(peer.key)
+        unusable = []
         for peer in added:
-            peer.link = ClientSocket(self._context, peer.endpoint, peer.key, self._keys,
-                                     max_message=MAX_PEER_MESSAGE, send_hwm=CONET_PEER_QUEUE_FRAMES)
+            try:
+                peer.link = ClientSocket(self._context, peer.endpoint, peer.key, self._keys,
+                                         max_message=MAX_PEER_MESSAGE, send_hwm=CONET_PEER_QUEUE_FRAMES)
+            except zmq.ZMQError as exc:
+                log.error("conet: ignored peer %s: cannot connect to %s: %s", peer.name, peer.endpoint, exc)
+                unusable.append(peer.key)
+        if unusable:
+            self.switch.set_peers([entry for entry in peers if entry[2] not in unusable])
         if added or removed:
             log.info("conet: %d peers (%d new, %d gone)", len(self.switch.peers), len(added), len(removed))
 
