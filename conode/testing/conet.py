@@ -68,8 +68,10 @@ class GuestPort:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.settimeout(10)
         sock.connect(str(self._path))
         sock.send(msgpack.packb({"token": self.token if token is None else token}))
+        sock.setblocking(True)
         self.sock = sock
 
     def send(self, frame: bytes) -> bool:

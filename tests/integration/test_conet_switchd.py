@@ -180,11 +180,11 @@ def test_malformed_input_is_counted_and_the_switch_goes_on(switches):
     strangers = []
     for hello in (msgpack.packb({"token": os.urandom(16)}), b"\xc1garbage", msgpack.packb([1, 2])):
         stranger = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        stranger.settimeout(5)
         stranger.connect(str(a.ports_path))
         stranger.send(hello)
         strangers.append(stranger)
     for stranger in strangers:
-        stranger.settimeout(5)
         assert stranger.recv(100) == b""  # closed by the switch
         stranger.close()
     # bad control requests are logged and ignored
@@ -220,10 +220,15 @@ def test_a_guest_that_does_not_read_loses_frames_and_nothing_else(switches):
     g1.sock.settimeout(10)
     for n in range(300):  # 19 MiB: more than g2's socket and its queue in the switch hold
         g1.sock.send(sized(ipv4(mac(2), mac(1), ip(1), ip(2), n.to_bytes(4, "big"), gso_type=1), 65_000))
-    wait_for(lambda: a.stats()["ports"]["g2"]["dropped"].get(sw.QUEUE_FULL, 0) > 0)
+
+    def accounted() -> int:
+        stats = a.stats()["ports"]["g2"]
+        return stats["tx_frames"] + stats["queued"] + stats["dropped"].get(sw.QUEUE_FULL, 0)
+
+    wait_for(lambda: accounted() == 300)  # each frame delivered, waiting, or dropped
     stats = a.stats()["ports"]["g2"]
     assert stats["queued"] <= sw.Limits().queue_frames
-    assert stats["tx_frames"] + stats["queued"] + stats["dropped"][sw.QUEUE_FULL] == 300
+    assert stats["dropped"][sw.QUEUE_FULL] > 0
     small = ipv4(mac(3), mac(1), ip(1), ip(3))
     g1.send(small)
     assert g3.receive() == small
