@@ -120,7 +120,9 @@ class SwitchProcess:
         else:  # another switch's identity: the same agent, restarted
             (directory / "keys").mkdir(exist_ok=True)
             (directory / "keys" / f"{AGENT_KEY_NAME}.public").write_text(keys.public)
-            (directory / "keys" / f"{AGENT_KEY_NAME}.secret").write_text(keys.secret)
+            secret = directory / "keys" / f"{AGENT_KEY_NAME}.secret"
+            secret.touch(mode=0o600)
+            secret.write_text(keys.secret)
         self.keys = keys
         self.ports_path = directory / "ports.sock"
         self._stderr = open(directory / "switchd.log", "ab")
