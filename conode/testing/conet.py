@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -96,11 +97,20 @@ class GuestPort:
         return data
 
     def drain(self, quiet: float = 0.3) -> list[bytes]:
-        """Every frame that arrives until none has for *quiet* seconds."""
+        """Every frame that arrives until none has for *quiet* seconds, or the switch closes the port."""
         frames = []
         while (frame := self.receive(quiet)) is not None:
+            if not frame and self.closed():
+                break
             frames.append(frame)
         return frames
+
+    def closed(self) -> bool:
+        """Whether the switch has closed this port's connection."""
+        assert self.sock is not None
+        poller = select.poll()
+        poller.register(self.sock, select.POLLRDHUP)
+        return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
 
     def close(self) -> None:
         if self.sock is not None:

@@ -10,6 +10,7 @@ import time
 
 import msgpack
 import pytest
+import zmq
 
 from conode.agent.pipe import pack
 from conode.conet import frames
@@ -192,7 +193,9 @@ def test_malformed_input_is_counted_and_the_switch_goes_on(switches):
     a.request({"type": "port", "token": os.urandom(16), "mac": mac(2), "ip": ip(3), "network": "red",
                "guest": "g3"})
     a.request({"type": "peers", "peers": [{"agent": "z", "endpoint": "tcp://h:1", "key": "short"}]})
-    a.request({"type": "peers", "peers": [{"agent": "y", "endpoint": "tcp://h:99999", "key": a.keys.public[::-1]}]})
+    a.request({"type": "peers", "peers": [{"agent": "v", "endpoint": "tcp://h:1", "key": "%" * 40}]})
+    other_key = zmq.curve_keypair()[0].decode()
+    a.request({"type": "peers", "peers": [{"agent": "y", "endpoint": "tcp://h:99999", "key": other_key}]})
     a.request({"type": "peers", "peers": [{"agent": "w", "endpoint": "ipc:///tmp/x", "key": a.keys.public}]})
     a.request({"type": "launch", "missiles": True})
     honest = ipv4(mac(2), mac(1), ip(1), ip(2))
@@ -205,6 +208,7 @@ def test_malformed_input_is_counted_and_the_switch_goes_on(switches):
     assert "ignored port request: a port token must be 16 bytes" in log
     assert "ignored port request: MAC 02:00:00:00:00:02 already belongs to guest g2" in log
     assert "ignored peers request: peer z's key is not a Z85 public key" in log
+    assert "ignored peers request: peer v's key is not a Z85 public key" in log
     assert "ignored launch request: unknown request type 'launch'" in log
     assert "ignored peers request: peer y's endpoint 'tcp://h:99999' is not tcp://HOST:PORT" in log
     assert "ignored peers request: peer w's endpoint 'ipc:///tmp/x' is not tcp://HOST:PORT" in log
