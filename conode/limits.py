@@ -60,7 +60,7 @@ CONET_PORT_FLOOD_BYTES_PER_S = 32 << 20
 # Frames waiting for one guest's port (beyond its socket's buffer), and for one peer agent's link.
 CONET_PORT_QUEUE_FRAMES = 256
 CONET_PORT_QUEUE_BYTES = 2 << 20
-CONET_PEER_QUEUE_FRAMES = 256
+CONET_PEER_QUEUE_BYTES = 8 << 20
 # One switch: its guests, its peers, and the MACs it learns behind peers per network (forgotten when idle).
 CONET_MAX_PORTS = 256
 CONET_MAX_PEERS = 1024

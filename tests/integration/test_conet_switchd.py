@@ -109,6 +109,10 @@ def test_unicast_after_learning_goes_only_to_its_port(switches):
     assert len(g2.drain()) == 20
     assert g5.drain() == [] and g6.drain() == [] and g7.drain() == []
     assert c.stats()["peers"]["a"]["dropped"].get(sw.NOT_HERE, 0) == flooded + 1  # c no longer gets them
+    for n in range(300):  # a burst: it crosses in batches, complete and in order
+        assert g1.send(ipv4(mac(2), mac(1), ip(1), ip(2), n.to_bytes(4, "big")))
+    assert [int.from_bytes(frame[46:50], "big") for frame in g2.drain()] == list(range(300))
+    assert b.stats()["peers"]["a"]["rx_frames"] >= 321
     local = ipv4(mac(5), mac(1), ip(1), ip(5), b"next door")
     g1.send(local)
     assert g5.receive() == local
