@@ -48,6 +48,7 @@ from conode.agent.settings import AGENT_KEY_NAME
 from conode.cluster.keys import KeyPair, is_valid_public_key, load_key_pair
 from conode.cluster.transport import AuthRefused, ClientSocket, ServerSocket
 from conode.conet.frames import OVERSIZED
+from conode.conet.port import TOKEN_BYTES
 from conode.conet.switch import QUEUE_FULL, Limits, Peer, Port, Switch, SwitchError
 from conode.errors import ConodeError
 from conode.limits import (
@@ -103,6 +104,9 @@ class SwitchDaemon:
         self._buffer = bytearray(CONET_MAX_FRAME + 1)  # one byte more: a longer datagram shows as oversized
         self._view = memoryview(self._buffer)
         self._pending: dict[int, tuple[socket.socket, float]] = {}  # fd -> connection awaiting its token
+        # Connections whose token the agent has not registered yet: the agent tells the switch and the worker at
+        # once, on two pipes, so a worker may come first; it waits (as pending) for its port, up to the timeout.
+        self._early: dict[bytes, int] = {}  # token -> fd of its pending connection
         self._paused: dict[Port, float] = {}  # rate-limited ports -> when they may be read again
         self._refusing: set[str] = set()  # peers that refused our key (logged once)
         self._running = True
@@ -241,7 +245,10 @@ class SwitchDaemon:
             ip, network, guest = (_field(message, name, str) for name in ("ip", "network", "guest"))
             port = self.switch.add_port(token, network, mac, ip, guest)
             log.info("conet: port for guest %s in network %s (%s, %s)", guest, network, mac.hex(":"), ip)
-            if port.link is not None:
+            early = self._early.pop(token, None)
+            if early is not None and early in self._pending:
+                self._plug(port, early, self._pending[early][0])
+            elif port.link is not None:
                 self._watch_port(port)
         elif kind == "unport":
             removed = self.switch.remove_port(_field(message, "token", bytes))
@@ -319,19 +326,26 @@ class SwitchDaemon:
             return
         except OSError:
             data = b""
-        port = None
+        port, token = None, None
         try:
             hello = msgpack.unpackb(data, raw=False)
             if isinstance(hello, dict) and isinstance(hello.get("token"), bytes):
-                port = self.switch.ports.get(hello["token"])
+                token = hello["token"]
+                port = self.switch.ports.get(token)
         except (ValueError, TypeError, msgpack.UnpackException):  # an undecodable greeting is as good as a wrong token
             port = None
+        if port is None and token is not None and len(token) == TOKEN_BYTES and token not in self._early:
+            self._early[token] = fd  # its port may be on its way from the agent
+            self._forget(fd)
+            return
         if port is None:
-            self.switch.dropped[BAD_TOKEN] = self.switch.dropped.get(BAD_TOKEN, 0) + 1
-            if self.switch.dropped[BAD_TOKEN] == 1:
-                log.warning("conet: closed a port connection with an unknown token (counted; logged once)")
+            self._count_bad_token()
             self._drop_pending(fd, sock)
             return
+        self._plug(port, fd, sock)
+
+    def _plug(self, port: Port, fd: int, sock: socket.socket) -> None:
+        """Make the pending connection *fd* the port's link."""
         self._forget(fd)
         del self._pending[fd]
         if port.link is not None:
@@ -344,7 +358,16 @@ class SwitchDaemon:
     def _drop_pending(self, fd: int, sock: socket.socket) -> None:
         self._forget(fd)
         del self._pending[fd]
+        waited = {token for token, early in self._early.items() if early == fd}
+        if waited:  # its port never came: a wrong token after all
+            self._early = {token: early for token, early in self._early.items() if early != fd}
+            self._count_bad_token()
         sock.close()
+
+    def _count_bad_token(self) -> None:
+        self.switch.dropped[BAD_TOKEN] = self.switch.dropped.get(BAD_TOKEN, 0) + 1
+        if self.switch.dropped[BAD_TOKEN] == 1:
+            log.warning("conet: closed a port connection with an unknown token (counted; logged once)")
 
     def _watch_port(self, port: Port) -> None:
         flags = (0 if port in self._paused else zmq.POLLIN) | (zmq.POLLOUT if port.queue else 0)

@@ -15,8 +15,8 @@ import zmq
 from conode.agent.pipe import pack
 from conode.conet import frames
 from conode.conet import switch as sw
-from conode.conet.switchd import BAD_TOKEN, PEER_BUSY, REFUSED
-from conode.testing.conet import SwitchProcess, arp, ethernet, ipv4, load_process, load_result, sized
+from conode.conet.switchd import BAD_TOKEN, PEER_BUSY, REFUSED, TOKEN_TIMEOUT_S
+from conode.testing.conet import GuestPort, SwitchProcess, arp, ethernet, ipv4, load_process, load_result, sized
 
 
 def mac(n: int) -> bytes:
@@ -181,11 +181,12 @@ def test_malformed_input_is_counted_and_the_switch_goes_on(switches):
     assert g1.send(sized(ipv4(mac(2), mac(1), ip(1), ip(2), gso_type=1), 70_000))
     assert g1.send(sized(ipv4(mac(2), mac(1), ip(1), ip(2)), 1600))  # a plain frame beyond the MTU
     assert g1.send(ipv4(mac(2), mac(1), ip(1), ip(2))[:30])
-    # connections with a wrong token, with garbage, and with nothing at all
+    # connections with a wrong token (waits for its port for a while: the agent may register it late), with
+    # garbage, and with nothing at all
     strangers = []
     for hello in (msgpack.packb({"token": os.urandom(16)}), b"\xc1garbage", msgpack.packb([1, 2])):
         stranger = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        stranger.settimeout(5)
+        stranger.settimeout(TOKEN_TIMEOUT_S + 5)
         stranger.connect(str(a.ports_path))
         stranger.send(hello)
         strangers.append(stranger)
@@ -243,6 +244,20 @@ def test_a_guest_that_does_not_read_loses_frames_and_nothing_else(switches):
     kept = [int.from_bytes(frame[46:50], "big") for frame in g2.drain()]
     assert len(kept) == stats["tx_frames"] + stats["queued"]
     assert kept == sorted(set(kept))  # what was kept arrives once each, in order
+
+
+def test_a_worker_that_connects_before_its_port_is_registered_is_plugged_in_when_it_is(switches):
+    a = switches("a")
+    g1 = a.add_port(mac(1), ip(1), "red", "g1")
+    token = os.urandom(16)
+    early = GuestPort(a.ports_path, token, mac(2), ip(2), "red", "g2")
+    early.connect()  # the agent tells the worker and the switch at once: the worker may win the race
+    time.sleep(0.3)
+    a.request({"type": "port", "token": token, "mac": mac(2), "ip": ip(2), "network": "red", "guest": "g2"})
+    a.wait_connected("g2")
+    frame = ipv4(mac(2), mac(1), ip(1), ip(2))
+    assert until_delivered(g1, frame, early) == frame
+    assert BAD_TOKEN not in a.stats()["dropped"]
 
 
 def test_a_restarted_worker_takes_over_its_port(switches):
