@@ -34,7 +34,7 @@ case $CONODE_RANK in
     sha256sum < /tmp/data | cut -c1-64
     until nc "$1" 5000 < /tmp/data; do sleep 0.5; done ;;
 2)  until wget -q -O - "http://$1:8080/"; do sleep 0.5; done
-    echo done | nc "$1" 5001 ;;
+    until echo done | nc "$1" 5001; do sleep 0.5; done ;;
 esac
 """
 
@@ -59,7 +59,9 @@ def test_a_three_guest_job_pings_transfers_and_serves_across_three_hosts(pool_on
     for rank, out in enumerate(outputs):
         assert f"rank {rank} of 3 is job{job}-{rank}" in out, out
         assert out.count("2 packets received") == 2, out  # it reached both other guests
-    received, sent = outputs[0].split()[-1], outputs[1].split()[-1]
+    *_, received, word = outputs[0].split()
+    sent = outputs[1].split()[-1]
+    assert word == "done"  # rank 2 told it over nc
     assert re.fullmatch(r"[0-9a-f]{64}", sent) and received == sent, (outputs[0], outputs[1])
     assert f"served by job{job}-0" in outputs[2]
     nodes = {a: json.loads((pool.root / a / "status.json").read_text())["conet"] for a in ("a1", "a2", "a3")}
