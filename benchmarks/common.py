@@ -296,8 +296,9 @@ class BenchmarkError(Exception):
 # --- conode ---------------------------------------------------------------------------------------------
 # These run in a child process whose engine was set by its parent (run_child, run_conode).
 def conode_boot(stdout: object, stderr: object | None = None, mem_mib: int = DEFAULT_MEM_MIB,
-                on_progress: Callable[[str], None] | None = None) -> object:
-    """Boot a GuestSession on the packaged image (stdout/stderr: binary sinks). Returns the session."""
+                on_progress: Callable[[str], None] | None = None, initrd: Path | None = None) -> object:
+    """Boot a GuestSession on the packaged image, or the packaged kernel with *initrd* (stdout/stderr: binary
+    sinks). Returns the session."""
     from conode.vm.guest_image import load_guest_image
     from conode.vm.machine import MachineConfig
     from conode.vm.session import GuestSession
@@ -309,16 +310,18 @@ def conode_boot(stdout: object, stderr: object | None = None, mem_mib: int = DEF
         if on_progress is not None:
             on_progress(line)
 
-    image = load_guest_image()
+    image = load_guest_image(None, initrd)
     return GuestSession.boot(image, MachineConfig(mem_mib=mem_mib), stdout, stderr or Discard(), show)
 
 
 def conode_run_script(script: str, timeout_s: float = 3600.0,
-                      on_marker: Callable[[str], None] | None = None) -> tuple[MarkerStream, object]:
-    """Boot conode in this process, run ``sh -c script`` in it, return the stdout stream and the session."""
+                      on_marker: Callable[[str], None] | None = None,
+                      initrd: Path | None = None) -> tuple[MarkerStream, object]:
+    """Boot conode in this process (with *initrd* instead of the packaged initramfs when given), run
+    ``sh -c script`` in it, return the stdout stream and the session."""
     stream = MarkerStream(on_marker, announce=conode_label())
     errors = MarkerStream()
-    session = conode_boot(stream, errors)
+    session = conode_boot(stream, errors, initrd=initrd)
     session.start(["sh", "-c", script])  # type: ignore[attr-defined]
     status = session.run(timeout_s=timeout_s)  # type: ignore[attr-defined]
     if status != 0:
@@ -327,15 +330,17 @@ def conode_run_script(script: str, timeout_s: float = 3600.0,
     return stream, session
 
 
-def run_conode(engine: str, script: str, timeout_s: float = 3600.0) -> MarkerStream:
-    """Run ``sh -c script`` in a conode guest on *engine*, in a child process; return its stdout stream."""
-    _, result = run_child(Path(__file__), [script], engine=engine, timeout_s=timeout_s + 120)
+def run_conode(engine: str, script: str, timeout_s: float = 3600.0, initrd: Path | None = None) -> MarkerStream:
+    """Run ``sh -c script`` in a conode guest on *engine* (booted with *initrd* when given), in a child
+    process; return its stdout stream."""
+    _, result = run_child(Path(__file__), [script, *([str(initrd)] if initrd else [])], engine=engine,
+                          timeout_s=timeout_s + 120)
     return MarkerStream.from_json(result["stream"])
 
 
 def _script_child(argv: Sequence[str]) -> int:
-    """``python3 common.py --child SCRIPT``: the child of run_conode."""
-    stream, _ = conode_run_script(argv[0])
+    """``python3 common.py --child SCRIPT [INITRD]``: the child of run_conode."""
+    stream, _ = conode_run_script(argv[0], initrd=Path(argv[1]) if len(argv) > 1 else None)
     return child_emit({"stream": stream.to_json()})
 
 
@@ -357,8 +362,9 @@ def qemu_append() -> str:
 class QemuGuest:
     """qemu-system-i386 on the same kernel and initramfs, driven through the serial shell."""
 
-    def __init__(self, qemu: str, mem_mib: int = DEFAULT_MEM_MIB) -> None:
-        kernel, initrd = image_paths()
+    def __init__(self, qemu: str, mem_mib: int = DEFAULT_MEM_MIB, initrd: Path | None = None) -> None:
+        kernel, packaged_initrd = image_paths()
+        initrd = initrd or packaged_initrd
         self.argv = [
             qemu, "-machine", "pc", "-accel", "tcg", "-cpu", "qemu32", "-m", str(mem_mib),
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
@@ -457,9 +463,10 @@ def qemu_version(qemu: str) -> str:
     return out.splitlines()[0] if out else "unknown"
 
 
-def qemu_boot(qemu: str, timeout: float = 300.0) -> QemuGuest:
-    """Launch qemu and wait for the shell prompt; the caller closes it."""
-    guest = QemuGuest(qemu)
+def qemu_boot(qemu: str, timeout: float = 300.0, initrd: Path | None = None) -> QemuGuest:
+    """Launch qemu (with *initrd* instead of the packaged initramfs when given) and wait for the shell prompt;
+    the caller closes it."""
+    guest = QemuGuest(qemu, initrd=initrd)
     try:
         guest.launch()
         guest.wait_prompt(timeout)
@@ -599,21 +606,22 @@ def as_script(steps: Iterable[tuple[str, str]], stamp: bool = False) -> str:
 StepMaker = Callable[[str, str, str], list[tuple[str, str]]]  # (tmp, true, busybox) -> steps
 
 
-def run_on(place: str, make_steps: StepMaker, refs: References) -> MarkerStream:
+def run_on(place: str, make_steps: StepMaker, refs: References, initrd: Path | None = None) -> MarkerStream:
     """Run the steps *make_steps* gives for *place*'s paths on "fast", "stock", "qemu" or "native".
 
-    Returns the stream holding the markers. In the guest (conode on either engine, qemu) the scratch directory
-    is /tmp and true is /bin/true; natively they are a fresh directory and a link to the busybox binary.
+    Returns the stream holding the markers. In the guest (conode on either engine, qemu; booted with *initrd*
+    when given) the scratch directory is /tmp and true is /bin/true; natively they are a fresh directory and a
+    link to the busybox binary.
     """
     if place in ENGINES:
         steps = make_steps(GUEST_TMP, "/bin/true", GUEST_BUSYBOX)
         progress(f"conode {place}: booting in a child process")
-        return run_conode(place, as_script(steps))
+        return run_conode(place, as_script(steps), initrd=initrd)
     if place == "qemu":
         assert refs.qemu is not None
         steps = make_steps(GUEST_TMP, "/bin/true", GUEST_BUSYBOX)
         progress("qemu: booting")
-        with qemu_boot(refs.qemu) as guest:
+        with qemu_boot(refs.qemu, initrd=initrd) as guest:
             for name, command in steps:
                 guest.run_marked(name, command)
             return guest.out
