@@ -206,13 +206,18 @@ class MarkerStream:
     """A binary file-like sink that timestamps marker lines (time.monotonic()) as they arrive.
 
     A marker counts only as a whole line (a terminal's echo of the command that prints it never matches).
-    *on_marker* is called with each marker's name at the moment it is seen.
+    *on_marker* is called with each marker's name at the moment it is seen. With *cpu_clock* (the CPU seconds
+    the emulator has used, all its threads), each marker also records that: on a shared host the CPU time a
+    region cost is steadier than its wall time, which waits whenever other processes hold the cores.
     """
 
-    def __init__(self, on_marker: Callable[[str], None] | None = None, announce: str | None = None) -> None:
+    def __init__(self, on_marker: Callable[[str], None] | None = None, announce: str | None = None,
+                 cpu_clock: Callable[[], float] | None = None) -> None:
         self.announce = announce  # when set, each finished span is reported on stderr under this label
         self.data = bytearray()
         self.times: dict[str, float] = {}
+        self.cpu_times: dict[str, float] = {}
+        self._cpu_clock = cpu_clock
         self.offsets: dict[str, tuple[int, int]] = {}  # marker -> (start, end) of its line in data
         self.first_byte_at: float | None = None
         self._line_start = 0
@@ -235,6 +240,8 @@ class MarkerStream:
                 if name not in self.times:
                     # A stamped marker: the shell's wall clock, brought onto time.monotonic().
                     self.times[name] = float(stamp) - (time.time() - time.monotonic()) if stamp else now
+                    if self._cpu_clock is not None:
+                        self.cpu_times[name] = self._cpu_clock()
                     self.offsets[name] = (start, newline + 1)
                     if self._on_marker is not None:
                         self._on_marker(name)
@@ -253,6 +260,13 @@ class MarkerStream:
             raise BenchmarkError(f"marker {exc.args[0]} never arrived; "
                                  f"output tail: {self.tail()!r}") from None
 
+    def cpu_span(self, name: str) -> float:
+        """CPU seconds the emulator used between NAME.start and NAME.end (with a cpu_clock only)."""
+        try:
+            return self.cpu_times[name + ".end"] - self.cpu_times[name + ".start"]
+        except KeyError as exc:
+            raise BenchmarkError(f"no CPU time for marker {exc.args[0]}") from None
+
     def between(self, name: str) -> str:
         """The text printed between NAME.start and NAME.end (carriage returns removed)."""
         start = self.offsets[name + ".start"][1]
@@ -264,7 +278,7 @@ class MarkerStream:
 
     def to_json(self) -> dict:
         """The stream as JSON (for a child process to hand it back): bytes as latin-1, times, offsets."""
-        return {"data": self.data.decode("latin-1"), "times": self.times,
+        return {"data": self.data.decode("latin-1"), "times": self.times, "cpu_times": self.cpu_times,
                 "offsets": {name: list(span) for name, span in self.offsets.items()},
                 "first_byte_at": self.first_byte_at}
 
@@ -273,6 +287,7 @@ class MarkerStream:
         stream = cls()
         stream.data = bytearray(document["data"].encode("latin-1"))
         stream.times = {name: float(at) for name, at in document["times"].items()}
+        stream.cpu_times = {name: float(at) for name, at in document.get("cpu_times", {}).items()}
         stream.offsets = {name: (int(a), int(b)) for name, (a, b) in document["offsets"].items()}
         stream.first_byte_at = document["first_byte_at"]
         stream._line_start = len(stream.data)
@@ -319,7 +334,7 @@ def conode_run_script(script: str, timeout_s: float = 3600.0,
                       initrd: Path | None = None) -> tuple[MarkerStream, object]:
     """Boot conode in this process (with *initrd* instead of the packaged initramfs when given), run
     ``sh -c script`` in it, return the stdout stream and the session."""
-    stream = MarkerStream(on_marker, announce=conode_label())
+    stream = MarkerStream(on_marker, announce=conode_label(), cpu_clock=time.process_time)
     errors = MarkerStream()
     session = conode_boot(stream, errors, initrd=initrd)
     session.start(["sh", "-c", script])  # type: ignore[attr-defined]
@@ -345,6 +360,7 @@ def _script_child(argv: Sequence[str]) -> int:
 
 
 # --- qemu-system-i386 ---------------------------------------------------------------------------------------
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 QEMU_PROMPT = b"~ # "  # busybox ash's prompt for root in /root
 QEMU_AGENT_LINE = b"coagent: cannot open /dev/hvc0"  # the agent gave up on the host channel
 
@@ -372,7 +388,7 @@ class QemuGuest:
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", qemu_append(),
         ]
-        self.out = MarkerStream(announce="qemu")
+        self.out = MarkerStream(announce="qemu", cpu_clock=self.cpu_seconds)
         self.proc: subprocess.Popen | None = None
         self.launched_at = 0.0
         self._errors = tempfile.TemporaryFile()
@@ -391,6 +407,13 @@ class QemuGuest:
                                      stderr=self._errors, bufsize=0)
         os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
         return self.launched_at
+
+    def cpu_seconds(self) -> float:
+        """The CPU time qemu has used, all its threads (user + system, from /proc/PID/stat)."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14 and 15)
 
     def _pump(self, timeout: float) -> None:
         assert self.proc is not None and self.proc.stdout is not None

@@ -25,6 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import common
 from common import Row, Target
@@ -158,16 +159,18 @@ def elf_needed(data: bytes) -> list[str]:
 def program_files(tree: Path) -> list[str]:
     """Every file of the tree the programs need (paths relative to it): the binaries, the loader, the shared
     libraries they load (transitively, symlinks and their targets) and Python's standard library."""
-    files: set[str] = {LOADER}
-    pending = [binary for _, _, binary, _ in PROGRAMS] + [os.path.relpath((tree / LOADER).resolve(), tree)]
+    files: set[str] = set()
+    pending = [LOADER] + [binary for _, _, binary, _ in PROGRAMS]
     while pending:
         relative = pending.pop()
-        if relative in files and relative != LOADER:
+        if relative in files:
             continue
         files.add(relative)
         path = tree / relative
-        if path.is_symlink():
-            pending.append(os.path.relpath(path.resolve(), tree))
+        if path.is_symlink():  # followed inside the tree (its absolute links name the guest's paths)
+            target = os.readlink(path)
+            pending.append(os.path.normpath(target.lstrip("/") if target.startswith("/")
+                                            else os.path.join(os.path.dirname(relative), target)))
             continue
         for name in elf_needed(path.read_bytes()):
             found = [f"{d}/{name}" for d in LIB_DIRS if (tree / d / name).exists()]
@@ -249,13 +252,12 @@ def combined_initrd(tree: Path, inputs: dict[str, bytes], into: Path) -> Path:
 
 
 # --- the run ----------------------------------------------------------------------------------------------
-def steps_for(paths: Paths, reps: int) -> list[tuple[str, str]]:
-    """Each program *reps* times (a failure prints a FAILED line inside its timed region), then the digests."""
+def steps_for(paths: Paths) -> list[tuple[str, str]]:
+    """Each program once (a failure prints a FAILED line inside its timed region), then the digests."""
     steps = []
-    for rep in range(reps):
-        for name, _, _, template in PROGRAMS:
-            command = paths.command(name, template)
-            steps.append((f"{name}.{rep}", f"{command} 2>{paths.tmp}/{name}.err || echo FAILED {name} $?"))
+    for name, _, _, template in PROGRAMS:
+        command = paths.command(name, template)
+        steps.append((name, f"{command} 2>{paths.tmp}/{name}.err || echo FAILED {name} $?"))
     for name, *_ in PROGRAMS:
         out = paths.output(name)
         steps.append((f"digest.{name}", f"sha256sum < {out}; wc -c < {out}; head -c 300 {paths.tmp}/{name}.err"))
@@ -271,8 +273,28 @@ def digest(stream: common.MarkerStream, name: str) -> tuple[str, str]:
     return f"{sha[:16]}… {size} B", " ".join(" ".join(lines[2:]).split())
 
 
+def failures(stream: common.MarkerStream, name: str) -> list[str]:
+    """The exit statuses of *name*'s failed runs in *stream* (whole lines: qemu's shell echoes the command)."""
+    return re.findall(rf"^FAILED {name} (\d+)\r?$", stream.data.decode(errors="replace"), re.M)
+
+
 def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def output_note(name: str, runs: dict[str, list[common.MarkerStream]]) -> str:
+    """Whether *name*'s output was the same in every place and round (and every run succeeded), loudly if not."""
+    outputs = {f"{common.place_label(place)} #{n + 1}": digest(stream, name)
+               for place, streams in runs.items() for n, stream in enumerate(streams)}
+    failed = [f"{run}: {err}" for run, (_, err) in outputs.items() if err]
+    failed += [f"{common.place_label(place)}: exit status {status}" for place, streams in runs.items()
+               for stream in streams for status in failures(stream, name)]
+    shas = {sha for sha, _ in outputs.values()}
+    places = ", ".join(common.place_label(place) for place in runs)
+    if len(shas) == 1 and not failed:
+        return f"{name}: output identical ({shas.pop()}) in {places}"
+    shown = "; ".join(f"{run} {sha}" for run, (sha, _) in outputs.items())
+    return f"{name}: OUTPUT MISMATCH — {shown}" + (f" — errors: {'; '.join(failed)}" if failed else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     tree = debian_tree()
     if tree is None:
         raise common.BenchmarkError(f"Debian's i386 programs are not fetched; {FETCH_HINT}")
-    reps = 1 if args.quick else 3
-    streams: dict[str, common.MarkerStream] = {}
+    rounds = 1 if args.quick else 3
+    runs: dict[str, list[common.MarkerStream]] = {}
     with tempfile.TemporaryDirectory(prefix="conode-realsw-") as scratch:
         data = Path(scratch) / "data"
         data.mkdir()
@@ -297,51 +319,56 @@ def main(argv: list[str] | None = None) -> int:
         guest = Paths(GUEST_ROOT, GUEST_DATA, common.GUEST_TMP)
 
         def make_steps(tmp: str, true: str, busybox: str) -> list[tuple[str, str]]:
-            paths = guest if tmp == common.GUEST_TMP else Paths(str(tree), str(data), tmp)
-            return steps_for(paths, reps)
+            return steps_for(guest if tmp == common.GUEST_TMP else Paths(str(tree), str(data), tmp))
 
-        for place in common.available_places(refs):
-            if args.places and place not in args.places:
-                continue
-            common.progress(f"{common.place_label(place)}: running {len(PROGRAMS)} programs x {reps}")
-            streams[place] = common.run_on(place, make_steps, refs, initrd)
+        places = [place for place in common.available_places(refs) if not args.places or place in args.places]
+        # Round after round through every place: a change in the shared host's load falls on all of them.
+        for round_ in range(rounds):
+            for place in places:
+                common.progress(f"{common.place_label(place)}: round {round_ + 1} of {rounds}, "
+                                f"{len(PROGRAMS)} programs")
+                runs.setdefault(place, []).append(common.run_on(place, make_steps, refs, initrd))
 
-    rows = []
-    notes = [f"median of {reps} run(s) per program, host wall time between markers; boot excluded; every "
-             f"program runs through the Debian tree's own loader"]
-    for name, label, _, _ in PROGRAMS:
-        figures: dict[str, common.Value] = {}
-        for place in common.PLACES:
-            if place in streams:
-                figures[place] = common.median([streams[place].span(f"{name}.{rep}") for rep in range(reps)])
-            else:
-                figures[place] = common.place_cell(place)
-        rows.append(Row.across(label, "s", figures, TARGET))
-        outputs = {common.place_label(place): digest(stream, name) for place, stream in streams.items()}
-        failed = [f"{place}: {err}" for place, (_, err) in outputs.items() if err]
-        failed += [f"{common.place_label(place)}: exit status {status}" for place, stream in streams.items()
-                   for status in re.findall(rf"^FAILED {name} (\d+)\r?$", stream.data.decode(errors="replace"), re.M)]
-        shown = "; ".join(f"{place} {sha}" for place, (sha, _) in outputs.items())
-        if len({sha for sha, _ in outputs.values()}) == 1 and not failed:
-            notes.append(f"{name}: output identical ({next(iter(outputs.values()))[0]}) in {', '.join(outputs)}")
-        else:
-            notes.append(f"{name}: OUTPUT MISMATCH — {shown}" + (f" — errors: {'; '.join(failed)}" if failed else ""))
-    mismatched = any("MISMATCH" in note for note in notes)
-    means = {}
-    for engine in common.ENGINES:
-        ratios = [row.ratio(engine) for row in rows]
-        if all(r is not None for r in ratios):
-            means[engine] = geometric_mean(ratios)  # type: ignore[arg-type]
-    if means:
+    def rows_of(seconds: Callable[[common.MarkerStream, str], float]) -> list[Row]:
+        """A row per program: the median over the rounds of *seconds* (natively always the wall time)."""
+        rows = []
+        for name, label, _, _ in PROGRAMS:
+            figures: dict[str, common.Value] = {
+                place: common.median([(common.MarkerStream.span if place == "native" else seconds)(stream, name)
+                                      for stream in runs[place]]) if place in runs
+                else "not run" if args.places else common.place_cell(place) for place in common.PLACES}
+            rows.append(Row.across(label, "s", figures, TARGET))
+        return rows
+
+    def mean_note(rows: list[Row]) -> tuple[dict[str, float], str]:
+        means = {}
+        for engine in common.ENGINES:
+            ratios = [row.ratio(engine) for row in rows]
+            if all(r is not None for r in ratios):
+                means[engine] = geometric_mean(ratios)  # type: ignore[arg-type]
         verdict = {engine: "✓" if mean <= MEAN_TARGET else "✗" for engine, mean in means.items()}
-        notes.append("geometric mean of conode/qemu time: "
-                     + ", ".join(f"{engine} {mean:.2f} {verdict[engine]}" for engine, mean in means.items())
-                     + f" (target for fast ≤ {MEAN_TARGET:g})")
-    title = f"Debian i386 programs ({'quick' if args.quick else 'full'} run)"
-    status = common.report("real_software", title, args, rows, notes, refs,
-                           extra={"repetitions": reps, "geometric_mean": means,
-                                  "digests": {name: {common.place_label(p): digest(s, name)[0]
-                                                     for p, s in streams.items()} for name, *_ in PROGRAMS}})
+        return means, ("geometric mean of conode/qemu: " + (", ".join(
+            f"{engine} {mean:.2f} {verdict[engine]}" for engine, mean in means.items()) or "—")
+            + f" (target for fast ≤ {MEAN_TARGET:g})")
+
+    kind = "quick" if args.quick else "full"
+    wall_rows, cpu_rows = rows_of(common.MarkerStream.span), rows_of(common.MarkerStream.cpu_span)
+    wall_means, wall_mean_note = mean_note(wall_rows)
+    print(common.format_table(f"Debian i386 programs, wall time ({kind} run)", wall_rows))
+    print(f"  {wall_mean_note}\n  host wall time between markers: it also counts the time other processes "
+          f"hold the cores\n", flush=True)
+    means, cpu_mean_note = mean_note(cpu_rows)
+    notes = [f"CPU time of the emulator's process (all its threads) between markers, median of {rounds} "
+             f"round(s) through every place (a fresh guest each); natively the wall time; boot excluded",
+             *(output_note(name, runs) for name, *_ in PROGRAMS), cpu_mean_note]
+    mismatched = any("MISMATCH" in note for note in notes)
+    title = f"Debian i386 programs, CPU time ({kind} run)"
+    status = common.report("real_software", title, args, cpu_rows, notes, refs,
+                           extra={"rounds": rounds, "geometric_mean": means, "wall_geometric_mean": wall_means,
+                                  "wall_rows": [row.to_json() for row in wall_rows],
+                                  "digests": {name: {common.place_label(place): digest(streams[0], name)[0]
+                                                     for place, streams in runs.items()}
+                                              for name, *_ in PROGRAMS}})
     if mismatched:
         print("real_software: error: the outputs differ between places (see the MISMATCH lines)", file=sys.stderr)
         return 1
