@@ -361,6 +361,10 @@ def _script_child(argv: Sequence[str]) -> int:
 
 # --- qemu-system-i386 ---------------------------------------------------------------------------------------
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+QEMU_CPU = "qemu32"
+# qemu32 with the instruction set conode's CPUID advertises (conode/vm/cpu/cpuid.py): software that picks its
+# code by CPUID (OpenSSL, glibc's string functions) then runs the same code under both emulators.
+QEMU_CPU_LIKE_CONODE = "qemu32,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+aes,+pclmulqdq"
 QEMU_PROMPT = b"~ # "  # busybox ash's prompt for root in /root
 QEMU_AGENT_LINE = b"coagent: cannot open /dev/hvc0"  # the agent gave up on the host channel
 
@@ -380,11 +384,12 @@ def qemu_append() -> str:
 class QemuGuest:
     """qemu-system-i386 on the same kernel and initramfs, driven through the serial shell."""
 
-    def __init__(self, qemu: str, mem_mib: int = DEFAULT_MEM_MIB, initrd: Path | None = None) -> None:
+    def __init__(self, qemu: str, mem_mib: int = DEFAULT_MEM_MIB, initrd: Path | None = None,
+                 cpu: str = QEMU_CPU) -> None:
         kernel, packaged_initrd = image_paths()
         initrd = initrd or packaged_initrd
         self.argv = [
-            qemu, "-machine", "pc", "-accel", "tcg", "-cpu", "qemu32", "-m", str(mem_mib),
+            qemu, "-machine", "pc", "-accel", "tcg", "-cpu", cpu, "-m", str(mem_mib),
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", qemu_append(),
         ]
@@ -488,10 +493,10 @@ def qemu_version(qemu: str) -> str:
     return out.splitlines()[0] if out else "unknown"
 
 
-def qemu_boot(qemu: str, timeout: float = 300.0, initrd: Path | None = None) -> QemuGuest:
-    """Launch qemu (with *initrd* instead of the packaged initramfs when given) and wait for the shell prompt;
-    the caller closes it."""
-    guest = QemuGuest(qemu, initrd=initrd)
+def qemu_boot(qemu: str, timeout: float = 300.0, initrd: Path | None = None, cpu: str = QEMU_CPU) -> QemuGuest:
+    """Launch qemu (with *initrd* instead of the packaged initramfs when given, and CPU model *cpu*) and wait
+    for the shell prompt; the caller closes it."""
+    guest = QemuGuest(qemu, initrd=initrd, cpu=cpu)
     try:
         guest.launch()
         guest.wait_prompt(timeout)
@@ -631,11 +636,12 @@ def as_script(steps: Iterable[tuple[str, str]], stamp: bool = False) -> str:
 StepMaker = Callable[[str, str, str], list[tuple[str, str]]]  # (tmp, true, busybox) -> steps
 
 
-def run_on(place: str, make_steps: StepMaker, refs: References, initrd: Path | None = None) -> MarkerStream:
+def run_on(place: str, make_steps: StepMaker, refs: References, initrd: Path | None = None,
+           qemu_cpu: str = QEMU_CPU) -> MarkerStream:
     """Run the steps *make_steps* gives for *place*'s paths on "fast", "stock", "qemu" or "native".
 
-    Returns the stream holding the markers. In the guest (conode on either engine, qemu; booted with *initrd*
-    when given) the scratch directory is /tmp and true is /bin/true; natively they are a fresh directory and a
+    Returns the stream holding the markers. In the guest (conode on either engine, qemu with CPU model
+    *qemu_cpu*; booted with *initrd* when given) the scratch directory is /tmp and true is /bin/true; natively they are a fresh directory and a
     link to the busybox binary.
     """
     if place in ENGINES:
@@ -646,7 +652,7 @@ def run_on(place: str, make_steps: StepMaker, refs: References, initrd: Path | N
         assert refs.qemu is not None
         steps = make_steps(GUEST_TMP, "/bin/true", GUEST_BUSYBOX)
         progress("qemu: booting")
-        with qemu_boot(refs.qemu, initrd=initrd) as guest:
+        with qemu_boot(refs.qemu, initrd=initrd, cpu=qemu_cpu) as guest:
             for name, command in steps:
                 guest.run_marked(name, command)
             return guest.out

@@ -25,6 +25,10 @@ explained in its own file:
 - ``0006-inline-exit-check``: with lean blocks, a translation block tests for an exit request with an inline
   load and branch at its start, as QEMU does, instead of a helper call (a call and a return for every block
   executed; it showed in profiles of interpreters such as gawk and bc).
+- ``0007-inline-sse-integer-ops``: the commonest SSE2 integer operations on XMM registers (PAND, PANDN, POR,
+  PXOR, PADDD/Q, PSUBD/Q and the shifts of 32- and 64-bit lanes by an immediate) are translated inline, lane by
+  lane, instead of into a helper call per instruction (OpenSSL's SSSE3 digests are made of them);
+  tests/vm/test_sse.py compares them with the host CPU.
 """
 
 from __future__ import annotations
