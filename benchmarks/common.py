@@ -641,8 +641,8 @@ def run_on(place: str, make_steps: StepMaker, refs: References, initrd: Path | N
     """Run the steps *make_steps* gives for *place*'s paths on "fast", "stock", "qemu" or "native".
 
     Returns the stream holding the markers. In the guest (conode on either engine, qemu with CPU model
-    *qemu_cpu*; booted with *initrd* when given) the scratch directory is /tmp and true is /bin/true; natively they are a fresh directory and a
-    link to the busybox binary.
+    *qemu_cpu*; booted with *initrd* when given) the scratch directory is /tmp and true is /bin/true; natively
+    they are a fresh directory and a link to the busybox binary.
     """
     if place in ENGINES:
         steps = make_steps(GUEST_TMP, "/bin/true", GUEST_BUSYBOX)
