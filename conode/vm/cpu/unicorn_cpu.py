@@ -184,6 +184,7 @@ class UnicornCpu:
         verify_layout(self.uc, context)
         self._passage = Passage(ram, context, self.regs)
         self._pending_error: BaseException | None = None
+        self._rdtsc_callback: object = None  # RDTSC's hook, kept alive (connect_clock)
         self.stats = {"exceptions": 0, "interrupts": 0, "syscalls": 0}
         self._hooks = [
             self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN),
@@ -200,7 +201,6 @@ class UnicornCpu:
         # (cpuid.py) and the kernel emulates the x87 itself.
         self.has_fpu = conodes_engine
         self._ack_callback: object = None
-        self._rdtsc_callback: object = None
         if self.native_interrupts:
             uclib.uc_conode_native_interrupts(self.uc._uch, True)
             uclib.uc_conode_take_reset.restype = ctypes.c_bool
