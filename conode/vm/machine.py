@@ -27,7 +27,9 @@ from conode.vm.devices.legacy.cmos import Cmos
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
+from conode.vm.devices.virtio.block import VirtioBlock
 from conode.vm.devices.virtio.console import VirtioConsole
+from conode.vm.disk.config import DiskConfig, DiskConfigState
 from conode.vm.host_channel import HostChannel, connect_uart
 from conode.vm.snapshot import decode_ram, encode_ram
 from conode.vm.state import blob, bounded, items
@@ -50,15 +52,18 @@ class MachineExit(enum.Enum):
 class MachineConfig:
     mem_mib: int = layout.DEFAULT_RAM_MIB
     cmdline_extra: str = ""
+    disk: DiskConfig | None = None  # cobd: /dev/vda
 
 
 @dataclass(frozen=True)
 class ConfigState(state.Record):
     KIND = "machine configuration"
-    VERSION = 1
+    VERSION = 2  # 2: the disk
+    MIGRATIONS = {1: lambda data: {**data, "disk": None}}
 
     mem_mib: int = bounded(layout.MIN_RAM_MIB, layout.MAX_RAM_MIB)
     cmdline_extra: str = blob(max_len=layout.CMDLINE_MAX)
+    disk: DiskConfigState | None
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class DevicesState:
     cmos: dict
     virtio: tuple[dict, ...] = items(max_len=len(layout.VIRTIO_IRQS))
     channel: dict
+    disk: dict | None  # the overlay (conode/vm/disk/overlay.py DiskState)
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,9 @@ class MachineState(state.Record):
     """The machine's own record; each part below is checked by its owner's record."""
 
     KIND = "machine"
-    VERSION = 2  # 2: COM2 and the two-transport host channel
+    VERSION = 3  # 2: COM2 and the two-transport host channel; 3: the disk
+    MIGRATIONS = {2: lambda data: {**data, "devices": {**data["devices"], "disk": None}}
+                  if isinstance(data.get("devices"), dict) else data}
 
     config: dict
     cpu: dict
@@ -94,6 +102,10 @@ class _DmaMemory:
         self.size = ram.size
         self.read = ram.read
         self.write = cpu.write_phys
+        self._view = ram.view
+
+    def window(self, address: int, length: int) -> memoryview:
+        return self._view[address:address + length]
 
 
 class CoMachine:
@@ -128,6 +140,9 @@ class CoMachine:
         build.bus.attach(layout.PORT_SYSTEM_CONTROL_A, lambda offset: 0x02, self._system_control_a)
         self.channel = HostChannel(channel_receive)
         build.attach_virtio(VirtioConsole(self.channel.virtio))
+        self.disk = config.disk.open() if config.disk is not None else None
+        if self.disk is not None:
+            build.attach_virtio(VirtioBlock(self.disk, self.disk.base.name.encode()))
         self.serial_channel = Uart16550(build.irq(layout.IRQ_COM2), self.channel.serial.on_receive)
         build.attach_uart(self.serial_channel, layout.PORTS_COM2)
         self._refill_serial_channel = connect_uart(self.channel.serial, self.serial_channel)
@@ -256,10 +271,11 @@ class CoMachine:
     # --- snapshots ---------------------------------------------------------------------------------------
     def get_state(self) -> dict:
         """The whole machine as plain data (call only while it is not running)."""
-        config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra))
+        config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra,
+                                        DiskConfigState.of(self.config.disk)))
         devices = DevicesState(self.pic.get_state(), self.pit.get_state(), self.uart.get_state(),
                                self.serial_channel.get_state(), self.cmos.get_state(), tuple(t.get_state() for t in self.virtio),
-                               self.channel.get_state())
+                               self.channel.get_state(), self.disk.get_state() if self.disk is not None else None)
         return state.dump(MachineState(config, self.cpu.get_state(), encode_ram(self.ram.view),
                                        self.clock.get_state(), self.halted, devices))
 
@@ -286,6 +302,10 @@ class CoMachine:
         self.serial_channel.set_state(devices.serial_channel)
         self.cmos.set_state(devices.cmos)
         self.channel.set_state(devices.channel)  # backends before transports: activation may move bytes
+        if (devices.disk is None) != (self.disk is None):
+            raise SnapshotError("snapshot disk state does not match the machine's disk configuration")
+        if self.disk is not None:
+            self.disk.set_state(devices.disk)
         for transport, transport_state in zip(self.virtio, devices.virtio):
             transport.set_state(transport_state)
         self._refill_serial_channel()
@@ -305,8 +325,11 @@ class CoMachine:
         return image
 
     def close(self) -> None:
-        """Release what outlives a dropped machine: the slicer's timer thread."""
+        """Release what outlives a dropped machine: the slicer's timer thread, the disk's files."""
         self.cpu.slicer.close()
+        if self.disk is not None:
+            self.disk.close()
+            self.disk.base.close()
 
     @staticmethod
     def config_from_state(data: dict) -> MachineConfig:
@@ -314,7 +337,8 @@ class CoMachine:
         if not isinstance(data, dict):
             raise SnapshotError("snapshot machine state is not a map; the file is damaged")
         config = state.load(ConfigState, data.get("config"))
-        return MachineConfig(mem_mib=config.mem_mib, cmdline_extra=config.cmdline_extra)
+        return MachineConfig(mem_mib=config.mem_mib, cmdline_extra=config.cmdline_extra,
+                             disk=config.disk.config() if config.disk is not None else None)
 
     def _explain(self, message: str) -> str:
         panic = self.panic_message()

@@ -241,8 +241,10 @@ class UnicornCpu:
             None,
         )
 
-    def write_phys(self, address: int, data: bytes) -> None:
+    def write_phys(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Device DMA into guest RAM: through Unicorn, so translated code on those pages is invalidated."""
+        if type(data) is not bytes:  # a writable buffer (a disk read): passed to Unicorn without a copy
+            data = (ctypes.c_char * len(data)).from_buffer(data)  # type: ignore[assignment]
         self.uc.mem_write(address, data)
 
     # --- hooks ---------------------------------------------------------------------------------------------
