@@ -74,7 +74,7 @@ def _with_image_options(fn: Callable) -> Callable:
 def _machine_config(mem_mib: int, append: str, disk: Path | None, disk_overlay: Path | None, disk_budget: int,
                     disk_ro: bool) -> "MachineConfig":
     from conode.vm.disk.config import DiskConfig
-    from conode.vm.machine import MachineConfig  # noqa: F811 (imported for type checking above)
+    from conode.vm.machine import MachineConfig
 
     if disk is None and (disk_overlay is not None or disk_ro):
         raise click.UsageError("--disk-overlay and --disk-ro need --disk")

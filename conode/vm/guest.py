@@ -28,12 +28,12 @@ from typing import Any, Callable, Protocol
 
 from conode import limits, output_cap
 from conode.errors import ConodeError, DiskImageError, GuestCrashed, SnapshotError
+from conode.vm import state
 from conode.vm.channel import RENEW_ENTROPY_BYTES, ChannelError
 from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.guest_agent import GuestAgentClient
 from conode.vm.guest_image import BASE_CMDLINE, GuestImage
 from conode.vm.machine import CoMachine, MachineConfig, MachineExit
-from conode.vm import state
 from conode.vm.snapshot import read_snapshot, write_snapshot
 from conode.vm.state import blob, bounded, items, one_of, uint
 

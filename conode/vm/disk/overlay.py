@@ -23,7 +23,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import IO, Any, Iterator, Sequence, Union
 
 from conode.errors import DiskImageError, SnapshotError
 from conode.limits import MAX_DISK_BUDGET_MIB
@@ -41,6 +41,9 @@ MAP_OFFSET = 4096
 STATE_CHUNK = 1 << 20  # clusters in a snapshot are compressed 1 MiB at a time
 _ZEROES = bytes(STATE_CHUNK)
 _MAX_STATE_CHUNKS = (MAX_DISK_BUDGET_MIB << 20) // STATE_CHUNK
+
+
+Buffer = Union[bytes, bytearray, memoryview]
 
 
 class DiskIOError(Exception):
@@ -73,7 +76,7 @@ def _read_full(fd: int, buffer: memoryview, offset: int) -> None:
         done += got
 
 
-def _write_all(fd: int, parts: Sequence[memoryview | bytes], offset: int) -> None:
+def _write_all(fd: int, parts: Sequence[Buffer], offset: int) -> None:
     views = [memoryview(p) for p in parts]
     while views:
         wrote = os.pwritev(fd, views, offset)
@@ -124,12 +127,12 @@ class CowDisk:
         self._map_dirty = False
         self._said: set[str] = set()
         self.path = overlay
+        self._file: IO[bytes] | None = None
         if overlay is None:
             self._file = tempfile.TemporaryFile(prefix="conode-overlay-")
             self.fd = self._file.fileno()
             self._base_digest = bytes(32)  # an unnamed overlay is never reopened: no need to hash the base
         else:
-            self._file = None
             self.fd = self._open_named(overlay)
 
     # --- the named overlay file --------------------------------------------------------------------------------
@@ -210,7 +213,7 @@ class CowDisk:
         except OSError as exc:
             raise self._host_error("read", exc) from None
 
-    def write(self, offset: int, parts: Sequence[memoryview | bytes]) -> None:
+    def write(self, offset: int, parts: Sequence[Buffer]) -> None:
         """Write the concatenation of *parts* at *offset*."""
         length = sum(len(p) for p in parts)
         self._check(offset, length)
@@ -222,8 +225,8 @@ class CowDisk:
             return
         new = self.map.count(0, first, stop)
         if new and self.allocated + new > self._budget_clusters:
-            raise self._said_once("budget", f"the guest's disk budget of {self.budget_bytes >> 20} MiB is used "
-                                            f"up; its writes beyond it fail with an I/O error")
+            raise self._said_once("budget", f"the guest's disk budget of {self.budget_bytes / (1 << 20):g} MiB "
+                                            f"is used up; its writes beyond it fail with an I/O error")
         try:
             partial = {c for c, cut in ((first, offset % CLUSTER), (stop - 1, end % CLUSTER)) if cut}
             for cluster in sorted(partial):

@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 
 from conode.vm.devices.virtio.mmio import Activation
 from conode.vm.devices.virtio.queue import Buffer, DescriptorChain, GuestMemory, write_chain
+from conode.vm.disk.overlay import Buffer as Bytes
 from conode.vm.disk.overlay import DiskIOError
 
 VIRTIO_ID_BLOCK = 2
@@ -47,7 +48,7 @@ class Disk(Protocol):
 
     def read(self, offset: int, buffer: memoryview) -> None: ...
 
-    def write(self, offset: int, parts: Sequence[memoryview | bytes]) -> None: ...
+    def write(self, offset: int, parts: Sequence[Bytes]) -> None: ...
 
     def flush(self) -> None: ...
 
