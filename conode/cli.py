@@ -118,7 +118,10 @@ def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, dis
         session = GuestSession.boot(image, config, sys.stdout.buffer,
                                     sys.stderr.buffer, _progress(quiet), verbose, console)
         session.start(list(command), cwd)
-        return session.run(snapshot_after, snapshot_to, timeout)
+        try:
+            return session.run(snapshot_after, snapshot_to, timeout)
+        finally:
+            session.machine.close()  # a named disk overlay keeps its map for the next run
 
     _guarded(body)
 
@@ -137,7 +140,10 @@ def resume(snapshot: Path, timeout: float | None, disk: Path | None, quiet: bool
         from conode.vm.session import GuestSession
 
         session = GuestSession.resume(snapshot, sys.stdout.buffer, sys.stderr.buffer, _progress(quiet), disk)
-        return session.run(timeout_s=timeout)
+        try:
+            return session.run(timeout_s=timeout)
+        finally:
+            session.machine.close()
 
     _guarded(body)
 
@@ -170,6 +176,7 @@ def console(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str,
             threading.Thread(target=_forward_keys, args=(machine,), daemon=True).start()
             started = time.monotonic()
             exit_reason = machine.run()
+        machine.close()
         click.echo(f"\r\nconode: console closed ({exit_reason.value}, {time.monotonic() - started:.0f} s)",
                    err=True)
         return 0
