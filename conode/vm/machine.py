@@ -102,6 +102,7 @@ class _DmaMemory:
         self.size = ram.size
         self.read = ram.read
         self.write = cpu.write_phys
+        self.scatter = cpu.write_phys_scatter
         self._view = ram.view
 
     def window(self, address: int, length: int) -> memoryview:

@@ -63,6 +63,12 @@ class Ram:
         assert 0 <= address and address + length <= self.size, f"device window outside RAM: {address:#x}"
         return memoryview(self.data)[address:address + length]
 
+    def scatter(self, pieces: list[tuple[int, int]], source: bytearray) -> None:
+        at = 0
+        for address, length in pieces:
+            self.write(address, source[at:at + length])
+            at += length
+
 
 # --- a virtio driver's first steps ----------------------------------------------------------------------------
 def bring_up(transport: VirtioMmio, sizes: tuple[int, ...] = (8, 8),

@@ -65,8 +65,9 @@ class _Refused(Exception):
 
 
 def _cut(buffers: Sequence[Buffer], skip: int, length: int) -> list[tuple[int, int]]:
-    """(address, length) pieces of the bytes [skip, skip+length) of *buffers*, in order."""
-    pieces = []
+    """(address, length) pieces of the bytes [skip, skip+length) of *buffers*, in order; buffers that follow
+    each other in guest RAM (pages the guest allocated together) become one piece: one copy, one iovec."""
+    pieces: list[tuple[int, int]] = []
     for buf in buffers:
         if length <= 0:
             break
@@ -74,7 +75,11 @@ def _cut(buffers: Sequence[Buffer], skip: int, length: int) -> list[tuple[int, i
             skip -= buf.length
             continue
         take = min(buf.length - skip, length)
-        pieces.append((buf.address + skip, take))
+        address = buf.address + skip
+        if pieces and pieces[-1][0] + pieces[-1][1] == address:
+            pieces[-1] = (pieces[-1][0], pieces[-1][1] + take)
+        else:
+            pieces.append((address, take))
         skip, length = 0, length - take
     return pieces
 
@@ -166,10 +171,7 @@ class VirtioBlock:
             offset = self._range(sector, in_bytes)
             view = memoryview(self._scratch)[:in_bytes]
             disk.read(offset, view)
-            at = 0
-            for buf in data_in:
-                memory.write(buf.address, view[at:at + buf.length])
-                at += buf.length
+            memory.scatter(_cut(data_in, 0, in_bytes), self._scratch)
             return in_bytes
         if kind == T_OUT:
             if in_bytes or out_bytes > MAX_REQUEST_BYTES or disk.read_only:

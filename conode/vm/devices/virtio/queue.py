@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -40,10 +40,14 @@ class GuestMemory(Protocol):
         """RAM [address, address+length) without a copy, for the device to read (a disk write from it)."""
         ...
 
+    def scatter(self, pieces: Sequence[tuple[int, int]], source: bytearray) -> None:
+        """Write *source*, in order, into the RAM pieces (address, length): a disk read into its buffers."""
+        ...
 
-@dataclass(frozen=True)
-class Buffer:
-    """One descriptor of a chain: a guest-physical buffer (inside RAM) the device may read or write."""
+
+class Buffer(NamedTuple):
+    """One descriptor of a chain: a guest-physical buffer (inside RAM) the device may read or write.
+    (A tuple: a disk request's chain has a buffer per page, made in the hot path.)"""
 
     address: int
     length: int
@@ -127,11 +131,12 @@ class Virtqueue:
     def _walk(self, head: int) -> tuple[Buffer, ...] | None:
         buffers: list[Buffer] = []
         index, total, memory_size = head, 0, self._mem.size
+        table = self._mem.window(self.desc, 16 * self.size)  # read in place: a chain may be 256 long
         for _ in range(self.size):
             if index >= self.size:
                 self.fail(f"descriptor index {index} is outside a queue of {self.size}")
                 return None
-            address, length, flags, nxt = _DESC.unpack(self._mem.read(self.desc + 16 * index, 16))
+            address, length, flags, nxt = _DESC.unpack_from(table, 16 * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 self.fail("the driver used indirect descriptors, which were not negotiated")
                 return None
