@@ -63,9 +63,9 @@ class Ram:
         assert 0 <= address and address + length <= self.size, f"device window outside RAM: {address:#x}"
         return memoryview(self.data)[address:address + length]
 
-    def scatter(self, pieces: list[tuple[int, int]], source: bytearray) -> None:
+    def scatter(self, pieces: list, source: bytearray) -> None:
         at = 0
-        for address, length in pieces:
+        for address, length, *_ in pieces:
             self.write(address, source[at:at + length])
             at += length
 

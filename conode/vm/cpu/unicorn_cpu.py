@@ -251,12 +251,13 @@ class UnicornCpu:
             data = (ctypes.c_char * len(data)).from_buffer(data)  # type: ignore[assignment]
         self.uc.mem_write(address, data)
 
-    def write_phys_scatter(self, pieces: Sequence[tuple[int, int]], source: bytearray) -> None:
-        """Device DMA of *source*, in order, into the guest-physical pieces (address, length), as write_phys
+    def write_phys_scatter(self, pieces: Sequence[tuple[int, ...]], source: bytearray) -> None:
+        """Device DMA of *source*, in order, into the guest-physical pieces (address, length, ...), as write_phys
         does. The disk's hot path (a piece per page): uc_mem_write called by plain addresses, no objects."""
         host = ctypes.addressof((ctypes.c_char * len(source)).from_buffer(source))
         mem_write, uch, at = self._mem_write, self._uch, 0
-        for address, length in pieces:
+        for piece in pieces:
+            address, length = piece[0], piece[1]
             if at + length > len(source) or mem_write(uch, address, host + at, length) != uc_const.UC_ERR_OK:
                 raise GuestCrashed(f"device DMA outside guest RAM at {address:#x}+{length}")
             at += length

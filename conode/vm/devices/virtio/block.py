@@ -171,7 +171,7 @@ class VirtioBlock:
             offset = self._range(sector, in_bytes)
             view = memoryview(self._scratch)[:in_bytes]
             disk.read(offset, view)
-            memory.scatter(_cut(data_in, 0, in_bytes), self._scratch)
+            memory.scatter(data_in, self._scratch)
             return in_bytes
         if kind == T_OUT:
             if in_bytes or out_bytes > MAX_REQUEST_BYTES or disk.read_only:
