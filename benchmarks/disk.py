@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
              "qemu: -M microvm with virtio-blk-device (virtio-mmio, as conode), -cpu qemu32,-apic, TCG; "
              "no native column: the host's disk is not the guest's"]
     title = f"cobd: the guest's disk ({'quick' if args.quick else 'full'} sizes)"
-    refs = common.References(qemu, "not used")
+    refs = common.References(qemu, "not used")  # no native column: busybox is not needed
     return common.report("disk", title, args, rows, notes, refs,
                          extra={"mib": mib, "random_reads": reads, "repetitions": REPS})
 

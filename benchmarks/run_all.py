@@ -19,7 +19,7 @@ from pathlib import Path
 
 import common
 
-BENCHMARKS = ("boot", "resume", "fresh_guest", "workloads", "traps", "owner_yield", "coordinator_scale")
+BENCHMARKS = ("boot", "resume", "fresh_guest", "workloads", "traps", "owner_yield", "coordinator_scale", "disk")
 
 
 def main(argv: list[str] | None = None) -> int:
