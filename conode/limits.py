@@ -50,6 +50,13 @@ MAX_SNAPSHOT_BYTES = ((MAX_GUEST_MEM_MIB + MAX_DISK_BUDGET_MIB) << 20) + 8 * MAX
 # --- The guest channel ---------------------------------------------------------------------------------------
 CHANNEL_MAX_PAYLOAD = 1 << 20  # one frame between the host and the in-guest agent
 
+# --- conet, the guests' network ------------------------------------------------------------------------------
+# A conet frame is a 12-byte virtio_net_hdr_v1 and one Ethernet frame. Plain frames carry IP packets of at most
+# the MTU; GSO frames (segmentation offload) carry up to 64 KiB, cut into MTU-sized packets by the receiving NIC.
+CONET_VNET_HDR = 12
+CONET_MTU = 1500
+CONET_MAX_FRAME = CONET_VNET_HDR + 65535 + 14
+
 assert MAX_ARGV * MAX_SMALL_FIELD >= MAX_ARGV_BYTES  # the byte budget is the binding one
 assert MAX_ARGV_BYTES + MAX_SMALL_FIELD < CHANNEL_MAX_PAYLOAD  # an accepted command always fits an EXEC frame
 assert MAX_JOB_OUTPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + (1 << 20) < MAX_FRAME_BYTES

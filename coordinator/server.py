@@ -184,6 +184,10 @@ class Coordinator:
             return
         if role == "agent" and kind != "hello" and self.by_identity.get(identity) is None:
             # A node we do not know (we restarted, or it was declared lost): it must introduce itself again.
+            # Its results come again from its outbox, but live output would not: keep what belongs to a job
+            # the store says runs there.
+            if kind == "job_output":
+                self._keep_output(owner[0], message)  # type: ignore[index]
             self.server.send(identity, protocol.encode("reconnect", reason="unknown node, say hello"))
             return
         self._sender_key = key
@@ -265,6 +269,12 @@ class Coordinator:
         job = msg["job"]
         if job in node.running and msg["stream"] in ("stdout", "stderr"):
             self.store.append_output(job, msg["stream"], msg["data"])
+
+    def _keep_output(self, name: str, msg: dict[str, Any]) -> None:
+        """Output from node *name* before it said hello again: stored if the job runs there by the store."""
+        job = self.store.job(msg["job"])
+        if job is not None and job.state == "running" and job.node == name and msg["stream"] in ("stdout", "stderr"):
+            self.store.append_output(job.id, msg["stream"], msg["data"])
 
     def _on_job_finished(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node = self._node_of(identity)

@@ -141,6 +141,8 @@ printf 'root:x:0:0:root:/root:/bin/sh\n' >"$stage/passwd"
 printf 'root:x:0:\n' >"$stage/group"
 printf 'conode\n' >"$stage/hostname"
 printf '127.0.0.1\tlocalhost conode\n::1\tlocalhost\n' >"$stage/hosts"
+# Names resolve from /etc/hosts only (coagent writes a job's guests there): the guest has no DNS.
+printf 'hosts: files\n' >"$stage/nsswitch.conf"
 touch -h -d "@$SOURCE_DATE_EPOCH" "$stage"/*
 
 # Each entry is "path<TAB>gen_init_cpio line"; sorting by path puts every
@@ -161,6 +163,7 @@ list="$build/initramfs.list"
 	printf '/etc/group\tfile /etc/group %s 0644 0 0\n' "$stage/group"
 	printf '/etc/hostname\tfile /etc/hostname %s 0644 0 0\n' "$stage/hostname"
 	printf '/etc/hosts\tfile /etc/hosts %s 0644 0 0\n' "$stage/hosts"
+	printf '/etc/nsswitch.conf\tfile /etc/nsswitch.conf %s 0644 0 0\n' "$stage/nsswitch.conf"
 	# One symlink per applet, where busybox itself says it belongs.
 	"$busybox" --list-full | while read -r applet; do
 		case $applet in

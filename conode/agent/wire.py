@@ -14,14 +14,21 @@ from typing import Any
 from conode.agent.pipe import PipeError
 from conode.cluster.protocol import (ARGV, INPUTS, INT, INT_LIST, MEASURE, MISSING, PATHS, STR, TEXT, Field, Kind,
                                      ProtocolError, _check_field, is_safe_relative_path)
+from conode.conet.port import TOKEN_BYTES
 from conode.limits import CHANNEL_MAX_PAYLOAD, MAX_FILES, MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES
+from conode.vm.net_identity import IdentityError, NetIdentity
 
 CHUNK = Kind("bytes", CHANNEL_MAX_PAYLOAD)  # the worker forwards output as the guest channel delivers it
 RESULTS = Kind("files", MAX_FILES)  # sizes are checked apart: over the limits is the job's fault (OutputLimitError)
 STREAMS = ("stdout", "stderr")
+# The guest's conet port and identity: token (16 bytes), socket (the switch's Unix socket path), mac (6 bytes),
+# ip, prefix, hostname, hosts ({hostname: ip}, in rank order), rank, size. Checked whole by _check_net.
+NET = Kind("map", 9)
+MAX_SOCKET_PATH = 107  # what a Unix socket address holds
 
 TO_WORKER: dict[str, dict[str, Field]] = {
-    "run": {"job": Field(INT), "argv": Field(ARGV), "inputs": Field(INPUTS), "outputs": Field(PATHS)},
+    "run": {"job": Field(INT), "argv": Field(ARGV), "inputs": Field(INPUTS), "outputs": Field(PATHS),
+            "net": Field(NET, required=False)},
     "cancel": {"job": Field(INT)},
     "pause": {},
     "resume": {},
@@ -59,6 +66,8 @@ def _check(message: Any, schemas: dict[str, dict[str, Field]], direction: str) -
     checked: dict[str, Any] = {"type": kind}
     for name, spec in schemas[kind].items():
         if name not in message:
+            if not spec.required:
+                continue
             raise PipeError(f"{kind} message {direction} lacks field {name!r}")
         try:
             _check_field(name, message[name], spec.kind)
@@ -80,7 +89,25 @@ def validate_to_worker(message: Any) -> dict[str, Any]:
     checked = _check(message, TO_WORKER, "to the worker")
     if checked["type"] == "run" and not checked["argv"]:
         raise PipeError("run: the command is empty")
+    if checked["type"] == "run" and "net" in checked:
+        _check_net(checked["net"])
     return checked
+
+
+def _check_net(net: dict[str, Any]) -> None:
+    """A run message's conet port and identity, checked whole (the identity as coagent will check it)."""
+    token, path = net.get("token"), net.get("socket")
+    if not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
+        raise PipeError(f"run: the conet token must be {TOKEN_BYTES} bytes")
+    if not isinstance(path, str) or not 0 < len(path.encode(errors="replace")) <= MAX_SOCKET_PATH:
+        raise PipeError(f"run: the conet socket must be a path of at most {MAX_SOCKET_PATH} bytes")
+    unknown = set(net) - {"token", "socket", "mac", "ip", "prefix", "hostname", "hosts", "rank", "size"}
+    if unknown:
+        raise PipeError(f"run: the conet map has unknown field {min(unknown)[:40]!r}")
+    try:
+        NetIdentity.from_message(net)
+    except IdentityError as exc:
+        raise PipeError(f"run: {exc}") from None
 
 
 def validate_from_worker(message: Any) -> dict[str, Any]:

@@ -4,8 +4,8 @@ The agent starts one worker per core it offers (``python -m conode.agent.worker`
 its own process. Messages from the agent arrive on stdin, messages to the agent leave on stdout, both as
 length-prefixed msgpack (pipe.py):
 
-- agent → worker: ``run`` (job, argv, inputs, outputs), ``cancel`` (job), ``pause``, ``resume``,
-  ``vacate`` (path), ``quit``;
+- agent → worker: ``run`` (job, argv, inputs, outputs, and optionally net: the guest's conet port and identity,
+  see wire.py), ``cancel`` (job), ``pause``, ``resume``, ``vacate`` (path), ``quit``;
 - worker → agent: ``ready`` (guest, speed), ``output`` (job, stream, data), ``finished`` (job, status, outputs,
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
   ``resumed``, ``vacated`` (path, jobs).
@@ -34,11 +34,13 @@ from typing import Any
 from conode.agent.pipe import PipeError, Unpacker, pack
 from conode.agent.platform import lower_priority
 from conode.agent.wire import validate_to_worker
+from conode.conet.port import Port, PortError
 from conode.errors import ConodeError
 from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.guest import Guest, GuestSnapshot, ImageDigests, JobSpec
 from conode.vm.guest_image import load_guest_image
 from conode.vm.machine import CoMachine, MachineConfig
+from conode.vm.net_identity import NetIdentity
 
 CALIBRATION_LOOPS = 300
 BOOT_TIMEOUT_S = 120.0
@@ -64,6 +66,7 @@ class GuestWorker:
         self._control: dict[str, Any] | None = None  # pause, vacate or quit, taken between slices
         self._cancelled = False  # the running guest's job was cancelled: discard it silently
         self._running: Guest | None = None  # the guest on the CPU right now (a job's, the boot's, calibration's)
+        self._port: Port | None = None  # the job guest's conet port, when the agent gave it one
 
     # --- the pristine guest -----------------------------------------------------------------------------
     def _load_pristine(self) -> None:
@@ -143,6 +146,9 @@ class GuestWorker:
     def _discard(self, guest: Guest) -> None:
         if self.guest is guest:
             self.guest = None
+            if self._port is not None:
+                self._port.close()
+                self._port = None
         guest.machine.close()
         del guest
         gc.collect()  # the machine holds Unicorn and its RAM in reference cycles: free them now
@@ -205,11 +211,23 @@ class GuestWorker:
 
     def _start_next_job(self) -> None:
         message = self._runs.popleft()
+        net = message.get("net")
         spec = JobSpec.in_job_directory(int(message["job"]), list(message["argv"]), dict(message["inputs"]),
-                                        list(message["outputs"]))
+                                        list(message["outputs"]), NetIdentity.from_message(net) if net else None)
         self._cancelled = False
         self.guest = self._fresh_guest()
+        if net:
+            self._join_conet(self.guest, net["socket"], net["token"])
         self.guest.start_job(spec, self)
+
+    def _join_conet(self, guest: Guest, path: str, token: bytes) -> None:
+        """Plug the guest's NIC into the agent's switch; without it the guest runs with its link down."""
+        try:
+            self._port = Port(path, token)
+        except PortError as exc:
+            self._log(str(exc))
+            return
+        self._port.attach(guest.machine.nic, guest.machine.call_soon)
 
     # --- the loop --------------------------------------------------------------------------------------------
     def run(self) -> int:

@@ -1,4 +1,4 @@
-"""Wiring a machine: I/O port ranges, interrupt lines and virtio-mmio slots, each device attached in one call.
+"""Wiring a machine: I/O port ranges, interrupt lines, the PCI bus and virtio slots, each attached in one call.
 
 Addresses, ports and IRQ numbers come from :mod:`conode.vm.layout` only; a device never learns where it
 sits (it decodes offsets from the base it is attached at) and gets narrow things — an interrupt line, guest
@@ -17,39 +17,54 @@ from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
 from conode.vm.devices.open_bus import OpenBus
-from conode.vm.devices.virtio.mmio import VirtioDevice, VirtioMmio
+from conode.vm.devices.pci.host_bridge import PciHostBridge
+from conode.vm.devices.pci.virtio_pci import VirtioPci
+from conode.vm.devices.virtio.mmio import VirtioMmio
+from conode.vm.devices.virtio.transport import DeviceClaim, VirtioDevice
 from conode.vm.devices.virtio.queue import GuestMemory
 from conode.vm.layout import PortRange
 
 PortRead = Callable[[int], int]
 PortWrite = Callable[[int, int], None]
+SizedRead = Callable[[int, int], int]
+SizedWrite = Callable[[int, int, int], None]
 
 
 class PortBus:
     """The I/O port space, as the CPU's IN and OUT instructions see it."""
 
     def __init__(self) -> None:
-        self._ports: dict[int, tuple[PortRead, PortWrite, int]] = {}
+        self._ports: dict[int, tuple[Callable, Callable, int, bool]] = {}
 
     def attach(self, ports: PortRange, read: PortRead, write: PortWrite) -> None:
-        """Route *ports* to a device's read(offset) and write(offset, value)."""
+        """Route *ports* to a byte-wide device's read(offset) and write(offset, value)."""
+        self._attach(ports, read, write, False)
+
+    def attach_sized(self, ports: PortRange, read: SizedRead, write: SizedWrite) -> None:
+        """Route *ports* to a device that tells access widths apart: read(offset, size), write(offset, size, value)."""
+        self._attach(ports, read, write, True)
+
+    def _attach(self, ports: PortRange, read: Callable, write: Callable, sized: bool) -> None:
         for port in range(ports.base, ports.base + ports.count):
             if port in self._ports:
                 raise ValueError(f"I/O port {port:#x} is attached twice")
-            self._ports[port] = (read, write, ports.base)
+            self._ports[port] = (read, write, ports.base, sized)
 
     def port_read(self, port: int, size: int) -> int:
         entry = self._ports.get(port)
         if entry is None:
             return (1 << (8 * size)) - 1  # nothing there: the bus floats high
-        read, _, base = entry
-        return read(port - base)
+        read, _, base, sized = entry
+        return read(port - base, size) if sized else read(port - base)
 
     def port_write(self, port: int, size: int, value: int) -> None:
         entry = self._ports.get(port)
         if entry is not None:
-            write, base = entry[1], entry[2]
-            write(port - base, value)
+            _, write, base, sized = entry
+            if sized:
+                write(port - base, size, value)
+            else:
+                write(port - base, value)
 
 
 MapMmio = Callable[[int, int, Callable[[int, int], int], Callable[[int, int, int], None]], None]
@@ -65,6 +80,8 @@ class MachineBuilder:
         self._map_mmio = map_mmio
         self._memory = memory
         self.virtio: list[VirtioMmio] = []
+        self.virtio_pci: list[VirtioPci] = []
+        self.pci: PciHostBridge | None = None
 
     def irq(self, line: int) -> IrqLine:
         return IrqLine(self.pic, line)
@@ -85,18 +102,35 @@ class MachineBuilder:
     def attach_uart(self, uart: Uart16550, ports: layout.PortRange = layout.PORTS_COM1) -> None:
         self.bus.attach(ports, uart.read_port, uart.write_port)
 
-    # --- virtio-mmio slots ---------------------------------------------------------------------------------
+    # --- PCI ----------------------------------------------------------------------------------------------
+    def attach_pci(self) -> PciHostBridge:
+        """The host bridge on its configuration ports, and the window where BARs decode (before virtio slots)."""
+        if self._map_mmio is None:
+            raise ValueError("this builder has no MMIO space")
+        self.pci = PciHostBridge(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE)
+        self.bus.attach_sized(layout.PORTS_PCI_CONFIG, self.pci.read_port, self.pci.write_port)
+        self._map_mmio(layout.PCI_MMIO_BASE, layout.PCI_MMIO_SIZE, self.pci.window_read, self.pci.window_write)
+        return self.pci
+
+    # --- virtio slots ---------------------------------------------------------------------------------------
     def attach_virtio(self, device: VirtioDevice) -> VirtioMmio:
-        """Put *device* (holding its backend) in the next slot: its window, IRQ and command-line entry."""
+        """Put *device* (holding its backend) in the next slot: a virtio-mmio window with its IRQ and command-line
+        entry, and, with a PCI bus, also a virtio-pci function; the two share one claim on the device."""
         slot = len(self.virtio)
         if slot >= len(layout.VIRTIO_IRQS):
             raise ConodeError(f"the machine has room for {len(layout.VIRTIO_IRQS)} virtio devices")
         if self._map_mmio is None or self._memory is None:
             raise ValueError("this builder has no MMIO space or guest memory for virtio devices")
-        transport = VirtioMmio(device, self.irq(layout.VIRTIO_IRQS[slot]), self._memory)
+        claim = DeviceClaim()
+        transport = VirtioMmio(device, self.irq(layout.VIRTIO_IRQS[slot]), self._memory, claim)
         base = layout.virtio_slot_base(slot)
         self._map_mmio(base, layout.VIRTIO_MMIO_SIZE, transport.read, transport.write)
         self.virtio.append(transport)
+        if self.pci is not None:
+            function = VirtioPci(device, self.irq(layout.VIRTIO_PCI_IRQS[slot]), self._memory,
+                                 layout.virtio_pci_bar_base(slot), claim)
+            self.pci.attach(layout.virtio_pci_device(slot), function)
+            self.virtio_pci.append(function)
         return transport
 
     # --- the rest of the physical address space -------------------------------------------------------------
@@ -107,6 +141,9 @@ class MachineBuilder:
             raise ValueError("this builder has no MMIO space")
         devices_end = layout.virtio_slot_base(len(self.virtio))
         windows = [(ram_bytes, layout.VIRTIO_MMIO_BASE), (devices_end, layout.PHYSICAL_SPACE_END)]
+        if self.pci is not None:  # the PCI window answers for itself, BARs or not
+            windows[1:] = [(devices_end, layout.PCI_MMIO_BASE),
+                           (layout.PCI_MMIO_BASE + layout.PCI_MMIO_SIZE, layout.PHYSICAL_SPACE_END)]
         buses = []
         for start, end in windows:
             if start < end:

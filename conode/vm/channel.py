@@ -1,7 +1,7 @@
 """The host side of the host channel: framing spoken with the in-guest agent (guest/agent/coagent.c).
 
 Every frame is a 9-byte little-endian header ``type:u8, id:u32, length:u32`` and ``length`` payload bytes.
-Host to guest: EXEC, KILL, PUT + DATA, GET, RENEW, QUIT. Guest to host: READY, STDOUT, STDERR, EXIT, ACK, FILE,
+Host to guest: EXEC, KILL, PUT + DATA, GET, RENEW, IDENTITY, QUIT. Guest to host: READY, STDOUT, STDERR, EXIT, ACK, FILE,
 ERROR. *id* names a job (EXEC) or a transfer (PUT/GET/RENEW), chosen by the host.
 
 Everything the guest sends is untrusted: the decoder bounds every frame, and the client above it treats any
@@ -24,7 +24,7 @@ RENEW_ENTROPY_BYTES = 64
 KILL_ALL = 0  # KILL with this id signals every process in the guest but the agent itself
 
 # Host -> guest
-EXEC, KILL, PUT, DATA, GET, RENEW, QUIT = b"X", b"K", b"P", b"D", b"G", b"N", b"Q"
+EXEC, KILL, PUT, DATA, GET, RENEW, IDENTITY, QUIT = b"X", b"K", b"P", b"D", b"G", b"N", b"I", b"Q"
 # Guest -> host
 READY, STDOUT, STDERR, EXIT, ACK, FILE, ERROR = b"R", b"O", b"E", b"S", b"A", b"F", b"Z"
 

@@ -34,6 +34,7 @@ from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.guest_agent import GuestAgentClient
 from conode.vm.guest_image import BASE_CMDLINE, GuestImage
 from conode.vm.machine import CoMachine, MachineConfig, MachineExit
+from conode.vm.net_identity import IdentityError, NetIdentity
 from conode.vm.snapshot import read_snapshot, write_snapshot
 from conode.vm.state import blob, bounded, items, one_of, uint
 
@@ -57,18 +58,20 @@ class JobSink(Protocol):
 
 @dataclass
 class JobSpec:
-    """What to run: a command, its working directory, files to stage there first and to fetch after."""
+    """What to run: a command, its working directory, files to stage there first and to fetch after, and the
+    guest's identity on conet (None: the guest's NIC stays unconfigured)."""
 
     id: int
     argv: list[str]
     cwd: str
     inputs: dict[str, bytes] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    net: NetIdentity | None = None
 
     @classmethod
     def in_job_directory(cls, ident: int, argv: list[str], inputs: dict[str, bytes],
-                         outputs: list[str]) -> "JobSpec":
-        return cls(ident, argv, f"/job/{ident}", inputs, outputs)
+                         outputs: list[str], net: NetIdentity | None = None) -> "JobSpec":
+        return cls(ident, argv, f"/job/{ident}", inputs, outputs, net)
 
 
 class _Phase(enum.IntEnum):
@@ -86,7 +89,8 @@ class JobState(state.Record):
     """A job as a snapshot holds it: what to run, and how far it got."""
 
     KIND = "job"
-    VERSION = 1
+    VERSION = 2  # 2: the guest's conet identity
+    MIGRATIONS = {1: lambda data: {**data, "net": None}}
 
     id: int = uint(63)
     argv: tuple[str, ...] = items(max_len=limits.MAX_ARGV)
@@ -98,6 +102,7 @@ class JobState(state.Record):
     status: int | None = bounded(-(1 << 31), (1 << 31) - 1)
     stream_bytes: int = uint(63)
     ran_s: float
+    net: NetIdentity | None
 
 
 class GuestJob:
@@ -126,13 +131,28 @@ class GuestJob:
         if renew:
             self.guest.renew(self._renewed)
         else:
-            self._stage()
+            self._configure_network()
 
     def _renewed(self, error: str | None) -> None:
         if error is not None:
             self.guest.fail(f"the guest could not renew its clock and entropy: {error}")
         else:
+            self._configure_network()
+
+    def _configure_network(self) -> None:
+        """Give the guest its conet identity (part of the first phase: redone with it after a restore)."""
+        net = self.spec.net
+        if net is None:
             self._stage()
+            return
+
+        def configured(error: str | None) -> None:
+            if error is not None:
+                self.guest.fail(f"the guest could not take its network identity: {error}")
+            else:
+                self._stage()
+
+        self.guest.agent.set_identity(net.payload(), configured)
 
     def _stage(self) -> None:
         self.phase = _Phase.STAGING
@@ -214,7 +234,7 @@ class GuestJob:
         return state.dump(JobState(spec.id, tuple(spec.argv), spec.cwd,
                                    tuple(InputFile(name, data) for name, data in spec.inputs.items()),
                                    tuple(spec.outputs), int(self.phase), self.command, self.status, self.stream_bytes,
-                                   self.runtime_s))
+                                   self.runtime_s, spec.net))
 
     @classmethod
     def from_state(cls, guest: "Guest", data: Any, sink: JobSink) -> "GuestJob":
@@ -222,8 +242,13 @@ class GuestJob:
         saved = state.load(JobState, data)
         if not saved.argv:
             raise SnapshotError("the snapshot's job has no command")
+        if saved.net is not None:
+            try:
+                saved.net.check()
+            except IdentityError as exc:
+                raise SnapshotError(f"the snapshot's job has an invalid network identity: {exc}") from None
         spec = JobSpec(saved.id, list(saved.argv), saved.cwd, {f.name: f.data for f in saved.inputs},
-                       list(saved.outputs))
+                       list(saved.outputs), saved.net)
         job = cls(guest, spec, sink)
         job.phase, job.command, job.status = _Phase(saved.phase), saved.command, saved.status
         job.stream_bytes, job.ran_before_s = saved.stream_bytes, saved.ran_s

@@ -68,7 +68,7 @@ class GuestAgentClient:
         self.on_violation: Callable[[str], None] = lambda reason: None
         self.violation: str | None = None  # set once the guest broke the protocol; nothing is read after
         self._commands: dict[int, CommandHandler] = {}
-        self._acks: dict[int, Done] = {}  # PUTs and RENEWs waiting for ACK
+        self._acks: dict[int, Done] = {}  # PUTs, RENEWs and IDENTITYs waiting for ACK
         self._fetches: dict[int, _Fetch] = {}
 
     @property
@@ -122,6 +122,12 @@ class GuestAgentClient:
         ident = self._new_id()
         self._acks[ident] = done
         self._send(channel.renew_frame(ident, wall_ns, entropy))
+
+    def set_identity(self, payload: bytes, done: Done) -> None:
+        """Give the guest its conet identity (net_identity.py builds the payload); answered like a renew."""
+        ident = self._new_id()
+        self._acks[ident] = done
+        self._send(channel.frame(channel.IDENTITY, ident, payload))
 
     def power_off(self) -> None:
         self._send(channel.frame(channel.QUIT, 0))

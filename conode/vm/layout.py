@@ -43,6 +43,7 @@ PORTS_CMOS = PortRange(0x70, 2)  # index, data
 PORT_SYSTEM_CONTROL_A = PortRange(0x92, 1)  # fast reset
 PORTS_COM1 = PortRange(0x3F8, 8)  # cocon, the console UART
 PORTS_COM2 = PortRange(0x2F8, 8)  # the host channel for kernels without a virtio console
+PORTS_PCI_CONFIG = PortRange(0xCF8, 8)  # configuration mechanism #1: address at 0xCF8, data at 0xCFC-0xCFF
 
 # --- IRQ lines on the 8259 pair -------------------------------------------------------------------------
 IRQ_PIT = 0
@@ -54,13 +55,33 @@ IRQ_COM2 = 3
 PHYSICAL_SPACE_END = 1 << 32  # above RAM and the device windows, up to here, the bus floats (open_bus.py)
 VIRTIO_MMIO_BASE = 0xD0000000
 VIRTIO_MMIO_SIZE = 0x1000
-# IRQ lines the legacy PC leaves free without an APIC; slot n uses VIRTIO_IRQS[n].
-VIRTIO_IRQS = (5, 6, 7, 9, 10, 11)
+# IRQ lines the legacy PC leaves free without an APIC, half for each transport of a device: slot n's
+# virtio-mmio window uses VIRTIO_IRQS[n], its virtio-pci function's INTA VIRTIO_PCI_IRQS[n].
+VIRTIO_IRQS = (5, 6, 7)
+VIRTIO_PCI_IRQS = (9, 10, 11)
 
 
 def virtio_slot_base(slot: int) -> int:
     """Guest-physical base of virtio-mmio slot *slot*."""
     return VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE
+
+
+# --- PCI ---------------------------------------------------------------------------------------------------
+# The window in which PCI memory BARs decode (no firmware: the host places every BAR). Above the largest RAM
+# and the virtio-mmio slots; Linux finds it unclaimed in the e820 map and keeps the BARs where they are.
+PCI_MMIO_BASE = 0xE0000000
+PCI_MMIO_SIZE = 0x01000000
+PCI_BAR_STRIDE = 0x10000  # room for one function's BARs
+
+
+def virtio_pci_device(slot: int) -> int:
+    """PCI device number (bus 0, function 0) of virtio slot *slot*'s function; 0 is the host bridge."""
+    return slot + 1
+
+
+def virtio_pci_bar_base(slot: int) -> int:
+    """Where the host places BAR 0 of virtio slot *slot*'s PCI function."""
+    return PCI_MMIO_BASE + slot * PCI_BAR_STRIDE
 
 
 # --- Interrupt vectors ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
 from conode.vm.devices.virtio.block import VirtioBlock
 from conode.vm.devices.virtio.console import VirtioConsole
+from conode.vm.devices.virtio.net import VirtioNet
 from conode.vm.disk.config import DiskConfig, DiskConfigState
 from conode.vm.host_channel import HostChannel, connect_uart
 from conode.vm.snapshot import decode_ram, encode_ram
@@ -75,6 +76,8 @@ class DevicesState:
     cmos: dict
     virtio: tuple[dict, ...] = items(max_len=len(layout.VIRTIO_IRQS))
     channel: dict
+    pci: dict
+    virtio_pci: tuple[dict, ...] = items(max_len=len(layout.VIRTIO_PCI_IRQS))
     disk: dict | None  # the overlay (conode/vm/disk/overlay.py DiskState)
 
 
@@ -83,8 +86,9 @@ class MachineState(state.Record):
     """The machine's own record; each part below is checked by its owner's record."""
 
     KIND = "machine"
-    VERSION = 3  # 2: COM2 and the two-transport host channel; 3: the disk
-    MIGRATIONS = {2: lambda data: {**data, "devices": {**data["devices"], "disk": None}}
+    VERSION = 5  # 2: COM2 and the two-transport host channel; 3: the PCI bus and virtio-pci functions;
+    # 4: the conet NIC; 5: the disk (cobd)
+    MIGRATIONS = {4: lambda data: {**data, "devices": {**data["devices"], "disk": None}}
                   if isinstance(data.get("devices"), dict) else data}
 
     config: dict
@@ -139,8 +143,13 @@ class CoMachine:
         build.attach_cmos(self.cmos)
         build.bus.attach(layout.PORT_KEYBOARD_COMMAND, lambda offset: 0xFF, self._keyboard_controller_command)
         build.bus.attach(layout.PORT_SYSTEM_CONTROL_A, lambda offset: 0x02, self._system_control_a)
+        self.pci = build.attach_pci()
         self.channel = HostChannel(channel_receive)
         build.attach_virtio(VirtioConsole(self.channel.virtio))
+        # Every guest has its NIC from boot, so the pristine snapshot has the driver bound; the MAC it reads
+        # then is a placeholder: a job's identity is applied in the guest after the restore (guest.py).
+        self.nic = VirtioNet()
+        build.attach_virtio(self.nic)
         self.disk = config.disk.open() if config.disk is not None else None
         if self.disk is not None:
             build.attach_virtio(VirtioBlock(self.disk, self.disk.base.name.encode()))
@@ -149,6 +158,7 @@ class CoMachine:
         self._refill_serial_channel = connect_uart(self.channel.serial, self.serial_channel)
         self.open_bus = build.attach_open_bus(self.ram.size)
         self.virtio = build.virtio
+        self.virtio_pci = build.virtio_pci
         self._build = build
         self.halted = False
         self._calls: deque[Callable[[], None]] = deque()
@@ -275,8 +285,10 @@ class CoMachine:
         config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra,
                                         DiskConfigState.of(self.config.disk)))
         devices = DevicesState(self.pic.get_state(), self.pit.get_state(), self.uart.get_state(),
-                               self.serial_channel.get_state(), self.cmos.get_state(), tuple(t.get_state() for t in self.virtio),
-                               self.channel.get_state(), self.disk.get_state() if self.disk is not None else None)
+                               self.serial_channel.get_state(), self.cmos.get_state(),
+                               tuple(t.get_state() for t in self.virtio), self.channel.get_state(),
+                               self.pci.get_state(), tuple(f.get_state() for f in self.virtio_pci),
+                               self.disk.get_state() if self.disk is not None else None)
         return state.dump(MachineState(config, self.cpu.get_state(), encode_ram(self.ram.view),
                                        self.clock.get_state(), self.halted, devices))
 
@@ -288,7 +300,7 @@ class CoMachine:
         saved = state.load(MachineState, data)
         if self.config_from_state(data) != self.config:
             raise SnapshotError("snapshot is of a machine with another configuration than this one")
-        if len(saved.devices.virtio) != len(self.virtio):
+        if len(saved.devices.virtio) != len(self.virtio) or len(saved.devices.virtio_pci) != len(self.virtio_pci):
             raise SnapshotError(f"snapshot has {len(saved.devices.virtio)} virtio devices; this machine has "
                                 f"{len(self.virtio)}")
         if not self._ram_preloaded:
@@ -303,12 +315,15 @@ class CoMachine:
         self.serial_channel.set_state(devices.serial_channel)
         self.cmos.set_state(devices.cmos)
         self.channel.set_state(devices.channel)  # backends before transports: activation may move bytes
+        self.pci.set_state(devices.pci)
         if (devices.disk is None) != (self.disk is None):
             raise SnapshotError("snapshot disk state does not match the machine's disk configuration")
         if self.disk is not None:
             self.disk.set_state(devices.disk)
         for transport, transport_state in zip(self.virtio, devices.virtio):
             transport.set_state(transport_state)
+        for function, function_state in zip(self.virtio_pci, devices.virtio_pci):
+            function.set_state(function_state)
         self._refill_serial_channel()
 
     @staticmethod
@@ -335,8 +350,7 @@ class CoMachine:
     @staticmethod
     def config_from_state(data: dict) -> MachineConfig:
         """The configuration to build a machine with for :meth:`set_state`; raise SnapshotError if invalid."""
-        if not isinstance(data, dict):
-            raise SnapshotError("snapshot machine state is not a map; the file is damaged")
+        state.load(MachineState, data)  # a machine of another version (other devices) is refused here, in one line
         config = state.load(ConfigState, data.get("config"))
         return MachineConfig(mem_mib=config.mem_mib, cmdline_extra=config.cmdline_extra,
                              disk=config.disk.config() if config.disk is not None else None)

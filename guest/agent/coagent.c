@@ -27,6 +27,14 @@
  *   'N' renew  payload: i64 seconds, u32 nanoseconds (the host's wall
  *              clock), then entropy bytes: sets the clock, credits the
  *              entropy and reseeds the kernel's RNG; answered by 'A'
+ *   'I' identity  the guest's conet identity, NUL-terminated key=value
+ *              strings: mac=xx:xx:xx:xx:xx:xx, addr=a.b.c.d/prefix,
+ *              hostname=NAME, host=a.b.c.d NAME (one per guest of the job),
+ *              env=CONODE_NAME=value (for the commands run after it).
+ *              Everything is checked before anything changes; then eth0
+ *              gets the MAC and address (the route to its network is its
+ *              only route) and goes up, the hostname and /etc/hosts are
+ *              written and the environment is set; answered by 'A'
  *   'Q' quit   sync and power off
  * Guest -> host:
  *   'R' ready  payload: "sysname release machine" (sent once at start)
@@ -61,8 +69,13 @@
 #include <linux/random.h>
 #include <linux/serial.h>
 #include <sys/ioctl.h>
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <net/if_arp.h>
+#include <netinet/in.h>
 #include <sys/prctl.h>
 #include <sys/reboot.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/utsname.h>
@@ -75,6 +88,13 @@
 #define MAX_PAYLOAD  (1u << 20)     /* larger frames are refused and skipped */
 #define CHUNK        (32u * 1024)   /* largest O/E/F payload we send */
 #define READ_SIZE    (64u * 1024)   /* how much we read from the console at once */
+
+#define NET_IFACE     "eth0"          /* the conet NIC */
+#define MAX_HOSTS     256             /* guests of one job in /etc/hosts */
+#define MAX_HOSTNAME  63
+#define MAX_ENV       8               /* CONODE_* variables set by 'I' */
+#define MAX_ENV_NAME  64
+#define MAX_ENV_VALUE (MAX_HOSTS * (MAX_HOSTNAME + 1))
 
 #define SHELL_TTY    "/dev/ttyS0"
 #define SHELL_PATH   "/bin/sh"
@@ -841,6 +861,287 @@ static void handle_renew(uint32_t id, const unsigned char *data, uint32_t len)
 	send_frame('A', id, NULL, 0);
 }
 
+/* ------------------------------------------------------------------ */
+/* IDENTITY: the guest's name and address on conet                     */
+/* ------------------------------------------------------------------ */
+
+struct identity {
+	unsigned char mac[6];
+	struct in_addr addr;
+	int prefix;
+	const char *hostname;
+	size_t nhosts;
+	struct in_addr host_addr[MAX_HOSTS];
+	const char *host_name[MAX_HOSTS];
+	size_t nenv;
+	const char *env[MAX_ENV];       /* "CONODE_NAME=value" */
+};
+
+/* RFC 1123 names: labels of letters, digits and inner hyphens, dot-separated. */
+static int valid_hostname(const char *s)
+{
+	size_t len = strlen(s), label = 0;
+
+	if (len == 0 || len > MAX_HOSTNAME)
+		return 0;
+	for (size_t i = 0; i <= len; i++) {
+		char c = s[i];
+
+		if (c == '.' || c == '\0') {
+			if (label == 0 || s[i - 1] == '-')
+				return 0;
+			label = 0;
+		} else if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+			   (c >= '0' && c <= '9') || (c == '-' && label > 0)) {
+			label++;
+		} else {
+			return 0;
+		}
+	}
+	return 1;
+}
+
+static int parse_mac(const char *s, unsigned char mac[6])
+{
+	int any = 0;
+
+	if (strlen(s) != 17)
+		return 0;
+	for (int i = 0; i < 6; i++) {
+		unsigned v = 0;
+
+		for (int j = 0; j < 2; j++) {
+			char c = s[3 * i + j];
+
+			v <<= 4;
+			if (c >= '0' && c <= '9')
+				v |= c - '0';
+			else if (c >= 'a' && c <= 'f')
+				v |= c - 'a' + 10;
+			else if (c >= 'A' && c <= 'F')
+				v |= c - 'A' + 10;
+			else
+				return 0;
+		}
+		if (i < 5 && s[3 * i + 2] != ':')
+			return 0;
+		mac[i] = v;
+		any |= v;
+	}
+	return any && !(mac[0] & 1);    /* a unicast address */
+}
+
+/* "a.b.c.d/prefix" with a prefix from 8 to 30. */
+static int parse_addr(const char *s, struct in_addr *addr, int *prefix)
+{
+	char buf[32];
+	const char *slash = strchr(s, '/');
+	char *end;
+	long p;
+
+	if (!slash || (size_t)(slash - s) >= sizeof(buf))
+		return 0;
+	memcpy(buf, s, slash - s);
+	buf[slash - s] = '\0';
+	if (inet_pton(AF_INET, buf, addr) != 1)
+		return 0;
+	errno = 0;
+	p = strtol(slash + 1, &end, 10);
+	if (errno || *end || end == slash + 1 || p < 8 || p > 30)
+		return 0;
+	*prefix = (int)p;
+	return 1;
+}
+
+/* "CONODE_NAME=value": upper-case name, printable value without newlines. */
+static int valid_env(const char *s)
+{
+	const char *eq = strchr(s, '=');
+	size_t name_len;
+
+	if (!eq || strncmp(s, "CONODE_", 7) != 0)
+		return 0;
+	name_len = eq - s;
+	if (name_len <= 7 || name_len > MAX_ENV_NAME || strlen(eq + 1) > MAX_ENV_VALUE)
+		return 0;
+	for (const char *p = s; p < eq; p++)
+		if (!((*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '_'))
+			return 0;
+	for (const char *p = eq + 1; *p; p++)
+		if (*p < 0x20 || *p > 0x7e)
+			return 0;
+	return 1;
+}
+
+/* Check the whole payload into id; NULL, or what is wrong with it. */
+static const char *parse_identity(const unsigned char *data, uint32_t len, struct identity *id)
+{
+	int have_mac = 0, have_addr = 0;
+	size_t pos = 0;
+
+	memset(id, 0, sizeof(*id));
+	if (len == 0 || data[len - 1] != '\0')
+		return "malformed payload";
+	while (pos < len) {
+		const char *field = (const char *)data + pos;
+
+		pos += strlen(field) + 1;
+		if (strncmp(field, "mac=", 4) == 0) {
+			if (!parse_mac(field + 4, id->mac))
+				return "mac is not a unicast xx:xx:xx:xx:xx:xx";
+			have_mac = 1;
+		} else if (strncmp(field, "addr=", 5) == 0) {
+			if (!parse_addr(field + 5, &id->addr, &id->prefix))
+				return "addr is not a.b.c.d/prefix (prefix 8 to 30)";
+			have_addr = 1;
+		} else if (strncmp(field, "hostname=", 9) == 0) {
+			if (!valid_hostname(field + 9))
+				return "hostname is not a host name";
+			id->hostname = field + 9;
+		} else if (strncmp(field, "host=", 5) == 0) {
+			const char *space = strchr(field + 5, ' ');
+			char buf[16];
+
+			if (id->nhosts == MAX_HOSTS)
+				return "too many hosts";
+			if (!space || space - (field + 5) >= (long)sizeof(buf))
+				return "host is not \"a.b.c.d name\"";
+			memcpy(buf, field + 5, space - (field + 5));
+			buf[space - (field + 5)] = '\0';
+			if (inet_pton(AF_INET, buf, &id->host_addr[id->nhosts]) != 1 ||
+			    !valid_hostname(space + 1))
+				return "host is not \"a.b.c.d name\"";
+			id->host_name[id->nhosts++] = space + 1;
+		} else if (strncmp(field, "env=", 4) == 0) {
+			if (id->nenv == MAX_ENV)
+				return "too many environment variables";
+			if (!valid_env(field + 4))
+				return "env is not CONODE_NAME=printable text";
+			id->env[id->nenv++] = field + 4;
+		} else {
+			return "unknown field";
+		}
+	}
+	if (!have_mac || !have_addr || !id->hostname)
+		return "mac, addr and hostname are required";
+	return NULL;
+}
+
+static int write_file_atomically(const char *path, const char *text, size_t len)
+{
+	char tmp[64];
+	int fd;
+
+	snprintf(tmp, sizeof(tmp), "%s.new", path);
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return -1;
+	if (write_all(fd, text, len) < 0 || close(fd) < 0) {
+		unlink(tmp);
+		return -1;
+	}
+	return rename(tmp, path);
+}
+
+static int write_hosts(const struct identity *id)
+{
+	/* localhost, then one line per guest: at most 16 + 1 + 63 + 1 bytes each */
+	static char text[64 + MAX_HOSTS * 96];
+	size_t n = snprintf(text, sizeof(text), "127.0.0.1\tlocalhost\n");
+
+	for (size_t i = 0; i < id->nhosts; i++) {
+		char addr[INET_ADDRSTRLEN];
+
+		inet_ntop(AF_INET, &id->host_addr[i], addr, sizeof(addr));
+		n += snprintf(text + n, sizeof(text) - n, "%s\t%s\n", addr, id->host_name[i]);
+	}
+	return write_file_atomically("/etc/hosts", text, n);
+}
+
+/* eth0: down, MAC, address and netmask (the kernel adds the route to the
+ * network), up. */
+static const char *configure_nic(const struct identity *id)
+{
+	struct ifreq ifr;
+	struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+	const char *step;
+	short flags;
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+
+	if (fd < 0)
+		return "socket";
+	memset(&ifr, 0, sizeof(ifr));
+	strncpy(ifr.ifr_name, NET_IFACE, IFNAMSIZ - 1);
+	step = "get flags";
+	if (ioctl(fd, SIOCGIFFLAGS, &ifr) < 0)
+		goto fail;
+	flags = ifr.ifr_flags;
+	ifr.ifr_flags = flags & ~IFF_UP;
+	step = "down";
+	if (ioctl(fd, SIOCSIFFLAGS, &ifr) < 0)
+		goto fail;
+	ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+	memcpy(ifr.ifr_hwaddr.sa_data, id->mac, 6);
+	step = "set MAC";
+	if (ioctl(fd, SIOCSIFHWADDR, &ifr) < 0)
+		goto fail;
+	memset(&ifr.ifr_addr, 0, sizeof(ifr.ifr_addr));
+	sin->sin_family = AF_INET;
+	sin->sin_addr = id->addr;
+	step = "set address";
+	if (ioctl(fd, SIOCSIFADDR, &ifr) < 0)
+		goto fail;
+	sin->sin_addr.s_addr = htonl(~0u << (32 - id->prefix));
+	step = "set netmask";
+	if (ioctl(fd, SIOCSIFNETMASK, &ifr) < 0)
+		goto fail;
+	ifr.ifr_flags = flags | IFF_UP;
+	step = "up";
+	if (ioctl(fd, SIOCSIFFLAGS, &ifr) < 0)
+		goto fail;
+	close(fd);
+	return NULL;
+fail:
+	flags = errno;
+	close(fd);
+	errno = flags;
+	return step;
+}
+
+static void handle_identity(uint32_t id_, const unsigned char *data, uint32_t len)
+{
+	static struct identity id;
+	const char *problem = parse_identity(data, len, &id);
+
+	if (problem) {
+		send_error(id_, "identity: %s", problem);
+		return;
+	}
+	problem = configure_nic(&id);
+	if (problem) {
+		send_error(id_, "identity: %s %s: %s", NET_IFACE, problem, strerror(errno));
+		return;
+	}
+	if (sethostname(id.hostname, strlen(id.hostname)) < 0 ||
+	    write_file_atomically("/etc/hostname", id.hostname, strlen(id.hostname)) < 0 ||
+	    write_hosts(&id) < 0) {
+		send_error(id_, "identity: hostname or /etc/hosts: %s", strerror(errno));
+		return;
+	}
+	for (size_t i = 0; i < id.nenv; i++) {
+		char name[MAX_ENV_NAME + 1];
+		const char *eq = strchr(id.env[i], '=');
+
+		memcpy(name, id.env[i], eq - id.env[i]);
+		name[eq - id.env[i]] = '\0';
+		if (setenv(name, eq + 1, 1) < 0) {
+			send_error(id_, "identity: setenv: %s", strerror(errno));
+			return;
+		}
+	}
+	send_frame('A', id_, NULL, 0);
+}
+
 static void handle_quit(void)
 {
 	sync();
@@ -866,6 +1167,7 @@ static void dispatch(uint8_t type, uint32_t id, const unsigned char *data, uint3
 	case 'D': handle_data(id, data, len); break;
 	case 'G': handle_get(id, data, len); break;
 	case 'N': handle_renew(id, data, len); break;
+	case 'I': handle_identity(id, data, len); break;
 	case 'Q': handle_quit(); break;
 	default:
 		send_error(id, "unknown frame type 0x%02x", type);

@@ -266,6 +266,28 @@ def test_renew_refuses_a_malformed_payload(agent: Agent) -> None:
     assert (ftype, fid) == (b"Z", 60) and b"malformed" in payload
 
 
+IDENTITY = [b"mac=02:c0:de:00:00:01", b"addr=10.77.0.1/24", b"hostname=rank0", b"host=10.77.0.2 rank1",
+            b"env=CONODE_RANK=0"]
+
+
+@pytest.mark.parametrize("field,bad", [
+    (0, b"mac=03:c0:de:00:00:01"), (0, b"mac=02:c0:de:00:00"), (0, b"mac=00:00:00:00:00:00"),
+    (0, b"mac=02-c0-de-00-00-01"), (1, b"addr=10.77.0.1"), (1, b"addr=10.77.0.1/31"), (1, b"addr=10.77.0/24"),
+    (1, b"addr=10.77.0.1/24x"), (2, b"hostname=-rank0"), (2, b"hostname=" + b"a" * 64), (2, b"hostname=a..b"),
+    (3, b"host=10.77.0.2"), (3, b"host=10.77.0.2 bad name"), (3, b"host=10.77.0.300 rank1"),
+    (4, b"env=PATH=/evil"), (4, b"env=CONODE_RANK=0\n1"), (4, b"env=CONODE_=1"), (4, b"color=blue"),
+])
+def test_identity_refuses_what_it_cannot_apply(agent: Agent, field: int, bad: bytes) -> None:
+    # Refused before anything changes (a valid identity would reconfigure this host: it is tested in the guest).
+    fields = list(IDENTITY)
+    fields[field] = bad
+    agent.send(b"I", 62, b"".join(f + b"\0" for f in fields))
+    ftype, fid, payload = agent.recv()
+    assert (ftype, fid) == (b"Z", 62) and payload.startswith(b"identity: "), payload
+    agent.send(b"I", 63, b"mac=02:c0:de:00:00:01")  # not NUL-terminated
+    assert agent.recv()[2] == b"identity: malformed payload"
+
+
 def test_kill_all_is_refused_outside_pid1(agent: Agent) -> None:
     agent.exec(61, ["sh", "-c", "sleep 0.3; echo survived"])
     agent.send(b"K", 0, struct.pack("<I", 9))  # a no-op off PID 1: this host's processes are not the guest's

@@ -10,6 +10,8 @@ from conode.vm.devices.legacy.cmos import Cmos
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
+from conode.vm.devices.pci import virtio_pci as pci
+from conode.vm.devices.pci.virtio_pci import VirtioPci
 from conode.vm.devices.virtio.mmio import (REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL, REG_QUEUE_DESC_LOW,
                                            REG_QUEUE_DEVICE_LOW, REG_QUEUE_DRIVER_LOW, REG_QUEUE_NUM,
                                            REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS, STATUS_FEATURES_OK,
@@ -86,3 +88,24 @@ def bring_up(transport: VirtioMmio, sizes: tuple[int, ...] = (8, 8),
         transport.write(REG_QUEUE_DEVICE_LOW, 4, used)
         transport.write(REG_QUEUE_READY, 4, 1)
     transport.write(REG_STATUS, 4, 15)  # ... | DRIVER_OK
+
+
+def pci_bring_up(function: VirtioPci, sizes: tuple[int, ...] = (8, 8),
+                 rings: tuple[tuple[int, int, int], ...] = RINGS) -> None:
+    """The same bring-up through a virtio-pci function's common configuration, with the widths Linux uses."""
+    def write(register: int, size: int, value: int) -> None:
+        function.bar_write(0, pci.COMMON + register, size, value)
+
+    write(pci.DEVICE_STATUS, 1, 0)
+    write(pci.DEVICE_STATUS, 1, 3)
+    write(pci.DRIVER_FEATURE_SELECT, 4, 1)
+    write(pci.DRIVER_FEATURE, 4, 1)  # VIRTIO_F_VERSION_1
+    write(pci.DEVICE_STATUS, 1, 3 | STATUS_FEATURES_OK)
+    for q, (size, (desc, avail, used)) in enumerate(zip(sizes, rings)):
+        write(pci.QUEUE_SELECT, 2, q)
+        write(pci.QUEUE_SIZE, 2, size)
+        write(pci.QUEUE_DESC_LO, 4, desc)
+        write(pci.QUEUE_DRIVER_LO, 4, avail)
+        write(pci.QUEUE_DEVICE_LO, 4, used)
+        write(pci.QUEUE_ENABLE, 2, 1)
+    write(pci.DEVICE_STATUS, 1, 15)

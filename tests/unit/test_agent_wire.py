@@ -7,10 +7,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conode.agent.pipe import PipeError
-from conode.agent.wire import (FROM_WORKER, TO_WORKER, OutputLimitError, validate_from_worker,
-                               validate_to_worker)
-from conode.limits import (CHANNEL_MAX_PAYLOAD, MAX_ARGV, MAX_FILES, MAX_JOB_INPUT_BYTES,
-                           MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES)
+from conode.agent.wire import (
+    FROM_WORKER,
+    TO_WORKER,
+    OutputLimitError,
+    validate_from_worker,
+    validate_to_worker,
+)
+from conode.limits import (
+    CHANNEL_MAX_PAYLOAD,
+    MAX_ARGV,
+    MAX_FILES,
+    MAX_JOB_INPUT_BYTES,
+    MAX_JOB_OUTPUT_BYTES,
+    MAX_OUTPUT_FILE_BYTES,
+    MAX_PATH_BYTES,
+)
+from conode.vm.net_identity import NetIdentity
 
 GOOD_FROM = {
     "ready": {"guest": "Linux 6.1 i686", "speed": 1234.5},
@@ -95,3 +108,47 @@ def test_any_worker_message_is_either_valid_or_a_pipe_error(kind, fields):
     except PipeError:
         return
     assert set(checked) == {"type", *FROM_WORKER[kind]}
+
+
+NET = {"token": bytes(range(16)), "socket": "/run/conode/conet.sock", "mac": bytes.fromhex("02c0de000001"),
+       "ip": "10.77.0.1", "prefix": 24, "hostname": "job7-rank0", "hosts": {"job7-rank0": "10.77.0.1",
+                                                                            "job7-rank1": "10.77.0.2"},
+       "rank": 0, "size": 2}
+
+
+def test_a_run_may_carry_the_guests_conet_port_and_identity():
+    message = {"type": "run", **GOOD_TO["run"], "net": NET}
+    assert validate_to_worker(message) == message
+
+
+@pytest.mark.parametrize("field,value", [
+    ("token", b"short"), ("socket", "/s" * 100), ("socket", 3), ("mac", bytes.fromhex("03c0de000001")),
+    ("mac", bytes(6)), ("ip", "10.77.0.256"), ("ip", "10.77.0.0"), ("ip", "10.77.0.255"), ("prefix", 31),
+    ("prefix", "24"), ("hostname", "-rank0"), ("hostname", "a" * 64), ("hostname", "r\nk"),
+    ("hosts", {"ok": "1.2.3"}), ("hosts", {"bad name": "10.77.0.1"}), ("hosts", ["10.77.0.1"]),
+    ("rank", 2), ("rank", -1), ("size", 0), ("size", 257), ("unexpected", 1),
+])
+def test_a_conet_identity_coagent_would_refuse_never_reaches_the_worker(field, value):
+    with pytest.raises(PipeError):
+        validate_to_worker({"type": "run", **GOOD_TO["run"], "net": {**NET, field: value}})
+    without = {k: v for k, v in NET.items() if k != field}
+    if field in NET:
+        with pytest.raises(PipeError):
+            validate_to_worker({"type": "run", **GOOD_TO["run"], "net": without})
+
+
+def test_the_identity_frame_coagent_parses():
+    identity = NetIdentity.from_message(NET)
+    assert identity.payload().split(b"\0") == [
+        b"mac=02:c0:de:00:00:01", b"addr=10.77.0.1/24", b"hostname=job7-rank0", b"host=10.77.0.1 job7-rank0",
+        b"host=10.77.0.2 job7-rank1", b"env=CONODE_RANK=0", b"env=CONODE_SIZE=2",
+        b"env=CONODE_HOSTS=job7-rank0 job7-rank1", b""]
+
+
+@settings(max_examples=300, deadline=None)
+@given(net=st.dictionaries(st.sampled_from(sorted(NET)), values, max_size=9), base=st.booleans())
+def test_any_conet_map_is_either_valid_or_a_pipe_error(net, base):
+    try:
+        validate_to_worker({"type": "run", **GOOD_TO["run"], "net": {**NET, **net} if base else net})
+    except PipeError:
+        pass

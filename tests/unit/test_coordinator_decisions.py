@@ -292,6 +292,24 @@ def test_a_restarted_coordinator_recovers_running_and_queued_jobs(tmp_path):
     second.close()
 
 
+def test_output_sent_before_the_node_says_hello_to_a_restarted_coordinator_is_kept(tmp_path):
+    first = Pool(tmp_path)
+    first.hello("n1")
+    job = first.submit()
+    first.send("n1", "job_output", job=job, stream="stdout", data=b"before ")
+    first.close()
+    second = Pool(tmp_path, clock=FakeClock(50_000.0))
+    # n1's socket reconnected by itself: its output arrives before it learns it must say hello.
+    (reply,) = second.send("n1", "job_output", job=job, stream="stdout", data=b"during ")
+    assert reply["type"] == "reconnect"
+    second.send("n1", "job_output", job=999, stream="stdout", data=b"not its job")  # nothing stored
+    second.send("n2", "job_output", job=job, stream="stdout", data=b"wrong node")  # nor from another node
+    second.hello("n1", running=(job,))
+    second.send("n1", "job_output", job=job, stream="stdout", data=b"after")
+    assert second.ask("logs", job=job)["stdout"] == b"before during after"
+    second.close()
+
+
 # --- cancel -------------------------------------------------------------------------------------------------
 def test_cancelling_a_running_job_tells_its_node_and_frees_the_slot(pool):
     pool.hello("n1")

@@ -23,11 +23,13 @@ from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
 from conode.vm.devices.virtio.console import VirtioConsole
 from conode.vm.devices.virtio.host_stream import HostStream
+from conode.vm.devices.pci.host_bridge import PciHostBridge
+from conode.vm.devices.pci.virtio_pci import VirtioPci
 from conode.vm.devices.virtio.mmio import VirtioMmio
 from conode.vm.machine import CoMachine, MachineConfig
 from conode.vm.snapshot import decode_ram, encode_ram, read_snapshot, write_snapshot
 from conode.vm.state import uint
-from parts import Ram, bring_up, out
+from parts import Ram, bring_up, out, pci_bring_up
 
 
 class NoPorts:
@@ -101,6 +103,27 @@ def make_transport() -> tuple[VirtioMmio, HostStream]:
     return transport, stream
 
 
+def make_fresh_function() -> VirtioPci:
+    return VirtioPci(VirtioConsole(HostStream(lambda data: None)), IrqLine(PicPair(), 9), Ram(1 << 16), 0xE0000000)
+
+
+def make_function() -> VirtioPci:
+    function = make_fresh_function()
+    function.config.write(0x10, 4, 0xE0010000)  # moved by the guest
+    function.config.write(0x3C, 1, 11)
+    function.config.write(0x04, 2, 0x0406)  # memory, bus master, INTx disabled
+    pci_bring_up(function)
+    function.signal_used(0)
+    return function
+
+
+def make_host_bridge() -> PciHostBridge:
+    bridge = PciHostBridge(0xE0000000, 1 << 24)
+    bridge.write_port(0, 4, 0x80000808)
+    bridge.write_port(4, 1, 0x40)  # the bridge's latency timer
+    return bridge
+
+
 @pytest.fixture(scope="module")
 def cpu() -> UnicornCpu:
     return UnicornCpu(GuestRam(1 << 20), NoPorts())
@@ -121,8 +144,10 @@ COMPONENTS = [
     Component("UART", lambda: Uart16550(IrqLine(PicPair(), 4), lambda data: None), make_uart),
     Component("CMOS", lambda: Cmos(lambda: 0), make_cmos),
     Component("clock", VirtualClock, make_clock),
-    Component("virtio-mmio", lambda: make_fresh_transport(), lambda: make_transport()[0]),
+    Component("virtio transport", lambda: make_fresh_transport(), lambda: make_transport()[0]),
     Component("host channel", lambda: HostStream(lambda data: None), lambda: make_transport()[1]),
+    Component("virtio-pci", make_fresh_function, make_function),
+    Component("PCI host bridge", lambda: PciHostBridge(0xE0000000, 1 << 24), make_host_bridge),
 ]
 
 
@@ -335,7 +360,7 @@ def test_signed_snapshot_file_with_odd_content_raises_only_snapshot_error(machin
 
 
 def test_a_machine_saved_before_disks_existed_restores(machine_state):
-    older = {**machine_state, "version": 2, "config": {**machine_state["config"], "version": 1},
+    older = {**machine_state, "version": 4, "config": {**machine_state["config"], "version": 1},
              "devices": {k: v for k, v in machine_state["devices"].items() if k != "disk"}}
     del older["config"]["disk"]
     machine = CoMachine(CoMachine.config_from_state(older), lambda d: None, lambda d: None)

@@ -75,3 +75,26 @@ def test_the_channel_client_state_is_checked():
     for change in ({"next_id": 0}, {"guest": 5}, {"decoder": b"x" * (2 << 20)}):
         with pytest.raises(SnapshotError):
             client.set_state({**saved, **change})
+
+
+def test_a_job_keeps_its_network_identity_and_older_job_states_load_without_one():
+    from conode.vm.guest import JobSpec
+    from conode.vm.net_identity import HostEntry, NetIdentity
+
+    net = NetIdentity(bytes.fromhex("02c0de000001"), "10.77.0.1", 24, "rank0",
+                      (HostEntry("rank0", "10.77.0.1"), HostEntry("rank1", "10.77.0.2")), 0, 2)
+    spec = JobSpec(7, ["true"], "/job/7", {}, [], net)
+    data = GuestJob(None, spec, None).get_state()  # type: ignore[arg-type]
+    assert GuestJob.from_state(None, data, None).spec.net == net  # type: ignore[arg-type]
+    older = {k: v for k, v in data.items() if k != "net"} | {"version": 1}
+    assert GuestJob.from_state(None, older, None).spec.net is None  # type: ignore[arg-type]
+    broken = {**data, "net": {**data["net"], "rank": 2}}  # rank 2 of 2: a shape state.py passes, check() refuses
+    with pytest.raises(SnapshotError, match="network identity"):
+        GuestJob.from_state(None, broken, None)  # type: ignore[arg-type]
+
+
+def test_a_machine_saved_before_the_nic_is_refused_in_one_line():
+    from conode.vm.machine import CoMachine
+
+    with pytest.raises(SnapshotError, match="version 2, written by an older conode.*boot the guest afresh"):
+        CoMachine.config_from_state({"version": 2, "config": {"version": 1, "mem_mib": 128, "cmdline_extra": ""}})

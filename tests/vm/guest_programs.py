@@ -47,6 +47,7 @@ class JobResult:
     status: int | None = None
     missing: list[str] = field(default_factory=list)
     failure: str | None = None
+    channel: int = 0  # the host channel's transport the in-guest agent chose (conode.vm.host_channel)
 
     # JobSink
     def output(self, job: int, stream: str, data: bytes) -> None:
@@ -61,10 +62,11 @@ class JobResult:
 
 
 def run_job_in_guest(argv: list[str], inputs: dict[str, bytes] | None = None, outputs: list[str] | None = None,
-                     kernel: Path | None = None) -> JobResult:
-    """*argv* as a job in a freshly booted guest (conode's kernel, or *kernel* with conode's initramfs) on the
+                     kernel: Path | None = None, initrd: Path | None = None,
+                     config: MachineConfig | None = None) -> JobResult:
+    """*argv* as a job in a freshly booted guest (conode's kernel and initramfs, or *kernel* and *initrd*) on the
     engine this process runs, its job directory holding *inputs*; it must succeed."""
-    guest = Guest.boot(load_guest_image(kernel), MachineConfig())
+    guest = Guest.boot(load_guest_image(kernel, initrd), config or MachineConfig())
     result = JobResult()
     spec = JobSpec.in_job_directory(1, argv, inputs or {}, outputs or [])
     guest.on_ready = lambda name: guest.start_job(spec, result)
@@ -72,6 +74,7 @@ def run_job_in_guest(argv: list[str], inputs: dict[str, bytes] | None = None, ou
         guest.run()
     finally:
         guest.machine.close()
+    result.channel = guest.machine.channel.live
     assert result.failure is None, result.failure
     assert result.status == 0, (result.status, bytes(result.stderr))
     assert not result.missing, result.missing

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -97,6 +98,17 @@ def build_native_slicer() -> Path:
     return target
 
 
+def holding_gil(function: object, restype: object, *argtypes: object) -> Callable[..., object]:
+    """*function*, a ctypes function of a CDLL (which hands the GIL over around each call), called holding it.
+
+    For short native calls only — a flag stored, a lock no Python thread holds, a copy into guest RAM — where
+    handing the GIL over and taking it back costs more than the call: with other threads busy (a port's
+    reader, the watchdog, another guest) taking it back waits up to a switch interval.
+    """
+    address = ctypes.cast(function, ctypes.c_void_p).value
+    return ctypes.PYFUNCTYPE(restype, *argtypes)(address)  # type: ignore[arg-type]
+
+
 def _engine_function(name: str) -> object | None:
     """A function only conode's engine exports, or None on stock Unicorn."""
     from unicorn.unicorn_py3.unicorn import uclib
@@ -109,6 +121,10 @@ class Slicer:
 
     def __init__(self, uc: object, reg_read_eflags: Callable[[], int]) -> None:
         self.control = SliceControl()
+        # With kicks, a request is its flag *and* its kick: the lock keeps the two together, so that a kick
+        # whose flag the machine already cleared cannot land in a later slice and end it for no reason
+        # (which would read as HLT).
+        self._request_lock = threading.Lock()
         self._uc = uc
         self._hook_ref: object = None
         self._timer: int | None = None
@@ -147,17 +163,17 @@ class Slicer:
         uclib.uc_conode_lean_blocks(handle, True)  # before anything is translated
         lib.conode_timer_start.restype = ctypes.c_void_p
         lib.conode_timer_start.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        lib.conode_timer_arm.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-        lib.conode_timer_disarm.argtypes = [ctypes.c_void_p]
         lib.conode_timer_stop.argtypes = [ctypes.c_void_p]
+        self._timer_arm = holding_gil(lib.conode_timer_arm, None, ctypes.c_void_p, ctypes.c_int64)
+        self._timer_disarm = holding_gil(lib.conode_timer_disarm, None, ctypes.c_void_p)
         kick_address = ctypes.cast(kick, ctypes.c_void_p).value
         timer = lib.conode_timer_start(handle, kick_address, ctypes.addressof(self.control))
         if not timer:
             raise OSError("cannot start the deadline timer thread")
         self._timer = timer
         self._lib = lib
-        self._kick = kick
-        self._unkick = _engine_function("uc_conode_unkick")
+        self._kick = holding_gil(kick, ctypes.c_int, ctypes.c_void_p)
+        self._unkick = holding_gil(_engine_function("uc_conode_unkick"), ctypes.c_int, ctypes.c_void_p)
         return SlicerInfo(True, f"deadline timer with engine kicks ({path.name})")
 
     def close(self) -> None:
@@ -198,21 +214,26 @@ class Slicer:
         c.countdown = 1  # read the clock at the first block: the deadline may already be near
         c.reason = SLICE_RUNNING
         if self._timer is not None:
-            self._unkick(self._uc._uch)  # type: ignore[attr-defined]  # a kick meant for an earlier slice
-            if c.stop_request:
-                self._kick(self._uc._uch)  # type: ignore[attr-defined]
-            self._lib.conode_timer_arm(self._timer, deadline_ns)
+            with self._request_lock:
+                self._unkick(self._uc._uch)  # type: ignore[attr-defined]  # a kick meant for an earlier slice
+                if c.stop_request:
+                    self._kick(self._uc._uch)  # type: ignore[attr-defined]
+            self._timer_arm(self._timer, deadline_ns)
 
     def disarm(self) -> None:
         """The slice is over (called on the machine thread after the CPU returned)."""
         if self._timer is not None:
-            self._lib.conode_timer_disarm(self._timer)
+            self._timer_disarm(self._timer)
 
     def request_stop(self) -> None:
         """End the current slice at the next block boundary; safe from any thread."""
-        self.control.stop_request = 1
-        if self._timer is not None:
+        if self._timer is None:
+            self.control.stop_request = 1
+            return
+        with self._request_lock:
+            self.control.stop_request = 1
             self._kick(self._uc._uch)  # type: ignore[attr-defined]
 
     def clear_request(self) -> None:
-        self.control.stop_request = 0
+        with self._request_lock:
+            self.control.stop_request = 0

@@ -32,7 +32,8 @@ from conode.vm.cpu.cpuid import UNICORN_MODEL, cpuid_leaf
 from conode.vm.cpu.context import CpuContext, verify_layout
 from conode.vm.cpu.engine import UNICORN_VERSION
 from conode.vm.cpu.passage import Passage
-from conode.vm.cpu.slicer import SLICE_DEADLINE, SLICE_IRQ_WINDOW, SLICE_REQUEST, SLICE_RUNNING, Slicer
+from conode.vm.cpu.slicer import (SLICE_DEADLINE, SLICE_IRQ_WINDOW, SLICE_REQUEST, SLICE_RUNNING, Slicer,
+                                  holding_gil)
 from conode.vm.state import blob
 
 _EFLAGS_IF = 1 << 9
@@ -149,8 +150,6 @@ class GuestRam:
 
 
 _ACK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
-# uc_mem_write(uc, address, bytes, size) called with a plain host address (see UnicornCpu.write_phys)
-_MEM_WRITE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t)
 
 
 def engine_has_native_interrupts() -> bool:
@@ -180,8 +179,6 @@ class UnicornCpu:
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
         self.uc.mem_map_ptr(0, ram.size, uc_const.UC_PROT_ALL, ram.host_address)
-        self._uch = self.uc._uch
-        self._mem_write = _MEM_WRITE(ctypes.cast(uclib.uc_mem_write, ctypes.c_void_p).value)
         self.regs = Registers(self.uc)
         context = CpuContext(self.uc)  # reused: allocating one per trap would cost microseconds
         verify_layout(self.uc, context)
@@ -203,9 +200,17 @@ class UnicornCpu:
         # (cpuid.py) and the kernel emulates the x87 itself.
         self.has_fpu = conodes_engine
         self._ack_callback: object = None
+        # Device DMA and the interrupt line are short calls made often, from the machine thread and from device
+        # callbacks: they keep the GIL (slicer.holding_gil).
+        self._mem_write = holding_gil(uclib.uc_mem_write, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64,
+                                      ctypes.c_char_p, ctypes.c_uint64)
+        self._mem_write_at = holding_gil(uclib.uc_mem_write, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64,
+                                         ctypes.c_void_p, ctypes.c_uint64)  # from a host address: a disk read
         if self.native_interrupts:
             uclib.uc_conode_native_interrupts(self.uc._uch, True)
             uclib.uc_conode_take_reset.restype = ctypes.c_bool
+            self._irq_line = holding_gil(uclib.uc_conode_irq_line, ctypes.c_int, ctypes.c_void_p,
+                                         ctypes.c_bool)
 
     def connect_interrupt_controller(self, acknowledge: Callable[[], int]) -> None:
         """Native interrupts: the CPU asks *acknowledge* for the vector when it takes an external interrupt."""
@@ -225,7 +230,7 @@ class UnicornCpu:
 
     def set_irq_line(self, level: bool) -> None:
         """Native interrupts: raise or lower the CPU's INTR input."""
-        uclib.uc_conode_irq_line(self.uc._uch, bool(level))
+        self._irq_line(self.uc._uch, bool(level))
 
     # --- devices ------------------------------------------------------------------------------------------
     def map_mmio(
@@ -247,15 +252,15 @@ class UnicornCpu:
 
     def write_phys(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Device DMA into guest RAM: through Unicorn, so translated code on those pages is invalidated."""
-        if type(data) is not bytes:  # a writable buffer: passed to Unicorn without a copy
-            data = (ctypes.c_char * len(data)).from_buffer(data)  # type: ignore[assignment]
-        self.uc.mem_write(address, data)
+        status = self._mem_write(self.uc._uch, address, bytes(data), len(data))
+        if status != uc_const.UC_ERR_OK:
+            raise unicorn.UcError(status)
 
     def write_phys_scatter(self, pieces: Sequence[tuple[int, ...]], source: bytearray) -> None:
         """Device DMA of *source*, in order, into the guest-physical pieces (address, length, ...), as write_phys
         does. The disk's hot path (a piece per page): uc_mem_write called by plain addresses, no objects."""
         host = ctypes.addressof((ctypes.c_char * len(source)).from_buffer(source))
-        mem_write, uch, at = self._mem_write, self._uch, 0
+        mem_write, uch, at = self._mem_write_at, self.uc._uch, 0
         for piece in pieces:
             address, length = piece[0], piece[1]
             if at + length > len(source) or mem_write(uch, address, host + at, length) != uc_const.UC_ERR_OK:

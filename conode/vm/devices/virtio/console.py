@@ -7,7 +7,7 @@ The device moves bytes between guest buffers and its backend, a
 from __future__ import annotations
 
 from conode.vm.devices.virtio.host_stream import HostStream
-from conode.vm.devices.virtio.mmio import Activation
+from conode.vm.devices.virtio.transport import Activation
 from conode.vm.devices.virtio.queue import read_chain, write_chain
 
 VIRTIO_ID_CONSOLE = 3

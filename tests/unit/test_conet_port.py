@@ -1,0 +1,117 @@
+"""The worker's conet port: a guest's NIC joined to a switch over a real Unix SOCK_SEQPACKET socket."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+
+import msgpack
+import pytest
+
+from conode.conet.port import QUEUE_FRAMES, Port, PortError
+from conode.limits import CONET_MAX_FRAME
+from conode.vm.devices.virtio import net
+from conode.vm.devices.virtio.mmio import REG_CONFIG
+from test_virtio_net import ETHERNET, Rig, header
+
+
+class Switch:
+    """The switch's end: a listening socket; accept() returns the port's connection and its token."""
+
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(path)
+        self.listener.listen(1)
+
+    def accept(self) -> tuple[socket.socket, bytes]:
+        conn, _ = self.listener.accept()
+        conn.settimeout(5)
+        return conn, msgpack.unpackb(conn.recv(256))["token"]
+
+
+class Machine:
+    """The machine thread's side of call_soon: functions wait until the test runs them."""
+
+    def __init__(self) -> None:
+        self.calls: deque = deque()
+
+    def call_soon(self, fn) -> None:
+        self.calls.append(fn)
+
+    def run_calls_until(self, done, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "the port never handed the frames over"
+            while self.calls:
+                self.calls.popleft()()
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def joined(tmp_path):
+    switch = Switch(str(tmp_path / "conet.sock"))
+    rig, machine = Rig(linked=False), Machine()
+    rig.bring_up()
+    port = Port(str(tmp_path / "conet.sock"), b"T" * 16)
+    port.attach(rig.nic, machine.call_soon)
+    conn, token = switch.accept()
+    assert token == b"T" * 16
+    yield rig, machine, port, conn
+    port.close()
+    conn.close()
+
+
+def test_frames_travel_both_ways(joined):
+    rig, machine, port, conn = joined
+    assert rig.transport.read(REG_CONFIG + 6, 2) == net.STATUS_LINK_UP
+    frame = header() + ETHERNET + b"to the switch"
+    rig.transmit(frame)
+    assert conn.recv(CONET_MAX_FRAME) == frame
+    for i in range(3):
+        rig.receive_buffer(0x8000 + 0x800 * i, 0x800)
+    frames = [header() + ETHERNET + bytes([i]) * 100 for i in range(3)]
+    for f in frames:
+        conn.send(f)
+    machine.run_calls_until(lambda: len(rig.used(net.RECEIVEQ)) == 3)
+    assert [bytes(rig.ram.data[0x8000 + 0x800 * i:0x8000 + 0x800 * i + len(f)]) for i, f in enumerate(frames)] == \
+        [f[:10] + b"\1\0" + f[12:] for f in frames]
+    assert port.counters == {"tx_frames": 1, "rx_frames": 3}
+
+
+def test_datagrams_of_the_wrong_size_are_dropped_and_counted(joined):
+    rig, machine, port, conn = joined
+    conn.send(b"short")
+    conn.send(header() + ETHERNET + bytes(CONET_MAX_FRAME))  # over the limit
+    conn.send(header() + ETHERNET + b"fine")
+    rig.receive_buffer(0x8000, 0x800)
+    machine.run_calls_until(lambda: port.counters["rx_frames"] == 1)
+    assert port.dropped == {"wrong size from the switch": 2}
+
+
+def test_a_guest_that_does_not_read_costs_a_bounded_queue(joined):
+    _, machine, port, conn = joined
+    frame = header() + ETHERNET + bytes(60)
+    for _ in range(QUEUE_FRAMES + 100):  # the machine thread does not run meanwhile
+        conn.send(frame)
+    deadline = time.monotonic() + 5
+    while port.dropped["queue to the guest full"] < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert port.dropped["queue to the guest full"] == 100
+    assert len(machine.calls) == 1  # one hand-over for the whole batch
+
+
+def test_the_link_goes_down_when_the_switch_goes_away(joined):
+    rig, machine, _, conn = joined
+    conn.close()
+    machine.run_calls_until(lambda: not rig.nic.link_up)
+    assert rig.transport.read(REG_CONFIG + 6, 2) == 0
+    rig.transmit(header() + ETHERNET + b"into the void")
+    assert rig.nic.dropped["link down"] == 1
+
+
+def test_no_switch_is_a_clear_error(tmp_path):
+    with pytest.raises(PortError, match="without network"):
+        Port(str(tmp_path / "absent.sock"), b"T" * 16)
+    with pytest.raises(PortError, match="16 bytes"):
+        Port(str(tmp_path / "absent.sock"), b"short")
