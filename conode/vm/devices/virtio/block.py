@@ -13,8 +13,8 @@ from __future__ import annotations
 import struct
 from typing import Protocol, Sequence
 
-from conode.vm.devices.virtio.transport import Activation
 from conode.vm.devices.virtio.queue import Buffer, DescriptorChain, GuestMemory, write_chain
+from conode.vm.devices.virtio.transport import Activation
 from conode.vm.disk.overlay import Buffer as Bytes
 from conode.vm.disk.overlay import DiskIOError
 
