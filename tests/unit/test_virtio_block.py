@@ -249,6 +249,8 @@ def run_op(rig: Rig, op: tuple) -> None:
         assert status in (S_OK, S_IOERR, S_UNSUPP)
         if status == S_OK:
             apply_ranges(rig, kind, [(s[0], s[1]) for s in spans])
+        else:  # a failed request may have done part of its work (the ranges before the one that failed)
+            resync(rig)
     elif op[0] == "header":
         _, (kind, first), chain = op
         struct.pack_into("<IIQ", rig.ram.data, DATA_AREA, kind, 0, first)
