@@ -206,13 +206,18 @@ class MarkerStream:
     """A binary file-like sink that timestamps marker lines (time.monotonic()) as they arrive.
 
     A marker counts only as a whole line (a terminal's echo of the command that prints it never matches).
-    *on_marker* is called with each marker's name at the moment it is seen.
+    *on_marker* is called with each marker's name at the moment it is seen. With *cpu_clock* (the CPU seconds
+    the emulator has used, all its threads), each marker also records that: on a shared host the CPU time a
+    region cost is steadier than its wall time, which waits whenever other processes hold the cores.
     """
 
-    def __init__(self, on_marker: Callable[[str], None] | None = None, announce: str | None = None) -> None:
+    def __init__(self, on_marker: Callable[[str], None] | None = None, announce: str | None = None,
+                 cpu_clock: Callable[[], float] | None = None) -> None:
         self.announce = announce  # when set, each finished span is reported on stderr under this label
         self.data = bytearray()
         self.times: dict[str, float] = {}
+        self.cpu_times: dict[str, float] = {}
+        self._cpu_clock = cpu_clock
         self.offsets: dict[str, tuple[int, int]] = {}  # marker -> (start, end) of its line in data
         self.first_byte_at: float | None = None
         self._line_start = 0
@@ -235,6 +240,8 @@ class MarkerStream:
                 if name not in self.times:
                     # A stamped marker: the shell's wall clock, brought onto time.monotonic().
                     self.times[name] = float(stamp) - (time.time() - time.monotonic()) if stamp else now
+                    if self._cpu_clock is not None:
+                        self.cpu_times[name] = self._cpu_clock()
                     self.offsets[name] = (start, newline + 1)
                     if self._on_marker is not None:
                         self._on_marker(name)
@@ -253,6 +260,13 @@ class MarkerStream:
             raise BenchmarkError(f"marker {exc.args[0]} never arrived; "
                                  f"output tail: {self.tail()!r}") from None
 
+    def cpu_span(self, name: str) -> float:
+        """CPU seconds the emulator used between NAME.start and NAME.end (with a cpu_clock only)."""
+        try:
+            return self.cpu_times[name + ".end"] - self.cpu_times[name + ".start"]
+        except KeyError as exc:
+            raise BenchmarkError(f"no CPU time for marker {exc.args[0]}") from None
+
     def between(self, name: str) -> str:
         """The text printed between NAME.start and NAME.end (carriage returns removed)."""
         start = self.offsets[name + ".start"][1]
@@ -264,7 +278,7 @@ class MarkerStream:
 
     def to_json(self) -> dict:
         """The stream as JSON (for a child process to hand it back): bytes as latin-1, times, offsets."""
-        return {"data": self.data.decode("latin-1"), "times": self.times,
+        return {"data": self.data.decode("latin-1"), "times": self.times, "cpu_times": self.cpu_times,
                 "offsets": {name: list(span) for name, span in self.offsets.items()},
                 "first_byte_at": self.first_byte_at}
 
@@ -273,6 +287,7 @@ class MarkerStream:
         stream = cls()
         stream.data = bytearray(document["data"].encode("latin-1"))
         stream.times = {name: float(at) for name, at in document["times"].items()}
+        stream.cpu_times = {name: float(at) for name, at in document.get("cpu_times", {}).items()}
         stream.offsets = {name: (int(a), int(b)) for name, (a, b) in document["offsets"].items()}
         stream.first_byte_at = document["first_byte_at"]
         stream._line_start = len(stream.data)
@@ -296,8 +311,9 @@ class BenchmarkError(Exception):
 # --- conode ---------------------------------------------------------------------------------------------
 # These run in a child process whose engine was set by its parent (run_child, run_conode).
 def conode_boot(stdout: object, stderr: object | None = None, mem_mib: int = DEFAULT_MEM_MIB,
-                on_progress: Callable[[str], None] | None = None) -> object:
-    """Boot a GuestSession on the packaged image (stdout/stderr: binary sinks). Returns the session."""
+                on_progress: Callable[[str], None] | None = None, initrd: Path | None = None) -> object:
+    """Boot a GuestSession on the packaged image, or the packaged kernel with *initrd* (stdout/stderr: binary
+    sinks). Returns the session."""
     from conode.vm.guest_image import load_guest_image
     from conode.vm.machine import MachineConfig
     from conode.vm.session import GuestSession
@@ -309,16 +325,18 @@ def conode_boot(stdout: object, stderr: object | None = None, mem_mib: int = DEF
         if on_progress is not None:
             on_progress(line)
 
-    image = load_guest_image()
+    image = load_guest_image(None, initrd)
     return GuestSession.boot(image, MachineConfig(mem_mib=mem_mib), stdout, stderr or Discard(), show)
 
 
 def conode_run_script(script: str, timeout_s: float = 3600.0,
-                      on_marker: Callable[[str], None] | None = None) -> tuple[MarkerStream, object]:
-    """Boot conode in this process, run ``sh -c script`` in it, return the stdout stream and the session."""
-    stream = MarkerStream(on_marker, announce=conode_label())
+                      on_marker: Callable[[str], None] | None = None,
+                      initrd: Path | None = None) -> tuple[MarkerStream, object]:
+    """Boot conode in this process (with *initrd* instead of the packaged initramfs when given), run
+    ``sh -c script`` in it, return the stdout stream and the session."""
+    stream = MarkerStream(on_marker, announce=conode_label(), cpu_clock=time.process_time)
     errors = MarkerStream()
-    session = conode_boot(stream, errors)
+    session = conode_boot(stream, errors, initrd=initrd)
     session.start(["sh", "-c", script])  # type: ignore[attr-defined]
     status = session.run(timeout_s=timeout_s)  # type: ignore[attr-defined]
     if status != 0:
@@ -327,19 +345,26 @@ def conode_run_script(script: str, timeout_s: float = 3600.0,
     return stream, session
 
 
-def run_conode(engine: str, script: str, timeout_s: float = 3600.0) -> MarkerStream:
-    """Run ``sh -c script`` in a conode guest on *engine*, in a child process; return its stdout stream."""
-    _, result = run_child(Path(__file__), [script], engine=engine, timeout_s=timeout_s + 120)
+def run_conode(engine: str, script: str, timeout_s: float = 3600.0, initrd: Path | None = None) -> MarkerStream:
+    """Run ``sh -c script`` in a conode guest on *engine* (booted with *initrd* when given), in a child
+    process; return its stdout stream."""
+    _, result = run_child(Path(__file__), [script, *([str(initrd)] if initrd else [])], engine=engine,
+                          timeout_s=timeout_s + 120)
     return MarkerStream.from_json(result["stream"])
 
 
 def _script_child(argv: Sequence[str]) -> int:
-    """``python3 common.py --child SCRIPT``: the child of run_conode."""
-    stream, _ = conode_run_script(argv[0])
+    """``python3 common.py --child SCRIPT [INITRD]``: the child of run_conode."""
+    stream, _ = conode_run_script(argv[0], initrd=Path(argv[1]) if len(argv) > 1 else None)
     return child_emit({"stream": stream.to_json()})
 
 
 # --- qemu-system-i386 ---------------------------------------------------------------------------------------
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+QEMU_CPU = "qemu32"
+# qemu32 with the instruction set conode's CPUID advertises (conode/vm/cpu/cpuid.py): software that picks its
+# code by CPUID (OpenSSL, glibc's string functions) then runs the same code under both emulators.
+QEMU_CPU_LIKE_CONODE = "qemu32,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+aes,+pclmulqdq"
 QEMU_PROMPT = b"~ # "  # busybox ash's prompt for root in /root
 QEMU_AGENT_LINE = b"coagent: cannot open /dev/hvc0"  # the agent gave up on the host channel
 
@@ -347,7 +372,9 @@ QEMU_AGENT_LINE = b"coagent: cannot open /dev/hvc0"  # the agent gave up on the 
 def qemu_append() -> str:
     """The kernel command line for qemu: conode's own, plus quiet and the serial shell.
 
-    console=ttyS0 lpj=1000000 tsc=reliable nolapic noapic rdinit=/init panic=-1 quiet conode.shell=1
+    console=ttyS0 tsc_early_khz=1000000 tsc=reliable clocksource=pit nolapic noapic rdinit=/init panic=-1 quiet
+    conode.shell=1 (qemu's TSC runs at the host's rate, not the stated one: only its guest's delays and scheduler
+    clock notice; the benchmarks time on the host)
     """
     from conode.vm.guest_image import BASE_CMDLINE
 
@@ -357,14 +384,16 @@ def qemu_append() -> str:
 class QemuGuest:
     """qemu-system-i386 on the same kernel and initramfs, driven through the serial shell."""
 
-    def __init__(self, qemu: str, mem_mib: int = DEFAULT_MEM_MIB) -> None:
-        kernel, initrd = image_paths()
+    def __init__(self, qemu: str, mem_mib: int = DEFAULT_MEM_MIB, initrd: Path | None = None,
+                 cpu: str = QEMU_CPU) -> None:
+        kernel, packaged_initrd = image_paths()
+        initrd = initrd or packaged_initrd
         self.argv = [
-            qemu, "-machine", "pc", "-accel", "tcg", "-cpu", "qemu32", "-m", str(mem_mib),
+            qemu, "-machine", "pc", "-accel", "tcg", "-cpu", cpu, "-m", str(mem_mib),
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", qemu_append(),
         ]
-        self.out = MarkerStream(announce="qemu")
+        self.out = MarkerStream(announce="qemu", cpu_clock=self.cpu_seconds)
         self.proc: subprocess.Popen | None = None
         self.launched_at = 0.0
         self._errors = tempfile.TemporaryFile()
@@ -383,6 +412,13 @@ class QemuGuest:
                                      stderr=self._errors, bufsize=0)
         os.set_blocking(self.proc.stdout.fileno(), False)  # type: ignore[union-attr]
         return self.launched_at
+
+    def cpu_seconds(self) -> float:
+        """The CPU time qemu has used, all its threads (user + system, from /proc/PID/stat)."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14 and 15)
 
     def _pump(self, timeout: float) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -457,9 +493,10 @@ def qemu_version(qemu: str) -> str:
     return out.splitlines()[0] if out else "unknown"
 
 
-def qemu_boot(qemu: str, timeout: float = 300.0) -> QemuGuest:
-    """Launch qemu and wait for the shell prompt; the caller closes it."""
-    guest = QemuGuest(qemu)
+def qemu_boot(qemu: str, timeout: float = 300.0, initrd: Path | None = None, cpu: str = QEMU_CPU) -> QemuGuest:
+    """Launch qemu (with *initrd* instead of the packaged initramfs when given, and CPU model *cpu*) and wait
+    for the shell prompt; the caller closes it."""
+    guest = QemuGuest(qemu, initrd=initrd, cpu=cpu)
     try:
         guest.launch()
         guest.wait_prompt(timeout)
@@ -599,21 +636,23 @@ def as_script(steps: Iterable[tuple[str, str]], stamp: bool = False) -> str:
 StepMaker = Callable[[str, str, str], list[tuple[str, str]]]  # (tmp, true, busybox) -> steps
 
 
-def run_on(place: str, make_steps: StepMaker, refs: References) -> MarkerStream:
+def run_on(place: str, make_steps: StepMaker, refs: References, initrd: Path | None = None,
+           qemu_cpu: str = QEMU_CPU) -> MarkerStream:
     """Run the steps *make_steps* gives for *place*'s paths on "fast", "stock", "qemu" or "native".
 
-    Returns the stream holding the markers. In the guest (conode on either engine, qemu) the scratch directory
-    is /tmp and true is /bin/true; natively they are a fresh directory and a link to the busybox binary.
+    Returns the stream holding the markers. In the guest (conode on either engine, qemu with CPU model
+    *qemu_cpu*; booted with *initrd* when given) the scratch directory is /tmp and true is /bin/true; natively
+    they are a fresh directory and a link to the busybox binary.
     """
     if place in ENGINES:
         steps = make_steps(GUEST_TMP, "/bin/true", GUEST_BUSYBOX)
         progress(f"conode {place}: booting in a child process")
-        return run_conode(place, as_script(steps))
+        return run_conode(place, as_script(steps), initrd=initrd)
     if place == "qemu":
         assert refs.qemu is not None
         steps = make_steps(GUEST_TMP, "/bin/true", GUEST_BUSYBOX)
         progress("qemu: booting")
-        with qemu_boot(refs.qemu) as guest:
+        with qemu_boot(refs.qemu, initrd=initrd, cpu=qemu_cpu) as guest:
             for name, command in steps:
                 guest.run_marked(name, command)
             return guest.out

@@ -8,8 +8,8 @@ random reads (randread.c: a static i386 program without a C library, O_DIRECT re
 offsets over the whole image), each timed between marker lines on the host, median of 3.
 
 conode gives the guest the image as a copy-on-write disk (a temporary overlay; the image is never written).
-qemu runs the same kernel and initramfs on its microvm machine, which has virtio-mmio transports as conode
-does (the kernel has no PCI), with ``virtio-blk-device`` on the image opened with ``snapshot=on``: its writes
+qemu runs the same kernel and initramfs on its microvm machine, which has virtio-mmio transports — the
+transport conode's guests use — with ``virtio-blk-device`` on the image opened with ``snapshot=on``: its writes
 go to a temporary qcow2 overlay, copy-on-write as well. The kernel learns of qemu's transports from
 ``virtio_mmio.device=`` entries on its command line; the CPU has no local APIC (``-cpu qemu32,-apic``), so the
 8259 delivers the timer as on conode's machine. randread reaches both guests in a cpio archive appended to

@@ -2,9 +2,9 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Run every benchmark, one after the other, each in its own process (--only picks some).
 
-boot, resume, workloads, traps and owner_yield measure conode on both engines (each engine in child
-processes) beside qemu-system-i386 and native busybox where they apply; coordinator_scale measures the
-coordinator (no guest, no engine). The tables go to stdout as each benchmark finishes; --json collects all
+boot, resume, workloads, real_software, traps and owner_yield measure conode on both engines (each engine in
+child processes) beside qemu-system-i386 and natively (busybox, or Debian's programs) where they apply;
+coordinator_scale measures the coordinator (no guest, no engine). The tables go to stdout as each benchmark finishes; --json collects all
 their figures in one file.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import common
 
-BENCHMARKS = ("boot", "resume", "fresh_guest", "workloads", "traps", "owner_yield", "coordinator_scale", "disk")
+BENCHMARKS = ("boot", "resume", "fresh_guest", "workloads", "real_software", "traps", "owner_yield",
+              "coordinator_scale", "disk")
 
 
 def main(argv: list[str] | None = None) -> int:

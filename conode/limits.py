@@ -56,6 +56,26 @@ CHANNEL_MAX_PAYLOAD = 1 << 20  # one frame between the host and the in-guest age
 CONET_VNET_HDR = 12
 CONET_MTU = 1500
 CONET_MAX_FRAME = CONET_VNET_HDR + 65535 + 14
+# What one guest may send into its switch, and one peer agent into ours: token buckets in bytes and frames,
+# each holding CONET_BURST_S seconds of its rate. A flooding guest costs its agent at most this much.
+CONET_PORT_BYTES_PER_S = 128 << 20
+CONET_PORT_FRAMES_PER_S = 8192
+CONET_PEER_BYTES_PER_S = 512 << 20
+CONET_PEER_FRAMES_PER_S = 65536
+CONET_BURST_S = 0.05
+# Storm control: the copies of a guest's broadcast, multicast and unknown-unicast frames (one per port and peer
+# it goes to), so that what a flooding guest costs does not grow with the size of the pool.
+CONET_PORT_FLOOD_COPIES_PER_S = 4096
+CONET_PORT_FLOOD_BYTES_PER_S = 32 << 20
+# Frames waiting for one guest's port (beyond its socket's buffer), and for one peer agent's link.
+CONET_PORT_QUEUE_FRAMES = 256
+CONET_PORT_QUEUE_BYTES = 2 << 20
+CONET_PEER_QUEUE_BYTES = 8 << 20
+# One switch: its guests, its peers, and the MACs it learns behind peers per network (forgotten when idle).
+CONET_MAX_PORTS = 256
+CONET_MAX_PEERS = 1024
+CONET_MAC_TABLE = 4096
+CONET_MAC_AGE_S = 300.0
 
 assert MAX_ARGV * MAX_SMALL_FIELD >= MAX_ARGV_BYTES  # the byte budget is the binding one
 assert MAX_ARGV_BYTES + MAX_SMALL_FIELD < CHANNEL_MAX_PAYLOAD  # an accepted command always fits an EXEC frame

@@ -29,6 +29,7 @@ DEFAULT_LISTEN = "tcp://0.0.0.0:7704"
 OFF = "off"
 READY_TIMEOUT_S = 10.0
 RESTART_DELAY_S = 5.0
+STATS_EVERY_S = 2.0  # how often the switch is asked for its counters (shown in status.json)
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 
 
@@ -57,6 +58,23 @@ def port_socket_path(state_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"conode-conet-{os.getpid()}.sock"
 
 
+def worker_identity(net: dict[str, Any]) -> dict[str, Any]:
+    """A run_job message's ``net`` as the worker takes it: the identity, hosts as a name → address map in rank
+    order (the network is the switch's business, not the guest's)."""
+    return {"mac": net["mac"], "ip": net["ip"], "prefix": net["prefix"], "hostname": net["hostname"],
+            "hosts": {name: address for name, address in net["hosts"]}, "rank": net["rank"], "size": net["size"]}
+
+
+class Unplugged:
+    """No switch: a guest keeps its identity, and its NIC has no carrier."""
+
+    def attach(self, guest: int, net: dict[str, Any]) -> dict[str, Any]:
+        return worker_identity(net)
+
+    def detach(self, guest: int) -> None:
+        pass
+
+
 class ConetSwitch:
     """The agent's switch process and the state it must be given again if it is restarted."""
 
@@ -74,6 +92,7 @@ class ConetSwitch:
         self.endpoint: str | None = None  # what peers connect to, once the switch is up
         self.problem: str | None = None  # why there is no switch, if there is none
         self._restart_at = 0.0
+        self._stats_at = 0.0
         self.stats: dict[str, Any] = {}
 
     @property
@@ -132,6 +151,9 @@ class ConetSwitch:
             return
         if process.exit_code() is not None and process.drained() and self.endpoint is not None:
             self._fail(f"the conet switch exited with status {process.exit_code()}")
+        elif self.endpoint is not None and self._clock() >= self._stats_at:
+            self._stats_at = self._clock() + STATS_EVERY_S
+            process.send({"type": "stats"})
 
     def close(self) -> None:
         if self._process is not None:
@@ -146,7 +168,7 @@ class ConetSwitch:
     def attach(self, guest: int, net: dict[str, Any]) -> dict[str, Any]:
         """Give *guest* a port for its identity *net* (from run_job); the worker's ``net`` (identity, and the
         token and socket when there is a switch)."""
-        worker_net = dict(net)
+        worker_net = worker_identity(net)
         if not self.enabled:
             return worker_net
         token = os.urandom(16)

@@ -67,8 +67,8 @@ class AgentDaemon:
             transport = ZmqTransport(self._context, config.coordinator, config.coordinator_key, keys)
         self.outbox = Outbox(config.state_dir / "outbox", self.disk)
         self.link = CoordinatorLink(transport, self.outbox, clock, hello=self._hello, heartbeat=self._heartbeat)
-        start_worker = start_worker or process_starter(config.mem_mib, config.cpu_cap, self.waker.signal)
         listen = config.conet_listen if start_worker is None else OFF  # stand-in workers have no guests to join
+        start_worker = start_worker or process_starter(config.mem_mib, config.cpu_cap, self.waker.signal)
         self.conet = ConetSwitch(config.state_dir, listen, config.coordinator, config.state_dir / "keys",
                                  self.waker.signal, clock)
         self.guests = Guests(config.cores, config.mem_mib, config.state_dir, start_worker, self.link, clock,

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from conode.agent.conet import Unplugged
 from conode.agent.disk import StateDisk
 from conode.agent.pipe import PipeError
 from conode.agent.supervisor import StartWorker, WorkerHandle, restart_delay
@@ -86,16 +87,6 @@ class Ports(Protocol):
     def attach(self, guest: int, net: dict[str, Any]) -> dict[str, Any]: ...
 
     def detach(self, guest: int) -> None: ...
-
-
-class Unplugged:
-    """No switch: a guest keeps its identity, and its NIC has no carrier."""
-
-    def attach(self, guest: int, net: dict[str, Any]) -> dict[str, Any]:
-        return dict(net)
-
-    def detach(self, guest: int) -> None:
-        pass
 
 
 class Guests:

@@ -98,7 +98,7 @@ class CoordinatorLink:
 
     # --- receiving --------------------------------------------------------------------------------------------
     def receive(self) -> list[dict[str, Any]]:
-        """Handle the link's own messages; return the ones for the agent (run_job, cancel_job)."""
+        """Handle the link's own messages; return the ones for the agent (run_job, cancel_job, conet_peers)."""
         for_agent = []
         while (frame := self.transport.receive()) is not None:
             try:
@@ -119,7 +119,7 @@ class CoordinatorLink:
                 self._unsent.discard(message["job"])
             elif kind == "error":
                 log.warning("coordinator says: %s (%s)", message["message"], message["code"])
-            elif kind in ("run_job", "cancel_job"):
+            elif kind in ("run_job", "cancel_job", "conet_peers"):
                 for_agent.append(message)
         return for_agent
 

@@ -97,9 +97,11 @@ def validate_to_worker(message: Any) -> dict[str, Any]:
 def _check_net(net: dict[str, Any]) -> None:
     """A run message's conet port and identity, checked whole (the identity as coagent will check it)."""
     token, path = net.get("token"), net.get("socket")
-    if not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
+    if token is None and path is None:
+        pass  # no switch on this agent: the guest keeps its identity, its link stays down
+    elif not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
         raise PipeError(f"run: the conet token must be {TOKEN_BYTES} bytes")
-    if not isinstance(path, str) or not 0 < len(path.encode(errors="replace")) <= MAX_SOCKET_PATH:
+    elif not isinstance(path, str) or not 0 < len(path.encode(errors="replace")) <= MAX_SOCKET_PATH:
         raise PipeError(f"run: the conet socket must be a path of at most {MAX_SOCKET_PATH} bytes")
     unknown = set(net) - {"token", "socket", "mac", "ip", "prefix", "hostname", "hosts", "rank", "size"}
     if unknown:

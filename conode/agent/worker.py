@@ -216,7 +216,7 @@ class GuestWorker:
                                         list(message["outputs"]), NetIdentity.from_message(net) if net else None)
         self._cancelled = False
         self.guest = self._fresh_guest()
-        if net:
+        if net and "token" in net:
             self._join_conet(self.guest, net["socket"], net["token"])
         self.guest.start_job(spec, self)
 

@@ -7,6 +7,7 @@ Keys are stored as Z85 text (40 characters), the public half in ``NAME.public`` 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def is_valid_public_key(text: str) -> bool:
         return False
     try:
         z85.decode(text.encode("ascii"))
-    except (ValueError, UnicodeEncodeError):
+    except (ValueError, UnicodeEncodeError, KeyError, struct.error):  # a character or a group beyond Z85
         return False
     return True
 

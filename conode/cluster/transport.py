@@ -26,10 +26,15 @@ SOCKET_MAX_MESSAGE = 2 * MAX_FRAME_BYTES + 4096
 
 
 class _KeyCheck:
-    """ZAP credentials provider: asks *is_allowed* about every connecting public key."""
+    """ZAP credentials provider: asks *is_allowed* about every connecting public key.
+
+    Counts refusals and logs each refused key once: a refused client retries its handshake on its own.
+    """
 
     def __init__(self, is_allowed: Callable[[str], bool]) -> None:
         self._is_allowed = is_allowed
+        self.refused = 0
+        self._logged: set[str] = set()
 
     def callback(self, domain: str, key: bytes) -> bool:
         try:
@@ -38,24 +43,30 @@ class _KeyCheck:
             log.exception("key check failed")
             return False
         if not allowed:
-            log.warning("refused connection from unenrolled key %s", key.decode("ascii", "replace"))
+            self.refused += 1
+            text = key.decode("ascii", "replace")
+            if text not in self._logged and len(self._logged) < 1024:
+                self._logged.add(text)
+                log.warning("refused connection from unenrolled key %s (logged once per key)", text)
         return allowed
 
 
 class ServerSocket:
-    """The coordinator's ROUTER."""
+    """A ROUTER that admits only the keys *is_allowed* accepts: the coordinator's, and each conet switch's."""
 
-    def __init__(self, context: zmq.Context, bind: str, keys: KeyPair, is_allowed: Callable[[str], bool]) -> None:
+    def __init__(self, context: zmq.Context, bind: str, keys: KeyPair, is_allowed: Callable[[str], bool],
+                 max_message: int = SOCKET_MAX_MESSAGE, send_hwm: int = 10_000) -> None:
         self._auth = ThreadAuthenticator(context, log=logging.getLogger("conode.zap"))
         self._auth.start()
-        self._auth.configure_curve_callback("*", credentials_provider=_KeyCheck(is_allowed))
+        self._check = _KeyCheck(is_allowed)
+        self._auth.configure_curve_callback("*", credentials_provider=self._check)
         sock = context.socket(zmq.ROUTER)
         sock.curve_server = True
         sock.curve_publickey = keys.public.encode()
         sock.curve_secretkey = keys.secret.encode()
-        sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MESSAGE)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises instead of vanishing
-        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.SNDHWM, send_hwm)
         sock.linger = 0
         try:
             sock.bind(bind)
@@ -65,6 +76,11 @@ class ServerSocket:
             raise ConodeError(f"cannot listen on {bind}: {exc}") from None
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def refused(self) -> int:
+        """How many handshakes the key check has refused."""
+        return self._check.refused
 
     def receive_nowait(self) -> tuple[bytes, str, bytes] | None:
         """(peer identity, sender public key, payload) of a waiting message, or None if it was not 2 frames.
@@ -100,8 +116,10 @@ class AuthRefused(Exception):
 class ClientSocket:
     """A DEALER connected to the coordinator; rebuilt from scratch on reconnect (Paranoid Pirate)."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, server_public: str, keys: KeyPair) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, server_public: str, keys: KeyPair,
+                 max_message: int = SOCKET_MAX_MESSAGE, send_hwm: int = 1000) -> None:
         self._context = context
+        self._max_message, self._send_hwm = max_message, send_hwm
         self.endpoint = endpoint
         self._server_public = server_public
         self._keys = keys
@@ -114,7 +132,8 @@ class ClientSocket:
         sock.curve_serverkey = self._server_public.encode()
         sock.curve_publickey = self._keys.public.encode()
         sock.curve_secretkey = self._keys.secret.encode()
-        sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MESSAGE)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_message)
+        sock.setsockopt(zmq.SNDHWM, self._send_hwm)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a connection that is not up
         sock.linger = 0
         self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)

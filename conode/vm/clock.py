@@ -14,6 +14,11 @@ from conode.vm import state
 from conode.vm.state import GUEST_NS_MAX, bounded
 
 NS_PER_S = 1_000_000_000
+# The guest's time-stamp counter: guest time at a stated rate (1 GHz: it counts guest nanoseconds), so that it
+# stops with the machine and resumes from a snapshot where it stopped, like every other clock the guest reads.
+# The kernel is told the rate (guest_image.BASE_CMDLINE) rather than left to calibrate it against the PIT,
+# which on an emulated CPU measures the speed of port I/O and fails its own sanity checks.
+TSC_HZ = NS_PER_S
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,10 @@ class VirtualClock:
         if self._resumed_at is None:
             return self._base_ns
         return self._base_ns + (self._host_ns() - self._resumed_at)
+
+    def tsc(self) -> int:
+        """The time-stamp counter RDTSC reads: guest time in TSC_HZ ticks (64 bits, as the register)."""
+        return (self.now() * TSC_HZ // NS_PER_S) & 0xFFFF_FFFF_FFFF_FFFF
 
     def resume(self) -> None:
         if self._resumed_at is None:

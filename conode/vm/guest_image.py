@@ -8,13 +8,17 @@ from importlib import resources
 from pathlib import Path
 
 from conode.errors import GuestImageError
+from conode.vm.clock import TSC_HZ
 from conode.vm.bootloader import KernelImage
 
 KERNEL_NAME = "bzImage"
 INITRD_NAME = "initramfs.cpio.gz"
-# The console is cocon (COM1). No TSC, no local APIC: the PIT and the 8259s are the machine's timers and
-# interrupt controllers. lpj skips delay-loop calibration, which would take seconds on an emulated CPU.
-BASE_CMDLINE = "console=ttyS0 lpj=1000000 tsc=reliable nolapic noapic rdinit=/init panic=-1"
+# The console is cocon (COM1). No local APIC: the PIT and the 8259s are the machine's timers and interrupt
+# controllers, and the PIT stays the clocksource. The TSC runs at a stated rate on the virtual clock (clock.py):
+# the kernel is given that rate (tsc_early_khz), which also gives the delay loop its loops per jiffy, instead of
+# calibrating either on an emulated CPU (seconds of boot, and no usable result).
+BASE_CMDLINE = (f"console=ttyS0 tsc_early_khz={TSC_HZ // 1000} tsc=reliable clocksource=pit nolapic noapic "
+                "rdinit=/init panic=-1")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from conode.errors import ConodeError
+from conode.limits import MAX_HOSTNAME
+from conode.limits import MAX_JOB_GUESTS as MAX_GUESTS  # each named in the others' /etc/hosts
 from conode.vm.state import blob, bounded, items
 
-MAX_GUESTS = 256  # guests of one job, each named in the others' /etc/hosts
-MAX_HOSTNAME = 63
 MIN_PREFIX, MAX_PREFIX = 8, 30
 _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 

@@ -1,4 +1,4 @@
-from conode.vm.clock import VirtualClock
+from conode.vm.clock import NS_PER_S, TSC_HZ, VirtualClock
 
 
 class HostClock:
@@ -25,3 +25,17 @@ def test_clock_stops_while_paused_and_survives_state_roundtrip():
     host.ns += 1
     assert other.now() == 501
     assert other.host_deadline(600) == host.ns + 99
+
+
+def test_the_tsc_counts_guest_time_at_its_stated_rate_and_stops_while_paused():
+    host = HostClock()
+    clock = VirtualClock(host)
+    clock.resume()
+    host.ns += 3 * NS_PER_S
+    assert clock.tsc() == 3 * TSC_HZ
+    clock.pause()
+    host.ns += NS_PER_S
+    assert clock.tsc() == 3 * TSC_HZ
+    restored = VirtualClock(host)
+    restored.set_state(clock.get_state())
+    assert restored.tsc() == 3 * TSC_HZ  # a snapshot resumes the counter where it stopped

@@ -13,10 +13,12 @@ import pytest
 from guest_programs import build_static_i386, run_in_guest, run_job_in_guest, run_natively
 
 from conode.vm import ENGINE
+from conode.vm.clock import NS_PER_S, TSC_HZ
 
 pytestmark = pytest.mark.guest
 
 PROBE = Path(__file__).parent / "cpuid" / "probe.c"
+TSC_PROBE = Path(__file__).parent / "cpuid" / "tsc.c"
 # On a CPU without LZCNT its encoding is REP BSR, which executes as BSR: hardware does the same.
 LEGACY_ENCODINGS = {"lzcnt": "00000017"}
 # Stock Unicorn runs VEX-encoded SSE as if it were legacy SSE; conode's engine (patch 0005) refuses it.
@@ -74,6 +76,9 @@ def test_the_kernel_sees_conodes_cpu_and_what_it_offers():
     cpuinfo = run_job_in_guest(["cat", "/proc/cpuinfo"]).stdout.decode()
     fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in cpuinfo.splitlines())}
     assert fields["model name"] == "conode virtual CPU (Unicorn TCG)"
+    # The kernel knows the TSC's rate, and the delay loop's loops per jiffy come from it (not a preset lpj).
+    assert float(fields["cpu MHz"]) == TSC_HZ / 1e6
+    assert float(fields["bogomips"]) == 2 * float(fields["cpu MHz"])
     flags = set(fields["flags"].split())
     with_fpu = {"fpu", "sse", "sse2", "pni", "ssse3", "sse4_1", "sse4_2", "aes"}
     assert {"popcnt", "hypervisor"} <= flags
@@ -82,3 +87,12 @@ def test_the_kernel_sees_conodes_cpu_and_what_it_offers():
         assert with_fpu | {"cmov"} <= flags  # (without an FPU the kernel lists no CMOV: it ties it to FXSR)
     else:  # the kernel's own x87 emulator instead of stock Unicorn's inexact one
         assert not with_fpu & flags and fields["fpu"] == "no"
+
+
+def test_the_tsc_runs_at_its_stated_rate_on_the_guest_s_clock(tmp_path):
+    """Across a sleep, RDTSC advances by TSC_HZ per second of the guest's CLOCK_MONOTONIC. That clock counts
+    PIT ticks, and a timer interrupt the emulated CPU takes late collapses missed periods into one (the stock
+    engine does, under load): it can lose time against the virtual clock, never gain it."""
+    program = build_static_i386(TSC_PROBE, tmp_path / "tsc")
+    ticks_per_ns = float(run_in_guest(program)) / (TSC_HZ / NS_PER_S)
+    assert 0.99 < ticks_per_ns < 1.2

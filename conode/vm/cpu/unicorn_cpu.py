@@ -150,6 +150,7 @@ class GuestRam:
 
 
 _ACK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+_INSN_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)  # uc_cb_insn_cpuid_t
 
 
 def engine_has_native_interrupts() -> bool:
@@ -184,6 +185,7 @@ class UnicornCpu:
         verify_layout(self.uc, context)
         self._passage = Passage(ram, context, self.regs)
         self._pending_error: BaseException | None = None
+        self._rdtsc_callback: object = None  # RDTSC's hook, kept alive (connect_clock)
         self.stats = {"exceptions": 0, "interrupts": 0, "syscalls": 0}
         self._hooks = [
             self.uc.hook_add(uc_const.UC_HOOK_INSN, self._on_in, None, 1, 0, x86.UC_X86_INS_IN),
@@ -227,6 +229,26 @@ class UnicornCpu:
 
         self._ack_callback = _ACK_CALLBACK(ack)
         uclib.uc_conode_set_pic(self.uc._uch, self._ack_callback, None)
+
+    def connect_clock(self, tsc: Callable[[], int]) -> None:
+        """RDTSC reads *tsc* (the machine's virtual clock) instead of the host's counter, which would run on
+        while the guest is paused and jump when a snapshot resumes on another host."""
+        def on_rdtsc(handle: object, user_data: object) -> int:
+            try:
+                value = tsc()
+                self.regs.write(x86.UC_X86_REG_EAX, value & 0xFFFF_FFFF)
+                self.regs.write(x86.UC_X86_REG_EDX, value >> 32)
+            except BaseException as exc:  # never unwind through Unicorn's C frames
+                self._fail(exc)
+            return 1  # skip Unicorn's own RDTSC
+
+        # The binding offers no RDTSC hook (Unicorn does): added through the C API, like the engine's own calls.
+        self._rdtsc_callback = _INSN_CALLBACK(on_rdtsc)
+        hook = ctypes.c_size_t()
+        status = uclib.uc_hook_add(self.uc._uch, ctypes.byref(hook), uc_const.UC_HOOK_INSN, self._rdtsc_callback,
+                                   None, ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(x86.UC_X86_INS_RDTSC))
+        if status != uc_const.UC_ERR_OK:
+            raise EngineError(f"Unicorn refused the RDTSC hook (error {status})")
 
     def set_irq_line(self, level: bool) -> None:
         """Native interrupts: raise or lower the CPU's INTR input."""

@@ -22,6 +22,13 @@ explained in its own file:
   FYL2X of zero or a negative number returns garbage).
 - ``0005-vex-needs-avx``: VEX-encoded instructions raise #UD on a CPU model without AVX and BMI, as hardware
   does (stock Unicorn runs them as legacy SSE), so that CPUID's missing AVX is the truth.
+- ``0006-inline-exit-check``: with lean blocks, a translation block tests for an exit request with an inline
+  load and branch at its start, as QEMU does, instead of a helper call (a call and a return for every block
+  executed; it showed in profiles of interpreters such as gawk and bc).
+- ``0007-inline-sse-integer-ops``: the commonest SSE2 integer operations on XMM registers (PAND, PANDN, POR,
+  PXOR, PADDD/Q, PSUBD/Q and the shifts of 32- and 64-bit lanes by an immediate) are translated inline, lane by
+  lane, instead of into a helper call per instruction (OpenSSL's SSSE3 digests are made of them);
+  tests/vm/test_sse.py compares them with the host CPU.
 """
 
 from __future__ import annotations

@@ -1,0 +1,93 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""conet across workstations: the guests of one job, each on an agent on its own test host, talk to each other
+through the agents' switches over the test network (ZeroMQ with CURVE between the agents). Root only."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import testnet
+
+pytest_plugins = ["hostpool"]  # the fixtures network and pool_on_hosts
+pytestmark = [pytest.mark.guest,
+              pytest.mark.skipif(testnet.unavailable() is not None, reason=str(testnet.unavailable()))]
+
+TRANSFER_BLOCKS = 32  # of 64 KiB: 2 MiB from rank 1 to rank 0
+
+# Every rank runs the same command; $CONODE_RANK says which part it plays, $CONODE_HOSTS names them all.
+THREE_RANKS = f"""
+set -e
+set -- $CONODE_HOSTS
+echo "rank $CONODE_RANK of $CONODE_SIZE is $(hostname)"
+for peer in "$@"; do [ "$peer" = "$(hostname)" ] || ping -c 2 -w 60 "$peer" | grep -o '2 packets received'; done
+case $CONODE_RANK in
+0)  mkdir -p /tmp/www && echo "served by $(hostname)" > /tmp/www/index.html
+    httpd -p 8080 -h /tmp/www
+    mkfifo /tmp/quiet
+    nc -l -p 5000 <>/tmp/quiet > /tmp/data
+    sha256sum < /tmp/data | cut -c1-64
+    nc -l -p 5001 <>/tmp/quiet ;;
+1)  dd if=/dev/urandom of=/tmp/data bs=64k count={TRANSFER_BLOCKS} 2>/dev/null
+    sha256sum < /tmp/data | cut -c1-64
+    until nc "$1" 5000 < /tmp/data; do sleep 0.5; done ;;
+2)  until wget -q -O - "http://$1:8080/"; do sleep 0.5; done
+    until echo done | nc "$1" 5001; do sleep 0.5; done ;;
+esac
+"""
+
+
+def wait_done(pool, job: int, timeout: float = 240) -> dict:
+    return pool.wait_until(f"job {job} to end", lambda: (j := pool.jobs()[job])["state"] in (
+        "done", "failed", "cancelled") and j, timeout=timeout)
+
+
+def rank_output(pool, job: int, rank: int) -> str:
+    return pool.cli("logs", str(job), "--rank", str(rank)).stdout.decode()
+
+
+@pytest.mark.parametrize("pool_on_hosts", [3], indirect=True)
+def test_a_three_guest_job_pings_transfers_and_serves_across_three_hosts(pool_on_hosts):
+    pool = pool_on_hosts
+    job = int(pool.cli("submit", "--guests", "3", "--", "sh", "-c", THREE_RANKS).stdout.strip())
+    state = wait_done(pool, job)
+    outputs = [rank_output(pool, job, rank) for rank in range(3)]
+    logs = "\n".join(line for a in ("a1", "a2", "a3") for line in pool.log(a).splitlines() if "conet" in line)
+    assert state["state"] == "done" and state["exit_status"] == 0, (outputs, state["reason"], logs[-3000:])
+    for rank, out in enumerate(outputs):
+        assert f"rank {rank} of 3 is job{job}-{rank}" in out, out
+        assert out.count("2 packets received") == 2, out  # it reached both other guests
+    *_, received, word = outputs[0].split()
+    sent = outputs[1].split()[-1]
+    assert word == "done"  # rank 2 told it over nc
+    assert re.fullmatch(r"[0-9a-f]{64}", sent) and received == sent, (outputs[0], outputs[1])
+    assert f"served by job{job}-0" in outputs[2]
+    nodes = {a: json.loads((pool.root / a / "status.json").read_text())["conet"] for a in ("a1", "a2", "a3")}
+    assert all(n["endpoint"] for n in nodes.values()), nodes
+
+
+def test_a_cut_link_during_a_transfer_restarts_the_job_and_it_completes(pool_on_hosts, network):
+    pool = pool_on_hosts
+    slow = """
+set -e
+set -- $CONODE_HOSTS
+if [ $CONODE_RANK = 0 ]; then
+  mkfifo /tmp/quiet; nc -l -p 5000 <>/tmp/quiet | wc -c
+else
+  ping -c 1 -w 60 "$1" >/dev/null
+  until (i=0; while [ $i -lt 20 ]; do echo "line $i"; i=$((i+1)); sleep 0.5; done) | nc "$1" 5000; do sleep 0.5; done
+fi
+"""
+    job = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", slow).stdout.strip())
+    pool.wait_until("the transfer to start", lambda: pool.jobs()[job]["state"] == "running", timeout=120)
+    time.sleep(4)
+    network.cut(network.host("a1"))
+    pool.wait_until("the coordinator to see a1 gone", lambda: "a1" not in pool.ready_nodes(), timeout=30)
+    network.restore(network.host("a1"))
+    state = wait_done(pool, job, timeout=300)
+    assert state["state"] == "done" and state["exit_status"] == 0 and state["attempts"] >= 2, state
+    assert rank_output(pool, job, 0).split()[-1] == str(sum(len(f"line {i}\n") for i in range(20)))
+    for agent in ("a1", "a2"):
+        assert pool.agents[agent].poll() is None, pool.log(agent)[-2000:]  # nothing crashed
