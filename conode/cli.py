@@ -7,12 +7,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 import click
 
 from conode.cli_guard import run_guarded
+from conode.limits import DEFAULT_DISK_BUDGET_MIB
 from conode.vm import layout
+
+if TYPE_CHECKING:
+    from conode.vm.machine import MachineConfig
 
 EXIT_CONODE_ERROR = 125  # like `docker run`: 125 = the tool failed, otherwise the command's own status
 
@@ -50,11 +54,32 @@ _image_options = [
                  help="Text added to the guest kernel's command line."),
 ]
 
+_disk_options = [
+    click.option("--disk", "disk", type=click.Path(path_type=Path), default=None, metavar="IMAGE",
+                 help="A raw disk image for the guest, as /dev/vda; it is never written (see --disk-overlay)."),
+    click.option("--disk-overlay", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                 help="Keep the guest's disk changes in FILE (reused if it exists); default: a temporary file."),
+    click.option("--disk-budget", "disk_budget", type=int, default=DEFAULT_DISK_BUDGET_MIB, show_default=True,
+                 metavar="MiB", help="What the guest may write to its disk; writes beyond fail (EIO)."),
+    click.option("--disk-ro", is_flag=True, help="Give the guest the disk read-only."),
+]
+
 
 def _with_image_options(fn: Callable) -> Callable:
-    for option in reversed(_image_options):
+    for option in reversed(_image_options + _disk_options):
         fn = option(fn)
     return fn
+
+
+def _machine_config(mem_mib: int, append: str, disk: Path | None, disk_overlay: Path | None, disk_budget: int,
+                    disk_ro: bool) -> "MachineConfig":
+    from conode.vm.disk.config import DiskConfig
+    from conode.vm.machine import MachineConfig
+
+    if disk is None and (disk_overlay is not None or disk_ro):
+        raise click.UsageError("--disk-overlay and --disk-ro need --disk")
+    return MachineConfig(mem_mib=mem_mib, cmdline_extra=append,
+                         disk=DiskConfig(disk, disk_overlay, disk_budget, disk_ro) if disk is not None else None)
 
 
 @vm.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -70,28 +95,33 @@ def _with_image_options(fn: Callable) -> Callable:
 @click.option("-v", "--verbose", is_flag=True, help="Show the guest kernel's boot messages on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, snapshot_after: float | None,
+def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, disk: Path | None,
+        disk_overlay: Path | None, disk_budget: int, disk_ro: bool, snapshot_after: float | None,
         snapshot_to: Path | None, timeout: float | None, cwd: str, verbose: bool, quiet: bool,
         command: tuple[str, ...]) -> None:
     """Boot the guest, run COMMAND in it, stream its output, exit with its status.
 
     \b
     Example:  conode vm run -- sh -c 'echo $((6*7)); exit 3'
+              conode vm run --disk root.img -- sh -c 'mount /dev/vda /mnt && ls /mnt'
     """
     if (snapshot_after is None) != (snapshot_to is None):
         raise click.UsageError("--snapshot-after and --snapshot-to go together")
 
     def body() -> int:
         from conode.vm.guest_image import load_guest_image
-        from conode.vm.machine import MachineConfig
         from conode.vm.session import GuestSession
 
         image = load_guest_image(kernel, initrd)
         console = (lambda data: (sys.stderr.buffer.write(data), sys.stderr.buffer.flush())) if verbose else None
-        session = GuestSession.boot(image, MachineConfig(mem_mib=mem_mib, cmdline_extra=append), sys.stdout.buffer,
+        config = _machine_config(mem_mib, append, disk, disk_overlay, disk_budget, disk_ro)
+        session = GuestSession.boot(image, config, sys.stdout.buffer,
                                     sys.stderr.buffer, _progress(quiet), verbose, console)
         session.start(list(command), cwd)
-        return session.run(snapshot_after, snapshot_to, timeout)
+        try:
+            return session.run(snapshot_after, snapshot_to, timeout)
+        finally:
+            session.machine.close()  # a named disk overlay keeps its map for the next run
 
     _guarded(body)
 
@@ -100,15 +130,20 @@ def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, sna
 @click.argument("snapshot", type=click.Path(path_type=Path))
 @click.option("--timeout", type=float, default=None, metavar="SECONDS",
               help="Give up if the command has not finished after this many seconds.")
+@click.option("--disk", type=click.Path(path_type=Path), default=None, metavar="IMAGE",
+              help="Where the base image of the guest's disk is now (it must be the same image).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def resume(snapshot: Path, timeout: float | None, quiet: bool) -> None:
+def resume(snapshot: Path, timeout: float | None, disk: Path | None, quiet: bool) -> None:
     """Continue a guest from SNAPSHOT: same streaming, same exit status as `conode vm run`."""
 
     def body() -> int:
         from conode.vm.session import GuestSession
 
-        session = GuestSession.resume(snapshot, sys.stdout.buffer, sys.stderr.buffer, _progress(quiet))
-        return session.run(timeout_s=timeout)
+        session = GuestSession.resume(snapshot, sys.stdout.buffer, sys.stderr.buffer, _progress(quiet), disk)
+        try:
+            return session.run(timeout_s=timeout)
+        finally:
+            session.machine.close()
 
     _guarded(body)
 
@@ -118,12 +153,13 @@ LEAVE_KEY = b"\x1d"  # Ctrl-], as in telnet and virsh console
 
 @vm.command()
 @_with_image_options
-def console(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str) -> None:
+def console(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, disk: Path | None,
+            disk_overlay: Path | None, disk_budget: int, disk_ro: bool) -> None:
     """An interactive shell on the guest's serial console (Ctrl-] leaves)."""
 
     def body() -> int:
         from conode.vm.guest_image import BASE_CMDLINE, load_guest_image
-        from conode.vm.machine import CoMachine, MachineConfig
+        from conode.vm.machine import CoMachine
 
         image = load_guest_image(kernel, initrd)
         out = sys.stdout.buffer
@@ -132,13 +168,15 @@ def console(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str)
             out.write(data)
             out.flush()
 
-        machine = CoMachine(MachineConfig(mem_mib=mem_mib, cmdline_extra=append), show, lambda data: None)
+        config = _machine_config(mem_mib, append, disk, disk_overlay, disk_budget, disk_ro)
+        machine = CoMachine(config, show, lambda data: None)
         machine.boot(image.kernel, image.initrd, BASE_CMDLINE + " conode.shell=1")
         click.echo("conode: guest console; press Ctrl-] to leave", err=True)
         with _raw_terminal():
             threading.Thread(target=_forward_keys, args=(machine,), daemon=True).start()
             started = time.monotonic()
             exit_reason = machine.run()
+        machine.close()
         click.echo(f"\r\nconode: console closed ({exit_reason.value}, {time.monotonic() - started:.0f} s)",
                    err=True)
         return 0

@@ -9,6 +9,10 @@ class GuestImageError(ConodeError):
     """The guest kernel or initramfs is missing, corrupt or unusable."""
 
 
+class DiskImageError(ConodeError):
+    """A guest disk's base image or overlay is missing, damaged or does not fit the guest."""
+
+
 class SnapshotError(ConodeError):
     """A snapshot file cannot be written or is not a valid conode snapshot."""
 

@@ -37,9 +37,15 @@ OUTPUT_CHUNK_BYTES = 32 << 10  # one job_output message carries at most this muc
 MAX_JOB_GUESTS = 64  # guests of one job, placed all at once
 MAX_HOSTNAME = 63  # one DNS label
 
+# --- Guest disks (cobd) ------------------------------------------------------------------------------------
+# What one guest may write to its copy-on-write overlay: the host disk never holds more for it.
+DEFAULT_DISK_BUDGET_MIB = 1024
+MAX_DISK_BUDGET_MIB = 4096
+
 # --- Snapshots ----------------------------------------------------------------------------------------------
-# A whole guest on disk or on the wire: its RAM (incompressible at worst) plus the jobs' state beside it.
-MAX_SNAPSHOT_BYTES = (MAX_GUEST_MEM_MIB << 20) + 8 * MAX_FRAME_BYTES
+# A whole guest on disk or on the wire: its RAM and its disk overlay (incompressible at worst) plus the jobs'
+# state beside it.
+MAX_SNAPSHOT_BYTES = ((MAX_GUEST_MEM_MIB + MAX_DISK_BUDGET_MIB) << 20) + 8 * MAX_FRAME_BYTES
 
 # --- The guest channel ---------------------------------------------------------------------------------------
 CHANNEL_MAX_PAYLOAD = 1 << 20  # one frame between the host and the in-guest agent

@@ -16,6 +16,7 @@ crashes or outlives a deadline ends with its job failed and a reason; the host n
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import threading
@@ -26,14 +27,14 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from conode import limits, output_cap
-from conode.errors import ConodeError, GuestCrashed, SnapshotError
+from conode.errors import ConodeError, DiskImageError, GuestCrashed, SnapshotError
+from conode.vm import state
 from conode.vm.channel import RENEW_ENTROPY_BYTES, ChannelError
 from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.guest_agent import GuestAgentClient
 from conode.vm.guest_image import BASE_CMDLINE, GuestImage
 from conode.vm.machine import CoMachine, MachineConfig, MachineExit
 from conode.vm.net_identity import IdentityError, NetIdentity
-from conode.vm import state
 from conode.vm.snapshot import read_snapshot, write_snapshot
 from conode.vm.state import blob, bounded, items, one_of, uint
 
@@ -382,11 +383,17 @@ class Guest:
 
     @classmethod
     def restore(cls, snapshot: GuestSnapshot, sink: JobSink | None = None, new_identity: bool = False,
-                ram_image: RamImage | None = None) -> "Guest":
+                ram_image: RamImage | None = None, disk_base: Path | None = None) -> "Guest":
         """Continue *snapshot*. With *new_identity* the guest is a fresh copy (a pristine guest for a new job);
-        *ram_image* (:meth:`GuestSnapshot.ram_image`) maps the snapshot's RAM instead of decoding it."""
+        *ram_image* (:meth:`GuestSnapshot.ram_image`) maps the snapshot's RAM instead of decoding it;
+        *disk_base* is where the base image of the guest's disk is, if not where it was when it was saved."""
         config = CoMachine.config_from_state(snapshot.machine)  # raises SnapshotError only, as set_state does
-        guest = cls(config, snapshot.image, None if new_identity else snapshot.guest_id, ram_image=ram_image)
+        if config.disk is not None and disk_base is not None:
+            config = dataclasses.replace(config, disk=dataclasses.replace(config.disk, base=disk_base))
+        try:
+            guest = cls(config, snapshot.image, None if new_identity else snapshot.guest_id, ram_image=ram_image)
+        except DiskImageError as exc:
+            raise SnapshotError(f"the snapshot's disk needs its base image: {exc}") from None
         try:
             guest.machine.set_state(snapshot.machine)
             guest.agent.set_state(snapshot.agent)

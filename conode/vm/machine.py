@@ -27,8 +27,10 @@ from conode.vm.devices.legacy.cmos import Cmos
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
+from conode.vm.devices.virtio.block import VirtioBlock
 from conode.vm.devices.virtio.console import VirtioConsole
 from conode.vm.devices.virtio.net import VirtioNet
+from conode.vm.disk.config import DiskConfig, DiskConfigState
 from conode.vm.host_channel import HostChannel, connect_uart
 from conode.vm.snapshot import decode_ram, encode_ram
 from conode.vm.state import blob, bounded, items
@@ -51,15 +53,18 @@ class MachineExit(enum.Enum):
 class MachineConfig:
     mem_mib: int = layout.DEFAULT_RAM_MIB
     cmdline_extra: str = ""
+    disk: DiskConfig | None = None  # cobd: /dev/vda
 
 
 @dataclass(frozen=True)
 class ConfigState(state.Record):
     KIND = "machine configuration"
-    VERSION = 1
+    VERSION = 2  # 2: the disk
+    MIGRATIONS = {1: lambda data: {**data, "disk": None}}
 
     mem_mib: int = bounded(layout.MIN_RAM_MIB, layout.MAX_RAM_MIB)
     cmdline_extra: str = blob(max_len=layout.CMDLINE_MAX)
+    disk: DiskConfigState | None
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class DevicesState:
     channel: dict
     pci: dict
     virtio_pci: tuple[dict, ...] = items(max_len=len(layout.VIRTIO_PCI_IRQS))
+    disk: dict | None  # the overlay (conode/vm/disk/overlay.py DiskState)
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,10 @@ class MachineState(state.Record):
     """The machine's own record; each part below is checked by its owner's record."""
 
     KIND = "machine"
-    VERSION = 4  # 2: COM2 and the two-transport host channel; 3: the PCI bus and virtio-pci functions;
-    # 4: the conet NIC
+    VERSION = 5  # 2: COM2 and the two-transport host channel; 3: the PCI bus and virtio-pci functions;
+    # 4: the conet NIC; 5: the disk (cobd)
+    MIGRATIONS = {4: lambda data: {**data, "devices": {**data["devices"], "disk": None}}
+                  if isinstance(data.get("devices"), dict) else data}
 
     config: dict
     cpu: dict
@@ -98,6 +106,11 @@ class _DmaMemory:
         self.size = ram.size
         self.read = ram.read
         self.write = cpu.write_phys
+        self.scatter = cpu.write_phys_scatter
+        self._view = ram.view
+
+    def window(self, address: int, length: int) -> memoryview:
+        return self._view[address:address + length]
 
 
 class CoMachine:
@@ -138,6 +151,9 @@ class CoMachine:
         # then is a placeholder: a job's identity is applied in the guest after the restore (guest.py).
         self.nic = VirtioNet()
         build.attach_virtio(self.nic)
+        self.disk = config.disk.open() if config.disk is not None else None
+        if self.disk is not None:
+            build.attach_virtio(VirtioBlock(self.disk, self.disk.base.name.encode()))
         self.serial_channel = Uart16550(build.irq(layout.IRQ_COM2), self.channel.serial.on_receive)
         build.attach_uart(self.serial_channel, layout.PORTS_COM2)
         self._refill_serial_channel = connect_uart(self.channel.serial, self.serial_channel)
@@ -267,11 +283,13 @@ class CoMachine:
     # --- snapshots ---------------------------------------------------------------------------------------
     def get_state(self) -> dict:
         """The whole machine as plain data (call only while it is not running)."""
-        config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra))
+        config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra,
+                                        DiskConfigState.of(self.config.disk)))
         devices = DevicesState(self.pic.get_state(), self.pit.get_state(), self.uart.get_state(),
                                self.serial_channel.get_state(), self.cmos.get_state(),
                                tuple(t.get_state() for t in self.virtio), self.channel.get_state(),
-                               self.pci.get_state(), tuple(f.get_state() for f in self.virtio_pci))
+                               self.pci.get_state(), tuple(f.get_state() for f in self.virtio_pci),
+                               self.disk.get_state() if self.disk is not None else None)
         return state.dump(MachineState(config, self.cpu.get_state(), encode_ram(self.ram.view),
                                        self.clock.get_state(), self.halted, devices))
 
@@ -299,6 +317,10 @@ class CoMachine:
         self.cmos.set_state(devices.cmos)
         self.channel.set_state(devices.channel)  # backends before transports: activation may move bytes
         self.pci.set_state(devices.pci)
+        if (devices.disk is None) != (self.disk is None):
+            raise SnapshotError("snapshot disk state does not match the machine's disk configuration")
+        if self.disk is not None:
+            self.disk.set_state(devices.disk)
         for transport, transport_state in zip(self.virtio, devices.virtio):
             transport.set_state(transport_state)
         for function, function_state in zip(self.virtio_pci, devices.virtio_pci):
@@ -320,15 +342,19 @@ class CoMachine:
         return image
 
     def close(self) -> None:
-        """Release what outlives a dropped machine: the slicer's timer thread."""
+        """Release what outlives a dropped machine: the slicer's timer thread, the disk's files."""
         self.cpu.slicer.close()
+        if self.disk is not None:
+            self.disk.close()
+            self.disk.base.close()
 
     @staticmethod
     def config_from_state(data: dict) -> MachineConfig:
         """The configuration to build a machine with for :meth:`set_state`; raise SnapshotError if invalid."""
         state.load(MachineState, data)  # a machine of another version (other devices) is refused here, in one line
         config = state.load(ConfigState, data.get("config"))
-        return MachineConfig(mem_mib=config.mem_mib, cmdline_extra=config.cmdline_extra)
+        return MachineConfig(mem_mib=config.mem_mib, cmdline_extra=config.cmdline_extra,
+                             disk=config.disk.config() if config.disk is not None else None)
 
     def _explain(self, message: str) -> str:
         panic = self.panic_message()

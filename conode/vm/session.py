@@ -51,11 +51,11 @@ class GuestSession:
 
     @classmethod
     def resume(cls, path: Path, stdout: BinaryIO, stderr: BinaryIO,
-               progress: Callable[[str], None] = lambda line: None) -> "GuestSession":
+               progress: Callable[[str], None] = lambda line: None, disk_base: Path | None = None) -> "GuestSession":
         snapshot = GuestSnapshot.read(path)
         if snapshot.job is None:
             raise SnapshotError(f"{path} holds a guest with no command to continue")
-        session = cls(Guest.restore(snapshot), stdout, stderr, progress)
+        session = cls(Guest.restore(snapshot, disk_base=disk_base), stdout, stderr, progress)
         session.guest.attach_sink(session)
         session.ready_at = time.monotonic()
         progress(f"resumed {path} ({session.machine.config.mem_mib} MiB guest)")

@@ -57,9 +57,19 @@ class Ram:
         assert 0 <= address and address + length <= self.size, f"device read outside RAM: {address:#x}+{length}"
         return bytes(self.data[address:address + length])
 
-    def write(self, address: int, data: bytes) -> None:
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         assert 0 <= address and address + len(data) <= self.size, f"device write outside RAM: {address:#x}"
         self.data[address:address + len(data)] = data
+
+    def window(self, address: int, length: int) -> memoryview:
+        assert 0 <= address and address + length <= self.size, f"device window outside RAM: {address:#x}"
+        return memoryview(self.data)[address:address + length]
+
+    def scatter(self, pieces: list, source: bytearray) -> None:
+        at = 0
+        for address, length, *_ in pieces:
+            self.write(address, source[at:at + length])
+            at += length
 
 
 # --- a virtio driver's first steps ----------------------------------------------------------------------------

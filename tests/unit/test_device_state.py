@@ -357,3 +357,36 @@ def test_signed_snapshot_file_with_odd_content_raises_only_snapshot_error(machin
         assume(False)  # integers beyond 64 bits: no writer could put them in a file
     write_snapshot(path, {"machine": damaged})
     only_snapshot_errors(lambda d: restore_machine(read_snapshot(d)["machine"]), path)
+
+
+def test_a_machine_saved_before_disks_existed_restores(machine_state):
+    older = {**machine_state, "version": 4, "config": {**machine_state["config"], "version": 1},
+             "devices": {k: v for k, v in machine_state["devices"].items() if k != "disk"}}
+    del older["config"]["disk"]
+    machine = CoMachine(CoMachine.config_from_state(older), lambda d: None, lambda d: None)
+    machine.set_state(older)
+    assert machine.disk is None and machine.get_state() == machine_state
+
+
+def test_a_machine_with_a_disk_carries_its_overlay(tmp_path):
+    from conode.vm.disk.config import DiskConfig
+
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(range(256)) * 1024)
+    machine = CoMachine(MachineConfig(mem_mib=48, disk=DiskConfig(base, budget_mib=2)), lambda d: None,
+                        lambda d: None)
+    machine.disk.write(5000, [b"changed by the guest"])
+    saved = machine.get_state()
+    machine.close()
+    config = CoMachine.config_from_state(saved)
+    assert config.disk is not None and config.disk.base == base and config.disk.budget_mib == 2
+    restored = CoMachine(config, lambda d: None, lambda d: None)
+    restored.set_state(saved)
+    buffer = bytearray(8192)
+    restored.disk.read(4096, memoryview(buffer))
+    assert bytes(buffer[904:924]) == b"changed by the guest" and buffer[:904] == base.read_bytes()[4096:5000]
+    restored.close()
+    assert base.read_bytes() == bytes(range(256)) * 1024
+    without = {**saved, "devices": {**saved["devices"], "disk": None}}
+    with pytest.raises(SnapshotError, match="disk"):
+        restore_machine(without)

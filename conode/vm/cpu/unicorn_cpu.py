@@ -18,7 +18,7 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import unicorn
 from unicorn import unicorn_const as uc_const
@@ -206,6 +206,8 @@ class UnicornCpu:
         # callbacks: they keep the GIL (slicer.holding_gil).
         self._mem_write = holding_gil(uclib.uc_mem_write, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64,
                                       ctypes.c_char_p, ctypes.c_uint64)
+        self._mem_write_at = holding_gil(uclib.uc_mem_write, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64,
+                                         ctypes.c_void_p, ctypes.c_uint64)  # from a host address: a disk read
         if self.native_interrupts:
             uclib.uc_conode_native_interrupts(self.uc._uch, True)
             uclib.uc_conode_take_reset.restype = ctypes.c_bool
@@ -270,11 +272,22 @@ class UnicornCpu:
             None,
         )
 
-    def write_phys(self, address: int, data: bytes) -> None:
+    def write_phys(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Device DMA into guest RAM: through Unicorn, so translated code on those pages is invalidated."""
         status = self._mem_write(self.uc._uch, address, bytes(data), len(data))
         if status != uc_const.UC_ERR_OK:
             raise unicorn.UcError(status)
+
+    def write_phys_scatter(self, pieces: Sequence[tuple[int, ...]], source: bytearray) -> None:
+        """Device DMA of *source*, in order, into the guest-physical pieces (address, length, ...), as write_phys
+        does. The disk's hot path (a piece per page): uc_mem_write called by plain addresses, no objects."""
+        host = ctypes.addressof((ctypes.c_char * len(source)).from_buffer(source))
+        mem_write, uch, at = self._mem_write_at, self.uc._uch, 0
+        for piece in pieces:
+            address, length = piece[0], piece[1]
+            if at + length > len(source) or mem_write(uch, address, host + at, length) != uc_const.UC_ERR_OK:
+                raise GuestCrashed(f"device DMA outside guest RAM at {address:#x}+{length}")
+            at += length
 
     # --- hooks ---------------------------------------------------------------------------------------------
     def _on_in(self, uc: unicorn.Uc, port: int, size: int, user_data: object) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -34,12 +34,20 @@ class GuestMemory(Protocol):
 
     def read(self, address: int, length: int) -> bytes: ...
 
-    def write(self, address: int, data: bytes) -> None: ...
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def window(self, address: int, length: int) -> memoryview:
+        """RAM [address, address+length) without a copy, for the device to read (a disk write from it)."""
+        ...
+
+    def scatter(self, pieces: Sequence[Buffer], source: bytearray) -> None:
+        """Write *source*, in order, into the RAM buffers *pieces*: a disk read into its buffers."""
+        ...
 
 
-@dataclass(frozen=True)
-class Buffer:
-    """One descriptor of a chain: a guest-physical buffer (inside RAM) the device may read or write."""
+class Buffer(NamedTuple):
+    """One descriptor of a chain: a guest-physical buffer (inside RAM) the device may read or write.
+    (A tuple: a disk request's chain has a buffer per page, made in the hot path.)"""
 
     address: int
     length: int
@@ -123,11 +131,12 @@ class Virtqueue:
     def _walk(self, head: int) -> tuple[Buffer, ...] | None:
         buffers: list[Buffer] = []
         index, total, memory_size = head, 0, self._mem.size
+        table = self._mem.window(self.desc, 16 * self.size)  # read in place: a chain may be 256 long
         for _ in range(self.size):
             if index >= self.size:
                 self.fail(f"descriptor index {index} is outside a queue of {self.size}")
                 return None
-            address, length, flags, nxt = _DESC.unpack(self._mem.read(self.desc + 16 * index, 16))
+            address, length, flags, nxt = _DESC.unpack_from(table, 16 * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 self.fail("the driver used indirect descriptors, which were not negotiated")
                 return None
