@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 import common
+from conode.limits import CONET_MTU
 from common import Row, Target
 
 HERE = Path(__file__).resolve().parent
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         row("ping RTT, guests on two agents on two hosts", "ms", across, "rtt_ms", RTT),
         row("agents' CPU per MiB carried, two agents", "ms", across, "cpu_ms_per_mib"),
     ]
-    notes = [f"{mib} MiB through busybox nc, MTU 1500; throughput is 1 / (time per MiB)"]
+    notes = [f"{mib} MiB through busybox nc, conet MTU {CONET_MTU} (qemu 1500); throughput is 1 / (time per MiB)"]
     if isinstance(across, str):
         notes.append(f"two hosts: not measured ({across})")
     for label, figures in (("one agent", same), ("two hosts", across), ("qemu", reference)):
