@@ -16,6 +16,7 @@ from conode.agent.pipe import pack
 from conode.conet import frames
 from conode.conet import switch as sw
 from conode.conet.switchd import BAD_TOKEN, PEER_BUSY, REFUSED, TOKEN_TIMEOUT_S
+from conode.limits import CONET_MTU, CONET_VNET_HDR
 from conode.testing.conet import GuestPort, SwitchProcess, arp, ethernet, ipv4, load_process, load_result, sized
 
 
@@ -179,7 +180,7 @@ def test_malformed_input_is_counted_and_the_switch_goes_on(switches):
     assert g1.send(b"")
     assert g1.send(b"\x00" * 10)
     assert g1.send(sized(ipv4(mac(2), mac(1), ip(1), ip(2), gso_type=1), 70_000))
-    assert g1.send(sized(ipv4(mac(2), mac(1), ip(1), ip(2)), 1600))  # a plain frame beyond the MTU
+    assert g1.send(sized(ipv4(mac(2), mac(1), ip(1), ip(2)), CONET_VNET_HDR + 14 + CONET_MTU + 1))  # past the MTU
     assert g1.send(ipv4(mac(2), mac(1), ip(1), ip(2))[:30])
     # connections with a wrong token (waits for its port for a while: the agent may register it late), with
     # garbage, and with nothing at all
