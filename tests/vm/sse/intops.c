@@ -1,5 +1,6 @@
-/* SSE2 and MMX integer operations (the ones the fast engine translates inline) over fixed and pseudo-random
-   operands, including shift counts up to past the lane width and PSHUFD's orders: prints raw lanes. */
+/* SSE2, SSSE3 and MMX integer operations (the ones the fast engine translates inline) over fixed and
+   pseudo-random operands, including shift counts up to past the lane width, byte shifts and PALIGNR by 0, 15, 16
+   and beyond, and PSHUFD's orders: prints raw lanes. */
 #include <emmintrin.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -54,6 +55,34 @@ static void show_mmx(const char *name, int arg, __m64 v)
 	{ \
 		show("pshufd", order, _mm_shuffle_epi32(a, order)); \
 	}
+/* The byte shifts and PALIGNR in assembly, so that the compiler emits each immediate as it is (it folds the
+   intrinsics' out-of-range counts to zeros); PALIGNR from a register, from memory and with itself. */
+#define BYTES(n) \
+	static void bytes_##n(__m128i a, __m128i b) \
+	{ \
+		__m128i r = a; \
+		__asm__("psrldq %1, %0" : "+x"(r) : "i"(n)); \
+		show("psrldq", n, r); \
+		r = a; \
+		__asm__("pslldq %1, %0" : "+x"(r) : "i"(n)); \
+		show("pslldq", n, r); \
+	}
+#define ALIGN(n) \
+	static void align_##n(__m128i a, __m128i b) \
+	{ \
+		__m128i r = a; \
+		__asm__("palignr %2, %1, %0" : "+x"(r) : "x"(b), "i"(n)); \
+		show("palignr", n, r); \
+		r = a; \
+		__asm__("palignr %2, %1, %0" : "+x"(r) : "m"(b), "i"(n)); \
+		show("palignr-mem", n, r); \
+		r = a; \
+		__asm__("palignr %1, %0, %0" : "+x"(r) : "i"(n)); \
+		show("palignr-self", n, r); \
+	}
+BYTES(0) BYTES(1) BYTES(7) BYTES(8) BYTES(9) BYTES(15) BYTES(16) BYTES(17) BYTES(255)
+ALIGN(0) ALIGN(1) ALIGN(7) ALIGN(8) ALIGN(9) ALIGN(15) ALIGN(16) ALIGN(17) ALIGN(24) ALIGN(31) ALIGN(32)
+ALIGN(33) ALIGN(255)
 SHUFFLE(0x00) SHUFFLE(0x1b) SHUFFLE(0x4e) SHUFFLE(0x93) SHUFFLE(0xe4) SHUFFLE(0xff)
 SHIFTS(0) SHIFTS(1) SHIFTS(7) SHIFTS(31) SHIFTS(32) SHIFTS(33) SHIFTS(63) SHIFTS(64) SHIFTS(200)
 
@@ -103,6 +132,11 @@ int main(void)
 		shuffle_0x00(a); shuffle_0x1b(a); shuffle_0x4e(a); shuffle_0x93(a); shuffle_0xe4(a); shuffle_0xff(a);
 		shifts_0(a); shifts_1(a); shifts_7(a); shifts_31(a); shifts_32(a);
 		shifts_33(a); shifts_63(a); shifts_64(a); shifts_200(a);
+		bytes_0(a, b); bytes_1(a, b); bytes_7(a, b); bytes_8(a, b); bytes_9(a, b);
+		bytes_15(a, b); bytes_16(a, b); bytes_17(a, b); bytes_255(a, b);
+		align_0(a, b); align_1(a, b); align_7(a, b); align_8(a, b); align_9(a, b); align_15(a, b);
+		align_16(a, b); align_17(a, b); align_24(a, b); align_31(a, b); align_32(a, b); align_33(a, b);
+		align_255(a, b);
 	}
 	return 0;
 }

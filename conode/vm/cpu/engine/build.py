@@ -29,6 +29,11 @@ explained in its own file:
   PXOR, PADDD/Q, PSUBD/Q and the shifts of 32- and 64-bit lanes by an immediate) are translated inline, lane by
   lane, instead of into a helper call per instruction (OpenSSL's SSSE3 digests are made of them);
   tests/vm/test_sse.py compares them with the host CPU.
+- ``0008-inline-sse-byte-shifts``: the byte shifts PSRLDQ and PSLLDQ and SSSE3's PALIGNR of XMM registers by an
+  immediate are translated inline too (SHA-256's SSSE3 message schedule is made of them): moves of 32-bit lanes
+  when the count is a multiple of 4, as the lane operations around them store them (64-bit loads of lanes just
+  stored 32 bits at a time stall the host's store forwarding and made it slower than the helper), 64-bit funnel
+  shifts otherwise; PSHUFB stays a helper call, since a shuffle by a mask held in a register costs more as TCG ops.
 """
 
 from __future__ import annotations
