@@ -344,6 +344,8 @@ def encode(kind: str, **fields: Any) -> bytes:
     except UnicodeEncodeError as exc:  # e.g. a command line that is not valid UTF-8
         raise ProtocolError(f"{kind} message holds text that is not valid UTF-8: {exc.object[exc.start:exc.end]!r}") \
             from None
+    except OverflowError:  # an integer msgpack cannot carry, inside a free-form map or list
+        raise ProtocolError(f"{kind} message holds an integer beyond 64 bits") from None
     if len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"{kind} message of {len(data)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     return data

@@ -286,7 +286,7 @@ _kind_values = {
     "argv": st.lists(_text, max_size=3), "paths": st.lists(_path, max_size=3),
     "int_list": st.lists(st.integers(0, 99), max_size=3),
     "files": st.dictionaries(_path, st.binary(max_size=10), max_size=2),
-    "list": st.lists(st.integers(0, 9), max_size=3), "map": st.dictionaries(_text, st.integers(), max_size=2),
+    "list": st.lists(st.integers(0, 9), max_size=3), "map": st.dictionaries(_text, st.integers(-(2**63), 2**64 - 1), max_size=2),
     "peers": st.lists(st.fixed_dictionaries({"node": _text, "endpoint": _text, "key": _text}), max_size=2),
     "identity": st.just({"network": "job:1", "mac": b"\x02\xc0\xde\x00\x00\x01", "ip": "10.213.0.2", "prefix": 16,
                          "hostname": "job1", "rank": 0, "size": 1, "hosts": [["job1", "10.213.0.2"]]}),

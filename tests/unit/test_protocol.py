@@ -402,3 +402,8 @@ def test_files_fields_use_the_path_check():
         encode("submit", argv=["cat"], inputs={"../escape": b""}, outputs=[], mem_mib=128)
     with pytest.raises(ProtocolError, match="'outputs'"):
         decode(packed({"v": 1, "type": "fetch_reply", "job": 1, "outputs": {"/abs": b""}}))
+
+
+def test_an_integer_msgpack_cannot_carry_is_a_protocol_error_when_encoding():
+    with pytest.raises(ProtocolError, match="beyond 64 bits"):
+        encode("status_reply", nodes=[], totals={"x": 2**70})
