@@ -106,7 +106,7 @@ class ConetSwitch:
             return
         args = [sys.executable, "-m", "conode.conet.switchd", "--ports", str(self.socket_path),
                 "--listen", self.listen, "--keys", str(self._keys_dir)]
-        self._process = WorkerProcess(-1, args, self._signal)
+        self._process = WorkerProcess(-1, args, self._signal, label="conet switch")
         deadline = self._clock() + READY_TIMEOUT_S
         while self._clock() < deadline and self.endpoint is None:
             if self._process.exit_code() is not None and self._process.drained():

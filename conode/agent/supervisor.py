@@ -64,8 +64,10 @@ def restart_delay(crashes: int) -> float:
 class WorkerProcess:
     """One `python -m conode.agent.worker` child and the threads serving its pipes."""
 
-    def __init__(self, index: int, args: list[str], signal: Callable[[], Signal]) -> None:
+    def __init__(self, index: int, args: list[str], signal: Callable[[], Signal], label: str | None = None) -> None:
+        """*label* names the child in logs (default: guest worker INDEX); any child speaking the pipe will do."""
         self.index = index
+        self.label = label or f"guest worker {index}"
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, bufsize=0)
         self.pid = self.process.pid
@@ -79,7 +81,7 @@ class WorkerProcess:
         for name, target, extra in (("out", self._read_messages, (signal,)), ("err", self._read_diagnostics, ()),
                                     ("in", self._write, ())):
             threading.Thread(target=target, args=extra, daemon=True, name=f"worker-{index}-{name}").start()
-        log.info("guest worker %d started (pid %d)", index, self.pid)
+        log.info("%s started (pid %d)", self.label, self.pid)
 
     # --- the pipe threads ------------------------------------------------------------------------------------
     def _read_messages(self, signal: Callable[[], Signal]) -> None:
@@ -117,7 +119,7 @@ class WorkerProcess:
                     line = raw.decode(errors="replace").strip()[:STDERR_LINE_CHARS]
                     if line:
                         self.stderr_tail.append(line)
-                        log.debug("worker %d: %s", self.index, line)
+                        log.debug("%s: %s", self.label, line)
         except (OSError, ValueError):
             pass
         self._close(self.process.stderr)
