@@ -557,9 +557,11 @@ class Coordinator:
         job = self.store.job(job_id)
         assert job is not None and job.state == "queued", job_id
         inputs = self.store.job_inputs(job_id)
-        try:  # the ranks' messages differ only in their identities: one check of the limits covers all
-            protocol.encode("run_job", job=job_id, argv=job.argv, inputs=inputs, outputs=job.wanted,
-                            mem_mib=job.mem_mib)
+        try:  # a one-guest job's own message; for a gang, one check of the limits covers every rank's message,
+            # as they differ only in their identities (small, and valid by construction)
+            own = job_identities(job_id, [job_id], self.subnet, job.network)[0]
+            checked = protocol.encode("run_job", job=job_id, argv=job.argv, inputs=inputs, outputs=job.wanted,
+                                      mem_mib=job.mem_mib, net=own.wire())
         except ProtocolError as exc:
             self.store.finish(job_id, "failed", None, f"not runnable within the pool's limits: {exc}")
             log.warning("job %d failed: not runnable within the pool's limits: %s", job_id, exc)
@@ -575,8 +577,9 @@ class Coordinator:
             self.peers.guest_placed(guest, net.network, node.name)
         self._tell_peers()  # before the guests start: their switches must already admit each other
         for guest, node, net in zip(guests, nodes, identities):
-            payload = protocol.encode("run_job", job=guest, argv=job.argv, inputs=inputs, outputs=job.wanted,
-                                      mem_mib=job.mem_mib, net=net.wire())
+            payload = checked if job.guests == 1 else protocol.encode(
+                "run_job", job=guest, argv=job.argv, inputs=inputs, outputs=job.wanted, mem_mib=job.mem_mib,
+                net=net.wire())
             if not self.server.send(node.identity, payload):
                 if job.guests > 1:
                     self._restart_gang(job_id, f"node {node.name} unreachable", requeue_now=False)
