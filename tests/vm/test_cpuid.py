@@ -76,9 +76,10 @@ def test_the_kernel_sees_conodes_cpu_and_what_it_offers():
     cpuinfo = run_job_in_guest(["cat", "/proc/cpuinfo"]).stdout.decode()
     fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in cpuinfo.splitlines())}
     assert fields["model name"] == "conode virtual CPU (Unicorn TCG)"
-    # The kernel knows the TSC's rate, and the delay loop's loops per jiffy come from it (not a preset lpj).
-    assert float(fields["cpu MHz"]) == TSC_HZ / 1e6
-    assert float(fields["bogomips"]) == 2 * float(fields["cpu MHz"])
+    # "cpu MHz" is the kernel's own measure of the CPU against the PIT, and a busy host can skew that by a few
+    # parts in a million; the delay loop's loops per jiffy come from the stated TSC rate (not a preset lpj).
+    assert abs(float(fields["cpu MHz"]) - TSC_HZ / 1e6) < TSC_HZ / 1e6 * 1e-3
+    assert float(fields["bogomips"]) == 2 * TSC_HZ / 1e6
     flags = set(fields["flags"].split())
     with_fpu = {"fpu", "sse", "sse2", "pni", "ssse3", "sse4_1", "sse4_2", "aes"}
     assert {"popcnt", "hypervisor"} <= flags
