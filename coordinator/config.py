@@ -37,6 +37,11 @@ class StateDir:
         return self.root / "keys"
 
     @property
+    def chunks(self) -> Path:
+        """The chunks of the pool's disk images (coordinator/images.py)."""
+        return self.root / "chunks"
+
+    @property
     def settings(self) -> Path:
         return self.root / "coordinator.toml"
 

@@ -25,9 +25,10 @@ from conode.cluster import protocol
 from conode.cluster.heartbeat import PeerLiveness
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
-from conode.limits import MAX_FILES, MAX_JOB_OUTPUT_BYTES
+from conode.limits import IMAGE_CHUNK_BYTES, MAX_FILES, MAX_JOB_OUTPUT_BYTES
 from coordinator.config import StateDir
 from coordinator.conet_peers import PeerDirectory
+from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
 from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
 from coordinator.queue import JobQueue
@@ -63,10 +64,11 @@ class Node:
     running: set[int] = field(default_factory=set)
     connected_at: float = 0.0  # wall-clock time of its hello
     last_placed: float = 0.0
+    image_cache_mib: int | None = None  # the most of the pool's images it keeps on disk; None: unsaid
 
     def view(self, drained: bool) -> NodeView:
         return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running), self.idle_s, drained,
-                        self.last_placed)
+                        self.last_placed, self.image_cache_mib)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Coordinator:
         self._clock = clock
         self._wall = wall_clock_from(clock)
         self.store = Store(state.database, clock=self._wall)
+        self.chunks = ChunkStore(state.chunks)
         self._auth_store: Store | None = None
         if transport is None:
             self._auth_store = auth_store = Store(state.database, clock=self._wall)  # the ZAP thread's own
@@ -182,7 +185,7 @@ class Coordinator:
             self.server.send(identity, protocol.error("forbidden", f"{role or 'unenrolled'} keys may not send {kind}",
                                                       kind))
             return
-        if role == "agent" and kind != "hello" and self.by_identity.get(identity) is None:
+        if role == "agent" and kind not in ("hello", "image_chunk_get") and self.by_identity.get(identity) is None:
             # A node we do not know (we restarted, or it was declared lost): it must introduce itself again.
             # Its results come again from its outbox, but live output would not: keep what belongs to a job
             # the store says runs there.
@@ -223,7 +226,8 @@ class Coordinator:
         if old is not None and old.identity != identity:
             self.by_identity.pop(old.identity, None)
         node = Node(name, identity, self._sender_key, msg["cores"], msg["mem_mib"], msg["speed"], msg["software"],
-                    PeerLiveness(self._clock), msg["state"], msg["idle_s"], connected_at=self._wall())
+                    PeerLiveness(self._clock), msg["state"], msg["idle_s"], connected_at=self._wall(),
+                    image_cache_mib=msg.get("image_cache_mib"))
         self.nodes[name] = node
         self.by_identity[identity] = name
         held = set(msg["running"])
@@ -362,8 +366,14 @@ class Coordinator:
             self._reply(identity, "error", code="invalid", message=problem, in_reply_to="submit")
             return
         guests = msg.get("guests", 1)
-        job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name, guests, network)
-        self.queue.add(job_id, msg["mem_mib"], guests)
+        image = self.store.image(msg["image"]) if "image" in msg else None
+        if "image" in msg and image is None:
+            self._reply(identity, "error", code="not-found", in_reply_to="submit",
+                        message=f"no image named {msg['image']!r}; see `coordinator image list`")
+            return
+        job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name, guests, network,
+                                    msg.get("image"), msg.get("disk_mib"))
+        self.queue.add(job_id, msg["mem_mib"], guests, image.size if image is not None else 0)
         self._queued_at[job_id] = self._clock()
         log.info("job %d submitted by %s: %s", job_id, name, " ".join(msg["argv"])[:200])
         self._reply(identity, "submitted", job=job_id)
@@ -503,23 +513,25 @@ class Coordinator:
         if not self.open_nodes or not len(self.queue):
             return
         views = {name: self.nodes[name].view(name in self.drained) for name in self.open_nodes}
-        largest: tuple[int, int] | None = None  # most guest memory and slots any node offers, found when needed
+        largest: tuple[int, int, int] | None = None  # most guest memory, slots and image cache, found when needed
         placed: list[int] = []
         unreachable: list[Node] = []
         for job_id in self.queue:
             if not views:
                 break
             mem_mib, guests = self.queue.mem_mib(job_id), self.queue.guests(job_id)
+            image_bytes = self.queue.image_bytes(job_id)
             if guests == 1:
-                single = choose_node(mem_mib, list(views.values()))
+                single = choose_node(mem_mib, list(views.values()), image_bytes)
                 chosen = None if single is None else [single]
             else:
-                chosen = choose_gang(mem_mib, guests, list(views.values()))
+                chosen = choose_gang(mem_mib, guests, list(views.values()), image_bytes)
             if chosen is None:
                 if largest is None:
                     largest = (max(n.mem_mib for n in self.nodes.values()),
-                               sum(n.cores for n in self.nodes.values()))
-                if mem_mib > largest[0] or guests > largest[1]:
+                               sum(n.cores for n in self.nodes.values()),
+                               max(n.view(False).image_bytes for n in self.nodes.values()))
+                if mem_mib > largest[0] or guests > largest[1] or image_bytes > largest[2]:
                     continue  # bigger or more nodes may join later: keep it queued, try the next job
                 break  # nodes are busy: later jobs wait their turn (FIFO)
             nodes = [self.nodes[name] for name in chosen]
@@ -557,11 +569,12 @@ class Coordinator:
         job = self.store.job(job_id)
         assert job is not None and job.state == "queued", job_id
         inputs = self.store.job_inputs(job_id)
+        disk = self._job_disk(job)
         try:  # a one-guest job's own message; for a gang, one check of the limits covers every rank's message,
             # as they differ only in their identities (small, and valid by construction)
             own = job_identities(job_id, [job_id], self.subnet, job.network)[0]
             checked = protocol.encode("run_job", job=job_id, argv=job.argv, inputs=inputs, outputs=job.wanted,
-                                      mem_mib=job.mem_mib, net=own.wire())
+                                      mem_mib=job.mem_mib, net=own.wire(), **disk)
         except ProtocolError as exc:
             self.store.finish(job_id, "failed", None, f"not runnable within the pool's limits: {exc}")
             log.warning("job %d failed: not runnable within the pool's limits: %s", job_id, exc)
@@ -579,7 +592,7 @@ class Coordinator:
         for guest, node, net in zip(guests, nodes, identities):
             payload = checked if job.guests == 1 else protocol.encode(
                 "run_job", job=guest, argv=job.argv, inputs=inputs, outputs=job.wanted, mem_mib=job.mem_mib,
-                net=net.wire())
+                net=net.wire(), **disk)
             if not self.server.send(node.identity, payload):
                 if job.guests > 1:
                     self._restart_gang(job_id, f"node {node.name} unreachable", requeue_now=False)
@@ -641,7 +654,7 @@ class Coordinator:
             return
         self.store.requeue_gang(gang_id, reason)
         if requeue_now:
-            self.queue.add(gang_id, gang.mem_mib, gang.guests)
+            self._enqueue(gang)
         self._queued_at[gang_id] = self._clock()
         self.counters.requeued += 1
         log.info("job %d requeued: %s", gang_id, reason)
@@ -705,7 +718,93 @@ class Coordinator:
             self.store.finish(job_id, "failed", None, f"{reason}; gave up after {job.attempts} attempts")
             return
         self.store.requeue(job_id, reason)
-        self.queue.add(job_id, job.mem_mib)
+        self._enqueue(job)
         self._queued_at[job_id] = self._clock()
         self.counters.requeued += 1
         log.info("job %d requeued: %s", job_id, reason)
+
+    def _enqueue(self, job: Job) -> None:
+        image = self.store.image(job.image) if job.image is not None else None
+        self.queue.add(job.id, job.mem_mib, job.guests, image.size if image is not None else 0)
+
+    def _job_disk(self, job: Job) -> dict[str, Any]:
+        """The run_job fields for a job's disk: the image its guests boot from and their disk budget."""
+        fields: dict[str, Any] = {}
+        image = self.store.image(job.image) if job.image is not None else None
+        if image is not None:
+            fields["image"] = image.wire()
+        if job.disk_mib is not None:
+            fields["disk_mib"] = job.disk_mib
+        return fields
+
+    # --- disk images -----------------------------------------------------------------------------------------
+    def _on_image_missing(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        self._reply(identity, "image_missing_reply", chunks=[d for d in msg["chunks"] if not self.chunks.has(d)])
+
+    def _on_image_put(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        try:
+            self.chunks.put(msg["digest"], msg["data"])
+        except ChunkError as exc:
+            self._reply(identity, "error", code="invalid", message=str(exc), in_reply_to="image_put")
+            return
+        self._reply(identity, "ok")
+
+    def _on_image_commit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        problem = check_image_name(msg["name"]) or self._chunks_problem(msg["size"], msg["chunks"])
+        known = self.store.image(msg["name"])
+        if problem is None and known is not None:
+            if known.sha256 == msg["sha256"] and known.chunks == msg["chunks"]:
+                self._reply(identity, "ok", detail=f"image {known.name} is there already")
+                return
+            problem = f"an image named {known.name!r} exists; remove it first (`coordinator image rm {known.name}`)"
+        if problem is not None:
+            self._reply(identity, "error", code="invalid", message=problem, in_reply_to="image_commit")
+            return
+        self.store.add_image(msg["name"], msg["sha256"], msg["size"], msg["chunks"], name)
+        log.info("image %s added by %s: %d bytes in %d chunks, sha256 %s", msg["name"], name, msg["size"],
+                 len(msg["chunks"]), msg["sha256"])
+        self._reply(identity, "ok", detail=f"image {msg['name']} added")
+
+    def _chunks_problem(self, size: int, chunks: list[bytes]) -> str | None:
+        """Why *chunks* do not make an image of *size* bytes here (absent, or not the sizes they must be)."""
+        if len(chunks) != protocol.image_chunk_count(size):
+            return f"an image of {size} bytes has {protocol.image_chunk_count(size)} chunks, not {len(chunks)}"
+        for index, digest in enumerate(chunks):
+            wanted = IMAGE_CHUNK_BYTES if index < len(chunks) - 1 else size - IMAGE_CHUNK_BYTES * index
+            try:
+                stored = self.chunks.size(digest)
+            except OSError:
+                return f"chunk {index} ({digest.hex()[:16]}) is not on the coordinator; send it first"
+            if stored != wanted:
+                return f"chunk {index} ({digest.hex()[:16]}) has {stored} bytes where the image needs {wanted}"
+        return None
+
+    def _on_image_list(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        images = [{"name": image.name, "size": image.size, "sha256": image.sha256, "chunks": len(image.chunks),
+                   "added_by": image.added_by, "added_at": image.added_at,
+                   "jobs": self.store.jobs_using_image(image.name)} for image in self.store.images()]
+        self._reply(identity, "image_list_reply", images=images)
+
+    def _on_image_rm(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        image = self.store.image(msg["name"])
+        users = self.store.jobs_using_image(msg["name"])
+        if image is None or users:
+            why = (f"no image named {msg['name']!r}" if image is None else
+                   f"image {image.name} is used by jobs not yet ended ({', '.join(map(str, users[:20]))}); cancel "
+                   f"them or wait for them to end")
+            self._reply(identity, "error", code="not-found" if image is None else "in-use", message=why,
+                        in_reply_to="image_rm")
+            return
+        self.store.remove_image(image.name)
+        still_used = {digest for other in self.store.images() for digest in other.chunks}
+        self.chunks.discard(set(image.chunks) - still_used)
+        log.info("image %s removed by %s", image.name, name)
+        self._reply(identity, "ok", detail=f"image {image.name} removed")
+
+    def _on_image_chunk_get(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        """A chunk for an agent's fetch socket: any enrolled agent may fetch any chunk of the pool's images."""
+        try:
+            self._reply(identity, "image_chunk", digest=msg["digest"], data=self.chunks.get(msg["digest"]))
+        except ChunkError as exc:
+            log.warning("node %s asked for a chunk: %s", name, exc)
+            self._reply(identity, "image_chunk", digest=msg["digest"], problem=str(exc))

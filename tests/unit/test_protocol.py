@@ -45,6 +45,16 @@ def identities(draw):
 
 
 peers = st.lists(st.fixed_dictionaries({"node": TEXT, "endpoint": TEXT, "key": TEXT}), max_size=4)
+digest = st.binary(min_size=32, max_size=32)
+sha256_hex = st.text("0123456789abcdef", min_size=64, max_size=64)
+
+
+@st.composite
+def images(draw):
+    size = draw(st.integers(1, 5 * protocol.IMAGE_CHUNK_BYTES))
+    chunks = draw(st.lists(digest, min_size=protocol.image_chunk_count(size),
+                           max_size=protocol.image_chunk_count(size)))
+    return {"name": draw(label), "sha256": draw(sha256_hex), "size": size, "chunks": chunks}
 
 
 def strategy_for(kind):
@@ -71,6 +81,10 @@ def strategy_for(kind):
         "map": st.dictionaries(TEXT, plain, max_size=5),
         "identity": identities(),
         "peers": peers,
+        "digest": digest,
+        "digest_list": st.lists(digest, max_size=5),
+        "sha256": sha256_hex,
+        "image": images(),
     }[tag]
 
 
@@ -80,7 +94,8 @@ def minimal_value(kind):
         value = 1 if kind.low is None else kind.low
         return int(value) if kind.tag == "int" else float(value)
     return {"str": "s", "bool": False, "bytes": b"", "str_list": [], "argv": [], "paths": [], "int_list": [],
-            "files": {}, "list": [], "map": {}, "peers": []}[kind.tag]
+            "files": {}, "list": [], "map": {}, "peers": [], "digest": bytes(32), "digest_list": [],
+            "sha256": "0" * 64, "image": {"name": "i", "sha256": "0" * 64, "size": 1, "chunks": [bytes(32)]}}[kind.tag]
 
 
 @st.composite
