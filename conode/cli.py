@@ -233,17 +233,20 @@ class _raw_terminal:
 @click.option("--cpu-cap", type=float, default=None, help="Percent of a core each guest may use (default 100).")
 @click.option("--conet-listen", default=None, metavar="tcp://ADDR:PORT|off",
               help="Where the guests' network switch takes other agents' traffic (default tcp://0.0.0.0:7704).")
+@click.option("--image-cache", "image_cache_mib", type=int, default=None, metavar="MiB",
+              help="What the pool's disk images may take on this disk (default 16384); the least recently used "
+                   "images no guest uses are removed to make room.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="A TOML file with any of: coordinator, coordinator_key, cores, mem, name, idle_source, "
-                   "while_owner, cpu_cap, conet_listen and the owner policy (start_idle_s, start_max_load, suspend_load, "
+                   "while_owner, cpu_cap, conet_listen, image_cache_mib and the owner policy (start_idle_s, start_max_load, suspend_load, "
                    "continue_idle_s, vacate_after_s, active_input_s, allow_on_battery).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.pass_context
 def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, coordinator_key: str | None,
           cores: int | None, mem_mib: int | None, idle_source: str | None, owner: str | None,
-          while_owner: str | None, cpu_cap: float | None, conet_listen: str | None, config_file: Path | None,
-          log_level: str) -> None:
+          while_owner: str | None, cpu_cap: float | None, conet_listen: str | None, image_cache_mib: int | None,
+          config_file: Path | None, log_level: str) -> None:
     """Run the node agent: join the pool and run jobs in guests (`conode agent init` first)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -261,7 +264,7 @@ def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, c
                             stream=sys.stderr)
         overrides = {"coordinator": coordinator, "coordinator_key": coordinator_key, "cores": cores,
                      "mem": mem_mib, "idle_source": idle_source or owner, "while_owner": while_owner,
-                     "cpu_cap": cpu_cap, "conet_listen": conet_listen}
+                     "cpu_cap": cpu_cap, "conet_listen": conet_listen, "image_cache_mib": image_cache_mib}
         config: AgentConfig = resolve_agent_config(state_dir, config_file, overrides)
         daemon = AgentDaemon(config)
         signal.signal(signal.SIGTERM, lambda *_: daemon.stop())

@@ -54,6 +54,7 @@ MAX_IMAGE_NAME = 64  # letters, digits, '.', '_', '-'
 IMAGE_FETCH_WINDOW = 8
 IMAGE_FETCH_TRIES = 3  # a chunk that arrives corrupt this many times in a row fails the fetch
 DEFAULT_IMAGE_CACHE_MIB = 16384  # what an agent keeps of the pool's images on its disk
+MAX_IMAGE_CACHE_MIB = 1 << 24
 
 # --- Snapshots ----------------------------------------------------------------------------------------------
 # A whole guest on disk or on the wire: its RAM and its disk overlay (incompressible at worst) plus the jobs'

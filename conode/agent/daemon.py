@@ -21,6 +21,7 @@ import conode
 from conode.agent.disk import StateDisk
 from conode.agent.conet import OFF, ConetSwitch
 from conode.agent.guests import Guests
+from conode.agent.images import CoordinatorChunks, ImageCache, ImageFetcher
 from conode.agent.link import CoordinatorLink, Transport, ZmqTransport
 from conode.agent.outbox import Outbox
 from conode.agent.owner import FIXED_SOURCES, OwnerMonitor, make_sources
@@ -65,6 +66,12 @@ class AgentDaemon:
             keys = agent_keys(config.state_dir)
             self._public_key = keys.public
             transport = ZmqTransport(self._context, config.coordinator, config.coordinator_key, keys)
+        # Images come over a connection of their own (images.py): a fetch never delays a heartbeat.
+        self.images = ImageFetcher(
+            ImageCache(config.state_dir / "images", config.image_cache_mib << 20, wall),
+            lambda: CoordinatorChunks(self._context, config.coordinator, config.coordinator_key,
+                                      agent_keys(config.state_dir)),
+            self.waker.signal)
         self.outbox = Outbox(config.state_dir / "outbox", self.disk)
         self.link = CoordinatorLink(transport, self.outbox, clock, hello=self._hello, heartbeat=self._heartbeat)
         listen = config.conet_listen if start_worker is None else OFF  # stand-in workers have no guests to join
@@ -72,7 +79,7 @@ class AgentDaemon:
         self.conet = ConetSwitch(config.state_dir, listen, config.coordinator, config.state_dir / "keys",
                                  self.waker.signal, clock)
         self.guests = Guests(config.cores, config.mem_mib, config.state_dir, start_worker, self.link, clock,
-                             self.disk, self.conet)
+                             self.disk, self.conet, self.images)
         fixed = sources is not None or config.idle_source in FIXED_SOURCES
         self.owner = OwnerMonitor(sources if sources is not None else make_sources(config.idle_source, clock, wall),
                                   config.policy, clock=clock, wall=wall, fixed_load=0.0 if fixed else None)
@@ -111,7 +118,8 @@ class AgentDaemon:
         conet = {"conet": self.conet.endpoint} if self.conet.endpoint else {}
         return protocol.encode("hello", node=self.config.name, cores=self.config.cores, mem_mib=self.config.mem_mib,
                                speed=self.guests.speed(), state=self.state, idle_s=self._idle_s(),
-                               running=self.held_jobs(), software=f"conode {conode.__version__}", **conet)
+                               running=self.held_jobs(), software=f"conode {conode.__version__}",
+                               image_cache_mib=self.config.image_cache_mib, **conet)
 
     def _heartbeat(self) -> bytes:
         return protocol.encode("heartbeat", node=self.config.name, state=self.state, idle_s=self._idle_s(),
@@ -134,6 +142,7 @@ class AgentDaemon:
     def shutdown(self) -> None:
         self.link.close(bye=protocol.encode("bye", node=self.config.name))
         self.guests.stop_all()
+        self.images.close()
         self.conet.close()
         self.waker.close()
 
@@ -196,6 +205,8 @@ class AgentDaemon:
             "coordinator": self.config.coordinator, "connected": self.link.welcomed,
             "guests": self.guests.status(), "cpu_percent": self._cpu_percent(),
             "jobs": sorted(self.guests.jobs), "vacated_jobs": sorted(self.guests.vacated),
+            "images": {"fetching": sorted(self.images.pending), "waiting_jobs": sorted(self.guests.fetching),
+                       "cache_mib": self.config.image_cache_mib},
             "unacknowledged": self.outbox.jobs(), "disk_problems": self.disk.problems,
             "yield_ms": [round(x * 1000, 1) for x in self.guests.yield_latencies],
             "conet": {"endpoint": self.conet.endpoint, "problem": self.conet.problem, **self.conet.stats},

@@ -37,6 +37,7 @@ from conode.agent.wire import validate_to_worker
 from conode.conet.port import Port, PortError
 from conode.errors import ConodeError
 from conode.vm.cpu.unicorn_cpu import RamImage
+from conode.vm.disk.config import DiskConfig
 from conode.vm.guest import Guest, GuestSnapshot, ImageDigests, JobSpec
 from conode.vm.guest_image import load_guest_image
 from conode.vm.machine import CoMachine, MachineConfig
@@ -84,7 +85,17 @@ class GuestWorker:
                 self._log(f"boot snapshot {path} is for another image or size; booting")
             except ConodeError as exc:
                 self._log(f"boot snapshot unusable ({exc}); booting")
-        booted = Guest.boot(image, MachineConfig(mem_mib=self.mem_mib))
+        booted = self._boot(MachineConfig(mem_mib=self.mem_mib))
+        self.pristine = booted.snapshot()
+        if path is not None:
+            try:
+                self.pristine.write(path)
+            except ConodeError as exc:
+                self._log(f"cannot save the boot snapshot: {exc}")
+
+    def _boot(self, config: MachineConfig) -> Guest:
+        """Boot a guest from the built-in image until its in-guest agent is ready; it is left paused there."""
+        booted = Guest.boot(load_guest_image(), config)
         booted.on_ready = lambda name: booted.machine.pause()
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         timer = threading.Timer(BOOT_TIMEOUT_S, booted.machine.pause)
@@ -96,13 +107,17 @@ class GuestWorker:
         finally:
             timer.cancel()
         if booted.failure is not None or not booted.agent.ready:
+            booted.machine.close()
             raise ConodeError(f"the guest did not boot: {booted.failure or f'not ready within {BOOT_TIMEOUT_S:g} s'}")
-        self.pristine = booted.snapshot()
-        if path is not None:
-            try:
-                self.pristine.write(path)
-            except ConodeError as exc:
-                self._log(f"cannot save the boot snapshot: {exc}")
+        booted.on_ready = lambda name: None
+        return booted
+
+    def _disk_guest(self, disk: dict[str, Any]) -> Guest:
+        """A fresh guest whose root file system is the job's pool image, seen through its own overlay."""
+        config = DiskConfig(Path(disk["base"]), Path(disk["overlay"]), int(disk["budget_mib"]), root=True)
+        guest = self._boot(MachineConfig(mem_mib=self.mem_mib, disk=config))
+        guest.machine.cpu_cap = self.cpu_cap
+        return guest
 
     def _fresh_guest(self) -> Guest:
         if self.pristine is None:
@@ -215,7 +230,14 @@ class GuestWorker:
         spec = JobSpec.in_job_directory(int(message["job"]), list(message["argv"]), dict(message["inputs"]),
                                         list(message["outputs"]), NetIdentity.from_message(net) if net else None)
         self._cancelled = False
-        self.guest = self._fresh_guest()
+        try:
+            self.guest = self._disk_guest(message["disk"]) if "disk" in message else self._fresh_guest()
+        except ConodeError as exc:  # its disk cannot be opened, or the guest does not boot from it
+            self.failed(spec.id, f"the job's guest could not start: {exc}")
+            return
+        except _Exit:  # told to quit or vacate while the job's guest booted: nothing of the job ran yet
+            self.failed(spec.id, "the workstation's owner came back while the job's guest booted")
+            raise
         if net and "token" in net:
             self._join_conet(self.guest, net["socket"], net["token"])
         self.guest.start_job(spec, self)

@@ -19,9 +19,10 @@ import msgpack
 
 from conode.errors import ConodeError
 from conode.limits import (IMAGE_CHUNK_BYTES, MAX_ARGV, MAX_ARGV_BYTES, MAX_DISK_BUDGET_MIB, MAX_FILES,
-                           MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB, MAX_HOSTNAME, MAX_IMAGE_BYTES, MAX_IMAGE_CHUNKS,
-                           MAX_IMAGE_NAME, MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES,
-                           MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES, MAX_SMALL_FIELD, MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
+                           MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB, MAX_HOSTNAME, MAX_IMAGE_BYTES, MAX_IMAGE_CACHE_MIB,
+                           MAX_IMAGE_CHUNKS, MAX_IMAGE_NAME, MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES,
+                           MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES, MAX_SMALL_FIELD,
+                           MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
 
 PROTOCOL_VERSION = 1
 # MAX_FRAME_BYTES, MAX_SMALL_FIELD, MAX_ARGV and MAX_FILES come from conode.limits and stay importable from here.
@@ -79,7 +80,7 @@ IMAGE_NAME = Kind("str", MAX_IMAGE_NAME)
 IMAGE_SIZE = Kind("int", low=1, high=MAX_IMAGE_BYTES)
 IMAGE = Kind("image")  # an image a job runs on: name, sha256, size and chunks (see _image_problem)
 DISK_MIB = Kind("int", low=1, high=MAX_DISK_BUDGET_MIB)
-CACHE_MIB = Kind("int", low=0, high=1 << 40)
+CACHE_MIB = Kind("int", low=0, high=MAX_IMAGE_CACHE_MIB)
 ANY_LIST = Kind("list", MAX_LIST_ENTRIES)
 ANY_MAP = Kind("map", MAX_LIST_ENTRIES)
 
