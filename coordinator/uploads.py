@@ -32,7 +32,8 @@ def upload_image(client: AdminClient, name: str, path: Path, progress: Progress)
         progress(f"sending: chunk {count}/{len(todo)}, {sent >> 20} MiB")
     took = time.monotonic() - started
     rate = f", {sent / (1 << 20) / took:.0f} MiB/s" if sent and took > 0 else ""
-    progress(f"sent {len(todo)} of {len(manifest.chunks)} chunks ({sent >> 20} MiB) in {took:.1f} s{rate}", final=True)
+    progress(f"sent {len(todo)} chunks the coordinator lacked ({sent >> 20} MiB; the image has "
+             f"{len(manifest.chunks)}, {len(first_index)} distinct) in {took:.1f} s{rate}", final=True)
     reply = client.request("image_commit", "ok", name=name, size=manifest.size, sha256=manifest.sha256,
                            chunks=manifest.chunks)
     return str(reply.get("detail", "ok"))
