@@ -6,13 +6,15 @@ cache is fetched again, the cache budget evicts the least recently used image, a
 import hashlib
 import json
 import re
+import shutil
 
 import pytest
 from pool import Pool
 
-root_disk = pytest.importorskip("tests.vm.test_disk_root", reason="needs the root-disk boot path (DiskConfig.root)")
+from tests.vm.test_disk_root import root_image
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("cpio") is None,
+                                                    reason="needs e2fsprogs (mke2fs) and cpio")]
 
 MIB = 1 << 20
 
@@ -35,7 +37,7 @@ def images(tmp_path_factory):
     made = {}
     for name in ("one", "two", "three"):
         where = tmp_path_factory.mktemp(name)
-        made[name] = root_disk.root_image(where, {"only-here.txt": f"this is image {name}\n"})
+        made[name] = root_image(where, {"only-here.txt": f"this is image {name}\n"})
     return made
 
 
