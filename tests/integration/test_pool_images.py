@@ -127,3 +127,37 @@ def test_an_image_in_use_is_not_removed(pool, images):
     assert [i["name"] for i in json.loads(pool.cli("image", "list", "--json").stdout)] == ["one", "three"]
     missing = pool.cli("submit", "--image", "two", "--", "true", check=False)
     assert missing.returncode != 0 and "no image named 'two'" in missing.stderr.decode()
+
+
+def test_a_vacated_image_guest_resumes_with_its_disk_changes_after_its_image_is_fetched_again(tmp_path, images):
+    from test_owner_cycle import TICKS, agent_status, start_owner_aware_agent
+
+    pool = Pool(tmp_path)
+    pool.start_coordinator()
+    try:
+        pool.cli("image", "add", "one", str(images["one"]), timeout=120)
+        owner = start_owner_aware_agent(pool, "laptop", vacate_after_s=1.5)
+        owner.left()
+        pool.wait_until("a guest offered to the pool", lambda: "laptop" in pool.ready_nodes(), 120)
+        job = int(pool.cli("submit", "--image", "one", "--", "sh", "-c",
+                           f"echo written before > /state.txt; {TICKS}; cat /state.txt /only-here.txt").stdout)
+        pool.wait_until("the job to produce output", lambda: b"tick-2" in pool.cli("logs", str(job)).stdout, 60)
+
+        def still_working(condition):  # the owner keeps typing while we wait
+            owner.types()
+            return condition()
+
+        pool.wait_until("the job to be vacated", lambda: still_working(
+            lambda: pool.jobs()[job]["state"] == "vacated" and agent_status(pool, "laptop")["guests"][0]["state"]
+            == "stopped"), 40, interval=0.2)
+        sha = hashlib.sha256(images["one"].read_bytes()).hexdigest()
+        (pool.root / "laptop" / "images" / f"{sha}.img").unlink()  # the base the saved guest's disk needs
+
+        owner.left()
+        result = pool.cli("wait", str(job), "--timeout", "120", check=False, timeout=150)
+        assert result.returncode == 0, result.stderr.decode() + pool.log("laptop")[-3000:]
+        assert pool.cli("logs", str(job)).stdout.endswith(b"finished\nwritten before\nthis is image one\n")
+        assert pool.jobs()[job]["attempts"] == 1  # resumed, not run again
+        assert len(re.findall(r"fetched image one", pool.log("laptop"))) == 2
+    finally:
+        pool.close()
