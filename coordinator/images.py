@@ -8,10 +8,10 @@ the coordinator's disk is reported as such, never sent. Which images use which c
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Iterable
 
+from conode.atomic_file import write_atomically
 from conode.errors import ConodeError
 from conode.limits import MAX_IMAGE_NAME
 
@@ -38,16 +38,10 @@ class ChunkStore:
         path = self.path(digest)
         if path.is_file():
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
         try:
-            with open(partial, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, data)
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             raise ChunkError(f"cannot store chunk {digest.hex()[:16]} in {self.root}: {exc.strerror or exc}") \
                 from None
 

@@ -20,7 +20,7 @@ def upload_image(client: AdminClient, name: str, path: Path, progress: Progress)
     progress(f"read {path.name}: {manifest.size >> 20} MiB in {len(manifest.chunks)} chunks, "
              f"sha256 {manifest.sha256[:16]}", final=True)
     missing = client.request("image_missing", "image_missing_reply", chunks=manifest.chunks)["chunks"]
-    first_index = {}
+    first_index: dict[bytes, int] = {}
     for index, digest in enumerate(manifest.chunks):
         first_index.setdefault(digest, index)
     todo = sorted({first_index[digest] for digest in missing if digest in first_index})

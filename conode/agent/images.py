@@ -365,7 +365,7 @@ class ImageFetcher:
 
     def results(self) -> list[tuple[str, str | None]]:
         """(sha256, problem or None) of the fetches that ended since the last call."""
-        done = []
+        done: list[tuple[str, str | None]] = []
         while True:
             try:
                 sha, problem = self._results.get_nowait()

@@ -46,7 +46,7 @@ def manifest_of(path: Path, progress: Callable[[int, int], None] = lambda done, 
         if not 0 < size <= MAX_IMAGE_BYTES:
             raise DiskImageError(f"image {path} has {size} bytes; an image of the pool has 1 to {MAX_IMAGE_BYTES}")
         whole = hashlib.sha256()
-        chunks = []
+        chunks: list[bytes] = []
         while (data := os.pread(fd, IMAGE_CHUNK_BYTES, len(chunks) * IMAGE_CHUNK_BYTES)):
             whole.update(data)
             chunks.append(chunk_digest(data))

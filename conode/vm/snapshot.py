@@ -22,6 +22,7 @@ from typing import Any
 
 import msgpack
 
+from conode.atomic_file import write_atomically
 from conode.errors import SnapshotError
 from conode.limits import MAX_GUEST_MEM_MIB, MAX_SNAPSHOT_BYTES
 from conode.vm import layout, state
@@ -103,16 +104,9 @@ def write_snapshot(path: Path, state: dict[str, Any]) -> int:
     """Write *state* atomically (a partial file never replaces a good one); return the file size."""
     payload = msgpack.packb(state, use_bin_type=True)
     header = HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as out:
-            out.write(header)
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, header, payload)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror or exc}") from None
     return len(header) + len(payload)
 
