@@ -43,6 +43,11 @@ VACATED_HOLD_S = 3600.0  # a job saved on a node's disk waits this long for its 
 MAX_JOBS_LISTED = 1000  # jobs in one `jobs` reply
 LISTED_ARGV_BYTES = 1024  # a listed job's command beyond this shows its first arguments only
 ORPHAN_GRACE_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 2
+# Image chunks are served between everything else: requests wait in a queue (bounded: an agent keeps at most
+# IMAGE_FETCH_WINDOW in flight, so more is a misbehaving one) and each loop turn reads and sends chunks for at most
+# CHUNK_TURN_S, so that a pool of agents fetching an image never keeps heartbeats or submissions waiting long.
+CHUNK_TURN_S = 0.02
+MAX_CHUNK_REQUESTS = 8192
 GANG_LOGS_NOTE = b"\n[conode: the ranks' output together is longer than one reply; see each with --rank]\n"
 
 
@@ -106,6 +111,7 @@ class Coordinator:
         self._wall = wall_clock_from(clock)
         self.store = Store(state.database, clock=self._wall)
         self.chunks = ChunkStore(state.chunks)
+        self._chunk_requests: deque[tuple[bytes, str, bytes]] = deque()  # (identity, node, digest)
         self._auth_store: Store | None = None
         if transport is None:
             self._auth_store = auth_store = Store(state.database, clock=self._wall)  # the ZAP thread's own
@@ -141,7 +147,7 @@ class Coordinator:
         poller.register(server.socket, zmq.POLLIN)
         try:
             while self._running:
-                events = dict(poller.poll(timeout=200))
+                events = dict(poller.poll(timeout=0 if self._chunk_requests else 200))
                 if server.socket in events:
                     for _ in range(1000):  # drain what is there, but keep the housekeeping going
                         try:
@@ -150,6 +156,7 @@ class Coordinator:
                             break
                         if received is not None:
                             self.handle(*received)
+                self.serve_chunks()
                 if self._clock() >= self._next_housekeeping:
                     self._next_housekeeping = self._clock() + HOUSEKEEPING_EVERY_S
                     self.housekeeping()
@@ -802,9 +809,18 @@ class Coordinator:
         self._reply(identity, "ok", detail=f"image {image.name} removed")
 
     def _on_image_chunk_get(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        """A chunk for an agent's fetch socket: any enrolled agent may fetch any chunk of the pool's images."""
-        try:
-            self._reply(identity, "image_chunk", digest=msg["digest"], data=self.chunks.get(msg["digest"]))
-        except ChunkError as exc:
-            log.warning("node %s asked for a chunk: %s", name, exc)
-            self._reply(identity, "image_chunk", digest=msg["digest"], problem=str(exc))
+        """A chunk for an agent's fetch socket (any enrolled agent may fetch any chunk of the pool's images),
+        answered by serve_chunks; a request beyond the queue's bound is dropped (the agent asks again)."""
+        if len(self._chunk_requests) < MAX_CHUNK_REQUESTS:
+            self._chunk_requests.append((identity, name, msg["digest"]))
+
+    def serve_chunks(self) -> None:
+        """Answer waiting chunk requests, for at most CHUNK_TURN_S."""
+        deadline = time.monotonic() + CHUNK_TURN_S
+        while self._chunk_requests and time.monotonic() < deadline:
+            identity, name, digest = self._chunk_requests.popleft()
+            try:
+                self._reply(identity, "image_chunk", digest=digest, data=self.chunks.get(digest))
+            except ChunkError as exc:
+                log.warning("node %s asked for a chunk: %s", name, exc)
+                self._reply(identity, "image_chunk", digest=digest, problem=str(exc))

@@ -149,15 +149,36 @@ def test_agents_fetch_chunks_on_their_own_socket_and_damage_is_reported_not_sent
     data = image_bytes(CHUNK + 3)
     add(pool, "img", data)
     digest = chunk_digest(data[:CHUNK])
-    # The fetch socket is not the node's control connection: it needs no hello.
-    (reply,) = pool.send("n1", "image_chunk_get", digest=digest)
+    # The fetch socket is not the node's control connection: it needs no hello. Requests are answered between
+    # the other messages, by serve_chunks.
+    assert pool.send("n1", "image_chunk_get", digest=digest) == []
+    pool.coordinator.serve_chunks()
+    (reply,) = pool.take("n1")
     assert reply["type"] == "image_chunk" and reply["data"] == data[:CHUNK] and reply["digest"] == digest
     path = pool.coordinator.chunks.path(digest)
     path.write_bytes(b"rot" + data[3:CHUNK])
-    (reply,) = pool.send("n1", "image_chunk_get", digest=digest)
-    assert "data" not in reply and "damaged on the coordinator's disk" in reply["problem"]
-    (reply,) = pool.send("n1", "image_chunk_get", digest=bytes(32))
-    assert "not on the coordinator" in reply["problem"]
+    pool.send("n1", "image_chunk_get", digest=digest)
+    pool.send("n1", "image_chunk_get", digest=bytes(32))
+    pool.coordinator.serve_chunks()
+    damaged, absent = pool.take("n1")
+    assert "data" not in damaged and "damaged on the coordinator's disk" in damaged["problem"]
+    assert "not on the coordinator" in absent["problem"]
+
+
+def test_chunk_requests_wait_in_a_bounded_queue_and_a_turn_serves_them_for_a_bounded_time(pool, monkeypatch):
+    data = image_bytes(CHUNK)
+    add(pool, "img", data)
+    digest = chunk_digest(data)
+    monkeypatch.setattr("coordinator.server.MAX_CHUNK_REQUESTS", 5)
+    for _ in range(7):
+        pool.send("n1", "image_chunk_get", digest=digest)
+    assert len(pool.coordinator._chunk_requests) == 5  # the rest dropped: a well-behaved agent asks again
+    monkeypatch.setattr("coordinator.server.CHUNK_TURN_S", 0.0)
+    pool.coordinator.serve_chunks()  # no time to serve: everything still waits
+    assert pool.take("n1") == [] and len(pool.coordinator._chunk_requests) == 5
+    monkeypatch.setattr("coordinator.server.CHUNK_TURN_S", 10.0)
+    pool.coordinator.serve_chunks()
+    assert [m["data"] for m in pool.take("n1")] == [data] * 5
 
 
 def test_image_names(pool):
