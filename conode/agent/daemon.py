@@ -21,7 +21,7 @@ import conode
 from conode.agent.disk import StateDisk
 from conode.agent.conet import OFF, ConetSwitch
 from conode.agent.guests import Guests
-from conode.agent.images import CoordinatorChunks, ImageCache, ImageFetcher
+from conode.agent.images import ChunkSource, CoordinatorChunks, ImageCache, ImageFetcher
 from conode.agent.link import CoordinatorLink, Transport, ZmqTransport
 from conode.agent.outbox import Outbox
 from conode.agent.owner import FIXED_SOURCES, OwnerMonitor, make_sources
@@ -52,9 +52,10 @@ class AgentDaemon:
     def __init__(self, config: AgentConfig, context: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  transport: Transport | None = None, start_worker: StartWorker | None = None,
-                 sources: list[IdleSource] | None = None) -> None:
-        """*transport*, *start_worker* and *sources* replace the real coordinator socket, worker processes and
-        idle sources (conode/testing has stand-ins); by default the agent uses the real ones."""
+                 sources: list[IdleSource] | None = None, chunks: Callable[[], ChunkSource] | None = None) -> None:
+        """*transport*, *start_worker*, *sources* and *chunks* replace the real coordinator socket, worker
+        processes, idle sources and image fetch socket (conode/testing has stand-ins); by default the agent uses
+        the real ones."""
         self.config = config
         self._clock = clock
         self._wall = wall
@@ -69,8 +70,8 @@ class AgentDaemon:
         # Images come over a connection of their own (images.py): a fetch never delays a heartbeat.
         self.images = ImageFetcher(
             ImageCache(config.state_dir / "images", config.image_cache_mib << 20, wall),
-            lambda: CoordinatorChunks(self._context, config.coordinator, config.coordinator_key,
-                                      agent_keys(config.state_dir)),
+            chunks or (lambda: CoordinatorChunks(self._context, config.coordinator, config.coordinator_key,
+                                                 agent_keys(config.state_dir))),
             self.waker.signal)
         self.outbox = Outbox(config.state_dir / "outbox", self.disk)
         self.link = CoordinatorLink(transport, self.outbox, clock, hello=self._hello, heartbeat=self._heartbeat)

@@ -25,16 +25,18 @@ POLICY = PolicyConfig()
 class Agent:
     """One agent on a state directory, with every outside part replaced by a test double."""
 
-    def __init__(self, state_dir, cores=2, clock=None, wall=None, while_owner="pause"):
+    def __init__(self, state_dir, cores=2, clock=None, wall=None, while_owner="pause", chunks=None,
+                 image_cache_mib=16384):
         self.clock = clock or FakeClock(1000.0)
         self.wall = wall or FakeClock(1.7e9)
         self.coordinator = MemoryTransport()
         self.workers = FakeWorkers()
         self.idle = SettableIdle(math.inf)
         config = AgentConfig(state_dir=state_dir, name="desk1", coordinator="tcp://127.0.0.1:1",
-                             coordinator_key="", cores=cores, mem_mib=128, policy=POLICY, while_owner=while_owner)
+                             coordinator_key="", cores=cores, mem_mib=128, policy=POLICY, while_owner=while_owner,
+                             image_cache_mib=image_cache_mib)
         self.daemon = AgentDaemon(config, clock=self.clock, wall=self.wall, transport=self.coordinator,
-                                  start_worker=self.workers, sources=[self.idle])
+                                  start_worker=self.workers, sources=[self.idle], chunks=chunks)
 
     def step(self, times=1, advance=0.0):
         for _ in range(times):

@@ -233,3 +233,77 @@ def test_the_fetcher_thread_reports_each_image_once(store, cache):
         assert fetcher.pending == set() and cache.ready(good.sha256)
     finally:
         fetcher.close()
+
+
+# --- the agent: jobs wait for their image ----------------------------------------------------------------------
+def agent_with_images(tmp_path, store, cache_mib=16):
+    from tests.unit.test_agent_daemon import Agent
+
+    return Agent(tmp_path / "agent", cores=1, chunks=lambda: StoreChunks(store), image_cache_mib=cache_mib)
+
+
+def run_on_image(agent, job, spec, **extra):
+    wire = {"name": spec.name, "sha256": spec.sha256, "size": spec.size, "chunks": list(spec.chunks)}
+    agent.coordinator.deliver("run_job", job=job, argv=["cat", "/x"], inputs={}, outputs=[], mem_mib=128,
+                              image=wire, **extra)
+    agent.step()
+
+
+def step_until(agent, condition, seconds=10.0):
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return True
+        threading.Event().wait(0.01)
+        agent.step()
+    return condition()
+
+
+def test_a_job_waits_for_its_image_then_boots_from_it_with_an_overlay_of_its_own(tmp_path, store):
+    agent = agent_with_images(tmp_path, store)
+    (w0,) = agent.join()
+    assert agent.sent("hello")[0]["image_cache_mib"] == 16
+    spec = publish(store, content(3 * CHUNK, seed=40))
+    run_on_image(agent, 7, spec, disk_mib=64)
+    assert 7 in agent.daemon.held_jobs() and not w0.of_type("run")  # waiting for the image
+    assert step_until(agent, lambda: w0.of_type("run"))
+    (run,) = w0.of_type("run")
+    cache = agent.daemon.images.cache
+    assert run["disk"] == {"base": str(cache.path(spec.sha256)),
+                           "overlay": str(tmp_path / "agent" / "overlays" / "job-7.cow"), "budget_mib": 64}
+    assert cache.ready(spec.sha256)
+    run_on_image(agent, 8, spec)  # the image is here now: no wait
+    w0.finish(7)
+    agent.step()
+    assert [m["job"] for m in w0.of_type("run")] == [7, 8]
+    agent.daemon.images.close()
+
+
+def test_an_image_larger_than_the_agents_budget_fails_the_job_with_the_sizes(tmp_path, store):
+    agent = agent_with_images(tmp_path, store, cache_mib=2)
+    (w0,) = agent.join()
+    spec = publish(store, content(3 * CHUNK, seed=41), "wide")
+    run_on_image(agent, 9, spec)
+    (failed,) = agent.sent("job_failed", 9)
+    assert failed["retry"] and "image wide (sha256" in failed["reason"]
+    assert "3.0 MiB) is larger than this agent's image cache of 2 MiB" in failed["reason"]
+    assert not w0.of_type("run") and agent.daemon.images.pending == set()
+
+
+def test_a_vacated_guest_whose_image_the_agent_no_longer_knows_fails_naming_it(tmp_path, store):
+    agent = agent_with_images(tmp_path, store)
+    (w0,) = agent.join()
+    spec = publish(store, content(CHUNK, seed=42))
+    run_on_image(agent, 11, spec)
+    assert step_until(agent, lambda: w0.of_type("run"))
+    w0.emit("vacated", path=str(tmp_path / "agent" / "vacated" / "worker-0.snap"), jobs=[11])
+    (tmp_path / "agent" / "vacated" / "worker-0.snap").write_bytes(b"saved guest")
+    agent.step()
+    assert agent.daemon.guests.vacated == {11: 0}
+    agent.daemon.images.cache.remove(spec.sha256)  # file and record gone
+    agent.daemon.images.close()
+    again = agent_with_images(tmp_path, store)  # the agent restarts: the vacated record names the image
+    assert again.daemon.guests.job_images == {11: spec.sha256}
+    again.join()
+    (failed,) = again.sent("job_failed", 11)
+    assert failed["retry"] and f"its disk image (sha256 {spec.sha256}) is missing" in failed["reason"]
+    again.daemon.images.close()
