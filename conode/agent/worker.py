@@ -68,6 +68,9 @@ class GuestWorker:
         self._cancelled = False  # the running guest's job was cancelled: discard it silently
         self._running: Guest | None = None  # the guest on the CPU right now (a job's, the boot's, calibration's)
         self._port: Port | None = None  # the job guest's conet port, when the agent gave it one
+        # The post-boot snapshot of a guest on a pool image (its base file and disk budget), made like the
+        # pristine one: kept for the last image used, so that the next job on it starts without a boot.
+        self._image_pristine: tuple[tuple[str, int], GuestSnapshot, RamImage] | None = None
 
     # --- the pristine guest -----------------------------------------------------------------------------
     def _load_pristine(self) -> None:
@@ -113,9 +116,18 @@ class GuestWorker:
         return booted
 
     def _disk_guest(self, disk: dict[str, Any]) -> Guest:
-        """A fresh guest whose root file system is the job's pool image, seen through its own overlay."""
-        config = DiskConfig(Path(disk["base"]), Path(disk["overlay"]), int(disk["budget_mib"]), root=True)
-        guest = self._boot(MachineConfig(mem_mib=self.mem_mib, disk=config))
+        """A fresh guest whose root file system is the job's pool image, seen through its own overlay: restored
+        from the post-boot snapshot of a guest on that image (booted for it, once per image, with no job)."""
+        key = (str(disk["base"]), int(disk["budget_mib"]))
+        if self._image_pristine is None or self._image_pristine[0] != key:
+            self._image_pristine = None  # one at a time: a guest's RAM is large
+            config = DiskConfig(Path(disk["base"]), None, int(disk["budget_mib"]), root=True)
+            booted = self._boot(MachineConfig(mem_mib=self.mem_mib, disk=config))
+            snapshot = booted.snapshot()
+            booted.machine.close()
+            self._image_pristine = (key, snapshot, snapshot.ram_image())
+        _, pristine, ram = self._image_pristine
+        guest = Guest.restore(pristine, new_identity=True, ram_image=ram, disk_overlay=Path(disk["overlay"]))
         guest.machine.cpu_cap = self.cpu_cap
         return guest
 
