@@ -5,7 +5,8 @@ its own process. Messages from the agent arrive on stdin, messages to the agent 
 length-prefixed msgpack (pipe.py):
 
 - agent → worker: ``run`` (job, argv, inputs, outputs, and optionally net: the guest's conet port and identity,
-  see wire.py), ``cancel`` (job), ``pause``, ``resume``, ``vacate`` (path), ``quit``;
+  and disk: the pool image the guest boots from, its overlay file and budget, see wire.py), ``cancel`` (job),
+  ``pause``, ``resume``, ``vacate`` (path), ``quit``;
 - worker → agent: ``ready`` (guest, speed), ``output`` (job, stream, data), ``finished`` (job, status, outputs,
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
   ``resumed``, ``vacated`` (path, jobs).
