@@ -192,14 +192,17 @@ class Guests:
         """Have *spec* fetched unless it is here (making room for it in the cache); why it cannot be, or None."""
         assert self._images is not None
         cache = self._images.cache
-        if cache.ready(spec.sha256):
-            cache.touch(spec)
-            return None
         try:
+            if cache.ready(spec.sha256):
+                cache.touch(spec)
+                return None
             if spec.sha256 not in self._images.pending:
                 cache.make_room(spec, self.images_in_use() - {spec.sha256})
         except ImageRefused as exc:
             return str(exc)
+        except OSError as exc:  # the state disk is full or read-only: this job cannot have its image here
+            log.warning("cannot use the image cache: %s", exc)
+            return f"this agent cannot keep {spec.shown}: {exc.strerror or exc}"
         self._images.want(spec)
         return None
 

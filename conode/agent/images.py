@@ -42,6 +42,7 @@ from conode.cluster.chunks import chunk_digest, chunk_span
 from conode.cluster.keys import KeyPair
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ClientSocket
+from conode.atomic_file import write_atomically
 from conode.errors import ConodeError
 from conode.limits import IMAGE_CHUNK_BYTES, IMAGE_FETCH_TRIES, IMAGE_FETCH_WINDOW
 
@@ -147,7 +148,6 @@ class ImageCache:
         self.budget_bytes = budget_bytes
         self._clock = clock
         self._lock = threading.Lock()  # records are written by the fetcher thread and read by the agent's loop
-        root.mkdir(parents=True, exist_ok=True)
 
     # --- files and records ---------------------------------------------------------------------------------
     def path(self, sha256: str) -> Path:
@@ -169,10 +169,8 @@ class ImageCache:
 
     def _write_record(self, record: dict[str, Any]) -> None:
         with self._lock:
-            path = self._record_path(record["sha256"])
-            partial = path.with_suffix(".json.tmp")
-            partial.write_text(json.dumps(record))
-            os.replace(partial, path)
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_atomically(self._record_path(record["sha256"]), json.dumps(record).encode())
 
     def spec(self, sha256: str) -> ImageSpec | None:
         """What the cache knows of an image (enough to fetch it again), even when its file is gone."""
@@ -200,6 +198,8 @@ class ImageCache:
     def held(self) -> dict[str, int]:
         """The images on disk (whole or partial) and the bytes each may take."""
         sizes: dict[str, int] = {}
+        if not self.root.is_dir():
+            return sizes
         for path in self.root.iterdir():
             if path.suffix in (".img", ".part"):
                 record = self.record(path.stem)
