@@ -274,6 +274,8 @@ def submit(config_path: Path | None, endpoint: str | None, inputs: tuple[Path, .
     """Queue COMMAND to run in a guest (or in several, --guests); prints the job id."""
 
     def body() -> None:
+        if disk_mib is not None and image_name is None:
+            raise click.UsageError("--disk-budget is for a job on an image: give --image NAME too")
         total = sum(path.stat().st_size for path in inputs)
         if total > MAX_JOB_INPUT_BYTES:
             raise ConodeError(f"the input files take {total} bytes; a job's inputs may take at most "

@@ -378,6 +378,10 @@ class Coordinator:
             self._reply(identity, "error", code="not-found", in_reply_to="submit",
                         message=f"no image named {msg['image']!r}; see `coordinator image list`")
             return
+        if "disk_mib" in msg and image is None:
+            self._reply(identity, "error", code="invalid", in_reply_to="submit",
+                        message="a disk budget is for a job on an image: give the image too (--image NAME)")
+            return
         job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name, guests, network,
                                     msg.get("image"), msg.get("disk_mib"))
         self.queue.add(job_id, msg["mem_mib"], guests, image.size if image is not None else 0)

@@ -109,6 +109,8 @@ def test_submit_names_an_existing_image_and_run_job_carries_its_chunks(pool):
     add(pool, "deb", data)
     reply = pool.ask("submit", argv=["true"], inputs={}, outputs=[], mem_mib=128, image="nope")
     assert reply["type"] == "error" and "no image named 'nope'" in reply["message"]
+    reply = pool.ask("submit", argv=["true"], inputs={}, outputs=[], mem_mib=128, disk_mib=64)
+    assert reply["type"] == "error" and "give the image too" in reply["message"]
     pool.hello("n1")
     job = pool.ask("submit", argv=["true"], inputs={}, outputs=[], mem_mib=128, image="deb", disk_mib=64)["job"]
     (run,) = [m for m in pool.take("n1") if m["type"] == "run_job"]
