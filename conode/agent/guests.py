@@ -485,6 +485,7 @@ class Guests:
         for job in jobs:
             self.jobs.pop(job, None)
             self._ports.detach(job)  # its guest is on disk: nothing to deliver frames to
+            self._remove_overlay(job)  # its disk's changes are in the snapshot
             self.vacated[job] = slot.index
             self._reports.report("job_vacated", job=job)
         slot.job = None
