@@ -49,7 +49,7 @@ from conode.limits import IMAGE_CHUNK_BYTES, IMAGE_FETCH_TRIES, IMAGE_FETCH_WIND
 log = logging.getLogger("conode.agent")
 
 REPLY_TIMEOUT_S = 10.0  # no chunk for this long: the connection is rebuilt and what was asked is asked again
-MAX_SILENT_ROUNDS = 6  # ... and after this many such rounds in a row the fetch fails (the job is retried)
+GIVE_UP_S = 60.0  # no chunk for this long (or no connection): the fetch fails, and its jobs run elsewhere
 
 
 class ImageRefused(ConodeError):
@@ -288,26 +288,23 @@ class _Fetch:
         self.tries: dict[bytes, int] = {}
 
     def run(self) -> None:
-        silent = 0
+        heard = time.monotonic()
         while self.todo or self.asked:
             if self.stop is not None and self.stop.is_set():
                 raise ImageRefused(f"the fetch of {self.spec.shown} was stopped")
             while self.todo and len(self.asked) < IMAGE_FETCH_WINDOW:
                 if not self.source.ask(self.todo[0]):
-                    break
+                    break  # not connected (yet)
                 self.asked.add(self.todo.popleft())
             answers = self.source.answers(REPLY_TIMEOUT_S if self.asked else 0.1)
             if answers:
-                silent = 0
-            elif self.asked or self.todo:
-                silent += 1
-                if silent >= MAX_SILENT_ROUNDS:
-                    raise ImageRefused(f"the coordinator sent no chunk of {self.spec.shown} for "
-                                       f"{REPLY_TIMEOUT_S * silent:.0f} s")
-                if self.asked:  # perhaps the connection broke: ask again on a new one
-                    self.source.restart()
-                    self.todo.extendleft(self.asked)
-                    self.asked.clear()
+                heard = time.monotonic()
+            elif time.monotonic() - heard > GIVE_UP_S:
+                raise ImageRefused(f"the coordinator sent no chunk of {self.spec.shown} for {GIVE_UP_S:.0f} s")
+            elif self.asked:  # nothing for REPLY_TIMEOUT_S: perhaps the connection broke; ask on a new one
+                self.source.restart()
+                self.todo.extendleft(self.asked)
+                self.asked.clear()
             for digest, data, problem in answers:
                 self._take(digest, data, problem)
 

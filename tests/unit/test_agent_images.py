@@ -308,3 +308,41 @@ def test_a_vacated_guest_whose_image_the_agent_no_longer_knows_fails_naming_it(t
     (failed,) = again.sent("job_failed", 11)
     assert failed["retry"] and f"its disk image (sha256 {spec.sha256}) is missing" in failed["reason"]
     again.daemon.images.close()
+
+
+def test_a_silent_coordinator_is_asked_again_on_a_new_connection_then_given_up(store, cache, monkeypatch):
+    monkeypatch.setattr("conode.agent.images.REPLY_TIMEOUT_S", 0.01)
+    monkeypatch.setattr("conode.agent.images.GIVE_UP_S", 0.3)
+    spec = publish(store, content(2 * CHUNK, seed=50))
+
+    class Silent(StoreChunks):
+        restarts = 0
+
+        def answers(self, timeout_s):
+            threading.Event().wait(timeout_s)
+            return []
+
+        def restart(self):
+            self.restarts += 1
+            super().restart()
+
+    source = Silent(store)
+    with pytest.raises(ImageRefused, match=r"the coordinator sent no chunk of image img .* for 0 s"):
+        cache.fetch(spec, source)
+    assert source.restarts >= 2 and source.asked.count(spec.chunks[0]) == source.restarts + 1
+
+
+def test_a_fetch_waits_for_the_connection_before_asking(store, cache):
+    spec = publish(store, content(CHUNK, seed=51))
+
+    class Connecting(StoreChunks):
+        refusals = 5  # IMMEDIATE: nothing can be sent until the handshake is done
+
+        def ask(self, digest):
+            if self.refusals:
+                self.refusals -= 1
+                return False
+            return super().ask(digest)
+
+    source = Connecting(store)
+    assert cache.fetch(spec, source) == 1 and source.asked == [spec.chunks[0]]
