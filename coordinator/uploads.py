@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from conode.cluster.chunks import manifest_of, read_chunk
+from conode.cluster.chunks import chunk_digest, manifest_of, read_chunk
+from conode.errors import DiskImageError
 from coordinator.client import AdminClient
 
 Progress = Callable[..., None]  # (text, final=False)
@@ -27,6 +28,8 @@ def upload_image(client: AdminClient, name: str, path: Path, progress: Progress)
     sent = 0
     for count, index in enumerate(todo, 1):
         data = read_chunk(path, index, manifest.size)
+        if chunk_digest(data) != manifest.chunks[index]:
+            raise DiskImageError(f"image {path} changed while it was being added; add it again when it is complete")
         client.request("image_put", "ok", digest=manifest.chunks[index], data=data)
         sent += len(data)
         progress(f"sending: chunk {count}/{len(todo)}, {sent >> 20} MiB")
