@@ -332,7 +332,8 @@ class Coordinator:
         job_id = msg["job"]
         job = self.store.job(job_id)
         self._release(node, job_id)
-        if job is not None and job.state == "running" and job.node == name:
+        # A vacated job fails on its node when its saved guest cannot be resumed there.
+        if job is not None and job.state in ("running", "vacated") and job.node == name:
             if msg["retry"] and job.attempts < MAX_ATTEMPTS:
                 self._requeue(job_id, f"failed on {name}: {msg['reason']}")
             else:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import shutil
+import threading
 
 import pytest
 from pool import Pool
@@ -143,21 +144,30 @@ def test_a_vacated_image_guest_resumes_with_its_disk_changes_after_its_image_is_
                            f"echo written before > /state.txt; {TICKS}; cat /state.txt /only-here.txt").stdout)
         pool.wait_until("the job to produce output", lambda: b"tick-2" in pool.cli("logs", str(job)).stdout, 60)
 
-        def still_working(condition):  # the owner keeps typing while we wait
-            owner.types()
-            return condition()
+        back = threading.Event()  # the owner works on, without a pause, until the saved guest's base is gone
 
-        pool.wait_until("the job to be vacated", lambda: still_working(
-            lambda: pool.jobs()[job]["state"] == "vacated" and agent_status(pool, "laptop")["guests"][0]["state"]
-            == "stopped"), 40, interval=0.2)
-        sha = hashlib.sha256(images["one"].read_bytes()).hexdigest()
-        (pool.root / "laptop" / "images" / f"{sha}.img").unlink()  # the base the saved guest's disk needs
+        def typing():
+            while not back.wait(0.1):
+                owner.types()
+
+        typist = threading.Thread(target=typing)
+        owner.types()
+        typist.start()
+        try:
+            pool.wait_until("the job to be vacated", lambda: pool.jobs()[job]["state"] == "vacated"
+                            and agent_status(pool, "laptop")["guests"][0]["state"] == "stopped", 40, interval=0.2)
+            sha = hashlib.sha256(images["one"].read_bytes()).hexdigest()
+            (pool.root / "laptop" / "images" / f"{sha}.img").unlink()
+            assert (pool.root / "laptop" / "vacated" / "worker-0.snap").exists()
+        finally:
+            back.set()
+            typist.join()
 
         owner.left()
         result = pool.cli("wait", str(job), "--timeout", "120", check=False, timeout=150)
         assert result.returncode == 0, result.stderr.decode() + pool.log("laptop")[-3000:]
         assert pool.cli("logs", str(job)).stdout.endswith(b"finished\nwritten before\nthis is image one\n")
-        assert pool.jobs()[job]["attempts"] == 1  # resumed, not run again
+        assert pool.jobs()[job]["attempts"] == 1, pool.log("laptop")[-4000:]  # resumed, not run again
         assert len(re.findall(r"fetched image one", pool.log("laptop"))) == 2
     finally:
         pool.close()
