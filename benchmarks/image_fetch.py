@@ -27,9 +27,10 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import zmq
 
-from coordinator_scale import CoordinatorProcess, progress, wait_until_serving
+from coordinator_scale import CoordinatorProcess, cpu_seconds, progress, wait_until_serving
 
 from conode.agent.images import CoordinatorChunks, ImageCache, ImageSpec
 from conode.cluster.chunks import manifest_of
@@ -107,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         spec = ImageSpec("bench", manifest.sha256, manifest.size, tuple(manifest.chunks))
         cache = ImageCache(scratch / "cache", (mib + 1) << 20)
         source = CoordinatorChunks(zmq.Context.instance(), coordinator.bind, config.server_public_key, agent)
+        server = psutil.Process(coordinator.pid)
+        server_cpu, own_cpu = cpu_seconds(server), time.process_time()
         started = time.monotonic()
         try:
             fetched, during = probed(config, lambda: cache.fetch(spec, source))
         finally:
             source.close()
         fetch_s = time.monotonic() - started
+        server_cpu, own_cpu = cpu_seconds(server) - server_cpu, time.process_time() - own_cpu
         if cache.path(spec.sha256).read_bytes() != image.read_bytes():
             raise RuntimeError("the fetched image differs from the one added")
 
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'fetch to an agent (checked, in place)':52} {f'{fetch_s:.2f} s':>12}   -")
         verdict = "met" if fetch_rate >= TARGET_MIB_S else "NOT met"
         print(f"{'  rate':52} {f'{fetch_rate:.0f} MiB/s':>12}   ≥ {TARGET_MIB_S:.0f} MiB/s: {verdict}")
+        print(f"{'  CPU: coordinator / agent side (probes included)':52} "
+              f"{f'{server_cpu:.2f} / {own_cpu:.2f} s':>12}   -")
         for label, values in (("admin round trip, idle", idle), ("admin round trip, during the fetch", during)):
             print(f"{label + ' (p50 / p99 ms)':52} {ms(values, 0.5) + ' / ' + ms(values, 0.99):>12}   -")
         if statistics.median(during or [0]) > 0:
