@@ -44,10 +44,10 @@ TARGET = Target.at_most("≤ 1.25 × qemu", 1.25, relative=True, engines=("fast"
 MEAN_TARGET = 1.0
 SIDE_BY_SIDE = ("fast", "qemu")  # run at the same time in each round
 DEFAULT_PLACES = ("fast", "qemu", "native")
-# Why the stock engine is left out unless asked for (--places stock): there the guest has no FPU, and most of
-# these programs die with SIGILL.
+# Why the stock engine is left out unless asked for (--places stock): there the guest has no FPU, and the
+# kernel emulates the x87 (gawk's and python3's floating point); the answers are the same, many times slower.
 STOCK_NOTE = ("conode stock: not run by default (--places stock runs it): on the stock engine the guest has no "
-              "FPU, and Debian's xz, zstd, openssl, bc, gawk and python3 die there with SIGILL (bzip2 runs)")
+              "FPU (nor SSE) and the kernel emulates the x87, so the programs run their generic code, slowly")
 # (marker name, table label, binary in the tree, shell command). {run} starts a binary of the tree through its
 # loader, {out} is the output file; the commands run in the input directory (so outputs name their inputs the
 # same everywhere). The sizes keep each program to a few seconds under qemu's TCG on a 2020s x86 host.
