@@ -34,6 +34,10 @@ explained in its own file:
   when the count is a multiple of 4, as the lane operations around them store them (64-bit loads of lanes just
   stored 32 bits at a time stall the host's store forwarding and made it slower than the helper), 64-bit funnel
   shifts otherwise; PSHUFB stays a helper call, since a shuffle by a mask held in a register costs more as TCG ops.
+- ``0010-dirty-page-log``: a log of the guest RAM pages written since it was last taken, for migration's
+  pre-copy (conode/vm/cpu/dirty.py): while it is on, pages not yet written in a round keep their TLB entries on
+  the slow store path, which marks them; the page-table walker's accessed/dirty bits and host writes are marked
+  too (Unicorn dropped QEMU's marking of both).
 """
 
 from __future__ import annotations
