@@ -1,0 +1,143 @@
+"""The receiving side of a pre-copy migration.
+
+Pages go straight into a RAM image (an unlinked memory file) that the guest then maps copy-on-write, so the
+last step — building the machine — copies nothing. Everything is checked before the guest exists: each frame's
+bounds and checksum, the rounds' order, the state envelope (by its records, as a snapshot file's), and the
+final RAM against the source's digest, a CRC-32 per MiB kept up to date as pages arrive so that only the MiBs of
+the last round are hashed while the guest is down. The guest is built, then READY goes back; it is the
+destination's only once the source answers GO. Until then a failure discards it unstarted.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from conode.errors import ConodeError
+from conode.migration.stream import (CLOCK, DIGEST, DIGEST_BLOCK, FIRST_PAGE, GO, HELLO, MAX_ROUNDS, PAGES, READY,
+                                     RESUMED, ROUND, ROUND_NUMBER, RUN_PAGES, STATE, ZERO_RUN, ZEROS, ByteStream, FrameStream,
+                                     MigrationError, ram_digest, unpack_digest, unpack_hello, unpack_map)
+from conode.vm.cpu.unicorn_cpu import RamImage
+from conode.vm.guest import Guest, GuestSnapshot, JobSink
+from conode.vm.layout import PAGE_SIZE
+from conode.vm.machine import CoMachine
+
+ZERO_BLOCK_CRC = zlib.crc32(bytes(DIGEST_BLOCK))
+PAGES_PER_BLOCK = DIGEST_BLOCK // PAGE_SIZE
+
+
+@dataclass
+class Arrival:
+    """A guest that has moved here, built and not yet started: start it, then call :meth:`started`."""
+
+    guest: Guest
+    frames: FrameStream
+    rounds: int
+    bytes_received: int
+
+    def started(self, first_instruction_ns: int) -> None:
+        """Tell the source the host clock (CLOCK_MONOTONIC) at the guest's first instruction here: the end of its
+        downtime (RunningGuest.started_ns)."""
+        try:
+            self.frames.send(RESUMED, CLOCK.pack(first_instruction_ns))
+        except MigrationError:
+            pass  # the guest is ours already; the figure is only for the source's report
+
+
+class _Receiver:
+    def __init__(self, frames: FrameStream, ram_bytes: int) -> None:
+        self.frames = frames
+        self.pages = ram_bytes // PAGE_SIZE
+        self.image = RamImage(ram_bytes)
+        self.memory = self.image.writable()
+        self.view = memoryview(self.memory)
+        self.crcs = [ZERO_BLOCK_CRC] * (ram_bytes // DIGEST_BLOCK)  # of the RAM received so far
+        self.stale: set[int] = set()  # blocks written since their CRC was computed
+        self.rounds = 0
+
+    def _span(self, first: int, count: int) -> tuple[int, int]:
+        if count <= 0 or first + count > self.pages:
+            raise MigrationError(f"the source sent pages {first}..{first + count - 1} of a guest with {self.pages} "
+                                 f"pages; the stream is corrupt")
+        self.stale.update(range(first // PAGES_PER_BLOCK, (first + count - 1) // PAGES_PER_BLOCK + 1))
+        return first * PAGE_SIZE, (first + count) * PAGE_SIZE
+
+    def receive_ram(self) -> bytes:
+        """Rounds of pages, until the STATE frame (returned)."""
+        frames = self.frames
+        while True:
+            kind, payload = frames.receive(PAGES, ZEROS, ROUND, STATE)
+            if kind == PAGES:
+                data = memoryview(payload)[FIRST_PAGE.size:]
+                if len(payload) < FIRST_PAGE.size or not data or len(data) % PAGE_SIZE:
+                    raise MigrationError("a PAGES frame does not hold whole pages; the stream is corrupt")
+                (first,) = FIRST_PAGE.unpack_from(payload)
+                start, end = self._span(first, len(data) // PAGE_SIZE)
+                self.view[start:end] = data
+            elif kind == ZEROS:
+                first, count = ZERO_RUN.unpack(payload) if len(payload) == ZERO_RUN.size else (0, 0)
+                if count > RUN_PAGES:
+                    raise MigrationError(f"a ZEROS frame of {count} pages (at most {RUN_PAGES}); the stream is corrupt")
+                start, end = self._span(first, count)
+                self.view[start:end] = bytes(end - start)
+            elif kind == ROUND:
+                number = ROUND_NUMBER.unpack(payload)[0] if len(payload) == ROUND_NUMBER.size else -1
+                if number != self.rounds + 1 or number > MAX_ROUNDS:
+                    raise MigrationError(f"the source sent round {number} after round {self.rounds} (at most "
+                                         f"{MAX_ROUNDS}); the stream is corrupt")
+                self.rounds = number
+                self._refresh_digest()
+            else:
+                return payload
+
+    def _refresh_digest(self) -> None:
+        for index, crc in ram_digest(self.view, sorted(self.stale)).items():
+            self.crcs[index] = crc
+        self.stale.clear()
+
+    def check_digest(self, payload: bytes) -> None:
+        expected = unpack_digest(payload, len(self.view))
+        self._refresh_digest()
+        bad = [index for index, (mine, theirs) in enumerate(zip(self.crcs, expected)) if mine != theirs]
+        if bad:
+            raise MigrationError(f"the guest's RAM here differs from the source's in {len(bad)} MiB (the first at "
+                                 f"MiB {bad[0]}); the migration lost pages, the guest stays on the source")
+
+    def close(self) -> None:
+        self.view.release()
+        self.memory.close()
+        self.image.close()
+
+
+def migrate_in(stream: ByteStream, sink: JobSink | None = None, disk_base: Path | None = None,
+               peer: str = "the source") -> Arrival:
+    """Receive a guest over *stream*; return it built and checked, not started. Raise MigrationError (nothing
+    was started, nothing is left behind) if the stream is corrupt, truncated or refused by its records."""
+    frames = FrameStream(stream, peer)
+    receiver: _Receiver | None = None
+    guest: Guest | None = None
+    try:
+        frames.receive_preamble()
+        hello = unpack_hello(frames.receive(HELLO)[1])
+        receiver = _Receiver(frames, hello.ram_bytes)
+        envelope = receiver.receive_ram()
+        snapshot = GuestSnapshot.from_data(unpack_map(envelope, "STATE frame"), f"the guest from {peer}")
+        if snapshot.guest_id != hello.guest_id:
+            raise MigrationError(f"the source announced guest {hello.guest_id} and sent the state of another")
+        if CoMachine.config_from_state(snapshot.machine).mem_mib << 20 != hello.ram_bytes:
+            raise MigrationError("the guest's state describes another RAM size than the source announced")
+        receiver.check_digest(frames.receive(DIGEST)[1])
+        guest = Guest.restore(snapshot, sink, ram_image=receiver.image, disk_base=disk_base)
+        frames.send(READY)
+        frames.receive(GO)
+        return Arrival(guest, frames, receiver.rounds, frames.received)
+    except ConodeError as exc:
+        if guest is not None:
+            guest.machine.close()
+        error = exc if isinstance(exc, MigrationError) else MigrationError(f"the guest from {peer} is refused: {exc}")
+        frames.send_abort(str(error))
+        raise error from None
+    finally:
+        if receiver is not None:
+            receiver.close()  # a built guest maps the image by itself

@@ -1,0 +1,128 @@
+"""Two processes that move a running guest between them, for the migration tests and benchmark.
+
+    python -m conode.testing.migration destination SOCKET OUT     receive a guest on the Unix socket SOCKET, run
+                                                                   its job to the end, its stdout to OUT
+    python -m conode.testing.migration source SOCKET OUT PROGRAM AFTER [ARGS...]
+                                                                   boot a guest, run PROGRAM ARGS as its job, its
+                                                                   stdout to OUT; AFTER seconds into the job move
+                                                                   it to SOCKET
+
+Each prints one JSON line at the end: what happened and the figures (``error`` if it failed). The source's guest
+goes on where it was if the move fails, and the source then runs its job to the end itself. ``--mem`` sets the
+guest's RAM, ``--max-downtime`` the policy's limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+from conode.migration import MigrationError, Policy, RunningGuest, SocketStream, migrate_in, migrate_out
+from conode.vm.guest import Guest, JobSpec
+from conode.vm.guest_image import load_guest_image
+from conode.vm.machine import MachineConfig
+
+JOB_TIMEOUT_S = 600.0
+
+
+class FileSink:
+    """A job's stdout and stderr appended to a file (stderr marked), and how it ended."""
+
+    def __init__(self, path: Path) -> None:
+        self.out = open(path, "ab", buffering=0)
+        self.status: int | None = None
+        self.failure: str | None = None
+
+    def output(self, job: int, stream: str, data: bytes) -> None:
+        self.out.write(data if stream == "stdout" else b"[stderr] " + data)
+
+    def finished(self, job: int, status: int, outputs: dict[str, bytes], missing: list[str],
+                 runtime_s: float) -> None:
+        self.status = status
+
+    def failed(self, job: int, reason: str) -> None:
+        self.failure = reason
+
+
+def _finish(running: RunningGuest, sink: FileSink) -> dict:
+    if not running.wait(JOB_TIMEOUT_S):
+        running.pause()
+        return {"error": f"the job did not end within {JOB_TIMEOUT_S:g} s"}
+    running.guest.machine.close()
+    return {"status": sink.status, "failure": sink.failure}
+
+
+def source(args: argparse.Namespace) -> dict:
+    sink = FileSink(args.out)
+    program = args.program.read_bytes()
+    guest = Guest.boot(load_guest_image(), MachineConfig(mem_mib=args.mem))
+    spec = JobSpec.in_job_directory(1, ["sh", "-c", 'chmod +x prog && exec ./prog "$@"', "prog", *args.args],
+                                    {"prog": program}, [])
+    job_started = []
+    guest.on_ready = lambda name: guest.start_job(spec, sink)
+    guest.on_job_started = lambda: job_started.append(time.monotonic())
+    running = RunningGuest(guest)
+    running.start()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not job_started and running.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not job_started:
+        return {"error": "the job did not start", **_finish(running, sink)}
+    time.sleep(max(0.0, job_started[0] + args.after - time.monotonic()))
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.connect(str(args.socket))
+    try:
+        report = migrate_out(running, SocketStream(connection), Policy(max_downtime_s=args.max_downtime))
+    except MigrationError as exc:
+        return {"migrated": False, "error": str(exc), **_finish(running, sink)}
+    finally:
+        connection.close()
+    guest.machine.close()
+    return {"migrated": True, **dataclasses.asdict(report)}
+
+
+def destination(args: argparse.Namespace) -> dict:
+    sink = FileSink(args.out)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(args.socket))
+    listener.listen(1)
+    print(json.dumps({"listening": str(args.socket)}), flush=True)
+    connection, _ = listener.accept()
+    try:
+        arrival = migrate_in(SocketStream(connection), sink)
+    except MigrationError as exc:
+        return {"arrived": False, "error": str(exc)}
+    running = RunningGuest(arrival.guest)
+    running.start()
+    arrival.started(running.started_ns)
+    connection.close()
+    return {"arrived": True, "rounds": arrival.rounds, "bytes_received": arrival.bytes_received,
+            **_finish(running, sink)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m conode.testing.migration")
+    parser.add_argument("--mem", type=int, default=128)
+    parser.add_argument("--max-downtime", type=float, default=Policy.max_downtime_s)
+    roles = parser.add_subparsers(dest="role", required=True)
+    dst = roles.add_parser("destination")
+    dst.add_argument("socket", type=Path)
+    dst.add_argument("out", type=Path)
+    src = roles.add_parser("source")
+    src.add_argument("socket", type=Path)
+    src.add_argument("out", type=Path)
+    src.add_argument("program", type=Path)
+    src.add_argument("after", type=float)
+    src.add_argument("args", nargs="*")
+    args = parser.parse_args(argv)
+    result = source(args) if args.role == "source" else destination(args)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
