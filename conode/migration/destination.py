@@ -3,8 +3,9 @@
 Pages go straight into a RAM image (an unlinked memory file) that the guest then maps copy-on-write, so the
 last step — building the machine — copies nothing. Everything is checked before the guest exists: each frame's
 bounds and checksum, the rounds' order, the state envelope (by its records, as a snapshot file's), and the
-final RAM against the source's digest, a CRC-32 per MiB kept up to date as pages arrive so that only the MiBs of
-the last round are hashed while the guest is down. The guest is built, then READY goes back; it is the
+final RAM against the source's digest (all of it, or the MiBs the last round touched, as the source's policy
+says), a CRC-32 per MiB kept up to date here as pages arrive so that only the MiBs of the last round are hashed
+while the guest is down. The guest is built, then READY goes back; it is the
 destination's only once the source answers GO. Until then a failure discards it unstarted.
 """
 
@@ -15,16 +16,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conode.errors import ConodeError
-from conode.migration.stream import (CLOCK, DIGEST, DIGEST_BLOCK, FIRST_PAGE, GO, HELLO, MAX_ROUNDS, PAGES, READY,
-                                     RESUMED, ROUND, ROUND_NUMBER, RUN_PAGES, STATE, ZERO_RUN, ZEROS, ByteStream, FrameStream,
-                                     MigrationError, ram_digest, unpack_digest, unpack_hello, unpack_map)
+from conode.migration.stream import (
+    CLOCK,
+    DIGEST,
+    DIGEST_BLOCK,
+    FIRST_PAGE,
+    GO,
+    HELLO,
+    MAX_ROUNDS,
+    PAGES,
+    PAGES_PER_BLOCK,
+    READY,
+    RESUMED,
+    ROUND,
+    ROUND_NUMBER,
+    RUN_PAGES,
+    STATE,
+    ZERO_RUN,
+    ZEROS,
+    ByteStream,
+    FrameStream,
+    MigrationError,
+    ram_digest,
+    unpack_digest,
+    unpack_hello,
+    unpack_map,
+)
 from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.guest import Guest, GuestSnapshot, JobSink
 from conode.vm.layout import PAGE_SIZE
 from conode.vm.machine import CoMachine
 
 ZERO_BLOCK_CRC = zlib.crc32(bytes(DIGEST_BLOCK))
-PAGES_PER_BLOCK = DIGEST_BLOCK // PAGE_SIZE
 
 
 @dataclass
@@ -99,7 +122,7 @@ class _Receiver:
     def check_digest(self, payload: bytes) -> None:
         expected = unpack_digest(payload, len(self.view))
         self._refresh_digest()
-        bad = [index for index, (mine, theirs) in enumerate(zip(self.crcs, expected)) if mine != theirs]
+        bad = [index for index, theirs in expected.items() if self.crcs[index] != theirs]
         if bad:
             raise MigrationError(f"the guest's RAM here differs from the source's in {len(bad)} MiB (the first at "
                                  f"MiB {bad[0]}); the migration lost pages, the guest stays on the source")

@@ -9,7 +9,8 @@ format (u32):
 Source → destination: ``HELLO`` (msgpack: guest id, RAM size, page size), then rounds of ``PAGES`` (first page
 u32 + whole pages) and ``ZEROS`` (first page u32, count u32) each closed by ``ROUND`` (its number, u32); after
 the guest is paused the last round, ``STATE`` (msgpack: the Guest snapshot envelope without RAM pages) and
-``DIGEST`` (a CRC-32 per MiB of the final RAM, so a mismatch names the MiB). Destination → source: ``READY``
+``DIGEST`` (a CRC-32 per MiB of the final RAM, as (MiB u32, CRC u32) pairs: every MiB, or those the last round
+touched, so a mismatch names the MiB). Destination → source: ``READY``
 (the guest is built and checked), then the source's ``GO`` (it gives the guest up) and the destination's
 ``RESUMED`` (the host clock at its first instruction, u64 ns). Either side may send ``ABORT`` (a reason).
 
@@ -28,7 +29,13 @@ from typing import Protocol
 import msgpack
 
 from conode.errors import ConodeError
-from conode.limits import MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB, MAX_SMALL_FIELD, MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB
+from conode.limits import (
+    MAX_FRAME_BYTES,
+    MAX_GUEST_MEM_MIB,
+    MAX_SMALL_FIELD,
+    MAX_TEXT_FIELD,
+    MIN_GUEST_MEM_MIB,
+)
 from conode.vm.layout import PAGE_SIZE
 
 MAGIC = b"CONODE\x00M"
@@ -40,9 +47,11 @@ FIRST_PAGE = struct.Struct("<I")
 ZERO_RUN = struct.Struct("<II")
 ROUND_NUMBER = struct.Struct("<I")
 CLOCK = struct.Struct("<Q")
+DIGEST_ENTRY = struct.Struct("<II")
 
 RUN_PAGES = 256  # pages in one PAGES frame: 1 MiB
 DIGEST_BLOCK = 256 * PAGE_SIZE  # RAM bytes per digest entry
+PAGES_PER_BLOCK = DIGEST_BLOCK // PAGE_SIZE
 MAX_ROUNDS = 64  # rounds a destination accepts: with bounded frames, a bounded stream
 
 HELLO, PAGES, ZEROS, ROUND, STATE, DIGEST, READY, GO, RESUMED, ABORT = range(1, 11)
@@ -50,7 +59,7 @@ NAMES = {HELLO: "HELLO", PAGES: "PAGES", ZEROS: "ZEROS", ROUND: "ROUND", STATE: 
          READY: "READY", GO: "GO", RESUMED: "RESUMED", ABORT: "ABORT"}
 MAX_PAYLOAD = {HELLO: MAX_SMALL_FIELD, PAGES: FIRST_PAGE.size + RUN_PAGES * PAGE_SIZE, ZEROS: ZERO_RUN.size,
                ROUND: ROUND_NUMBER.size, STATE: MAX_FRAME_BYTES,
-               DIGEST: (MAX_GUEST_MEM_MIB << 20) // DIGEST_BLOCK * 4, READY: 0, GO: 0, RESUMED: CLOCK.size,
+               DIGEST: (MAX_GUEST_MEM_MIB << 20) // DIGEST_BLOCK * DIGEST_ENTRY.size, READY: 0, GO: 0, RESUMED: CLOCK.size,
                ABORT: MAX_TEXT_FIELD}
 
 
@@ -113,7 +122,7 @@ class FrameStream:
         """Tell the other side why we stop; quietly, since the link may be what failed."""
         try:
             self.send(ABORT, reason.encode()[:MAX_TEXT_FIELD])
-        except OSError:
+        except MigrationError:
             pass
 
     def _send(self, data: bytes) -> None:
@@ -220,11 +229,19 @@ def ram_digest(ram: memoryview, blocks: list[int] | None = None, threads: int = 
 
 
 def pack_digest(crcs: dict[int, int]) -> bytes:
-    return b"".join(TRAILER.pack(crcs[i]) for i in range(len(crcs)))
+    return b"".join(DIGEST_ENTRY.pack(index, crcs[index]) for index in sorted(crcs))
 
 
-def unpack_digest(payload: bytes, ram_bytes: int) -> list[int]:
+def unpack_digest(payload: bytes, ram_bytes: int) -> dict[int, int]:
+    """The CRC of each listed MiB; the MiBs in increasing order, each within the RAM."""
     blocks = ram_bytes // DIGEST_BLOCK
-    if len(payload) != blocks * TRAILER.size:
-        raise MigrationError(f"the RAM digest has {len(payload)} bytes for {blocks} MiB of RAM; the stream is corrupt")
-    return [crc for (crc,) in TRAILER.iter_unpack(payload)]
+    if len(payload) % DIGEST_ENTRY.size:
+        raise MigrationError("the RAM digest is not made of whole entries; the stream is corrupt")
+    crcs: dict[int, int] = {}
+    last = -1
+    for index, crc in DIGEST_ENTRY.iter_unpack(payload):
+        if not last < index < blocks:
+            raise MigrationError(f"the RAM digest lists MiB {index} out of order or beyond the guest's {blocks} MiB; "
+                                 f"the stream is corrupt")
+        crcs[index], last = crc, index
+    return crcs

@@ -9,7 +9,7 @@
 
 Each prints one JSON line at the end: what happened and the figures (``error`` if it failed). The source's guest
 goes on where it was if the move fails, and the source then runs its job to the end itself. ``--mem`` sets the
-guest's RAM, ``--max-downtime`` the policy's limit.
+guest's RAM, ``--max-downtime`` the policy's limit, ``--digest`` its digest.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -77,7 +76,8 @@ def source(args: argparse.Namespace) -> dict:
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connection.connect(str(args.socket))
     try:
-        report = migrate_out(running, SocketStream(connection), Policy(max_downtime_s=args.max_downtime))
+        report = migrate_out(running, SocketStream(connection), Policy(max_downtime_s=args.max_downtime,
+                                                                            full_digest=args.digest == "full"))
     except MigrationError as exc:
         return {"migrated": False, "error": str(exc), **_finish(running, sink)}
     finally:
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m conode.testing.migration")
     parser.add_argument("--mem", type=int, default=128)
     parser.add_argument("--max-downtime", type=float, default=Policy.max_downtime_s)
+    parser.add_argument("--digest", choices=("full", "final"), default="full",
+                        help="digest every MiB of the final RAM, or those the last round touched")
     roles = parser.add_subparsers(dest="role", required=True)
     dst = roles.add_parser("destination")
     dst.add_argument("socket", type=Path)

@@ -3,9 +3,14 @@
 import struct
 
 import pytest
-from unicorn import x86_const as x86
 
-from conode.vm.cpu.dirty import CompareDirtyLog, DirtyTracker, EngineDirtyLog, engine_logs_dirty_pages, pages_of
+from conode.vm.cpu.dirty import (
+    CompareDirtyLog,
+    DirtyTracker,
+    EngineDirtyLog,
+    engine_logs_dirty_pages,
+    pages_of,
+)
 from conode.vm.cpu.unicorn_cpu import GuestRam, StopReason, UnicornCpu
 
 RAM = 1 << 20

@@ -20,7 +20,7 @@ exactly what the other side received.
 from __future__ import annotations
 
 import ctypes
-from typing import Iterator
+from collections.abc import Iterator
 
 from unicorn.unicorn_py3.unicorn import uclib
 
