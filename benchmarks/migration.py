@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         f"{reps} moves per job and place, {MEM_MIB} MiB guests; conode's downtime ends at the guest's first "
         "instruction on the destination, qemu's (from info migrate) when the source has sent the last state",
-        "conode's downtime includes a CRC-32 of all guest RAM on both sides (the default full digest)",
+        "conode's downtime includes a checksum of all guest RAM on the source (the default full digest)",
     ]
     title = f"Live migration ({'quick' if args.quick else 'full'})"
     return common.report("migration", title, args, rows, notes, refs, extra={"samples": samples})

@@ -4,14 +4,14 @@ Pages go straight into a RAM image (an unlinked memory file) that the guest then
 last step — building the machine — copies nothing. Everything is checked before the guest exists: each frame's
 bounds and checksum, the rounds' order, the state envelope (by its records, as a snapshot file's), and the
 final RAM against the source's digest (all of it, or the MiBs the last round touched, as the source's policy
-says), a CRC-32 per MiB kept up to date here as pages arrive so that only the MiBs of the last round are hashed
-while the guest is down. The guest is built, then READY goes back; it is the
-destination's only once the source answers GO. Until then a failure discards it unstarted.
+says), a checksum per MiB kept up to date here as pages arrive so that only the MiBs of the last round are
+hashed while the guest is down, and while the source hashes its own, the guest is built. Then READY goes back;
+the guest is the destination's once the source answers GO. Until then a failure discards it unstarted. If the
+checked digest covered only the last round's MiBs, :meth:`Arrival.verify` checks every MiB after the start.
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from conode.migration.stream import (
     ROUND_NUMBER,
     RUN_PAGES,
     STATE,
+    VERIFIED,
     ZERO_RUN,
     ZEROS,
     ByteStream,
@@ -47,7 +48,7 @@ from conode.vm.guest import Guest, GuestSnapshot, JobSink
 from conode.vm.layout import PAGE_SIZE
 from conode.vm.machine import CoMachine
 
-ZERO_BLOCK_CRC = zlib.crc32(bytes(DIGEST_BLOCK))
+ZERO_BLOCK_SUM = ram_digest(memoryview(bytes(DIGEST_BLOCK)))[0]
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Arrival:
     frames: FrameStream
     rounds: int
     bytes_received: int
+    sums: list[int]  # the checksum of each MiB of the RAM received
+    complete: bool  # the digest checked before the start covered every MiB
 
     def started(self, first_instruction_ns: int) -> None:
         """Tell the source the host clock (CLOCK_MONOTONIC) at the guest's first instruction here: the end of its
@@ -67,6 +70,28 @@ class Arrival:
         except MigrationError:
             pass  # the guest is ours already; the figure is only for the source's report
 
+    def verify(self) -> None:
+        """After the start: check every MiB of the RAM received against the source's complete digest (sent after
+        GO); raise MigrationError on a mismatch (the guest then holds wrong memory: fail its job)."""
+        if self.complete:
+            return
+        try:
+            expected = unpack_digest(self.frames.receive(DIGEST)[1], len(self.sums) * DIGEST_BLOCK)
+            if len(expected) != len(self.sums):
+                raise MigrationError("the source's digest after the hand-over does not cover every MiB")
+            _compare(self.sums, expected)
+        except MigrationError as exc:
+            self.frames.send_abort(str(exc))
+            raise
+        self.frames.send(VERIFIED)
+
+
+def _compare(sums: list[int], expected: dict[int, int]) -> None:
+    bad = [index for index, theirs in expected.items() if sums[index] != theirs]
+    if bad:
+        raise MigrationError(f"the guest's RAM here differs from the source's in {len(bad)} MiB (the first at "
+                             f"MiB {bad[0]}); the migration lost pages")
+
 
 class _Receiver:
     def __init__(self, frames: FrameStream, ram_bytes: int) -> None:
@@ -75,15 +100,24 @@ class _Receiver:
         self.image = RamImage(ram_bytes)
         self.memory = self.image.writable()
         self.view = memoryview(self.memory)
-        self.crcs = [ZERO_BLOCK_CRC] * (ram_bytes // DIGEST_BLOCK)  # of the RAM received so far
-        self.stale: set[int] = set()  # blocks written since their CRC was computed
+        self.sums = [ZERO_BLOCK_SUM] * (ram_bytes // DIGEST_BLOCK)  # of the RAM received so far
+        self.stale: set[int] = set()  # blocks written since their checksum was computed
+        self.written: set[int] = set()  # blocks that ever received a non-zero page (the others are all zero)
         self.rounds = 0
 
-    def _span(self, first: int, count: int) -> tuple[int, int]:
+    def _span(self, first: int, count: int, zeros: bool) -> tuple[int, int] | None:
+        """The RAM bytes pages [first, first+count) occupy, or None for zero pages where RAM is zero anyway."""
         if count <= 0 or first + count > self.pages:
             raise MigrationError(f"the source sent pages {first}..{first + count - 1} of a guest with {self.pages} "
                                  f"pages; the stream is corrupt")
-        self.stale.update(range(first // PAGES_PER_BLOCK, (first + count - 1) // PAGES_PER_BLOCK + 1))
+        blocks = set(range(first // PAGES_PER_BLOCK, (first + count - 1) // PAGES_PER_BLOCK + 1))
+        if zeros:
+            blocks &= self.written
+            if not blocks:
+                return None  # the first round's zero pages: nothing to write, nothing to hash again
+        else:
+            self.written |= blocks
+        self.stale |= blocks
         return first * PAGE_SIZE, (first + count) * PAGE_SIZE
 
     def receive_ram(self) -> bytes:
@@ -96,14 +130,15 @@ class _Receiver:
                 if len(payload) < FIRST_PAGE.size or not data or len(data) % PAGE_SIZE:
                     raise MigrationError("a PAGES frame does not hold whole pages; the stream is corrupt")
                 (first,) = FIRST_PAGE.unpack_from(payload)
-                start, end = self._span(first, len(data) // PAGE_SIZE)
+                start, end = self._span(first, len(data) // PAGE_SIZE, zeros=False)
                 self.view[start:end] = data
             elif kind == ZEROS:
                 first, count = ZERO_RUN.unpack(payload) if len(payload) == ZERO_RUN.size else (0, 0)
                 if count > RUN_PAGES:
                     raise MigrationError(f"a ZEROS frame of {count} pages (at most {RUN_PAGES}); the stream is corrupt")
-                start, end = self._span(first, count)
-                self.view[start:end] = bytes(end - start)
+                span = self._span(first, count, zeros=True)
+                if span is not None:
+                    self.view[span[0]:span[1]] = bytes(span[1] - span[0])
             elif kind == ROUND:
                 number = ROUND_NUMBER.unpack(payload)[0] if len(payload) == ROUND_NUMBER.size else -1
                 if number != self.rounds + 1 or number > MAX_ROUNDS:
@@ -115,17 +150,16 @@ class _Receiver:
                 return payload
 
     def _refresh_digest(self) -> None:
-        for index, crc in ram_digest(self.view, sorted(self.stale)).items():
-            self.crcs[index] = crc
+        for index, checksum in ram_digest(self.view, sorted(self.stale)).items():
+            self.sums[index] = checksum
         self.stale.clear()
 
-    def check_digest(self, payload: bytes) -> None:
+    def check_digest(self, payload: bytes) -> bool:
+        """Check the MiBs the digest lists; whether it listed them all."""
         expected = unpack_digest(payload, len(self.view))
         self._refresh_digest()
-        bad = [index for index, theirs in expected.items() if self.crcs[index] != theirs]
-        if bad:
-            raise MigrationError(f"the guest's RAM here differs from the source's in {len(bad)} MiB (the first at "
-                                 f"MiB {bad[0]}); the migration lost pages, the guest stays on the source")
+        _compare(self.sums, expected)
+        return len(expected) == len(self.sums)
 
     def close(self) -> None:
         self.view.release()
@@ -150,11 +184,11 @@ def migrate_in(stream: ByteStream, sink: JobSink | None = None, disk_base: Path 
             raise MigrationError(f"the source announced guest {hello.guest_id} and sent the state of another")
         if CoMachine.config_from_state(snapshot.machine).mem_mib << 20 != hello.ram_bytes:
             raise MigrationError("the guest's state describes another RAM size than the source announced")
-        receiver.check_digest(frames.receive(DIGEST)[1])
-        guest = Guest.restore(snapshot, sink, ram_image=receiver.image, disk_base=disk_base)
+        guest = Guest.restore(snapshot, sink, ram_image=receiver.image, disk_base=disk_base)  # as the source hashes
+        complete = receiver.check_digest(frames.receive(DIGEST)[1])
         frames.send(READY)
         frames.receive(GO)
-        return Arrival(guest, frames, receiver.rounds, frames.received)
+        return Arrival(guest, frames, receiver.rounds, frames.received, receiver.sums, complete)
     except ConodeError as exc:
         if guest is not None:
             guest.machine.close()

@@ -100,17 +100,24 @@ def destination(args: argparse.Namespace) -> dict:
     running = RunningGuest(arrival.guest)
     running.start()
     arrival.started(running.started_ns)
+    verified = True
+    try:
+        arrival.verify()
+    except MigrationError as exc:
+        verified, reason = False, str(exc)
+        running.on_machine_thread(lambda: arrival.guest.fail(reason))
     connection.close()
-    return {"arrived": True, "rounds": arrival.rounds, "bytes_received": arrival.bytes_received,
-            **_finish(running, sink)}
+    return {"arrived": True, "verified": verified, "rounds": arrival.rounds,
+            "bytes_received": arrival.bytes_received, **_finish(running, sink)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m conode.testing.migration")
     parser.add_argument("--mem", type=int, default=128)
     parser.add_argument("--max-downtime", type=float, default=Policy.max_downtime_s)
-    parser.add_argument("--digest", choices=("full", "final"), default="full",
-                        help="digest every MiB of the final RAM, or those the last round touched")
+    parser.add_argument("--digest", choices=("full", "final"), default="final",
+                        help="digest every MiB of the final RAM while the guest is down, or those the last round "
+                             "touched (and every MiB after the hand-over)")
     roles = parser.add_subparsers(dest="role", required=True)
     dst = roles.add_parser("destination")
     dst.add_argument("socket", type=Path)
