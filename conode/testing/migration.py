@@ -1,13 +1,16 @@
 """Two processes that move a running guest between them, for the migration tests and benchmark.
 
-    python -m conode.testing.migration destination SOCKET OUT     receive a guest on the Unix socket SOCKET, run
-                                                                   its job to the end, its stdout to OUT
-    python -m conode.testing.migration source SOCKET OUT PROGRAM AFTER [ARGS...]
+    python -m conode.testing.migration destination ADDRESS OUT    receive a guest at ADDRESS (a Unix socket's
+                                                                   path), run its job to the end, its stdout to OUT
+    python -m conode.testing.migration source ADDRESS OUT PROGRAM AFTER [ARGS...]
                                                                    boot a guest, run PROGRAM ARGS as its job, its
-                                                                   stdout to OUT; AFTER seconds into the job move
-                                                                   it to SOCKET
+                                                                   stdout to OUT; AFTER seconds into the job (or
+                                                                   after its first output, --after-output) move it
+                                                                   to ADDRESS
 
-Each prints one JSON line at the end: what happened and the figures (``error`` if it failed). The source's guest
+The destination first prints {"listening": ADDRESS}; with ``--curve KEYDIR`` the link is the agents' (ZeroMQ
+CURVE, conode/migration/curve.py) and ADDRESS a ZeroMQ endpoint (``tcp://127.0.0.1:*`` picks a port: the
+printed address is the one to give the source). Each prints one JSON line at the end: what happened and the figures (``error`` if it failed). The source's guest
 goes on where it was if the move fails, and the source then runs its job to the end itself. ``--mem`` sets the
 guest's RAM, ``--max-downtime`` the policy's limit, ``--digest`` its digest.
 """
@@ -18,10 +21,23 @@ import argparse
 import dataclasses
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
-from conode.migration import MigrationError, Policy, RunningGuest, SocketStream, migrate_in, migrate_out
+import zmq
+
+from conode.cluster.keys import KeyPair, load_key_pair
+from conode.migration import (
+    MigrationError,
+    Policy,
+    RunningGuest,
+    SocketStream,
+    curve,
+    migrate_in,
+    migrate_out,
+)
+from conode.migration.curve import CurveStream
 from conode.vm.guest import Guest, JobSpec
 from conode.vm.guest_image import load_guest_image
 from conode.vm.machine import MachineConfig
@@ -36,9 +52,11 @@ class FileSink:
         self.out = open(path, "ab", buffering=0)
         self.status: int | None = None
         self.failure: str | None = None
+        self.printed = threading.Event()
 
     def output(self, job: int, stream: str, data: bytes) -> None:
         self.out.write(data if stream == "stdout" else b"[stderr] " + data)
+        self.printed.set()
 
     def finished(self, job: int, status: int, outputs: dict[str, bytes], missing: list[str],
                  runtime_s: float) -> None:
@@ -54,6 +72,10 @@ def _finish(running: RunningGuest, sink: FileSink) -> dict:
         return {"error": f"the job did not end within {JOB_TIMEOUT_S:g} s"}
     running.guest.machine.close()
     return {"status": sink.status, "failure": sink.failure}
+
+
+def _keys(directory: Path) -> tuple[KeyPair, KeyPair]:
+    return load_key_pair(directory, "source"), load_key_pair(directory, "destination")
 
 
 def source(args: argparse.Namespace) -> dict:
@@ -72,30 +94,44 @@ def source(args: argparse.Namespace) -> dict:
         time.sleep(0.01)
     if not job_started:
         return {"error": "the job did not start", **_finish(running, sink)}
-    time.sleep(max(0.0, job_started[0] + args.after - time.monotonic()))
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    connection.connect(str(args.socket))
+    if args.after_output:
+        sink.printed.wait(JOB_TIMEOUT_S)
+    time.sleep(max(0.0, (time.monotonic() if args.after_output else job_started[0]) + args.after - time.monotonic()))
+    if args.curve is not None:
+        source_keys, destination_keys = _keys(args.curve)
+        stream: CurveStream | SocketStream = curve.connect(zmq.Context.instance(), args.address,
+                                                           destination_keys.public, source_keys)
+    else:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.connect(args.address)
+        stream = SocketStream(connection)
     try:
-        report = migrate_out(running, SocketStream(connection), Policy(max_downtime_s=args.max_downtime,
-                                                                            full_digest=args.digest == "full"))
+        report = migrate_out(running, stream, Policy(max_downtime_s=args.max_downtime,
+                                                     full_digest=args.digest == "full"))
     except MigrationError as exc:
         return {"migrated": False, "error": str(exc), **_finish(running, sink)}
     finally:
-        connection.close()
+        stream.close()
     guest.machine.close()
     return {"migrated": True, **dataclasses.asdict(report)}
 
 
 def destination(args: argparse.Namespace) -> dict:
     sink = FileSink(args.out)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(args.socket))
-    listener.listen(1)
-    print(json.dumps({"listening": str(args.socket)}), flush=True)
-    connection, _ = listener.accept()
+    if args.curve is not None:
+        source_keys, destination_keys = _keys(args.curve)
+        stream, address = curve.listen(zmq.Context.instance(), args.address, destination_keys, source_keys.public)
+        print(json.dumps({"listening": address}), flush=True)
+    else:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(args.address)
+        listener.listen(1)
+        print(json.dumps({"listening": args.address}), flush=True)
+        stream = SocketStream(listener.accept()[0])
     try:
-        arrival = migrate_in(SocketStream(connection), sink)
+        arrival = migrate_in(stream, sink)
     except MigrationError as exc:
+        stream.close()
         return {"arrived": False, "error": str(exc)}
     running = RunningGuest(arrival.guest)
     running.start()
@@ -106,7 +142,7 @@ def destination(args: argparse.Namespace) -> dict:
     except MigrationError as exc:
         verified, reason = False, str(exc)
         running.on_machine_thread(lambda: arrival.guest.fail(reason))
-    connection.close()
+    stream.close()
     return {"arrived": True, "verified": verified, "rounds": arrival.rounds,
             "bytes_received": arrival.bytes_received, **_finish(running, sink)}
 
@@ -118,15 +154,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--digest", choices=("full", "final"), default="final",
                         help="digest every MiB of the final RAM while the guest is down, or those the last round "
                              "touched (and every MiB after the hand-over)")
+    parser.add_argument("--curve", type=Path, metavar="KEYDIR",
+                        help="over ZeroMQ CURVE (ADDRESS: a ZeroMQ endpoint) with the key pairs 'source' and "
+                             "'destination' in KEYDIR, instead of a Unix socket (ADDRESS: its path)")
     roles = parser.add_subparsers(dest="role", required=True)
     dst = roles.add_parser("destination")
-    dst.add_argument("socket", type=Path)
+    dst.add_argument("address")
     dst.add_argument("out", type=Path)
     src = roles.add_parser("source")
-    src.add_argument("socket", type=Path)
+    src.add_argument("address")
     src.add_argument("out", type=Path)
     src.add_argument("program", type=Path)
     src.add_argument("after", type=float)
+    src.add_argument("--after-output", action="store_true", help="count AFTER from the job's first output")
     src.add_argument("args", nargs="*")
     args = parser.parse_args(argv)
     result = source(args) if args.role == "source" else destination(args)

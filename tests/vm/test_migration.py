@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO, fast_engine_built
 from guest_programs import build_static_i386, run_natively
 
+from conode.cluster.keys import generate_key_pair
+
 HERE = Path(__file__).parent
 # steps, pages written per step, arithmetic per step, buffer MiB: several seconds of guest time on each engine
 JOB = {"fast": ["steps", "3000", "64", "50000", "8"], "stock": ["steps", "160", "64", "50000", "8"]}
@@ -43,8 +45,11 @@ def result(process: subprocess.Popen) -> dict:
     return json.loads(lines[-1])
 
 
-def listening(process: subprocess.Popen) -> None:
-    assert b"listening" in process.stdout.readline(), process.stderr.read().decode()[-3000:]
+def listening(process: subprocess.Popen) -> str:
+    """Where the destination listens."""
+    line = process.stdout.readline()
+    assert b"listening" in line, process.stderr.read().decode()[-3000:]
+    return json.loads(line)["listening"]
 
 
 def test_a_guest_moves_mid_job_and_its_output_is_unchanged(engine, dirtier, tmp_path):
@@ -53,8 +58,9 @@ def test_a_guest_moves_mid_job_and_its_output_is_unchanged(engine, dirtier, tmp_
     destination = harness(engine, "destination", str(sock), str(tmp_path / "after"))
     listening(destination)
     # A downtime limit this low keeps the rounds going: the guest dirties pages between them (and is slowed down).
-    source = harness(engine, "--max-downtime", "0.002", "source", str(sock), str(tmp_path / "before"), str(dirtier),
-                     "2", *JOB[engine])
+    source = harness(engine, "--max-downtime", "0.002", "source", "--after-output", str(sock), str(tmp_path / "before"),
+                     str(dirtier),
+                     "0.5", *JOB[engine])
     sent, received = result(source), result(destination)
     assert sent["migrated"] and received["arrived"], (sent, received)
     assert sent["rounds"] >= 2 and sent["final_pages"] > 0, sent  # at least one round of dirtied pages
@@ -64,6 +70,22 @@ def test_a_guest_moves_mid_job_and_its_output_is_unchanged(engine, dirtier, tmp_
     assert before + after == expected
     assert 0 < sent["downtime_s"] < 5 and sent["bytes_sent"] >= received["bytes_received"] > 0
     assert sent["verified"] and received["verified"]  # every MiB of RAM checked after the hand-over
+
+
+@pytest.mark.skipif(not fast_engine_built(), reason="the fast engine is not built (`conode engine build`)")
+def test_a_guest_moves_over_the_agents_curve_link(dirtier, tmp_path):
+    """The link agents use: ZeroMQ over TCP, CURVE with the two agents' key pairs."""
+    for name in ("source", "destination"):
+        generate_key_pair(tmp_path / "keys", name)
+    expected = run_natively(dirtier, *JOB["fast"])
+    curve = ["--curve", str(tmp_path / "keys")]
+    destination = harness("fast", *curve, "destination", "tcp://127.0.0.1:*", str(tmp_path / "after"))
+    address = listening(destination)
+    source = harness("fast", *curve, "source", "--after-output", address, str(tmp_path / "before"), str(dirtier),
+                     "0.5", *JOB["fast"])
+    sent, received = result(source), result(destination)
+    assert sent["migrated"] and received["arrived"] and received["status"] == 0, (sent, received)
+    assert (tmp_path / "before").read_bytes() + (tmp_path / "after").read_bytes() == expected
 
 
 class Tamper:
