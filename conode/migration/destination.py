@@ -3,11 +3,10 @@
 Pages go straight into a RAM image (an unlinked memory file) that the guest then maps copy-on-write, so the
 last step — building the machine — copies nothing. Everything is checked before the guest exists: each frame's
 bounds and checksum, the rounds' order, the state envelope (by its records, as a snapshot file's), and the
-final RAM against the source's digest (all of it, or the MiBs the last round touched, as the source's policy
-says), a checksum per MiB kept up to date here as pages arrive so that only the MiBs of the last round are
-hashed while the guest is down, and while the source hashes its own, the guest is built. Then READY goes back;
-the guest is the destination's once the source answers GO. Until then a failure discards it unstarted. If the
-checked digest covered only the last round's MiBs, :meth:`Arrival.verify` checks every MiB after the start.
+final RAM against the source's digest (all of it, or the pages the last round sent, as the source's policy
+says); while the source hashes its RAM, the guest is built. Then READY goes back; the guest is the destination's
+once the source answers GO. Until then a failure discards it unstarted. If the digest covered only the last
+round's pages, :meth:`Arrival.verify` checks all RAM after the start.
 """
 
 from __future__ import annotations
@@ -19,13 +18,11 @@ from conode.errors import ConodeError
 from conode.migration.stream import (
     CLOCK,
     DIGEST,
-    DIGEST_BLOCK,
     FIRST_PAGE,
     GO,
     HELLO,
     MAX_ROUNDS,
     PAGES,
-    PAGES_PER_BLOCK,
     READY,
     RESUMED,
     ROUND,
@@ -38,7 +35,7 @@ from conode.migration.stream import (
     ByteStream,
     FrameStream,
     MigrationError,
-    ram_digest,
+    compare_digest,
     unpack_digest,
     unpack_hello,
     unpack_map,
@@ -48,19 +45,17 @@ from conode.vm.guest import Guest, GuestSnapshot, JobSink
 from conode.vm.layout import PAGE_SIZE
 from conode.vm.machine import CoMachine
 
-ZERO_BLOCK_SUM = ram_digest(memoryview(bytes(DIGEST_BLOCK)))[0]
-
 
 @dataclass
 class Arrival:
-    """A guest that has moved here, built and not yet started: start it, then call :meth:`started`."""
+    """A guest that has moved here, built and not yet started: start it, then call :meth:`started` and
+    :meth:`verify`."""
 
     guest: Guest
     frames: FrameStream
     rounds: int
     bytes_received: int
-    sums: list[int]  # the checksum of each MiB of the RAM received
-    complete: bool  # the digest checked before the start covered every MiB
+    _received: _Receiver | None  # the RAM as received, until it is checked whole
 
     def started(self, first_instruction_ns: int) -> None:
         """Tell the source the host clock (CLOCK_MONOTONIC) at the guest's first instruction here: the end of its
@@ -71,26 +66,23 @@ class Arrival:
             pass  # the guest is ours already; the figure is only for the source's report
 
     def verify(self) -> None:
-        """After the start: check every MiB of the RAM received against the source's complete digest (sent after
-        GO); raise MigrationError on a mismatch (the guest then holds wrong memory: fail its job)."""
-        if self.complete:
+        """After the start, unless it was done before: check all the RAM received (the image the guest maps
+        copy-on-write, which its writes leave alone) against the source's complete digest, sent after GO; raise
+        MigrationError on a mismatch (the guest then holds wrong memory: fail its job)."""
+        received, self._received = self._received, None
+        if received is None:
             return
         try:
-            expected = unpack_digest(self.frames.receive(DIGEST)[1], len(self.sums) * DIGEST_BLOCK)
-            if len(expected) != len(self.sums):
-                raise MigrationError("the source's digest after the hand-over does not cover every MiB")
-            _compare(self.sums, expected)
+            entries = unpack_digest(self.frames.receive(DIGEST)[1], len(received.view))
+            if sum(count for _, count, _ in entries) != received.pages:
+                raise MigrationError("the source's digest after the hand-over does not cover all RAM")
+            compare_digest(received.view, entries)
         except MigrationError as exc:
             self.frames.send_abort(str(exc))
             raise
+        finally:
+            received.close()
         self.frames.send(VERIFIED)
-
-
-def _compare(sums: list[int], expected: dict[int, int]) -> None:
-    bad = [index for index, theirs in expected.items() if sums[index] != theirs]
-    if bad:
-        raise MigrationError(f"the guest's RAM here differs from the source's in {len(bad)} MiB (the first at "
-                             f"MiB {bad[0]}); the migration lost pages")
 
 
 class _Receiver:
@@ -100,9 +92,7 @@ class _Receiver:
         self.image = RamImage(ram_bytes)
         self.memory = self.image.writable()
         self.view = memoryview(self.memory)
-        self.sums = [ZERO_BLOCK_SUM] * (ram_bytes // DIGEST_BLOCK)  # of the RAM received so far
-        self.stale: set[int] = set()  # blocks written since their checksum was computed
-        self.written: set[int] = set()  # blocks that ever received a non-zero page (the others are all zero)
+        self.written: set[int] = set()  # MiBs that ever received a non-zero page (the others are all zero)
         self.rounds = 0
 
     def _span(self, first: int, count: int, zeros: bool) -> tuple[int, int] | None:
@@ -110,14 +100,11 @@ class _Receiver:
         if count <= 0 or first + count > self.pages:
             raise MigrationError(f"the source sent pages {first}..{first + count - 1} of a guest with {self.pages} "
                                  f"pages; the stream is corrupt")
-        blocks = set(range(first // PAGES_PER_BLOCK, (first + count - 1) // PAGES_PER_BLOCK + 1))
-        if zeros:
-            blocks &= self.written
-            if not blocks:
-                return None  # the first round's zero pages: nothing to write, nothing to hash again
-        else:
-            self.written |= blocks
-        self.stale |= blocks
+        mibs = set(range(first // RUN_PAGES, (first + count - 1) // RUN_PAGES + 1))
+        if not zeros:
+            self.written |= mibs
+        elif not mibs & self.written:
+            return None  # the first round's zero pages: nothing to write
         return first * PAGE_SIZE, (first + count) * PAGE_SIZE
 
     def receive_ram(self) -> bytes:
@@ -130,7 +117,7 @@ class _Receiver:
                 if len(payload) < FIRST_PAGE.size or not data or len(data) % PAGE_SIZE:
                     raise MigrationError("a PAGES frame does not hold whole pages; the stream is corrupt")
                 (first,) = FIRST_PAGE.unpack_from(payload)
-                start, end = self._span(first, len(data) // PAGE_SIZE, zeros=False)
+                start, end = self._span(first, len(data) // PAGE_SIZE, zeros=False)  # type: ignore[misc]
                 self.view[start:end] = data
             elif kind == ZEROS:
                 first, count = ZERO_RUN.unpack(payload) if len(payload) == ZERO_RUN.size else (0, 0)
@@ -145,21 +132,14 @@ class _Receiver:
                     raise MigrationError(f"the source sent round {number} after round {self.rounds} (at most "
                                          f"{MAX_ROUNDS}); the stream is corrupt")
                 self.rounds = number
-                self._refresh_digest()
             else:
                 return payload
 
-    def _refresh_digest(self) -> None:
-        for index, checksum in ram_digest(self.view, sorted(self.stale)).items():
-            self.sums[index] = checksum
-        self.stale.clear()
-
     def check_digest(self, payload: bytes) -> bool:
-        """Check the MiBs the digest lists; whether it listed them all."""
-        expected = unpack_digest(payload, len(self.view))
-        self._refresh_digest()
-        _compare(self.sums, expected)
-        return len(expected) == len(self.sums)
+        """Check the pages the digest lists; whether it listed all RAM."""
+        entries = unpack_digest(payload, len(self.view))
+        compare_digest(self.view, entries)
+        return sum(count for _, count, _ in entries) == self.pages
 
     def close(self) -> None:
         self.view.release()
@@ -188,7 +168,10 @@ def migrate_in(stream: ByteStream, sink: JobSink | None = None, disk_base: Path 
         complete = receiver.check_digest(frames.receive(DIGEST)[1])
         frames.send(READY)
         frames.receive(GO)
-        return Arrival(guest, frames, receiver.rounds, frames.received, receiver.sums, complete)
+        arrival = Arrival(guest, frames, receiver.rounds, frames.received, None if complete else receiver)
+        if not complete:
+            receiver = None  # the arrival checks it whole, then closes it
+        return arrival
     except ConodeError as exc:
         if guest is not None:
             guest.machine.close()

@@ -28,7 +28,6 @@ from conode.migration.stream import (
     GO,
     HELLO,
     PAGES,
-    PAGES_PER_BLOCK,
     READY,
     RESUMED,
     ROUND,
@@ -65,9 +64,9 @@ class Policy:
     max_rounds: int = 30  # ... or after this many rounds, whatever is left
     auto_converge: bool = True  # slow down a guest whose rounds do not shrink
     progress: float = 0.8  # a round that leaves more than this share of the previous one's pages made no progress
-    # The final RAM's digest while the guest is down: every MiB (one pass over RAM: tens of ms per 128 MiB), or
-    # only the MiBs the last round touched, with every MiB checked after the hand-over (the guest's job then
-    # fails on a mismatch rather than go on with wrong memory). Either way the dirty tracking is checked end to end.
+    # The final RAM's digest while the guest is down: all RAM (one pass: tens of ms per 128 MiB), or only the
+    # pages the last round sent, with all RAM checked after the hand-over (the guest's job then fails on a
+    # mismatch rather than go on with wrong memory). Either way the dirty tracking is checked end to end.
     full_digest: bool = False
 
 
@@ -185,8 +184,8 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
         report.cpu_cap = machine.cpu_cap
         with ThreadPoolExecutor(1) as pool:
             final = bytearray(a | b for a, b in zip(pending, tracker.take()))
-            blocks = None if policy.full_digest else sorted({page // PAGES_PER_BLOCK for page in pages_of(final)})
-            digest = pool.submit(ram_digest, machine.ram.view, blocks)  # the RAM is frozen now: hashed as we send
+            spans = None if policy.full_digest else list(runs(final, RUN_PAGES))
+            digest = pool.submit(ram_digest, machine.ram.view, spans)  # the RAM is frozen now: hashed as we send
             report.final_pages = send_pages(frames, tracker, final, report)
             frames.send(ROUND, ROUND_NUMBER.pack(report.rounds + 1))
             envelope = pack_map(guest.snapshot(with_ram=False).to_data())

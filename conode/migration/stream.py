@@ -9,10 +9,10 @@ format (u32):
 Source → destination: ``HELLO`` (msgpack: guest id, RAM size, page size), then rounds of ``PAGES`` (first page
 u32 + whole pages) and ``ZEROS`` (first page u32, count u32) each closed by ``ROUND`` (its number, u32); after
 the guest is paused the last round, ``STATE`` (msgpack: the Guest snapshot envelope without RAM pages) and
-``DIGEST`` (an Adler-32 per MiB of the final RAM, as (MiB u32, checksum u32) pairs: every MiB, or those the last
-round touched, so a mismatch names the MiB). Destination → source: ``READY`` (the guest is built and checked),
+``DIGEST`` (Adler-32s of the final RAM, as (first page u32, pages u32, checksum u32) entries: of every MiB, or of
+the runs of pages the last round sent, so a mismatch names the pages). Destination → source: ``READY`` (the guest is built and checked),
 then the source's ``GO`` (it gives the guest up) and the destination's ``RESUMED`` (the host clock at its first
-instruction, u64 ns). Unless the first DIGEST covered every MiB, the source then sends a second, complete one,
+instruction, u64 ns). Unless the first DIGEST covered all RAM, the source then sends a second, complete one,
 and the destination answers ``VERIFIED`` (or ABORT). Either side may send ``ABORT`` (a reason).
 
 The stream runs over any :class:`ByteStream` (a socket here; the agents' CURVE link later).
@@ -48,11 +48,9 @@ FIRST_PAGE = struct.Struct("<I")
 ZERO_RUN = struct.Struct("<II")
 ROUND_NUMBER = struct.Struct("<I")
 CLOCK = struct.Struct("<Q")
-DIGEST_ENTRY = struct.Struct("<II")
+DIGEST_ENTRY = struct.Struct("<III")  # first page, pages, their Adler-32
 
-RUN_PAGES = 256  # pages in one PAGES frame: 1 MiB
-DIGEST_BLOCK = 256 * PAGE_SIZE  # RAM bytes per digest entry
-PAGES_PER_BLOCK = DIGEST_BLOCK // PAGE_SIZE
+RUN_PAGES = 256  # pages in one PAGES frame or digest entry: 1 MiB (a guest's RAM is whole MiBs)
 MAX_ROUNDS = 64  # rounds a destination accepts: with bounded frames, a bounded stream
 
 HELLO, PAGES, ZEROS, ROUND, STATE, DIGEST, READY, GO, RESUMED, ABORT, VERIFIED = range(1, 12)
@@ -60,7 +58,7 @@ NAMES = {HELLO: "HELLO", PAGES: "PAGES", ZEROS: "ZEROS", ROUND: "ROUND", STATE: 
          READY: "READY", GO: "GO", RESUMED: "RESUMED", ABORT: "ABORT", VERIFIED: "VERIFIED"}
 MAX_PAYLOAD = {HELLO: MAX_SMALL_FIELD, PAGES: FIRST_PAGE.size + RUN_PAGES * PAGE_SIZE, ZEROS: ZERO_RUN.size,
                ROUND: ROUND_NUMBER.size, STATE: MAX_FRAME_BYTES,
-               DIGEST: (MAX_GUEST_MEM_MIB << 20) // DIGEST_BLOCK * DIGEST_ENTRY.size, READY: 0, GO: 0, RESUMED: CLOCK.size,
+               DIGEST: (MAX_GUEST_MEM_MIB << 20) // PAGE_SIZE * DIGEST_ENTRY.size, READY: 0, GO: 0, RESUMED: CLOCK.size,
                ABORT: MAX_TEXT_FIELD, VERIFIED: 0}
 
 
@@ -207,44 +205,56 @@ def unpack_hello(payload: bytes) -> Hello:
         raise MigrationError(f"the source pages its RAM by {data.get('page_size')!r} bytes; this conode by "
                              f"{PAGE_SIZE}")
     if type(ram_bytes) is not int or not (MIN_GUEST_MEM_MIB << 20) <= ram_bytes <= (MAX_GUEST_MEM_MIB << 20) \
-            or ram_bytes % DIGEST_BLOCK:
+            or ram_bytes % (RUN_PAGES * PAGE_SIZE):
         raise MigrationError(f"the source announces a guest of {ram_bytes!r} RAM bytes, not a size a guest has")
     if not isinstance(guest_id, str) or not 0 < len(guest_id) <= 64:
         raise MigrationError("the source announces no valid guest id")
     return Hello(guest_id, ram_bytes)
 
 
-def ram_digest(ram: memoryview, blocks: list[int] | None = None, threads: int = 2) -> dict[int, int]:
-    """Adler-32 of each DIGEST_BLOCK of RAM (of *blocks*, or all), computed by *threads* threads at once: zlib
-    releases the GIL, so the two halves run on two cores while the caller goes on sending. (Adler-32 rather than
-    CRC-32: twice as fast, and enough to catch a page lost or left stale; the link's own integrity is
-    the frames' CRC and, between agents, CURVE's.)"""
-    todo = list(range(len(ram) // DIGEST_BLOCK)) if blocks is None else blocks
+def ram_digest(ram: memoryview, spans: list[tuple[int, int]] | None = None,
+               threads: int = 2) -> list[tuple[int, int, int]]:
+    """(first page, pages, Adler-32) of each span of RAM — (first page, pages) — or of every MiB, computed by
+    *threads* threads at once: zlib releases the GIL, so they run on two cores while the caller goes on sending.
+    (Adler-32 rather than CRC-32: twice as fast, and enough to catch a page lost or left stale; the link's own
+    integrity is the frames' CRC and, between agents, CURVE's.)"""
+    if spans is None:
+        spans = [(first, RUN_PAGES) for first in range(0, len(ram) // PAGE_SIZE, RUN_PAGES)]
 
-    def part(indices: list[int]) -> dict[int, int]:
-        return {i: zlib.adler32(ram[i * DIGEST_BLOCK:(i + 1) * DIGEST_BLOCK]) for i in indices}
+    def part(todo: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        return [(first, count, zlib.adler32(ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]))
+                for first, count in todo]
 
-    if threads <= 1 or len(todo) < 2 * threads:
-        return part(todo)
+    if threads <= 1 or len(spans) < 2 * threads:
+        return part(spans)
     with ThreadPoolExecutor(threads) as pool:
-        results = pool.map(part, [todo[i::threads] for i in range(threads)])
-        return {index: checksum for result in results for index, checksum in result.items()}
+        results = pool.map(part, [spans[i::threads] for i in range(threads)])
+        return sorted(entry for result in results for entry in result)
 
 
-def pack_digest(sums: dict[int, int]) -> bytes:
-    return b"".join(DIGEST_ENTRY.pack(index, sums[index]) for index in sorted(sums))
+def pack_digest(entries: list[tuple[int, int, int]]) -> bytes:
+    return b"".join(DIGEST_ENTRY.pack(*entry) for entry in entries)
 
 
-def unpack_digest(payload: bytes, ram_bytes: int) -> dict[int, int]:
-    """The checksum of each listed MiB; the MiBs in increasing order, each within the RAM."""
-    blocks = ram_bytes // DIGEST_BLOCK
+def unpack_digest(payload: bytes, ram_bytes: int) -> list[tuple[int, int, int]]:
+    """The digest's entries: spans of at most RUN_PAGES pages, in increasing order, apart, each within the RAM."""
+    pages = ram_bytes // PAGE_SIZE
     if len(payload) % DIGEST_ENTRY.size:
         raise MigrationError("the RAM digest is not made of whole entries; the stream is corrupt")
-    sums: dict[int, int] = {}
-    last = -1
-    for index, checksum in DIGEST_ENTRY.iter_unpack(payload):
-        if not last < index < blocks:
-            raise MigrationError(f"the RAM digest lists MiB {index} out of order or beyond the guest's {blocks} MiB; "
-                                 f"the stream is corrupt")
-        sums[index], last = checksum, index
-    return sums
+    entries = list(DIGEST_ENTRY.iter_unpack(payload))
+    end = 0
+    for first, count, _ in entries:
+        if first < end or not 0 < count <= RUN_PAGES or first + count > pages:
+            raise MigrationError(f"the RAM digest lists pages {first}..{first + count - 1} out of order or beyond "
+                                 f"the guest's {pages}; the stream is corrupt")
+        end = first + count
+    return entries
+
+
+def compare_digest(ram: memoryview, entries: list[tuple[int, int, int]]) -> None:
+    """Raise MigrationError, naming the first page span, if *ram* differs from the digest's *entries*."""
+    mine = ram_digest(ram, [(first, count) for first, count, _ in entries])
+    bad = [theirs for theirs, ours in zip(entries, mine) if theirs != ours]
+    if bad:
+        raise MigrationError(f"the guest's RAM here differs from the source's in {len(bad)} of {len(entries)} spans "
+                             f"checked (the first at page {bad[0][0]}); the migration lost pages")

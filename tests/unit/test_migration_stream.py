@@ -25,7 +25,9 @@ from conode.migration.stream import (
     Hello,
     MigrationError,
     SocketStream,
+    compare_digest,
     pack_hello,
+    ram_digest,
     unpack_digest,
     unpack_hello,
 )
@@ -114,12 +116,26 @@ def test_hello_is_checked(fields, message):
         unpack_hello(b"\xc1")
 
 
-def test_the_digest_lists_each_mib_once_in_order():
-    assert unpack_digest(DIGEST_ENTRY.pack(0, 5) + DIGEST_ENTRY.pack(3, 7), RAM) == {0: 5, 3: 7}
-    for bad in (DIGEST_ENTRY.pack(3, 7) + DIGEST_ENTRY.pack(0, 5), DIGEST_ENTRY.pack(1, 1) * 2,
-                DIGEST_ENTRY.pack(48, 0), b"\0" * 5):
+def test_the_digest_lists_spans_of_pages_in_order_within_the_ram():
+    entry = DIGEST_ENTRY.pack
+    assert unpack_digest(entry(0, 5, 9) + entry(5, 256, 7), RAM) == [(0, 5, 9), (5, 256, 7)]
+    pages = RAM // PAGE_SIZE
+    for bad in (entry(5, 1, 7) + entry(0, 1, 5), entry(0, 2, 1) + entry(1, 1, 1), entry(pages - 1, 2, 0),
+                entry(0, 0, 0), entry(0, 257, 0), b"\0" * 5):
         with pytest.raises(MigrationError, match="corrupt"):
             unpack_digest(bad, RAM)
+
+
+def test_a_digest_names_the_pages_that_differ():
+    ram = bytearray(RAM)
+    ram[5 * PAGE_SIZE + 3] = 1
+    entries = ram_digest(memoryview(ram), [(0, 4), (4, 4), (300, 10)])
+    compare_digest(memoryview(ram), entries)
+    ram[5 * PAGE_SIZE + 3] = 2
+    with pytest.raises(MigrationError, match="differs from the source's in 1 of 3 spans checked \\(the first at page 4\\)"):
+        compare_digest(memoryview(ram), entries)
+    whole = ram_digest(memoryview(ram))
+    assert [(first, count) for first, count, _ in whole] == [(first, 256) for first in range(0, RAM // PAGE_SIZE, 256)]
 
 
 @pytest.mark.parametrize("body, message", [

@@ -63,7 +63,7 @@ def test_a_guest_moves_mid_job_and_its_output_is_unchanged(engine, dirtier, tmp_
                      "0.5", *JOB[engine])
     sent, received = result(source), result(destination)
     assert sent["migrated"] and received["arrived"], (sent, received)
-    assert sent["rounds"] >= 2 and sent["final_pages"] > 0, sent  # at least one round of dirtied pages
+    assert sent["rounds"] >= 2, sent  # a second round: the pages dirtied during the first (then the final copy)
     assert received["status"] == 0 and received["failure"] is None, received
     before, after = (tmp_path / "before").read_bytes(), (tmp_path / "after").read_bytes()
     assert before and after, "the job must print on both sides of the move"
