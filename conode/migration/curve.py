@@ -34,7 +34,7 @@ class CurveStream:
 
     def send(self, data: bytes) -> None:
         try:
-            self.socket.send(data, copy=len(data) < 65536)
+            self.socket.send(data, 0, len(data) < 65536)  # large frames go without a copy
         except zmq.ZMQError as exc:
             raise OSError(exc.errno, f"ZeroMQ: {exc.strerror}") from None
 

@@ -15,31 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conode.errors import ConodeError
-from conode.migration.stream import (
-    CLOCK,
-    DIGEST,
-    FIRST_PAGE,
-    GO,
-    HELLO,
-    MAX_ROUNDS,
-    PAGES,
-    READY,
-    RESUMED,
-    ROUND,
-    ROUND_NUMBER,
-    RUN_PAGES,
-    STATE,
-    VERIFIED,
-    ZERO_RUN,
-    ZEROS,
-    ByteStream,
-    FrameStream,
-    MigrationError,
-    compare_digest,
-    unpack_digest,
-    unpack_hello,
-    unpack_map,
-)
+from conode.migration.stream import (CLOCK, DIGEST, FIRST_PAGE, GO, HELLO, MAX_ROUNDS, PAGES, READY, RESUMED,
+                                     ROUND, ROUND_NUMBER, RUN_PAGES, STATE, VERIFIED, ZERO_RUN, ZEROS,
+                                     ByteStream, FrameStream, MigrationError, compare_digest, unpack_digest,
+                                     unpack_hello, unpack_map)
 from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.guest import Guest, GuestSnapshot, JobSink
 from conode.vm.layout import PAGE_SIZE

@@ -12,6 +12,7 @@ source sends GO, any failure leaves the guest running here as if nothing happene
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -21,31 +22,10 @@ from dataclasses import dataclass
 
 from conode.errors import ConodeError
 from conode.migration.running import RunningGuest
-from conode.migration.stream import (
-    CLOCK,
-    DIGEST,
-    FIRST_PAGE,
-    GO,
-    HELLO,
-    PAGES,
-    READY,
-    RESUMED,
-    ROUND,
-    ROUND_NUMBER,
-    RUN_PAGES,
-    STATE,
-    VERIFIED,
-    ZERO_RUN,
-    ZEROS,
-    ByteStream,
-    FrameStream,
-    Hello,
-    MigrationError,
-    pack_digest,
-    pack_hello,
-    pack_map,
-    ram_digest,
-)
+from conode.migration.stream import (CLOCK, DIGEST, FIRST_PAGE, GO, HELLO, MAX_ROUNDS, PAGES, READY, RESUMED, ROUND,
+                                     ROUND_NUMBER, RUN_PAGES, STATE, VERIFIED, ZERO_RUN, ZEROS, ByteStream,
+                                     FrameStream, Hello, MigrationError, MigrationRefused, pack_digest,
+                                     pack_hello, pack_map, ram_digest)
 from conode.vm.cpu.dirty import DirtyTracker, dirty_tracker, pages_of
 from conode.vm.layout import PAGE_SIZE
 
@@ -128,6 +108,10 @@ def send_pages(frames: FrameStream, tracker: DirtyTracker, bitmap: bytearray, re
     return count
 
 
+def _union(a: bytearray, b: bytearray) -> bytearray:
+    return bytearray((int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little"))
+
+
 def _popcount(bitmap: bytearray) -> int:
     return int.from_bytes(bitmap, "little").bit_count()
 
@@ -143,8 +127,15 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
     frames = FrameStream(stream, peer)
     tracker = dirty_tracker(machine.cpu)
     report = Report(tracker.name)
-    take = (lambda: running.on_machine_thread(tracker.take)) if tracker.needs_machine_thread else tracker.take
+
+    def set_cap(cap: float) -> None:
+        machine.cpu_cap = cap
+
+    def take() -> bytearray:
+        return running.on_machine_thread(tracker.take) if tracker.needs_machine_thread else tracker.take()
+
     original_cap = machine.cpu_cap
+    max_rounds = min(policy.max_rounds, MAX_ROUNDS - 1)  # what a destination accepts, the final round included
     started = time.monotonic()
     paused = committed = False
     running.on_machine_thread(tracker.start)
@@ -158,7 +149,7 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
             count = _popcount(pending)
             rate = report.link_bytes_per_s
             estimate = count * PAGE_SIZE / rate if rate else math.inf
-            if report.rounds and (estimate <= policy.max_downtime_s or report.rounds >= policy.max_rounds):
+            if report.rounds and (estimate <= policy.max_downtime_s or report.rounds >= max_rounds):
                 break
             if not running.running:
                 raise MigrationError("the guest stopped (its job ended) before it could move")
@@ -170,7 +161,7 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
             report.link_bytes_per_s = frames.sent / send_time if send_time > 0 else 0.0
             if policy.auto_converge and previous is not None and count > policy.progress * previous:
                 cap = max(MIN_CPU_CAP, machine.cpu_cap / 2)
-                running.on_machine_thread(lambda cap=cap: setattr(machine, "cpu_cap", cap))
+                running.on_machine_thread(functools.partial(set_cap, cap))
             previous = count
             log.debug("round %d: %d pages (%d bytes) at %.0f MB/s", report.rounds, count, frames.sent - before,
                       report.link_bytes_per_s / 1e6)
@@ -183,7 +174,7 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
             raise MigrationError("the guest's job ended before it could move")
         report.cpu_cap = machine.cpu_cap
         with ThreadPoolExecutor(1) as pool:
-            final = bytearray(a | b for a, b in zip(pending, tracker.take()))
+            final = _union(pending, tracker.take())
             spans = None if policy.full_digest else list(runs(final, RUN_PAGES))
             digest = pool.submit(ram_digest, machine.ram.view, spans)  # the RAM is frozen now: hashed as we send
             report.final_pages = send_pages(frames, tracker, final, report)
@@ -213,17 +204,21 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
             tracker.stop()  # the guest is paused for good
         else:
             running.on_machine_thread(tracker.stop)
-            running.on_machine_thread(lambda: setattr(machine, "cpu_cap", original_cap))
+            running.on_machine_thread(functools.partial(set_cap, original_cap))
             if paused and not guest.finished:
                 running.start()  # the guest goes on here as if nothing happened
 
 
 def _verified(frames: FrameStream) -> bool | None:
+    """Whether the destination found all RAM as sent (None: it did not say)."""
     try:
         frames.receive(VERIFIED)
+    except MigrationRefused as exc:
+        log.error("the moved guest's RAM is not what was sent: %s", exc)
+        return False
     except MigrationError as exc:
         log.warning("the moved guest's RAM was not confirmed: %s", exc)
-        return False if "gave the migration up" in str(exc) else None
+        return None
     return True
 
 

@@ -66,6 +66,10 @@ class MigrationError(ConodeError):
     """A migration could not complete; the guest goes on where it was (or was never started here)."""
 
 
+class MigrationRefused(MigrationError):
+    """The other side gave the migration up (an ABORT frame), with its reason."""
+
+
 class ByteStream(Protocol):
     """A reliable, ordered byte stream in both directions."""
 
@@ -155,7 +159,7 @@ class FrameStream:
             raise MigrationError(f"a {NAMES[kind]} frame from {self.peer} fails its checksum; the stream is corrupt")
         if kind == ABORT and ABORT not in expected:
             reason = payload.decode(errors="replace")[:500]
-            raise MigrationError(f"{self.peer} gave the migration up: {reason}")
+            raise MigrationRefused(f"{self.peer} gave the migration up: {reason}")
         if kind not in expected:
             wanted = " or ".join(NAMES[k] for k in expected)
             raise MigrationError(f"{self.peer} sent {NAMES[kind]} where {wanted} was due; the stream is corrupt")

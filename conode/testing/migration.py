@@ -28,15 +28,8 @@ from pathlib import Path
 import zmq
 
 from conode.cluster.keys import KeyPair, load_key_pair
-from conode.migration import (
-    MigrationError,
-    Policy,
-    RunningGuest,
-    SocketStream,
-    curve,
-    migrate_in,
-    migrate_out,
-)
+from conode.migration import (MigrationError, Policy, RunningGuest, SocketStream, curve, migrate_in,
+                              migrate_out)
 from conode.migration.curve import CurveStream
 from conode.vm.guest import Guest, JobSpec
 from conode.vm.guest_image import load_guest_image
@@ -120,6 +113,7 @@ def destination(args: argparse.Namespace) -> dict:
     sink = FileSink(args.out)
     if args.curve is not None:
         source_keys, destination_keys = _keys(args.curve)
+        stream: CurveStream | SocketStream
         stream, address = curve.listen(zmq.Context.instance(), args.address, destination_keys, source_keys.public)
         print(json.dumps({"listening": address}), flush=True)
     else:

@@ -8,29 +8,9 @@ import pytest
 
 from conode.migration import migrate_in
 from conode.migration.source import runs
-from conode.migration.stream import (
-    ABORT,
-    DIGEST_ENTRY,
-    FORMAT,
-    GO,
-    HEADER,
-    HELLO,
-    MAGIC,
-    PAGES,
-    PREAMBLE,
-    READY,
-    ROUND,
-    STATE,
-    FrameStream,
-    Hello,
-    MigrationError,
-    SocketStream,
-    compare_digest,
-    pack_hello,
-    ram_digest,
-    unpack_digest,
-    unpack_hello,
-)
+from conode.migration.stream import (ABORT, DIGEST_ENTRY, FORMAT, GO, HEADER, HELLO, MAGIC, PAGES, PREAMBLE,
+                                     READY, ROUND, STATE, FrameStream, Hello, MigrationError, SocketStream,
+                                     compare_digest, pack_hello, ram_digest, unpack_digest, unpack_hello)
 from conode.vm.layout import PAGE_SIZE
 
 RAM = 48 << 20
