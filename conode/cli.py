@@ -62,6 +62,9 @@ _disk_options = [
     click.option("--disk-budget", "disk_budget", type=int, default=DEFAULT_DISK_BUDGET_MIB, show_default=True,
                  metavar="MiB", help="What the guest may write to its disk; writes beyond fail (EIO)."),
     click.option("--disk-ro", is_flag=True, help="Give the guest the disk read-only."),
+    click.option("--disk-root", is_flag=True,
+                 help="The disk holds the guest's root file system: the guest switches to it at boot "
+                      "(jobs run there; the initramfs stays the fallback)."),
 ]
 
 
@@ -72,14 +75,14 @@ def _with_image_options(fn: Callable) -> Callable:
 
 
 def _machine_config(mem_mib: int, append: str, disk: Path | None, disk_overlay: Path | None, disk_budget: int,
-                    disk_ro: bool) -> "MachineConfig":
+                    disk_ro: bool, disk_root: bool) -> "MachineConfig":
     from conode.vm.disk.config import DiskConfig
     from conode.vm.machine import MachineConfig
 
-    if disk is None and (disk_overlay is not None or disk_ro):
-        raise click.UsageError("--disk-overlay and --disk-ro need --disk")
-    return MachineConfig(mem_mib=mem_mib, cmdline_extra=append,
-                         disk=DiskConfig(disk, disk_overlay, disk_budget, disk_ro) if disk is not None else None)
+    if disk is None and (disk_overlay is not None or disk_ro or disk_root):
+        raise click.UsageError("--disk-overlay, --disk-ro and --disk-root need --disk")
+    disk_config = None if disk is None else DiskConfig(disk, disk_overlay, disk_budget, disk_ro, disk_root)
+    return MachineConfig(mem_mib=mem_mib, cmdline_extra=append, disk=disk_config)
 
 
 @vm.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -96,7 +99,7 @@ def _machine_config(mem_mib: int, append: str, disk: Path | None, disk_overlay: 
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, disk: Path | None,
-        disk_overlay: Path | None, disk_budget: int, disk_ro: bool, snapshot_after: float | None,
+        disk_overlay: Path | None, disk_budget: int, disk_ro: bool, disk_root: bool, snapshot_after: float | None,
         snapshot_to: Path | None, timeout: float | None, cwd: str, verbose: bool, quiet: bool,
         command: tuple[str, ...]) -> None:
     """Boot the guest, run COMMAND in it, stream its output, exit with its status.
@@ -104,6 +107,7 @@ def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, dis
     \b
     Example:  conode vm run -- sh -c 'echo $((6*7)); exit 3'
               conode vm run --disk root.img -- sh -c 'mount /dev/vda /mnt && ls /mnt'
+              conode vm run --disk debian.img --disk-root -- python3 -c 'print(6*7)'
     """
     if (snapshot_after is None) != (snapshot_to is None):
         raise click.UsageError("--snapshot-after and --snapshot-to go together")
@@ -114,7 +118,7 @@ def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, dis
 
         image = load_guest_image(kernel, initrd)
         console = (lambda data: (sys.stderr.buffer.write(data), sys.stderr.buffer.flush())) if verbose else None
-        config = _machine_config(mem_mib, append, disk, disk_overlay, disk_budget, disk_ro)
+        config = _machine_config(mem_mib, append, disk, disk_overlay, disk_budget, disk_ro, disk_root)
         session = GuestSession.boot(image, config, sys.stdout.buffer,
                                     sys.stderr.buffer, _progress(quiet), verbose, console)
         session.start(list(command), cwd)
@@ -154,7 +158,7 @@ LEAVE_KEY = b"\x1d"  # Ctrl-], as in telnet and virsh console
 @vm.command()
 @_with_image_options
 def console(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, disk: Path | None,
-            disk_overlay: Path | None, disk_budget: int, disk_ro: bool) -> None:
+            disk_overlay: Path | None, disk_budget: int, disk_ro: bool, disk_root: bool) -> None:
     """An interactive shell on the guest's serial console (Ctrl-] leaves)."""
 
     def body() -> int:
@@ -168,7 +172,7 @@ def console(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str,
             out.write(data)
             out.flush()
 
-        config = _machine_config(mem_mib, append, disk, disk_overlay, disk_budget, disk_ro)
+        config = _machine_config(mem_mib, append, disk, disk_overlay, disk_budget, disk_ro, disk_root)
         machine = CoMachine(config, show, lambda data: None)
         machine.boot(image.kernel, image.initrd, BASE_CMDLINE + " conode.shell=1")
         click.echo("conode: guest console; press Ctrl-] to leave", err=True)

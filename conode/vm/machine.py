@@ -59,8 +59,10 @@ class MachineConfig:
 @dataclass(frozen=True)
 class ConfigState(state.Record):
     KIND = "machine configuration"
-    VERSION = 2  # 2: the disk
-    MIGRATIONS = {1: lambda data: {**data, "disk": None}}
+    VERSION = 3  # 2: the disk; 3: whether the disk holds the root file system
+    MIGRATIONS = {1: lambda data: {**data, "disk": None},
+                  2: lambda data: {**data, "disk": {**data["disk"], "root": False}}
+                  if isinstance(data.get("disk"), dict) else data}
 
     mem_mib: int = bounded(layout.MIN_RAM_MIB, layout.MAX_RAM_MIB)
     cmdline_extra: str = blob(max_len=layout.CMDLINE_MAX)
@@ -200,7 +202,8 @@ class CoMachine:
 
     # --- boot ----------------------------------------------------------------------------------------------
     def boot(self, kernel: KernelImage, initrd: bytes, cmdline: str) -> None:
-        full = " ".join(part for part in (cmdline, self.virtio_cmdline(), self.config.cmdline_extra) if part)
+        disk = self.config.disk.kernel_cmdline() if self.config.disk is not None else ""
+        full = " ".join(part for part in (cmdline, self.virtio_cmdline(), disk, self.config.cmdline_extra) if part)
         plan = load_linux(self.ram.view, kernel, initrd, full, os.urandom(RNG_SEED_BYTES))
         self.cpu.enter_protected_mode(layout.BOOT_GDT, 31, layout.BOOT_CS, layout.BOOT_DS, plan.entry,
                                       plan.boot_params)
