@@ -6,8 +6,9 @@ Two jobs, each a static i386 program (tests/vm/migration/dirtier.c): (a) CPU-bou
 20 MiB/s of distinct pages of a 64 MiB buffer. conode: two processes of ``python -m conode.testing.migration``
 on one engine each time, a Unix socket between them; the source boots the guest, starts the job, moves it a
 few seconds in (conode.migration, pre-copy, default policy: 0.1 s downtime limit; the checksum of the last
-round's MiBs in the downtime, of all RAM after the hand-over) and the destination runs it to the end. Downtime = the guest's last instruction on the source to its first on the
-destination (host CLOCK_MONOTONIC, both processes on this host). qemu, the anchor in the same run: two
+round's pages in the downtime, of all RAM after the hand-over) and the destination runs it to the end.
+Downtime = the guest's last instruction on the source to its first on the destination (host CLOCK_MONOTONIC,
+both processes on this host). qemu, the anchor in the same run: two
 qemu-system-i386 processes on the same kernel and initramfs (the program appended to the initramfs), the
 destination started with ``-incoming``, the source's monitor told ``migrate``; its default downtime limit
 (300 ms); figures from ``info migrate`` (its downtime ends when the source has sent the last of it, before the
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         f"{reps} moves per job and place, {MEM_MIB} MiB guests; conode's downtime ends at the guest's first "
         "instruction on the destination, qemu's (from info migrate) when the source has sent the last state",
-        "conode's downtime includes the checksum of the MiBs the last round touched; every MiB is checked after the "
+        "conode's downtime includes the checksum of the pages the last round sent; all RAM is checked after the "
         "hand-over (the default policy)",
     ]
     title = f"Live migration ({'quick' if args.quick else 'full'})"

@@ -6,8 +6,8 @@ final copy would cost — the pages left over the link rate measured so far — 
 policy's limit, or when the rounds run out. A guest that dirties memory faster than the link carries it is slowed
 down (its CPU share halves each round that makes no progress), as QEMU's auto-converge does. Then the guest is
 paused, the last pages, the device state (the Guest snapshot envelope without RAM) and a digest of the final RAM
-(:class:`Policy`) go over, and the guest changes hands only when the destination has built it and checked everything: until the
-source sends GO, any failure leaves the guest running here as if nothing happened.
+(:class:`Policy`) go over, and the guest changes hands only when the destination has built it and checked
+everything: until the source sends GO, any failure leaves the guest running here as if nothing happened.
 """
 
 from __future__ import annotations

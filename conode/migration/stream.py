@@ -10,9 +10,9 @@ Source → destination: ``HELLO`` (msgpack: guest id, RAM size, page size), then
 u32 + whole pages) and ``ZEROS`` (first page u32, count u32) each closed by ``ROUND`` (its number, u32); after
 the guest is paused the last round, ``STATE`` (msgpack: the Guest snapshot envelope without RAM pages) and
 ``DIGEST`` (Adler-32s of the final RAM, as (first page u32, pages u32, checksum u32) entries: of every MiB, or of
-the runs of pages the last round sent, so a mismatch names the pages). Destination → source: ``READY`` (the guest is built and checked),
-then the source's ``GO`` (it gives the guest up) and the destination's ``RESUMED`` (the host clock at its first
-instruction, u64 ns). Unless the first DIGEST covered all RAM, the source then sends a second, complete one,
+the runs of pages the last round sent, so a mismatch names the pages). Destination → source: ``READY`` (the
+guest is built and checked), then the source's ``GO`` (it gives the guest up) and the destination's ``RESUMED``
+(the host clock at its first instruction, u64 ns). Unless the first DIGEST covered all RAM, the source then sends a second, complete one,
 and the destination answers ``VERIFIED`` (or ABORT). Either side may send ``ABORT`` (a reason).
 
 The stream runs over any :class:`ByteStream` (a socket here; the agents' CURVE link later).

@@ -10,9 +10,10 @@
 
 The destination first prints {"listening": ADDRESS}; with ``--curve KEYDIR`` the link is the agents' (ZeroMQ
 CURVE, conode/migration/curve.py) and ADDRESS a ZeroMQ endpoint (``tcp://127.0.0.1:*`` picks a port: the
-printed address is the one to give the source). Each prints one JSON line at the end: what happened and the figures (``error`` if it failed). The source's guest
-goes on where it was if the move fails, and the source then runs its job to the end itself. ``--mem`` sets the
-guest's RAM, ``--max-downtime`` the policy's limit, ``--digest`` its digest.
+printed address is the one to give the source). Each prints one JSON line at the end: what happened and the
+figures (``error`` if it failed). The source's guest goes on where it was if the move fails, and the source then
+runs its job to the end itself. ``--mem`` sets the guest's RAM, ``--max-downtime`` the policy's limit,
+``--digest`` its digest.
 """
 
 from __future__ import annotations
@@ -146,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mem", type=int, default=128)
     parser.add_argument("--max-downtime", type=float, default=Policy.max_downtime_s)
     parser.add_argument("--digest", choices=("full", "final"), default="final",
-                        help="digest every MiB of the final RAM while the guest is down, or those the last round "
-                             "touched (and every MiB after the hand-over)")
+                        help="check all the final RAM while the guest is down, or the pages the last round sent "
+                             "(and all RAM after the hand-over)")
     parser.add_argument("--curve", type=Path, metavar="KEYDIR",
                         help="over ZeroMQ CURVE (ADDRESS: a ZeroMQ endpoint) with the key pairs 'source' and "
                              "'destination' in KEYDIR, instead of a Unix socket (ADDRESS: its path)")

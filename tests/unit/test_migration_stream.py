@@ -112,7 +112,7 @@ def test_a_digest_names_the_pages_that_differ():
     entries = ram_digest(memoryview(ram), [(0, 4), (4, 4), (300, 10)])
     compare_digest(memoryview(ram), entries)
     ram[5 * PAGE_SIZE + 3] = 2
-    with pytest.raises(MigrationError, match="differs from the source's in 1 of 3 spans checked \\(the first at page 4\\)"):
+    with pytest.raises(MigrationError, match=r"differs .* in 1 of 3 spans checked \(the first at page 4\)"):
         compare_digest(memoryview(ram), entries)
     whole = ram_digest(memoryview(ram))
     assert [(first, count) for first, count, _ in whole] == [(first, 256) for first in range(0, RAM // PAGE_SIZE, 256)]
