@@ -32,10 +32,26 @@ def engines() -> list:
                                                           "built (`conode engine build`)")), "stock"]
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+    """A failed test leaves no harness process behind (a destination would wait for its source forever)."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def harness(engine: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "conode.testing.migration", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "CONODE_ENGINE": engine})
+    process = subprocess.Popen([sys.executable, "-m", "conode.testing.migration", *args], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "CONODE_ENGINE": engine})
+    STARTED.append(process)
+    return process
 
 
 def result(process: subprocess.Popen) -> dict:
