@@ -503,9 +503,9 @@ class Guest:
         self.agent.run(argv, _Discard(on_exit))
 
     # --- snapshots ------------------------------------------------------------------------------------------
-    def snapshot(self) -> GuestSnapshot:
-        """The whole guest as plain data (the machine must be paused)."""
-        return GuestSnapshot(self.guest_id, self.image, self.machine.get_state(), self.agent.get_state(),
+    def snapshot(self, with_ram: bool = True) -> GuestSnapshot:
+        """The whole guest as plain data (the machine must be paused); see CoMachine.get_state for *with_ram*."""
+        return GuestSnapshot(self.guest_id, self.image, self.machine.get_state(with_ram), self.agent.get_state(),
                              self.job.get_state() if self.job is not None else None, time.time())
 
     def save(self, path: Path) -> int:

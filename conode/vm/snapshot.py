@@ -71,6 +71,12 @@ def encode_ram(ram: memoryview) -> dict[str, Any]:
     return state.dump(RamState(size, PAGE, bytes(bitmap), tuple(chunks)))
 
 
+def ram_elsewhere(size: int) -> dict[str, Any]:
+    """A RAM record that holds no page: the RAM travels beside the state (migration streams it page by page) and
+    the machine restored from it maps that RAM as its image."""
+    return state.dump(RamState(size, PAGE, bytes((size // PAGE + 7) // 8), ()))
+
+
 def decode_ram(encoded: dict[str, Any], ram: memoryview) -> None:
     """Fill *ram* (which must be zeroed) from :func:`encode_ram`'s output; raise SnapshotError if it is not
     valid (RAM is then partly written). Memory use is bounded: each chunk inflates to at most one chunk."""

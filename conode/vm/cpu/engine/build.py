@@ -43,6 +43,10 @@ explained in its own file:
   returning to the main loop and looking the next block up, every few hundred instructions of straight-line code
   (unrolled digests). Blocks ended by single-stepping, an interrupt shadow, RF, or an instruction that changes
   what the next block is translated for (a segment load) still return there.
+- ``0011-dirty-page-log``: a log of the guest RAM pages written since it was last taken, for migration's
+  pre-copy (conode/vm/cpu/dirty.py): while it is on, pages not yet written in a round keep their TLB entries on
+  the slow store path, which marks them; the page-table walker's accessed/dirty bits and host writes are marked
+  too (Unicorn dropped QEMU's marking of both).
 """
 
 from __future__ import annotations
