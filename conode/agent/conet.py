@@ -51,6 +51,14 @@ def advertised(listen: str, coordinator: str) -> str:
     return f"tcp://{address}:{parts.port}"
 
 
+def relay_endpoint(relay: str, coordinator: str) -> str:
+    """The relay's endpoint as this agent reaches it: a wildcard address is the coordinator's own host."""
+    parts = urlsplit(relay)
+    if parts.hostname not in ("0.0.0.0", "*", None):
+        return relay
+    return f"tcp://{urlsplit(coordinator).hostname or '127.0.0.1'}:{parts.port}"
+
+
 def port_socket_path(state_dir: Path) -> Path:
     path = state_dir / "conet.sock"
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
@@ -79,16 +87,18 @@ class ConetSwitch:
     """The agent's switch process and the state it must be given again if it is restarted."""
 
     def __init__(self, state_dir: Path, listen: str, coordinator: str, keys_dir: Path,
-                 signal: Callable[[], Signal], clock: Callable[[], float] = time.monotonic) -> None:
+                 signal: Callable[[], Signal], clock: Callable[[], float] = time.monotonic,
+                 coordinator_key: str = "") -> None:
         self.listen = listen
         self.socket_path = port_socket_path(state_dir)
-        self._coordinator = coordinator
+        self._coordinator, self._coordinator_key = coordinator, coordinator_key
         self._keys_dir = keys_dir
         self._signal = signal
         self._clock = clock
         self._process: WorkerProcess | None = None
         self._ports: dict[int, dict[str, Any]] = {}  # guest -> its port message
         self._peers: list[dict[str, str]] = []
+        self._relay: str | None = None  # the coordinator's relay, as this agent reaches it
         self.endpoint: str | None = None  # what peers connect to, once the switch is up
         self.problem: str | None = None  # why there is no switch, if there is none
         self._restart_at = 0.0
@@ -185,12 +195,15 @@ class ConetSwitch:
         if message is not None and self._process is not None:
             self._process.send({"type": "unport", "token": message["token"]})
 
-    def set_peers(self, peers: list[dict[str, str]]) -> None:
-        """The switches of the agents that share a network with this one's guests (from conet_peers)."""
+    def set_peers(self, peers: list[dict[str, str]], relay: str | None = None) -> None:
+        """The switches of the agents that share a network with this one's guests, and the coordinator's relay
+        for those it cannot reach (from conet_peers)."""
         self._peers = list(peers)
+        self._relay = relay_endpoint(relay, self._coordinator) if relay and self._coordinator_key else None
         if self._process is not None:
             self._process.send(self._peers_message())
 
     def _peers_message(self) -> dict[str, Any]:
+        relay = {"relay": {"endpoint": self._relay, "key": self._coordinator_key}} if self._relay else {}
         return {"type": "peers", "peers": [{"agent": p["node"], "endpoint": p["endpoint"], "key": p["key"]}
-                                           for p in self._peers]}
+                                           for p in self._peers], **relay}

@@ -104,7 +104,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "ping": ("coordinator", {}),
     "run_job": ("coordinator", {"job": _f(INT), "argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS),
                                 "mem_mib": _f(GUEST_MEM), "net": _f(IDENTITY, False)}),
-    "conet_peers": ("coordinator", {"peers": _f(PEERS)}),
+    "conet_peers": ("coordinator", {"peers": _f(PEERS), "relay": _f(STR, False)}),  # relay: its endpoint
     "cancel_job": ("coordinator", {"job": _f(INT)}),
     "ack": ("coordinator", {"job": _f(INT)}),
     "reconnect": ("coordinator", {"reason": _f(STR)}),

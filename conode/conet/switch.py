@@ -197,14 +197,24 @@ class Port(Party):
 
 
 class Peer(Party):
-    """Another agent's switch, known by its CURVE public key."""
+    """Another agent's switch, known by its CURVE public key.
 
-    __slots__ = ("endpoint", "key", "only")
+    Its frames go straight to it, or (``relayed``: the caller found it unreachable) by the coordinator's relay;
+    the relayed counts are part of the totals."""
+
+    __slots__ = ("down_since", "endpoint", "key", "only", "relayed", "relayed_rx_frames", "relayed_tx_frames")
 
     def __init__(self, agent: str, endpoint: str, key: str, bucket: Bucket) -> None:
         super().__init__(agent, bucket)
         self.key, self.endpoint = key, endpoint
         self.only: Decision = ((), (self,))
+        self.relayed = False
+        self.down_since: float | None = bucket.at  # since when its direct link is down (it starts down)
+        self.relayed_rx_frames = self.relayed_tx_frames = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "relayed": self.relayed, "relayed_rx_frames": self.relayed_rx_frames,
+                "relayed_tx_frames": self.relayed_tx_frames}
 
 
 Decision = tuple[tuple[Port, ...], tuple[Peer, ...]]
