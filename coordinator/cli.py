@@ -100,8 +100,8 @@ def serve(state_dir: Path, bind: str | None, log_level: str) -> None:
         state.require()
         os.umask(PRIVATE_UMASK)
         _raise_open_file_limit()  # one socket per agent
-        bind = bind or state.default_bind()
-        coordinator = Coordinator(state, bind, relay=state.conet_relay(bind))
+        endpoint = bind or state.default_bind()
+        coordinator = Coordinator(state, endpoint, relay=state.conet_relay(endpoint))
         signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
         signal.signal(signal.SIGINT, lambda *_: coordinator.stop())
         coordinator.serve_forever()

@@ -91,3 +91,60 @@ fi
     assert rank_output(pool, job, 0).split()[-1] == str(sum(len(f"line {i}\n") for i in range(20)))
     for agent in ("a1", "a2"):
         assert pool.agents[agent].poll() is None, pool.log(agent)[-2000:]  # nothing crashed
+
+
+RELAYED = f"""
+set -e
+set -- $CONODE_HOSTS
+if [ $CONODE_RANK = 0 ]; then
+  mkfifo /tmp/quiet; nc -l -p 5000 <>/tmp/quiet > /tmp/data
+  sha256sum < /tmp/data | cut -c1-64
+else
+  i=0; until ping -c 1 -W 1 "$1" >/dev/null; do i=$((i+1)); [ $i -lt 60 ]; done  # the relay takes a moment
+  ping -c 3 -w 30 "$1" | grep -o '3 packets received'
+  dd if=/dev/urandom of=/tmp/data bs=64k count={TRANSFER_BLOCKS} 2>/dev/null
+  sha256sum < /tmp/data | cut -c1-64
+  until nc "$1" 5000 < /tmp/data; do sleep 0.5; done
+fi
+"""
+
+
+def conet_status(pool, agent: str) -> dict:
+    try:
+        return json.loads((pool.root / agent / "status.json").read_text())["conet"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def test_agents_that_cannot_reach_each_other_talk_through_the_coordinators_relay(pool_on_hosts, network):
+    pool = pool_on_hosts
+    a1, a2 = network.host("a1"), network.host("a2")
+    network.block(a1, a2)  # both still reach the coordinator's host
+    job = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", RELAYED).stdout.strip())
+    relayed: dict[str, dict] = {}
+
+    def watch() -> dict | None:
+        for agent, other in (("a1", "a2"), ("a2", "a1")):
+            peer = conet_status(pool, agent).get("peers", {}).get(other)
+            if peer and peer.get("relayed_tx_frames", 0) >= relayed.get(agent, {}).get("relayed_tx_frames", 0):
+                relayed[agent] = peer
+        state = pool.jobs()[job]
+        return state if state["state"] in ("done", "failed", "cancelled") else None
+
+    try:
+        state = pool.wait_until(f"job {job} to end", watch, timeout=240)
+    finally:
+        outputs = [rank_output(pool, job, rank) for rank in range(2)]
+        logs = "\n".join(line for a in ("a1", "a2") for line in pool.log(a).splitlines() if "conet" in line)
+        print(outputs, logs[-5000:], relayed, sep="\n")
+    assert state["state"] == "done" and state["exit_status"] == 0, (outputs, state["reason"])
+    assert "3 packets received" in outputs[1]
+    assert outputs[0].split()[-1] == outputs[1].split()[-1], outputs  # the data arrived whole
+    for agent in ("a1", "a2"):  # each sent by the relay, and got the other's frames by it
+        assert relayed[agent]["relayed"], relayed
+        assert relayed[agent]["relayed_tx_frames"] > 0 and relayed[agent]["relayed_rx_frames"] > 0, relayed
+    block_bytes = TRANSFER_BLOCKS * 64 * 1024
+    counted = pool.status()["totals"]["conet_relay"]
+    assert counted["frames"]["a1"] > 0 and counted["frames"]["a2"] > 0, counted
+    assert sum(counted["bytes"].values()) >= block_bytes, counted  # the transfer went through the relay
+    network.unblock(a1, a2)
