@@ -31,6 +31,7 @@ READY_TIMEOUT_S = 10.0
 RESTART_DELAY_S = 5.0
 STATS_EVERY_S = 2.0  # how often the switch is asked for its counters (shown in status.json)
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
+PORT_FIELDS = ("mac", "ip", "network")  # what the switch binds a guest's port to
 
 
 def advertised(listen: str, coordinator: str) -> str:
@@ -78,6 +79,12 @@ class Unplugged:
 
     def attach(self, guest: int, net: dict[str, Any]) -> dict[str, Any]:
         return worker_identity(net)
+
+    def plug(self, guest: int, port: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
+    def port_of(self, guest: int) -> dict[str, Any] | None:
+        return None
 
     def detach(self, guest: int) -> None:
         pass
@@ -179,16 +186,28 @@ class ConetSwitch:
         """Give *guest* a port for its identity *net* (from run_job); the worker's ``net`` (identity, and the
         token and socket when there is a switch)."""
         worker_net = worker_identity(net)
+        plug = self.plug(guest, {name: net[name] for name in PORT_FIELDS})
+        if plug is not None:
+            worker_net.update(plug)
+        return worker_net
+
+    def plug(self, guest: int, port: dict[str, Any]) -> dict[str, Any] | None:
+        """Give *guest* a port for *port* (its MAC, address and network: what port_of returned, for a guest
+        resumed from disk); what its worker needs to join it ({token, socket}), or None without a switch."""
         if not self.enabled:
-            return worker_net
+            return None
         token = os.urandom(16)
-        message = {"type": "port", "token": token, "mac": net["mac"], "ip": net["ip"], "network": net["network"],
+        message = {"type": "port", "token": token, **{name: port[name] for name in PORT_FIELDS},
                    "guest": str(guest)}
         self._ports[guest] = message
         if self._process is not None:
             self._process.send(message)
-        worker_net.update(token=token, socket=str(self.socket_path))
-        return worker_net
+        return {"token": token, "socket": str(self.socket_path)}
+
+    def port_of(self, guest: int) -> dict[str, Any] | None:
+        """The identity *guest*'s port carries (mac, ip, network), for plugging it in again after a vacate."""
+        message = self._ports.get(guest)
+        return None if message is None else {name: message[name] for name in PORT_FIELDS}
 
     def detach(self, guest: int) -> None:
         message = self._ports.pop(guest, None)

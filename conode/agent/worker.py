@@ -5,7 +5,8 @@ its own process. Messages from the agent arrive on stdin, messages to the agent 
 length-prefixed msgpack (pipe.py):
 
 - agent → worker: ``run`` (job, argv, inputs, outputs, and optionally net: the guest's conet port and identity,
-  see wire.py), ``cancel`` (job), ``pause``, ``resume``, ``vacate`` (path), ``quit``;
+  see wire.py), ``cancel`` (job), ``pause``, ``resume``, ``vacate`` (path), ``quit``, ``plug`` (token, socket:
+  the conet port of a guest resumed from disk, which keeps its identity);
 - worker → agent: ``ready`` (guest, speed), ``output`` (job, stream, data), ``finished`` (job, status, outputs,
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
   ``resumed``, ``vacated`` (path, jobs).
@@ -202,6 +203,9 @@ class GuestWorker:
                 guest.machine.pause()
         elif kind == "run":
             self._runs.append(message)
+        elif kind == "plug":  # a guest resumed from disk: its NIC joins the switch again
+            if self.guest is not None:
+                self._join_conet(self.guest, message["socket"], message["token"])
         elif kind == "cancel":
             job = message.get("job")
             self._runs = deque(m for m in self._runs if m.get("job") != job)
@@ -222,6 +226,9 @@ class GuestWorker:
 
     def _join_conet(self, guest: Guest, path: str, token: bytes) -> None:
         """Plug the guest's NIC into the agent's switch; without it the guest runs with its link down."""
+        if self._port is not None:
+            self._port.close()
+            self._port = None
         try:
             self._port = Port(path, token)
         except PortError as exc:
