@@ -148,3 +148,55 @@ def test_agents_that_cannot_reach_each_other_talk_through_the_coordinators_relay
     assert counted["frames"]["a1"] > 0 and counted["frames"]["a2"] > 0, counted
     assert sum(counted["bytes"].values()) >= block_bytes, counted  # the transfer went through the relay
     network.unblock(a1, a2)
+
+
+# Both ranks meet on the network, then wait (in guest time) long enough for one of them to be vacated to disk and
+# resumed; only then does rank 1 send rank 0 a word, which must cross the resumed guest's port.
+AFTER_RESUME = """
+set -- $CONODE_HOSTS
+other=$1; [ $CONODE_RANK = 0 ] && other=$2
+i=0; until ping -c 1 -W 1 "$other" >/dev/null; do i=$((i+1)); [ $i -lt 60 ] || exit 1; done
+echo met
+if [ $CONODE_RANK = 0 ]; then
+  mkfifo /tmp/quiet; nc -l -p 5000 <>/tmp/quiet
+else
+  sleep 30
+  i=0; until echo "word after resume" | nc "$other" 5000; do i=$((i+1)); [ $i -lt 120 ] || exit 1; sleep 1; done
+fi
+"""
+
+
+def test_a_vacated_and_resumed_guest_is_on_the_network_again(network, tmp_path):
+    # From the plugin (hostpool, which also puts tests/integration on the path): importable once pytest loaded it.
+    from hostpool import COORDINATOR_HOST
+    from pool import Pool
+    from test_owner_cycle import agent_status, start_owner_aware_agent
+
+    pool = Pool(tmp_path, host=network.host(COORDINATOR_HOST))
+    try:
+        pool.start_coordinator()
+        owners = {name: start_owner_aware_agent(pool, name, host=network.host(name), vacate_after_s=1.5)
+                  for name in ("a1", "a2")}
+        for owner in owners.values():
+            owner.left()
+        pool.wait_until("2 ready nodes", lambda: sorted(pool.ready_nodes()) == ["a1", "a2"], timeout=120)
+        job = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", AFTER_RESUME).stdout.strip())
+        pool.wait_until("the ranks to meet", lambda: all("met" in rank_output(pool, job, r) for r in (0, 1)),
+                        timeout=120)
+
+        def still_working(condition):  # a1's owner is back and keeps typing while we wait
+            owners["a1"].types()
+            return condition()
+
+        pool.wait_until("a1's guest to be vacated", lambda: still_working(
+            lambda: agent_status(pool, "a1").get("vacated_jobs")), timeout=30, interval=0.2)
+        owners["a1"].left()
+        state = wait_done(pool, job, timeout=240)
+        outputs = [rank_output(pool, job, rank) for rank in range(2)]
+        assert state["state"] == "done" and state["exit_status"] == 0, (outputs, state["reason"])
+        assert outputs[0].split()[-3:] == ["word", "after", "resume"], outputs
+        assert state["attempts"] == 1  # resumed, not run again
+        log = pool.log("a1")
+        assert "resumes its vacated jobs" in log, log[-3000:]
+    finally:
+        pool.close()
