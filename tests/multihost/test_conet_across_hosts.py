@@ -52,6 +52,8 @@ def rank_output(pool, job: int, rank: int) -> str:
 def test_a_three_guest_job_pings_transfers_and_serves_across_three_hosts(pool_on_hosts):
     pool = pool_on_hosts
     job = int(pool.cli("submit", "--guests", "3", "--", "sh", "-c", THREE_RANKS).stdout.strip())
+    waited = pool.cli("wait", str(job), "--rank", "2", "--timeout", "240", check=False, timeout=260)
+    assert waited.returncode == 0, waited.stderr
     state = wait_done(pool, job)
     outputs = [rank_output(pool, job, rank) for rank in range(3)]
     logs = "\n".join(line for a in ("a1", "a2", "a3") for line in pool.log(a).splitlines() if "conet" in line)
