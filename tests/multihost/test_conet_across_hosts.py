@@ -8,6 +8,7 @@ import json
 import re
 import time
 
+import psutil
 import pytest
 import testnet
 
@@ -202,3 +203,83 @@ def test_a_vacated_and_resumed_guest_is_on_the_network_again(network, tmp_path):
         assert "resumes its vacated jobs" in log, log[-3000:]
     finally:
         pool.close()
+
+
+FLOOD_S = 90  # how long the third guest floods (or, for the comparison, only keeps its CPU busy)
+# Rank 0 floods its network's broadcast address from four pingers (frames of 8 KB as fast as they go; rank 1,
+# on the other host, takes them all), or only spins; it says "started" first, and stops when cancelled.
+LOAD = f"""
+set -- $CONODE_HOSTS
+if [ $CONODE_RANK = 0 ]; then
+  eval $(ipcalc -b $(ip -4 -o addr show dev eth0 | awk '{{print $4}}'))
+  echo started
+  for i in 1 2 3 4; do
+    if [ "$MODE" = flood ]; then ping -q -i 0.0001 -s 8000 -w {FLOOD_S} $BROADCAST >/dev/null 2>&1 &
+    else timeout {FLOOD_S} sh -c 'while :; do :; done' & fi
+  done
+  wait
+else
+  sleep {FLOOD_S}
+fi
+"""
+MEASURED_MIB = 8
+MEASURE = f"""
+set -- $CONODE_HOSTS
+if [ $CONODE_RANK = 0 ]; then
+  mkfifo /tmp/q; nc -l -p 5000 <>/tmp/q | wc -c
+else
+  dd if=/dev/zero of=/tmp/d bs=64k count={MEASURED_MIB * 16} 2>/dev/null
+  i=0; until ping -c 1 -W 1 "$1" >/dev/null; do i=$((i+1)); [ $i -lt 60 ] || exit 1; done
+  a=$(cut -d' ' -f1 /proc/uptime); until nc "$1" 5000 </tmp/d; do sleep 0.2; done
+  b=$(cut -d' ' -f1 /proc/uptime); echo elapsed $a $b
+fi
+"""
+
+
+def switch_process(pool, agent: str) -> psutil.Process:
+    pid = re.findall(r"conet switch started \(pid (\d+)\)", pool.log(agent))[-1]
+    return psutil.Process(int(pid))
+
+
+def throughput_beside(pool, mode: str) -> tuple[float, dict]:
+    """MiB/s between two guests on a1 and a2 while a third guest floods (or spins) to a fourth; and what the
+    switches did meanwhile (CPU seconds and memory of each, and the busiest port's counters)."""
+    load = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", f"MODE={mode}; {LOAD}").stdout.strip())
+    pool.wait_until("the load to start", lambda: "started" in rank_output(pool, load, 0), timeout=120)
+    switches = {agent: switch_process(pool, agent) for agent in ("a1", "a2")}
+    cpu = {agent: sum(switch.cpu_times()[:2]) for agent, switch in switches.items()}
+    job = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", MEASURE).stdout.strip())
+    state = wait_done(pool, job, timeout=FLOOD_S)
+    sender = rank_output(pool, job, 1)
+    assert state["state"] == "done" and state["exit_status"] == 0, (sender, state["reason"])
+    assert rank_output(pool, job, 0).split()[-1] == str(MEASURED_MIB << 20)
+    assert pool.jobs()[load]["state"] == "running", "the load ended before the measurement did"
+    start, end = map(float, re.search(r"elapsed ([\d.]+) ([\d.]+)", sender).groups())
+    ports = [port for agent in ("a1", "a2") for port in conet_status(pool, agent).get("ports", {}).values()]
+    seen = {"switch_cpu_s": {agent: sum(switch.cpu_times()[:2]) - cpu[agent] for agent, switch in switches.items()},
+            "switch_rss_mib": {agent: switch.memory_info().rss / 2**20 for agent, switch in switches.items()},
+            "busiest_port": max(ports, key=lambda port: port["rx_frames"], default={}), "seconds": end - start}
+    pool.cli("cancel", str(load))
+    wait_done(pool, load)
+    return MEASURED_MIB / (end - start), seen
+
+
+def test_a_flooding_guest_leaves_the_others_their_throughput_across_hosts(network, tmp_path):
+    """The comparison is with a guest that only spins, so that both runs load the host's CPU alike and the
+    difference is what the flood costs the switches and the link. (An emulated guest floods far below its
+    port's limits; test_conet_switchd.py floods a switch at full speed to show the limits at work.)"""
+    from hostpool import pool_across_hosts  # the plugin's: importable once pytest has loaded it
+
+    pool = pool_across_hosts(network, tmp_path, ["a1", "a2"], "--cores", "2")
+    try:
+        spinning, calm = throughput_beside(pool, "spin")
+        flooding, flood = throughput_beside(pool, "flood")
+    finally:
+        pool.close()
+    print(f"beside a spinning guest {spinning:.2f} MiB/s ({calm}); beside a flooding one {flooding:.2f} MiB/s "
+          f"({flood})")
+    assert flooding >= 0.8 * spinning, (spinning, flooding, calm, flood)
+    assert flood["busiest_port"]["rx_frames"] > calm["busiest_port"]["rx_frames"]  # it did flood
+    for agent in ("a1", "a2"):  # what the flood cost each agent's switch stays bounded
+        assert flood["switch_rss_mib"][agent] < 256, flood
+        assert flood["switch_cpu_s"][agent] < flood["seconds"], flood
