@@ -283,3 +283,26 @@ def test_a_flooding_guest_leaves_the_others_their_throughput_across_hosts(networ
     for agent in ("a1", "a2"):  # what the flood cost each agent's switch stays bounded
         assert flood["switch_rss_mib"][agent] < 256, flood
         assert flood["switch_cpu_s"][agent] < flood["seconds"], flood
+
+
+def test_a_link_that_goes_quiet_mid_transfer_moves_to_the_relay_and_the_transfer_completes(pool_on_hosts, network):
+    pool = pool_on_hosts
+    slow = """
+set -- $CONODE_HOSTS
+if [ $CONODE_RANK = 0 ]; then
+  mkfifo /tmp/quiet; nc -l -p 5000 <>/tmp/quiet | wc -c
+else
+  i=0; until ping -c 1 -W 1 "$1" >/dev/null; do i=$((i+1)); [ $i -lt 60 ] || exit 1; done
+  echo linked
+  (i=0; while [ $i -lt 40 ]; do echo "line $i"; i=$((i+1)); sleep 0.5; done) | nc "$1" 5000
+fi
+"""
+    job = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", slow).stdout.strip())
+    pool.wait_until("the transfer to start", lambda: "linked" in rank_output(pool, job, 1), timeout=120)
+    time.sleep(3)
+    assert not conet_status(pool, "a1")["peers"]["a2"]["relayed"]  # straight, so far
+    network.block(network.host("a1"), network.host("a2"))
+    pool.wait_until("a1 to relay", lambda: conet_status(pool, "a1")["peers"]["a2"]["relayed"], timeout=30)
+    state = wait_done(pool, job, timeout=120)
+    assert state["state"] == "done" and state["attempts"] == 1, state  # the same guests: nothing restarted
+    assert rank_output(pool, job, 0).split()[-1] == str(sum(len(f"line {i}\n") for i in range(40)))
