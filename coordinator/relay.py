@@ -126,8 +126,8 @@ class Relay:
 
     def _forward(self, parts: list[zmq.Frame]) -> None:
         now = self._clock()
-        sender = parts[-1].get("User-Id") if len(parts) >= 2 else None
-        if sender is None:
+        sender = str(parts[-1].get("User-Id") or "") if len(parts) >= 2 else ""
+        if not sender:
             self._drop(MALFORMED)
             return
         self._routes[sender] = (parts[0].bytes, now)
