@@ -104,7 +104,7 @@ class ConetSwitch:
         self._clock = clock
         self._process: WorkerProcess | None = None
         self._ports: dict[int, dict[str, Any]] = {}  # guest -> its port message
-        self._peers: list[dict[str, str]] = []
+        self._peers: list[dict[str, Any]] = []
         self._relay: str | None = None  # the coordinator's relay, as this agent reaches it
         self.endpoint: str | None = None  # what peers connect to, once the switch is up
         self.problem: str | None = None  # why there is no switch, if there is none
@@ -214,7 +214,7 @@ class ConetSwitch:
         if message is not None and self._process is not None:
             self._process.send({"type": "unport", "token": message["token"]})
 
-    def set_peers(self, peers: list[dict[str, str]], relay: str | None = None) -> None:
+    def set_peers(self, peers: list[dict[str, Any]], relay: str | None = None) -> None:
         """The switches of the agents that share a network with this one's guests, and the coordinator's relay
         for those it cannot reach (from conet_peers)."""
         self._peers = list(peers)
@@ -224,5 +224,6 @@ class ConetSwitch:
 
     def _peers_message(self) -> dict[str, Any]:
         relay = {"relay": {"endpoint": self._relay, "key": self._coordinator_key}} if self._relay else {}
-        return {"type": "peers", "peers": [{"agent": p["node"], "endpoint": p["endpoint"], "key": p["key"]}
+        return {"type": "peers", "peers": [{"agent": p["node"], "endpoint": p["endpoint"], "key": p["key"],
+                                            **({"networks": p["networks"]} if "networks" in p else {})}
                                            for p in self._peers], **relay}

@@ -4,7 +4,8 @@ It moves frames; switch.py decides where. Three kinds of party, one poll loop (z
 descriptors too, on POSIX):
 
 - **The agent**, on stdin/stdout with conode.agent.pipe framing: ``port`` {token, mac, ip, network, guest},
-  ``unport`` {token}, ``peers`` {peers: [{agent, endpoint, key}], relay: {endpoint, key} (optional)},
+  ``unport`` {token}, ``peers`` {peers: [{agent, endpoint, key, networks (optional: the networks it shares
+  with us; absent: all)}], relay: {endpoint, key} (optional)},
   ``stats`` {}, ``quit`` {}; the switch answers ``ready`` {endpoint} once listening and ``stats`` when asked:
   {ports: {guest: counts}, peers: {agent: counts}, dropped: {reason: count}, relay: {endpoint, connected}},
   where counts are rx/tx frames and bytes (rx: from it), its drops by reason, for a port whether its worker is
@@ -63,6 +64,7 @@ from conode.limits import (
     CONET_PORT_BYTES_PER_S,
     CONET_PORT_FRAMES_PER_S,
     CONET_PORT_QUEUE_BYTES,
+    CONET_MAX_PORTS,
     CONET_RELAY_AFTER_S,
     MAX_SMALL_FIELD,
 )
@@ -81,6 +83,7 @@ MAX_PEER_MESSAGE = CONET_MAX_FRAME + 256  # one part: a network name (at most 25
 PEER_BATCH_FRAMES = 64
 PEER_BATCH_BYTES = 128 << 10
 PEER_HEARTBEAT_MS = 1000  # ZMTP pings on peer links: three unanswered and the link counts as down
+MAX_NETWORK_NAME = 255
 RELAY_HELLO = b""  # a relay message of this one part: "here I am"
 
 _ENDPOINT = re.compile(r"tcp://(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
@@ -314,11 +317,17 @@ class SwitchDaemon:
     def _set_peers(self, entries: Any) -> None:
         if not isinstance(entries, list):
             raise ControlError("peers must be a list")
-        peers = []
+        peers, networks = [], {}
         for entry in entries:
             if not isinstance(entry, dict):
                 raise ControlError("each peer must be a map")
             agent, endpoint, key = (_field(entry, name, str) for name in ("agent", "endpoint", "key"))
+            if "networks" in entry:
+                named = entry["networks"]
+                if not (isinstance(named, list) and len(named) <= CONET_MAX_PORTS
+                        and all(isinstance(n, str) and len(n) <= MAX_NETWORK_NAME for n in named)):
+                    raise ControlError(f"peer {agent}'s networks must be a list of network names")
+                networks[key] = named
             if not is_valid_public_key(key):
                 raise ControlError(f"peer {agent}'s key is not a Z85 public key")
             match = _ENDPOINT.fullmatch(endpoint)
@@ -326,7 +335,7 @@ class SwitchDaemon:
                 raise ControlError(f"peer {agent}'s endpoint {endpoint!r} is not tcp://HOST:PORT")
             if key != self._keys.public:  # a directory may list this agent too
                 peers.append((agent, endpoint, key))
-        added, removed = self.switch.set_peers(peers)
+        added, removed = self.switch.set_peers(peers, networks)
         for peer in removed:
             peer.link.close()
             self._refusing.discard(peer.key)
@@ -338,7 +347,7 @@ class SwitchDaemon:
                 log.error("conet: ignored peer %s: cannot connect to %s: %s", peer.name, peer.endpoint, exc)
                 unusable.append(peer.key)
         if unusable:
-            self.switch.set_peers([entry for entry in peers if entry[2] not in unusable])
+            self.switch.set_peers([entry for entry in peers if entry[2] not in unusable], networks)
         if added or removed:
             log.info("conet: %d peers (%d new, %d gone)", len(self.switch.peers), len(added), len(removed))
 
