@@ -90,6 +90,13 @@ CONET_MAX_PORTS = 256
 CONET_MAX_PEERS = 1024
 CONET_MAC_TABLE = 4096
 CONET_MAC_AGE_S = 300.0
+# The coordinator's relay, for two agents that cannot reach each other: a peer link down this long sends its
+# frames by the relay; what one agent may send through it; the messages (each a batch of frames) that may wait
+# for one agent there.
+CONET_RELAY_AFTER_S = 3.0
+CONET_RELAY_BYTES_PER_S = 32 << 20
+CONET_RELAY_FRAMES_PER_S = 8192
+CONET_RELAY_QUEUE_MESSAGES = 64
 
 assert MAX_ARGV * MAX_SMALL_FIELD >= MAX_ARGV_BYTES  # the byte budget is the binding one
 assert MAX_ARGV_BYTES + MAX_SMALL_FIELD < CHANNEL_MAX_PAYLOAD  # an accepted command always fits an EXEC frame

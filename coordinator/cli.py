@@ -101,7 +101,8 @@ def serve(state_dir: Path, bind: str | None, log_level: str) -> None:
         state.require()
         os.umask(PRIVATE_UMASK)
         _raise_open_file_limit()  # one socket per agent
-        coordinator = Coordinator(state, bind or state.default_bind())
+        endpoint = bind or state.default_bind()
+        coordinator = Coordinator(state, endpoint, relay=state.conet_relay(endpoint))
         signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
         signal.signal(signal.SIGINT, lambda *_: coordinator.stop())
         coordinator.serve_forever()
@@ -348,27 +349,47 @@ def _rank(rank: int | None) -> dict[str, int]:
 @with_client
 @click.argument("job", type=int)
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
-def wait(config_path: Path | None, endpoint: str | None, job: int, timeout: float | None) -> None:
-    """Wait for JOB to finish; exit with its status (1 if it failed, 130 if cancelled)."""
+@click.option("--rank", type=click.IntRange(0, MAX_JOB_GUESTS - 1), default=None,
+              help="Wait for this guest only, and exit with its status (default: the whole job).")
+def wait(config_path: Path | None, endpoint: str | None, job: int, timeout: float | None, rank: int | None) -> None:
+    """Wait for JOB (or one rank of it) to finish; exit with its status (1 if it failed, 130 if cancelled)."""
 
     def body() -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         with _client(config_path, endpoint) as client:
             while True:
                 state = client.request("job", "job_reply", job=job)["job"]
-                if state["state"] in TERMINAL:
+                settled = _settled(state, job, rank)
+                if settled is not None:
                     break
                 if deadline is not None and time.monotonic() > deadline:
-                    raise ConodeError(f"job {job} is still {state['state']} after {timeout:g} s")
+                    what = f"job {job}" if rank is None else f"rank {rank} of job {job}"
+                    raise ConodeError(f"{what} is still {state['state']} after {timeout:g} s")
                 time.sleep(0.25)
-        if state["state"] == "done":
-            if state["reason"]:
-                click.echo(f"coordinator: job {job}: {state['reason']}", err=True)
-            return int(state["exit_status"])
-        click.echo(f"coordinator: job {job} {state['state']}: {state['reason']}", err=True)
-        return 1 if state["state"] == "failed" else 130
+        what = f"job {job}" if settled is state else f"job {job} rank {rank}"
+        if settled["state"] == "done":
+            if settled["reason"]:
+                click.echo(f"coordinator: {what}: {settled['reason']}", err=True)
+            return int(settled["exit_status"])
+        click.echo(f"coordinator: {what} {settled['state']}: {settled['reason']}", err=True)
+        return 1 if settled["state"] == "failed" else 130
 
     _guarded(body)
+
+
+def _settled(state: dict[str, Any], job: int, rank: int | None) -> dict[str, Any] | None:
+    """What `wait` waited for, once it has ended: the job, or its rank *rank* (its record in the job's); None
+    while it runs. A rank cancelled because its gang starts again is not an end: the gang's next attempt is."""
+    if rank is None or state["guests"] == 1:
+        if rank not in (None, 0):
+            raise ConodeError(f"job {job} has no rank {rank}: it has one guest")
+        return state if state["state"] in TERMINAL else None
+    if rank >= state["guests"]:
+        raise ConodeError(f"job {job} has no rank {rank}: it has {state['guests']} guests")
+    record = next((r for r in state.get("ranks", []) if r["rank"] == rank), None)
+    if record is not None and record["state"] in TERMINAL and state["state"] != "queued":
+        return record
+    return state if state["state"] in TERMINAL else None
 
 
 @main.command()

@@ -25,13 +25,15 @@ from conode.cluster import protocol
 from conode.cluster.heartbeat import PeerLiveness
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
+from conode.errors import ConodeError
 from conode.limits import IMAGE_CHUNK_BYTES, MAX_FILES, MAX_JOB_OUTPUT_BYTES
-from coordinator.config import StateDir
+from coordinator.config import RELAY_OFF, StateDir
 from coordinator.conet_peers import PeerDirectory
 from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
 from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
 from coordinator.queue import JobQueue
+from coordinator.relay import Relay
 from coordinator.store import JOB_STATES, TERMINAL_STATES, Job, Store
 
 log = logging.getLogger("coordinator")
@@ -103,7 +105,9 @@ def wall_clock_from(clock: Callable[[], float]) -> Callable[[], float]:
 
 class Coordinator:
     def __init__(self, state: StateDir, bind: str | None = None, context: zmq.Context | None = None,
-                 clock: Callable[[], float] = time.monotonic, transport: Transport | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, transport: Transport | None = None,
+                 relay: str = RELAY_OFF) -> None:
+        """*relay*: where the conet relay listens (coordinator/relay.py), or "off"."""
         state.require()
         state.make_private()
         self.state = state
@@ -118,6 +122,10 @@ class Coordinator:
             transport = ServerSocket(context or zmq.Context.instance(), bind or state.default_bind(),
                                      state.server_keys(), lambda key: auth_store.key_owner(key) is not None)
         self.server: Transport = transport
+        self.relay: Relay | None = None
+        self._relay_store: Store | None = None
+        if relay != RELAY_OFF:
+            self._start_relay(relay)
         self.subnet = guest_subnet(state.conet_subnet())
         self.peers = PeerDirectory()
         self._sender_key = ""  # the CURVE key of the message being handled
@@ -167,10 +175,28 @@ class Coordinator:
         self._running = False
 
     def close(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
         self.server.close()
         self.store.close()
-        if self._auth_store is not None:
-            self._auth_store.close()
+        for store in (self._auth_store, self._relay_store):
+            if store is not None:
+                store.close()
+
+    def _start_relay(self, bind: str) -> None:
+        """Start the conet relay in its thread; without it (its port is taken, say) the pool runs on, and
+        agents that cannot reach each other have no conet between them."""
+        self._relay_store = relay_store = Store(self.state.database, clock=self._wall)  # its ZAP thread's own
+
+        def is_agent(key: str) -> bool:
+            owner = relay_store.key_owner(key)
+            return owner is not None and owner[1] == "agent"
+
+        try:
+            self.relay = Relay(bind, self.state.server_keys(), is_agent, self._clock).start()
+        except ConodeError as exc:
+            log.warning("no conet relay: %s; set conet_relay in %s to a free endpoint, or to \"off\"", exc,
+                        self.state.settings)
 
     # --- dispatch ----------------------------------------------------------------------------------------
     def handle(self, identity: bytes, key: str, payload: bytes) -> None:
@@ -362,6 +388,8 @@ class Coordinator:
             "malformed_messages": self.counters.malformed,
             "refused_messages": self.counters.refused,
         }
+        if self.relay is not None:
+            totals["conet_relay"] = self.relay.stats()
         self._reply(identity, "status_reply", nodes=nodes, totals=totals)
 
     def _on_submit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
@@ -565,11 +593,15 @@ class Coordinator:
         return network_name(job.gang if job.gang is not None else job.id, job.network)
 
     def _tell_peers(self) -> None:
-        """Send the agents whose guests' networks changed the conet switches they must now reach."""
+        """Send the agents whose guests' networks changed the conet switches they must now reach (and the relay,
+        for those they cannot reach); the relay forwards only between them."""
+        relay = {"relay": self.relay.endpoint} if self.relay is not None else {}
         for name, peers in self.peers.changes().items():
             node = self.nodes.get(name)
             if node is not None:
-                self.server.send(node.identity, protocol.encode("conet_peers", peers=peers))
+                if self.relay is not None:
+                    self.relay.set_peers(node.key, name, [peer["key"] for peer in peers])
+                self.server.send(node.identity, protocol.encode("conet_peers", peers=peers, **relay))
 
     def _place(self, job_id: int, nodes: list[Node]) -> Node | None:
         """Send a queued job to its node (a gang: rank i to nodes[i]); the node that could not be reached
@@ -711,6 +743,8 @@ class Coordinator:
         self.by_identity.pop(node.identity, None)
         self.open_nodes.discard(node.name)
         self.peers.node_left(node.name)
+        if self.relay is not None:
+            self.relay.set_peers(node.key, node.name, None)
         for job_id in sorted(node.running):
             self._requeue(job_id, f"node {node.name} lost ({why})")
         node.running.clear()

@@ -78,7 +78,7 @@ class AgentDaemon:
         listen = config.conet_listen if start_worker is None else OFF  # stand-in workers have no guests to join
         start_worker = start_worker or process_starter(config.mem_mib, config.cpu_cap, self.waker.signal)
         self.conet = ConetSwitch(config.state_dir, listen, config.coordinator, config.state_dir / "keys",
-                                 self.waker.signal, clock)
+                                 self.waker.signal, clock, config.coordinator_key)
         self.guests = Guests(config.cores, config.mem_mib, config.state_dir, start_worker, self.link, clock,
                              self.disk, self.conet, self.images)
         fixed = sources is not None or config.idle_source in FIXED_SOURCES
@@ -183,7 +183,7 @@ class AgentDaemon:
             self.guests.cancel(message["job"])
             self.outbox.remove(message["job"])
         elif message["type"] == "conet_peers":
-            self.conet.set_peers(message["peers"])
+            self.conet.set_peers(message["peers"], message.get("relay"))
 
     def _follow_owner(self) -> None:
         previous, current = self.owner.step(has_jobs=self.guests.busy, vacated=not self.guests.jobs)

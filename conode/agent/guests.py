@@ -87,6 +87,10 @@ class Ports(Protocol):
 
     def attach(self, guest: int, net: dict[str, Any]) -> dict[str, Any]: ...
 
+    def plug(self, guest: int, port: dict[str, Any]) -> dict[str, Any] | None: ...
+
+    def port_of(self, guest: int) -> dict[str, Any] | None: ...
+
     def detach(self, guest: int) -> None: ...
 
 
@@ -117,6 +121,7 @@ class Guests:
         # A post-boot snapshot belongs to one guest image: a new image (an upgrade) boots afresh.
         self.boot_snapshot = state_dir / f"boot-{image_tag()}.snap"
         disk.attempt("remove stale boot snapshots", lambda: self._remove_stale_boot_snapshots(state_dir))
+        self._vacated_ports: dict[int, dict[str, Any]] = {}  # a vacated job's conet port (mac, ip, network)
         self.vacated: dict[int, int] = disk.attempt("read the vacated guests", self._read_vacated) or {}
 
     # --- what the agent holds ----------------------------------------------------------------------------
@@ -444,7 +449,7 @@ class Guests:
                 stale.unlink()
 
     def _read_vacated(self) -> dict[int, int]:
-        """Jobs saved in vacated guests on disk, and the slot each belongs to."""
+        """Jobs saved in vacated guests on disk, and the slot each belongs to (and their conet ports)."""
         jobs: dict[int, int] = {}
         for meta in self.vacated_dir.glob("worker-*.toml"):
             try:
@@ -457,7 +462,10 @@ class Guests:
                     jobs[int(job)] = index
                     if isinstance(image, str):
                         self.job_images[int(job)] = image
-            except (ValueError, IndexError, ConodeError) as exc:
+                for job, port in record.get("ports", {}).items():
+                    self._vacated_ports[int(job)] = {"mac": bytes.fromhex(port["mac"]), "ip": str(port["ip"]),
+                                                     "network": str(port["network"])}
+            except (ValueError, IndexError, KeyError, TypeError, AttributeError, ConodeError) as exc:
                 log.warning("ignoring damaged vacated-guest record %s: %s", meta, exc)
         return jobs
 
@@ -478,15 +486,20 @@ class Guests:
 
     def _on_vacated(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         jobs = sorted(message["jobs"])
-        meta = self.vacated_dir / f"worker-{slot.index}.toml"
+        ports = {job: port for job in jobs if (port := self._ports.port_of(job)) is not None}
         image = next((self.job_images[job] for job in jobs if job in self.job_images), None)
-        record: dict[str, Any] = {"jobs": jobs, **({"image": image} if image else {})}  # one guest, one disk
+        record: dict[str, Any] = {"jobs": jobs,
+                                  "ports": {str(job): {**port, "mac": port["mac"].hex()} for job, port in ports.items()},
+                                  **({"image": image} if image else {})}  # one guest, one disk
+        meta = self.vacated_dir / f"worker-{slot.index}.toml"
         self._disk.attempt("record a vacated guest's jobs", lambda: write_toml(meta, record))
         for job in jobs:
             self.jobs.pop(job, None)
             self._ports.detach(job)  # its guest is on disk: nothing to deliver frames to
             self._remove_overlay(job)  # its disk's changes are in the snapshot
             self.vacated[job] = slot.index
+            if job in ports:
+                self._vacated_ports[job] = ports[job]
             self._reports.report("job_vacated", job=job)
         slot.job = None
         log.info("guest %d saved to %s with jobs %s", slot.index, message["path"], jobs)
@@ -495,6 +508,10 @@ class Guests:
         for job in slot.resumed_jobs:
             self.jobs[job] = slot
             slot.job = job
+            port = self._vacated_ports.pop(job, None)
+            plug = self._ports.plug(job, port) if port is not None else None
+            if plug is not None:  # the guest keeps its identity: its NIC joins the switch again
+                self._send(slot, {"type": "plug", **plug})
             self._reports.report("job_resumed", job=job)
         if slot.resumed_jobs:
             self._drop_vacated_files(slot.index)
@@ -505,6 +522,7 @@ class Guests:
         """Give up a vacated guest: its other jobs fail for a retry elsewhere."""
         for job in sorted(job for job, i in self.vacated.items() if i == index):
             del self.vacated[job]
+            self._vacated_ports.pop(job, None)
             if job not in self.jobs:
                 self._fail(job, f"its saved guest was discarded: {why}", retry=True)
         self._drop_vacated_files(index)

@@ -29,6 +29,7 @@ MAX_SOCKET_PATH = 107  # what a Unix socket address holds
 # The guest's root disk, for a job on a pool image: base (the cached image file), overlay (the guest's
 # copy-on-write file), budget_mib. Checked whole by _check_disk.
 DISK = Kind("map", 3)
+TOKEN = Kind("bytes", TOKEN_BYTES)
 
 TO_WORKER: dict[str, dict[str, Field]] = {
     "run": {"job": Field(INT), "argv": Field(ARGV), "inputs": Field(INPUTS), "outputs": Field(PATHS),
@@ -38,6 +39,7 @@ TO_WORKER: dict[str, dict[str, Field]] = {
     "resume": {},
     "vacate": {"path": Field(STR)},
     "quit": {},
+    "plug": {"token": Field(TOKEN), "socket": Field(STR)},  # a resumed guest's NIC joins the switch again
 }
 
 FROM_WORKER: dict[str, dict[str, Field]] = {
@@ -97,6 +99,8 @@ def validate_to_worker(message: Any) -> dict[str, Any]:
         _check_net(checked["net"])
     if checked["type"] == "run" and "disk" in checked:
         _check_disk(checked["disk"])
+    if checked["type"] == "plug":
+        _check_port("plug", checked["token"], checked["socket"])
     return checked
 
 
@@ -111,15 +115,18 @@ def _check_disk(disk: dict[str, Any]) -> None:
         raise PipeError(f"run: the disk budget must be from 1 to {MAX_DISK_BUDGET_MIB} MiB")
 
 
+def _check_port(kind: str, token: Any, path: Any) -> None:
+    if not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
+        raise PipeError(f"{kind}: the conet token must be {TOKEN_BYTES} bytes")
+    if not isinstance(path, str) or not 0 < len(path.encode(errors="replace")) <= MAX_SOCKET_PATH:
+        raise PipeError(f"{kind}: the conet socket must be a path of at most {MAX_SOCKET_PATH} bytes")
+
+
 def _check_net(net: dict[str, Any]) -> None:
     """A run message's conet port and identity, checked whole (the identity as coagent will check it)."""
     token, path = net.get("token"), net.get("socket")
-    if token is None and path is None:
-        pass  # no switch on this agent: the guest keeps its identity, its link stays down
-    elif not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
-        raise PipeError(f"run: the conet token must be {TOKEN_BYTES} bytes")
-    elif not isinstance(path, str) or not 0 < len(path.encode(errors="replace")) <= MAX_SOCKET_PATH:
-        raise PipeError(f"run: the conet socket must be a path of at most {MAX_SOCKET_PATH} bytes")
+    if token is not None or path is not None:  # else no switch on this agent: the guest keeps its identity
+        _check_port("run", token, path)
     unknown = set(net) - {"token", "socket", "mac", "ip", "prefix", "hostname", "hosts", "rank", "size"}
     if unknown:
         raise PipeError(f"run: the conet map has unknown field {min(unknown)[:40]!r}")

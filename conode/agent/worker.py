@@ -6,7 +6,8 @@ length-prefixed msgpack (pipe.py):
 
 - agent → worker: ``run`` (job, argv, inputs, outputs, and optionally net: the guest's conet port and identity,
   and disk: the pool image the guest boots from, its overlay file and budget, see wire.py), ``cancel`` (job),
-  ``pause``, ``resume``, ``vacate`` (path), ``quit``;
+  ``pause``, ``resume``, ``vacate`` (path), ``quit``, ``plug`` (token, socket: the conet port of a guest resumed
+  from disk, which keeps its identity);
 - worker → agent: ``ready`` (guest, speed), ``output`` (job, stream, data), ``finished`` (job, status, outputs,
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
   ``resumed``, ``vacated`` (path, jobs).
@@ -230,6 +231,9 @@ class GuestWorker:
                 guest.machine.pause()
         elif kind == "run":
             self._runs.append(message)
+        elif kind == "plug":  # a guest resumed from disk: its NIC joins the switch again
+            if self.guest is not None:
+                self._join_conet(self.guest, message["socket"], message["token"])
         elif kind == "cancel":
             job = message.get("job")
             self._runs = deque(m for m in self._runs if m.get("job") != job)
@@ -257,6 +261,9 @@ class GuestWorker:
 
     def _join_conet(self, guest: Guest, path: str, token: bytes) -> None:
         """Plug the guest's NIC into the agent's switch; without it the guest runs with its link down."""
+        if self._port is not None:
+            self._port.close()
+            self._port = None
         try:
             self._port = Port(path, token)
         except PortError as exc:

@@ -71,7 +71,9 @@ OUTPUTS = Kind("files", MAX_FILES, item=MAX_OUTPUT_FILE_BYTES, total=MAX_JOB_OUT
 GUESTS = Kind("int", low=1, high=MAX_JOB_GUESTS)
 RANK = Kind("int", low=0, high=MAX_JOB_GUESTS - 1)
 IDENTITY = Kind("identity", MAX_JOB_GUESTS)  # a guest's conet identity (see _identity_problem)
-PEERS = Kind("peers", MAX_LIST_ENTRIES)  # the conet endpoints and keys of the other agents
+PEERS = Kind("peers", MAX_LIST_ENTRIES)  # the conet endpoints and keys of the other agents (and shared networks)
+PEER_FIELDS = frozenset({"node", "endpoint", "key", "networks"})
+MAX_SHARED_NETWORKS = MAX_NODE_CORES  # one per guest of a node at most
 DIGEST = Kind("digest", 32)  # a chunk's SHA-256, raw
 DIGESTS = Kind("digest_list", MAX_IMAGE_CHUNKS)  # an image's chunks in order, or some of them
 SHA256 = Kind("sha256", 64)  # a whole image's SHA-256, hex: what snapshots name a base image by
@@ -117,7 +119,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "run_job": ("coordinator", {"job": _f(INT), "argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS),
                                 "mem_mib": _f(GUEST_MEM), "net": _f(IDENTITY, False), "image": _f(IMAGE, False),
                                 "disk_mib": _f(DISK_MIB, False)}),
-    "conet_peers": ("coordinator", {"peers": _f(PEERS)}),
+    "conet_peers": ("coordinator", {"peers": _f(PEERS), "relay": _f(STR, False)}),  # relay: its endpoint
     "cancel_job": ("coordinator", {"job": _f(INT)}),
     "image_chunk": ("coordinator", {"digest": _f(DIGEST), "data": _f(CHUNK, False), "problem": _f(STR, False)}),
     "ack": ("coordinator", {"job": _f(INT)}),
@@ -345,10 +347,18 @@ def _peers_problem(value: Any, kind: Kind) -> str | None:
     if problem:
         return problem
     for peer in value:
-        if not (isinstance(peer, dict) and set(peer) == {"node", "endpoint", "key"}
-                and all(isinstance(v, str) and len(v) <= MAX_SMALL_FIELD for v in peer.values())):
-            return "must hold maps of node, endpoint and key (text)"
+        if not (isinstance(peer, dict) and {"node", "endpoint", "key"} <= set(peer) <= PEER_FIELDS
+                and all(isinstance(peer[k], str) and len(peer[k]) <= MAX_SMALL_FIELD
+                        for k in ("node", "endpoint", "key"))
+                and _networks_ok(peer.get("networks", []))):
+            return ("must hold maps of node, endpoint and key (text), and optionally networks (a list of at most "
+                    f"{MAX_SHARED_NETWORKS} names)")
     return None
+
+
+def _networks_ok(value: Any) -> bool:
+    return isinstance(value, list) and len(value) <= MAX_SHARED_NETWORKS and all(
+        isinstance(name, str) and len(name) <= MAX_SMALL_FIELD for name in value)
 
 
 def _check_field(name: str, value: Any, kind: Kind) -> None:

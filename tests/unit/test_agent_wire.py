@@ -39,6 +39,7 @@ GOOD_FROM = {
 GOOD_TO = {
     "run": {"job": 1, "argv": ["sh", "-c", "true"], "inputs": {"in.txt": b"1"}, "outputs": ["out.txt"]},
     "cancel": {"job": 1}, "pause": {}, "resume": {}, "vacate": {"path": "/tmp/x.snap"}, "quit": {},
+    "plug": {"token": bytes(16), "socket": "/state/conet.sock"},
 }
 
 
@@ -92,6 +93,13 @@ def test_outputs_over_the_limits_are_the_jobs_fault():
 def test_what_the_agent_may_not_send_a_worker(field, value):
     with pytest.raises(PipeError):
         validate_to_worker({"type": "run", **GOOD_TO["run"], field: value})
+
+
+@pytest.mark.parametrize("field,value", [("token", bytes(15)), ("token", "x" * 16), ("socket", ""),
+                                         ("socket", "/" + "s" * 200)])
+def test_a_plug_message_carries_a_whole_token_and_a_socket_path(field, value):
+    with pytest.raises(PipeError, match="plug"):
+        validate_to_worker({"type": "plug", **GOOD_TO["plug"], field: value})
 
 
 values = st.recursive(
