@@ -54,6 +54,11 @@ FEATURES_ECX = (
     | (1 << 31)  # hypervisor: a virtual CPU (its vendor at leaf 0x40000000)
 )
 SIGNATURE = (6 << 8) | (0x2C & 0xF) << 4 | (0x2C >> 4) << 16 | 2  # family 6, model 0x2C (Westmere), stepping 2
+# Without its FPU the CPU must not call itself a Westmere: software infers features from the model as well as
+# from the feature bits (glibc's i386 memcpy takes family 6 model 0x2C to have fast unaligned SSE2 loads and uses
+# them, whatever the bits say: Debian's userland dies of SIGILL). It is then a P6 with CMOV and no MMX or SSE:
+# family 6, model 1 (the Pentium Pro), stepping 9 (past the errata the kernel works around).
+SIGNATURE_WITHOUT_FPU = (6 << 8) | (1 << 4) | 9
 CLFLUSH_LINE = 8  # in 8-byte units: 64-byte cache lines
 
 HYPERVISOR_LEAF = 0x40000000
@@ -74,7 +79,8 @@ def cpuid_leaf(leaf: int, fpu: bool = True) -> tuple[int, int, int, int]:
         return 1, ebx, ecx, edx
     if leaf == 1:
         if not fpu:
-            return SIGNATURE, CLFLUSH_LINE << 8, FEATURES_ECX & ~NEEDS_FPU_ECX, FEATURES_EDX & ~NEEDS_FPU_EDX
+            return (SIGNATURE_WITHOUT_FPU, CLFLUSH_LINE << 8, FEATURES_ECX & ~NEEDS_FPU_ECX,
+                    FEATURES_EDX & ~NEEDS_FPU_EDX)
         return SIGNATURE, CLFLUSH_LINE << 8, FEATURES_ECX, FEATURES_EDX
     if leaf == HYPERVISOR_LEAF:
         return (HYPERVISOR_LEAF, *_words(HYPERVISOR))  # type: ignore[return-value]
