@@ -3,13 +3,16 @@
 #
 # Build a Debian 12 (bookworm) i386 root image for conode guests:
 #
-#   sudo guest/mkimage-debian.sh [--variant full|small] [--free MiB] [--packages "p1 p2"] [OUTPUT]
+#   sudo guest/mkimage-debian.sh [--variant full|small] [--free MiB] [--packages "p1 p2"] [--kernel] [OUTPUT]
 #
 # debootstrap --variant=minbase, plus python3 (both variants) and a handful of
 # common tools (full), plus conode's in-guest agent as /sbin/coagent and
 # guest/init as /sbin/conode-init, in an ext2 image (OUTPUT, by default
 # debian-12-i386[-small].img) with --free MiB (default 512) left free for jobs.
-# Boot it with `conode vm run --disk OUTPUT --disk-root -- python3 -V`.
+# Boot it with `conode vm run --disk OUTPUT --disk-root -- python3 -V`. With
+# --kernel the image also gets Debian's 686 kernel and an initramfs built by
+# Debian's initramfs-tools, copied out as OUTPUT.vmlinuz and OUTPUT.initrd: a
+# boot without anything of conode's but its agent (see guest/README.md).
 #
 # Reproducible as far as the archive allows: the same packages give the same
 # bytes (time stamps from the suite's Release date or SOURCE_DATE_EPOCH, a
@@ -27,6 +30,7 @@ mirror=${CONODE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 variant=full
 free_mib=512
 extra=""
+kernel=0
 output=""
 # The tools a job commonly reaches for, beyond minbase (which has bash, coreutils, findutils, grep, sed, mawk,
 # gzip, tar, diffutils, hostname, util-linux).
@@ -35,13 +39,14 @@ full_tools="procps iproute2 iputils-ping netcat-openbsd less file xz-utils bzip2
 started=$(date +%s)
 msg() { printf '==> [%3ss] %s\n' $(($(date +%s) - started)) "$*" >&2; }
 die() { printf 'mkimage-debian.sh: error: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '4,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '4,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 while (($#)); do
 	case $1 in
 	--variant) variant=${2:-}; shift 2 ;;
 	--free) free_mib=${2:-}; shift 2 ;;
 	--packages) extra=${2:-}; shift 2 ;;
+	--kernel) kernel=1; shift ;;
 	-h | --help) usage ;;
 	-*) die "unknown option $1 (see --help)" ;;
 	*) output=$1; shift ;;
@@ -61,7 +66,7 @@ output=$(realpath -m "${output:-$name.img}")
 # ---------------------------------------------------------------------------
 [[ $EUID == 0 ]] || die "debootstrap needs root (it unpacks as root and chroots): run this with sudo"
 missing=()
-for pair in debootstrap:debootstrap mke2fs:e2fsprogs cpio:cpio gzip:gzip sha256sum:coreutils chroot:coreutils; do
+for pair in debootstrap:debootstrap mke2fs:e2fsprogs debugfs:e2fsprogs cpio:cpio gzip:gzip sha256sum:coreutils chroot:coreutils; do
 	command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 ((${#missing[@]} == 0)) || die "missing prerequisites: install them with: apt-get install ${missing[*]}"
@@ -73,7 +78,7 @@ cache=${CONODE_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/conode/debootstrap}
 root="$build/rootfs"
 mkdir -p "$build" "$cache"
 cleanup() {  # never leave the host's file systems mounted in the tree
-	for m in proc sys dev/pts dev; do
+	for m in var/cache/apt/archives proc sys dev/pts dev; do
 		mountpoint -q "$root/$m" 2>/dev/null && umount -l "$root/$m" || true
 	done
 }
@@ -109,6 +114,24 @@ if [[ -z ${SOURCE_DATE_EPOCH:-} ]]; then
 fi
 export SOURCE_DATE_EPOCH
 
+if ((kernel)); then
+	# Debian's initramfs for conode's PC: the drivers of its disk on PCI and of the root's file system (ext2
+	# is served by ext4), listed rather than guessed from the build host's hardware; the rest loads from
+	# the disk.
+	msg "installing Debian's 686 kernel and building its initramfs"
+	mkdir -p "$root/etc/initramfs-tools/conf.d"
+	printf 'MODULES=list\n' >"$root/etc/initramfs-tools/conf.d/conode"
+	printf 'virtio_pci\nvirtio_blk\next4\n' >>"$root/etc/initramfs-tools/modules"
+	mount -t proc proc "$root/proc"
+	mount --bind "$cache" "$root/var/cache/apt/archives"  # the package cache serves apt as it serves debootstrap
+	DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y -qq --no-install-recommends \
+		linux-image-686 initramfs-tools 2>&1 | sed "s/^/    /" >&2 || die "installing the kernel failed"
+	umount "$root/var/cache/apt/archives" "$root/proc"
+	vmlinuz=$(ls "$root"/boot/vmlinuz-* | head -n1)
+	initrd=$(ls "$root"/boot/initrd.img-* | head -n1)
+	[[ -f $vmlinuz && -f $initrd ]] || die "the kernel or its initramfs is missing from /boot"
+fi
+
 msg "configuring the guest's system"
 printf 'conode\n' >"$root/etc/hostname"
 printf '127.0.0.1\tlocalhost conode\n::1\tlocalhost\n' >"$root/etc/hosts"
@@ -129,7 +152,8 @@ rm -rf "$root"/usr/share/man/* "$root"/usr/share/info/*
 find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} + 2>/dev/null || true
 # Caches and logs: rebuilt on demand, and they differ from build to build.
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
-	"$root"/var/cache/debconf/*-old "$root"/var/lib/dpkg/*-old "$root/debootstrap"
+	"$root"/var/cache/debconf/*-old "$root"/var/lib/dpkg/*-old "$root/debootstrap" \
+	"$root/var/cache/ldconfig/aux-cache"
 find "$root/var/log" -type f -delete
 : >"$root/etc/machine-id" 2>/dev/null || true
 
@@ -165,7 +189,24 @@ rm -f "$output.tmp"
 E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mke2fs -q -F -t ext2 -b 4096 -m 0 -L conode-debian -U "$uuid" \
 	-E "hash_seed=$uuid,root_owner=0:0" -d "$root" "$output.tmp" "${size_mib}M" >/dev/null ||
 	die "mke2fs failed"
+# mke2fs copies each file's access and change times from the build tree (the build's own moments): set them
+# to the time stamp too, with one debugfs script (a name with a double quote keeps its own).
+(
+	cd "$root"
+	printf 'sif / atime @%s\nsif / ctime @%s\n' "$SOURCE_DATE_EPOCH" "$SOURCE_DATE_EPOCH"
+	find . -mindepth 1 ! -name '*"*' -printf '%P\n' | while IFS= read -r path; do
+		printf 'sif "/%s" atime @%s\nsif "/%s" ctime @%s\n' "$path" "$SOURCE_DATE_EPOCH" "$path" "$SOURCE_DATE_EPOCH"
+	done
+) >"$build/times.debugfs"
+debugfs -w -f "$build/times.debugfs" "$output.tmp" >/dev/null 2>"$build/times.log" ||
+	die "setting the image's time stamps failed (log: $build/times.log)"
 mv "$output.tmp" "$output"
+if ((kernel)); then
+	install -m 0644 "$vmlinuz" "$output.vmlinuz"
+	install -m 0644 "$initrd" "$output.initrd"
+	touch -d "@$SOURCE_DATE_EPOCH" "$output.vmlinuz" "$output.initrd"
+	msg "Debian's kernel $(basename "$vmlinuz" | sed 's/^vmlinuz-//'): $output.vmlinuz, its initramfs: $output.initrd"
+fi
 
 digest=$(sha256sum "$output" | cut -d' ' -f1)
 printf '%s  %s\n' "$digest" "$(basename "$output")" >"$output.sha256"
