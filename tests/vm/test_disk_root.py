@@ -7,21 +7,19 @@ import gzip
 import hashlib
 import shutil
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from guest_programs import ready_snapshot, run_job_restored
 
 from conode.vm.disk.config import DiskConfig
-from conode.vm.guest import Guest, GuestSnapshot, JobSpec
-from conode.vm.guest_image import load_guest_image, packaged_image_dir
+from conode.vm.guest import JobSpec
+from conode.vm.guest_image import packaged_image_dir
 from conode.vm.machine import MachineConfig
 
 pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("cpio") is None,
                                 reason="needs e2fsprogs (mke2fs) and cpio")
 
-TIMEOUT_S = 120
 MARKER = "this file is on the root disk"
 
 
@@ -79,57 +77,8 @@ def test_a_disk_without_a_file_system_leaves_the_guest_on_its_initramfs_saying_w
     assert result.stdout.decode().splitlines() == ["rootfs / rootfs"]
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.stdout = b""
-        self.status: int | None = None
-        self.outputs: dict[str, bytes] = {}
-        self.failure: str | None = None
-
-    def output(self, job: int, stream: str, data: bytes) -> None:
-        if stream == "stdout":
-            self.stdout += data
-
-    def finished(self, job, status, outputs, missing, runtime_s) -> None:
-        self.status, self.outputs = status, outputs
-
-    def failed(self, job: int, reason: str) -> None:
-        self.failure = reason
-
-
-def booted_snapshot(config: MachineConfig) -> GuestSnapshot:
-    """The post-boot snapshot of a guest of *config*, taken when its agent is ready (as a worker takes it)."""
-    guest = Guest.boot(load_guest_image(), config)
-    guest.on_ready = lambda name: guest.machine.pause()
-    deadline = time.monotonic() + TIMEOUT_S
-    while not guest.agent.ready and guest.failure is None and time.monotonic() < deadline:
-        guest.run()
-    assert guest.agent.ready, guest.failure
-    snapshot = guest.snapshot()
-    guest.machine.close()
-    return snapshot
-
-
-def run_job(guest: Guest, spec: JobSpec) -> Sink:
-    sink = Sink()
-    guest.start_job(spec, sink)
-
-    def to_the_end() -> None:
-        while not guest.finished:
-            guest.run()
-
-    runner = threading.Thread(target=to_the_end, daemon=True)
-    runner.start()
-    runner.join(TIMEOUT_S)
-    if runner.is_alive():
-        guest.fail("the test timed out")
-        runner.join(10)
-    guest.machine.close()
-    return sink
-
-
 def test_fresh_guests_from_the_post_boot_snapshot_of_an_image_guest_each_get_their_own_disk(image):
-    pristine = booted_snapshot(MachineConfig(disk=DiskConfig(image, root=True)))
+    pristine = ready_snapshot(MachineConfig(disk=DiskConfig(image, root=True)))
     ram = pristine.ram_image()
     data = b"3\n4\n5\n"
     script = ("cat /marker.txt; df -P . | tail -n 1 | cut -d ' ' -f 1; "
@@ -137,8 +86,8 @@ def test_fresh_guests_from_the_post_boot_snapshot_of_an_image_guest_each_get_the
               "awk '{s += $1} END {print s}' data.txt > sum.txt; exit 7")
     before = hashlib.sha256(image.read_bytes()).hexdigest()
     for job in (1, 2):  # the second guest must not see what the first wrote: each has its own overlay
-        guest = Guest.restore(pristine, new_identity=True, ram_image=ram)
-        sink = run_job(guest, JobSpec.in_job_directory(job, ["sh", "-c", script], {"data.txt": data}, ["sum.txt"]))
+        sink = run_job_restored(pristine, JobSpec.in_job_directory(job, ["sh", "-c", script], {"data.txt": data},
+                                                                   ["sum.txt"]), ram)
         assert sink.failure is None and sink.status == 7, (sink.failure, sink.stdout)
         assert sink.stdout.decode().splitlines() == [MARKER, "/dev/vda", "clean"]
         assert sink.outputs == {"sum.txt": b"12\n"}
