@@ -154,3 +154,31 @@ def test_debians_own_kernel_and_initramfs_boot_the_image_from_its_disk_on_pci(de
     assert release.endswith("-686"), release
     assert root == "/dev/vda /" and driver.endswith("/virtio_blk") and bus == "/pci0000:00/"
     assert result.outputs["answer"] == b"42\n"
+
+
+def test_the_readme_example_runs_on_the_image_through_the_pool(debian_image, tmp_path):
+    """The README's pool example as a user runs it: the image added to a real coordinator, a real agent fetching
+    it, the script and its data file sent as inputs and the summary fetched back."""
+    from tests.integration.pool import Pool
+
+    for name in ("stats.py", "data.csv"):
+        shutil.copy(EXAMPLE / name, tmp_path / name)
+    host = subprocess.run([sys.executable, "stats.py", "data.csv"], cwd=tmp_path, capture_output=True, check=True)
+    pool = Pool(tmp_path / "pool")
+    try:
+        pool.start_coordinator()
+        pool.add_agent("desk", "--owner", "away")
+        pool.wait_until("a ready node", lambda: len(pool.ready_nodes()) == 1, timeout=180)
+        pool.cli("image", "add", "debian", str(debian_image.path), timeout=600)
+        job = int(pool.cli("submit", "--image", "debian", "--input", str(tmp_path / "stats.py"), "--input",
+                           str(tmp_path / "data.csv"), "--output", "summary.json", "--",
+                           "python3", "stats.py", "data.csv").stdout.strip())
+        waited = pool.cli("wait", str(job), "--timeout", "600", check=False, timeout=660)
+        assert waited.returncode == 0, (waited.stderr, pool.cli("logs", str(job), check=False).stderr)
+        lines = pool.cli("logs", str(job)).stdout.decode().splitlines()
+        assert lines[:-1] == host.stdout.decode().splitlines()[:-1]  # the last line names Python's version
+        fetched = tmp_path / "fetched"
+        pool.cli("fetch", str(job), str(fetched))
+        assert (fetched / "summary.json").read_bytes() == (tmp_path / "summary.json").read_bytes()
+    finally:
+        pool.close()
