@@ -28,6 +28,7 @@ from conode.cluster.transport import ServerSocket
 from conode.limits import IMAGE_CHUNK_BYTES, MAX_FILES, MAX_JOB_OUTPUT_BYTES
 from coordinator.config import StateDir
 from coordinator.conet_peers import PeerDirectory
+from coordinator.down import DownNode, DownNodes, unknown_node
 from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
 from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
@@ -126,6 +127,7 @@ class Coordinator:
         self.open_nodes: set[str] = set()  # nodes that can take a job now (see placement.can_take_work)
         self.queue = JobQueue(self.store.queued())
         self.drained = self.store.drained()
+        self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
         self.counters = Counters()
         self._started = clock()
         self._queued_at: dict[int, float] = {}
@@ -237,6 +239,7 @@ class Coordinator:
                     image_cache_mib=msg.get("image_cache_mib"))
         self.nodes[name] = node
         self.by_identity[identity] = name
+        self.down.returned(name)
         held = set(msg["running"])
         vacated_here = set(self.store.vacated_jobs(name))
         # Reconcile: jobs we placed there that the node no longer has are lost; jobs it runs that we do not
@@ -362,7 +365,7 @@ class Coordinator:
             "malformed_messages": self.counters.malformed,
             "refused_messages": self.counters.refused,
         }
-        self._reply(identity, "status_reply", nodes=nodes, totals=totals)
+        self._reply(identity, "status_reply", nodes=nodes, totals=totals, down=self.down.rows())
 
     def _on_submit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         if not msg["argv"]:
@@ -494,6 +497,10 @@ class Coordinator:
 
     def _on_drain(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node, drain = msg["node"], not msg.get("undrain", False)
+        names = self._node_names() | (set() if drain else self.drained)
+        if node not in names:
+            self._reply(identity, "error", code="unknown_node", message=unknown_node(node, names), in_reply_to="drain")
+            return
         self.store.set_drained(node, drain)
         self.drained = self.store.drained()
         if node in self.nodes:
@@ -503,6 +510,22 @@ class Coordinator:
         self.schedule()
 
     # --- placement and liveness --------------------------------------------------------------------------
+    def _node_names(self) -> set[str]:
+        """Every node an admin may name: up, down, or enrolled (a node may be drained before it first joins)."""
+        enrolled = {name for name, role, _, _ in self.store.keys() if role == "agent"}
+        return set(self.nodes) | self.down.names() | enrolled
+
+    def _on_forget(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        node = msg["node"]
+        if node in self.nodes:
+            self._reply(identity, "error", code="node_up", in_reply_to="forget",
+                        message=f"node {node} is up; only a down node can be forgotten (stop its agent first)")
+        elif self.down.forget(node):
+            self._reply(identity, "ok", detail=f"node {node} forgotten")
+        else:
+            self._reply(identity, "error", code="unknown_node", in_reply_to="forget",
+                        message=unknown_node(node, self.down.names()))
+
     def _refresh(self, node: Node) -> None:
         """Keep *node*'s membership of the open set true after anything that changes whether it can take work."""
         if self.nodes.get(node.name) is node and can_take_work(node.view(node.name in self.drained)):
@@ -707,6 +730,7 @@ class Coordinator:
     def _lose_node(self, node: Node, why: str) -> None:
         log.warning("node %s lost: %s", node.name, why)
         self.counters.nodes_lost += 1
+        self.down.left(DownNode(node.name, self._wall(), why, node.cores, node.mem_mib))
         self.nodes.pop(node.name, None)
         self.by_identity.pop(node.identity, None)
         self.open_nodes.discard(node.name)

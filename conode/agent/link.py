@@ -47,6 +47,10 @@ class Transport(Protocol):
     def check_refused(self) -> None:
         """Raise AuthRefused if the coordinator refused this agent's key."""
 
+    @property
+    def problem(self) -> str | None:
+        """Why the connection cannot be made, while it cannot (a wrong coordinator key)."""
+
     def close(self) -> None: ...
 
 
@@ -74,6 +78,10 @@ class ZmqTransport:
 
     def check_refused(self) -> None:
         self._client.check_refused()
+
+    @property
+    def problem(self) -> str | None:
+        return self._client.problem
 
     def close(self) -> None:
         self._client.close()

@@ -109,6 +109,16 @@ class ServerSocket:
         self._auth.stop()
 
 
+# A handshake that fails without the server refusing our key: the server could not read our HELLO, which CURVE
+# sealed to the server key we were given. A wrong coordinator key, or not a coordinator at that address.
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+
+
+def handshake_problem(endpoint: str) -> str:
+    return (f"the encrypted handshake with {endpoint} fails: the coordinator key given is most likely wrong "
+            f"(use the one `coordinator init` printed), or what listens there is not this pool's coordinator")
+
+
 class AuthRefused(Exception):
     """The server refused our key during the CURVE handshake."""
 
@@ -125,6 +135,7 @@ class ClientSocket:
         self._keys = keys
         self.socket: zmq.Socket = None  # type: ignore[assignment]
         self._monitor: zmq.Socket = None  # type: ignore[assignment]
+        self.problem: str | None = None  # why the handshake fails, while it does
         self.connect()
 
     def connect(self) -> None:
@@ -136,7 +147,8 @@ class ClientSocket:
         sock.setsockopt(zmq.SNDHWM, self._send_hwm)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a connection that is not up
         sock.linger = 0
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                                | HANDSHAKE_FAILED)
         sock.connect(self.endpoint)
         self.socket = sock
 
@@ -145,13 +157,19 @@ class ClientSocket:
         self.connect()
 
     def check_refused(self) -> None:
-        """Raise AuthRefused if the server rejected our key since the last check."""
+        """Raise AuthRefused if the server rejected our key since the last check; keep :attr:`problem` current
+        (logged once each time it appears), as ZeroMQ retries a failing handshake on its own and silently."""
         from zmq.utils.monitor import recv_monitor_message
 
         while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise AuthRefused(self.endpoint)
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.problem = None
+            elif event & HANDSHAKE_FAILED and self.problem is None:
+                self.problem = handshake_problem(self.endpoint)
+                log.error("%s", self.problem)
 
     def send(self, payload: bytes) -> bool:
         try:
