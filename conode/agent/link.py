@@ -58,7 +58,7 @@ class ZmqTransport:
     """The CURVE DEALER of cluster/transport.py, as the link uses it."""
 
     def __init__(self, context: zmq.Context, endpoint: str, server_key: str, keys: KeyPair) -> None:
-        self._client = ClientSocket(context, endpoint, server_key, keys)
+        self._client = ClientSocket(context, endpoint, server_key, keys, log_problems=True)
 
     @property
     def pollable(self) -> zmq.Socket | None:

@@ -127,8 +127,10 @@ class ClientSocket:
     """A DEALER connected to the coordinator; rebuilt from scratch on reconnect (Paranoid Pirate)."""
 
     def __init__(self, context: zmq.Context, endpoint: str, server_public: str, keys: KeyPair,
-                 max_message: int = SOCKET_MAX_MESSAGE, send_hwm: int = 1000) -> None:
+                 max_message: int = SOCKET_MAX_MESSAGE, send_hwm: int = 1000, log_problems: bool = False) -> None:
+        """*log_problems*: log :attr:`problem` when it appears (a daemon's log; a CLI reports it as its error)."""
         self._context = context
+        self._log_problems = log_problems
         self._max_message, self._send_hwm = max_message, send_hwm
         self.endpoint = endpoint
         self._server_public = server_public
@@ -169,7 +171,8 @@ class ClientSocket:
                 self.problem = None
             elif event & HANDSHAKE_FAILED and self.problem is None:
                 self.problem = handshake_problem(self.endpoint)
-                log.error("%s", self.problem)
+                if self._log_problems:
+                    log.error("%s", self.problem)
 
     def send(self, payload: bytes) -> bool:
         try:
