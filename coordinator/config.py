@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from conode import shell
 from conode.cache import config_dir
 from conode.cluster.keys import KeyPair, load_key_pair
 from conode.errors import ConodeError
@@ -54,7 +55,7 @@ class StateDir:
     def require(self) -> None:
         if not self.database.exists():
             raise ConodeError(f"{self.root} is not a coordinator state directory; create it with "
-                              f"`coordinator init --state-dir {self.root}`")
+                              f"`{shell.command('coordinator', 'init', '--state-dir', self.root)}`")
 
     def make_private(self) -> None:
         """Directories 0700, and every file in them 0600: the database and its WAL and SHM files hold job

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conode import shell
 from conode.agent.conet import DEFAULT_LISTEN, OFF
 from conode.agent.owner import AUTO, FIXED_SOURCES
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
@@ -105,8 +106,8 @@ def _policy(values: dict[str, Any]) -> PolicyConfig:
 def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: dict[str, Any]) -> AgentConfig:
     settings_path = state_dir / SETTINGS_NAME
     if not settings_path.exists():
-        raise ConodeError(f"{state_dir} is not an agent state directory; run `conode agent init --state-dir "
-                          f"{state_dir}` first")
+        init = shell.command("conode", "agent", "init", "--state-dir", state_dir)
+        raise ConodeError(f"{state_dir} is not an agent state directory; run `{init}` first")
     values = read_known(settings_path, KNOWN_KEYS)
     if config_file is not None:
         values.update(read_known(config_file, KNOWN_KEYS))
