@@ -509,7 +509,6 @@ class Coordinator:
         self._reply(identity, "ok", detail=f"node {node} {'drained' if drain else 'accepting jobs again'}{known}")
         self.schedule()
 
-    # --- placement and liveness --------------------------------------------------------------------------
     def _node_names(self) -> set[str]:
         """Every node an admin may name: up, down, or enrolled (a node may be drained before it first joins)."""
         enrolled = {name for name, role, _, _ in self.store.keys() if role == "agent"}
@@ -526,6 +525,7 @@ class Coordinator:
             self._reply(identity, "error", code="unknown_node", in_reply_to="forget",
                         message=unknown_node(node, self.down.names()))
 
+    # --- placement and liveness --------------------------------------------------------------------------
     def _refresh(self, node: Node) -> None:
         """Keep *node*'s membership of the open set true after anything that changes whether it can take work."""
         if self.nodes.get(node.name) is node and can_take_work(node.view(node.name in self.drained)):
