@@ -13,10 +13,10 @@ from typing import Any, Callable, NoReturn
 
 import click
 
+from conode import shell
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.cli_guard import run_guarded
 from conode.errors import ConodeError
-from conode import shell
 from conode.limits import (DEFAULT_DISK_BUDGET_MIB, DEFAULT_GUEST_MEM_MIB, MAX_DISK_BUDGET_MIB, MAX_JOB_GUESTS,
                            MAX_JOB_INPUT_BYTES)
 from conode.tomlfile import write_toml
@@ -224,7 +224,8 @@ def _render_status(reply: dict[str, Any]) -> None:
     down = f" ({len(reply['down'])} down: `coordinator forget NODE` once gone for good)" if reply.get("down") else ""
     click.echo(f"\npool: {t['nodes']} nodes{down}, {t['cores']} cores ({t['idle_cores']} free), "
                f"{render.mib(t['mem_mib'])}; jobs: {jobs['queued']} queued, {jobs['running']} running, "
-               f"{jobs['vacated']} vacated, {jobs['done']} done, {jobs['failed']} failed, {jobs['cancelled']} cancelled")
+               f"{jobs['vacated']} vacated, {jobs['done']} done, {jobs['failed']} failed, "
+               f"{jobs['cancelled']} cancelled")
 
 
 @main.command()

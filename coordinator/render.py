@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 FOREVER_S = 10 * 365 * 86400  # an idle time this long means "never touched" (agents cap forever to a large number)
@@ -10,7 +11,7 @@ SIZE_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB")
 
 def duration(seconds: float | None) -> str:
     """A span: 42s, 3m07s, 5h02m, 3d04h, or forever; "-" when unknown."""
-    if seconds is None or seconds != seconds:
+    if seconds is None or math.isnan(seconds):
         return "-"
     if seconds >= FOREVER_S:
         return "forever"

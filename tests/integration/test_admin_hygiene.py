@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import zmq
+from pool import free_port
+from test_coordinator_cli_limits import cli, one_error_line
+from test_coordinator_robustness import Link, running_coordinator
 
 from conode.cluster import protocol
 from conode.cluster.keys import KeyPair
 from conode.tomlfile import read_toml, write_toml
-from pool import free_port
-from test_coordinator_cli_limits import cli, one_error_line
-from test_coordinator_robustness import Link, running_coordinator
 
 WRONG_KEY_REPORTED_S = 10.0  # "within seconds": the handshake fails on the first try, ZeroMQ retries every 0.1 s
 
@@ -124,7 +124,8 @@ def test_printed_commands_work_when_pasted_into_a_shell(tmp_path):
         node = read_toml(agent_dir / "agent.toml")["name"]
         deadline = time.monotonic() + 60
         while True:
-            done = subprocess.run(["coordinator", "status", "--json"], env=env, capture_output=True, text=True)
+            done = subprocess.run(["coordinator", "status", "--json"], env=env, capture_output=True, text=True,
+                                  check=False)
             if done.returncode == 0 and node in [n["name"] for n in json.loads(done.stdout)["nodes"]]:
                 break
             assert agent.poll() is None and serve.poll() is None, "a pasted command exited"
@@ -143,14 +144,16 @@ def test_a_missing_config_file_is_an_error_naming_it(coordinator, tmp_path):
     line = one_error_line(cli(coordinator, "status", "--config", str(missing)))
     assert f"client configuration {missing} (from --config) does not exist" in line
     env = {**coordinator.env, "CONODE_CLIENT_CONFIG": str(missing)}
-    done = subprocess.run([sys.executable, "-m", "coordinator.cli", "jobs"], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "coordinator.cli", "jobs"], env=env, capture_output=True, text=True,
+                          check=False)
     assert done.returncode == 2 and f"{missing} (from CONODE_CLIENT_CONFIG) does not exist" in done.stderr
     agent_dir = tmp_path / "agent"
     subprocess.run([sys.executable, "-m", "conode.cli", "agent", "init", "--state-dir", str(agent_dir)],
                    env=coordinator.env, check=True, capture_output=True)
     done = subprocess.run([sys.executable, "-m", "conode.cli", "agent", "--state-dir", str(agent_dir), "--config",
                            str(missing), "--coordinator", coordinator.endpoint, "--coordinator-key",
-                           coordinator.server_public], env=coordinator.env, capture_output=True, text=True, timeout=60)
+                           coordinator.server_public], env=coordinator.env, capture_output=True, text=True,
+                          timeout=60, check=False)
     assert done.returncode != 0 and f"configuration file {missing} does not exist" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -166,7 +169,7 @@ def test_unknown_keys_in_every_toml_file_are_errors_naming_key_and_file(coordina
     write_toml(settings, {**read_toml(settings), "conet_subnt": "10.9.0.0/16"})
     done = subprocess.run([sys.executable, "-m", "coordinator.cli", "serve", "--state-dir", str(coordinator.state),
                            "--bind", f"tcp://127.0.0.1:{free_port()}"], env=coordinator.env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, check=False)
     assert done.returncode == 2, done
     assert f"{settings}: unknown setting 'conet_subnt'; did you mean 'conet_subnet'?" in done.stderr
 
@@ -177,7 +180,8 @@ def test_unknown_keys_in_every_toml_file_are_errors_naming_key_and_file(coordina
     write_toml(agent_config, {"croes": 2})
     done = subprocess.run([sys.executable, "-m", "conode.cli", "agent", "--state-dir", str(agent_dir), "--config",
                            str(agent_config), "--coordinator", coordinator.endpoint, "--coordinator-key",
-                           coordinator.server_public], env=coordinator.env, capture_output=True, text=True, timeout=60)
+                           coordinator.server_public], env=coordinator.env, capture_output=True, text=True,
+                          timeout=60, check=False)
     assert done.returncode != 0 and f"{agent_config}: unknown setting 'croes'; did you mean 'cores'?" in done.stderr
 
 
@@ -198,7 +202,7 @@ def test_a_wrong_coordinator_key_is_reported_within_seconds(coordinator, tmp_pat
         status = None
         while time.monotonic() - started < WRONG_KEY_REPORTED_S:
             done = subprocess.run([sys.executable, "-m", "conode.cli", "status", "--state-dir", str(agent_dir)],
-                                  env=coordinator.env, capture_output=True, text=True, timeout=60)
+                                  env=coordinator.env, capture_output=True, text=True, timeout=60, check=False)
             if "coordinator key given is most likely wrong" in done.stdout:
                 status = done.stdout
                 break
@@ -284,7 +288,8 @@ def test_down_nodes_stay_in_status_until_forgotten(coordinator):
 # --- units ---------------------------------------------------------------------------------------------------
 def test_status_table_has_units_and_says_forever(coordinator):
     nodes = {"never-touched": (1e9, 123_456.0), "desk": (187.0, 850.0)}
-    links = {name: (scripted_node(coordinator, name, idle, speed), idle, speed) for name, (idle, speed) in nodes.items()}
+    links = {name: (scripted_node(coordinator, name, idle, speed), idle, speed)
+             for name, (idle, speed) in nodes.items()}
     try:
         for name, (link, idle, speed) in links.items():  # up again if lost while the other was enrolled
             link.ask(protocol.encode("hello", node=name, cores=2, mem_mib=256, speed=speed, state="Unclaimed",
