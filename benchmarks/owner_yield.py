@@ -85,10 +85,10 @@ def measure(trials: int, engine: str) -> list[float]:
         endpoint = f"tcp://127.0.0.1:{common.free_port()}"
         procs.run(py, "-m", "coordinator.cli", "init", "--state-dir", str(root / "coord"), "--bind", endpoint)
         procs.spawn(py, "-m", "coordinator.cli", "serve", "--state-dir", str(root / "coord"), log="coord.log")
-        public = procs.run(py, "-m", "conode.cli", "agent", "init", "--state-dir", str(root / "desk"), "--name",
-                           "desk").split()[-1]
+        procs.run(py, "-m", "conode.cli", "agent", "init", "--state-dir", str(root / "desk"), "--name", "desk")
+        public = (root / "desk" / "keys" / "agent.public").read_text().strip()
         procs.run(py, "-m", "coordinator.cli", "keys", "add", "--state-dir", str(root / "coord"), "--role", "agent",
-                  "desk", public)
+                  "--", "desk", public)
         activity = root / "activity"
         activity.write_text(f"{time.time() - 3600:.3f}")
         config = root / "desk.toml"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable, NoReturn
 
 import click
 
+from conode import shell
 from conode.cli_guard import run_guarded
 from conode.limits import DEFAULT_DISK_BUDGET_MIB
 from conode.vm import layout
@@ -291,7 +292,8 @@ def agent_init(state_dir: Path, name: str | None) -> None:
         node, public = init_agent_state(state_dir, name)
         click.echo(f"agent {node} created in {state_dir}")
         click.echo("enrol it on the coordinator host with:")
-        click.echo(f"  coordinator keys add --state-dir STATE --role agent {node} {public}")
+        click.echo("  " + shell.command("coordinator", "keys", "add", "--state-dir", "STATE", "--role", "agent", "--",
+                                        node, public))
         return 0
 
     _guarded(body)
@@ -356,6 +358,8 @@ def _print_workstation_status(report: dict, state_dir: Path | None) -> None:
     else:
         connected = "connected" if report.get("connected") else "not connected"
         click.echo(f"agent:        {report['node']} (pid {report['pid']}), {connected} to {report['coordinator']}")
+        if report.get("link_problem"):
+            click.echo(f"  problem:    {report['link_problem']}")
         click.echo(f"owner state:  {report['owner_state']} for {_seconds(report.get('state_since_s'))}")
     click.echo(f"owner idle:   {_seconds(report.get('idle_s'))}")
     for source in report.get("sources", []):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from pathlib import Path
@@ -26,6 +27,23 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConodeError(f"configuration file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConodeError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+
+def check_keys(values: dict[str, Any], known: list[str], where: Path) -> None:
+    """Refuse a key *known* lacks (a typo, a setting of another version), naming it, the file and the closest
+    known key: a setting silently ignored is a setting the admin believes is in force."""
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConodeError(f"{where}: unknown setting {key!r}; {hint}known settings are {', '.join(known)}"[:600])
+
+
+def read_known(path: Path, known: list[str]) -> dict[str, Any]:
+    """Read *path* and refuse any key not in *known*."""
+    values = read_toml(path)
+    check_keys(values, known, path)
+    return values
 
 
 def write_toml(path: Path, values: dict[str, Any]) -> None:

@@ -13,12 +13,14 @@ from typing import Any, Callable, NoReturn
 
 import click
 
+from conode import shell
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.cli_guard import run_guarded
 from conode.errors import ConodeError
 from conode.limits import (DEFAULT_DISK_BUDGET_MIB, DEFAULT_GUEST_MEM_MIB, MAX_DISK_BUDGET_MIB, MAX_JOB_GUESTS,
                            MAX_JOB_INPUT_BYTES)
 from conode.tomlfile import write_toml
+from coordinator import render
 from coordinator.config import (ADMIN_KEY_NAME, DEFAULT_BIND, PRIVATE_UMASK, SERVER_KEY_NAME, StateDir,
                                 load_client_config, user_client_config_path)
 
@@ -73,14 +75,16 @@ def init(state_dir: Path, bind: str, advertise: str | None) -> None:
             user_config.parent.mkdir(parents=True, exist_ok=True)
             write_toml(user_config, client)
         click.echo(f"coordinator created in {state_dir}")
-        click.echo(f"  start it:          coordinator serve --state-dir {state_dir}")
+        click.echo(f"  start it:          {shell.command('coordinator', 'serve', '--state-dir', state_dir)}")
         click.echo(f"  client config:     {state.client_config} (also {user_config})")
         click.echo(f"  coordinator key:   {server.public}")
-        click.echo("to join an agent, run on the workstation:")
+        click.echo("to join an agent, run on the workstation (DIR: the agent's state directory):")
         click.echo("  conode agent init --state-dir DIR")
-        click.echo(f"  conode agent --state-dir DIR --coordinator {endpoint} --coordinator-key {server.public}")
+        click.echo("  " + shell.command("conode", "agent", "--state-dir", "DIR", "--coordinator", endpoint,
+                                        "--coordinator-key", server.public))
         click.echo("and enrol the key it prints here:")
-        click.echo(f"  coordinator keys add --state-dir {state_dir} --role agent NODE-NAME AGENT-PUBLIC-KEY")
+        click.echo("  " + shell.command("coordinator", "keys", "add", "--state-dir", state_dir, "--role", "agent",
+                                        "--", "NODE-NAME", "AGENT-PUBLIC-KEY"))
 
     _guarded(body)
 
@@ -197,17 +201,6 @@ def _client(config_path: Path | None, endpoint: str | None) -> Any:
     return AdminClient(load_client_config(config_path, endpoint))
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def _table(headers: list[str], rows: list[list[Any]]) -> None:
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -220,14 +213,20 @@ def _render_status(reply: dict[str, Any]) -> None:
     for n in reply["nodes"]:
         state = n["state"] + (" (drained)" if n["drained"] else "")
         jobs = ",".join(str(j) for j in n["jobs"]) or "-"
-        rows.append([n["name"], state, n["cores"], f"{n['mem_mib']} MiB", f"{n['speed']:.0f}", jobs,
-                     _duration(n["idle_s"])])
+        rows.append([n["name"], state, n["cores"], render.mib(n["mem_mib"]), render.speed(n["speed"]), jobs,
+                     render.duration(n["idle_s"])])
+    now = time.time()
+    for n in reply.get("down", []):
+        rows.append([n["name"], f"down since {render.since(n['since'], now)}: {n['why']}", n["cores"],
+                     render.mib(n["mem_mib"]), "-", "-", "-"])
     _table(["NODE", "STATE", "CORES", "MEMORY", "SPEED", "JOBS", "IDLE"], rows)
     t = reply["totals"]
     jobs = t["jobs"]
-    click.echo(f"\npool: {t['nodes']} nodes, {t['cores']} cores ({t['idle_cores']} free), {t['mem_mib']} MiB; "
-               f"jobs: {jobs['queued']} queued, {jobs['running']} running, {jobs['vacated']} vacated, "
-               f"{jobs['done']} done, {jobs['failed']} failed, {jobs['cancelled']} cancelled")
+    down = f" ({len(reply['down'])} down: `coordinator forget NODE` once gone for good)" if reply.get("down") else ""
+    click.echo(f"\npool: {t['nodes']} nodes{down}, {t['cores']} cores ({t['idle_cores']} free), "
+               f"{render.mib(t['mem_mib'])}; jobs: {jobs['queued']} queued, {jobs['running']} running, "
+               f"{jobs['vacated']} vacated, {jobs['done']} done, {jobs['failed']} failed, "
+               f"{jobs['cancelled']} cancelled")
 
 
 @main.command()
@@ -243,7 +242,8 @@ def status(config_path: Path | None, endpoint: str | None, as_json: bool, watch:
             while True:
                 reply = client.request("status", "status_reply")
                 if as_json:
-                    click.echo(json.dumps({"nodes": reply["nodes"], "totals": reply["totals"]}))
+                    click.echo(json.dumps({"nodes": reply["nodes"], "totals": reply["totals"],
+                                           "down": reply.get("down", [])}))
                 else:
                     if watch and sys.stdout.isatty():
                         click.echo("\x1b[H\x1b[2J", nl=False)
@@ -312,7 +312,7 @@ def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: i
         rows = []
         for j in reply["jobs"]:
             end = j["finished_at"] or now
-            runtime = _duration(end - j["started_at"]) if j["started_at"] else "-"
+            runtime = render.duration(end - j["started_at"]) if j["started_at"] else "-"
             status_text = "-" if j["exit_status"] is None else j["exit_status"]
             where = j["node"] or (f"{j['guests']} guests" if j.get("guests", 1) > 1 else "-")
             rows.append([j["id"], j["state"], where, status_text, runtime, j["attempts"],
@@ -461,7 +461,7 @@ def image_list(config_path: Path | None, endpoint: str | None, as_json: bool) ->
             click.echo(json.dumps(images))
             return
         _table(["IMAGE", "SIZE", "CHUNKS", "SHA256", "JOBS"],
-               [[i["name"], f"{i['size'] / (1 << 20):.1f} MiB", i["chunks"], i["sha256"][:16],
+               [[i["name"], render.size(i["size"]), i["chunks"], i["sha256"][:16],
                  ",".join(map(str, i["jobs"])) or "-"] for i in images])
 
     _guarded(body)
@@ -503,6 +503,20 @@ def drain(config_path: Path | None, endpoint: str | None, node: str, undo: bool)
     def body() -> None:
         with _client(config_path, endpoint) as client:
             click.echo(client.request("drain", "ok", node=node, undrain=undo).get("detail", "ok"))
+
+    _guarded(body)
+
+
+
+@main.command()
+@with_client
+@click.argument("node")
+def forget(config_path: Path | None, endpoint: str | None, node: str) -> None:
+    """Stop showing down NODE in `status` (it appears again if its agent comes back)."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            click.echo(client.request("forget", "ok", node=node).get("detail", "ok"))
 
     _guarded(body)
 

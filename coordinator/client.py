@@ -50,8 +50,10 @@ class AdminClient:
             try:
                 self._socket.check_refused()
             except AuthRefused:
-                raise ConodeError(f"the coordinator at {self.config.endpoint} refused this client's key; "
-                                  f"enrol it with `coordinator keys add --role admin NAME KEY`") from None
+                raise ConodeError(f"the coordinator at {self.config.endpoint} refused this client's key; enrol it "
+                                  f"with `coordinator keys add --state-dir STATE --role admin -- NAME KEY`") from None
+            if self._socket.problem:  # deterministic: waiting longer would only hide it
+                raise ConodeError(f"{self._socket.problem} (server_public_key in the client configuration)")
             if not sent:
                 sent = self._socket.send(payload)  # False until the connection is up (IMMEDIATE)
             if self._socket.socket.poll(50, zmq.POLLIN):

@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from conode import shell
 from conode.cache import config_dir
 from conode.cluster.keys import KeyPair, load_key_pair
 from conode.errors import ConodeError
-from conode.tomlfile import read_toml
+from conode.tomlfile import read_known
 from coordinator.identity import DEFAULT_SUBNET
 
 DEFAULT_PORT = 7700
@@ -24,6 +25,8 @@ SERVER_KEY_NAME = "coordinator"
 ADMIN_KEY_NAME = "admin"
 RELAY_OFF = "off"
 PRIVATE_UMASK = 0o077  # what the coordinator creates is its own: directories 0700, files 0600
+SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet"]  # what coordinator.toml may hold
+CLIENT_KEYS = ["endpoint", "server_public_key", "key_directory", "key_name"]  # and client.toml
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class StateDir:
     def require(self) -> None:
         if not self.database.exists():
             raise ConodeError(f"{self.root} is not a coordinator state directory; create it with "
-                              f"`coordinator init --state-dir {self.root}`")
+                              f"`{shell.command('coordinator', 'init', '--state-dir', self.root)}`")
 
     def make_private(self) -> None:
         """Directories 0700, and every file in them 0600: the database and its WAL and SHM files hold job
@@ -95,7 +98,7 @@ class StateDir:
         return str(self._setting("conet_subnet", DEFAULT_SUBNET))
 
     def _setting(self, key: str, default: object) -> object:
-        return read_toml(self.settings).get(key, default) if self.settings.exists() else default
+        return read_known(self.settings, SETTINGS_KEYS).get(key, default) if self.settings.exists() else default
 
 
 @dataclass(frozen=True)
@@ -110,17 +113,27 @@ def user_client_config_path() -> Path:
     return config_dir() / "client.toml"
 
 
+def client_config_path(path: Path | None) -> Path:
+    """The configuration asked for: --config, else $CONODE_CLIENT_CONFIG, else the user's. One that was named
+    and is missing is an error, never silently replaced by the next."""
+    env = os.environ.get("CONODE_CLIENT_CONFIG")
+    named = path or (Path(env) if env else None)
+    if named is not None:
+        if not named.exists():
+            origin = "--config" if path else "CONODE_CLIENT_CONFIG"
+            raise ConodeError(f"client configuration {named} (from {origin}) does not exist; give the client.toml "
+                              f"`coordinator init` wrote")
+        return named
+    if not user_client_config_path().exists():
+        raise ConodeError(f"no client configuration: {user_client_config_path()} does not exist; run `coordinator "
+                          f"init`, or point --config or CONODE_CLIENT_CONFIG at the client.toml it wrote")
+    return user_client_config_path()
+
+
 def load_client_config(path: Path | None = None, endpoint: str | None = None) -> ClientConfig:
     """Find and read the admin CLI's configuration."""
-    candidates = [path] if path else []
-    if os.environ.get("CONODE_CLIENT_CONFIG"):
-        candidates.append(Path(os.environ["CONODE_CLIENT_CONFIG"]))
-    candidates.append(user_client_config_path())
-    chosen = next((c for c in candidates if c and c.exists()), None)
-    if chosen is None:
-        raise ConodeError("no client configuration found; run `coordinator init`, or point --config or "
-                          "CONODE_CLIENT_CONFIG at the client.toml it wrote")
-    values = read_toml(chosen)
+    chosen = client_config_path(path)
+    values = read_known(chosen, CLIENT_KEYS)
     try:
         keys = load_key_pair(Path(values["key_directory"]), values.get("key_name", ADMIN_KEY_NAME))
         return ClientConfig(

@@ -29,6 +29,7 @@ from conode.errors import ConodeError
 from conode.limits import IMAGE_CHUNK_BYTES, MAX_FILES, MAX_JOB_OUTPUT_BYTES
 from coordinator.config import RELAY_OFF, StateDir
 from coordinator.conet_peers import PeerDirectory
+from coordinator.down import DownNode, DownNodes, unknown_node
 from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
 from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
@@ -134,6 +135,7 @@ class Coordinator:
         self.open_nodes: set[str] = set()  # nodes that can take a job now (see placement.can_take_work)
         self.queue = JobQueue(self.store.queued())
         self.drained = self.store.drained()
+        self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
         self.counters = Counters()
         self._started = clock()
         self._queued_at: dict[int, float] = {}
@@ -263,6 +265,7 @@ class Coordinator:
                     image_cache_mib=msg.get("image_cache_mib"))
         self.nodes[name] = node
         self.by_identity[identity] = name
+        self.down.returned(name)
         held = set(msg["running"])
         vacated_here = set(self.store.vacated_jobs(name))
         # Reconcile: jobs we placed there that the node no longer has are lost; jobs it runs that we do not
@@ -390,7 +393,7 @@ class Coordinator:
         }
         if self.relay is not None:
             totals["conet_relay"] = self.relay.stats()
-        self._reply(identity, "status_reply", nodes=nodes, totals=totals)
+        self._reply(identity, "status_reply", nodes=nodes, totals=totals, down=self.down.rows())
 
     def _on_submit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         if not msg["argv"]:
@@ -522,6 +525,10 @@ class Coordinator:
 
     def _on_drain(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node, drain = msg["node"], not msg.get("undrain", False)
+        names = self._node_names() | (set() if drain else self.drained)
+        if node not in names:
+            self._reply(identity, "error", code="unknown_node", message=unknown_node(node, names), in_reply_to="drain")
+            return
         self.store.set_drained(node, drain)
         self.drained = self.store.drained()
         if node in self.nodes:
@@ -529,6 +536,22 @@ class Coordinator:
         known = "" if node in self.nodes else " (not connected now)"
         self._reply(identity, "ok", detail=f"node {node} {'drained' if drain else 'accepting jobs again'}{known}")
         self.schedule()
+
+    def _node_names(self) -> set[str]:
+        """Every node an admin may name: up, down, or enrolled (a node may be drained before it first joins)."""
+        enrolled = {name for name, role, _, _ in self.store.keys() if role == "agent"}
+        return set(self.nodes) | self.down.names() | enrolled
+
+    def _on_forget(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        node = msg["node"]
+        if node in self.nodes:
+            self._reply(identity, "error", code="node_up", in_reply_to="forget",
+                        message=f"node {node} is up; only a down node can be forgotten (stop its agent first)")
+        elif self.down.forget(node):
+            self._reply(identity, "ok", detail=f"node {node} forgotten")
+        else:
+            self._reply(identity, "error", code="unknown_node", in_reply_to="forget",
+                        message=unknown_node(node, self.down.names()))
 
     # --- placement and liveness --------------------------------------------------------------------------
     def _refresh(self, node: Node) -> None:
@@ -739,6 +762,7 @@ class Coordinator:
     def _lose_node(self, node: Node, why: str) -> None:
         log.warning("node %s lost: %s", node.name, why)
         self.counters.nodes_lost += 1
+        self.down.left(DownNode(node.name, self._wall(), why, node.cores, node.mem_mib))
         self.nodes.pop(node.name, None)
         self.by_identity.pop(node.identity, None)
         self.open_nodes.discard(node.name)

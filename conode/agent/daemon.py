@@ -18,6 +18,7 @@ import psutil
 import zmq
 
 import conode
+from conode import shell
 from conode.agent.disk import StateDisk
 from conode.agent.conet import OFF, ConetSwitch
 from conode.agent.guests import Guests
@@ -169,9 +170,10 @@ class AgentDaemon:
         try:
             self.link.keep()
         except AuthRefused:
+            enrol = shell.command("coordinator", "keys", "add", "--state-dir", "STATE", "--role", "agent", "--",
+                                  self.config.name, self._public_key)
             raise ConodeError(f"the coordinator at {self.config.coordinator} refused this agent's key; enrol it "
-                              f"there with `coordinator keys add --role agent {self.config.name} "
-                              f"{self._public_key}`") from None
+                              f"there with: {enrol}") from None
         if self.status_file.due():
             self.status_file.write(self.status())
 
@@ -204,6 +206,7 @@ class AgentDaemon:
                         for r in last.readings],
             "idle_s": self._shown_idle(last.idle_s), "owner_load": last.owner_load, "on_battery": last.on_battery,
             "coordinator": self.config.coordinator, "connected": self.link.welcomed,
+            "link_problem": self.link.transport.problem,
             "guests": self.guests.status(), "cpu_percent": self._cpu_percent(),
             "jobs": sorted(self.guests.jobs), "vacated_jobs": sorted(self.guests.vacated),
             "images": {"fetching": sorted(self.images.pending), "waiting_jobs": sorted(self.guests.fetching),

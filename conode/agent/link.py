@@ -47,6 +47,10 @@ class Transport(Protocol):
     def check_refused(self) -> None:
         """Raise AuthRefused if the coordinator refused this agent's key."""
 
+    @property
+    def problem(self) -> str | None:
+        """Why the connection cannot be made, while it cannot (a wrong coordinator key)."""
+
     def close(self) -> None: ...
 
 
@@ -54,7 +58,7 @@ class ZmqTransport:
     """The CURVE DEALER of cluster/transport.py, as the link uses it."""
 
     def __init__(self, context: zmq.Context, endpoint: str, server_key: str, keys: KeyPair) -> None:
-        self._client = ClientSocket(context, endpoint, server_key, keys)
+        self._client = ClientSocket(context, endpoint, server_key, keys, log_problems=True)
 
     @property
     def pollable(self) -> zmq.Socket | None:
@@ -74,6 +78,10 @@ class ZmqTransport:
 
     def check_refused(self) -> None:
         self._client.check_refused()
+
+    @property
+    def problem(self) -> str | None:
+        return self._client.problem
 
     def close(self) -> None:
         self._client.close()

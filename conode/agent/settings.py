@@ -7,13 +7,13 @@ version) is an error that names it, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conode import shell
 from conode.agent.conet import DEFAULT_LISTEN, OFF
 from conode.agent.owner import AUTO, FIXED_SOURCES
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
@@ -21,7 +21,7 @@ from conode.errors import ConodeError
 from conode.idle.policy import PolicyConfig
 from conode.limits import (DEFAULT_GUEST_MEM_MIB, DEFAULT_IMAGE_CACHE_MIB, MAX_GUEST_MEM_MIB, MAX_IMAGE_CACHE_MIB,
                            MIN_GUEST_MEM_MIB)
-from conode.tomlfile import read_toml, write_toml
+from conode.tomlfile import read_known, write_toml
 
 SETTINGS_NAME = "agent.toml"
 AGENT_KEY_NAME = "agent"
@@ -68,15 +68,6 @@ def init_agent_state(state_dir: Path, name: str | None) -> tuple[str, str]:
     return node, keys.public
 
 
-def check_keys(values: dict[str, Any], where: Path) -> None:
-    """Refuse a key this version does not know, naming it and the closest known one."""
-    for key in values:
-        if key not in KNOWN_KEYS:
-            close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConodeError(f"{where}: unknown setting {key!r}; {hint}known settings are {', '.join(KNOWN_KEYS)}")
-
-
 def _typed(values: dict[str, Any], key: str, default: Any) -> Any:
     """The value of *key* converted to its type, or a clear error saying which type it needs."""
     if key not in values:
@@ -115,14 +106,11 @@ def _policy(values: dict[str, Any]) -> PolicyConfig:
 def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: dict[str, Any]) -> AgentConfig:
     settings_path = state_dir / SETTINGS_NAME
     if not settings_path.exists():
-        raise ConodeError(f"{state_dir} is not an agent state directory; run `conode agent init --state-dir "
-                          f"{state_dir}` first")
-    values = read_toml(settings_path)
-    check_keys(values, settings_path)
+        init = shell.command("conode", "agent", "init", "--state-dir", state_dir)
+        raise ConodeError(f"{state_dir} is not an agent state directory; run `{init}` first")
+    values = read_known(settings_path, KNOWN_KEYS)
     if config_file is not None:
-        extra = read_toml(config_file)
-        check_keys(extra, config_file)
-        values.update(extra)
+        values.update(read_known(config_file, KNOWN_KEYS))
     values.update({key: value for key, value in overrides.items() if value is not None})
     if not values.get("coordinator"):
         raise ConodeError("no coordinator endpoint: pass --coordinator tcp://HOST:PORT or set it in the config")

@@ -135,6 +135,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "fetch": ("admin", {"job": _f(INT), "rank": _f(RANK, False)}),
     "cancel": ("admin", {"job": _f(INT)}),
     "drain": ("admin", {"node": _f(STR), "undrain": _f(BOOL, False)}),
+    "forget": ("admin", {"node": _f(STR)}),  # a down node, no longer shown by status
     "image_missing": ("admin", {"chunks": _f(DIGESTS)}),  # which of these chunks the coordinator lacks
     "image_put": ("admin", {"digest": _f(DIGEST), "data": _f(CHUNK)}),
     "image_commit": ("admin", {"name": _f(IMAGE_NAME), "size": _f(IMAGE_SIZE), "sha256": _f(SHA256),
@@ -142,7 +143,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "image_list": ("admin", {}),
     "image_rm": ("admin", {"name": _f(IMAGE_NAME)}),
     # coordinator -> admin
-    "status_reply": ("coordinator", {"nodes": _f(ANY_LIST), "totals": _f(ANY_MAP)}),
+    "status_reply": ("coordinator", {"nodes": _f(ANY_LIST), "totals": _f(ANY_MAP), "down": _f(ANY_LIST, False)}),
     "submitted": ("coordinator", {"job": _f(INT)}),
     "jobs_reply": ("coordinator", {"jobs": _f(ANY_LIST)}),
     "job_reply": ("coordinator", {"job": _f(ANY_MAP)}),

@@ -109,6 +109,16 @@ class ServerSocket:
         self._auth.stop()
 
 
+# A handshake that fails without the server refusing our key: the server could not read our HELLO, which CURVE
+# sealed to the server key we were given. A wrong coordinator key, or not a coordinator at that address.
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+
+
+def handshake_problem(endpoint: str) -> str:
+    return (f"the encrypted handshake with {endpoint} fails: the coordinator key given is most likely wrong "
+            f"(use the one `coordinator init` printed), or what listens there is not this pool's coordinator")
+
+
 class AuthRefused(Exception):
     """The server refused our key during the CURVE handshake."""
 
@@ -117,10 +127,13 @@ class ClientSocket:
     """A DEALER connected to the coordinator; rebuilt from scratch on reconnect (Paranoid Pirate)."""
 
     def __init__(self, context: zmq.Context, endpoint: str, server_public: str, keys: KeyPair,
-                 max_message: int = SOCKET_MAX_MESSAGE, send_hwm: int = 1000, heartbeat_ms: int = 0) -> None:
+                 max_message: int = SOCKET_MAX_MESSAGE, send_hwm: int = 1000, heartbeat_ms: int = 0,
+                 log_problems: bool = False) -> None:
         """*heartbeat_ms* (0: none): ZMTP pings at this interval, and a connection silent for three of them is
-        dropped, so a path that goes quiet shows as down (``up``) instead of holding frames forever."""
+        dropped, so a path that goes quiet shows as down (``up``) instead of holding frames forever.
+        *log_problems*: log :attr:`problem` when it appears (a daemon's log; a CLI reports it as its error)."""
         self._context = context
+        self._log_problems = log_problems
         self._max_message, self._send_hwm, self._heartbeat_ms = max_message, send_hwm, heartbeat_ms
         self.endpoint = endpoint
         self._server_public = server_public
@@ -128,6 +141,7 @@ class ClientSocket:
         self.socket: zmq.Socket = None  # type: ignore[assignment]
         self._monitor: zmq.Socket = None  # type: ignore[assignment]
         self.up = False  # whether the connection is established (as of the last check_refused)
+        self.problem: str | None = None  # why the handshake fails, while it does
         self.connect()
 
     def connect(self) -> None:
@@ -143,7 +157,7 @@ class ClientSocket:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * self._heartbeat_ms)
         sock.linger = 0
         self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                                | zmq.EVENT_DISCONNECTED)
+                                                | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         sock.connect(self.endpoint)
         self.socket = sock
         self.up = False
@@ -153,18 +167,25 @@ class ClientSocket:
         self.connect()
 
     def check_refused(self) -> None:
-        """Raise AuthRefused if the server rejected our key since the last check; bring ``up`` up to date."""
+        """Raise AuthRefused if the server rejected our key since the last check; bring ``up`` up to date and
+        keep :attr:`problem` current (logged once each time it appears), as ZeroMQ retries a failing handshake on
+        its own and silently."""
         from zmq.utils.monitor import recv_monitor_message
 
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.up = True
-            elif event == zmq.EVENT_DISCONNECTED:
-                self.up = False
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.up = False
                 raise AuthRefused(self.endpoint)
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up = True
+                self.problem = None
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.up = False
+            elif event & HANDSHAKE_FAILED and self.problem is None:
+                self.problem = handshake_problem(self.endpoint)
+                if self._log_problems:
+                    log.error("%s", self.problem)
 
     def send(self, payload: bytes) -> bool:
         try:

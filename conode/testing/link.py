@@ -18,6 +18,7 @@ class MemoryTransport:
         self.sent: list[dict[str, Any]] = []  # decoded, in order
         self.up = True  # while False, sends fail as they do when the coordinator is unreachable
         self.refused = False
+        self.problem: str | None = None  # what a real transport says when the handshake fails
         self.reconnects = 0
         self.closed = False
         self._incoming: deque[bytes] = deque()

@@ -83,9 +83,9 @@ class Pool:
         (default: the owner is away)."""
         self.agent_hosts[name] = host or self.host
         directory = self.root / name
-        out = subprocess.run([sys.executable, "-m", "conode.cli", "agent", "init", "--state-dir", str(directory),
-                              "--name", name], env=self.env, capture_output=True, text=True, check=True).stdout
-        public = out.strip().split()[-1]
+        subprocess.run([sys.executable, "-m", "conode.cli", "agent", "init", "--state-dir", str(directory),
+                        "--name", name], env=self.env, capture_output=True, text=True, check=True)
+        public = (directory / "keys" / "agent.public").read_text().strip()
         if enrol:
             self.cli("keys", "add", "--state-dir", str(self.state), "--role", "agent", name, public)
         return self.start_agent(name, *(extra or ("--owner", "away")))

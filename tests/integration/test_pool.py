@@ -106,7 +106,7 @@ def test_unenrolled_agent_is_refused_with_a_clear_error(pool):
     intruder = pool.add_agent("intruder", enrol=False)
     assert intruder.wait(timeout=60) == 125
     log = pool.log("intruder")
-    assert "refused this agent's key" in log and "coordinator keys add --role agent intruder" in log
+    assert "refused this agent's key" in log and "--role agent -- intruder" in log
     assert "Traceback" not in log
     assert "intruder" not in [n["name"] for n in pool.status()["nodes"]]
 
