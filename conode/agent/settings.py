@@ -30,7 +30,7 @@ WHILE_OWNER = (PAUSE, SHUTDOWN)
 POLICY_FIELDS = [f.name for f in dataclasses.fields(PolicyConfig) if f.name != "windows"]
 # The agent's own keys and the Python type each takes (the policy's are all numbers but one).
 AGENT_KEYS: dict[str, type] = {"name": str, "coordinator": str, "coordinator_key": str, "cores": int, "mem": int,
-                               "idle_source": str, "while_owner": str, "cpu_cap": float, "conet_listen": str}
+                               "idle_source": str, "while_owner": str, "cpu_cap": float, "conet_listen": str, "idle_reports": str}
 KNOWN_KEYS = [*AGENT_KEYS, *POLICY_FIELDS]
 
 
@@ -47,6 +47,7 @@ class AgentConfig:
     while_owner: str = PAUSE  # keep guests paused while the owner works, or shut them down
     cpu_cap: float = 100.0  # percent of a core each guest may use
     conet_listen: str = DEFAULT_LISTEN  # the conet switch's endpoint for other agents, or "off"
+    idle_reports: Path | None = None  # where desktop sessions report their input (conode/idle/report.py)
 
     @property
     def shutdown_while_owner(self) -> bool:
@@ -143,7 +144,9 @@ def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: d
         raise ConodeError(f"--conet-listen must be tcp://ADDRESS:PORT or off, not {conet_listen!r}"[:300])
     if while_owner not in WHILE_OWNER:
         raise ConodeError(f"--while-owner must be {' or '.join(WHILE_OWNER)}")
+    idle_reports = _typed(values, "idle_reports", "")
     return AgentConfig(state_dir=state_dir, name=_typed(values, "name", "") or default_node_name(),
                        coordinator=str(values["coordinator"]), coordinator_key=str(values["coordinator_key"]),
                        cores=cores, mem_mib=mem_mib, idle_source=idle_source, policy=_policy(values),
-                       while_owner=while_owner, cpu_cap=cpu_cap, conet_listen=conet_listen)
+                       while_owner=while_owner, cpu_cap=cpu_cap, conet_listen=conet_listen,
+                       idle_reports=Path(idle_reports) if idle_reports else None)

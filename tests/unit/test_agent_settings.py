@@ -70,3 +70,14 @@ def test_toml_round_trips_any_text_and_nested_tables(tmp_path):
 def test_json_safe_replaces_every_non_finite_number():
     value = {"a": float("nan"), "b": [1.0, float("inf"), {"c": (float("-inf"), 2)}], "d": "inf"}
     assert json_safe(value) == {"a": None, "b": [1.0, None, {"c": [None, 2]}], "d": "inf"}
+
+
+def test_idle_reports_adds_the_sessions_source_to_auto(state, tmp_path):
+    from conode.agent.owner import make_sources
+
+    config = tmp_path / "agent.toml"
+    config.write_text(f'idle_reports = "{tmp_path}/idle"\n')
+    chosen = resolve(state, config)
+    assert chosen.idle_reports == tmp_path / "idle" and resolve(state).idle_reports is None
+    assert "sessions" in [s.name for s in make_sources("auto", reports=chosen.idle_reports)]
+    assert "sessions" not in [s.name for s in make_sources("auto")]

@@ -1,0 +1,73 @@
+"""Idle reports: how a desktop session tells the agent, a system service, when its user last gave input.
+
+A service cannot see a session's input (it has no DISPLAY, and Wayland gives input idle time only to the
+session's own clients). So a small helper runs in each desktop session (`conode idle-report`, started by the
+session's autostart), reads the session's idle time and writes the wall-clock time of the last input, as a Unix
+timestamp, to a file of its own in a shared directory (``/run/conode-idle/<uid>``, replaced atomically). The
+agent's :class:`ReportsSource` reads every file there and trusts the most recent input any session saw.
+
+Any local user may write a report, and that is safe: a report can only make the owner look *more* recently
+active (the agent takes the newest input of all), which makes the agent yield, never take the machine. Reading is
+bounded: at most MAX_REPORTS files of at most MAX_REPORT_BYTES each.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from conode.idle.sources import IdleReading, IdleSource
+
+MAX_REPORTS = 256  # sessions on one workstation
+MAX_REPORT_BYTES = 64  # a timestamp and a newline
+REPORT_EVERY_S = 5.0  # how often a session's helper writes: the agent sees input at most this late
+
+
+class ReportsSource:
+    """The most recent input any session's helper reported in *directory*."""
+
+    name = "sessions"
+
+    def __init__(self, directory: Path, wall: Callable[[], float] = time.time) -> None:
+        self.directory = directory
+        self._wall = wall
+
+    def read(self) -> IdleReading:
+        try:
+            entries = [e for e in os.scandir(self.directory) if not e.name.startswith(".")][:MAX_REPORTS]
+        except OSError as exc:
+            return IdleReading(self.name, None, f"{self.directory}: {exc.strerror}")
+        latest = None
+        for entry in entries:
+            try:
+                with open(entry.path, "rb") as report:
+                    last = float(report.read(MAX_REPORT_BYTES).decode("ascii").strip())
+            except (OSError, ValueError, UnicodeDecodeError):
+                continue  # a report being replaced, or not a report: the others still count
+            if last == last and (latest is None or last > latest):  # NaN is no time
+                latest = last
+        if latest is None:
+            return IdleReading(self.name, None, f"no session reports in {self.directory}")
+        return IdleReading(self.name, max(0.0, self._wall() - latest), f"{len(entries)} session report(s)")
+
+
+def write_report(directory: Path, last_input: float) -> None:
+    """Replace this user's report with *last_input* (a Unix timestamp), atomically."""
+    target = directory / str(os.getuid())
+    staging = directory / f".{os.getuid()}.tmp"
+    staging.write_text(f"{last_input:.3f}\n")
+    staging.chmod(0o644)  # the agent, another user, reads it
+    os.replace(staging, target)
+
+
+def report_forever(directory: Path, source: IdleSource, every_s: float = REPORT_EVERY_S,
+                   wall: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Write *source*'s idle time as the time of the last input every *every_s*, until killed; a reading that
+    is unknown (the display went away) writes nothing, so the last known input stands."""
+    while True:
+        reading = source.read()
+        if reading.idle_s is not None:
+            write_report(directory, wall() - reading.idle_s)
+        sleep(every_s)
