@@ -75,7 +75,7 @@ def test_json_safe_replaces_every_non_finite_number():
 def test_idle_reports_adds_the_sessions_source_to_auto(state, tmp_path):
     from conode.agent.owner import make_sources
 
-    config = tmp_path / "agent.toml"
+    config = tmp_path / "site.toml"
     config.write_text(f'idle_reports = "{tmp_path}/idle"\n')
     chosen = resolve(state, config)
     assert chosen.idle_reports == tmp_path / "idle" and resolve(state).idle_reports is None
