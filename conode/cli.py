@@ -237,7 +237,8 @@ class _raw_terminal:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="A TOML file with any of: coordinator, coordinator_key, cores, mem, name, idle_source, "
                    "while_owner, cpu_cap, conet_listen, idle_reports and the owner policy (start_idle_s, start_max_load, suspend_load, "
-                   "continue_idle_s, vacate_after_s, active_input_s, allow_on_battery).")
+                   "continue_idle_s, vacate_after_s, active_input_s, allow_on_battery, and [[windows]] tables of start, "
+                   "end and days: when guests may run).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.pass_context
@@ -296,19 +297,18 @@ def agent_init(state_dir: Path, name: str | None) -> None:
 @click.option("--every", type=click.FloatRange(0.5, 60), default=None, metavar="SECONDS",
               help="How often to report (default 5).")
 def idle_report(directory: Path, every: float | None) -> None:
-    """Report this desktop session's input idle time to the agent (run in the session: X11)."""
+    """Report this desktop session's input idle time to the agent (run in the session: X11 or Windows)."""
 
     def body() -> int:
-        from conode.idle.report import REPORT_EVERY_S, report_forever
-        from conode.idle.sources import X11Source
+        from conode.idle.report import REPORT_EVERY_S, report_forever, session_source
 
         if not directory.is_dir():
             raise ConodeError(f"{directory} does not exist; the agent's installation creates it")
-        source = X11Source()
+        source = session_source()
         reading = source.read()
         if reading.idle_s is None:
             raise ConodeError(f"cannot read this session's idle time ({reading.detail}); the helper needs an "
-                              f"X11 session (DISPLAY); elsewhere the agent relies on logind's idle hint")
+                              f"X11 session (DISPLAY) or Windows; elsewhere the agent relies on logind's idle hint")
         report_forever(directory, source, every or REPORT_EVERY_S)
         return 0
 

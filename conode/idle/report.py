@@ -1,9 +1,11 @@
 """Idle reports: how a desktop session tells the agent, a system service, when its user last gave input.
 
-A service cannot see a session's input (it has no DISPLAY, and Wayland gives input idle time only to the
-session's own clients). So a small helper runs in each desktop session (`conode idle-report`, started by the
-session's autostart), reads the session's idle time and writes the wall-clock time of the last input, as a Unix
-timestamp, to a file of its own in a shared directory (``/run/conode-idle/<uid>``, replaced atomically). The
+A service cannot see a session's input (it has no DISPLAY, Wayland gives input idle time only to the session's
+own clients, and on Windows GetLastInputInfo answers only for the caller's own session, never session 0's
+services). So a small helper runs in each desktop session (`conode idle-report`, started by the session's
+autostart), reads the session's idle time (X11's XScreenSaver, or Windows' GetLastInputInfo) and writes the
+wall-clock time of the last input, as a Unix timestamp, to a file of its own in a shared directory
+(``/run/conode-idle/<uid>``; ``C:\\ProgramData\\conode\\idle\\<user>`` on Windows), replaced atomically. The
 agent's :class:`ReportsSource` reads every file there and trusts the most recent input any session saw.
 
 Any local user may write a report, and that is safe: a report can only make the owner look *more* recently
@@ -13,12 +15,14 @@ bounded: at most MAX_REPORTS files of at most MAX_REPORT_BYTES each.
 
 from __future__ import annotations
 
+import getpass
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from conode.idle.sources import IdleReading, IdleSource
+from conode.idle.sources import IdleReading, IdleSource, WindowsSource, X11Source
 
 MAX_REPORTS = 256  # sessions on one workstation
 MAX_REPORT_BYTES = 64  # a timestamp and a newline
@@ -53,10 +57,20 @@ class ReportsSource:
         return IdleReading(self.name, max(0.0, self._wall() - latest), f"{len(entries)} session report(s)")
 
 
+def reporter_name() -> str:
+    """This user's report file: the uid (POSIX), or the account name (Windows, which has no uid)."""
+    return str(os.getuid()) if hasattr(os, "getuid") else getpass.getuser()
+
+
+def session_source() -> IdleSource:
+    """The idle time a session's helper reads: GetLastInputInfo on Windows, XScreenSaver elsewhere."""
+    return WindowsSource() if sys.platform == "win32" else X11Source()
+
+
 def write_report(directory: Path, last_input: float) -> None:
     """Replace this user's report with *last_input* (a Unix timestamp), atomically."""
-    target = directory / str(os.getuid())
-    staging = directory / f".{os.getuid()}.tmp"
+    target = directory / reporter_name()
+    staging = directory / f".{reporter_name()}.tmp"
     staging.write_text(f"{last_input:.3f}\n")
     staging.chmod(0o644)  # the agent, another user, reads it
     os.replace(staging, target)
