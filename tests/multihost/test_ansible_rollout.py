@@ -249,8 +249,8 @@ def test_site_upgrade_and_removal_on_three_hosts_over_ssh(fleet):
         long_job in node["jobs"] for node in fleet.nodes().values()), timeout=60)
     wheelhouse = build_wheelhouse(release, fleet.root / "wheelhouse-upgrade")
     upgraded = fleet.playbook("upgrade.yml", "-e", f"conode_build_wheelhouse={wheelhouse}")
-    assert upgraded.count("Drain the node on the coordinator") == len(AGENTS)
-    assert upgraded.count("Undrain the node on the coordinator") == len(AGENTS)
+    assert upgraded.count("Drain or undrain the node on the coordinator: drain]") == len(AGENTS)
+    assert upgraded.count("Drain or undrain the node on the coordinator: undrain]") == len(AGENTS)
     nodes = fleet.nodes()
     assert {nodes[name]["software"] for name in AGENTS} == {f"conode {version}"}
     assert not any(node["drained"] for node in nodes.values())

@@ -46,6 +46,7 @@ MAX_HOSTS = 250
 IP_TIMEOUT_S = 30.0
 KILL_TIMEOUT_S = 10.0
 BOOT_TIMEOUT_S = 60.0
+MACHINE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
 # What a booted host starts: sshd and what it needs (sysinit: journald, tmpfiles), nothing else of the image's.
 BOOT_TARGET = "conode-test.target"
 # Units of this machine's image that a booted host must not run: they would touch the machine itself (its clock,
@@ -300,6 +301,7 @@ class Host:
         if self.init_pid is None:
             raise HarnessError(f"{self.name} is not booted")
         kwargs.setdefault("timeout", IP_TIMEOUT_S)
+        kwargs.setdefault("env", MACHINE_ENV)  # the machine's own environment, not this process's (PYTHONPATH)
         return subprocess.run(["nsenter", "-t", str(self.init_pid), "-a", "-r", "-w", *argv],  # noqa: PLW1510
                               **kwargs)
 
