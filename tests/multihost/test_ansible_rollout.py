@@ -22,6 +22,7 @@ removes everything, leaving nothing behind.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -75,6 +76,7 @@ class Fleet:
 
     def __init__(self, net: testnet.TestNetwork, root: Path) -> None:
         self.root = root
+        self._runs = itertools.count(1)
         self.control = net.host("control")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "id")], check=True)
         self.hosts = {}
@@ -111,11 +113,17 @@ class Fleet:
                    ANSIBLE_SSH_CONTROL_PATH_DIR=str(self.root / "cp"), ANSIBLE_LOCAL_TEMP=str(self.root / "tmp"),
                    ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"))
         started = time.monotonic()
-        done = self.control.run(["ansible-playbook", "-i", str(self.inventory), name, *args], cwd=ANSIBLE, env=env,
-                                capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT_S)
+        log = self.root / f"ansible-{next(self._runs)}.log"
+        with open(log, "w") as out:
+            try:
+                done = self.control.run(["ansible-playbook", "-i", str(self.inventory), name, *args], cwd=ANSIBLE,
+                                        env=env, stdout=out, stderr=subprocess.STDOUT, timeout=PLAYBOOK_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name} did not finish in {PLAYBOOK_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
         print(f"{name} {' '.join(args)}: {time.monotonic() - started:.0f} s")
-        assert done.returncode == 0, f"{name} failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
-        return done.stdout
+        output = log.read_text()
+        assert done.returncode == 0, f"{name} failed:\n{output[-8000:]}"
+        return output
 
     def on(self, name: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         done = self.hosts[name].inside(list(argv), capture_output=True, text=True, timeout=120)
