@@ -273,10 +273,11 @@ def test_site_upgrade_and_removal_on_three_hosts_over_ssh(fleet):
                     "--state-dir", f"{STATE}/coordinator").stdout
     assert "pc1" in keys and "pc2" not in keys
     fleet.wait_until("pc2 gone from the pool", lambda: "pc2" not in fleet.nodes(), timeout=60)
+    uids = {name: fleet.on(name, "id", "-u", "conode").stdout.strip() for name in fleet.hosts}
     fleet.playbook("remove.yml", "-e", "conode_remove_coordinator=true")
     for name in fleet.hosts:
         left = [path for path in INSTALLED_PATHS if fleet.on(name, "test", "-e", path, check=False).returncode == 0]
         assert left == [], f"{name} still has {left}"
         assert fleet.on(name, "id", "conode", check=False).returncode != 0
-        assert fleet.on(name, "pgrep", "-u", "conode", check=False).returncode == 1  # no process of conode's
+        assert fleet.on(name, "pgrep", "-U", uids[name], check=False).returncode == 1  # no process of conode's
     print(f"rollout test: {time.monotonic() - started:.0f} s")
