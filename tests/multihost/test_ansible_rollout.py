@@ -268,12 +268,12 @@ def test_site_upgrade_and_removal_on_three_hosts_over_ssh(fleet):
                     ).stdout.strip() == version
 
     # --- removal: one node revoked, then everything gone -------------------------------------------------
+    uids = {name: fleet.on(name, "id", "-u", "conode").stdout.strip() for name in fleet.hosts}
     fleet.playbook("remove.yml", "--limit", "pc2")
     keys = fleet.on(COORDINATOR, "runuser", "-u", "conode", "--", f"{VENV}/bin/coordinator", "keys", "list",
                     "--state-dir", f"{STATE}/coordinator").stdout
     assert "pc1" in keys and "pc2" not in keys
     fleet.wait_until("pc2 gone from the pool", lambda: "pc2" not in fleet.nodes(), timeout=60)
-    uids = {name: fleet.on(name, "id", "-u", "conode").stdout.strip() for name in fleet.hosts}
     fleet.playbook("remove.yml", "-e", "conode_remove_coordinator=true")
     for name in fleet.hosts:
         left = [path for path in INSTALLED_PATHS if fleet.on(name, "test", "-e", path, check=False).returncode == 0]
