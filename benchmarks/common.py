@@ -396,6 +396,7 @@ class QemuGuest:
             *extra_args,
         ]
         self.out = MarkerStream(announce="qemu", cpu_clock=self.cpu_seconds)
+        self.prompt = QEMU_PROMPT  # the shell's prompt (another userland's shell has another)
         self.proc: subprocess.Popen | None = None
         self.launched_at = 0.0
         self._errors = tempfile.TemporaryFile()
@@ -464,7 +465,7 @@ class QemuGuest:
 
     def wait_prompt(self, timeout: float = 300.0) -> float:
         """Wait for the shell prompt that follows everything seen so far."""
-        at, self._prompt_from = self.wait_for_bytes(QEMU_PROMPT, timeout, self._prompt_from)
+        at, self._prompt_from = self.wait_for_bytes(self.prompt, timeout, self._prompt_from)
         return at
 
     def send(self, line: str) -> None:

@@ -63,6 +63,9 @@ _disk_options = [
     click.option("--disk-budget", "disk_budget", type=int, default=DEFAULT_DISK_BUDGET_MIB, show_default=True,
                  metavar="MiB", help="What the guest may write to its disk; writes beyond fail (EIO)."),
     click.option("--disk-ro", is_flag=True, help="Give the guest the disk read-only."),
+    click.option("--disk-root", is_flag=True,
+                 help="The disk holds the guest's root file system: the guest switches to it at boot "
+                      "(jobs run there; the initramfs stays the fallback)."),
 ]
 
 
@@ -73,14 +76,14 @@ def _with_image_options(fn: Callable) -> Callable:
 
 
 def _machine_config(mem_mib: int, append: str, disk: Path | None, disk_overlay: Path | None, disk_budget: int,
-                    disk_ro: bool) -> "MachineConfig":
+                    disk_ro: bool, disk_root: bool) -> "MachineConfig":
     from conode.vm.disk.config import DiskConfig
     from conode.vm.machine import MachineConfig
 
-    if disk is None and (disk_overlay is not None or disk_ro):
-        raise click.UsageError("--disk-overlay and --disk-ro need --disk")
-    return MachineConfig(mem_mib=mem_mib, cmdline_extra=append,
-                         disk=DiskConfig(disk, disk_overlay, disk_budget, disk_ro) if disk is not None else None)
+    if disk is None and (disk_overlay is not None or disk_ro or disk_root):
+        raise click.UsageError("--disk-overlay, --disk-ro and --disk-root need --disk")
+    disk_config = None if disk is None else DiskConfig(disk, disk_overlay, disk_budget, disk_ro, disk_root)
+    return MachineConfig(mem_mib=mem_mib, cmdline_extra=append, disk=disk_config)
 
 
 @vm.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -97,7 +100,7 @@ def _machine_config(mem_mib: int, append: str, disk: Path | None, disk_overlay: 
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, disk: Path | None,
-        disk_overlay: Path | None, disk_budget: int, disk_ro: bool, snapshot_after: float | None,
+        disk_overlay: Path | None, disk_budget: int, disk_ro: bool, disk_root: bool, snapshot_after: float | None,
         snapshot_to: Path | None, timeout: float | None, cwd: str, verbose: bool, quiet: bool,
         command: tuple[str, ...]) -> None:
     """Boot the guest, run COMMAND in it, stream its output, exit with its status.
@@ -105,6 +108,7 @@ def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, dis
     \b
     Example:  conode vm run -- sh -c 'echo $((6*7)); exit 3'
               conode vm run --disk root.img -- sh -c 'mount /dev/vda /mnt && ls /mnt'
+              conode vm run --disk debian.img --disk-root -- python3 -c 'print(6*7)'
     """
     if (snapshot_after is None) != (snapshot_to is None):
         raise click.UsageError("--snapshot-after and --snapshot-to go together")
@@ -115,7 +119,7 @@ def run(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, dis
 
         image = load_guest_image(kernel, initrd)
         console = (lambda data: (sys.stderr.buffer.write(data), sys.stderr.buffer.flush())) if verbose else None
-        config = _machine_config(mem_mib, append, disk, disk_overlay, disk_budget, disk_ro)
+        config = _machine_config(mem_mib, append, disk, disk_overlay, disk_budget, disk_ro, disk_root)
         session = GuestSession.boot(image, config, sys.stdout.buffer,
                                     sys.stderr.buffer, _progress(quiet), verbose, console)
         session.start(list(command), cwd)
@@ -155,7 +159,7 @@ LEAVE_KEY = b"\x1d"  # Ctrl-], as in telnet and virsh console
 @vm.command()
 @_with_image_options
 def console(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str, disk: Path | None,
-            disk_overlay: Path | None, disk_budget: int, disk_ro: bool) -> None:
+            disk_overlay: Path | None, disk_budget: int, disk_ro: bool, disk_root: bool) -> None:
     """An interactive shell on the guest's serial console (Ctrl-] leaves)."""
 
     def body() -> int:
@@ -169,7 +173,7 @@ def console(mem_mib: int, kernel: Path | None, initrd: Path | None, append: str,
             out.write(data)
             out.flush()
 
-        config = _machine_config(mem_mib, append, disk, disk_overlay, disk_budget, disk_ro)
+        config = _machine_config(mem_mib, append, disk, disk_overlay, disk_budget, disk_ro, disk_root)
         machine = CoMachine(config, show, lambda data: None)
         machine.boot(image.kernel, image.initrd, BASE_CMDLINE + " conode.shell=1")
         click.echo("conode: guest console; press Ctrl-] to leave", err=True)
@@ -234,9 +238,12 @@ class _raw_terminal:
 @click.option("--cpu-cap", type=float, default=None, help="Percent of a core each guest may use (default 100).")
 @click.option("--conet-listen", default=None, metavar="tcp://ADDR:PORT|off",
               help="Where the guests' network switch takes other agents' traffic (default tcp://0.0.0.0:7704).")
+@click.option("--image-cache", "image_cache_mib", type=int, default=None, metavar="MiB",
+              help="What the pool's disk images may take on this disk (default 16384); the least recently used "
+                   "images no guest uses are removed to make room.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="A TOML file with any of: coordinator, coordinator_key, cores, mem, name, idle_source, "
-                   "while_owner, cpu_cap, conet_listen, idle_reports and the owner policy (start_idle_s, start_max_load, suspend_load, "
+                   "while_owner, cpu_cap, conet_listen, image_cache_mib, idle_reports and the owner policy (start_idle_s, start_max_load, suspend_load, "
                    "continue_idle_s, vacate_after_s, active_input_s, allow_on_battery, and [[windows]] tables of start, "
                    "end and days: when guests may run).")
 @click.option("--log-level", default="INFO", show_default=True,
@@ -244,8 +251,8 @@ class _raw_terminal:
 @click.pass_context
 def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, coordinator_key: str | None,
           cores: int | None, mem_mib: int | None, idle_source: str | None, owner: str | None,
-          while_owner: str | None, cpu_cap: float | None, conet_listen: str | None, config_file: Path | None,
-          log_level: str) -> None:
+          while_owner: str | None, cpu_cap: float | None, conet_listen: str | None, image_cache_mib: int | None,
+          config_file: Path | None, log_level: str) -> None:
     """Run the node agent: join the pool and run jobs in guests (`conode agent init` first)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -262,7 +269,7 @@ def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, c
         configure_logging(log_level)
         overrides = {"coordinator": coordinator, "coordinator_key": coordinator_key, "cores": cores,
                      "mem": mem_mib, "idle_source": idle_source or owner, "while_owner": while_owner,
-                     "cpu_cap": cpu_cap, "conet_listen": conet_listen}
+                     "cpu_cap": cpu_cap, "conet_listen": conet_listen, "image_cache_mib": image_cache_mib}
         config: AgentConfig = resolve_agent_config(state_dir, config_file, overrides)
         daemon = AgentDaemon(config)
         signal.signal(signal.SIGTERM, lambda *_: daemon.stop())

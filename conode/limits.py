@@ -42,6 +42,20 @@ MAX_HOSTNAME = 63  # one DNS label
 DEFAULT_DISK_BUDGET_MIB = 1024
 MAX_DISK_BUDGET_MIB = 4096
 
+# --- Disk images in the pool ----------------------------------------------------------------------------------
+# An image is stored and shipped in chunks, each named by its SHA-256: one chunk is one control-plane message,
+# and the chunk list of the largest image fits in a run_job message beside a job's inputs.
+IMAGE_CHUNK_BYTES = 1 << 20
+MAX_IMAGE_BYTES = 16 << 30
+MAX_IMAGE_CHUNKS = MAX_IMAGE_BYTES // IMAGE_CHUNK_BYTES
+MAX_IMAGE_NAME = 64  # letters, digits, '.', '_', '-'
+# Chunks one agent asks the coordinator for at once: enough to keep a LAN busy, few enough that the
+# coordinator's loop never spends long on one agent's fetch.
+IMAGE_FETCH_WINDOW = 8
+IMAGE_FETCH_TRIES = 3  # a chunk that arrives corrupt this many times in a row fails the fetch
+DEFAULT_IMAGE_CACHE_MIB = 16384  # what an agent keeps of the pool's images on its disk
+MAX_IMAGE_CACHE_MIB = 1 << 24
+
 # --- Snapshots ----------------------------------------------------------------------------------------------
 # A whole guest on disk or on the wire: its RAM and its disk overlay (incompressible at worst) plus the jobs'
 # state beside it.
@@ -76,9 +90,20 @@ CONET_MAX_PORTS = 256
 CONET_MAX_PEERS = 1024
 CONET_MAC_TABLE = 4096
 CONET_MAC_AGE_S = 300.0
+# The coordinator's relay, for two agents that cannot reach each other: a peer link down this long sends its
+# frames by the relay; what one agent may send through it; the messages (each a batch of frames) that may wait
+# for one agent there.
+CONET_RELAY_AFTER_S = 3.0
+CONET_RELAY_BYTES_PER_S = 32 << 20
+CONET_RELAY_FRAMES_PER_S = 8192
+CONET_RELAY_QUEUE_MESSAGES = 64
 
 assert MAX_ARGV * MAX_SMALL_FIELD >= MAX_ARGV_BYTES  # the byte budget is the binding one
 assert MAX_ARGV_BYTES + MAX_SMALL_FIELD < CHANNEL_MAX_PAYLOAD  # an accepted command always fits an EXEC frame
 assert MAX_JOB_OUTPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + (1 << 20) < MAX_FRAME_BYTES
 assert MAX_JOB_INPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + MAX_ARGV_BYTES + (1 << 20) < MAX_FRAME_BYTES
 assert MAX_OUTPUT_FILE_BYTES <= MAX_JOB_OUTPUT_BYTES
+# A run_job message with an image carries its chunk list (32 bytes a chunk) beside the job's inputs.
+assert (MAX_JOB_INPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + MAX_ARGV_BYTES + 40 * MAX_IMAGE_CHUNKS
+        + (1 << 20) < MAX_FRAME_BYTES)
+assert IMAGE_CHUNK_BYTES * IMAGE_FETCH_WINDOW < MAX_FRAME_BYTES

@@ -15,7 +15,8 @@ import click
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.cli_guard import run_guarded
 from conode.errors import ConodeError
-from conode.limits import DEFAULT_GUEST_MEM_MIB, MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES
+from conode.limits import (DEFAULT_DISK_BUDGET_MIB, DEFAULT_GUEST_MEM_MIB, MAX_DISK_BUDGET_MIB, MAX_JOB_GUESTS,
+                           MAX_JOB_INPUT_BYTES)
 from conode.tomlfile import write_toml
 from coordinator.config import (ADMIN_KEY_NAME, DEFAULT_BIND, PRIVATE_UMASK, SERVER_KEY_NAME, StateDir,
                                 load_client_config, user_client_config_path)
@@ -100,7 +101,8 @@ def serve(state_dir: Path, bind: str | None, log_level: str) -> None:
         state.require()
         os.umask(PRIVATE_UMASK)
         _raise_open_file_limit()  # one socket per agent
-        coordinator = Coordinator(state, bind or state.default_bind())
+        endpoint = bind or state.default_bind()
+        coordinator = Coordinator(state, endpoint, relay=state.conet_relay(endpoint))
         signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
         signal.signal(signal.SIGINT, lambda *_: coordinator.stop())
         coordinator.serve_forever()
@@ -262,19 +264,30 @@ def status(config_path: Path | None, endpoint: str | None, as_json: bool, watch:
 @click.option("--guests", type=click.IntRange(1, MAX_JOB_GUESTS), default=1, show_default=True,
               help="Run COMMAND in this many guests at once, joined by conet (rank i in $CONODE_RANK).")
 @click.option("--network", default=None, help="A shared conet network to join, by name (default: the job's own).")
+@click.option("--image", "image_name", default=None, metavar="NAME",
+              help="Boot the job's guests from this pool image (`coordinator image list`) as their root disk.")
+@click.option("--disk-budget", "disk_mib", type=click.IntRange(1, MAX_DISK_BUDGET_MIB), default=None, metavar="MiB",
+              help=f"What each guest may write to its disk (default {DEFAULT_DISK_BUDGET_MIB}).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def submit(config_path: Path | None, endpoint: str | None, inputs: tuple[Path, ...], outputs: tuple[str, ...],
-           mem_mib: int, guests: int, network: str | None, command: tuple[str, ...]) -> None:
+           mem_mib: int, guests: int, network: str | None, image_name: str | None, disk_mib: int | None,
+           command: tuple[str, ...]) -> None:
     """Queue COMMAND to run in a guest (or in several, --guests); prints the job id."""
 
     def body() -> None:
+        if disk_mib is not None and image_name is None:
+            raise click.UsageError("--disk-budget is for a job on an image: give --image NAME too")
         total = sum(path.stat().st_size for path in inputs)
         if total > MAX_JOB_INPUT_BYTES:
             raise ConodeError(f"the input files take {total} bytes; a job's inputs may take at most "
                               f"{MAX_JOB_INPUT_BYTES}")
         files = {path.name: path.read_bytes() for path in inputs}
         with _client(config_path, endpoint) as client:
-            extra = {"network": network} if network else {}
+            extra: dict[str, Any] = {"network": network} if network else {}
+            if image_name is not None:
+                extra["image"] = image_name
+            if disk_mib is not None:
+                extra["disk_mib"] = disk_mib
             reply = client.request("submit", "submitted", argv=list(command), inputs=files, outputs=list(outputs),
                                    mem_mib=mem_mib, guests=guests, **extra)
         click.echo(reply["job"])
@@ -336,27 +349,47 @@ def _rank(rank: int | None) -> dict[str, int]:
 @with_client
 @click.argument("job", type=int)
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
-def wait(config_path: Path | None, endpoint: str | None, job: int, timeout: float | None) -> None:
-    """Wait for JOB to finish; exit with its status (1 if it failed, 130 if cancelled)."""
+@click.option("--rank", type=click.IntRange(0, MAX_JOB_GUESTS - 1), default=None,
+              help="Wait for this guest only, and exit with its status (default: the whole job).")
+def wait(config_path: Path | None, endpoint: str | None, job: int, timeout: float | None, rank: int | None) -> None:
+    """Wait for JOB (or one rank of it) to finish; exit with its status (1 if it failed, 130 if cancelled)."""
 
     def body() -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         with _client(config_path, endpoint) as client:
             while True:
                 state = client.request("job", "job_reply", job=job)["job"]
-                if state["state"] in TERMINAL:
+                settled = _settled(state, job, rank)
+                if settled is not None:
                     break
                 if deadline is not None and time.monotonic() > deadline:
-                    raise ConodeError(f"job {job} is still {state['state']} after {timeout:g} s")
+                    what = f"job {job}" if rank is None else f"rank {rank} of job {job}"
+                    raise ConodeError(f"{what} is still {state['state']} after {timeout:g} s")
                 time.sleep(0.25)
-        if state["state"] == "done":
-            if state["reason"]:
-                click.echo(f"coordinator: job {job}: {state['reason']}", err=True)
-            return int(state["exit_status"])
-        click.echo(f"coordinator: job {job} {state['state']}: {state['reason']}", err=True)
-        return 1 if state["state"] == "failed" else 130
+        what = f"job {job}" if settled is state else f"job {job} rank {rank}"
+        if settled["state"] == "done":
+            if settled["reason"]:
+                click.echo(f"coordinator: {what}: {settled['reason']}", err=True)
+            return int(settled["exit_status"])
+        click.echo(f"coordinator: {what} {settled['state']}: {settled['reason']}", err=True)
+        return 1 if settled["state"] == "failed" else 130
 
     _guarded(body)
+
+
+def _settled(state: dict[str, Any], job: int, rank: int | None) -> dict[str, Any] | None:
+    """What `wait` waited for, once it has ended: the job, or its rank *rank* (its record in the job's); None
+    while it runs. A rank cancelled because its gang starts again is not an end: the gang's next attempt is."""
+    if rank is None or state["guests"] == 1:
+        if rank not in (None, 0):
+            raise ConodeError(f"job {job} has no rank {rank}: it has one guest")
+        return state if state["state"] in TERMINAL else None
+    if rank >= state["guests"]:
+        raise ConodeError(f"job {job} has no rank {rank}: it has {state['guests']} guests")
+    record = next((r for r in state.get("ranks", []) if r["rank"] == rank), None)
+    if record is not None and record["state"] in TERMINAL and state["state"] != "queued":
+        return record
+    return state if state["state"] in TERMINAL else None
 
 
 @main.command()
@@ -377,6 +410,72 @@ def fetch(config_path: Path | None, endpoint: str | None, job: int, directory: P
             click.echo(f"{target} ({size} bytes)")
         if not reply["outputs"]:
             click.echo(f"job {job} has no output files", err=True)
+
+    _guarded(body)
+
+
+# --- disk images ---------------------------------------------------------------------------------------------
+@main.group()
+def image() -> None:
+    """The pool's disk images: jobs boot from them with `submit --image NAME`."""
+
+
+@image.command("add")
+@with_client
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def image_add(config_path: Path | None, endpoint: str | None, name: str, file: Path) -> None:
+    """Add FILE (a raw disk image) to the pool as NAME; only the chunks the coordinator lacks are sent."""
+
+    def body() -> None:
+        from coordinator.images import check_image_name
+        from coordinator.uploads import upload_image
+
+        problem = check_image_name(name)
+        if problem:
+            raise ConodeError(problem)
+        with _client(config_path, endpoint) as client:
+            click.echo(upload_image(client, name, file, _progress_line))
+
+    _guarded(body)
+
+
+def _progress_line(text: str, final: bool = False) -> None:
+    """A progress line on stderr: rewritten in place on a terminal, else printed when final."""
+    if sys.stderr.isatty():
+        click.echo(f"\r{text}\x1b[K", nl=final, err=True)
+    elif final:
+        click.echo(text, err=True)
+
+
+@image.command("list")
+@with_client
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def image_list(config_path: Path | None, endpoint: str | None, as_json: bool) -> None:
+    """The pool's images: name, size, SHA-256 and the jobs not yet ended that use each."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            images = client.request("image_list", "image_list_reply")["images"]
+        if as_json:
+            click.echo(json.dumps(images))
+            return
+        _table(["IMAGE", "SIZE", "CHUNKS", "SHA256", "JOBS"],
+               [[i["name"], f"{i['size'] / (1 << 20):.1f} MiB", i["chunks"], i["sha256"][:16],
+                 ",".join(map(str, i["jobs"])) or "-"] for i in images])
+
+    _guarded(body)
+
+
+@image.command("rm")
+@with_client
+@click.argument("name")
+def image_rm(config_path: Path | None, endpoint: str | None, name: str) -> None:
+    """Remove image NAME (refused while a job not yet ended uses it); its chunks no other image uses go too."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            click.echo(client.request("image_rm", "ok", name=name).get("detail", "ok"))
 
     _guarded(body)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class PeerDirectory:
         self._members: dict[str, Counter[str]] = defaultdict(Counter)  # network -> guests per node
         self._networks: dict[str, Counter[str]] = defaultdict(Counter)  # node -> guests per network
         self._endpoints: dict[str, Endpoint] = {}  # node -> its switch, for nodes that run one
-        self._sent: dict[str, list[dict[str, str]]] = {}  # the peer list each node was last given
+        self._sent: dict[str, list[dict[str, Any]]] = {}  # the peer list each node was last given
         self._dirty: set[str] = set()  # nodes whose peer list may have changed
 
     def node_joined(self, node: str, endpoint: str | None, key: str) -> None:
@@ -70,16 +71,18 @@ class PeerDirectory:
         for network in self._networks.get(node, ()):
             self._dirty.update(self._members[network])
 
-    def peers_of(self, node: str) -> list[dict[str, str]]:
-        """The other nodes with a switch that host a guest on one of *node*'s networks, by name."""
-        wanted: set[str] = set()
-        for network in self._networks.get(node, ()):
-            wanted.update(self._members[network])
-        wanted.discard(node)
-        return [{"node": peer, "endpoint": self._endpoints[peer].endpoint, "key": self._endpoints[peer].key}
-                for peer in sorted(wanted) if peer in self._endpoints]
+    def peers_of(self, node: str) -> list[dict[str, Any]]:
+        """The other nodes with a switch that host a guest on one of *node*'s networks, by name, each with the
+        networks they share (so that a broadcast goes only to the agents on its network)."""
+        wanted: dict[str, list[str]] = defaultdict(list)
+        for network in sorted(self._networks.get(node, ())):
+            for peer in self._members[network]:
+                wanted[peer].append(network)
+        wanted.pop(node, None)
+        return [{"node": peer, "endpoint": self._endpoints[peer].endpoint, "key": self._endpoints[peer].key,
+                 "networks": wanted[peer]} for peer in sorted(wanted) if peer in self._endpoints]
 
-    def changes(self) -> dict[str, list[dict[str, str]]]:
+    def changes(self) -> dict[str, list[dict[str, Any]]]:
         """The nodes (with a switch) whose peer list differs from the one they were last given, with the new
         list; they count as told. Costs only what changed since the last call."""
         changed = {}

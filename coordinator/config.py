@@ -8,6 +8,7 @@ pair to use. The CLI looks for it in ``--config``, then ``$CONODE_CLIENT_CONFIG`
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ DEFAULT_PORT = 7700
 DEFAULT_BIND = f"tcp://127.0.0.1:{DEFAULT_PORT}"
 SERVER_KEY_NAME = "coordinator"
 ADMIN_KEY_NAME = "admin"
+RELAY_OFF = "off"
 PRIVATE_UMASK = 0o077  # what the coordinator creates is its own: directories 0700, files 0600
 
 
@@ -35,6 +37,11 @@ class StateDir:
     @property
     def keys(self) -> Path:
         return self.root / "keys"
+
+    @property
+    def chunks(self) -> Path:
+        """The chunks of the pool's disk images (coordinator/images.py)."""
+        return self.root / "chunks"
 
     @property
     def settings(self) -> Path:
@@ -70,6 +77,18 @@ class StateDir:
 
     def default_bind(self) -> str:
         return str(self._setting("bind", DEFAULT_BIND))
+
+    def conet_relay(self, bind: str) -> str:
+        """Where the conet relay listens (``conet_relay`` in coordinator.toml; "off": no relay): by default the
+        control endpoint *bind*'s address, on the next port."""
+        relay = self._setting("conet_relay", None)
+        if relay is not None:
+            return str(relay)
+        match = re.fullmatch(r"(tcp://.+):(\d+|\*)", bind)
+        if match is None:
+            return RELAY_OFF
+        port = match[2] if match[2] == "*" else str(int(match[2]) + 1)
+        return f"{match[1]}:{port}"
 
     def conet_subnet(self) -> str:
         """The guests' own IPv4 subnet (``conet_subnet`` in coordinator.toml): guest-only, never routed."""

@@ -25,12 +25,15 @@ from conode.cluster import protocol
 from conode.cluster.heartbeat import PeerLiveness
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
-from conode.limits import MAX_FILES, MAX_JOB_OUTPUT_BYTES
-from coordinator.config import StateDir
+from conode.errors import ConodeError
+from conode.limits import IMAGE_CHUNK_BYTES, MAX_FILES, MAX_JOB_OUTPUT_BYTES
+from coordinator.config import RELAY_OFF, StateDir
 from coordinator.conet_peers import PeerDirectory
+from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
 from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
 from coordinator.queue import JobQueue
+from coordinator.relay import Relay
 from coordinator.store import JOB_STATES, TERMINAL_STATES, Job, Store
 
 log = logging.getLogger("coordinator")
@@ -42,6 +45,11 @@ VACATED_HOLD_S = 3600.0  # a job saved on a node's disk waits this long for its 
 MAX_JOBS_LISTED = 1000  # jobs in one `jobs` reply
 LISTED_ARGV_BYTES = 1024  # a listed job's command beyond this shows its first arguments only
 ORPHAN_GRACE_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 2
+# Image chunks are served between everything else: requests wait in a queue (bounded: an agent keeps at most
+# IMAGE_FETCH_WINDOW in flight, so more is a misbehaving one) and each loop turn reads and sends chunks for at most
+# CHUNK_TURN_S, so that a pool of agents fetching an image never keeps heartbeats or submissions waiting long.
+CHUNK_TURN_S = 0.02
+MAX_CHUNK_REQUESTS = 8192
 GANG_LOGS_NOTE = b"\n[conode: the ranks' output together is longer than one reply; see each with --rank]\n"
 
 
@@ -63,10 +71,11 @@ class Node:
     running: set[int] = field(default_factory=set)
     connected_at: float = 0.0  # wall-clock time of its hello
     last_placed: float = 0.0
+    image_cache_mib: int | None = None  # the most of the pool's images it keeps on disk; None: unsaid
 
     def view(self, drained: bool) -> NodeView:
         return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running), self.idle_s, drained,
-                        self.last_placed)
+                        self.last_placed, self.image_cache_mib)
 
 
 @dataclass
@@ -96,19 +105,27 @@ def wall_clock_from(clock: Callable[[], float]) -> Callable[[], float]:
 
 class Coordinator:
     def __init__(self, state: StateDir, bind: str | None = None, context: zmq.Context | None = None,
-                 clock: Callable[[], float] = time.monotonic, transport: Transport | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, transport: Transport | None = None,
+                 relay: str = RELAY_OFF) -> None:
+        """*relay*: where the conet relay listens (coordinator/relay.py), or "off"."""
         state.require()
         state.make_private()
         self.state = state
         self._clock = clock
         self._wall = wall_clock_from(clock)
         self.store = Store(state.database, clock=self._wall)
+        self.chunks = ChunkStore(state.chunks)
+        self._chunk_requests: deque[tuple[bytes, str, bytes]] = deque()  # (identity, node, digest)
         self._auth_store: Store | None = None
         if transport is None:
             self._auth_store = auth_store = Store(state.database, clock=self._wall)  # the ZAP thread's own
             transport = ServerSocket(context or zmq.Context.instance(), bind or state.default_bind(),
                                      state.server_keys(), lambda key: auth_store.key_owner(key) is not None)
         self.server: Transport = transport
+        self.relay: Relay | None = None
+        self._relay_store: Store | None = None
+        if relay != RELAY_OFF:
+            self._start_relay(relay)
         self.subnet = guest_subnet(state.conet_subnet())
         self.peers = PeerDirectory()
         self._sender_key = ""  # the CURVE key of the message being handled
@@ -138,7 +155,7 @@ class Coordinator:
         poller.register(server.socket, zmq.POLLIN)
         try:
             while self._running:
-                events = dict(poller.poll(timeout=200))
+                events = dict(poller.poll(timeout=0 if self._chunk_requests else 200))
                 if server.socket in events:
                     for _ in range(1000):  # drain what is there, but keep the housekeeping going
                         try:
@@ -147,6 +164,7 @@ class Coordinator:
                             break
                         if received is not None:
                             self.handle(*received)
+                self.serve_chunks()
                 if self._clock() >= self._next_housekeeping:
                     self._next_housekeeping = self._clock() + HOUSEKEEPING_EVERY_S
                     self.housekeeping()
@@ -157,10 +175,28 @@ class Coordinator:
         self._running = False
 
     def close(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
         self.server.close()
         self.store.close()
-        if self._auth_store is not None:
-            self._auth_store.close()
+        for store in (self._auth_store, self._relay_store):
+            if store is not None:
+                store.close()
+
+    def _start_relay(self, bind: str) -> None:
+        """Start the conet relay in its thread; without it (its port is taken, say) the pool runs on, and
+        agents that cannot reach each other have no conet between them."""
+        self._relay_store = relay_store = Store(self.state.database, clock=self._wall)  # its ZAP thread's own
+
+        def is_agent(key: str) -> bool:
+            owner = relay_store.key_owner(key)
+            return owner is not None and owner[1] == "agent"
+
+        try:
+            self.relay = Relay(bind, self.state.server_keys(), is_agent, self._clock).start()
+        except ConodeError as exc:
+            log.warning("no conet relay: %s; set conet_relay in %s to a free endpoint, or to \"off\"", exc,
+                        self.state.settings)
 
     # --- dispatch ----------------------------------------------------------------------------------------
     def handle(self, identity: bytes, key: str, payload: bytes) -> None:
@@ -182,7 +218,7 @@ class Coordinator:
             self.server.send(identity, protocol.error("forbidden", f"{role or 'unenrolled'} keys may not send {kind}",
                                                       kind))
             return
-        if role == "agent" and kind != "hello" and self.by_identity.get(identity) is None:
+        if role == "agent" and kind not in ("hello", "image_chunk_get") and self.by_identity.get(identity) is None:
             # A node we do not know (we restarted, or it was declared lost): it must introduce itself again.
             # Its results come again from its outbox, but live output would not: keep what belongs to a job
             # the store says runs there.
@@ -223,7 +259,8 @@ class Coordinator:
         if old is not None and old.identity != identity:
             self.by_identity.pop(old.identity, None)
         node = Node(name, identity, self._sender_key, msg["cores"], msg["mem_mib"], msg["speed"], msg["software"],
-                    PeerLiveness(self._clock), msg["state"], msg["idle_s"], connected_at=self._wall())
+                    PeerLiveness(self._clock), msg["state"], msg["idle_s"], connected_at=self._wall(),
+                    image_cache_mib=msg.get("image_cache_mib"))
         self.nodes[name] = node
         self.by_identity[identity] = name
         held = set(msg["running"])
@@ -321,7 +358,8 @@ class Coordinator:
         job_id = msg["job"]
         job = self.store.job(job_id)
         self._release(node, job_id)
-        if job is not None and job.state == "running" and job.node == name:
+        # A vacated job fails on its node when its saved guest cannot be resumed there.
+        if job is not None and job.state in ("running", "vacated") and job.node == name:
             if msg["retry"] and job.attempts < MAX_ATTEMPTS:
                 self._requeue(job_id, f"failed on {name}: {msg['reason']}")
             else:
@@ -350,6 +388,8 @@ class Coordinator:
             "malformed_messages": self.counters.malformed,
             "refused_messages": self.counters.refused,
         }
+        if self.relay is not None:
+            totals["conet_relay"] = self.relay.stats()
         self._reply(identity, "status_reply", nodes=nodes, totals=totals)
 
     def _on_submit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
@@ -362,8 +402,18 @@ class Coordinator:
             self._reply(identity, "error", code="invalid", message=problem, in_reply_to="submit")
             return
         guests = msg.get("guests", 1)
-        job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name, guests, network)
-        self.queue.add(job_id, msg["mem_mib"], guests)
+        image = self.store.image(msg["image"]) if "image" in msg else None
+        if "image" in msg and image is None:
+            self._reply(identity, "error", code="not-found", in_reply_to="submit",
+                        message=f"no image named {msg['image']!r}; see `coordinator image list`")
+            return
+        if "disk_mib" in msg and image is None:
+            self._reply(identity, "error", code="invalid", in_reply_to="submit",
+                        message="a disk budget is for a job on an image: give the image too (--image NAME)")
+            return
+        job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name, guests, network,
+                                    msg.get("image"), msg.get("disk_mib"))
+        self.queue.add(job_id, msg["mem_mib"], guests, image.size if image is not None else 0)
         self._queued_at[job_id] = self._clock()
         log.info("job %d submitted by %s: %s", job_id, name, " ".join(msg["argv"])[:200])
         self._reply(identity, "submitted", job=job_id)
@@ -503,23 +553,25 @@ class Coordinator:
         if not self.open_nodes or not len(self.queue):
             return
         views = {name: self.nodes[name].view(name in self.drained) for name in self.open_nodes}
-        largest: tuple[int, int] | None = None  # most guest memory and slots any node offers, found when needed
+        largest: tuple[int, int, int] | None = None  # most guest memory, slots and image cache, found when needed
         placed: list[int] = []
         unreachable: list[Node] = []
         for job_id in self.queue:
             if not views:
                 break
             mem_mib, guests = self.queue.mem_mib(job_id), self.queue.guests(job_id)
+            image_bytes = self.queue.image_bytes(job_id)
             if guests == 1:
-                single = choose_node(mem_mib, list(views.values()))
+                single = choose_node(mem_mib, list(views.values()), image_bytes)
                 chosen = None if single is None else [single]
             else:
-                chosen = choose_gang(mem_mib, guests, list(views.values()))
+                chosen = choose_gang(mem_mib, guests, list(views.values()), image_bytes)
             if chosen is None:
                 if largest is None:
                     largest = (max(n.mem_mib for n in self.nodes.values()),
-                               sum(n.cores for n in self.nodes.values()))
-                if mem_mib > largest[0] or guests > largest[1]:
+                               sum(n.cores for n in self.nodes.values()),
+                               max(n.view(False).image_bytes for n in self.nodes.values()))
+                if mem_mib > largest[0] or guests > largest[1] or image_bytes > largest[2]:
                     continue  # bigger or more nodes may join later: keep it queued, try the next job
                 break  # nodes are busy: later jobs wait their turn (FIFO)
             nodes = [self.nodes[name] for name in chosen]
@@ -541,11 +593,15 @@ class Coordinator:
         return network_name(job.gang if job.gang is not None else job.id, job.network)
 
     def _tell_peers(self) -> None:
-        """Send the agents whose guests' networks changed the conet switches they must now reach."""
+        """Send the agents whose guests' networks changed the conet switches they must now reach (and the relay,
+        for those they cannot reach); the relay forwards only between them."""
+        relay = {"relay": self.relay.endpoint} if self.relay is not None else {}
         for name, peers in self.peers.changes().items():
             node = self.nodes.get(name)
             if node is not None:
-                self.server.send(node.identity, protocol.encode("conet_peers", peers=peers))
+                if self.relay is not None:
+                    self.relay.set_peers(node.key, name, [peer["key"] for peer in peers])
+                self.server.send(node.identity, protocol.encode("conet_peers", peers=peers, **relay))
 
     def _place(self, job_id: int, nodes: list[Node]) -> Node | None:
         """Send a queued job to its node (a gang: rank i to nodes[i]); the node that could not be reached
@@ -557,11 +613,12 @@ class Coordinator:
         job = self.store.job(job_id)
         assert job is not None and job.state == "queued", job_id
         inputs = self.store.job_inputs(job_id)
+        disk = self._job_disk(job)
         try:  # a one-guest job's own message; for a gang, one check of the limits covers every rank's message,
             # as they differ only in their identities (small, and valid by construction)
             own = job_identities(job_id, [job_id], self.subnet, job.network)[0]
             checked = protocol.encode("run_job", job=job_id, argv=job.argv, inputs=inputs, outputs=job.wanted,
-                                      mem_mib=job.mem_mib, net=own.wire())
+                                      mem_mib=job.mem_mib, net=own.wire(), **disk)
         except ProtocolError as exc:
             self.store.finish(job_id, "failed", None, f"not runnable within the pool's limits: {exc}")
             log.warning("job %d failed: not runnable within the pool's limits: %s", job_id, exc)
@@ -579,7 +636,7 @@ class Coordinator:
         for guest, node, net in zip(guests, nodes, identities):
             payload = checked if job.guests == 1 else protocol.encode(
                 "run_job", job=guest, argv=job.argv, inputs=inputs, outputs=job.wanted, mem_mib=job.mem_mib,
-                net=net.wire())
+                net=net.wire(), **disk)
             if not self.server.send(node.identity, payload):
                 if job.guests > 1:
                     self._restart_gang(job_id, f"node {node.name} unreachable", requeue_now=False)
@@ -641,7 +698,7 @@ class Coordinator:
             return
         self.store.requeue_gang(gang_id, reason)
         if requeue_now:
-            self.queue.add(gang_id, gang.mem_mib, gang.guests)
+            self._enqueue(gang)
         self._queued_at[gang_id] = self._clock()
         self.counters.requeued += 1
         log.info("job %d requeued: %s", gang_id, reason)
@@ -686,6 +743,8 @@ class Coordinator:
         self.by_identity.pop(node.identity, None)
         self.open_nodes.discard(node.name)
         self.peers.node_left(node.name)
+        if self.relay is not None:
+            self.relay.set_peers(node.key, node.name, None)
         for job_id in sorted(node.running):
             self._requeue(job_id, f"node {node.name} lost ({why})")
         node.running.clear()
@@ -705,7 +764,102 @@ class Coordinator:
             self.store.finish(job_id, "failed", None, f"{reason}; gave up after {job.attempts} attempts")
             return
         self.store.requeue(job_id, reason)
-        self.queue.add(job_id, job.mem_mib)
+        self._enqueue(job)
         self._queued_at[job_id] = self._clock()
         self.counters.requeued += 1
         log.info("job %d requeued: %s", job_id, reason)
+
+    def _enqueue(self, job: Job) -> None:
+        image = self.store.image(job.image) if job.image is not None else None
+        self.queue.add(job.id, job.mem_mib, job.guests, image.size if image is not None else 0)
+
+    def _job_disk(self, job: Job) -> dict[str, Any]:
+        """The run_job fields for a job's disk: the image its guests boot from and their disk budget."""
+        fields: dict[str, Any] = {}
+        image = self.store.image(job.image) if job.image is not None else None
+        if image is not None:
+            fields["image"] = image.wire()
+        if job.disk_mib is not None:
+            fields["disk_mib"] = job.disk_mib
+        return fields
+
+    # --- disk images -----------------------------------------------------------------------------------------
+    def _on_image_missing(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        self._reply(identity, "image_missing_reply", chunks=[d for d in msg["chunks"] if not self.chunks.has(d)])
+
+    def _on_image_put(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        try:
+            self.chunks.put(msg["digest"], msg["data"])
+        except ChunkError as exc:
+            self._reply(identity, "error", code="invalid", message=str(exc), in_reply_to="image_put")
+            return
+        self._reply(identity, "ok")
+
+    def _on_image_commit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        problem = check_image_name(msg["name"]) or self._chunks_problem(msg["size"], msg["chunks"])
+        known = self.store.image(msg["name"])
+        if problem is None and known is not None:
+            if known.sha256 == msg["sha256"] and known.chunks == msg["chunks"]:
+                self._reply(identity, "ok", detail=f"image {known.name} is there already")
+                return
+            problem = f"an image named {known.name!r} exists; remove it first (`coordinator image rm {known.name}`)"
+        if problem is not None:
+            self._reply(identity, "error", code="invalid", message=problem, in_reply_to="image_commit")
+            return
+        self.store.add_image(msg["name"], msg["sha256"], msg["size"], msg["chunks"], name)
+        log.info("image %s added by %s: %d bytes in %d chunks, sha256 %s", msg["name"], name, msg["size"],
+                 len(msg["chunks"]), msg["sha256"])
+        self._reply(identity, "ok", detail=f"image {msg['name']} added")
+
+    def _chunks_problem(self, size: int, chunks: list[bytes]) -> str | None:
+        """Why *chunks* do not make an image of *size* bytes here (absent, or not the sizes they must be)."""
+        if len(chunks) != protocol.image_chunk_count(size):
+            return f"an image of {size} bytes has {protocol.image_chunk_count(size)} chunks, not {len(chunks)}"
+        for index, digest in enumerate(chunks):
+            wanted = IMAGE_CHUNK_BYTES if index < len(chunks) - 1 else size - IMAGE_CHUNK_BYTES * index
+            try:
+                stored = self.chunks.size(digest)
+            except OSError:
+                return f"chunk {index} ({digest.hex()[:16]}) is not on the coordinator; send it first"
+            if stored != wanted:
+                return f"chunk {index} ({digest.hex()[:16]}) has {stored} bytes where the image needs {wanted}"
+        return None
+
+    def _on_image_list(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        images = [{"name": image.name, "size": image.size, "sha256": image.sha256, "chunks": len(image.chunks),
+                   "added_by": image.added_by, "added_at": image.added_at,
+                   "jobs": self.store.jobs_using_image(image.name)} for image in self.store.images()]
+        self._reply(identity, "image_list_reply", images=images)
+
+    def _on_image_rm(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        image = self.store.image(msg["name"])
+        users = self.store.jobs_using_image(msg["name"])
+        if image is None or users:
+            why = (f"no image named {msg['name']!r}" if image is None else
+                   f"image {image.name} is used by jobs not yet ended ({', '.join(map(str, users[:20]))}); cancel "
+                   f"them or wait for them to end")
+            self._reply(identity, "error", code="not-found" if image is None else "in-use", message=why,
+                        in_reply_to="image_rm")
+            return
+        self.store.remove_image(image.name)
+        still_used = {digest for other in self.store.images() for digest in other.chunks}
+        self.chunks.discard(set(image.chunks) - still_used)
+        log.info("image %s removed by %s", image.name, name)
+        self._reply(identity, "ok", detail=f"image {image.name} removed")
+
+    def _on_image_chunk_get(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        """A chunk for an agent's fetch socket (any enrolled agent may fetch any chunk of the pool's images),
+        answered by serve_chunks; a request beyond the queue's bound is dropped (the agent asks again)."""
+        if len(self._chunk_requests) < MAX_CHUNK_REQUESTS:
+            self._chunk_requests.append((identity, name, msg["digest"]))
+
+    def serve_chunks(self) -> None:
+        """Answer waiting chunk requests, for at most CHUNK_TURN_S."""
+        deadline = time.monotonic() + CHUNK_TURN_S
+        while self._chunk_requests and time.monotonic() < deadline:
+            identity, name, digest = self._chunk_requests.popleft()
+            try:
+                self._reply(identity, "image_chunk", digest=digest, data=self.chunks.get(digest))
+            except ChunkError as exc:
+                log.warning("node %s asked for a chunk: %s", name, exc)
+                self._reply(identity, "image_chunk", digest=digest, problem=str(exc))

@@ -22,7 +22,7 @@ from conode.errors import ConodeError
 from conode import output_cap
 from conode.limits import MAX_STREAM_BYTES
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TERMINAL_STATES = ("done", "failed", "cancelled")
 JOB_STATES = ("queued", "running", "vacated") + TERMINAL_STATES  # vacated: saved on its node's disk
 ROLES = ("agent", "admin")
@@ -49,7 +49,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     guests INTEGER NOT NULL DEFAULT 1,
     network TEXT,
     gang INTEGER,
-    rank INTEGER
+    rank INTEGER,
+    image TEXT,
+    disk_mib INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
 CREATE TABLE IF NOT EXISTS job_output (
@@ -72,6 +74,14 @@ CREATE TABLE IF NOT EXISTS keys (
     added_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS drained (node TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS images (
+    name TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunks BLOB NOT NULL,
+    added_by TEXT,
+    added_at REAL NOT NULL
+);
 """
 
 
@@ -93,25 +103,48 @@ class Job:
     network: str | None = None  # a shared conet network an admin named; None: the job's own
     gang: int | None = None  # set on a rank: the job it is a guest of
     rank: int | None = None
+    image: str | None = None  # the pool image the job's guest boots from; None: the built-in initramfs
+    disk_mib: int | None = None  # what the guest may write to its disk (None: the default)
 
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.id, "state": self.state, "argv": self.argv, "node": self.node, "attempts": self.attempts,
             "exit_status": self.exit_status, "reason": self.reason, "mem_mib": self.mem_mib,
             "submitted_at": self.submitted_at, "started_at": self.started_at, "finished_at": self.finished_at,
-            "guests": self.guests, "network": self.network,
+            "guests": self.guests, "network": self.network, "image": self.image,
         }
 
 
 _JOB_COLUMNS = ("id, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at, "
-                "finished_at, guests, network, gang, rank")
+                "finished_at, guests, network, gang, rank, image, disk_mib")
 
 
 def _job(row: tuple) -> Job:
     (ident, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at,
-     finished_at, guests, network, gang, rank) = row
+     finished_at, guests, network, gang, rank, image, disk_mib) = row
     return Job(ident, state, msgpack.unpackb(argv), msgpack.unpackb(wanted), mem_mib, node, attempts, exit_status,
-               reason, submitted_at, started_at, finished_at, guests, network, gang, rank)
+               reason, submitted_at, started_at, finished_at, guests, network, gang, rank, image, disk_mib)
+
+
+@dataclass(frozen=True)
+class Image:
+    """A disk image in the pool: its chunks (SHA-256 each, in order) and the whole file's SHA-256."""
+
+    name: str
+    sha256: str
+    size: int
+    chunks: list[bytes]
+    added_by: str | None
+    added_at: float
+
+    def wire(self) -> dict[str, Any]:
+        """The image as a run_job message describes it to the agent that fetches it."""
+        return {"name": self.name, "sha256": self.sha256, "size": self.size, "chunks": self.chunks}
+
+
+def _image(row: tuple) -> Image:
+    name, sha256, size, chunks, added_by, added_at = row
+    return Image(name, sha256, size, [chunks[i:i + 32] for i in range(0, len(chunks), 32)], added_by, added_at)
 
 
 class Store:
@@ -150,6 +183,13 @@ class Store:
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
             self.db.execute("UPDATE meta SET value='3' WHERE key='schema'")
+            version = 3
+        if int(version) == 3:  # version 4 added disk images (the table is created by _SCHEMA) and jobs on them
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in (("image", "TEXT"), ("disk_mib", "INTEGER")):
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            self.db.execute("UPDATE meta SET value='4' WHERE key='schema'")
         self.db.execute("CREATE INDEX IF NOT EXISTS jobs_gang ON jobs(gang, attempts, rank)")
 
     def close(self) -> None:
@@ -157,12 +197,13 @@ class Store:
 
     # --- jobs ------------------------------------------------------------------------------------------
     def add_job(self, argv: list[str], inputs: dict[str, bytes], wanted: list[str], mem_mib: int,
-                submitted_by: str, guests: int = 1, network: str | None = None) -> int:
+                submitted_by: str, guests: int = 1, network: str | None = None, image: str | None = None,
+                disk_mib: int | None = None) -> int:
         cur = self.db.execute(
-            "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at, guests, network) "
-            "VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at, guests, network, "
+            "image, disk_mib) VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (msgpack.packb(argv), msgpack.packb(inputs, use_bin_type=True), msgpack.packb(wanted), mem_mib,
-             submitted_by, self._clock(), guests, network),
+             submitted_by, self._clock(), guests, network, image, disk_mib),
         )
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -176,8 +217,9 @@ class Store:
                             "WHERE id=?", (now, gang))
             ranks = [int(self.db.execute(  # type: ignore[arg-type]
                 "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, node, attempts, submitted_by, submitted_at, "
-                "started_at, guests, network, gang, rank) SELECT 'running', argv, ?, wanted, mem_mib, ?, attempts, "
-                "submitted_by, submitted_at, ?, guests, network, id, ? FROM jobs WHERE id=?",
+                "started_at, guests, network, gang, rank, image, disk_mib) SELECT 'running', argv, ?, wanted, mem_mib, "
+                "?, attempts, submitted_by, submitted_at, ?, guests, network, id, ?, image, disk_mib FROM jobs "
+                "WHERE id=?",
                 (msgpack.packb({}), node, now, rank, gang)).lastrowid) for rank, node in enumerate(nodes)]
             self.db.execute("COMMIT")
         except BaseException:
@@ -221,9 +263,10 @@ class Store:
                                    (limit,))
         return [_job(row) for row in rows]
 
-    def queued(self) -> list[tuple[int, int, int]]:
-        """(job id, guest memory, guests) of every queued job, oldest first."""
-        return self.db.execute("SELECT id, mem_mib, guests FROM jobs WHERE state='queued' AND gang IS NULL "
+    def queued(self) -> list[tuple[int, int, int, int]]:
+        """(job id, guest memory, guests, image size in bytes or 0) of every queued job, oldest first."""
+        return self.db.execute("SELECT id, mem_mib, guests, COALESCE(images.size, 0) FROM jobs LEFT JOIN images "
+                               "ON images.name = jobs.image WHERE state='queued' AND gang IS NULL "
                                "ORDER BY id").fetchall()
 
     def job_counts(self) -> dict[str, int]:
@@ -347,3 +390,28 @@ class Store:
 
     def drained(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT node FROM drained")}
+
+    # --- disk images ---------------------------------------------------------------------------------------
+    def add_image(self, name: str, sha256: str, size: int, chunks: list[bytes], added_by: str) -> None:
+        try:
+            self.db.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
+                            (name, sha256, size, b"".join(chunks), added_by, self._clock()))
+        except sqlite3.IntegrityError:
+            raise ConodeError(f"an image named {name!r} exists; remove it first (`coordinator image rm {name}`)") \
+                from None
+
+    def image(self, name: str) -> Image | None:
+        row = self.db.execute("SELECT * FROM images WHERE name=?", (name,)).fetchone()
+        return _image(row) if row else None
+
+    def images(self) -> list[Image]:
+        return [_image(row) for row in self.db.execute("SELECT * FROM images ORDER BY name")]
+
+    def remove_image(self, name: str) -> bool:
+        return self.db.execute("DELETE FROM images WHERE name=?", (name,)).rowcount > 0
+
+    def jobs_using_image(self, name: str) -> list[int]:
+        """Jobs not yet ended (queued, running, vacated) whose guests boot from image *name*."""
+        return [row[0] for row in self.db.execute(
+            "SELECT id FROM jobs WHERE image=? AND state IN ('queued', 'running', 'vacated') AND gang IS NULL "
+            "ORDER BY id", (name,))]

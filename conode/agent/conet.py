@@ -31,6 +31,7 @@ READY_TIMEOUT_S = 10.0
 RESTART_DELAY_S = 5.0
 STATS_EVERY_S = 2.0  # how often the switch is asked for its counters (shown in status.json)
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
+PORT_FIELDS = ("mac", "ip", "network")  # what the switch binds a guest's port to
 
 
 def advertised(listen: str, coordinator: str) -> str:
@@ -49,6 +50,14 @@ def advertised(listen: str, coordinator: str) -> str:
     finally:
         probe.close()
     return f"tcp://{address}:{parts.port}"
+
+
+def relay_endpoint(relay: str, coordinator: str) -> str:
+    """The relay's endpoint as this agent reaches it: a wildcard address is the coordinator's own host."""
+    parts = urlsplit(relay)
+    if parts.hostname not in ("0.0.0.0", "*", None):
+        return relay
+    return f"tcp://{urlsplit(coordinator).hostname or '127.0.0.1'}:{parts.port}"
 
 
 def port_socket_path(state_dir: Path) -> Path:
@@ -71,6 +80,12 @@ class Unplugged:
     def attach(self, guest: int, net: dict[str, Any]) -> dict[str, Any]:
         return worker_identity(net)
 
+    def plug(self, guest: int, port: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
+    def port_of(self, guest: int) -> dict[str, Any] | None:
+        return None
+
     def detach(self, guest: int) -> None:
         pass
 
@@ -79,16 +94,18 @@ class ConetSwitch:
     """The agent's switch process and the state it must be given again if it is restarted."""
 
     def __init__(self, state_dir: Path, listen: str, coordinator: str, keys_dir: Path,
-                 signal: Callable[[], Signal], clock: Callable[[], float] = time.monotonic) -> None:
+                 signal: Callable[[], Signal], clock: Callable[[], float] = time.monotonic,
+                 coordinator_key: str = "") -> None:
         self.listen = listen
         self.socket_path = port_socket_path(state_dir)
-        self._coordinator = coordinator
+        self._coordinator, self._coordinator_key = coordinator, coordinator_key
         self._keys_dir = keys_dir
         self._signal = signal
         self._clock = clock
         self._process: WorkerProcess | None = None
         self._ports: dict[int, dict[str, Any]] = {}  # guest -> its port message
-        self._peers: list[dict[str, str]] = []
+        self._peers: list[dict[str, Any]] = []
+        self._relay: str | None = None  # the coordinator's relay, as this agent reaches it
         self.endpoint: str | None = None  # what peers connect to, once the switch is up
         self.problem: str | None = None  # why there is no switch, if there is none
         self._restart_at = 0.0
@@ -169,28 +186,44 @@ class ConetSwitch:
         """Give *guest* a port for its identity *net* (from run_job); the worker's ``net`` (identity, and the
         token and socket when there is a switch)."""
         worker_net = worker_identity(net)
+        plug = self.plug(guest, {name: net[name] for name in PORT_FIELDS})
+        if plug is not None:
+            worker_net.update(plug)
+        return worker_net
+
+    def plug(self, guest: int, port: dict[str, Any]) -> dict[str, Any] | None:
+        """Give *guest* a port for *port* (its MAC, address and network: what port_of returned, for a guest
+        resumed from disk); what its worker needs to join it ({token, socket}), or None without a switch."""
         if not self.enabled:
-            return worker_net
+            return None
         token = os.urandom(16)
-        message = {"type": "port", "token": token, "mac": net["mac"], "ip": net["ip"], "network": net["network"],
+        message = {"type": "port", "token": token, **{name: port[name] for name in PORT_FIELDS},
                    "guest": str(guest)}
         self._ports[guest] = message
         if self._process is not None:
             self._process.send(message)
-        worker_net.update(token=token, socket=str(self.socket_path))
-        return worker_net
+        return {"token": token, "socket": str(self.socket_path)}
+
+    def port_of(self, guest: int) -> dict[str, Any] | None:
+        """The identity *guest*'s port carries (mac, ip, network), for plugging it in again after a vacate."""
+        message = self._ports.get(guest)
+        return None if message is None else {name: message[name] for name in PORT_FIELDS}
 
     def detach(self, guest: int) -> None:
         message = self._ports.pop(guest, None)
         if message is not None and self._process is not None:
             self._process.send({"type": "unport", "token": message["token"]})
 
-    def set_peers(self, peers: list[dict[str, str]]) -> None:
-        """The switches of the agents that share a network with this one's guests (from conet_peers)."""
+    def set_peers(self, peers: list[dict[str, Any]], relay: str | None = None) -> None:
+        """The switches of the agents that share a network with this one's guests, and the coordinator's relay
+        for those it cannot reach (from conet_peers)."""
         self._peers = list(peers)
+        self._relay = relay_endpoint(relay, self._coordinator) if relay and self._coordinator_key else None
         if self._process is not None:
             self._process.send(self._peers_message())
 
     def _peers_message(self) -> dict[str, Any]:
-        return {"type": "peers", "peers": [{"agent": p["node"], "endpoint": p["endpoint"], "key": p["key"]}
-                                           for p in self._peers]}
+        relay = {"relay": {"endpoint": self._relay, "key": self._coordinator_key}} if self._relay else {}
+        return {"type": "peers", "peers": [{"agent": p["node"], "endpoint": p["endpoint"], "key": p["key"],
+                                            **({"networks": p["networks"]} if "networks" in p else {})}
+                                           for p in self._peers], **relay}

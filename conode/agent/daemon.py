@@ -21,6 +21,7 @@ import conode
 from conode.agent.disk import StateDisk
 from conode.agent.conet import OFF, ConetSwitch
 from conode.agent.guests import Guests
+from conode.agent.images import ChunkSource, CoordinatorChunks, ImageCache, ImageFetcher
 from conode.agent.link import CoordinatorLink, Transport, ZmqTransport
 from conode.agent.outbox import Outbox
 from conode.agent.owner import FIXED_SOURCES, OwnerMonitor, make_sources
@@ -62,9 +63,10 @@ class AgentDaemon:
     def __init__(self, config: AgentConfig, context: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  transport: Transport | None = None, start_worker: StartWorker | None = None,
-                 sources: list[IdleSource] | None = None) -> None:
-        """*transport*, *start_worker* and *sources* replace the real coordinator socket, worker processes and
-        idle sources (conode/testing has stand-ins); by default the agent uses the real ones."""
+                 sources: list[IdleSource] | None = None, chunks: Callable[[], ChunkSource] | None = None) -> None:
+        """*transport*, *start_worker*, *sources* and *chunks* replace the real coordinator socket, worker
+        processes, idle sources and image fetch socket (conode/testing has stand-ins); by default the agent uses
+        the real ones."""
         self.config = config
         self._clock = clock
         self._wall = wall
@@ -76,14 +78,20 @@ class AgentDaemon:
             keys = agent_keys(config.state_dir)
             self._public_key = keys.public
             transport = ZmqTransport(self._context, config.coordinator, config.coordinator_key, keys)
+        # Images come over a connection of their own (images.py): a fetch never delays a heartbeat.
+        self.images = ImageFetcher(
+            ImageCache(config.state_dir / "images", config.image_cache_mib << 20, wall),
+            chunks or (lambda: CoordinatorChunks(self._context, config.coordinator, config.coordinator_key,
+                                                 agent_keys(config.state_dir))),
+            self.waker.signal)
         self.outbox = Outbox(config.state_dir / "outbox", self.disk)
         self.link = CoordinatorLink(transport, self.outbox, clock, hello=self._hello, heartbeat=self._heartbeat)
         listen = config.conet_listen if start_worker is None else OFF  # stand-in workers have no guests to join
         start_worker = start_worker or process_starter(config.mem_mib, config.cpu_cap, self.waker.signal)
         self.conet = ConetSwitch(config.state_dir, listen, config.coordinator, config.state_dir / "keys",
-                                 self.waker.signal, clock)
+                                 self.waker.signal, clock, config.coordinator_key)
         self.guests = Guests(config.cores, config.mem_mib, config.state_dir, start_worker, self.link, clock,
-                             self.disk, self.conet)
+                             self.disk, self.conet, self.images)
         fixed = sources is not None or config.idle_source in FIXED_SOURCES
         if sources is None:
             sources = make_sources(config.idle_source, clock, wall, config.idle_reports)
@@ -123,7 +131,8 @@ class AgentDaemon:
         conet = {"conet": self.conet.endpoint} if self.conet.endpoint else {}
         return protocol.encode("hello", node=self.config.name, cores=self.config.cores, mem_mib=self.config.mem_mib,
                                speed=self.guests.speed(), state=self.state, idle_s=self._idle_s(),
-                               running=self.held_jobs(), software=f"conode {conode.__version__}", **conet)
+                               running=self.held_jobs(), software=f"conode {conode.__version__}",
+                               image_cache_mib=self.config.image_cache_mib, **conet)
 
     def _heartbeat(self) -> bytes:
         return protocol.encode("heartbeat", node=self.config.name, state=self.state, idle_s=self._idle_s(),
@@ -147,6 +156,7 @@ class AgentDaemon:
     def shutdown(self) -> None:
         self.link.close(bye=protocol.encode("bye", node=self.config.name))
         self.guests.stop_all()
+        self.images.close()
         self.conet.close()
         self.waker.close()
 
@@ -186,7 +196,7 @@ class AgentDaemon:
             self.guests.cancel(message["job"])
             self.outbox.remove(message["job"])
         elif message["type"] == "conet_peers":
-            self.conet.set_peers(message["peers"])
+            self.conet.set_peers(message["peers"], message.get("relay"))
 
     def _follow_owner(self) -> None:
         previous, current = self.owner.step(has_jobs=self.guests.busy, vacated=not self.guests.jobs)
@@ -209,6 +219,8 @@ class AgentDaemon:
             "coordinator": self.config.coordinator, "connected": self.link.welcomed,
             "guests": self.guests.status(), "cpu_percent": self._cpu_percent(),
             "jobs": sorted(self.guests.jobs), "vacated_jobs": sorted(self.guests.vacated),
+            "images": {"fetching": sorted(self.images.pending), "waiting_jobs": sorted(self.guests.fetching),
+                       "cache_mib": self.config.image_cache_mib},
             "unacknowledged": self.outbox.jobs(), "disk_problems": self.disk.problems,
             "yield_ms": [round(x * 1000, 1) for x in self.guests.yield_latencies],
             "conet": {"endpoint": self.conet.endpoint, "problem": self.conet.problem, **self.conet.stats},

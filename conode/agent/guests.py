@@ -17,13 +17,14 @@ from typing import Any, Callable, Protocol
 
 from conode.agent.conet import Unplugged
 from conode.agent.disk import StateDisk
+from conode.agent.images import ImageFetcher, ImageRefused, ImageSpec
 from conode.agent.pipe import PipeError
 from conode.agent.supervisor import StartWorker, WorkerHandle, restart_delay
 from conode.agent.wire import OutputLimitError, validate_from_worker, validate_to_worker
 from conode import output_cap
 from conode.errors import ConodeError
 from conode.idle.policy import OwnerState, guest_may_run
-from conode.limits import MAX_STREAM_BYTES, OUTPUT_CHUNK_BYTES
+from conode.limits import DEFAULT_DISK_BUDGET_MIB, MAX_STREAM_BYTES, OUTPUT_CHUNK_BYTES
 from conode.tomlfile import read_toml, write_toml
 from conode.vm.guest_image import image_tag
 
@@ -86,12 +87,17 @@ class Ports(Protocol):
 
     def attach(self, guest: int, net: dict[str, Any]) -> dict[str, Any]: ...
 
+    def plug(self, guest: int, port: dict[str, Any]) -> dict[str, Any] | None: ...
+
+    def port_of(self, guest: int) -> dict[str, Any] | None: ...
+
     def detach(self, guest: int) -> None: ...
 
 
 class Guests:
     def __init__(self, cores: int, mem_mib: int, state_dir: Path, start_worker: StartWorker, reports: Reports,
-                 clock: Callable[[], float], disk: StateDisk, ports: Ports | None = None) -> None:
+                 clock: Callable[[], float], disk: StateDisk, ports: Ports | None = None,
+                 images: ImageFetcher | None = None) -> None:
         self.mem_mib = mem_mib
         self._ports = ports or Unplugged()
         self._start_worker = start_worker
@@ -101,19 +107,30 @@ class Guests:
         self.slots = [WorkerSlot(i) for i in range(cores)]
         self.jobs: dict[int, WorkerSlot] = {}  # running jobs and the slot running each
         self.backlog: deque[dict[str, Any]] = deque()  # run messages waiting for a free worker
+        self.fetching: dict[int, dict[str, Any]] = {}  # run messages waiting for their image
+        self.job_images: dict[int, str] = {}  # the image (SHA-256) of each job held here that runs on one
+        self._images = images
         self._streamed: dict[int, int] = {}  # job -> stdout and stderr bytes forwarded
         self.yield_latencies: deque[float] = deque(maxlen=YIELD_SAMPLES)  # owner input -> guest stopped, s
         self.activity_at: float | None = None  # wall time of the owner's input that stopped the guests
         self.vacated_dir = state_dir / "vacated"
         disk.attempt("create the vacated-guests directory", lambda: self.vacated_dir.mkdir(exist_ok=True))
+        # The guests' disk overlays: a job's lives as long as its guest; a vacated guest's is in its snapshot.
+        self.overlay_dir = state_dir / "overlays"
+        disk.attempt("clear the disk overlays", lambda: self._clear_overlays())
         # A post-boot snapshot belongs to one guest image: a new image (an upgrade) boots afresh.
         self.boot_snapshot = state_dir / f"boot-{image_tag()}.snap"
         disk.attempt("remove stale boot snapshots", lambda: self._remove_stale_boot_snapshots(state_dir))
+        self._vacated_ports: dict[int, dict[str, Any]] = {}  # a vacated job's conet port (mac, ip, network)
         self.vacated: dict[int, int] = disk.attempt("read the vacated guests", self._read_vacated) or {}
 
     # --- what the agent holds ----------------------------------------------------------------------------
     def held_jobs(self) -> set[int]:
-        return set(self.jobs) | set(self.vacated) | {int(m["job"]) for m in self.backlog}
+        return set(self.jobs) | set(self.vacated) | set(self.fetching) | {int(m["job"]) for m in self.backlog}
+
+    def images_in_use(self) -> set[str]:
+        """The images a guest here uses or waits for: never evicted from the cache."""
+        return {self.job_images[job] for job in self.held_jobs() if job in self.job_images}
 
     @property
     def busy(self) -> bool:
@@ -146,21 +163,77 @@ class Guests:
                "outputs": message["outputs"]}
         if "net" in message:
             run["net"] = self._ports.attach(job, message["net"])
+        if "image" in message:
+            if self._images is None:
+                self._fail(job, "this agent does not run jobs on pool images", retry=True)
+                return
+            spec = ImageSpec.of(message["image"])
+            self.job_images[job] = spec.sha256
+            run["disk"] = {"base": str(self._images.cache.path(spec.sha256)),
+                           "overlay": str(self.overlay_dir / f"job-{job}.cow"),
+                           "budget_mib": message.get("disk_mib", DEFAULT_DISK_BUDGET_MIB)}
         try:
             run = validate_to_worker(run)
         except PipeError as exc:
             self._fail(job, f"cannot run it: {exc}", retry=False)
             return
+        if "image" in message and not self._image_ready(job, ImageSpec.of(message["image"])):
+            self.fetching[job] = run
+            return
         self.backlog.append(run)
+        self._dispatch()
+
+    def _image_ready(self, job: int, spec: ImageSpec) -> bool:
+        """Whether the job's image is here; if not, it is fetched (the job waits) or the job fails saying why."""
+        problem = self._fetch_image(spec)
+        if problem is not None:
+            self._fail(job, problem, retry=True)
+        elif self._images is not None and spec.sha256 in self._images.pending:
+            log.info("job %d waits for %s", job, spec.shown)
+            return False
+        return problem is None
+
+    def _fetch_image(self, spec: ImageSpec) -> str | None:
+        """Have *spec* fetched unless it is here (making room for it in the cache); why it cannot be, or None."""
+        assert self._images is not None
+        cache = self._images.cache
+        try:
+            if cache.ready(spec.sha256):
+                cache.touch(spec)
+                return None
+            if spec.sha256 not in self._images.pending:
+                cache.make_room(spec, self.images_in_use() - {spec.sha256})
+        except ImageRefused as exc:
+            return str(exc)
+        except OSError as exc:  # the state disk is full or read-only: this job cannot have its image here
+            log.warning("cannot use the image cache: %s", exc)
+            return f"this agent cannot keep {spec.shown}: {exc.strerror or exc}"
+        self._images.want(spec)
+        return None
+
+    def _images_fetched(self) -> None:
+        """Start the jobs whose image arrived; fail those whose image could not be had (to run elsewhere)."""
+        if self._images is None:
+            return
+        for sha, problem in self._images.results():
+            for job in [job for job in self.fetching if self.job_images.get(job) == sha]:
+                run = self.fetching.pop(job)
+                if problem is None:
+                    self.backlog.append(run)
+                else:
+                    self._fail(job, problem, retry=True)
+            for index in {index for job, index in self.vacated.items() if self.job_images.get(job) == sha}:
+                if problem is not None:
+                    self._discard_vacated(index, problem)
         self._dispatch()
 
     def cancel(self, job: int) -> None:
         if job in self.vacated:
             self._discard_vacated(self.vacated.pop(job), f"job {job}, saved with it, was cancelled")
         self.backlog = deque(m for m in self.backlog if m["job"] != job)
+        self.fetching.pop(job, None)
         slot = self.jobs.pop(job, None)
-        self._streamed.pop(job, None)
-        self._ports.detach(job)
+        self._forget(job)
         if slot is not None:
             self._send(slot, {"type": "cancel", "job": job})
             slot.job = None
@@ -180,9 +253,24 @@ class Guests:
             log.info("job %d started on guest %d: %s", job, slot.index, " ".join(run["argv"])[:120])
 
     def _fail(self, job: int, reason: str, retry: bool) -> None:
+        self._forget(job)
+        self._reports.result(job, "job_failed", reason=reason, retry=retry)
+
+    def _forget(self, job: int) -> None:
+        """The job no longer runs here (ended, failed, cancelled): let go of what its guest had."""
         self._streamed.pop(job, None)
         self._ports.detach(job)
-        self._reports.result(job, "job_failed", reason=reason, retry=retry)
+        self.job_images.pop(job, None)
+        self._remove_overlay(job)
+
+    def _remove_overlay(self, job: int) -> None:
+        path = self.overlay_dir / f"job-{job}.cow"
+        self._disk.attempt("remove a guest's disk overlay", partial(path.unlink, missing_ok=True))
+
+    def _clear_overlays(self) -> None:
+        self.overlay_dir.mkdir(exist_ok=True)
+        for stale in self.overlay_dir.glob("job-*.cow"):  # no worker runs yet: nothing uses them
+            stale.unlink()
 
     def _send(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         if slot.handle is not None:
@@ -190,7 +278,8 @@ class Guests:
 
     # --- what the workers say ------------------------------------------------------------------------------
     def pump(self) -> None:
-        """Act on everything the workers have said since the last call."""
+        """Act on everything the workers and the image fetcher have said since the last call."""
+        self._images_fetched()
         for slot in self.slots:
             if slot.handle is not None:
                 self._pump(slot)
@@ -256,8 +345,7 @@ class Guests:
 
     def _job_done(self, slot: WorkerSlot, job: int) -> None:
         del self.jobs[job]
-        self._streamed.pop(job, None)
-        self._ports.detach(job)
+        self._forget(job)
         if slot.job == job:
             slot.job = None
         self._dispatch()
@@ -315,6 +403,8 @@ class Guests:
 
     def _start(self, slot: WorkerSlot) -> None:
         saved = self.vacated_dir / f"worker-{slot.index}.snap"
+        if saved.exists() and not self._vacated_images_ready(slot.index):
+            return  # its image is being fetched again; supervise() starts it when it is here
         if saved.exists():
             slot.resumed_jobs = sorted(job for job, index in self.vacated.items() if index == slot.index)
             slot.handle = self._start_worker(slot.index, self.boot_snapshot, saved)
@@ -359,28 +449,57 @@ class Guests:
                 stale.unlink()
 
     def _read_vacated(self) -> dict[int, int]:
-        """Jobs saved in vacated guests on disk, and the slot each belongs to."""
+        """Jobs saved in vacated guests on disk, and the slot each belongs to (and their conet ports)."""
         jobs: dict[int, int] = {}
         for meta in self.vacated_dir.glob("worker-*.toml"):
             try:
                 index = int(meta.stem.split("-")[1])
-                listed = read_toml(meta).get("jobs", [])
+                record = read_toml(meta)
+                listed, image = record.get("jobs", []), record.get("image")
                 if isinstance(listed, str):  # the space-separated form of earlier versions
                     listed = listed.split()
                 for job in listed:
                     jobs[int(job)] = index
-            except (ValueError, IndexError, ConodeError) as exc:
+                    if isinstance(image, str):
+                        self.job_images[int(job)] = image
+                for job, port in record.get("ports", {}).items():
+                    self._vacated_ports[int(job)] = {"mac": bytes.fromhex(port["mac"]), "ip": str(port["ip"]),
+                                                     "network": str(port["network"])}
+            except (ValueError, IndexError, KeyError, TypeError, AttributeError, ConodeError) as exc:
                 log.warning("ignoring damaged vacated-guest record %s: %s", meta, exc)
         return jobs
 
+    def _vacated_images_ready(self, index: int) -> bool:
+        """Whether the images a vacated guest's disk needs are here; if one is not, have it fetched again, or
+        give the guest up when the cache does not know the image any more."""
+        for sha in sorted({self.job_images[job] for job, i in self.vacated.items() if i == index
+                           and job in self.job_images}):
+            spec = self._images.cache.spec(sha) if self._images is not None else None
+            problem = (f"its disk image (sha256 {sha}) is missing from this agent's image cache" if spec is None
+                       else self._fetch_image(spec))
+            if problem is not None:
+                self._discard_vacated(index, problem)
+                return False
+            if sha in self._images.pending:  # type: ignore[union-attr]
+                return False
+        return True
+
     def _on_vacated(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         jobs = sorted(message["jobs"])
+        ports = {job: port for job in jobs if (port := self._ports.port_of(job)) is not None}
+        image = next((self.job_images[job] for job in jobs if job in self.job_images), None)
+        record: dict[str, Any] = {"jobs": jobs,
+                                  "ports": {str(job): {**port, "mac": port["mac"].hex()} for job, port in ports.items()},
+                                  **({"image": image} if image else {})}  # one guest, one disk
         meta = self.vacated_dir / f"worker-{slot.index}.toml"
-        self._disk.attempt("record a vacated guest's jobs", lambda: write_toml(meta, {"jobs": jobs}))
+        self._disk.attempt("record a vacated guest's jobs", lambda: write_toml(meta, record))
         for job in jobs:
             self.jobs.pop(job, None)
             self._ports.detach(job)  # its guest is on disk: nothing to deliver frames to
+            self._remove_overlay(job)  # its disk's changes are in the snapshot
             self.vacated[job] = slot.index
+            if job in ports:
+                self._vacated_ports[job] = ports[job]
             self._reports.report("job_vacated", job=job)
         slot.job = None
         log.info("guest %d saved to %s with jobs %s", slot.index, message["path"], jobs)
@@ -389,6 +508,10 @@ class Guests:
         for job in slot.resumed_jobs:
             self.jobs[job] = slot
             slot.job = job
+            port = self._vacated_ports.pop(job, None)
+            plug = self._ports.plug(job, port) if port is not None else None
+            if plug is not None:  # the guest keeps its identity: its NIC joins the switch again
+                self._send(slot, {"type": "plug", **plug})
             self._reports.report("job_resumed", job=job)
         if slot.resumed_jobs:
             self._drop_vacated_files(slot.index)
@@ -399,6 +522,7 @@ class Guests:
         """Give up a vacated guest: its other jobs fail for a retry elsewhere."""
         for job in sorted(job for job, i in self.vacated.items() if i == index):
             del self.vacated[job]
+            self._vacated_ports.pop(job, None)
             if job not in self.jobs:
                 self._fail(job, f"its saved guest was discarded: {why}", retry=True)
         self._drop_vacated_files(index)

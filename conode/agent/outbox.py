@@ -7,11 +7,11 @@ the disk copy is what survives a restart, written when the disk allows (StateDis
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from pathlib import Path
 
 from conode.agent.disk import StateDisk
+from conode.atomic_file import write_atomically
 
 
 class Outbox:
@@ -35,16 +35,7 @@ class Outbox:
 
     def _write(self, job: int, payload: bytes) -> None:
         path = self.directory / f"{job}.msg"
-        tmp = path.with_suffix(".tmp")
-        try:
-            with open(tmp, "wb") as out:
-                out.write(payload)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a full disk must not also keep half a file
-            raise
+        write_atomically(path, payload, tmp=path.with_suffix(".tmp"))  # a full disk must not keep half a file
 
     def remove(self, job: int) -> None:
         self._results.pop(job, None)

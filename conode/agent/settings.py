@@ -19,7 +19,8 @@ from conode.agent.owner import AUTO, FIXED_SOURCES
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.errors import ConodeError
 from conode.idle.policy import PolicyConfig, TimeWindow
-from conode.limits import DEFAULT_GUEST_MEM_MIB, MAX_GUEST_MEM_MIB, MIN_GUEST_MEM_MIB
+from conode.limits import (DEFAULT_GUEST_MEM_MIB, DEFAULT_IMAGE_CACHE_MIB, MAX_GUEST_MEM_MIB, MAX_IMAGE_CACHE_MIB,
+                           MIN_GUEST_MEM_MIB)
 from conode.tomlfile import read_toml, write_toml
 
 SETTINGS_NAME = "agent.toml"
@@ -30,7 +31,8 @@ WHILE_OWNER = (PAUSE, SHUTDOWN)
 POLICY_FIELDS = [f.name for f in dataclasses.fields(PolicyConfig) if f.name != "windows"]
 # The agent's own keys and the Python type each takes (the policy's are all numbers but one).
 AGENT_KEYS: dict[str, type] = {"name": str, "coordinator": str, "coordinator_key": str, "cores": int, "mem": int,
-                               "idle_source": str, "while_owner": str, "cpu_cap": float, "conet_listen": str, "idle_reports": str}
+                               "idle_source": str, "while_owner": str, "cpu_cap": float, "conet_listen": str,
+                               "image_cache_mib": int, "idle_reports": str}
 WINDOWS_KEY = "windows"  # [[windows]] tables: when guests may run (start, end, days)
 KNOWN_KEYS = [*AGENT_KEYS, *POLICY_FIELDS, WINDOWS_KEY]
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -50,6 +52,7 @@ class AgentConfig:
     while_owner: str = PAUSE  # keep guests paused while the owner works, or shut them down
     cpu_cap: float = 100.0  # percent of a core each guest may use
     conet_listen: str = DEFAULT_LISTEN  # the conet switch's endpoint for other agents, or "off"
+    image_cache_mib: int = DEFAULT_IMAGE_CACHE_MIB  # what the pool's images may take on this disk
     idle_reports: Path | None = None  # where desktop sessions report their input (conode/idle/report.py)
 
     @property
@@ -172,6 +175,9 @@ def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: d
     conet_listen = _typed(values, "conet_listen", DEFAULT_LISTEN)
     if conet_listen != OFF and not re.fullmatch(r"tcp://[^:/\s]+:(\d{1,5}|\*)", conet_listen):
         raise ConodeError(f"--conet-listen must be tcp://ADDRESS:PORT or off, not {conet_listen!r}"[:300])
+    image_cache_mib = _typed(values, "image_cache_mib", DEFAULT_IMAGE_CACHE_MIB)
+    if not 0 <= image_cache_mib <= MAX_IMAGE_CACHE_MIB:
+        raise ConodeError(f"--image-cache must be between 0 and {MAX_IMAGE_CACHE_MIB} MiB")
     if while_owner not in WHILE_OWNER:
         raise ConodeError(f"--while-owner must be {' or '.join(WHILE_OWNER)}")
     idle_reports = _typed(values, "idle_reports", "")
@@ -179,4 +185,5 @@ def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: d
                        coordinator=str(values["coordinator"]), coordinator_key=str(values["coordinator_key"]),
                        cores=cores, mem_mib=mem_mib, idle_source=idle_source, policy=_policy(values),
                        while_owner=while_owner, cpu_cap=cpu_cap, conet_listen=conet_listen,
+                       image_cache_mib=image_cache_mib,
                        idle_reports=Path(idle_reports) if idle_reports else None)

@@ -15,7 +15,8 @@ from conode.agent.pipe import PipeError
 from conode.cluster.protocol import (ARGV, INPUTS, INT, INT_LIST, MEASURE, MISSING, PATHS, STR, TEXT, Field, Kind,
                                      ProtocolError, _check_field, is_safe_relative_path)
 from conode.conet.port import TOKEN_BYTES
-from conode.limits import CHANNEL_MAX_PAYLOAD, MAX_FILES, MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES
+from conode.limits import (CHANNEL_MAX_PAYLOAD, MAX_DISK_BUDGET_MIB, MAX_FILES, MAX_JOB_OUTPUT_BYTES,
+                           MAX_OUTPUT_FILE_BYTES, MAX_SMALL_FIELD)
 from conode.vm.net_identity import IdentityError, NetIdentity
 
 CHUNK = Kind("bytes", CHANNEL_MAX_PAYLOAD)  # the worker forwards output as the guest channel delivers it
@@ -25,15 +26,20 @@ STREAMS = ("stdout", "stderr")
 # ip, prefix, hostname, hosts ({hostname: ip}, in rank order), rank, size. Checked whole by _check_net.
 NET = Kind("map", 9)
 MAX_SOCKET_PATH = 107  # what a Unix socket address holds
+# The guest's root disk, for a job on a pool image: base (the cached image file), overlay (the guest's
+# copy-on-write file), budget_mib. Checked whole by _check_disk.
+DISK = Kind("map", 3)
+TOKEN = Kind("bytes", TOKEN_BYTES)
 
 TO_WORKER: dict[str, dict[str, Field]] = {
     "run": {"job": Field(INT), "argv": Field(ARGV), "inputs": Field(INPUTS), "outputs": Field(PATHS),
-            "net": Field(NET, required=False)},
+            "net": Field(NET, required=False), "disk": Field(DISK, required=False)},
     "cancel": {"job": Field(INT)},
     "pause": {},
     "resume": {},
     "vacate": {"path": Field(STR)},
     "quit": {},
+    "plug": {"token": Field(TOKEN), "socket": Field(STR)},  # a resumed guest's NIC joins the switch again
 }
 
 FROM_WORKER: dict[str, dict[str, Field]] = {
@@ -91,18 +97,36 @@ def validate_to_worker(message: Any) -> dict[str, Any]:
         raise PipeError("run: the command is empty")
     if checked["type"] == "run" and "net" in checked:
         _check_net(checked["net"])
+    if checked["type"] == "run" and "disk" in checked:
+        _check_disk(checked["disk"])
+    if checked["type"] == "plug":
+        _check_port("plug", checked["token"], checked["socket"])
     return checked
+
+
+def _check_disk(disk: dict[str, Any]) -> None:
+    if set(disk) != {"base", "overlay", "budget_mib"}:
+        raise PipeError("run: the disk map must hold exactly base, overlay and budget_mib")
+    for name in ("base", "overlay"):
+        if not isinstance(disk[name], str) or not 0 < len(disk[name]) <= MAX_SMALL_FIELD:
+            raise PipeError(f"run: the disk's {name} must be a path of at most {MAX_SMALL_FIELD} characters")
+    budget = disk["budget_mib"]
+    if not isinstance(budget, int) or isinstance(budget, bool) or not 1 <= budget <= MAX_DISK_BUDGET_MIB:
+        raise PipeError(f"run: the disk budget must be from 1 to {MAX_DISK_BUDGET_MIB} MiB")
+
+
+def _check_port(kind: str, token: Any, path: Any) -> None:
+    if not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
+        raise PipeError(f"{kind}: the conet token must be {TOKEN_BYTES} bytes")
+    if not isinstance(path, str) or not 0 < len(path.encode(errors="replace")) <= MAX_SOCKET_PATH:
+        raise PipeError(f"{kind}: the conet socket must be a path of at most {MAX_SOCKET_PATH} bytes")
 
 
 def _check_net(net: dict[str, Any]) -> None:
     """A run message's conet port and identity, checked whole (the identity as coagent will check it)."""
     token, path = net.get("token"), net.get("socket")
-    if token is None and path is None:
-        pass  # no switch on this agent: the guest keeps its identity, its link stays down
-    elif not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
-        raise PipeError(f"run: the conet token must be {TOKEN_BYTES} bytes")
-    elif not isinstance(path, str) or not 0 < len(path.encode(errors="replace")) <= MAX_SOCKET_PATH:
-        raise PipeError(f"run: the conet socket must be a path of at most {MAX_SOCKET_PATH} bytes")
+    if token is not None or path is not None:  # else no switch on this agent: the guest keeps its identity
+        _check_port("run", token, path)
     unknown = set(net) - {"token", "socket", "mac", "ip", "prefix", "hostname", "hosts", "rank", "size"}
     if unknown:
         raise PipeError(f"run: the conet map has unknown field {min(unknown)[:40]!r}")

@@ -5,7 +5,9 @@ its own process. Messages from the agent arrive on stdin, messages to the agent 
 length-prefixed msgpack (pipe.py):
 
 - agent → worker: ``run`` (job, argv, inputs, outputs, and optionally net: the guest's conet port and identity,
-  see wire.py), ``cancel`` (job), ``pause``, ``resume``, ``vacate`` (path), ``quit``;
+  and disk: the pool image the guest boots from, its overlay file and budget, see wire.py), ``cancel`` (job),
+  ``pause``, ``resume``, ``vacate`` (path), ``quit``, ``plug`` (token, socket: the conet port of a guest resumed
+  from disk, which keeps its identity);
 - worker → agent: ``ready`` (guest, speed), ``output`` (job, stream, data), ``finished`` (job, status, outputs,
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
   ``resumed``, ``vacated`` (path, jobs).
@@ -37,6 +39,7 @@ from conode.agent.wire import validate_to_worker
 from conode.conet.port import Port, PortError
 from conode.errors import ConodeError
 from conode.vm.cpu.unicorn_cpu import RamImage
+from conode.vm.disk.config import DiskConfig
 from conode.vm.guest import Guest, GuestSnapshot, ImageDigests, JobSpec
 from conode.vm.guest_image import load_guest_image
 from conode.vm.machine import CoMachine, MachineConfig
@@ -67,6 +70,9 @@ class GuestWorker:
         self._cancelled = False  # the running guest's job was cancelled: discard it silently
         self._running: Guest | None = None  # the guest on the CPU right now (a job's, the boot's, calibration's)
         self._port: Port | None = None  # the job guest's conet port, when the agent gave it one
+        # The post-boot snapshot of a guest on a pool image (its base file and disk budget), made like the
+        # pristine one: kept for the last image used, so that the next job on it starts without a boot.
+        self._image_pristine: tuple[tuple[str, int], GuestSnapshot, RamImage] | None = None
 
     # --- the pristine guest -----------------------------------------------------------------------------
     def _load_pristine(self) -> None:
@@ -84,7 +90,17 @@ class GuestWorker:
                 self._log(f"boot snapshot {path} is for another image or size; booting")
             except ConodeError as exc:
                 self._log(f"boot snapshot unusable ({exc}); booting")
-        booted = Guest.boot(image, MachineConfig(mem_mib=self.mem_mib))
+        booted = self._boot(MachineConfig(mem_mib=self.mem_mib))
+        self.pristine = booted.snapshot()
+        if path is not None:
+            try:
+                self.pristine.write(path)
+            except ConodeError as exc:
+                self._log(f"cannot save the boot snapshot: {exc}")
+
+    def _boot(self, config: MachineConfig) -> Guest:
+        """Boot a guest from the built-in image until its in-guest agent is ready; it is left paused there."""
+        booted = Guest.boot(load_guest_image(), config)
         booted.on_ready = lambda name: booted.machine.pause()
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         timer = threading.Timer(BOOT_TIMEOUT_S, booted.machine.pause)
@@ -96,13 +112,26 @@ class GuestWorker:
         finally:
             timer.cancel()
         if booted.failure is not None or not booted.agent.ready:
+            booted.machine.close()
             raise ConodeError(f"the guest did not boot: {booted.failure or f'not ready within {BOOT_TIMEOUT_S:g} s'}")
-        self.pristine = booted.snapshot()
-        if path is not None:
-            try:
-                self.pristine.write(path)
-            except ConodeError as exc:
-                self._log(f"cannot save the boot snapshot: {exc}")
+        booted.on_ready = lambda name: None
+        return booted
+
+    def _disk_guest(self, disk: dict[str, Any]) -> Guest:
+        """A fresh guest whose root file system is the job's pool image, seen through its own overlay: restored
+        from the post-boot snapshot of a guest on that image (booted for it, once per image, with no job)."""
+        key = (str(disk["base"]), int(disk["budget_mib"]))
+        if self._image_pristine is None or self._image_pristine[0] != key:
+            self._image_pristine = None  # one at a time: a guest's RAM is large
+            config = DiskConfig(Path(disk["base"]), None, int(disk["budget_mib"]), root=True)
+            booted = self._boot(MachineConfig(mem_mib=self.mem_mib, disk=config))
+            snapshot = booted.snapshot()
+            booted.machine.close()
+            self._image_pristine = (key, snapshot, snapshot.ram_image())
+        _, pristine, ram = self._image_pristine
+        guest = Guest.restore(pristine, new_identity=True, ram_image=ram, disk_overlay=Path(disk["overlay"]))
+        guest.machine.cpu_cap = self.cpu_cap
+        return guest
 
     def _fresh_guest(self) -> Guest:
         if self.pristine is None:
@@ -202,6 +231,9 @@ class GuestWorker:
                 guest.machine.pause()
         elif kind == "run":
             self._runs.append(message)
+        elif kind == "plug":  # a guest resumed from disk: its NIC joins the switch again
+            if self.guest is not None:
+                self._join_conet(self.guest, message["socket"], message["token"])
         elif kind == "cancel":
             job = message.get("job")
             self._runs = deque(m for m in self._runs if m.get("job") != job)
@@ -215,13 +247,23 @@ class GuestWorker:
         spec = JobSpec.in_job_directory(int(message["job"]), list(message["argv"]), dict(message["inputs"]),
                                         list(message["outputs"]), NetIdentity.from_message(net) if net else None)
         self._cancelled = False
-        self.guest = self._fresh_guest()
+        try:
+            self.guest = self._disk_guest(message["disk"]) if "disk" in message else self._fresh_guest()
+        except ConodeError as exc:  # its disk cannot be opened, or the guest does not boot from it
+            self.failed(spec.id, f"the job's guest could not start: {exc}")
+            return
+        except _Exit:  # told to quit or vacate while the job's guest booted: nothing of the job ran yet
+            self.failed(spec.id, "the workstation's owner came back while the job's guest booted")
+            raise
         if net and "token" in net:
             self._join_conet(self.guest, net["socket"], net["token"])
         self.guest.start_job(spec, self)
 
     def _join_conet(self, guest: Guest, path: str, token: bytes) -> None:
         """Plug the guest's NIC into the agent's switch; without it the guest runs with its link down."""
+        if self._port is not None:
+            self._port.close()
+            self._port = None
         try:
             self._port = Port(path, token)
         except PortError as exc:

@@ -18,9 +18,11 @@ from typing import Any, NamedTuple
 import msgpack
 
 from conode.errors import ConodeError
-from conode.limits import (MAX_ARGV, MAX_ARGV_BYTES, MAX_FILES, MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB, MAX_HOSTNAME,
-                           MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES,
-                           MAX_PATH_BYTES, MAX_SMALL_FIELD, MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
+from conode.limits import (IMAGE_CHUNK_BYTES, MAX_ARGV, MAX_ARGV_BYTES, MAX_DISK_BUDGET_MIB, MAX_FILES,
+                           MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB, MAX_HOSTNAME, MAX_IMAGE_BYTES, MAX_IMAGE_CACHE_MIB,
+                           MAX_IMAGE_CHUNKS, MAX_IMAGE_NAME, MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES,
+                           MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES, MAX_SMALL_FIELD,
+                           MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
 
 PROTOCOL_VERSION = 1
 # MAX_FRAME_BYTES, MAX_SMALL_FIELD, MAX_ARGV and MAX_FILES come from conode.limits and stay importable from here.
@@ -69,7 +71,18 @@ OUTPUTS = Kind("files", MAX_FILES, item=MAX_OUTPUT_FILE_BYTES, total=MAX_JOB_OUT
 GUESTS = Kind("int", low=1, high=MAX_JOB_GUESTS)
 RANK = Kind("int", low=0, high=MAX_JOB_GUESTS - 1)
 IDENTITY = Kind("identity", MAX_JOB_GUESTS)  # a guest's conet identity (see _identity_problem)
-PEERS = Kind("peers", MAX_LIST_ENTRIES)  # the conet endpoints and keys of the other agents
+PEERS = Kind("peers", MAX_LIST_ENTRIES)  # the conet endpoints and keys of the other agents (and shared networks)
+PEER_FIELDS = frozenset({"node", "endpoint", "key", "networks"})
+MAX_SHARED_NETWORKS = MAX_NODE_CORES  # one per guest of a node at most
+DIGEST = Kind("digest", 32)  # a chunk's SHA-256, raw
+DIGESTS = Kind("digest_list", MAX_IMAGE_CHUNKS)  # an image's chunks in order, or some of them
+SHA256 = Kind("sha256", 64)  # a whole image's SHA-256, hex: what snapshots name a base image by
+CHUNK = Kind("bytes", IMAGE_CHUNK_BYTES)
+IMAGE_NAME = Kind("str", MAX_IMAGE_NAME)
+IMAGE_SIZE = Kind("int", low=1, high=MAX_IMAGE_BYTES)
+IMAGE = Kind("image")  # an image a job runs on: name, sha256, size and chunks (see _image_problem)
+DISK_MIB = Kind("int", low=1, high=MAX_DISK_BUDGET_MIB)
+CACHE_MIB = Kind("int", low=0, high=MAX_IMAGE_CACHE_MIB)
 ANY_LIST = Kind("list", MAX_LIST_ENTRIES)
 ANY_MAP = Kind("map", MAX_LIST_ENTRIES)
 
@@ -89,7 +102,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     # agent -> coordinator
     "hello": ("agent", {"node": _f(STR), "cores": _f(CORES), "mem_mib": _f(GUEST_MEM), "speed": _f(MEASURE),
                         "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
-                        "software": _f(STR), "conet": _f(STR, False)}),
+                        "software": _f(STR), "conet": _f(STR, False), "image_cache_mib": _f(CACHE_MIB, False)}),
     "heartbeat": ("agent", {"node": _f(STR), "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
                             "speed": _f(MEASURE, False), "cpu_percent": _f(MEASURE, False)}),
     "job_output": ("agent", {"job": _f(INT), "stream": _f(STR), "data": _f(BYTES)}),
@@ -99,25 +112,35 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "job_vacated": ("agent", {"job": _f(INT)}),  # saved to the node's disk with its guest; resumable there
     "job_resumed": ("agent", {"job": _f(INT)}),
     "bye": ("agent", {"node": _f(STR)}),
+    "image_chunk_get": ("agent", {"digest": _f(DIGEST)}),  # on the agent's fetch socket, not its control one
     # coordinator -> agent
     "welcome": ("coordinator", {"heartbeat_s": _f(MEASURE)}),
     "ping": ("coordinator", {}),
     "run_job": ("coordinator", {"job": _f(INT), "argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS),
-                                "mem_mib": _f(GUEST_MEM), "net": _f(IDENTITY, False)}),
-    "conet_peers": ("coordinator", {"peers": _f(PEERS)}),
+                                "mem_mib": _f(GUEST_MEM), "net": _f(IDENTITY, False), "image": _f(IMAGE, False),
+                                "disk_mib": _f(DISK_MIB, False)}),
+    "conet_peers": ("coordinator", {"peers": _f(PEERS), "relay": _f(STR, False)}),  # relay: its endpoint
     "cancel_job": ("coordinator", {"job": _f(INT)}),
+    "image_chunk": ("coordinator", {"digest": _f(DIGEST), "data": _f(CHUNK, False), "problem": _f(STR, False)}),
     "ack": ("coordinator", {"job": _f(INT)}),
     "reconnect": ("coordinator", {"reason": _f(STR)}),
     # admin -> coordinator
     "status": ("admin", {}),
     "submit": ("admin", {"argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS), "mem_mib": _f(GUEST_MEM),
-                         "guests": _f(GUESTS, False), "network": _f(STR, False)}),
+                         "guests": _f(GUESTS, False), "network": _f(STR, False), "image": _f(IMAGE_NAME, False),
+                         "disk_mib": _f(DISK_MIB, False)}),
     "jobs": ("admin", {"limit": _f(INT, False)}),
     "job": ("admin", {"job": _f(INT)}),
     "logs": ("admin", {"job": _f(INT), "rank": _f(RANK, False)}),
     "fetch": ("admin", {"job": _f(INT), "rank": _f(RANK, False)}),
     "cancel": ("admin", {"job": _f(INT)}),
     "drain": ("admin", {"node": _f(STR), "undrain": _f(BOOL, False)}),
+    "image_missing": ("admin", {"chunks": _f(DIGESTS)}),  # which of these chunks the coordinator lacks
+    "image_put": ("admin", {"digest": _f(DIGEST), "data": _f(CHUNK)}),
+    "image_commit": ("admin", {"name": _f(IMAGE_NAME), "size": _f(IMAGE_SIZE), "sha256": _f(SHA256),
+                               "chunks": _f(DIGESTS)}),
+    "image_list": ("admin", {}),
+    "image_rm": ("admin", {"name": _f(IMAGE_NAME)}),
     # coordinator -> admin
     "status_reply": ("coordinator", {"nodes": _f(ANY_LIST), "totals": _f(ANY_MAP)}),
     "submitted": ("coordinator", {"job": _f(INT)}),
@@ -125,6 +148,8 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "job_reply": ("coordinator", {"job": _f(ANY_MAP)}),
     "logs_reply": ("coordinator", {"job": _f(INT), "stdout": _f(BYTES), "stderr": _f(BYTES)}),
     "fetch_reply": ("coordinator", {"job": _f(INT), "outputs": _f(OUTPUTS)}),
+    "image_missing_reply": ("coordinator", {"chunks": _f(DIGESTS)}),
+    "image_list_reply": ("coordinator", {"images": _f(ANY_LIST)}),
     "ok": ("coordinator", {"detail": _f(STR, False)}),
     # either way
     "error": ("any", {"code": _f(STR), "message": _f(TEXT), "in_reply_to": _f(STR, False)}),
@@ -217,6 +242,19 @@ def _problem(value: Any, kind: Kind) -> str | None:
         return _identity_problem(value)
     if tag == "peers":
         return _peers_problem(value, kind)
+    if tag == "digest":
+        return None if isinstance(value, bytes) and len(value) == kind.bound else "must be a 32-byte SHA-256"
+    if tag == "digest_list":
+        problem = _list_problem(value, kind, "digests")
+        if problem:
+            return problem
+        ok = all(isinstance(v, bytes) and len(v) == 32 for v in value)
+        return None if ok else "must hold 32-byte SHA-256 digests"
+    if tag == "sha256":
+        ok = isinstance(value, str) and len(value) == kind.bound and all(c in "0123456789abcdef" for c in value)
+        return None if ok else "must be a SHA-256 in 64 lower-case hex digits"
+    if tag == "image":
+        return _image_problem(value)
     if tag == "list":
         ok = isinstance(value, list) and len(value) <= (kind.bound or 0)
         return None if ok else f"must be a list of at most {kind.bound} entries"
@@ -285,15 +323,42 @@ def _identity_problem(value: Any) -> str | None:
     return None
 
 
+def image_chunk_count(size: int) -> int:
+    """How many chunks an image of *size* bytes is cut into (the last one may be short)."""
+    return -(-size // IMAGE_CHUNK_BYTES)
+
+
+def _image_problem(value: Any) -> str | None:
+    """An image a job runs on, as the coordinator describes it to the agent that fetches it."""
+    fields = {"name": IMAGE_NAME, "sha256": SHA256, "size": IMAGE_SIZE, "chunks": DIGESTS}
+    if not isinstance(value, dict) or set(value) != set(fields):
+        return f"must be a map of exactly {', '.join(fields)}"
+    for name, kind in fields.items():
+        problem = _problem(value[name], kind)
+        if problem is not None:
+            return f"has {name} that {problem}"
+    if len(value["chunks"]) != image_chunk_count(value["size"]):
+        return f"lists {len(value['chunks'])} chunks for {value['size']} bytes"
+    return None
+
+
 def _peers_problem(value: Any, kind: Kind) -> str | None:
     problem = _list_problem(value, kind, "peers")
     if problem:
         return problem
     for peer in value:
-        if not (isinstance(peer, dict) and set(peer) == {"node", "endpoint", "key"}
-                and all(isinstance(v, str) and len(v) <= MAX_SMALL_FIELD for v in peer.values())):
-            return "must hold maps of node, endpoint and key (text)"
+        if not (isinstance(peer, dict) and {"node", "endpoint", "key"} <= set(peer) <= PEER_FIELDS
+                and all(isinstance(peer[k], str) and len(peer[k]) <= MAX_SMALL_FIELD
+                        for k in ("node", "endpoint", "key"))
+                and _networks_ok(peer.get("networks", []))):
+            return ("must hold maps of node, endpoint and key (text), and optionally networks (a list of at most "
+                    f"{MAX_SHARED_NETWORKS} names)")
     return None
+
+
+def _networks_ok(value: Any) -> bool:
+    return isinstance(value, list) and len(value) <= MAX_SHARED_NETWORKS and all(
+        isinstance(name, str) and len(name) <= MAX_SMALL_FIELD for name in value)
 
 
 def _check_field(name: str, value: Any, kind: Kind) -> None:

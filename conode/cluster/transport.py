@@ -117,14 +117,17 @@ class ClientSocket:
     """A DEALER connected to the coordinator; rebuilt from scratch on reconnect (Paranoid Pirate)."""
 
     def __init__(self, context: zmq.Context, endpoint: str, server_public: str, keys: KeyPair,
-                 max_message: int = SOCKET_MAX_MESSAGE, send_hwm: int = 1000) -> None:
+                 max_message: int = SOCKET_MAX_MESSAGE, send_hwm: int = 1000, heartbeat_ms: int = 0) -> None:
+        """*heartbeat_ms* (0: none): ZMTP pings at this interval, and a connection silent for three of them is
+        dropped, so a path that goes quiet shows as down (``up``) instead of holding frames forever."""
         self._context = context
-        self._max_message, self._send_hwm = max_message, send_hwm
+        self._max_message, self._send_hwm, self._heartbeat_ms = max_message, send_hwm, heartbeat_ms
         self.endpoint = endpoint
         self._server_public = server_public
         self._keys = keys
         self.socket: zmq.Socket = None  # type: ignore[assignment]
         self._monitor: zmq.Socket = None  # type: ignore[assignment]
+        self.up = False  # whether the connection is established (as of the last check_refused)
         self.connect()
 
     def connect(self) -> None:
@@ -135,22 +138,32 @@ class ClientSocket:
         sock.setsockopt(zmq.MAXMSGSIZE, self._max_message)
         sock.setsockopt(zmq.SNDHWM, self._send_hwm)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a connection that is not up
+        if self._heartbeat_ms:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, self._heartbeat_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * self._heartbeat_ms)
         sock.linger = 0
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                                | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self.socket = sock
+        self.up = False
 
     def reconnect(self) -> None:
         self.close()
         self.connect()
 
     def check_refused(self) -> None:
-        """Raise AuthRefused if the server rejected our key since the last check."""
+        """Raise AuthRefused if the server rejected our key since the last check; bring ``up`` up to date."""
         from zmq.utils.monitor import recv_monitor_message
 
         while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.up = False
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.up = False
                 raise AuthRefused(self.endpoint)
 
     def send(self, payload: bytes) -> bool:

@@ -6,8 +6,10 @@ network; a frame never leaves its network:
 
 - A port's MAC and IPv4 address are given by the agent, so local MACs are always known; the switch learns only
   which peer each remote MAC sits behind (per network, bounded, forgotten after CONET_MAC_AGE_S idle).
-- From a port: broadcast and multicast go to the network's other ports and to every peer; unicast to a local MAC
-  goes to that port, to a learned MAC to that peer, and to an unknown MAC to every peer.
+- From a port: broadcast and multicast go to the network's other ports and to every peer on that network;
+  unicast to a local MAC goes to that port, to a learned MAC to that peer, and to an unknown MAC to every peer
+  on that network. A peer's networks are those the agent names for it (its guests' networks that ours share);
+  a peer named without them counts as on every network.
 - From a peer: the frame goes only to the named network's ports (a group frame to all of them, a unicast frame
   to its port); a unicast frame for no local port is dropped, never flooded.
 - A port may send only from its own MAC, and from its own IPv4 address or 0.0.0.0 (ARP sender likewise). A peer
@@ -197,14 +199,26 @@ class Port(Party):
 
 
 class Peer(Party):
-    """Another agent's switch, known by its CURVE public key."""
+    """Another agent's switch, known by its CURVE public key.
 
-    __slots__ = ("endpoint", "key", "only")
+    Its frames go straight to it, or (``relayed``: the caller found it unreachable) by the coordinator's relay;
+    the relayed counts are part of the totals."""
+
+    __slots__ = ("down_since", "endpoint", "key", "networks", "only", "relayed", "relayed_rx_frames",
+                 "relayed_tx_frames")
 
     def __init__(self, agent: str, endpoint: str, key: str, bucket: Bucket) -> None:
         super().__init__(agent, bucket)
         self.key, self.endpoint = key, endpoint
+        self.networks: frozenset[bytes] | None = None  # the networks it shares with us (None: all)
         self.only: Decision = ((), (self,))
+        self.relayed = False
+        self.down_since: float | None = bucket.at  # since when its direct link is down (it starts down)
+        self.relayed_rx_frames = self.relayed_tx_frames = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "relayed": self.relayed, "relayed_rx_frames": self.relayed_rx_frames,
+                "relayed_tx_frames": self.relayed_tx_frames}
 
 
 Decision = tuple[tuple[Port, ...], tuple[Peer, ...]]
@@ -214,7 +228,7 @@ Verdict = Decision | str
 class Network:
     """One network on this switch: its local ports by MAC, and the MACs learned behind peers."""
 
-    __slots__ = ("group_from_peer", "group_from_port", "learned", "local", "name")
+    __slots__ = ("group_from_peer", "group_from_port", "learned", "local", "name", "to_peers")
 
     def __init__(self, name: bytes) -> None:
         self.name = name  # UTF-8, as it travels between peers
@@ -222,6 +236,7 @@ class Network:
         self.learned: dict[bytes, tuple[Peer, float]] = {}  # oldest first: refreshed entries move to the end
         self.group_from_port: Decision = ((), ())
         self.group_from_peer: Decision = ((), ())
+        self.to_peers: Decision = ((), ())  # the peers on this network: where an unknown unicast frame goes
 
 
 def parse_ipv4(text: str) -> bytes:
@@ -242,7 +257,6 @@ class Switch:
         self.networks: dict[bytes, Network] = {}
         self._local_macs: dict[bytes, Port] = {}  # every port's MAC, all networks
         self._all_peers: tuple[Peer, ...] = ()
-        self._to_peers: Decision = ((), ())
         self.dropped: dict[str, int] = {}
 
     # --- membership ---------------------------------------------------------------------------------------
@@ -292,8 +306,10 @@ class Switch:
             del self.networks[net.name]
         return port
 
-    def set_peers(self, peers: list[tuple[str, str, str]]) -> tuple[list[Peer], list[Peer]]:
-        """Make (agent, endpoint, key) the peer list; return (added, removed). A moved peer is both."""
+    def set_peers(self, peers: list[tuple[str, str, str]],
+                  networks: dict[str, list[str]] | None = None) -> tuple[list[Peer], list[Peer]]:
+        """Make (agent, endpoint, key) the peer list, each peer on the *networks* named for its key (a peer not
+        named there: on all); return (added, removed). A moved peer is both."""
         if len(peers) > self.limits.max_peers:
             raise SwitchError(f"{len(peers)} peers exceed this switch's limit of {self.limits.max_peers}")
         wanted = {key: (agent, endpoint) for agent, endpoint, key in peers}
@@ -314,16 +330,21 @@ class Switch:
                                                          lim.burst_s, now))
                 self.peers[key] = peer
                 added.append(peer)
+        networks = networks or {}
+        for key, peer in self.peers.items():
+            named = networks.get(key)
+            peer.networks = None if named is None else frozenset(name.encode() for name in named)
         self._all_peers = tuple(self.peers.values())
-        self._to_peers = ((), self._all_peers)
         for net in self.networks.values():
             self._rebuild(net)
         return added, removed
 
     def _rebuild(self, net: Network) -> None:
         ports = tuple(net.local.values())
-        net.group_from_port = (ports, self._all_peers)
+        peers = tuple(peer for peer in self._all_peers if peer.networks is None or net.name in peer.networks)
+        net.group_from_port = (ports, peers)
         net.group_from_peer = (ports, ())
+        net.to_peers = ((), peers)
 
     # --- frames ---------------------------------------------------------------------------------------------
     def from_port(self, port: Port, frame: bytes | bytearray | memoryview) -> Verdict:
@@ -361,7 +382,7 @@ class Switch:
                 port.rx_bytes += size
                 return peer.only
             del net.learned[dst]
-        return self._flood(port, size, now, self._to_peers, len(self._all_peers))
+        return self._flood(port, size, now, net.to_peers, len(net.to_peers[1]))
 
     def _flood(self, port: Port, size: int, now: float, decision: Decision, copies: int) -> Verdict:
         """Storm control: a flooded frame costs its port's flood bucket one token per copy."""

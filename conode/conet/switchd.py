@@ -4,11 +4,13 @@ It moves frames; switch.py decides where. Three kinds of party, one poll loop (z
 descriptors too, on POSIX):
 
 - **The agent**, on stdin/stdout with conode.agent.pipe framing: ``port`` {token, mac, ip, network, guest},
-  ``unport`` {token}, ``peers`` {peers: [{agent, endpoint, key}]}, ``stats`` {}, ``quit`` {}; the switch answers
-  ``ready`` {endpoint} once listening and ``stats`` when asked: {ports: {guest: counts}, peers: {agent:
-  counts}, dropped: {reason: count}}, where counts are rx/tx frames and bytes (rx: from it), its drops by
-  reason, and for a port whether its worker is connected and how many frames wait for it. A malformed request
-  is logged and ignored. The switch exits when its stdin closes: its agent is gone.
+  ``unport`` {token}, ``peers`` {peers: [{agent, endpoint, key, networks (optional: the networks it shares
+  with us; absent: all)}], relay: {endpoint, key} (optional)},
+  ``stats`` {}, ``quit`` {}; the switch answers ``ready`` {endpoint} once listening and ``stats`` when asked:
+  {ports: {guest: counts}, peers: {agent: counts}, dropped: {reason: count}, relay: {endpoint, connected}},
+  where counts are rx/tx frames and bytes (rx: from it), its drops by reason, for a port whether its worker is
+  connected and how many frames wait for it, and for a peer whether its frames go by the relay and how many
+  did. A malformed request is logged and ignored. The switch exits when its stdin closes: its agent is gone.
 - **Ports**, the agent's guest workers, on a Unix SOCK_SEQPACKET socket at PATH: a worker connects and sends
   ``msgpack {"token": <16 bytes>}``, then each datagram either way is one conet frame. An unknown token closes
   the connection. A port whose rate bucket runs dry is not read until it refills, so its own socket fills and
@@ -16,7 +18,12 @@ descriptors too, on POSIX):
 - **Peers**, the other agents' switches: a ROUTER bound on URL as a CURVE server with this agent's key pair
   admits only the current peers' keys; one DEALER per peer carries our frames to it, [network, frame, ...]
   (the frames one port sent in one turn, up to PEER_BATCH_*), with a bounded queue and nothing queued while it
-  is unreachable.
+  is unreachable. A DEALER whose connection has not been up for CONET_RELAY_AFTER_S (it never came up, or
+  its ZMTP heartbeats went unanswered) sends by **the coordinator's relay** instead (coordinator/relay.py), one
+  DEALER with the coordinator's key as server key: to it [peer key, network, frame, ...], from it [sender key,
+  network, frame, ...], where keys are Z85 text; a lone empty part says "here I am" (sent every
+  HOUSEKEEPING_S, so the relay knows where to reach this switch). Frames from the relay pass the same policy as
+  a peer's own; the direct link keeps trying and takes over again as soon as it is up.
 
 Frames are conet frames as frames.py reads them: plain ones up to the MTU, GSO ones up to 64 KiB, which pass
 whole, to peers as well; the receiving NIC cuts them to what its guest takes.
@@ -57,6 +64,8 @@ from conode.limits import (
     CONET_PORT_BYTES_PER_S,
     CONET_PORT_FRAMES_PER_S,
     CONET_PORT_QUEUE_BYTES,
+    CONET_MAX_PORTS,
+    CONET_RELAY_AFTER_S,
     MAX_SMALL_FIELD,
 )
 
@@ -73,6 +82,9 @@ MAX_PEER_MESSAGE = CONET_MAX_FRAME + 256  # one part: a network name (at most 25
 # ZeroMQ's cost is mostly per message, so a busy link costs several times less CPU per frame.
 PEER_BATCH_FRAMES = 64
 PEER_BATCH_BYTES = 128 << 10
+PEER_HEARTBEAT_MS = 1000  # ZMTP pings on peer links: three unanswered and the link counts as down
+MAX_NETWORK_NAME = 255
+RELAY_HELLO = b""  # a relay message of this one part: "here I am"
 
 _ENDPOINT = re.compile(r"tcp://(?:\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
@@ -109,6 +121,8 @@ class SwitchDaemon:
         self._early: dict[bytes, int] = {}  # token -> fd of its pending connection
         self._paused: dict[Port, float] = {}  # rate-limited ports -> when they may be read again
         self._refusing: set[str] = set()  # peers that refused our key (logged once)
+        self.relay: ClientSocket | None = None  # the coordinator's relay, when the agent named one
+        self._relay_key = ""
         self._running = True
         self._ports_path = ports_path
         self._listener = self._listen_ports(ports_path)
@@ -199,6 +213,34 @@ class SwitchDaemon:
                     log.warning("conet: peer %s at %s refused our key; retrying every %.0f s (logged once)",
                                 peer.name, peer.endpoint, HOUSEKEEPING_S)
                 peer.link.reconnect()
+            self._choose_route(peer, now)
+        if self.relay is not None:
+            try:
+                self.relay.check_refused()
+            except AuthRefused:
+                log.warning("conet: the relay at %s refused our key; retrying", self.relay.endpoint)
+                self._forget(self.relay.socket)
+                self.relay.reconnect()
+                self._watch_relay()
+            self._hello_relay()
+
+    def _choose_route(self, peer: Peer, now: float) -> None:
+        """Straight to *peer* while its link is up; by the relay once it has been down CONET_RELAY_AFTER_S."""
+        if peer.link.up:
+            peer.down_since = None
+            if peer.relayed:
+                peer.relayed = False
+                log.info("conet: peer %s is reachable again; its frames go straight to it", peer.name)
+            return
+        if peer.down_since is None:
+            peer.down_since = now
+        relay = self.relay is not None
+        if relay and not peer.relayed and now - peer.down_since >= CONET_RELAY_AFTER_S:
+            peer.relayed = True
+            log.warning("conet: peer %s at %s unreachable for %.0f s; its frames go by the coordinator's relay",
+                        peer.name, peer.endpoint, now - peer.down_since)
+        elif peer.relayed and not relay:
+            peer.relayed = False
 
     def close(self) -> None:
         for port in self.switch.ports.values():
@@ -208,6 +250,8 @@ class SwitchDaemon:
             sock.close()
         for peer in self.switch.peers.values():
             peer.link.close()
+        if self.relay is not None:
+            self.relay.close()
         self._listener.close()
         self._ports_path.unlink(missing_ok=True)
         self.server.close()
@@ -255,12 +299,15 @@ class SwitchDaemon:
             if removed is not None:
                 self._disconnect(removed)
         elif kind == "peers":
+            self._set_relay(message.get("relay"))
             self._set_peers(message.get("peers"))
         elif kind == "stats":
             stats = self.switch.stats()
             refused = self.server.refused
             if refused:
                 stats["dropped"][REFUSED] = refused
+            relay = self.relay
+            stats["relay"] = {"endpoint": relay.endpoint if relay else None, "connected": bool(relay and relay.up)}
             self._send({"type": "stats", **stats})
         elif kind == "quit":
             self._running = False
@@ -270,11 +317,17 @@ class SwitchDaemon:
     def _set_peers(self, entries: Any) -> None:
         if not isinstance(entries, list):
             raise ControlError("peers must be a list")
-        peers = []
+        peers, networks = [], {}
         for entry in entries:
             if not isinstance(entry, dict):
                 raise ControlError("each peer must be a map")
             agent, endpoint, key = (_field(entry, name, str) for name in ("agent", "endpoint", "key"))
+            if "networks" in entry:
+                named = entry["networks"]
+                if not (isinstance(named, list) and len(named) <= CONET_MAX_PORTS
+                        and all(isinstance(n, str) and len(n) <= MAX_NETWORK_NAME for n in named)):
+                    raise ControlError(f"peer {agent}'s networks must be a list of network names")
+                networks[key] = named
             if not is_valid_public_key(key):
                 raise ControlError(f"peer {agent}'s key is not a Z85 public key")
             match = _ENDPOINT.fullmatch(endpoint)
@@ -282,23 +335,61 @@ class SwitchDaemon:
                 raise ControlError(f"peer {agent}'s endpoint {endpoint!r} is not tcp://HOST:PORT")
             if key != self._keys.public:  # a directory may list this agent too
                 peers.append((agent, endpoint, key))
-        added, removed = self.switch.set_peers(peers)
+        added, removed = self.switch.set_peers(peers, networks)
         for peer in removed:
             peer.link.close()
             self._refusing.discard(peer.key)
         unusable = []
         for peer in added:
             try:
-                peer.link = ClientSocket(self._context, peer.endpoint, peer.key, self._keys,
-                                         max_message=MAX_PEER_MESSAGE,
-                                         send_hwm=CONET_PEER_QUEUE_BYTES // PEER_BATCH_BYTES)
+                peer.link = self._dealer(peer.endpoint, peer.key)
             except zmq.ZMQError as exc:
                 log.error("conet: ignored peer %s: cannot connect to %s: %s", peer.name, peer.endpoint, exc)
                 unusable.append(peer.key)
         if unusable:
-            self.switch.set_peers([entry for entry in peers if entry[2] not in unusable])
+            self.switch.set_peers([entry for entry in peers if entry[2] not in unusable], networks)
         if added or removed:
             log.info("conet: %d peers (%d new, %d gone)", len(self.switch.peers), len(added), len(removed))
+
+    def _dealer(self, endpoint: str, server_key: str) -> ClientSocket:
+        return ClientSocket(self._context, endpoint, server_key, self._keys, max_message=MAX_PEER_MESSAGE,
+                            send_hwm=CONET_PEER_QUEUE_BYTES // PEER_BATCH_BYTES, heartbeat_ms=PEER_HEARTBEAT_MS)
+
+    def _set_relay(self, entry: Any) -> None:
+        """Connect to the relay the agent names (None: there is none), unless already connected to it."""
+        if entry is not None:
+            if not isinstance(entry, dict):
+                raise ControlError("relay must be a map")
+            endpoint, key = _field(entry, "endpoint", str), _field(entry, "key", str)
+            if not is_valid_public_key(key):
+                raise ControlError("the relay's key is not a Z85 public key")
+            if _ENDPOINT.fullmatch(endpoint) is None:
+                raise ControlError(f"the relay's endpoint {endpoint!r} is not tcp://HOST:PORT")
+            if self.relay is not None and (self.relay.endpoint, self._relay_key) == (endpoint, key):
+                return
+        if self.relay is not None:
+            self._forget(self.relay.socket)
+            self.relay.close()
+            self.relay = None
+        if entry is None:
+            return
+        try:
+            self.relay = self._dealer(endpoint, key)
+        except zmq.ZMQError as exc:
+            raise ControlError(f"cannot connect to the relay at {endpoint}: {exc}") from None
+        self._relay_key = key
+        self._watch_relay()
+        self._hello_relay()
+        log.info("conet: the coordinator's relay is at %s", endpoint)
+
+    def _watch_relay(self) -> None:
+        self._watch(self.relay.socket, zmq.POLLIN, self._on_relay)  # type: ignore[union-attr]
+
+    def _hello_relay(self) -> None:
+        try:
+            self.relay.socket.send(RELAY_HELLO, zmq.NOBLOCK)  # type: ignore[union-attr]
+        except zmq.Again:
+            pass  # not connected yet, or full: the next chores say it again
 
     # --- ports ----------------------------------------------------------------------------------------------
     def _on_connection(self, _flags: int) -> None:
@@ -486,33 +577,71 @@ class SwitchDaemon:
 
     # --- peers ------------------------------------------------------------------------------------------------
     def _to_peer(self, peer: Peer, network: bytes, frames: list[bytes]) -> None:
-        """One message [network, frame, frame, ...] to *peer*, or all its frames dropped and counted."""
+        """One message [network, frame, frame, ...] to *peer* (by the relay: [its key, network, frame, ...]), or
+        all its frames dropped and counted."""
+        relayed = peer.relayed and self.relay is not None
         try:
-            peer.link.socket.send_multipart([network, *frames], zmq.NOBLOCK, copy=False)
+            if relayed:
+                self.relay.socket.send_multipart([peer.key.encode(), network, *frames],  # type: ignore[union-attr]
+                                                 zmq.NOBLOCK, copy=False)
+            else:
+                peer.link.socket.send_multipart([network, *frames], zmq.NOBLOCK, copy=False)
         except zmq.Again:
             for _ in frames:
                 self.switch.drop(peer, PEER_BUSY)
             return
         peer.tx_frames += len(frames)
         peer.tx_bytes += sum(map(len, frames))
+        if relayed:
+            peer.relayed_tx_frames += len(frames)
 
     def _on_peers(self, _flags: int) -> None:
-        router, switch = self.server.socket, self.switch
+        router = self.server.socket
         for _ in range(PEER_MESSAGES_PER_TURN):
             try:
                 parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if len(parts) < 3:
-                switch.dropped[BAD_PEER_MESSAGE] = switch.dropped.get(BAD_PEER_MESSAGE, 0) + 1
+                self._bad_peer_message()
                 continue
-            key, network = parts[2].get("User-Id"), parts[1].bytes
-            for part in parts[2:]:
-                frame = part.buffer
-                verdict = switch.from_peer(key, network, frame)
-                if not isinstance(verdict, str):
-                    for dest in verdict[0]:
-                        self._to_port(dest, frame)
+            self._deliver(parts[2].get("User-Id"), parts[1].bytes, parts[2:])
+
+    def _on_relay(self, _flags: int) -> None:
+        """Frames other switches sent us by the relay: [sender key, network, frame, ...]."""
+        relay = self.relay
+        for _ in range(PEER_MESSAGES_PER_TURN):
+            if relay is None or relay is not self.relay:
+                return
+            try:
+                parts = relay.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                key = parts[0].bytes.decode("ascii") if len(parts) >= 3 else None
+            except UnicodeDecodeError:
+                key = None
+            if key is None:
+                self._bad_peer_message()
+                continue
+            peer = self.switch.peers.get(key)
+            if peer is not None:
+                peer.relayed_rx_frames += len(parts) - 2
+            self._deliver(key, parts[1].bytes, parts[2:])
+
+    def _bad_peer_message(self) -> None:
+        dropped = self.switch.dropped
+        dropped[BAD_PEER_MESSAGE] = dropped.get(BAD_PEER_MESSAGE, 0) + 1
+
+    def _deliver(self, key: str, network: bytes, parts: list[zmq.Frame]) -> None:
+        """The frames a peer sent in one message, each through the policy to its ports."""
+        switch = self.switch
+        for part in parts:
+            frame = part.buffer
+            verdict = switch.from_peer(key, network, frame)
+            if not isinstance(verdict, str):
+                for dest in verdict[0]:
+                    self._to_port(dest, frame)
 
 
 def _hung_up(sock: socket.socket) -> bool:

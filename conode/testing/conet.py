@@ -192,9 +192,14 @@ class SwitchProcess:
                 raise TimeoutError(f"guest {guest}'s port never connected to switch {self.name}")
             time.sleep(0.01)
 
-    def set_peers(self, *peers: SwitchProcess) -> None:
+    def set_peers(self, *peers: SwitchProcess, relay: tuple[str, str] | None = None,
+                  endpoints: dict[str, str] | None = None) -> None:
+        """Name *peers* (at *endpoints* by name, or where they listen), and the relay (endpoint, key) if any."""
+        endpoints = endpoints or {}
+        extra = {"relay": {"endpoint": relay[0], "key": relay[1]}} if relay else {}
         self.request({"type": "peers", "peers": [
-            {"agent": peer.name, "endpoint": peer.endpoint, "key": peer.keys.public} for peer in peers]})
+            {"agent": peer.name, "endpoint": endpoints.get(peer.name, peer.endpoint), "key": peer.keys.public}
+            for peer in peers], **extra})
         self.stats()
 
     def cpu_seconds(self) -> float:

@@ -383,13 +383,16 @@ class Guest:
 
     @classmethod
     def restore(cls, snapshot: GuestSnapshot, sink: JobSink | None = None, new_identity: bool = False,
-                ram_image: RamImage | None = None, disk_base: Path | None = None) -> "Guest":
+                ram_image: RamImage | None = None, disk_base: Path | None = None,
+                disk_overlay: Path | None = None) -> "Guest":
         """Continue *snapshot*. With *new_identity* the guest is a fresh copy (a pristine guest for a new job);
         *ram_image* (:meth:`GuestSnapshot.ram_image`) maps the snapshot's RAM instead of decoding it;
-        *disk_base* is where the base image of the guest's disk is, if not where it was when it was saved."""
+        *disk_base* is where the base image of the guest's disk is, if not where it was when it was saved;
+        *disk_overlay* is a new file for the disk's overlay (default: a temporary one)."""
         config = CoMachine.config_from_state(snapshot.machine)  # raises SnapshotError only, as set_state does
-        if config.disk is not None and disk_base is not None:
-            config = dataclasses.replace(config, disk=dataclasses.replace(config.disk, base=disk_base))
+        if config.disk is not None and (disk_base is not None or disk_overlay is not None):
+            disk = dataclasses.replace(config.disk, base=disk_base or config.disk.base, overlay=disk_overlay)
+            config = dataclasses.replace(config, disk=disk)
         try:
             guest = cls(config, snapshot.image, None if new_identity else snapshot.guest_id, ram_image=ram_image)
         except DiskImageError as exc:
@@ -500,9 +503,9 @@ class Guest:
         self.agent.run(argv, _Discard(on_exit))
 
     # --- snapshots ------------------------------------------------------------------------------------------
-    def snapshot(self) -> GuestSnapshot:
-        """The whole guest as plain data (the machine must be paused)."""
-        return GuestSnapshot(self.guest_id, self.image, self.machine.get_state(), self.agent.get_state(),
+    def snapshot(self, with_ram: bool = True) -> GuestSnapshot:
+        """The whole guest as plain data (the machine must be paused); see CoMachine.get_state for *with_ram*."""
+        return GuestSnapshot(self.guest_id, self.image, self.machine.get_state(with_ram), self.agent.get_state(),
                              self.job.get_state() if self.job is not None else None, time.time())
 
     def save(self, path: Path) -> int:

@@ -32,7 +32,7 @@ from conode.vm.devices.virtio.console import VirtioConsole
 from conode.vm.devices.virtio.net import VirtioNet
 from conode.vm.disk.config import DiskConfig, DiskConfigState
 from conode.vm.host_channel import HostChannel, connect_uart
-from conode.vm.snapshot import decode_ram, encode_ram
+from conode.vm.snapshot import decode_ram, encode_ram, ram_elsewhere
 from conode.vm.state import blob, bounded, items
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,10 @@ class MachineConfig:
 @dataclass(frozen=True)
 class ConfigState(state.Record):
     KIND = "machine configuration"
-    VERSION = 2  # 2: the disk
-    MIGRATIONS = {1: lambda data: {**data, "disk": None}}
+    VERSION = 3  # 2: the disk; 3: whether the disk holds the root file system
+    MIGRATIONS = {1: lambda data: {**data, "disk": None},
+                  2: lambda data: {**data, "disk": {**data["disk"], "root": False}}
+                  if isinstance(data.get("disk"), dict) else data}
 
     mem_mib: int = bounded(layout.MIN_RAM_MIB, layout.MAX_RAM_MIB)
     cmdline_extra: str = blob(max_len=layout.CMDLINE_MAX)
@@ -200,7 +202,8 @@ class CoMachine:
 
     # --- boot ----------------------------------------------------------------------------------------------
     def boot(self, kernel: KernelImage, initrd: bytes, cmdline: str) -> None:
-        full = " ".join(part for part in (cmdline, self.virtio_cmdline(), self.config.cmdline_extra) if part)
+        disk = self.config.disk.kernel_cmdline() if self.config.disk is not None else ""
+        full = " ".join(part for part in (cmdline, self.virtio_cmdline(), disk, self.config.cmdline_extra) if part)
         plan = load_linux(self.ram.view, kernel, initrd, full, os.urandom(RNG_SEED_BYTES))
         self.cpu.enter_protected_mode(layout.BOOT_GDT, 31, layout.BOOT_CS, layout.BOOT_DS, plan.entry,
                                       plan.boot_params)
@@ -211,6 +214,11 @@ class CoMachine:
         self._calls.append(fn)
         self.cpu.request_stop()
         self._wake.set()
+
+    def run_calls(self) -> None:
+        """Run now what other threads handed over with call_soon (only while the machine is not running)."""
+        while self._calls:
+            self._calls.popleft()()
 
     def pause(self) -> None:
         """Make :meth:`run` return PAUSED at the next slice boundary; safe from any thread."""
@@ -281,8 +289,9 @@ class CoMachine:
         self._wake.clear()
 
     # --- snapshots ---------------------------------------------------------------------------------------
-    def get_state(self) -> dict:
-        """The whole machine as plain data (call only while it is not running)."""
+    def get_state(self, with_ram: bool = True) -> dict:
+        """The whole machine as plain data (call only while it is not running); without its RAM's pages if not
+        *with_ram* (migration sends them apart: the machine is then restored with them as its RAM image)."""
         config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra,
                                         DiskConfigState.of(self.config.disk)))
         devices = DevicesState(self.pic.get_state(), self.pit.get_state(), self.uart.get_state(),
@@ -290,7 +299,8 @@ class CoMachine:
                                tuple(t.get_state() for t in self.virtio), self.channel.get_state(),
                                self.pci.get_state(), tuple(f.get_state() for f in self.virtio_pci),
                                self.disk.get_state() if self.disk is not None else None)
-        return state.dump(MachineState(config, self.cpu.get_state(), encode_ram(self.ram.view),
+        ram = encode_ram(self.ram.view) if with_ram else ram_elsewhere(self.ram.size)
+        return state.dump(MachineState(config, self.cpu.get_state(), ram,
                                        self.clock.get_state(), self.halted, devices))
 
     def set_state(self, data: dict) -> None:

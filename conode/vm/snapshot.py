@@ -22,6 +22,7 @@ from typing import Any
 
 import msgpack
 
+from conode.atomic_file import write_atomically
 from conode.errors import SnapshotError
 from conode.limits import MAX_GUEST_MEM_MIB, MAX_SNAPSHOT_BYTES
 from conode.vm import layout, state
@@ -70,6 +71,12 @@ def encode_ram(ram: memoryview) -> dict[str, Any]:
     return state.dump(RamState(size, PAGE, bytes(bitmap), tuple(chunks)))
 
 
+def ram_elsewhere(size: int) -> dict[str, Any]:
+    """A RAM record that holds no page: the RAM travels beside the state (migration streams it page by page) and
+    the machine restored from it maps that RAM as its image."""
+    return state.dump(RamState(size, PAGE, bytes((size // PAGE + 7) // 8), ()))
+
+
 def decode_ram(encoded: dict[str, Any], ram: memoryview) -> None:
     """Fill *ram* (which must be zeroed) from :func:`encode_ram`'s output; raise SnapshotError if it is not
     valid (RAM is then partly written). Memory use is bounded: each chunk inflates to at most one chunk."""
@@ -103,16 +110,9 @@ def write_snapshot(path: Path, state: dict[str, Any]) -> int:
     """Write *state* atomically (a partial file never replaces a good one); return the file size."""
     payload = msgpack.packb(state, use_bin_type=True)
     header = HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as out:
-            out.write(header)
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, header, payload)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror or exc}") from None
     return len(header) + len(payload)
 

@@ -13,10 +13,12 @@ import pytest
 import zmq
 
 from conode.agent.pipe import pack
+from conode.cluster.keys import generate_key_pair
 from conode.conet import frames
 from conode.conet import switch as sw
 from conode.conet.switchd import BAD_TOKEN, PEER_BUSY, REFUSED, TOKEN_TIMEOUT_S
-from conode.limits import CONET_MTU, CONET_VNET_HDR
+from conode.limits import CONET_MTU, CONET_RELAY_AFTER_S, CONET_VNET_HDR
+from coordinator.relay import NOT_PEERS, Relay
 from conode.testing.conet import GuestPort, SwitchProcess, arp, ethernet, ipv4, load_process, load_result, sized
 
 
@@ -373,3 +375,48 @@ def test_a_switch_that_cannot_start_says_why(switches, tmp_path, problem):
     assert {"address in use": "cannot listen on", "no keys": "is missing",
             "no directory": "cannot listen for guest ports"}[problem] in result.stderr
     assert not ports.exists()
+
+
+def closed_port_endpoint() -> str:
+    """A loopback endpoint nobody listens on: a peer there is unreachable."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    number = probe.getsockname()[1]
+    probe.close()
+    return f"tcp://127.0.0.1:{number}"
+
+
+def test_peers_that_cannot_reach_each_other_talk_through_the_relay(switches, tmp_path):
+    a, b, x = switches("a"), switches("b"), switches("x")
+    keys = generate_key_pair(tmp_path / "coordinator", "coordinator")
+    agents = {a.keys.public, b.keys.public, x.keys.public}
+    relay = Relay("tcp://127.0.0.1:*", keys, agents.__contains__).start()
+    try:
+        relay.set_peers(a.keys.public, "a", [b.keys.public])
+        relay.set_peers(b.keys.public, "b", [a.keys.public])
+        relay.set_peers(x.keys.public, "x", [])  # an agent, but no peer of a or b
+        nowhere = closed_port_endpoint()
+        a.set_peers(b, relay=(relay.endpoint, keys.public), endpoints={"b": nowhere})
+        b.set_peers(a, relay=(relay.endpoint, keys.public), endpoints={"a": nowhere})
+        x.set_peers(a, relay=(relay.endpoint, keys.public), endpoints={"a": nowhere})
+        g1 = a.add_port(mac(1), ip(1), "red", "g1")
+        g2 = b.add_port(mac(2), ip(2), "red", "g2")
+        g9 = x.add_port(mac(9), ip(9), "red", "g9")
+        request, reply = arp(mac(1), ip(1), ip(2)), arp(mac(2), ip(2), ip(1))
+        assert until_delivered(g1, request, g2, timeout=CONET_RELAY_AFTER_S + 10) == request
+        assert until_delivered(g2, reply, g1, timeout=CONET_RELAY_AFTER_S + 10) == reply
+        wait_for(lambda: x.stats()["peers"]["a"]["relayed"], timeout=CONET_RELAY_AFTER_S + 5)
+        for _ in range(5):
+            g9.send(arp(mac(9), ip(9), ip(1)))  # x is no peer of a's at the relay: not forwarded
+        wait_for(lambda: relay.stats()["dropped"].get(NOT_PEERS, 0) >= 5)
+        assert g1.drain(0.5) == []
+        seen_a, seen_b = a.stats(), b.stats()
+        assert seen_a["relay"]["connected"] and seen_a["peers"]["b"]["relayed"]
+        assert seen_a["peers"]["b"]["relayed_tx_frames"] >= 1 and seen_a["peers"]["b"]["relayed_rx_frames"] >= 1
+        assert seen_b["peers"]["a"]["relayed_tx_frames"] >= 1
+        counted = relay.stats()
+        assert counted["frames"]["a"] >= 1 and counted["frames"]["b"] >= 1, counted
+        assert "x" not in counted["frames"]
+    finally:
+        relay.stop()
+

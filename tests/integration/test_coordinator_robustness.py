@@ -290,6 +290,10 @@ _kind_values = {
     "peers": st.lists(st.fixed_dictionaries({"node": _text, "endpoint": _text, "key": _text}), max_size=2),
     "identity": st.just({"network": "job:1", "mac": b"\x02\xc0\xde\x00\x00\x01", "ip": "10.213.0.2", "prefix": 16,
                          "hostname": "job1", "rank": 0, "size": 1, "hosts": [["job1", "10.213.0.2"]]}),
+    "digest": st.binary(min_size=32, max_size=32),
+    "digest_list": st.lists(st.binary(min_size=32, max_size=32), max_size=3),
+    "sha256": st.text("0123456789abcdef", min_size=64, max_size=64),
+    "image": st.just({"name": "img", "sha256": "0" * 64, "size": 1, "chunks": [bytes(32)]}),
 }
 
 

@@ -32,14 +32,14 @@ def agent_status(pool, name):
         return {}
 
 
-def start_owner_aware_agent(pool, name, **policy):
+def start_owner_aware_agent(pool, name, host=None, **policy):
     settings = {"start_idle_s": 1.0, "continue_idle_s": 1.0, "active_input_s": 0.5, "vacate_after_s": 600.0,
                 "start_max_load": 1000.0, "suspend_load": 1000.0, **policy}  # other test processes are not the owner
     config = pool.root / f"{name}.toml"
     config.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()))
     owner = Owner(pool.root / f"{name}.activity")
     owner.types()
-    pool.add_agent(name, "--idle-source", f"file:{owner.path}", "--config", str(config))
+    pool.add_agent(name, "--idle-source", f"file:{owner.path}", "--config", str(config), host=host)
     return owner
 
 

@@ -32,13 +32,13 @@ def network() -> Iterator[TestNetwork]:
         yield net
 
 
-def pool_across_hosts(net: TestNetwork, root: Path, agents: list[str]) -> Pool:
-    """A coordinator on host "coord", listening on its address, and one agent (owner away) per host in *agents*;
-    returns once every agent's guest is ready."""
+def pool_across_hosts(net: TestNetwork, root: Path, agents: list[str], *extra: str) -> Pool:
+    """A coordinator on host "coord", listening on its address, and one agent (owner away, and flags *extra*)
+    per host in *agents*; returns once every agent's guest is ready."""
     pool = Pool(root, host=net.host(COORDINATOR_HOST))
     pool.start_coordinator()
     for name in agents:
-        pool.add_agent(name, host=net.host(name))
+        pool.add_agent(name, "--owner", "away", *extra, host=net.host(name))
     pool.wait_until(f"{len(agents)} ready nodes", lambda: sorted(pool.ready_nodes()) == sorted(agents),
                     timeout=READY_TIMEOUT_S)
     return pool

@@ -75,6 +75,18 @@ def test_a_cut_host_is_unreachable_until_restored():
             assert time.monotonic() < deadline, "the restored link carries nothing"
 
 
+def test_two_blocked_hosts_cannot_reach_each_other_but_reach_the_others_until_unblocked():
+    with TestNetwork() as net:
+        a, b, c = net.host("a"), net.host("b"), net.host("c")
+        serve(a)
+        serve(c)
+        net.block(a, b)
+        assert connect(b, a.address) == "EACCES"
+        assert connect(b, c.address) == "hello" and connect(c, a.address) == "hello"
+        net.unblock(a, b)
+        assert connect(b, a.address) == "hello"
+
+
 def test_delay_slows_the_round_trip():
     with TestNetwork() as net:
         a, b = net.host("a"), net.host("b")

@@ -382,6 +382,18 @@ class TestNetwork:
         """Plug *host* back in."""
         ip("-n", self.switch, "link", "set", host.port, "up")
 
+    def block(self, one: Host, other: Host) -> None:
+        """Make *one* and *other* unable to reach each other, while both still reach every other host: each
+        gets a "prohibit" route to the other's address (its packets to it are refused on the spot, and an
+        established connection between them goes quiet)."""
+        for host, peer in ((one, other), (other, one)):
+            ip("-n", host.namespace, "route", "replace", "prohibit", f"{peer.address}/32")
+
+    def unblock(self, one: Host, other: Host) -> None:
+        """Undo :meth:`block`."""
+        for host, peer in ((one, other), (other, one)):
+            ip("-n", host.namespace, "route", "del", "prohibit", f"{peer.address}/32", check=False)
+
     def delay(self, host: Host, ms: float) -> None:
         """Delay every packet to and from *host* by *ms* each way (0 removes the delay); needs tc's netem."""
         for namespace, device in ((self.switch, host.port), (host.namespace, HOST_INTERFACE)):

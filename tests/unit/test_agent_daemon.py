@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from conode.agent.conet import ConetSwitch
 from conode.agent.daemon import AgentDaemon
 from conode.agent.settings import AgentConfig
 from conode.agent.supervisor import RESTART_BACKOFF_S
@@ -25,16 +26,18 @@ POLICY = PolicyConfig()
 class Agent:
     """One agent on a state directory, with every outside part replaced by a test double."""
 
-    def __init__(self, state_dir, cores=2, clock=None, wall=None, while_owner="pause"):
+    def __init__(self, state_dir, cores=2, clock=None, wall=None, while_owner="pause", chunks=None,
+                 image_cache_mib=16384):
         self.clock = clock or FakeClock(1000.0)
         self.wall = wall or FakeClock(1.7e9)
         self.coordinator = MemoryTransport()
         self.workers = FakeWorkers()
         self.idle = SettableIdle(math.inf)
         config = AgentConfig(state_dir=state_dir, name="desk1", coordinator="tcp://127.0.0.1:1",
-                             coordinator_key="", cores=cores, mem_mib=128, policy=POLICY, while_owner=while_owner)
+                             coordinator_key="", cores=cores, mem_mib=128, policy=POLICY, while_owner=while_owner,
+                             image_cache_mib=image_cache_mib)
         self.daemon = AgentDaemon(config, clock=self.clock, wall=self.wall, transport=self.coordinator,
-                                  start_worker=self.workers, sources=[self.idle])
+                                  start_worker=self.workers, sources=[self.idle], chunks=chunks)
 
     def step(self, times=1, advance=0.0):
         for _ in range(times):
@@ -419,3 +422,47 @@ def test_a_refused_key_stops_the_agent_with_a_clear_error(agent):
     agent.coordinator.refused = True
     with pytest.raises(Exception, match="refused this agent's key"):
         agent.step()
+
+
+def test_a_vacated_guest_gets_its_conet_port_back_when_a_restarted_agent_resumes_it(tmp_path):
+    def plugged(agent: Agent) -> ConetSwitch:
+        """The agent with a switch (never started: the ports it would be given are what is checked)."""
+        switch = ConetSwitch(tmp_path, "tcp://127.0.0.1:7704", "tcp://127.0.0.1:1", tmp_path / "keys",
+                             agent.daemon.waker.signal, agent.clock)
+        agent.daemon.conet = agent.daemon.guests._ports = switch
+        return switch
+
+    agent = Agent(tmp_path)
+    switch = plugged(agent)
+    w0, _ = agent.join()
+    net = {"mac": bytes.fromhex("02c0de000001"), "ip": "10.213.0.7", "prefix": 16, "hostname": "job1",
+           "hosts": [["job1", "10.213.0.7"]], "rank": 0, "size": 1, "network": "job-1"}
+    agent.coordinator.deliver("run_job", job=1, argv=["true"], inputs={}, outputs=[], mem_mib=128, net=net)
+    agent.step()
+    first_token = w0.of_type("run")[0]["net"]["token"]
+    agent.idle.owner_back()
+    agent.step()
+    agent.pass_time(POLICY.vacate_after_s)
+    [vacate] = w0.of_type("vacate")
+    (tmp_path / "vacated" / "worker-0.snap").write_bytes(b"snapshot")
+    w0.emit("vacated", path=vacate["path"], jobs=[1])
+    w0.exit(0)
+    agent.step(2)
+    assert switch.port_of(1) is None  # its guest is on disk: no port meanwhile
+    agent.daemon.shutdown()
+
+    restarted = Agent(tmp_path)
+    switch = plugged(restarted)
+    restarted.step(2)
+    restarted.coordinator.welcome()
+    restarted.step()
+    resumed = restarted.workers.current(0)
+    resumed.ready()
+    restarted.step()
+    [plug] = resumed.of_type("plug")
+    assert plug["socket"] == str(switch.socket_path) and len(plug["token"]) == 16 and plug["token"] != first_token
+    assert switch.port_of(1) == {"mac": net["mac"], "ip": net["ip"], "network": net["network"]}
+    assert restarted.sent("job_resumed", 1)
+    resumed.finish(1)
+    restarted.step()
+    assert switch.port_of(1) is None  # finished: its port is gone

@@ -17,11 +17,13 @@ from conode.agent.wire import (
 from conode.limits import (
     CHANNEL_MAX_PAYLOAD,
     MAX_ARGV,
+    MAX_DISK_BUDGET_MIB,
     MAX_FILES,
     MAX_JOB_INPUT_BYTES,
     MAX_JOB_OUTPUT_BYTES,
     MAX_OUTPUT_FILE_BYTES,
     MAX_PATH_BYTES,
+    MAX_SMALL_FIELD,
 )
 from conode.vm.net_identity import NetIdentity
 
@@ -37,6 +39,7 @@ GOOD_FROM = {
 GOOD_TO = {
     "run": {"job": 1, "argv": ["sh", "-c", "true"], "inputs": {"in.txt": b"1"}, "outputs": ["out.txt"]},
     "cancel": {"job": 1}, "pause": {}, "resume": {}, "vacate": {"path": "/tmp/x.snap"}, "quit": {},
+    "plug": {"token": bytes(16), "socket": "/state/conet.sock"},
 }
 
 
@@ -90,6 +93,13 @@ def test_outputs_over_the_limits_are_the_jobs_fault():
 def test_what_the_agent_may_not_send_a_worker(field, value):
     with pytest.raises(PipeError):
         validate_to_worker({"type": "run", **GOOD_TO["run"], field: value})
+
+
+@pytest.mark.parametrize("field,value", [("token", bytes(15)), ("token", "x" * 16), ("socket", ""),
+                                         ("socket", "/" + "s" * 200)])
+def test_a_plug_message_carries_a_whole_token_and_a_socket_path(field, value):
+    with pytest.raises(PipeError, match="plug"):
+        validate_to_worker({"type": "plug", **GOOD_TO["plug"], field: value})
 
 
 values = st.recursive(
@@ -152,3 +162,21 @@ def test_any_conet_map_is_either_valid_or_a_pipe_error(net, base):
         validate_to_worker({"type": "run", **GOOD_TO["run"], "net": {**NET, **net} if base else net})
     except PipeError:
         pass
+
+
+DISK = {"base": "/state/images/ab.img", "overlay": "/state/overlays/job-1.cow", "budget_mib": 1024}
+
+
+def test_a_run_may_carry_the_guests_root_disk():
+    message = {"type": "run", **GOOD_TO["run"], "disk": DISK}
+    assert validate_to_worker(message) == message
+
+
+@pytest.mark.parametrize("disk", [
+    {**DISK, "budget_mib": 0}, {**DISK, "budget_mib": MAX_DISK_BUDGET_MIB + 1}, {**DISK, "budget_mib": True},
+    {**DISK, "base": ""}, {**DISK, "overlay": "x" * (MAX_SMALL_FIELD + 1)}, {**DISK, "base": b"/a"},
+    {k: v for k, v in DISK.items() if k != "overlay"}, {**DISK, "root": True}, "disk",
+])
+def test_a_disk_the_worker_could_not_open_as_told_never_reaches_it(disk):
+    with pytest.raises(PipeError, match="disk"):
+        validate_to_worker({"type": "run", **GOOD_TO["run"], "disk": disk})

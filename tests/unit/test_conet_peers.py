@@ -21,10 +21,23 @@ def test_only_agents_sharing_a_network_are_peers():
     d.guest_placed(12, "job:2", "c")
     changes = d.changes()
     assert {n: names(p) for n, p in changes.items()} == {"a": ["b"], "b": ["a"]}
-    assert changes["a"][0] == {"node": "b", "endpoint": "tcp://b:7704", "key": "key-b"}
+    assert changes["a"][0] == {"node": "b", "endpoint": "tcp://b:7704", "key": "key-b", "networks": ["job:1"]}
     assert d.changes() == {}  # told once
     d.guest_gone(11)
     assert {n: names(p) for n, p in d.changes().items()} == {"a": [], "b": []}
+
+
+def test_each_peer_comes_with_the_networks_shared_with_it():
+    d = PeerDirectory()
+    for node in ("a", "b"):
+        d.node_joined(node, f"tcp://{node}:7704", f"key-{node}")
+    d.guest_placed(1, "red", "a")
+    d.guest_placed(2, "blue", "a")
+    d.guest_placed(3, "red", "b")
+    assert [p["networks"] for p in d.changes()["a"]] == [["red"]]
+    d.guest_placed(4, "blue", "b")  # a second shared network: the lists change
+    assert {n: [p["networks"] for p in peers] for n, peers in d.changes().items()} == {
+        "a": [["blue", "red"]], "b": [["blue", "red"]]}
 
 
 def test_a_node_that_leaves_is_dropped_from_its_peers_lists():
@@ -64,3 +77,6 @@ def test_told_lists_always_match_the_truth(operations):
                 mine = {net for net, n in guests.values() if n == me}
                 truth = sorted({n for net, n in guests.values() if net in mine and n != me and n in d._endpoints})
                 assert names(d._sent.get(me, [])) == truth
+                for peer in d._sent.get(me, []):
+                    theirs = {net for net, n in guests.values() if n == peer["node"]}
+                    assert peer["networks"] == sorted(mine & theirs)

@@ -58,6 +58,17 @@ def test_broadcast_goes_to_the_network_and_every_peer(switch):
     assert names(decision) == (["g1", "g2"], ["p", "q"])  # the caller skips the sender itself
 
 
+def test_peers_named_with_their_networks_get_only_those_networks_broadcasts_and_unknown_unicast(switch):
+    switch.set_peers([("p", "tcp://h1:1", KEY_P), ("q", "tcp://h2:1", KEY_Q)], {KEY_P: ["red"], KEY_Q: ["blue"]})
+    red = switch.from_port(port(switch, 1), arp(mac(1), "10.9.0.1", "10.9.0.2"))
+    blue = switch.from_port(port(switch, 3), arp(mac(3), "10.9.0.3", "10.9.0.9"))
+    unknown = switch.from_port(port(switch, 1), ipv4(mac(77), mac(1), "10.9.0.1", "10.9.0.77"))
+    assert names(red) == (["g1", "g2"], ["p"]) and names(blue) == (["g3"], ["q"])
+    assert names(unknown) == ([], ["p"])
+    switch.set_peers([("p", "tcp://h1:1", KEY_P), ("q", "tcp://h2:1", KEY_Q)])  # not named: on every network
+    assert names(switch.from_port(port(switch, 3), arp(mac(3), "10.9.0.3", "10.9.0.9"))) == (["g3"], ["p", "q"])
+
+
 def test_unicast_goes_to_the_local_port_only(switch):
     assert names(switch.from_port(port(switch, 1), ipv4(mac(2), mac(1), "10.9.0.1", "10.9.0.2"))) == (["g2"], [])
 

@@ -261,6 +261,18 @@ def test_a_vacated_job_resumes_on_its_node(pool):
     assert pool.job(job)["state"] == "running" and job in pool.coordinator.nodes["n1"].running
 
 
+def test_a_vacated_job_whose_guest_cannot_be_resumed_runs_again(pool):
+    pool.hello("n1")
+    job = pool.submit()
+    pool.take("n1")
+    pool.send("n1", "job_vacated", job=job)
+    pool.send("n1", "job_failed", job=job, reason="its saved guest was discarded: no base image", retry=True)
+    answers = pool.take("n1")
+    assert {"v": 1, "type": "ack", "job": job} in answers
+    assert run_jobs(answers) == [job]  # placed again at once, not held for an hour
+    assert pool.job(job)["state"] == "running" and "no base image" in pool.job(job)["reason"]
+
+
 # --- a coordinator restart ----------------------------------------------------------------------------------
 def test_a_restarted_coordinator_recovers_running_and_queued_jobs(tmp_path):
     first = Pool(tmp_path)

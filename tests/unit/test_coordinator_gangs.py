@@ -70,7 +70,9 @@ def test_agents_sharing_a_gang_are_told_each_other_before_the_ranks_start(pool):
         kinds = [m["type"] for m in messages]
         assert kinds.index("conet_peers") < kinds.index("run_job")
         (peers,) = [m["peers"] for m in messages if m["type"] == "conet_peers"]
-        assert peers == [{"node": other, "endpoint": f"tcp://{other}.test:7704", "key": f"{other}-public-key"}]
+        (run,) = [m for m in messages if m["type"] == "run_job"]
+        assert peers == [{"node": other, "endpoint": f"tcp://{other}.test:7704", "key": f"{other}-public-key",
+                          "networks": [run["net"]["network"]]}]
     assert [m["type"] for m in pool.take("n3")] == ["welcome"]  # no share in the gang: told nothing
 
 

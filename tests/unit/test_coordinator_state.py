@@ -63,3 +63,32 @@ def test_a_loose_state_directory_is_made_private_when_the_coordinator_starts(tmp
         assert_private(state)
     finally:
         coordinator.close()
+
+
+def test_the_conet_relay_listens_on_the_next_port_unless_configured(tmp_path):
+    state = StateDir(tmp_path / "state")
+    assert state.conet_relay("tcp://0.0.0.0:7700") == "tcp://0.0.0.0:7701"
+    assert state.conet_relay("tcp://10.1.2.3:*") == "tcp://10.1.2.3:*"
+    state.root.mkdir()
+    state.settings.write_text('conet_relay = "off"\n')
+    assert state.conet_relay("tcp://0.0.0.0:7700") == "off"
+
+
+def test_a_relay_that_cannot_listen_leaves_the_coordinator_running_without_one(tmp_path, caplog):
+    home = tmp_path / "home"
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+    subprocess.run([sys.executable, "-m", "coordinator.cli", "init", "--state-dir", str(tmp_path / "state")],
+                   env=env, check=True, capture_output=True, timeout=60)
+    state = StateDir(tmp_path / "state")
+    first = Coordinator(state, clock=lambda: 0.0, transport=NoTransport(), relay="tcp://127.0.0.1:*")
+    try:
+        assert first.relay is not None
+        taken = first.relay.endpoint
+        second = Coordinator(state, clock=lambda: 0.0, transport=NoTransport(), relay=taken)
+        try:
+            assert second.relay is None
+            assert "no conet relay" in caplog.text and "conet_relay" in caplog.text
+        finally:
+            second.close()
+    finally:
+        first.close()

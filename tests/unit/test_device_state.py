@@ -390,3 +390,21 @@ def test_a_machine_with_a_disk_carries_its_overlay(tmp_path):
     without = {**saved, "devices": {**saved["devices"], "disk": None}}
     with pytest.raises(SnapshotError, match="disk"):
         restore_machine(without)
+
+
+def test_a_root_disk_is_named_on_the_command_line_and_kept_in_the_saved_configuration(tmp_path):
+    from conode.vm.disk.config import DiskConfig
+
+    base = tmp_path / "root.img"
+    base.write_bytes(bytes(64 * 1024))
+    assert DiskConfig(base).kernel_cmdline() == ""
+    assert DiskConfig(base, root=True).kernel_cmdline() == "conode.root=/dev/vda"
+    machine = CoMachine(MachineConfig(mem_mib=48, disk=DiskConfig(base, root=True)), lambda d: None,
+                        lambda d: None)
+    saved = machine.get_state()
+    machine.close()
+    assert CoMachine.config_from_state(saved).disk.root is True
+    older = {**saved, "config": {**saved["config"], "version": 2,  # before the root flag: a data disk
+                                 "disk": {k: v for k, v in saved["config"]["disk"].items() if k != "root"}}}
+    config = CoMachine.config_from_state(older)
+    assert config.disk is not None and config.disk.root is False and config.disk.base == base

@@ -141,3 +141,20 @@ def test_cpuid_hides_sep_and_apic_and_names_conode():
     assert struct.pack("<III", ebx, ecx, edx) == b"conodeconode"
     brand = b"".join(struct.pack("<IIII", *cpuid_leaf(leaf)) for leaf in (0x80000002, 0x80000003, 0x80000004))
     assert brand.rstrip(b"\0") == b"conode virtual CPU (Unicorn TCG)"
+
+
+def _family_model(eax: int) -> tuple[int, int]:
+    return eax >> 8 & 0xF, (eax >> 4 & 0xF) | (eax >> 16 & 0xF) << 4
+
+
+def test_the_cpu_without_an_fpu_is_no_westmere():
+    """Without an FPU (the stock engine) CPUID hides the x87, MMX and SSE, and gives a model of its own: glibc
+    copies memory with SSE2 on any Westmere, whatever the SSE2 bit says."""
+    eax, _, ecx, edx = cpuid_leaf(1, fpu=False)
+    assert not edx & ((1 << 0) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)) and not ecx & (1 << 0)
+    assert _family_model(eax) == (6, 0x10)
+    assert _family_model(cpuid_leaf(1)[0]) == (6, 0x2C)
+    # glibc (sysdeps/x86/cpu-features.c) sets Fast_Unaligned_Load, and its i386 memcpy then runs SSE2, for these
+    # family 6 models (Nehalem, Westmere, Silvermont, Airmont, Goldmont, Tremont) whatever the feature bits say.
+    assert _family_model(eax)[1] not in {0x1A, 0x1E, 0x1F, 0x25, 0x2C, 0x2E, 0x2F, 0x37, 0x4A, 0x4C, 0x4D, 0x5A,
+                                         0x5C, 0x5D, 0x5F, 0x75, 0x86, 0x96, 0x9C}

@@ -44,7 +44,18 @@ def identities(draw):
             "hostname": hosts[rank][0], "rank": rank, "size": size, "hosts": hosts}
 
 
-peers = st.lists(st.fixed_dictionaries({"node": TEXT, "endpoint": TEXT, "key": TEXT}), max_size=4)
+peers = st.lists(st.fixed_dictionaries({"node": TEXT, "endpoint": TEXT, "key": TEXT},
+                                       optional={"networks": st.lists(TEXT, max_size=3)}), max_size=4)
+digest = st.binary(min_size=32, max_size=32)
+sha256_hex = st.text("0123456789abcdef", min_size=64, max_size=64)
+
+
+@st.composite
+def images(draw):
+    size = draw(st.integers(1, 5 * protocol.IMAGE_CHUNK_BYTES))
+    chunks = draw(st.lists(digest, min_size=protocol.image_chunk_count(size),
+                           max_size=protocol.image_chunk_count(size)))
+    return {"name": draw(label), "sha256": draw(sha256_hex), "size": size, "chunks": chunks}
 
 
 def strategy_for(kind):
@@ -71,6 +82,10 @@ def strategy_for(kind):
         "map": st.dictionaries(TEXT, plain, max_size=5),
         "identity": identities(),
         "peers": peers,
+        "digest": digest,
+        "digest_list": st.lists(digest, max_size=5),
+        "sha256": sha256_hex,
+        "image": images(),
     }[tag]
 
 
@@ -80,7 +95,8 @@ def minimal_value(kind):
         value = 1 if kind.low is None else kind.low
         return int(value) if kind.tag == "int" else float(value)
     return {"str": "s", "bool": False, "bytes": b"", "str_list": [], "argv": [], "paths": [], "int_list": [],
-            "files": {}, "list": [], "map": {}, "peers": []}[kind.tag]
+            "files": {}, "list": [], "map": {}, "peers": [], "digest": bytes(32), "digest_list": [],
+            "sha256": "0" * 64, "image": {"name": "i", "sha256": "0" * 64, "size": 1, "chunks": [bytes(32)]}}[kind.tag]
 
 
 @st.composite
@@ -407,3 +423,17 @@ def test_files_fields_use_the_path_check():
 def test_an_integer_msgpack_cannot_carry_is_a_protocol_error_when_encoding():
     with pytest.raises(ProtocolError, match="beyond 64 bits"):
         encode("status_reply", nodes=[], totals={"x": 2**70})
+
+
+@pytest.mark.parametrize("peer", [
+    {"node": "a", "endpoint": "tcp://a:1", "key": "k", "networks": "red"},
+    {"node": "a", "endpoint": "tcp://a:1", "key": "k", "networks": [1]},
+    {"node": "a", "endpoint": "tcp://a:1", "key": "k", "networks": ["n"] * (protocol.MAX_SHARED_NETWORKS + 1)},
+    {"node": "a", "endpoint": "tcp://a:1", "key": "k", "colour": "red"},
+    {"node": "a", "endpoint": "tcp://a:1"},
+])
+def test_a_peer_entry_is_node_endpoint_key_and_optionally_networks(peer):
+    good = {"node": "a", "endpoint": "tcp://a:1", "key": "k", "networks": ["red", "blue"]}
+    assert protocol.decode(protocol.encode("conet_peers", peers=[good], relay="tcp://c:7701"))["peers"] == [good]
+    with pytest.raises(ProtocolError, match="peers"):
+        protocol.encode("conet_peers", peers=[peer])

@@ -9,6 +9,8 @@ import pytest
 from conode import limits
 from conode.cluster import protocol
 from conode.cluster.protocol import JOB_CWD_BYTES, PROTOCOL_VERSION, ProtocolError, argv_bytes, decode, encode
+from conode.limits import (IMAGE_CHUNK_BYTES, MAX_DISK_BUDGET_MIB, MAX_FILES, MAX_FRAME_BYTES, MAX_IMAGE_BYTES,
+                           MAX_IMAGE_CHUNKS, MAX_IMAGE_NAME, MAX_JOB_INPUT_BYTES)
 
 
 def packed(kind, **fields):
@@ -167,3 +169,49 @@ def test_sane_reports_pass():
     accepted_both_ways("hello", **hello(cores=protocol.MAX_NODE_CORES, mem_mib=limits.MAX_GUEST_MEM_MIB))
     accepted_both_ways("heartbeat", node="n1", state="Owner", idle_s=0, running=[1, 2], speed=3.5e6,
                        cpu_percent=250.0)
+
+
+# --- disk images ---------------------------------------------------------------------------------------------
+def _image(size=IMAGE_CHUNK_BYTES + 1, chunks=2):
+    return {"name": "deb", "sha256": "a" * 64, "size": size, "chunks": [bytes(32)] * chunks}
+
+
+def test_image_chunks_are_bounded_and_named_by_32_byte_digests():
+    encode("image_put", digest=bytes(32), data=b"\0" * IMAGE_CHUNK_BYTES)
+    with pytest.raises(ProtocolError, match="data"):
+        encode("image_put", digest=bytes(32), data=b"\0" * (IMAGE_CHUNK_BYTES + 1))
+    for bad in (bytes(31), bytes(33), "0" * 32):
+        with pytest.raises(ProtocolError, match="digest"):
+            encode("image_chunk_get", digest=bad)
+    with pytest.raises(ProtocolError, match="chunks"):
+        encode("image_missing", chunks=[bytes(32)] * (MAX_IMAGE_CHUNKS + 1))
+
+
+def test_an_image_commit_names_its_whole_file_digest_in_hex():
+    fields = {"name": "deb", "size": 5, "chunks": [bytes(32)]}
+    encode("image_commit", sha256="0123456789abcdef" * 4, **fields)
+    for bad in ("A" * 64, "0" * 63, "g" * 64):
+        with pytest.raises(ProtocolError, match="sha256"):
+            encode("image_commit", sha256=bad, **fields)
+    with pytest.raises(ProtocolError, match="size"):
+        encode("image_commit", sha256="0" * 64, name="deb", size=MAX_IMAGE_BYTES + 1, chunks=[])
+
+
+def test_a_run_job_image_lists_exactly_its_chunks():
+    base = {"job": 1, "argv": ["true"], "inputs": {}, "outputs": [], "mem_mib": 128}
+    assert decode(encode("run_job", image=_image(), disk_mib=64, **base))["image"] == _image()
+    for image in (_image(chunks=1), _image(chunks=3), _image(size=0, chunks=0), {**_image(), "extra": 1},
+                  {k: v for k, v in _image().items() if k != "name"}):
+        with pytest.raises(ProtocolError, match="image"):
+            encode("run_job", image=image, **base)
+    with pytest.raises(ProtocolError, match="disk_mib"):
+        encode("run_job", disk_mib=MAX_DISK_BUDGET_MIB + 1, **base)
+
+
+def test_the_largest_image_fits_a_run_job_beside_the_largest_inputs():
+    chunks = protocol.image_chunk_count(MAX_IMAGE_BYTES)
+    assert chunks == MAX_IMAGE_CHUNKS
+    image = {"name": "x" * MAX_IMAGE_NAME, "sha256": "0" * 64, "size": MAX_IMAGE_BYTES, "chunks": [bytes(32)] * chunks}
+    inputs = {f"f{i}": b"\0" * (MAX_JOB_INPUT_BYTES // MAX_FILES) for i in range(MAX_FILES)}
+    frame = encode("run_job", job=1, argv=["a" * 1000] * 200, inputs=inputs, outputs=[], mem_mib=128, image=image)
+    assert len(frame) <= MAX_FRAME_BYTES

@@ -96,7 +96,7 @@ def test_queued_and_counts(tmp_path):
     store = Store(tmp_path / "c.db")
     jobs = [store.add_job(["true"], {}, [], mem, "admin") for mem in (64, 128, 256)]
     store.mark_running(jobs[1], "n1")
-    assert store.queued() == [(jobs[0], 64, 1), (jobs[2], 256, 1)]
+    assert store.queued() == [(jobs[0], 64, 1, 0), (jobs[2], 256, 1, 0)]
     assert store.job_counts() == {"queued": 2, "running": 1}
 
 

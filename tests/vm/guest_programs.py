@@ -5,12 +5,15 @@ from __future__ import annotations
 import platform
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conode.vm.guest import Guest, JobSpec
+from conode.vm.cpu.unicorn_cpu import RamImage
+from conode.vm.guest import Guest, GuestSnapshot, JobSpec
 from conode.vm.guest_image import load_guest_image
 from conode.vm.machine import MachineConfig
 
@@ -85,3 +88,39 @@ def run_in_guest(program: Path, *args: str) -> bytes:
     """The program in a freshly booted guest; its stdout."""
     return bytes(run_job_in_guest(["sh", "-c", 'chmod +x prog && exec ./prog "$@"', "prog", *args],
                                   {"prog": program.read_bytes()}).stdout)
+
+
+def ready_snapshot(config: MachineConfig, timeout_s: float = 120) -> GuestSnapshot:
+    """The post-boot snapshot of a guest of *config* (conode's kernel and initramfs), taken when its agent is
+    ready, as a worker takes its pristine snapshot."""
+    guest = Guest.boot(load_guest_image(), config)
+    guest.on_ready = lambda name: guest.machine.pause()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not guest.agent.ready and guest.failure is None and time.monotonic() < deadline:
+            guest.run()
+        assert guest.agent.ready, guest.failure or f"not ready within {timeout_s:g} s"
+        return guest.snapshot()
+    finally:
+        guest.machine.close()
+
+
+def run_job_restored(snapshot: GuestSnapshot, spec: JobSpec, ram: RamImage | None = None,
+                     timeout_s: float = 300) -> JobResult:
+    """*spec* in a fresh guest restored from *snapshot* (mapping *ram* if given); its results, whatever they are."""
+    guest = Guest.restore(snapshot, new_identity=True, ram_image=ram)
+    result = JobResult()
+    guest.start_job(spec, result)
+
+    def to_the_end() -> None:
+        while not guest.finished:
+            guest.run()
+
+    runner = threading.Thread(target=to_the_end, daemon=True)
+    runner.start()
+    runner.join(timeout_s)
+    if runner.is_alive():
+        guest.fail(f"the job did not end within {timeout_s:g} s")
+        runner.join(10)
+    guest.machine.close()
+    return result

@@ -53,7 +53,19 @@ FEATURES_ECX = (
     | (1 << 25)  # AES
     | (1 << 31)  # hypervisor: a virtual CPU (its vendor at leaf 0x40000000)
 )
-SIGNATURE = (6 << 8) | (0x2C & 0xF) << 4 | (0x2C >> 4) << 16 | 2  # family 6, model 0x2C (Westmere), stepping 2
+
+
+def _signature(family: int, model: int, stepping: int) -> int:
+    return family << 8 | (model & 0xF) << 4 | (model >> 4) << 16 | stepping
+
+
+SIGNATURE = _signature(6, 0x2C, 2)  # Westmere
+# The CPU without an FPU (the stock engine's) is no Westmere: glibc 2.36 marks Intel's Nehalem and Westmere models
+# "Fast_Unaligned_Load", and its i386 memcpy then takes the SSE2 version whatever the SSE2 bit says — #UD with
+# CR0.EM set, so most of Debian's programs (openssl, gawk, python3, xz, zstd, bc) died with SIGILL. Model 0x10 of
+# family 6 was never a product, so no model table tunes for it (glibc's, the kernel's errata); it is past 0x0e,
+# from where the kernel trusts the TSC to run at a constant rate.
+SIGNATURE_NO_FPU = _signature(6, 0x10, 0)
 CLFLUSH_LINE = 8  # in 8-byte units: 64-byte cache lines
 
 HYPERVISOR_LEAF = 0x40000000
@@ -74,7 +86,7 @@ def cpuid_leaf(leaf: int, fpu: bool = True) -> tuple[int, int, int, int]:
         return 1, ebx, ecx, edx
     if leaf == 1:
         if not fpu:
-            return SIGNATURE, CLFLUSH_LINE << 8, FEATURES_ECX & ~NEEDS_FPU_ECX, FEATURES_EDX & ~NEEDS_FPU_EDX
+            return SIGNATURE_NO_FPU, CLFLUSH_LINE << 8, FEATURES_ECX & ~NEEDS_FPU_ECX, FEATURES_EDX & ~NEEDS_FPU_EDX
         return SIGNATURE, CLFLUSH_LINE << 8, FEATURES_ECX, FEATURES_EDX
     if leaf == HYPERVISOR_LEAF:
         return (HYPERVISOR_LEAF, *_words(HYPERVISOR))  # type: ignore[return-value]

@@ -12,6 +12,8 @@ from conode.vm.disk.overlay import CowDisk
 from conode.vm.state import blob, bounded
 
 MAX_PATH_CHARS = 4096
+ROOT_DEVICE = "/dev/vda"  # the guest's name for the disk: it is the only block device
+ROOT_PARAMETER = "conode.root"  # guest/init mounts the device it names and switches its root to it
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,11 @@ class DiskConfig:
     overlay: Path | None = field(default=None, compare=False)  # None: a fresh overlay in a temporary file
     budget_mib: int = DEFAULT_DISK_BUDGET_MIB
     read_only: bool = False
+    root: bool = False  # the guest's root file system is on the disk (guest/init switches to it)
+
+    def kernel_cmdline(self) -> str:
+        """What the kernel command line says about this disk: with *root*, which device holds the root."""
+        return f"{ROOT_PARAMETER}={ROOT_DEVICE}" if self.root else ""
 
     def open(self) -> CowDisk:
         if not 1 <= self.budget_mib <= MAX_DISK_BUDGET_MIB:
@@ -43,10 +50,11 @@ class DiskConfigState:
     base: str = blob(max_len=MAX_PATH_CHARS)  # where the base image was; restoring may be given another path
     budget_mib: int = bounded(1, MAX_DISK_BUDGET_MIB)
     read_only: bool
+    root: bool
 
     @classmethod
     def of(cls, config: DiskConfig | None) -> "DiskConfigState | None":
-        return None if config is None else cls(str(config.base), config.budget_mib, config.read_only)
+        return None if config is None else cls(str(config.base), config.budget_mib, config.read_only, config.root)
 
     def config(self) -> DiskConfig:
-        return DiskConfig(Path(self.base), None, self.budget_mib, self.read_only)
+        return DiskConfig(Path(self.base), None, self.budget_mib, self.read_only, self.root)

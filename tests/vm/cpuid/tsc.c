@@ -9,11 +9,13 @@ int main(void)
 	unsigned long long t0, t1;
 	double ns;
 
-	clock_gettime(CLOCK_MONOTONIC, &before);
+	/* The TSC's interval encloses the clock's: a host that preempts the guest between the two reads can
+	 * only make the TSC's count larger, never smaller. */
 	t0 = __rdtsc();
+	clock_gettime(CLOCK_MONOTONIC, &before);
 	nanosleep(&nap, NULL);
-	t1 = __rdtsc();
 	clock_gettime(CLOCK_MONOTONIC, &after);
+	t1 = __rdtsc();
 	ns = (after.tv_sec - before.tv_sec) * 1e9 + (after.tv_nsec - before.tv_nsec);
 	printf("%.4f\n", (double)(t1 - t0) / ns);
 	return 0;

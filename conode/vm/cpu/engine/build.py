@@ -34,6 +34,19 @@ explained in its own file:
   when the count is a multiple of 4, as the lane operations around them store them (64-bit loads of lanes just
   stored 32 bits at a time stall the host's store forwarding and made it slower than the helper), 64-bit funnel
   shifts otherwise; PSHUFB stays a helper call, since a shuffle by a mask held in a register costs more as TCG ops.
+- ``0009-lazy-rotate-flags``: ROL and ROR by an immediate no longer compute all the flags first (a helper call,
+  and the commonest one in profiles of SHA-256, which rotates between additions and logic whose flags the next
+  instruction overwrites): the flags of the instruction before stay where they are, under a new lazy flags state
+  (CC_OP_ROT) that adds the rotate's C and O; tests/vm/test_sse.py compares the flags with the host CPU.
+- ``0010-chain-full-blocks``: a translation block that ends only because it is full (a page's worth of code or
+  the instruction limit) jumps to the next one by a chained direct jump, as QEMU does since 7.2, instead of
+  returning to the main loop and looking the next block up, every few hundred instructions of straight-line code
+  (unrolled digests). Blocks ended by single-stepping, an interrupt shadow, RF, or an instruction that changes
+  what the next block is translated for (a segment load) still return there.
+- ``0011-dirty-page-log``: a log of the guest RAM pages written since it was last taken, for migration's
+  pre-copy (conode/vm/cpu/dirty.py): while it is on, pages not yet written in a round keep their TLB entries on
+  the slow store path, which marks them; the page-table walker's accessed/dirty bits and host writes are marked
+  too (Unicorn dropped QEMU's marking of both).
 """
 
 from __future__ import annotations
