@@ -16,11 +16,12 @@ bounded: at most MAX_REPORTS files of at most MAX_REPORT_BYTES each.
 from __future__ import annotations
 
 import getpass
+import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from conode.idle.sources import IdleReading, IdleSource, WindowsSource, X11Source
 
@@ -50,7 +51,7 @@ class ReportsSource:
                     last = float(report.read(MAX_REPORT_BYTES).decode("ascii").strip())
             except (OSError, ValueError, UnicodeDecodeError):
                 continue  # a report being replaced, or not a report: the others still count
-            if last == last and (latest is None or last > latest):  # NaN is no time
+            if not math.isnan(last) and (latest is None or last > latest):  # NaN is no time
                 latest = last
         if latest is None:
             return IdleReading(self.name, None, f"no session reports in {self.directory}")
