@@ -13,6 +13,7 @@ import click
 
 from conode import shell
 from conode.cli_guard import run_guarded
+from conode.errors import ConodeError
 from conode.limits import DEFAULT_DISK_BUDGET_MIB
 from conode.vm import layout
 
@@ -243,8 +244,9 @@ class _raw_terminal:
                    "images no guest uses are removed to make room.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="A TOML file with any of: coordinator, coordinator_key, cores, mem, name, idle_source, "
-                   "while_owner, cpu_cap, conet_listen, image_cache_mib and the owner policy (start_idle_s, start_max_load, suspend_load, "
-                   "continue_idle_s, vacate_after_s, active_input_s, allow_on_battery).")
+                   "while_owner, cpu_cap, conet_listen, image_cache_mib, idle_reports and the owner policy (start_idle_s, start_max_load, suspend_load, "
+                   "continue_idle_s, vacate_after_s, active_input_s, allow_on_battery, and [[windows]] tables of start, "
+                   "end and days: when guests may run).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.pass_context
@@ -257,16 +259,15 @@ def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, c
         return
 
     def body() -> int:
-        import logging
         import signal
 
         from conode.agent.daemon import AgentConfig, AgentDaemon
         from conode.agent.settings import resolve_agent_config
+        from conode.logsetup import configure_logging
 
         if state_dir is None:
             raise click.UsageError("--state-dir is required")
-        logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                            stream=sys.stderr)
+        configure_logging(log_level)
         overrides = {"coordinator": coordinator, "coordinator_key": coordinator_key, "cores": cores,
                      "mem": mem_mib, "idle_source": idle_source or owner, "while_owner": while_owner,
                      "cpu_cap": cpu_cap, "conet_listen": conet_listen, "image_cache_mib": image_cache_mib}
@@ -294,6 +295,30 @@ def agent_init(state_dir: Path, name: str | None) -> None:
         click.echo("enrol it on the coordinator host with:")
         click.echo("  " + shell.command("coordinator", "keys", "add", "--state-dir", "STATE", "--role", "agent", "--",
                                         node, public))
+        return 0
+
+    _guarded(body)
+
+
+@main.command("idle-report")
+@click.option("--to", "directory", type=click.Path(path_type=Path), default=Path("/run/conode-idle"),
+              show_default=True, help="The directory the agent's idle_reports setting names.")
+@click.option("--every", type=click.FloatRange(0.5, 60), default=None, metavar="SECONDS",
+              help="How often to report (default 5).")
+def idle_report(directory: Path, every: float | None) -> None:
+    """Report this desktop session's input idle time to the agent (run in the session: X11 or Windows)."""
+
+    def body() -> int:
+        from conode.idle.report import REPORT_EVERY_S, report_forever, session_source
+
+        if not directory.is_dir():
+            raise ConodeError(f"{directory} does not exist; the agent's installation creates it")
+        source = session_source()
+        reading = source.read()
+        if reading.idle_s is None:
+            raise ConodeError(f"cannot read this session's idle time ({reading.detail}); the helper needs an "
+                              f"X11 session (DISPLAY) or Windows; elsewhere the agent relies on logind's idle hint")
+        report_forever(directory, source, every or REPORT_EVERY_S)
         return 0
 
     _guarded(body)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -98,9 +97,10 @@ def serve(state_dir: Path, bind: str | None, log_level: str) -> None:
     """Run the coordinator until interrupted."""
 
     def body() -> None:
+        from conode.logsetup import configure_logging
         from coordinator.server import Coordinator
 
-        logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+        configure_logging(log_level)
         state = StateDir(state_dir)
         state.require()
         os.umask(PRIVATE_UMASK)

@@ -45,6 +45,17 @@ MAX_IDLE_REPORTED_S = 1e9  # "forever" as a finite number for the wire
 __all__ = ["TICK_MS", "AgentConfig", "AgentDaemon", "agent_keys"]
 
 
+def log_engine() -> None:
+    """Say which CPU engine the guests run on; the stock one is about ten times slower, so it is a warning."""
+    from conode.vm import ENGINE
+
+    if ENGINE.name == "stock":
+        log.warning("engine: stock Unicorn, about ten times slower than the fast engine (%s); build it with "
+                    "`conode engine build` or install a prebuilt one in the cache directory", ENGINE.reason)
+    else:
+        log.info("engine: %s (%s)", ENGINE.name, ENGINE.reason)
+
+
 def agent_keys(state_dir: Path) -> KeyPair:
     return load_key_pair(state_dir / "keys", AGENT_KEY_NAME)
 
@@ -83,8 +94,9 @@ class AgentDaemon:
         self.guests = Guests(config.cores, config.mem_mib, config.state_dir, start_worker, self.link, clock,
                              self.disk, self.conet, self.images)
         fixed = sources is not None or config.idle_source in FIXED_SOURCES
-        self.owner = OwnerMonitor(sources if sources is not None else make_sources(config.idle_source, clock, wall),
-                                  config.policy, clock=clock, wall=wall, fixed_load=0.0 if fixed else None)
+        if sources is None:
+            sources = make_sources(config.idle_source, clock, wall, config.idle_reports)
+        self.owner = OwnerMonitor(sources, config.policy, clock=clock, wall=wall, fixed_load=0.0 if fixed else None)
         self.status_file = StatusFile(config.state_dir, clock, self.disk)
         self._process = psutil.Process()
         self._running = True
@@ -131,6 +143,7 @@ class AgentDaemon:
     def run(self) -> None:
         log.info("agent %s: %d guest(s) of %d MiB, coordinator %s", self.config.name, self.config.cores,
                  self.config.mem_mib, self.config.coordinator)
+        log_engine()
         self.conet.start()
         try:
             while self._running:

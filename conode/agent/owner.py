@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from conode.idle.report import ReportsSource
 from conode.idle.policy import Observation, OwnerState, PolicyConfig, PolicyState, next_state
 from conode.idle.sources import FileSource, IdleReading, IdleSource, OwnerLoad, combine, on_battery, platform_sources
 
@@ -47,8 +48,9 @@ class _Throttled:
 
 
 def make_sources(spec: str, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> list[IdleSource]:
-    """``auto`` (the platform's sources), ``away``, ``present``, or ``file:PATH``."""
+                 wall: Callable[[], float] = time.time, reports: Path | None = None) -> list[IdleSource]:
+    """``auto`` (the platform's sources, and the desktop sessions' reports in *reports* if given), ``away``,
+    ``present``, or ``file:PATH``."""
     if spec == AWAY:
         return [_FixedSource(True)]
     if spec == PRESENT:
@@ -58,6 +60,8 @@ def make_sources(spec: str, clock: Callable[[], float] = time.monotonic,
     sources: list[IdleSource] = []
     for source in platform_sources():
         sources.append(source if source.name in ("x11", "windows") else _Throttled(source, clock))
+    if reports is not None:
+        sources.append(ReportsSource(reports, wall))
     return sources
 
 

@@ -18,7 +18,7 @@ from conode.agent.conet import DEFAULT_LISTEN, OFF
 from conode.agent.owner import AUTO, FIXED_SOURCES
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.errors import ConodeError
-from conode.idle.policy import PolicyConfig
+from conode.idle.policy import PolicyConfig, TimeWindow
 from conode.limits import (DEFAULT_GUEST_MEM_MIB, DEFAULT_IMAGE_CACHE_MIB, MAX_GUEST_MEM_MIB, MAX_IMAGE_CACHE_MIB,
                            MIN_GUEST_MEM_MIB)
 from conode.tomlfile import read_known, write_toml
@@ -32,8 +32,11 @@ POLICY_FIELDS = [f.name for f in dataclasses.fields(PolicyConfig) if f.name != "
 # The agent's own keys and the Python type each takes (the policy's are all numbers but one).
 AGENT_KEYS: dict[str, type] = {"name": str, "coordinator": str, "coordinator_key": str, "cores": int, "mem": int,
                                "idle_source": str, "while_owner": str, "cpu_cap": float, "conet_listen": str,
-                               "image_cache_mib": int}
-KNOWN_KEYS = [*AGENT_KEYS, *POLICY_FIELDS]
+                               "image_cache_mib": int, "idle_reports": str}
+WINDOWS_KEY = "windows"  # [[windows]] tables: when guests may run (start, end, days)
+KNOWN_KEYS = [*AGENT_KEYS, *POLICY_FIELDS, WINDOWS_KEY]
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+MAX_WINDOWS = 64
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class AgentConfig:
     cpu_cap: float = 100.0  # percent of a core each guest may use
     conet_listen: str = DEFAULT_LISTEN  # the conet switch's endpoint for other agents, or "off"
     image_cache_mib: int = DEFAULT_IMAGE_CACHE_MIB  # what the pool's images may take on this disk
+    idle_reports: Path | None = None  # where desktop sessions report their input (conode/idle/report.py)
 
     @property
     def shutdown_while_owner(self) -> bool:
@@ -83,8 +87,35 @@ def _typed(values: dict[str, Any], key: str, default: Any) -> Any:
     raise ConodeError(f"setting {key} must be {need}, not {value!r}"[:300])
 
 
+def _minute(text: Any, what: str) -> int:
+    match = re.fullmatch(r"(\d{1,2}):(\d{2})", text) if isinstance(text, str) else None
+    if not match or int(match.group(1)) > 24 or int(match.group(2)) > 59 or \
+            (int(match.group(1)) == 24 and int(match.group(2)) > 0):
+        raise ConodeError(f"time window {what} must be a time of day as \"HH:MM\" (00:00 to 24:00), not {text!r}"[:300])
+    return int(match.group(1)) * 60 + int(match.group(2))
+
+
+def _windows(value: Any) -> tuple[TimeWindow, ...]:
+    """``[[windows]]`` tables (start = "18:00", end = "07:30", days = ["mon", ...]): when guests may run."""
+    if not isinstance(value, list) or len(value) > MAX_WINDOWS or not all(isinstance(w, dict) for w in value):
+        raise ConodeError(f"windows must be up to {MAX_WINDOWS} [[windows]] tables with start, end and days")
+    windows = []
+    for table in value:
+        unknown = set(table) - {"start", "end", "days"}
+        if unknown or "start" not in table or "end" not in table:
+            raise ConodeError(f"a [[windows]] table takes start, end and days (got {', '.join(sorted(table))})"[:300])
+        days = table.get("days", list(WEEKDAYS))
+        if not isinstance(days, list) or not days or any(day not in WEEKDAYS for day in days):
+            raise ConodeError(f"time window days must be a list of {', '.join(WEEKDAYS)}")
+        windows.append(TimeWindow(_minute(table["start"], "start"), _minute(table["end"], "end"),
+                                  frozenset(WEEKDAYS.index(day) for day in days)))
+    return tuple(windows)
+
+
 def _policy(values: dict[str, Any]) -> PolicyConfig:
     chosen: dict[str, Any] = {}
+    if WINDOWS_KEY in values:
+        chosen[WINDOWS_KEY] = _windows(values[WINDOWS_KEY])
     for name in POLICY_FIELDS:
         if name not in values:
             continue
@@ -137,8 +168,10 @@ def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: d
         raise ConodeError(f"--image-cache must be between 0 and {MAX_IMAGE_CACHE_MIB} MiB")
     if while_owner not in WHILE_OWNER:
         raise ConodeError(f"--while-owner must be {' or '.join(WHILE_OWNER)}")
+    idle_reports = _typed(values, "idle_reports", "")
     return AgentConfig(state_dir=state_dir, name=_typed(values, "name", "") or default_node_name(),
                        coordinator=str(values["coordinator"]), coordinator_key=str(values["coordinator_key"]),
                        cores=cores, mem_mib=mem_mib, idle_source=idle_source, policy=_policy(values),
                        while_owner=while_owner, cpu_cap=cpu_cap, conet_listen=conet_listen,
-                       image_cache_mib=image_cache_mib)
+                       image_cache_mib=image_cache_mib,
+                       idle_reports=Path(idle_reports) if idle_reports else None)

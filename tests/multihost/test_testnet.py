@@ -5,10 +5,12 @@ it made outlives it (a with block left by an exception, a run killed outright). 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -159,3 +161,33 @@ def test_a_run_killed_outright_is_swept_by_the_next():
     assert set(left["namespaces"]) <= set(swept)
     assert not set(left["namespaces"]) & set(testnet.namespaces())
     assert gone(processes)
+
+
+@pytest.mark.skipif(not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists())
+                    or not Path("/lib/systemd/systemd").exists(),
+                    reason="booting a test host needs systemd and openssh-server")
+def test_a_booted_host_is_a_machine_of_its_own_and_leaves_nothing(tmp_path):
+    seed = tmp_path / "seed"
+    (seed / "etc").mkdir(parents=True)
+    (seed / "etc/conode-seeded").write_text("from the seed\n")
+    with TestNetwork() as net:
+        host = net.host("box")
+        host.boot(seed)
+        assert host.inside(["cat", "/etc/conode-seeded"], capture_output=True, text=True).stdout == "from the seed\n"
+        assert host.inside(["hostname"], capture_output=True, text=True).stdout.strip() == "box"
+        assert host.inside(["ps", "-o", "comm=", "-p", "1"], capture_output=True, text=True).stdout.strip() == "systemd"
+        assert host.inside(["systemctl", "is-active", "ssh.service"], capture_output=True, text=True
+                           ).stdout.strip() == "active"
+        written = host.inside(["sh", "-c", "echo mine > /etc/conode-written && cat /etc/conode-written"],
+                              capture_output=True, text=True)
+        assert written.stdout == "mine\n" and not Path("/etc/conode-written").exists()  # its root, not ours
+        assert not Path("/etc/conode-seeded").exists()
+        cgroup = testnet.cgroup2_root() / host.namespace
+        assert cgroup.is_dir()
+        init = host.init_pid
+    try:  # dead: gone, or a zombie until this machine's init reaps it
+        assert psutil.Process(init).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        pass
+    assert not cgroup.exists()
+    assert not Path(f"/tmp/{host.namespace}").exists()

@@ -13,6 +13,11 @@ network still open (atexit), and for a run killed outright, by the sweep the nex
 kills every process in each namespace (the process groups started there, then whatever else is still inside,
 found by ``ip netns pids``) before deleting it.
 
+A host can also be booted as a whole machine (:meth:`Host.boot`): its own mount namespace, whose root is an
+overlay on this machine's root (so it has its own /etc, /var, /opt: writes land in a tmpfs that vanishes with
+it), its own PID namespace with systemd as PID 1, and its own cgroup; systemd starts the host's sshd on its
+address. Nothing it writes reaches this machine's files; its cgroup is removed when it is closed.
+
 Root only: :func:`unavailable` says why the harness cannot run here, for a skip.
 """
 
@@ -28,6 +33,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Self
 
 PREFIX = "conode-test-"
@@ -39,6 +45,45 @@ HOST_NAME = re.compile(r"[a-z][a-z0-9]{0,11}")  # "p-" + name must fit an interf
 MAX_HOSTS = 250
 IP_TIMEOUT_S = 30.0
 KILL_TIMEOUT_S = 10.0
+BOOT_TIMEOUT_S = 60.0
+MACHINE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+# What a booted host starts: sshd and what it needs (sysinit: journald, tmpfiles), nothing else of the image's.
+BOOT_TARGET = "conode-test.target"
+# Units of this machine's image that a booted host must not run: they would touch the machine itself (its clock,
+# kernel settings, modules, devices) or just cost time.
+MASKED_UNITS = ("systemd-timesyncd.service", "systemd-sysctl.service", "systemd-modules-load.service",
+                "systemd-udevd.service", "systemd-udev-trigger.service", "systemd-udev-settle.service",
+                "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "systemd-pstore.service",
+                "systemd-random-seed.service", "systemd-hwdb-update.service", "systemd-firstboot.service",
+                "systemd-journal-flush.service", "systemd-update-utmp.service", "ldconfig.service",
+                "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "sys-fs-fuse-connections.mount",
+                "sys-kernel-config.mount", "dev-hugepages.mount", "dev-mqueue.mount")
+# Runs inside the host's new mount and PID namespaces (as PID 1 there, until it execs systemd): an overlay on
+# /, with the seed directory's files copied into its upper layer, fresh /proc, /sys (read-only), /run and /tmp,
+# the machine's /dev, and a cgroup of its own; then systemd in it.
+_BOOT_SCRIPT = r"""
+set -eu
+work=$1 seed=$2 cgroup=$3
+mount -t tmpfs -o mode=0755 conode-test "$work"
+mkdir "$work/upper" "$work/work" "$work/root" "$work/cgroup"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$work/upper,workdir=$work/work" "$work/root"
+root=$work/root
+cp -a "$seed/." "$root/"
+mount --rbind /dev "$root/dev"
+mount -t proc proc "$root/proc"
+mount -t sysfs -o ro sysfs "$root/sys"
+mount -t tmpfs -o mode=0755 tmpfs "$root/run"
+mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+hostname "$(cat "$root/etc/hostname")"
+mount -t cgroup2 cgroup2 "$work/cgroup"
+mkdir "$work/cgroup/$cgroup"
+echo $$ > "$work/cgroup/$cgroup/cgroup.procs"
+exec unshare --cgroup sh -c '
+  mount -t cgroup2 cgroup2 "$0/sys/fs/cgroup" 2>/dev/null || {
+    mount -t tmpfs tmpfs "$0/sys/fs/cgroup" && mount -t cgroup2 cgroup2 "$0/sys/fs/cgroup"; }
+  exec chroot "$0" env container=conode-test /lib/systemd/systemd --system --unit=""" + BOOT_TARGET + r"""
+' "$root"
+"""
 
 _STALE = re.compile(re.escape(PREFIX) + r"(\d+)-\d+-[a-z0-9]+$")
 _sequence = itertools.count()
@@ -91,6 +136,35 @@ def kill_everything_in(namespace: str, groups: Iterable[int] = ()) -> None:
 def delete_namespace(namespace: str) -> None:
     kill_everything_in(namespace)
     ip("netns", "delete", namespace, check=False)
+    remove_cgroup(namespace)
+    shutil.rmtree(f"/tmp/{namespace}", ignore_errors=True)  # a booted host's mount point (empty out here)
+
+
+def cgroup2_root() -> Path | None:
+    """Where this machine's cgroup v2 hierarchy is mounted (hybrid systems mount it at /sys/fs/cgroup/unified)."""
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "cgroup2":
+                return Path(fields[1])
+    return None
+
+
+def remove_cgroup(name: str) -> None:
+    """Remove the cgroup a booted host ran in (and the ones its systemd made in it), once its processes are dead."""
+    root = cgroup2_root()
+    if root is None or not (root / name).is_dir():
+        return
+    for directory, _, _ in sorted(os.walk(root / name), key=lambda entry: -len(entry[0])):
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while True:
+            try:
+                os.rmdir(directory)
+                break
+            except OSError:  # busy until the kernel has reaped the last process in it
+                if time.monotonic() > deadline:
+                    raise HarnessError(f"cannot remove the cgroup {directory}") from None
+                time.sleep(0.05)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -114,6 +188,22 @@ def sweep_stale() -> list[str]:
     return swept
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except OSError:
+        return []
+
+
+def _command_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
 @functools.cache
 def unavailable() -> str | None:
     """Why test hosts cannot be made here (a skip reason), or None when they can."""
@@ -121,6 +211,8 @@ def unavailable() -> str | None:
         return "the multi-host tests need root (they create network namespaces, veth pairs and a bridge)"
     if shutil.which("ip") is None:
         return "the multi-host tests need iproute2's `ip` (apt-get install iproute2)"
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        return "the multi-host tests need util-linux's unshare and nsenter"
     probe = f"{PREFIX}{os.getpid()}-{next(_sequence)}-probe"
     try:
         ip("netns", "add", probe)
@@ -144,6 +236,7 @@ class Host:
         self.address = address
         self.port = f"p-{name}"  # its veth on the bridge, in the switch namespace
         self._groups: list[subprocess.Popen] = []
+        self.init_pid: int | None = None  # systemd, PID 1 of a booted host (its pid here)
 
     def __repr__(self) -> str:
         return f"Host({self.name!r}, {self.address})"
@@ -162,6 +255,56 @@ class Host:
         """Run *argv* on this host to completion (subprocess.run's arguments)."""
         return subprocess.run(self.command(argv), **kwargs)  # noqa: PLW1510  (the caller's check=)
 
+    # --- a whole machine ---------------------------------------------------------------------------------
+    def boot(self, seed: Path) -> None:
+        """Make this host a machine of its own and start systemd in it (see the module's docstring); the files
+        in *seed* are laid over its root first (keys, units). Returns when systemd has started sshd."""
+        if self.init_pid is not None:
+            raise HarnessError(f"{self.name} is already booted")
+        work = Path(f"/tmp/{self.namespace}")  # a mount point inside the host's own namespace only
+        work.mkdir(exist_ok=True)
+        units = seed / "etc/systemd/system"
+        (units / f"{BOOT_TARGET}.wants").mkdir(parents=True, exist_ok=True)
+        (units / BOOT_TARGET).write_text("[Unit]\nDescription=conode test host\nRequires=sysinit.target\n"
+                                         "After=sysinit.target\nAllowIsolate=yes\n")
+        for unit in ("ssh.service", "systemd-user-sessions.service"):  # the latter lets users other than root in
+            wanted = units / f"{BOOT_TARGET}.wants" / unit
+            if not wanted.is_symlink():
+                wanted.symlink_to(f"/lib/systemd/system/{unit}")
+        (seed / "etc").mkdir(exist_ok=True)
+        (seed / "etc/hostname").write_text(self.name + "\n")
+        for unit in MASKED_UNITS:
+            if not (units / unit).is_symlink():
+                (units / unit).symlink_to("/dev/null")
+        starter = self.spawn(["unshare", "--mount", "--uts", "--propagation", "private", "--pid", "--fork", "--kill-child",
+                              "sh", "-c", _BOOT_SCRIPT, "boot", str(work), str(seed), self.namespace],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while self.init_pid is None:
+            if starter.poll() is not None:
+                raise HarnessError(f"{self.name} did not boot: {starter.stderr.read().decode(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{self.name}: systemd did not start within {BOOT_TIMEOUT_S:.0f} s")
+            children = _children(starter.pid)
+            if children and _command_name(children[0]) == "systemd":
+                self.init_pid = children[0]
+            time.sleep(0.05)
+        while self.inside(["systemctl", "is-active", "--quiet", "ssh.service"], stderr=subprocess.DEVNULL).returncode:
+            if time.monotonic() > deadline:
+                state = self.inside(["systemctl", "status", "--no-pager", "ssh.service"], capture_output=True,
+                                    text=True).stdout
+                raise HarnessError(f"{self.name}: sshd did not start within {BOOT_TIMEOUT_S:.0f} s:\n{state}")
+            time.sleep(0.1)
+
+    def inside(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run *argv* inside this booted host, as a process of its own machine (all its namespaces, its root)."""
+        if self.init_pid is None:
+            raise HarnessError(f"{self.name} is not booted")
+        kwargs.setdefault("timeout", IP_TIMEOUT_S)
+        kwargs.setdefault("env", MACHINE_ENV)  # the machine's own environment, not this process's (PYTHONPATH)
+        return subprocess.run(["nsenter", "-t", str(self.init_pid), "-a", "-r", "-w", *argv],  # noqa: PLW1510
+                              **kwargs)
+
     def pids(self) -> list[int]:
         """Every process now in this host's namespace."""
         return pids_in(self.namespace)
@@ -171,6 +314,9 @@ class Host:
         for process in self._groups:
             process.wait()  # reap our own children
         self._groups.clear()
+        if self.init_pid is not None:
+            remove_cgroup(self.namespace)
+            self.init_pid = None
 
 
 class TestNetwork:

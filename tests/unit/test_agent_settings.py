@@ -70,3 +70,44 @@ def test_toml_round_trips_any_text_and_nested_tables(tmp_path):
 def test_json_safe_replaces_every_non_finite_number():
     value = {"a": float("nan"), "b": [1.0, float("inf"), {"c": (float("-inf"), 2)}], "d": "inf"}
     assert json_safe(value) == {"a": None, "b": [1.0, None, {"c": [None, 2]}], "d": "inf"}
+
+
+def test_idle_reports_adds_the_sessions_source_to_auto(state, tmp_path):
+    from conode.agent.owner import make_sources
+
+    config = tmp_path / "site.toml"
+    config.write_text(f'idle_reports = "{tmp_path}/idle"\n')
+    chosen = resolve(state, config)
+    assert chosen.idle_reports == tmp_path / "idle" and resolve(state).idle_reports is None
+    assert "sessions" in [s.name for s in make_sources("auto", reports=chosen.idle_reports)]
+    assert "sessions" not in [s.name for s in make_sources("auto")]
+
+
+def test_time_windows_from_the_settings_file(state, tmp_path):
+    from conode.idle.policy import TimeWindow
+
+    config = tmp_path / "site.toml"
+    config.write_text('[[windows]]\nstart = "18:30"\nend = "07:30"\ndays = ["mon", "fri"]\n\n'
+                      '[[windows]]\nstart = "00:00"\nend = "24:00"\ndays = ["sat", "sun"]\n')
+    windows = resolve(state, config).policy.windows
+    assert windows == (TimeWindow(18 * 60 + 30, 7 * 60 + 30, frozenset({0, 4})), TimeWindow(0, 1440, frozenset({5, 6})))
+    assert windows[0].contains(4, 23 * 60) and windows[0].contains(5, 60) and not windows[0].contains(5, 23 * 60)
+    assert resolve(state).policy.windows == ()
+
+
+@pytest.mark.parametrize("table, message", [
+    ('start = "25:00"\nend = "07:00"', "time of day"),
+    ('start = "18:00"\nend = "7"', "time of day"),
+    ('start = "18:00"', "takes start, end and days"),
+    ('start = "18:00"\nend = "07:00"\nday = ["mon"]', "takes start, end and days"),
+    ('start = "18:00"\nend = "07:00"\ndays = ["monday"]', "days must be a list of mon"),
+    ('start = "18:00"\nend = "07:00"\ndays = []', "days must be a list of mon"),
+])
+def test_bad_time_windows_are_clear_errors(state, tmp_path, table, message):
+    config = tmp_path / "site.toml"
+    config.write_text(f"[[windows]]\n{table}\n")
+    with pytest.raises(ConodeError, match=message):
+        resolve(state, config)
+    config.write_text('windows = "evenings"\n')
+    with pytest.raises(ConodeError, match=r"\[\[windows\]\] tables"):
+        resolve(state, config)
