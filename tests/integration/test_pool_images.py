@@ -12,7 +12,7 @@ import threading
 import pytest
 from pool import Pool
 
-from tests.vm.test_disk_root import root_image
+from conode.testing.root_image import root_image
 
 pytestmark = [pytest.mark.guest, pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("cpio") is None,
                                                     reason="needs e2fsprogs (mke2fs) and cpio")]

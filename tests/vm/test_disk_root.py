@@ -3,40 +3,22 @@ snapshot serves image guests as it serves the initramfs guest."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from guest_programs import ready_snapshot, run_job_restored
 
+from conode.testing.root_image import root_image
 from conode.vm.disk.config import DiskConfig
 from conode.vm.guest import JobSpec
-from conode.vm.guest_image import packaged_image_dir
 from conode.vm.machine import MachineConfig
 
 pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("cpio") is None,
                                 reason="needs e2fsprogs (mke2fs) and cpio")
 
 MARKER = "this file is on the root disk"
-
-
-def root_image(into: Path, extra: dict[str, str]) -> Path:
-    """An ext2 root file system made of the packaged initramfs's files (without its /init) plus *extra*."""
-    tree = into / "root-tree"
-    tree.mkdir()
-    cpio = gzip.decompress((packaged_image_dir() / "initramfs.cpio.gz").read_bytes())
-    subprocess.run(["cpio", "-id", "--quiet"], input=cpio, cwd=tree, check=True, capture_output=True)
-    (tree / "init").unlink()
-    (tree / "job").mkdir()
-    for name, text in extra.items():
-        (tree / name).write_text(text)
-    image = into / "root.img"
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-d", str(tree), str(image), "24M"], check=True,
-                   capture_output=True)
-    return image
 
 
 @pytest.fixture
