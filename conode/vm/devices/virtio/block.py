@@ -14,7 +14,7 @@ import struct
 from typing import Protocol, Sequence
 
 from conode.vm.devices.virtio.queue import Buffer, DescriptorChain, GuestMemory, write_chain
-from conode.vm.devices.virtio.transport import Activation
+from conode.vm.devices.virtio.transport import QUEUE_SIZE_MAX, Activation
 from conode.vm.disk.overlay import Buffer as Bytes
 from conode.vm.disk.overlay import DiskIOError
 
@@ -28,9 +28,12 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 
 SECTOR = 512
 ID_BYTES = 20
-SEG_MAX = 126  # data buffers in one request (Linux adds the header and the status: 128 descriptors)
+# Data buffers in one request: Linux adds the header and the status, and without indirect descriptors the whole
+# chain must fit in the ring. So a 1 MiB O_DIRECT transfer (256 scattered 4 KiB pages) takes one or two requests.
+SEG_MAX = QUEUE_SIZE_MAX - 2
 SIZE_MAX = 64 << 10  # bytes in one data buffer
 MAX_REQUEST_BYTES = SEG_MAX * SIZE_MAX  # the most a driver that honours the two above can ask for at once
+READ_CHUNK = 1 << 20  # a read passes through a scratch buffer of this size (host memory per disk), a chunk at a time
 MAX_RANGE_SEGMENTS = 16  # discard and write-zeroes ranges in one request
 MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per range: punching holes is cheap
 MAX_WRITE_ZEROES_SECTORS = (32 << 20) // SECTOR  # zeros are written into the overlay: bound the work
@@ -97,7 +100,7 @@ class VirtioBlock:
         self.disk = disk
         self._id = disk_id[:ID_BYTES].ljust(ID_BYTES, b"\0")
         self._active: Activation | None = None
-        self._scratch = bytearray(MAX_REQUEST_BYTES)
+        self._scratch = bytearray(READ_CHUNK)
         self.features = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_TOPOLOGY
         self.features |= F_RO if disk.read_only else F_DISCARD | F_WRITE_ZEROES
         self._config = struct.pack(
@@ -169,9 +172,11 @@ class VirtioBlock:
             if out_bytes or in_bytes > MAX_REQUEST_BYTES:
                 raise _Refused(S_IOERR)
             offset = self._range(sector, in_bytes)
-            view = memoryview(self._scratch)[:in_bytes]
-            disk.read(offset, view)
-            memory.scatter(data_in, self._scratch)
+            scratch = self._scratch
+            for done in range(0, in_bytes, READ_CHUNK):
+                take = min(READ_CHUNK, in_bytes - done)
+                disk.read(offset + done, memoryview(scratch)[:take])
+                memory.scatter(_cut(data_in, done, take), scratch)
             return in_bytes
         if kind == T_OUT:
             if in_bytes or out_bytes > MAX_REQUEST_BYTES or disk.read_only:

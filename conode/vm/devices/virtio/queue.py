@@ -40,8 +40,8 @@ class GuestMemory(Protocol):
         """RAM [address, address+length) without a copy, for the device to read (a disk write from it)."""
         ...
 
-    def scatter(self, pieces: Sequence[Buffer], source: bytearray) -> None:
-        """Write *source*, in order, into the RAM buffers *pieces*: a disk read into its buffers."""
+    def scatter(self, pieces: Sequence[tuple[int, int]], source: bytearray) -> None:
+        """Write *source*, in order, into the RAM pieces (address, length): a disk read into its buffers."""
         ...
 
 
