@@ -28,9 +28,11 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 
 SECTOR = 512
 ID_BYTES = 20
-# Data buffers in one request: Linux adds the header and the status, and without indirect descriptors the whole
-# chain must fit in the ring. So a 1 MiB O_DIRECT transfer (256 scattered 4 KiB pages) takes one or two requests.
-SEG_MAX = QUEUE_SIZE_MAX - 2
+# The request queue's size, and the data buffers in one request: Linux adds the header and the status, and
+# without indirect descriptors the whole chain must fit in the ring. A ring twice the usual size lets a 1 MiB
+# O_DIRECT transfer (256 scattered 4 KiB pages) be one request.
+QUEUE_SIZE = 2 * QUEUE_SIZE_MAX
+SEG_MAX = QUEUE_SIZE - 2
 SIZE_MAX = 64 << 10  # bytes in one data buffer
 MAX_REQUEST_BYTES = SEG_MAX * SIZE_MAX  # the most a driver that honours the two above can ask for at once
 READ_CHUNK = 1 << 20  # a read passes through a scratch buffer of this size (host memory per disk), a chunk at a time
@@ -95,6 +97,7 @@ class VirtioBlock:
 
     device_id = VIRTIO_ID_BLOCK
     num_queues = 1
+    queue_size_max = QUEUE_SIZE
 
     def __init__(self, disk: Disk, disk_id: bytes = b"cobd") -> None:
         self.disk = disk
