@@ -71,21 +71,28 @@ class _Refused(Exception):
 
 def _cut(buffers: Sequence[Buffer], skip: int, length: int) -> list[tuple[int, int]]:
     """(address, length) pieces of the bytes [skip, skip+length) of *buffers*, in order; buffers that follow
-    each other in guest RAM (pages the guest allocated together) become one piece: one copy, one iovec."""
+    each other in guest RAM (pages the guest allocated together) become one piece: one copy, one iovec.
+    (The hot path: a buffer per page; the current piece is kept in locals, not rebuilt.)"""
     pieces: list[tuple[int, int]] = []
-    for buf in buffers:
+    start = end = -1  # the piece being extended (no guest address is negative)
+    for address, size, _ in buffers:
         if length <= 0:
             break
-        if skip >= buf.length:
-            skip -= buf.length
+        if skip >= size:
+            skip -= size
             continue
-        take = min(buf.length - skip, length)
-        address = buf.address + skip
-        if pieces and pieces[-1][0] + pieces[-1][1] == address:
-            pieces[-1] = (pieces[-1][0], pieces[-1][1] + take)
-        else:
-            pieces.append((address, take))
+        take = size - skip
+        if take > length:
+            take = length
+        address += skip
+        if address != end:
+            if end >= 0:
+                pieces.append((start, end - start))
+            start = end = address
+        end += take
         skip, length = 0, length - take
+    if end >= 0:
+        pieces.append((start, end - start))
     return pieces
 
 
@@ -185,7 +192,8 @@ class VirtioBlock:
             if in_bytes or out_bytes > MAX_REQUEST_BYTES or disk.read_only:
                 raise _Refused(S_IOERR)
             offset = self._range(sector, out_bytes)
-            disk.write(offset, [memory.window(address, length) for address, length in out_data])
+            ram = memory.window(0, memory.size)  # sliced per piece below: the walk put every buffer inside RAM
+            disk.write(offset, [ram[address:address + length] for address, length in out_data])
             return 0
         if kind == T_FLUSH:
             if not disk.read_only:
