@@ -82,7 +82,7 @@ def _cut(buffers: Sequence[Buffer], skip: int, length: int) -> list[tuple[int, i
             skip -= size
             continue
         take = size - skip
-        if take > length:
+        if take > length:  # noqa: PLR1730 (min() is a call; this runs per page)
             take = length
         address += skip
         if address != end:
