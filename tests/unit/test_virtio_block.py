@@ -23,6 +23,7 @@ from conode.vm.devices.virtio.block import (
     F_FLUSH,
     F_RO,
     MAX_REQUEST_BYTES,
+    READ_CHUNK,
     S_IOERR,
     S_OK,
     S_UNSUPP,
@@ -41,6 +42,7 @@ from conode.vm.devices.virtio.mmio import (
     REG_DEVICE_FEATURES,
     REG_DEVICE_ID,
     REG_QUEUE_NOTIFY,
+    REG_QUEUE_NUM_MAX,
     REG_STATUS,
     STATUS_NEEDS_RESET,
     VirtioMmio,
@@ -57,10 +59,11 @@ QSIZE = 256
 class Rig:
     """A virtio-blk device on a copy-on-write disk over a random base image, and a driver posting chains."""
 
-    def __init__(self, base: Path, budget: int = 1 << 20, read_only: bool = False, qsize: int = QSIZE) -> None:
+    def __init__(self, base: Path, budget: int = 1 << 20, read_only: bool = False, qsize: int = QSIZE,
+                 ram_size: int = RAM_SIZE) -> None:
         self.base = base.read_bytes()
         self.disk = CowDisk(BaseImage(base), None, budget, read_only)
-        self.ram = Ram(RAM_SIZE)
+        self.ram = Ram(ram_size)
         self.pic = PicPair()
         self.transport = VirtioMmio(VirtioBlock(self.disk), IrqLine(self.pic, 5), self.ram)
         self.qsize = qsize
@@ -126,6 +129,7 @@ def test_identity_features_and_configuration(base: Path) -> None:
     assert config(rig, 0, 8) == DISK_BYTES // 512
     assert (config(rig, 8, 4), config(rig, 12, 4), config(rig, 20, 4)) == (SIZE_MAX, SEG_MAX, 512)
     assert config(rig, 24, 1) == 3  # 4 KiB physical blocks
+    assert t.read(REG_QUEUE_NUM_MAX, 4) == SEG_MAX + 2  # a request of seg_max buffers fits in the ring
     assert config(rig, 200, 4) == 0
     read_only = Rig(base, read_only=True)
     assert read_only.transport.read(REG_DEVICE_FEATURES, 4) & F_RO
@@ -168,10 +172,18 @@ def test_bad_requests_get_an_error_status_and_the_queue_goes_on(base: Path) -> N
 
 def test_an_oversized_request_is_refused_without_reading_it(base: Path) -> None:
     rig = Rig(base)
-    # 200 buffers of 64 KiB over the same RAM: 12.5 MiB, more than the device ever advertised
-    chain = [(DATA_AREA, 16, 0)] + [(DATA_AREA + 64, SIZE_MAX, 2)] * 200 + [(DATA_AREA + 32, 1, 2)]
+    # 200 buffers of 192 KiB over the same RAM: 37.5 MiB, more than the device ever advertised
+    chain = [(DATA_AREA, 16, 0)] + [(DATA_AREA, 3 * SIZE_MAX, 2)] * 200 + [(DATA_AREA + 32, 1, 2)]
     assert rig.post(chain)[1] == S_IOERR
-    assert 200 * SIZE_MAX > MAX_REQUEST_BYTES
+    assert 200 * 3 * SIZE_MAX > MAX_REQUEST_BYTES
+
+
+def test_a_read_larger_than_the_scratch_buffer_arrives_whole(tmp_path: Path) -> None:
+    path = tmp_path / "big.img"
+    path.write_bytes(random.Random(7).randbytes(3 * READ_CHUNK))
+    rig = Rig(path, ram_size=4 * READ_CHUNK)
+    length = 2 * READ_CHUNK + 5 * 512  # three chunks, the last one short, over buffers that straddle them
+    assert rig.request(T_IN, 3, read=length, pieces=200) == (S_OK, rig.base[3 * 512:3 * 512 + length])
 
 
 def test_a_read_only_disk_refuses_writes(base: Path) -> None:

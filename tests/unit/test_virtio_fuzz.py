@@ -15,8 +15,9 @@ from conode.vm.devices.irq import IrqLine
 from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.virtio.console import MAX_TRANSMIT_CHAIN, VirtioConsole
 from conode.vm.devices.virtio.host_stream import HostStream
-from conode.vm.devices.virtio.mmio import (QUEUE_SIZE_MAX, REG_CONFIG, REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY,
-                                           REG_STATUS, STATUS_NEEDS_RESET, VirtioMmio)
+from conode.vm.devices.virtio.mmio import (REG_CONFIG, REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY, REG_STATUS,
+                                           STATUS_NEEDS_RESET, VirtioMmio)
+from conode.vm.devices.virtio.transport import QUEUE_SIZE_MAX
 from parts import RINGS, Ram, bring_up
 
 RAM_SIZE = 1 << 16

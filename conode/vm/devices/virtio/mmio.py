@@ -7,7 +7,7 @@ nothing about any particular device. Devices are declared to the guest kernel on
 
 from __future__ import annotations
 
-from conode.vm.devices.virtio.transport import (QUEUE_DESC, QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_NUM, QUEUE_SIZE_MAX,
+from conode.vm.devices.virtio.transport import (QUEUE_DESC, QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_NUM,
                                                 VirtioTransport)
 from conode.vm.devices.virtio.transport import STATUS_FEATURES_OK, STATUS_NEEDS_RESET  # noqa: F401 (status bits)
 
@@ -46,7 +46,7 @@ class VirtioMmio(VirtioTransport):
         if offset == REG_DEVICE_FEATURES:
             return self.device_features_word()
         if offset == REG_QUEUE_NUM_MAX:
-            return QUEUE_SIZE_MAX if cfg else 0
+            return self.queue_size_max if cfg else 0
         if offset == REG_QUEUE_READY:
             return int(cfg.ready) if cfg else 0
         if offset == REG_INTERRUPT_STATUS:

@@ -40,8 +40,8 @@ class GuestMemory(Protocol):
         """RAM [address, address+length) without a copy, for the device to read (a disk write from it)."""
         ...
 
-    def scatter(self, pieces: Sequence[Buffer], source: bytearray) -> None:
-        """Write *source*, in order, into the RAM buffers *pieces*: a disk read into its buffers."""
+    def scatter(self, pieces: Sequence[tuple[int, int]], source: bytearray) -> None:
+        """Write *source*, in order, into the RAM pieces (address, length): a disk read into its buffers."""
         ...
 
 
@@ -129,14 +129,19 @@ class Virtqueue:
         return None if buffers is None else DescriptorChain(head, buffers)
 
     def _walk(self, head: int) -> tuple[Buffer, ...] | None:
+        # The disk's hot path (a descriptor per 4 KiB page): names bound locally, Buffers made without the
+        # NamedTuple's Python-level constructor.
+        size, memory_size = self.size, self._mem.size
+        table = self._mem.window(self.desc, 16 * size)  # read in place: a chain may be as long as the queue
+        unpack, make = _DESC.unpack_from, tuple.__new__
         buffers: list[Buffer] = []
-        index, total, memory_size = head, 0, self._mem.size
-        table = self._mem.window(self.desc, 16 * self.size)  # read in place: a chain may be 256 long
-        for _ in range(self.size):
-            if index >= self.size:
-                self.fail(f"descriptor index {index} is outside a queue of {self.size}")
+        append = buffers.append
+        index, total = head, 0
+        for _ in range(size):
+            if index >= size:
+                self.fail(f"descriptor index {index} is outside a queue of {size}")
                 return None
-            address, length, flags, nxt = _DESC.unpack_from(table, 16 * index)
+            address, length, flags, nxt = unpack(table, 16 * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 self.fail("the driver used indirect descriptors, which were not negotiated")
                 return None
@@ -147,11 +152,11 @@ class Virtqueue:
             if total > _MAX_CHAIN_BYTES:
                 self.fail("a descriptor chain is longer than 4 GiB")
                 return None
-            buffers.append(Buffer(address, length, bool(flags & VIRTQ_DESC_F_WRITE)))
+            append(make(Buffer, (address, length, flags & VIRTQ_DESC_F_WRITE != 0)))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return tuple(buffers)
             index = nxt
-        self.fail(f"a descriptor chain is longer than the queue ({self.size}): it loops")
+        self.fail(f"a descriptor chain is longer than the queue ({size}): it loops")
         return None
 
     def push_used(self, head: int, written: int) -> None:

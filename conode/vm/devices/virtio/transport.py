@@ -27,7 +27,7 @@ from conode.vm.state import bits, items, uint
 log = logging.getLogger(__name__)
 
 VIRTIO_F_VERSION_1 = 1 << 32
-QUEUE_SIZE_MAX = 256
+QUEUE_SIZE_MAX = 256  # a device's queues hold at most this many entries, unless it sets its own queue_size_max
 MAX_QUEUES = 8  # more than any device here has
 
 STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
@@ -60,6 +60,7 @@ class VirtioDevice(Protocol):
     device_id: int
     features: int  # offered feature bits (VIRTIO_F_VERSION_1 is added by the transport)
     num_queues: int
+    # A device may also have queue_size_max: its queues' largest size (a power of two), if not QUEUE_SIZE_MAX.
 
     def config_read(self, offset: int, size: int) -> int: ...
 
@@ -114,8 +115,8 @@ class VirtioTransportState(state.Record):
 class _QueueConfig:
     """Where the driver put one queue; the Virtqueue is built from it when the driver makes it ready."""
 
-    def __init__(self) -> None:
-        self.num = QUEUE_SIZE_MAX
+    def __init__(self, num: int) -> None:
+        self.num = num
         self.ready = False
         self.desc = 0
         self.driver = 0
@@ -132,6 +133,7 @@ class VirtioTransport:
         self.memory = memory
         self._irq = irq
         self.claim = claim or DeviceClaim()
+        self.queue_size_max: int = getattr(device, "queue_size_max", QUEUE_SIZE_MAX)
         self.queues: list[Virtqueue | None] = []
         self._reset()
 
@@ -142,7 +144,7 @@ class VirtioTransport:
         self.driver_features = 0
         self.queue_sel = 0
         self.interrupt_status = 0
-        self._configs = [_QueueConfig() for _ in range(self.device.num_queues)]
+        self._configs = [_QueueConfig(self.queue_size_max) for _ in range(self.device.num_queues)]
         self.queues = [None] * self.device.num_queues
         self._irq.set(False)
 
@@ -197,7 +199,7 @@ class VirtioTransport:
             self._irq.set(True)
 
     def _make_queue(self, cfg: _QueueConfig, next_avail: int = 0, next_used: int = 0) -> Virtqueue | None:
-        error = layout_error(self.memory.size, cfg.num, cfg.desc, cfg.driver, cfg.device, QUEUE_SIZE_MAX)
+        error = layout_error(self.memory.size, cfg.num, cfg.desc, cfg.driver, cfg.device, self.queue_size_max)
         if error is not None:
             self._device_error(error)
             return None
@@ -284,7 +286,7 @@ class VirtioTransport:
                                 f"{self.device.device_id} has {self.device.num_queues}")
         for q in saved.queues:
             error = q.ready and layout_error(self.memory.size, q.num, q.desc, q.driver, q.device,
-                                             QUEUE_SIZE_MAX)
+                                             self.queue_size_max)
             if error:
                 raise SnapshotError(f"snapshot virtio transport state holds a queue no guest could set up: {error}")
         if saved.driver_features & ~self.offered_features:
