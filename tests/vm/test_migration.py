@@ -154,7 +154,9 @@ def test_a_damaged_stream_is_refused_and_the_guest_goes_on_at_the_source(engine,
     listening(destination)
     at = 3 << 20  # in the middle of the first round's pages
     Tamper(relay, sock, flip_at=at if damage == "flip" else None, cut_at=at if damage == "cut" else None)
-    source = harness(engine, "source", str(relay), str(tmp_path / "before"), str(dirtier), "2", *JOB[engine])
+    # Half a second after the job's first line, whatever the host's load: the job is still running then.
+    source = harness(engine, "source", "--after-output", str(relay), str(tmp_path / "before"), str(dirtier), "0.5",
+                     *JOB[engine])
     sent, received = result(source), result(destination)
     assert not received["arrived"]
     reason = "fails its checksum" if damage == "flip" else "truncated"
