@@ -295,7 +295,13 @@ class SwitchDaemon:
             elif port.link is not None:
                 self._watch_port(port)
         elif kind == "unport":
-            removed = self.switch.remove_port(_field(message, "token", bytes))
+            token = _field(message, "token", bytes)
+            leaving = self.switch.ports.get(token)
+            if leaving is not None and leaving.link is not None:
+                # What the guest sent before its job ended is delivered first (its last segments, a FIN): the
+                # agent's word to unplug it may overtake frames still queued on the port's socket.
+                self._read_port(leaving, 0)
+            removed = self.switch.remove_port(token)
             if removed is not None:
                 self._disconnect(removed)
         elif kind == "peers":

@@ -30,12 +30,13 @@ case $CONODE_RANK in
     mkfifo /tmp/quiet
     nc -l -p 5000 <>/tmp/quiet > /tmp/data
     sha256sum < /tmp/data | cut -c1-64
-    nc -l -p 5001 <>/tmp/quiet ;;
+    nc -l -p 5001 <>/tmp/quiet
+    sleep 2 ;;  # stay on the network while the connection closes: a guest whose job ended is unplugged
 1)  dd if=/dev/urandom of=/tmp/data bs=64k count={TRANSFER_BLOCKS} 2>/dev/null
     sha256sum < /tmp/data | cut -c1-64
     until nc "$1" 5000 < /tmp/data; do sleep 0.5; done ;;
 2)  until wget -q -O - "http://$1:8080/"; do sleep 0.5; done
-    until echo done | nc "$1" 5001; do sleep 0.5; done ;;
+    until echo done | nc -w 10 "$1" 5001; do sleep 0.5; done ;;
 esac
 """
 
