@@ -51,29 +51,42 @@ class _KeyCheck:
         return allowed
 
 
+def bind_curve_server(context: zmq.Context, kind: int, bind: str, keys: KeyPair, credentials: object,
+                      max_message: int, purpose: str,
+                      options: tuple[tuple[int, int], ...] = ()) -> tuple[zmq.Socket, ThreadAuthenticator]:
+    """A CURVE server socket of *kind* bound at *bind* with a ZAP handler of its own that admits the keys
+    *credentials* accepts (a pyzmq credentials provider); ConodeError naming *purpose* (e.g. "for a migration ")
+    when it cannot bind, with nothing left running."""
+    auth = ThreadAuthenticator(context, log=logging.getLogger("conode.zap"))
+    auth.start()
+    auth.configure_curve_callback("*", credentials_provider=credentials)
+    sock = context.socket(kind)
+    sock.curve_server = True
+    sock.curve_publickey = keys.public.encode()
+    sock.curve_secretkey = keys.secret.encode()
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    for option, value in options:
+        sock.setsockopt(option, value)
+    sock.linger = 0
+    try:
+        sock.bind(bind)
+    except zmq.ZMQError as exc:
+        sock.close()
+        auth.stop()
+        raise ConodeError(f"cannot listen {purpose}on {bind}: {exc}") from None
+    return sock, auth
+
+
 class ServerSocket:
     """A ROUTER that admits only the keys *is_allowed* accepts: the coordinator's, and each conet switch's."""
 
     def __init__(self, context: zmq.Context, bind: str, keys: KeyPair, is_allowed: Callable[[str], bool],
                  max_message: int = SOCKET_MAX_MESSAGE, send_hwm: int = 10_000) -> None:
-        self._auth = ThreadAuthenticator(context, log=logging.getLogger("conode.zap"))
-        self._auth.start()
         self._check = _KeyCheck(is_allowed)
-        self._auth.configure_curve_callback("*", credentials_provider=self._check)
-        sock = context.socket(zmq.ROUTER)
-        sock.curve_server = True
-        sock.curve_publickey = keys.public.encode()
-        sock.curve_secretkey = keys.secret.encode()
-        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises instead of vanishing
-        sock.setsockopt(zmq.SNDHWM, send_hwm)
-        sock.linger = 0
-        try:
-            sock.bind(bind)
-        except zmq.ZMQError as exc:
-            sock.close()
-            self._auth.stop()
-            raise ConodeError(f"cannot listen on {bind}: {exc}") from None
+        sock, self._auth = bind_curve_server(
+            context, zmq.ROUTER, bind, keys, self._check, max_message, "",
+            # sending to a vanished peer raises instead of vanishing
+            options=((zmq.ROUTER_MANDATORY, 1), (zmq.SNDHWM, send_hwm)))
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 

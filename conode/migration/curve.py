@@ -15,7 +15,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from conode.cluster.keys import KeyPair
-from conode.errors import ConodeError
+from conode.cluster.transport import bind_curve_server
 from conode.migration.stream import HEADER, MAX_PAYLOAD, TRAILER
 
 log = logging.getLogger(__name__)
@@ -58,21 +58,8 @@ class CurveStream:
 def listen(context: zmq.Context, bind: str, keys: KeyPair, peer_public: str,
            timeout_s: float = 30.0) -> tuple[CurveStream, str]:
     """A stream that only *peer_public*'s holder can connect to, bound at *bind*; and the endpoint it got."""
-    authenticator = ThreadAuthenticator(context, log=logging.getLogger("conode.zap"))
-    authenticator.start()
-    authenticator.configure_curve_callback("*", credentials_provider=_OnlyKey(peer_public))
-    sock = context.socket(zmq.PAIR)
-    sock.curve_server = True
-    sock.curve_publickey = keys.public.encode()
-    sock.curve_secretkey = keys.secret.encode()
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
-    sock.linger = 0
-    try:
-        sock.bind(bind)
-    except zmq.ZMQError as exc:
-        sock.close()
-        authenticator.stop()
-        raise ConodeError(f"cannot listen for a migration on {bind}: {exc}") from None
+    sock, authenticator = bind_curve_server(context, zmq.PAIR, bind, keys, _OnlyKey(peer_public), MAX_MESSAGE,
+                                            "for a migration ")
     return CurveStream(sock, timeout_s, authenticator), sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 

@@ -20,6 +20,7 @@ exactly what the other side received.
 from __future__ import annotations
 
 import ctypes
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 from unicorn.unicorn_py3.unicorn import uclib
@@ -51,7 +52,7 @@ def pages_of(bitmap: bytes | bytearray) -> Iterator[int]:
                     yield base + bit
 
 
-class DirtyTracker:
+class DirtyTracker(ABC):
     """Pages of guest RAM changed since tracking started or since the last :meth:`take`."""
 
     name: str
@@ -61,13 +62,13 @@ class DirtyTracker:
         self.ram = ram
         self.pages = ram.size // PAGE_SIZE
 
+    @abstractmethod
     def start(self) -> None:
         """Begin tracking; the first :meth:`take` reports every page that may differ from zeroed RAM."""
-        raise NotImplementedError
 
+    @abstractmethod
     def take(self) -> bytearray:
         """A bitmap of the pages changed since the last take (or since start), and start a new round."""
-        raise NotImplementedError
 
     def read(self, first: int, count: int) -> bytes:
         """The contents of pages [first, first+count), as handed to the other side."""
