@@ -28,6 +28,7 @@ MAX_PATH_BYTES = 1024  # one input or output name, relative to the job directory
 MAX_JOB_INPUT_BYTES = 48 << 20  # all inputs of one job together
 MAX_OUTPUT_FILE_BYTES = 32 << 20  # one output file; a larger one is reported missing with the reason
 MAX_JOB_OUTPUT_BYTES = 48 << 20  # all output files of one job together
+MAX_JOB_PRIORITY = 1000  # a job's priority among its owner's jobs is -MAX..MAX (default 0)
 
 # --- A job's stdout and stderr ---------------------------------------------------------------------------
 MAX_STREAM_BYTES = 16 << 20  # stdout and stderr of one job together; beyond it output is dropped, said once

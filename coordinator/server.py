@@ -23,6 +23,7 @@ import zmq
 from conode import output_cap
 from conode.cluster import protocol
 from conode.cluster.heartbeat import PeerLiveness
+from conode.cluster.keys import is_valid_public_key
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
 from conode.errors import ConodeError
@@ -33,9 +34,10 @@ from coordinator.down import DownNode, DownNodes, unknown_node
 from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
 from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
-from coordinator.queue import JobQueue
+from coordinator.queue import JobQueue, QueuedJob
 from coordinator.relay import Relay
 from coordinator.store import JOB_STATES, TERMINAL_STATES, Job, Store
+from coordinator.users import USER, Requester, check_user_name, may_manage, may_send, not_yours, refusal
 
 log = logging.getLogger("coordinator")
 
@@ -130,6 +132,7 @@ class Coordinator:
         self.subnet = guest_subnet(state.conet_subnet())
         self.peers = PeerDirectory()
         self._sender_key = ""  # the CURVE key of the message being handled
+        self._requester = Requester("", "")  # and its enrolled name and role
         self.nodes: dict[str, Node] = {}
         self.by_identity: dict[bytes, str] = {}
         self.open_nodes: set[str] = set()  # nodes that can take a job now (see placement.can_take_work)
@@ -214,11 +217,10 @@ class Coordinator:
         owner = self._key_owner(key)
         role = owner[1] if owner else None
         sender, _ = protocol.SCHEMAS[kind]
-        if sender != role:
+        if not may_send(role, sender):
             self.counters.refused += 1
             log.warning("refused %s from %s key %s", kind, role or "unknown", key[:8])
-            self.server.send(identity, protocol.error("forbidden", f"{role or 'unenrolled'} keys may not send {kind}",
-                                                      kind))
+            self.server.send(identity, protocol.error("forbidden", refusal(role, owner and owner[0], kind), kind))
             return
         if role == "agent" and kind not in ("hello", "image_chunk_get") and self.by_identity.get(identity) is None:
             # A node we do not know (we restarted, or it was declared lost): it must introduce itself again.
@@ -229,6 +231,7 @@ class Coordinator:
             self.server.send(identity, protocol.encode("reconnect", reason="unknown node, say hello"))
             return
         self._sender_key = key
+        self._requester = Requester(*owner)  # type: ignore[misc]
         try:
             self._handlers[kind](identity, owner[0], message)  # type: ignore[index]
         except Exception as exc:  # one bad request must not take the pool down
@@ -260,19 +263,21 @@ class Coordinator:
         old = self.nodes.get(name)
         if old is not None and old.identity != identity:
             self.by_identity.pop(old.identity, None)
+        held = set(msg["running"])
+        for guest in old.running - held if old is not None else ():
+            self.queue.shares.stopped(guest)  # what it held before and holds no more (reconciled below)
         node = Node(name, identity, self._sender_key, msg["cores"], msg["mem_mib"], msg["speed"], msg["software"],
                     PeerLiveness(self._clock), msg["state"], msg["idle_s"], connected_at=self._wall(),
                     image_cache_mib=msg.get("image_cache_mib"))
         self.nodes[name] = node
         self.by_identity[identity] = name
         self.down.returned(name)
-        held = set(msg["running"])
         vacated_here = set(self.store.vacated_jobs(name))
         # Reconcile: jobs we placed there that the node no longer has are lost; jobs it runs that we do not
         # expect there (cancelled, or re-placed while it was away) are told to stop.
         for job in self.store.running_jobs(name):
             if job.id in held:
-                node.running.add(job.id)
+                self._occupy(node, job.id, job.owner)
             else:
                 self._requeue(job.id, f"node {name} restarted without it")
         for job_id in held - node.running - vacated_here:
@@ -347,7 +352,7 @@ class Coordinator:
         job = self.store.job(msg["job"])
         if job is not None and job.state == "vacated" and job.node == name:
             self.store.mark_resumed(job.id)
-            node.running.add(job.id)
+            self._occupy(node, job.id, job.owner)
             self.peers.guest_placed(job.id, self._network_of(job), name)
             self._tell_peers()
             self._refresh(node)
@@ -414,9 +419,11 @@ class Coordinator:
             self._reply(identity, "error", code="invalid", in_reply_to="submit",
                         message="a disk budget is for a job on an image: give the image too (--image NAME)")
             return
+        priority = msg.get("priority", 0)
         job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name, guests, network,
-                                    msg.get("image"), msg.get("disk_mib"))
-        self.queue.add(job_id, msg["mem_mib"], guests, image.size if image is not None else 0)
+                                    msg.get("image"), msg.get("disk_mib"), priority)
+        self.queue.add(QueuedJob(job_id, msg["mem_mib"], guests, image.size if image is not None else 0, name,
+                                 priority))
         self._queued_at[job_id] = self._clock()
         log.info("job %d submitted by %s: %s", job_id, name, " ".join(msg["argv"])[:200])
         self._reply(identity, "submitted", job=job_id)
@@ -443,13 +450,23 @@ class Coordinator:
 
     def _on_jobs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         limit = max(0, min(int(msg.get("limit", MAX_JOBS_LISTED)), MAX_JOBS_LISTED))
-        jobs = self.store.jobs(limit=limit)
+        jobs = self.store.jobs(limit=limit, owner=msg.get("user"))
         self._reply(identity, "jobs_reply", jobs=[self._job_summary(j, listing=True) for j in jobs])
 
     def _job_or_error(self, identity: bytes, job_id: int, kind: str) -> Any:
         job = self.store.job(job_id)
         if job is None:
             self._reply(identity, "error", code="not-found", message=f"no job {job_id}", in_reply_to=kind)
+        return job
+
+    def _managed_job(self, identity: bytes, job_id: int, kind: str) -> Job | None:
+        """The job a job-changing request (*kind*) names, if the requester may change it (users: their own);
+        else None, the error already answered."""
+        job = self._job_or_error(identity, job_id, kind)
+        if job is not None and not may_manage(self._requester, job.owner):
+            self._reply(identity, "error", code="forbidden", in_reply_to=kind,
+                        message=not_yours(self._requester, job.id, job.owner, kind))
+            return None
         return job
 
     def _on_job(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
@@ -506,7 +523,7 @@ class Coordinator:
         self._reply(identity, "fetch_reply", job=msg["job"], outputs=outputs)
 
     def _on_cancel(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        job = self._job_or_error(identity, msg["job"], "cancel")
+        job = self._managed_job(identity, msg["job"], "cancel")
         if job is None:
             return
         if job.state in TERMINAL_STATES:
@@ -553,6 +570,42 @@ class Coordinator:
             self._reply(identity, "error", code="unknown_node", in_reply_to="forget",
                         message=unknown_node(node, self.down.names()))
 
+    # --- users -------------------------------------------------------------------------------------------
+    def _on_user_add(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        problem = check_user_name(msg["name"])
+        if problem is None and not is_valid_public_key(msg["public_key"]):
+            problem = "that is not a CURVE public key (40 Z85 characters)"
+        if problem is None:
+            try:
+                self.store.add_key(msg["name"], USER, msg["public_key"])
+            except ConodeError as exc:
+                problem = str(exc)
+        if problem is not None:
+            self._reply(identity, "error", code="invalid", message=problem, in_reply_to="user_add")
+            return
+        self._key_cache.pop(msg["public_key"], None)  # it may have been tried, and refused, a moment ago
+        log.info("user %s added by %s", msg["name"], name)
+        self._reply(identity, "ok", detail=f"user {msg['name']} added")
+
+    def _on_users(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        shares = self.queue.shares
+        self._reply(identity, "users_reply", users=[
+            {"name": user, "public_key": key, "added_at": added, "queued": self.queue.queued(user),
+             "running": shares.running(user)} for user, role, key, added in self.store.keys() if role == USER])
+
+    def _on_user_rm(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        keys = {user: (role, key) for user, role, key, _ in self.store.keys()}
+        role, key = keys.get(msg["name"], (None, ""))
+        if role != USER:
+            why = (f"no user named {msg['name']!r}; see `coordinator user list`" if role is None else
+                   f"{msg['name']} is an {role} key, not a user (`coordinator keys remove` on the coordinator host)")
+            self._reply(identity, "error", code="not-found", message=why, in_reply_to="user_rm")
+            return
+        self.store.remove_key(msg["name"])
+        self._key_cache.pop(key, None)  # refused from its next request on, not after the cache's delay
+        log.info("user %s removed by %s", msg["name"], name)
+        self._reply(identity, "ok", detail=f"user {msg['name']} removed; their jobs stay as they are")
+
     # --- placement and liveness --------------------------------------------------------------------------
     def _refresh(self, node: Node) -> None:
         """Keep *node*'s membership of the open set true after anything that changes whether it can take work."""
@@ -561,14 +614,22 @@ class Coordinator:
         else:
             self.open_nodes.discard(node.name)
 
+    def _occupy(self, node: Node, guest: int, owner: str) -> None:
+        """The node runs *guest* of a job of *owner*'s (placed, resumed, or found there after a restart)."""
+        node.running.add(guest)
+        self.queue.shares.started(guest, owner)
+        self._refresh(node)
+
     def _release(self, node: Node, job_id: int) -> None:
         """The node no longer runs *job_id* (finished, failed, vacated, cancelled)."""
         node.running.discard(job_id)
+        self.queue.shares.stopped(job_id)
         self.peers.guest_gone(job_id)
         self._refresh(node)
 
     def schedule(self) -> None:
-        """Place queued jobs on nodes that can take them, oldest job first; a gang all at once or not at all.
+        """Place queued jobs on nodes that can take them, in the queue's fair order (queue.py); a gang all at
+        once or not at all.
 
         Only the open nodes are looked at, and only while some have room: with the pool full, a submission
         costs no placement work at all, however long the queue.
@@ -582,8 +643,8 @@ class Coordinator:
         for job_id in self.queue:
             if not views:
                 break
-            mem_mib, guests = self.queue.mem_mib(job_id), self.queue.guests(job_id)
-            image_bytes = self.queue.image_bytes(job_id)
+            queued = self.queue.get(job_id)
+            mem_mib, guests, image_bytes = queued.mem_mib, queued.guests, queued.image_bytes
             if guests == 1:
                 single = choose_node(mem_mib, list(views.values()), image_bytes)
                 chosen = None if single is None else [single]
@@ -596,7 +657,7 @@ class Coordinator:
                                max(n.view(False).image_bytes for n in self.nodes.values()))
                 if mem_mib > largest[0] or guests > largest[1] or image_bytes > largest[2]:
                     continue  # bigger or more nodes may join later: keep it queued, try the next job
-                break  # nodes are busy: later jobs wait their turn (FIFO)
+                break  # nodes are busy: later jobs wait their turn
             nodes = [self.nodes[name] for name in chosen]
             failed = self._place(job_id, nodes)
             if failed is None:
@@ -667,9 +728,8 @@ class Coordinator:
                     self.peers.guest_gone(guest)
                     self.store.requeue(job_id, f"node {node.name} unreachable")
                 return node
-            node.running.add(guest)
             node.last_placed = self._clock()
-            self._refresh(node)
+            self._occupy(node, guest, job.owner)
         self.counters.placed += 1
         queued_at = self._queued_at.pop(job_id, None)
         if queued_at is not None:
@@ -771,6 +831,7 @@ class Coordinator:
             self.relay.set_peers(node.key, node.name, None)
         for job_id in sorted(node.running):
             self._requeue(job_id, f"node {node.name} lost ({why})")
+            self.queue.shares.stopped(job_id)
         node.running.clear()
         self._tell_peers()
         self.schedule()
@@ -795,7 +856,8 @@ class Coordinator:
 
     def _enqueue(self, job: Job) -> None:
         image = self.store.image(job.image) if job.image is not None else None
-        self.queue.add(job.id, job.mem_mib, job.guests, image.size if image is not None else 0)
+        self.queue.add(QueuedJob(job.id, job.mem_mib, job.guests, image.size if image is not None else 0, job.owner,
+                                 job.priority))
 
     def _job_disk(self, job: Job) -> dict[str, Any]:
         """The run_job fields for a job's disk: the image its guests boot from and their disk budget."""

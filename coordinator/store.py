@@ -22,10 +22,10 @@ from conode.errors import ConodeError
 from conode import output_cap
 from conode.limits import MAX_STREAM_BYTES
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 TERMINAL_STATES = ("done", "failed", "cancelled")
 JOB_STATES = ("queued", "running", "vacated") + TERMINAL_STATES  # vacated: saved on its node's disk
-ROLES = ("agent", "admin")
+ROLES = ("agent", "admin", "user")  # see coordinator/users.py
 _STORED_OUTPUT_MAX = output_cap.DOWNSTREAM_LIMIT + len(output_cap.TRUNCATION_NOTE)  # one job's streams, at most
 
 _SCHEMA = """
@@ -51,9 +51,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     gang INTEGER,
     rank INTEGER,
     image TEXT,
-    disk_mib INTEGER
+    disk_mib INTEGER,
+    priority INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(submitted_by, id);
 CREATE TABLE IF NOT EXISTS job_output (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job INTEGER NOT NULL,
@@ -105,25 +107,29 @@ class Job:
     rank: int | None = None
     image: str | None = None  # the pool image the job's guest boots from; None: the built-in initramfs
     disk_mib: int | None = None  # what the guest may write to its disk (None: the default)
+    owner: str = ""  # the name of the key that submitted it (a gang's ranks carry their gang's)
+    priority: int = 0  # among its owner's queued jobs, higher first
 
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.id, "state": self.state, "argv": self.argv, "node": self.node, "attempts": self.attempts,
             "exit_status": self.exit_status, "reason": self.reason, "mem_mib": self.mem_mib,
             "submitted_at": self.submitted_at, "started_at": self.started_at, "finished_at": self.finished_at,
-            "guests": self.guests, "network": self.network, "image": self.image,
+            "guests": self.guests, "network": self.network, "image": self.image, "owner": self.owner,
+            "priority": self.priority,
         }
 
 
 _JOB_COLUMNS = ("id, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at, "
-                "finished_at, guests, network, gang, rank, image, disk_mib")
+                "finished_at, guests, network, gang, rank, image, disk_mib, COALESCE(submitted_by, ''), priority")
 
 
 def _job(row: tuple) -> Job:
     (ident, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at,
-     finished_at, guests, network, gang, rank, image, disk_mib) = row
+     finished_at, guests, network, gang, rank, image, disk_mib, owner, priority) = row
     return Job(ident, state, msgpack.unpackb(argv), msgpack.unpackb(wanted), mem_mib, node, attempts, exit_status,
-               reason, submitted_at, started_at, finished_at, guests, network, gang, rank, image, disk_mib)
+               reason, submitted_at, started_at, finished_at, guests, network, gang, rank, image, disk_mib, owner,
+               priority)
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,12 @@ class Store:
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
             self.db.execute("UPDATE meta SET value='4' WHERE key='schema'")
+            version = 4
+        if int(version) == 4:  # version 5 added users: a job's priority among its owner's (submitted_by) jobs
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+            if "priority" not in columns:
+                self.db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+            self.db.execute("UPDATE meta SET value='5' WHERE key='schema'")
         self.db.execute("CREATE INDEX IF NOT EXISTS jobs_gang ON jobs(gang, attempts, rank)")
 
     def close(self) -> None:
@@ -198,12 +210,12 @@ class Store:
     # --- jobs ------------------------------------------------------------------------------------------
     def add_job(self, argv: list[str], inputs: dict[str, bytes], wanted: list[str], mem_mib: int,
                 submitted_by: str, guests: int = 1, network: str | None = None, image: str | None = None,
-                disk_mib: int | None = None) -> int:
+                disk_mib: int | None = None, priority: int = 0) -> int:
         cur = self.db.execute(
             "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at, guests, network, "
-            "image, disk_mib) VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "image, disk_mib, priority) VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (msgpack.packb(argv), msgpack.packb(inputs, use_bin_type=True), msgpack.packb(wanted), mem_mib,
-             submitted_by, self._clock(), guests, network, image, disk_mib),
+             submitted_by, self._clock(), guests, network, image, disk_mib, priority),
         )
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -217,8 +229,9 @@ class Store:
                             "WHERE id=?", (now, gang))
             ranks = [int(self.db.execute(  # type: ignore[arg-type]
                 "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, node, attempts, submitted_by, submitted_at, "
-                "started_at, guests, network, gang, rank, image, disk_mib) SELECT 'running', argv, ?, wanted, mem_mib, "
-                "?, attempts, submitted_by, submitted_at, ?, guests, network, id, ?, image, disk_mib FROM jobs "
+                "started_at, guests, network, gang, rank, image, disk_mib, priority) SELECT 'running', argv, ?, "
+                "wanted, mem_mib, ?, attempts, submitted_by, submitted_at, ?, guests, network, id, ?, image, disk_mib, "
+                "priority FROM jobs "
                 "WHERE id=?",
                 (msgpack.packb({}), node, now, rank, gang)).lastrowid) for rank, node in enumerate(nodes)]
             self.db.execute("COMMIT")
@@ -253,21 +266,24 @@ class Store:
         row = self.db.execute("SELECT inputs FROM jobs WHERE id=?", (ident,)).fetchone()
         return msgpack.unpackb(row[0], raw=False) if row else {}
 
-    def jobs(self, states: tuple[str, ...] | None = None, limit: int = 1000) -> list[Job]:
+    def jobs(self, states: tuple[str, ...] | None = None, limit: int = 1000, owner: str | None = None) -> list[Job]:
+        """Jobs (not ranks) in *states*, oldest first; without states, the newest first. Only *owner*'s if given."""
+        mine, args = ("AND submitted_by=? ", (owner,)) if owner is not None else ("", ())
         if states:
             marks = ",".join("?" * len(states))
             rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) AND gang IS NULL "
-                                   f"ORDER BY id LIMIT ?", (*states, limit))
+                                   f"{mine}ORDER BY id LIMIT ?", (*states, *args, limit))
         else:
-            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE gang IS NULL ORDER BY id DESC LIMIT ?",
-                                   (limit,))
+            rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE gang IS NULL {mine}ORDER BY id DESC "
+                                   f"LIMIT ?", (*args, limit))
         return [_job(row) for row in rows]
 
-    def queued(self) -> list[tuple[int, int, int, int]]:
-        """(job id, guest memory, guests, image size in bytes or 0) of every queued job, oldest first."""
-        return self.db.execute("SELECT id, mem_mib, guests, COALESCE(images.size, 0) FROM jobs LEFT JOIN images "
-                               "ON images.name = jobs.image WHERE state='queued' AND gang IS NULL "
-                               "ORDER BY id").fetchall()
+    def queued(self) -> list[tuple[int, int, int, int, str, int]]:
+        """(job id, guest memory, guests, image size in bytes or 0, owner, priority) of every queued job, oldest
+        first (coordinator/queue.py's QueuedJob)."""
+        return self.db.execute("SELECT id, mem_mib, guests, COALESCE(images.size, 0), COALESCE(submitted_by, ''), "
+                               "priority FROM jobs LEFT JOIN images ON images.name = jobs.image "
+                               "WHERE state='queued' AND gang IS NULL ORDER BY id").fetchall()
 
     def job_counts(self) -> dict[str, int]:
         """How many jobs are in each state (states without jobs are absent); a gang counts once, not per rank."""

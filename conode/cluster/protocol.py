@@ -21,8 +21,8 @@ from conode.errors import ConodeError
 from conode.limits import (IMAGE_CHUNK_BYTES, MAX_ARGV, MAX_ARGV_BYTES, MAX_DISK_BUDGET_MIB, MAX_FILES,
                            MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB, MAX_HOSTNAME, MAX_IMAGE_BYTES, MAX_IMAGE_CACHE_MIB,
                            MAX_IMAGE_CHUNKS, MAX_IMAGE_NAME, MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES,
-                           MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES, MAX_SMALL_FIELD,
-                           MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
+                           MAX_JOB_OUTPUT_BYTES, MAX_JOB_PRIORITY, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES,
+                           MAX_SMALL_FIELD, MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
 
 PROTOCOL_VERSION = 1
 # MAX_FRAME_BYTES, MAX_SMALL_FIELD, MAX_ARGV and MAX_FILES come from conode.limits and stay importable from here.
@@ -82,6 +82,7 @@ IMAGE_NAME = Kind("str", MAX_IMAGE_NAME)
 IMAGE_SIZE = Kind("int", low=1, high=MAX_IMAGE_BYTES)
 IMAGE = Kind("image")  # an image a job runs on: name, sha256, size and chunks (see _image_problem)
 DISK_MIB = Kind("int", low=1, high=MAX_DISK_BUDGET_MIB)
+PRIORITY = Kind("int", low=-MAX_JOB_PRIORITY, high=MAX_JOB_PRIORITY)
 CACHE_MIB = Kind("int", low=0, high=MAX_IMAGE_CACHE_MIB)
 ANY_LIST = Kind("list", MAX_LIST_ENTRIES)
 ANY_MAP = Kind("map", MAX_LIST_ENTRIES)
@@ -97,7 +98,8 @@ def _f(kind: Kind, required: bool = True) -> Field:
     return Field(kind, required)
 
 
-# Who may send what: "agent" (enrolled node keys), "admin" (enrolled admin keys), "coordinator".
+# Who may send what: "agent" (enrolled node keys), "client" (enrolled admin and user keys), "admin" (admin keys
+# only), "coordinator"; coordinator/users.py applies it.
 SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     # agent -> coordinator
     "hello": ("agent", {"node": _f(STR), "cores": _f(CORES), "mem_mib": _f(GUEST_MEM), "speed": _f(MEASURE),
@@ -124,25 +126,29 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "image_chunk": ("coordinator", {"digest": _f(DIGEST), "data": _f(CHUNK, False), "problem": _f(STR, False)}),
     "ack": ("coordinator", {"job": _f(INT)}),
     "reconnect": ("coordinator", {"reason": _f(STR)}),
+    # client (admin or user) -> coordinator
+    "status": ("client", {}),
+    "submit": ("client", {"argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS), "mem_mib": _f(GUEST_MEM),
+                          "guests": _f(GUESTS, False), "network": _f(STR, False), "image": _f(IMAGE_NAME, False),
+                          "disk_mib": _f(DISK_MIB, False), "priority": _f(PRIORITY, False)}),
+    "jobs": ("client", {"limit": _f(INT, False), "user": _f(STR, False)}),  # user: only that owner's jobs
+    "job": ("client", {"job": _f(INT)}),
+    "logs": ("client", {"job": _f(INT), "rank": _f(RANK, False)}),
+    "fetch": ("client", {"job": _f(INT), "rank": _f(RANK, False)}),
+    "cancel": ("client", {"job": _f(INT)}),  # a user's own jobs only
+    "image_list": ("client", {}),
     # admin -> coordinator
-    "status": ("admin", {}),
-    "submit": ("admin", {"argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS), "mem_mib": _f(GUEST_MEM),
-                         "guests": _f(GUESTS, False), "network": _f(STR, False), "image": _f(IMAGE_NAME, False),
-                         "disk_mib": _f(DISK_MIB, False)}),
-    "jobs": ("admin", {"limit": _f(INT, False)}),
-    "job": ("admin", {"job": _f(INT)}),
-    "logs": ("admin", {"job": _f(INT), "rank": _f(RANK, False)}),
-    "fetch": ("admin", {"job": _f(INT), "rank": _f(RANK, False)}),
-    "cancel": ("admin", {"job": _f(INT)}),
     "drain": ("admin", {"node": _f(STR), "undrain": _f(BOOL, False)}),
     "forget": ("admin", {"node": _f(STR)}),  # a down node, no longer shown by status
     "image_missing": ("admin", {"chunks": _f(DIGESTS)}),  # which of these chunks the coordinator lacks
     "image_put": ("admin", {"digest": _f(DIGEST), "data": _f(CHUNK)}),
     "image_commit": ("admin", {"name": _f(IMAGE_NAME), "size": _f(IMAGE_SIZE), "sha256": _f(SHA256),
                                "chunks": _f(DIGESTS)}),
-    "image_list": ("admin", {}),
     "image_rm": ("admin", {"name": _f(IMAGE_NAME)}),
-    # coordinator -> admin
+    "user_add": ("admin", {"name": _f(STR), "public_key": _f(STR)}),
+    "users": ("admin", {}),
+    "user_rm": ("admin", {"name": _f(STR)}),
+    # coordinator -> client
     "status_reply": ("coordinator", {"nodes": _f(ANY_LIST), "totals": _f(ANY_MAP), "down": _f(ANY_LIST, False)}),
     "submitted": ("coordinator", {"job": _f(INT)}),
     "jobs_reply": ("coordinator", {"jobs": _f(ANY_LIST)}),
@@ -151,12 +157,14 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "fetch_reply": ("coordinator", {"job": _f(INT), "outputs": _f(OUTPUTS)}),
     "image_missing_reply": ("coordinator", {"chunks": _f(DIGESTS)}),
     "image_list_reply": ("coordinator", {"images": _f(ANY_LIST)}),
+    "users_reply": ("coordinator", {"users": _f(ANY_LIST)}),
     "ok": ("coordinator", {"detail": _f(STR, False)}),
     # either way
     "error": ("any", {"code": _f(STR), "message": _f(TEXT), "in_reply_to": _f(STR, False)}),
 }
 
-ADMIN_TYPES = frozenset(t for t, (sender, _) in SCHEMAS.items() if sender == "admin")
+CLIENT_TYPES = frozenset(t for t, (sender, _) in SCHEMAS.items() if sender == "client")  # users' and admins'
+ADMIN_TYPES = CLIENT_TYPES | frozenset(t for t, (sender, _) in SCHEMAS.items() if sender == "admin")
 AGENT_TYPES = frozenset(t for t, (sender, _) in SCHEMAS.items() if sender == "agent")
 
 

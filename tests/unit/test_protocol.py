@@ -206,12 +206,15 @@ def test_error_helper_builds_a_valid_error_and_truncates():
 
 
 def test_sender_sets_follow_the_schemas():
-    assert protocol.ADMIN_TYPES == {t for t, (sender, _) in SCHEMAS.items() if sender == "admin"}
+    assert protocol.CLIENT_TYPES == {t for t, (sender, _) in SCHEMAS.items() if sender == "client"}
+    assert protocol.ADMIN_TYPES == protocol.CLIENT_TYPES | {t for t, (s, _) in SCHEMAS.items() if s == "admin"}
     assert protocol.AGENT_TYPES == {t for t, (sender, _) in SCHEMAS.items() if sender == "agent"}
     assert {"status", "submit", "jobs", "job", "logs", "fetch", "cancel", "drain"} <= protocol.ADMIN_TYPES
     assert {"hello", "heartbeat", "job_output", "job_finished", "job_failed", "bye"} <= protocol.AGENT_TYPES
     assert not protocol.ADMIN_TYPES & protocol.AGENT_TYPES
-    assert {sender for sender, _ in SCHEMAS.values()} <= {"agent", "admin", "coordinator", "any"}
+    assert {"status", "submit", "jobs", "job", "logs", "fetch", "cancel", "image_list"} <= protocol.CLIENT_TYPES
+    assert not {"drain", "forget", "image_commit", "image_rm", "user_add", "users", "user_rm"} & protocol.CLIENT_TYPES
+    assert {sender for sender, _ in SCHEMAS.values()} <= {"agent", "client", "admin", "coordinator", "any"}
 
 
 # --- sizes --------------------------------------------------------------------------------------------------

@@ -95,9 +95,11 @@ def test_timestamps_come_from_the_given_clock(tmp_path):
 def test_queued_and_counts(tmp_path):
     store = Store(tmp_path / "c.db")
     jobs = [store.add_job(["true"], {}, [], mem, "admin") for mem in (64, 128, 256)]
+    jobs.append(store.add_job(["true"], {}, [], 64, "alice", priority=5))
     store.mark_running(jobs[1], "n1")
-    assert store.queued() == [(jobs[0], 64, 1, 0), (jobs[2], 256, 1, 0)]
-    assert store.job_counts() == {"queued": 2, "running": 1}
+    assert store.queued() == [(jobs[0], 64, 1, 0, "admin", 0), (jobs[2], 256, 1, 0, "admin", 0),
+                              (jobs[3], 64, 1, 0, "alice", 5)]
+    assert store.job_counts() == {"queued": 3, "running": 1}
 
 
 def test_keys_are_enrolled_all_or_none(tmp_path):
