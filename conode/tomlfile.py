@@ -51,3 +51,16 @@ def write_toml(path: Path, values: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(HEADER + tomli_w.dumps(values), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def create_private_toml(path: Path, values: dict[str, Any]) -> None:
+    """Write *values* to a new file of mode 0600 (it holds a secret); an existing *path* is an error, never
+    overwritten (it may be someone else's)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConodeError(f"{path} exists already; remove it first or choose another file") from None
+    except OSError as exc:
+        raise ConodeError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(HEADER + tomli_w.dumps(values))

@@ -1,4 +1,4 @@
-"""`coordinator`: run the coordinator and manage the pool (status, jobs, keys)."""
+"""`coordinator`: run the coordinator and manage the pool (status, jobs, keys, users)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.cli_guard import run_guarded
 from conode.errors import ConodeError
 from conode.limits import (DEFAULT_DISK_BUDGET_MIB, DEFAULT_GUEST_MEM_MIB, MAX_DISK_BUDGET_MIB, MAX_JOB_GUESTS,
-                           MAX_JOB_INPUT_BYTES)
+                           MAX_JOB_INPUT_BYTES, MAX_JOB_PRIORITY)
 from conode.tomlfile import write_toml
 from coordinator import render
 from coordinator.config import (ADMIN_KEY_NAME, DEFAULT_BIND, PRIVATE_UMASK, SERVER_KEY_NAME, StateDir,
@@ -84,6 +84,8 @@ def init(state_dir: Path, bind: str, advertise: str | None) -> None:
         click.echo("and enrol the key it prints here:")
         click.echo("  " + shell.command("coordinator", "keys", "add", "--state-dir", state_dir, "--role", "agent",
                                         "--", "NODE-NAME", "AGENT-PUBLIC-KEY"))
+        click.echo("to let a person submit jobs with a key of their own (with `serve` running):")
+        click.echo("  coordinator user add NAME")
 
     _guarded(body)
 
@@ -124,7 +126,7 @@ def _raise_open_file_limit() -> None:
 
 @main.group()
 def keys() -> None:
-    """Enrolled agent and admin keys (run on the coordinator host)."""
+    """Enrolled agent and admin keys (run on the coordinator host; people get theirs from `user add`)."""
 
 
 @keys.command("add", context_settings={"ignore_unknown_options": True})
@@ -153,7 +155,7 @@ def keys_list(state_dir: Path) -> None:
     def body() -> None:
         rows = _store(state_dir).keys()
         _table(["NAME", "ROLE", "PUBLIC KEY", "ADDED"],
-               [[name, role, key, time.strftime("%Y-%m-%d %H:%M", time.localtime(added))]
+               [[name, role, key, render.stamp(added)]
                 for name, role, key, added in rows])
 
     _guarded(body)
@@ -268,10 +270,12 @@ def status(config_path: Path | None, endpoint: str | None, as_json: bool, watch:
               help="Boot the job's guests from this pool image (`coordinator image list`) as their root disk.")
 @click.option("--disk-budget", "disk_mib", type=click.IntRange(1, MAX_DISK_BUDGET_MIB), default=None, metavar="MiB",
               help=f"What each guest may write to its disk (default {DEFAULT_DISK_BUDGET_MIB}).")
+@click.option("--priority", type=click.IntRange(-MAX_JOB_PRIORITY, MAX_JOB_PRIORITY), default=0, show_default=True,
+              help="Among your own queued jobs, higher runs first (the pool shares fairly between people).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def submit(config_path: Path | None, endpoint: str | None, inputs: tuple[Path, ...], outputs: tuple[str, ...],
            mem_mib: int, guests: int, network: str | None, image_name: str | None, disk_mib: int | None,
-           command: tuple[str, ...]) -> None:
+           priority: int, command: tuple[str, ...]) -> None:
     """Queue COMMAND to run in a guest (or in several, --guests); prints the job id."""
 
     def body() -> None:
@@ -288,6 +292,8 @@ def submit(config_path: Path | None, endpoint: str | None, inputs: tuple[Path, .
                 extra["image"] = image_name
             if disk_mib is not None:
                 extra["disk_mib"] = disk_mib
+            if priority:
+                extra["priority"] = priority
             reply = client.request("submit", "submitted", argv=list(command), inputs=files, outputs=list(outputs),
                                    mem_mib=mem_mib, guests=guests, **extra)
         click.echo(reply["job"])
@@ -299,12 +305,13 @@ def submit(config_path: Path | None, endpoint: str | None, inputs: tuple[Path, .
 @with_client
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--limit", type=int, default=50, show_default=True)
-def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: int) -> None:
-    """Recent jobs, newest first."""
+@click.option("--user", "owner", default=None, metavar="NAME", help="Only the jobs NAME submitted.")
+def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: int, owner: str | None) -> None:
+    """Recent jobs, newest first: everyone's, with who submitted each (OWNER)."""
 
     def body() -> None:
         with _client(config_path, endpoint) as client:
-            reply = client.request("jobs", "jobs_reply", limit=limit)
+            reply = client.request("jobs", "jobs_reply", limit=limit, **({} if owner is None else {"user": owner}))
         if as_json:
             click.echo(json.dumps(reply["jobs"]))
             return
@@ -315,9 +322,9 @@ def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: i
             runtime = render.duration(end - j["started_at"]) if j["started_at"] else "-"
             status_text = "-" if j["exit_status"] is None else j["exit_status"]
             where = j["node"] or (f"{j['guests']} guests" if j.get("guests", 1) > 1 else "-")
-            rows.append([j["id"], j["state"], where, status_text, runtime, j["attempts"],
+            rows.append([j["id"], j.get("owner") or "-", j["state"], where, status_text, runtime, j["attempts"],
                          " ".join(j["argv"])[:60]])
-        _table(["JOB", "STATE", "NODE", "STATUS", "RUNTIME", "TRIES", "COMMAND"], rows)
+        _table(["JOB", "OWNER", "STATE", "NODE", "STATUS", "RUNTIME", "TRIES", "COMMAND"], rows)
 
     _guarded(body)
 
@@ -410,6 +417,81 @@ def fetch(config_path: Path | None, endpoint: str | None, job: int, directory: P
             click.echo(f"{target} ({size} bytes)")
         if not reply["outputs"]:
             click.echo(f"job {job} has no output files", err=True)
+
+    _guarded(body)
+
+
+# --- users ---------------------------------------------------------------------------------------------------
+@main.group()
+def user() -> None:
+    """The people who submit jobs with keys of their own (admins only): they see every job and change their own."""
+
+
+@user.command("add")
+@with_client
+@click.argument("name")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the person's client configuration (default: NAME.toml here).")
+def user_add(config_path: Path | None, endpoint: str | None, name: str, out_path: Path | None) -> None:
+    """Add user NAME: a new key pair, enrolled, and a client configuration to hand to the person."""
+
+    def body() -> None:
+        from conode.cluster.keys import new_key_pair
+        from coordinator.config import write_user_client_config
+        from coordinator.users import check_user_name
+
+        problem = check_user_name(name)
+        if problem:
+            raise ConodeError(problem)
+        from coordinator.client import AdminClient
+
+        config = load_client_config(config_path, endpoint)
+        target = out_path or Path(f"{name}.toml")
+        pair = new_key_pair()  # its secret half is written once, into the person's file, and nowhere else
+        write_user_client_config(target, config.endpoint, config.server_public_key, pair)
+        try:
+            with AdminClient(config) as client:
+                client.request("user_add", "ok", name=name, public_key=pair.public)
+        except BaseException:
+            target.unlink(missing_ok=True)  # not enrolled: the file would open nothing
+            raise
+        click.echo(f"user {name} added; their client configuration is {target} (it holds their secret key: hand it "
+                   f"over privately)")
+        click.echo(f"{name} saves it as ~/.config/conode/client.toml (or anywhere, named by --config or "
+                   f"CONODE_CLIENT_CONFIG) and runs, for example:")
+        click.echo("  " + shell.command("coordinator", "submit", "--config", target.name, "--", "echo", "hello"))
+
+    _guarded(body)
+
+
+@user.command("list")
+@with_client
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def user_list(config_path: Path | None, endpoint: str | None, as_json: bool) -> None:
+    """The pool's users: when each was added, and their jobs queued and running now."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            users = client.request("users", "users_reply")["users"]
+        if as_json:
+            click.echo(json.dumps(users))
+            return
+        _table(["USER", "QUEUED", "RUNNING", "ADDED", "PUBLIC KEY"],
+               [[u["name"], u["queued"], u["running"], render.stamp(u["added_at"]),
+                 u["public_key"]] for u in users])
+
+    _guarded(body)
+
+
+@user.command("rm")
+@with_client
+@click.argument("name")
+def user_rm(config_path: Path | None, endpoint: str | None, name: str) -> None:
+    """Remove user NAME: their key is refused from now on (their jobs stay as they are)."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            click.echo(client.request("user_rm", "ok", name=name).get("detail", "ok"))
 
     _guarded(body)
 

@@ -1,4 +1,5 @@
-"""The admin side of the control plane: one request, one reply, with clear errors when nobody answers."""
+"""The client side of the control plane (an admin's or a user's): one request, one reply, with clear errors when
+nobody answers."""
 
 from __future__ import annotations
 
@@ -50,8 +51,10 @@ class AdminClient:
             try:
                 self._socket.check_refused()
             except AuthRefused:
-                raise ConodeError(f"the coordinator at {self.config.endpoint} refused this client's key; enrol it "
-                                  f"with `coordinator keys add --state-dir STATE --role admin -- NAME KEY`") from None
+                raise ConodeError(f"the coordinator at {self.config.endpoint} refused this client's key: it is not "
+                                  f"enrolled there (or was removed); an admin adds a person with `coordinator user "
+                                  f"add NAME`, or an admin key with `coordinator keys add --state-dir STATE --role "
+                                  f"admin -- NAME KEY`") from None
             if self._socket.problem:  # deterministic: waiting longer would only hide it
                 raise ConodeError(f"{self._socket.problem} (server_public_key in the client configuration)")
             if not sent:

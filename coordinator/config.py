@@ -1,8 +1,10 @@
 """Where the coordinator keeps its state, and the client configuration the admin CLI reads.
 
-A client configuration is a small TOML file naming the coordinator's endpoint and public key and the admin key
-pair to use. The CLI looks for it in ``--config``, then ``$CONODE_CLIENT_CONFIG``, then
-``~/.config/conode/client.toml``; each field can be overridden by a flag or ``$CONODE_COORDINATOR``.
+A client configuration is a small TOML file naming the coordinator's endpoint and public key and the key pair to
+use: an admin's names the directory of its key files (``init`` writes it), a user's holds the pair itself
+(``public_key``, ``secret_key``: one file, mode 0600, that an admin hands to the person, `coordinator user add`).
+The CLI looks for it in ``--config``, then ``$CONODE_CLIENT_CONFIG``, then ``~/.config/conode/client.toml``; the
+endpoint can be overridden by a flag or ``$CONODE_COORDINATOR``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from pathlib import Path
 
 from conode import shell
 from conode.cache import config_dir
-from conode.cluster.keys import KeyPair, load_key_pair
+from conode.cluster.keys import KeyPair, is_valid_public_key, load_key_pair
 from conode.errors import ConodeError
-from conode.tomlfile import read_known
+from conode.tomlfile import create_private_toml, read_known
 from coordinator.identity import DEFAULT_SUBNET
 
 DEFAULT_PORT = 7700
@@ -26,7 +28,7 @@ ADMIN_KEY_NAME = "admin"
 RELAY_OFF = "off"
 PRIVATE_UMASK = 0o077  # what the coordinator creates is its own: directories 0700, files 0600
 SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet"]  # what coordinator.toml may hold
-CLIENT_KEYS = ["endpoint", "server_public_key", "key_directory", "key_name"]  # and client.toml
+CLIENT_KEYS = ["endpoint", "server_public_key", "key_directory", "key_name", "public_key", "secret_key"]
 
 
 @dataclass(frozen=True)
@@ -131,11 +133,17 @@ def client_config_path(path: Path | None) -> Path:
 
 
 def load_client_config(path: Path | None = None, endpoint: str | None = None) -> ClientConfig:
-    """Find and read the admin CLI's configuration."""
+    """Find and read the client CLI's configuration."""
     chosen = client_config_path(path)
     values = read_known(chosen, CLIENT_KEYS)
     try:
-        keys = load_key_pair(Path(values["key_directory"]), values.get("key_name", ADMIN_KEY_NAME))
+        if "secret_key" in values or "public_key" in values:
+            keys = KeyPair(values["public_key"], values["secret_key"])
+            if not is_valid_public_key(keys.public) or not is_valid_public_key(keys.secret):
+                raise ConodeError(f"client configuration {chosen}: public_key and secret_key must be CURVE keys "
+                                  f"(40 Z85 characters each); ask your admin for the file again")
+        else:
+            keys = load_key_pair(Path(values["key_directory"]), values.get("key_name", ADMIN_KEY_NAME))
         return ClientConfig(
             endpoint=endpoint or os.environ.get("CONODE_COORDINATOR") or values["endpoint"],
             server_public_key=values["server_public_key"],
@@ -143,3 +151,10 @@ def load_client_config(path: Path | None = None, endpoint: str | None = None) ->
         )
     except KeyError as exc:
         raise ConodeError(f"client configuration {chosen} lacks {exc}") from None
+
+
+def write_user_client_config(path: Path, endpoint: str, server_public_key: str, keys: KeyPair) -> None:
+    """Create the client configuration of a user: the coordinator's endpoint and key, and the user's own key pair,
+    in a new file of mode 0600."""
+    create_private_toml(path, {"endpoint": endpoint, "server_public_key": server_public_key,
+                               "public_key": keys.public, "secret_key": keys.secret})

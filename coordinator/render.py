@@ -48,7 +48,11 @@ def speed(loops_per_s: float) -> str:
     return f"{loops_per_s:.0f} loops/s"
 
 
+def stamp(wall: float) -> str:
+    """A wall-clock time, local, to the minute."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(wall))
+
+
 def since(wall: float, now: float) -> str:
     """When something happened: the local time, and how long ago."""
-    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(wall))
-    return f"{stamp} ({duration(now - wall)} ago)"
+    return f"{stamp(wall)} ({duration(now - wall)} ago)"

@@ -1,4 +1,5 @@
-"""CURVE key pairs on disk: the coordinator's, each agent's and each admin's.
+"""CURVE key pairs on disk: the coordinator's, each agent's and each admin's (a user's travel inside the client
+configuration an admin hands them, coordinator/config.py).
 
 Keys are stored as Z85 text (40 characters), the public half in ``NAME.public`` and the secret half in
 ``NAME.secret`` (mode 0600). Only public keys ever leave a machine: they are what an admin enrols.
@@ -45,11 +46,17 @@ def generate_key_pair(directory: Path, name: str) -> KeyPair:
     public_path, secret_path = directory / f"{name}.public", directory / f"{name}.secret"
     if public_path.exists() or secret_path.exists():
         raise KeyFileError(f"a key pair named {name!r} already exists in {directory}; remove it first to replace it")
-    public, secret = zmq.curve_keypair()
+    pair = new_key_pair()
     fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write(secret.decode("ascii") + "\n")
-    public_path.write_text(public.decode("ascii") + "\n")
+        out.write(pair.secret + "\n")
+    public_path.write_text(pair.public + "\n")
+    return pair
+
+
+def new_key_pair() -> KeyPair:
+    """A fresh CURVE key pair, in memory only."""
+    public, secret = zmq.curve_keypair()
     return KeyPair(public.decode("ascii"), secret.decode("ascii"))
 
 
