@@ -181,7 +181,7 @@ def test_running_shares_follow_lost_nodes_vacated_and_restarted_agents(pool):
     jobs = [submit_as(pool, owner) for owner in ("alice", "alice", "bob", "bob")]
     check_shares(pool)
     on_n1 = sorted(pool.coordinator.nodes["n1"].running)
-    pool.send("n2", "job_vacated", job=sorted(pool.coordinator.nodes["n2"].running)[0])
+    pool.send("n2", "job_vacated", job=min(pool.coordinator.nodes["n2"].running))
     check_shares(pool)
     pool.clock.advance(protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS + 1)
     pool.beat("n2", state="Owner")
