@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 
 import pytest
 
+from conode.cluster.keys import new_key_pair
 from conode.errors import ConodeError
 from conode.shell import command
 from conode.tomlfile import read_known, write_toml
 from coordinator import render
-from coordinator.config import CLIENT_KEYS, client_config_path
+from coordinator.config import CLIENT_KEYS, client_config_path, load_client_config, write_user_client_config
 from coordinator.down import MAX_DOWN_NODES, DownNode, DownNodes, unknown_node
 
 Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
@@ -95,3 +97,23 @@ def test_down_nodes_are_bounded_oldest_first():
 def test_an_unknown_node_is_refused_with_the_closest_name():
     assert unknown_node("node-x", {"node-a", "other"}) == "no node named 'node-x'; did you mean 'node-a'?"
     assert unknown_node("zzz", set()) == "no node named 'zzz'; `coordinator status` lists the nodes"
+
+
+def test_a_users_client_configuration_holds_their_keys_and_is_theirs_alone(tmp_path):
+    pair = new_key_pair()
+    path = tmp_path / "alice.toml"
+    write_user_client_config(path, "tcp://pool.example:7700", "S" * 40, pair)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    config = load_client_config(path)
+    assert config.keys == pair and config.endpoint == "tcp://pool.example:7700" and config.server_public_key == "S" * 40
+    with pytest.raises(ConodeError, match="alice.toml exists already"):
+        write_user_client_config(path, "tcp://other:1", "S" * 40, new_key_pair())
+    assert load_client_config(path).keys == pair  # never overwritten
+    broken = tmp_path / "broken.toml"
+    write_toml(broken, {"endpoint": "tcp://x:1", "server_public_key": "S" * 40, "public_key": pair.public,
+                        "secret_key": "short"})
+    with pytest.raises(ConodeError, match="broken.toml: public_key and secret_key must be CURVE keys"):
+        load_client_config(broken)
+    write_toml(broken, {"endpoint": "tcp://x:1", "server_public_key": "S" * 40, "public_key": pair.public})
+    with pytest.raises(ConodeError, match="broken.toml lacks 'secret_key'"):
+        load_client_config(broken)

@@ -115,3 +115,31 @@ def test_keys_are_enrolled_all_or_none(tmp_path):
         store.add_key("x", "root", "k5")
     assert [row[:3] for row in store.keys()] == [("n1", "agent", "k1"), ("n2", "agent", "k2")]
     assert store.key_owner("k3") is None and store.key_owner("k2") == ("n2", "agent")
+
+
+def test_a_version_4_database_gains_priorities_and_keeps_owners(tmp_path):
+    path = tmp_path / "coordinator.db"
+    Store(path).close()
+    old = sqlite3.connect(path)  # make it what a version 4 coordinator left: no priority column
+    old.executescript("""
+        DROP INDEX jobs_owner;
+        ALTER TABLE jobs DROP COLUMN priority;
+        UPDATE meta SET value='4' WHERE key='schema';
+        INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at)
+            VALUES ('queued', X'91a474727565', X'80', X'90', 128, 'admin', 1.0);
+    """)
+    old.commit()
+    old.close()
+    store = Store(path)
+    (job,) = store.jobs()
+    assert job.owner == "admin" and job.priority == 0
+    assert store.queued() == [(job.id, 128, 1, 0, "admin", 0)]
+    assert [j.id for j in store.jobs(owner="admin")] == [job.id] and store.jobs(owner="alice") == []
+    assert store.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(SCHEMA_VERSION) == "5"
+
+
+def test_a_gangs_ranks_carry_its_owner_and_priority(tmp_path):
+    store = Store(tmp_path / "c.db")
+    gang = store.add_job(["true"], {}, [], 64, "alice", guests=2, priority=7)
+    ranks = store.start_gang(gang, ["n1", "n2"])
+    assert {(store.job(r).owner, store.job(r).priority) for r in ranks} == {("alice", 7)}
