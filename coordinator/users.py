@@ -35,10 +35,16 @@ def may_send(role: str | None, sender: str) -> bool:
     return role is not None and role == sender
 
 
+# The admin CLI's command that sends a request, where it is not the request's own name.
+_COMMANDS = {"image_missing": "image add", "image_put": "image add", "image_commit": "image add",
+             "image_rm": "image rm", "user_add": "user add", "users": "user list", "user_rm": "user rm"}
+
+
 def refusal(role: str | None, name: str | None, kind: str) -> str:
     """The one line a key that may not send *kind* is told: what it is, and who may."""
     if role == USER:
-        return f"{kind} is for the pool's admins; {name} is a user's key (ask an admin)"
+        command = _COMMANDS.get(kind, kind)
+        return f"`coordinator {command}` is for the pool's admins; {name} is a user's key (ask an admin)"
     return f"{role or 'unenrolled'} keys may not send {kind}"
 
 

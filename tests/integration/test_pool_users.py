@@ -95,14 +95,19 @@ def test_only_the_owner_or_an_admin_cancels(pool, people):
 
 
 def test_a_user_cannot_do_what_is_for_admins(pool, people):
-    for args, kind in [(("drain", "node-a"), "drain"), (("forget", "node-a"), "forget"),
-                       (("user rm", "alice"), "user_rm"), (("user list",), "users")]:
+    for args in [("drain", "node-a"), ("forget", "node-a"), ("user rm", "alice"), ("user list",)]:
         refused = one_error_line(as_user(pool, people["bob"], *args, check=False))
-        assert refused == f"coordinator: error: {kind} is for the pool's admins; bob is a user's key (ask an admin)"
-    assert not pool.status()["nodes"][0]["drained"]
+        assert refused == (f"coordinator: error: `coordinator {args[0]}` is for the pool's admins; bob is a user's "
+                           f"key (ask an admin)")
+    disk = pool.root / "disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    done = as_user(pool, people["bob"], "image add", "mine", str(disk), check=False)
+    assert done.returncode == 2 and done.stderr.decode().splitlines()[-1] == (
+        "coordinator: error: `coordinator image add` is for the pool's admins; bob is a user's key (ask an admin)")
+    assert not pool.status()["nodes"][0]["drained"] and pool.cli("image", "list", "--json").stdout == b"[]\n"
     # `user add` asks the coordinator before anything is kept: bob's attempt leaves no file behind
     target = pool.root / "mallory.toml"
-    assert "user_add is for the pool's admins" in one_error_line(
+    assert "`coordinator user add` is for the pool's admins" in one_error_line(
         as_user(pool, people["bob"], "user add", "mallory", "--out", str(target), check=False))
     assert not target.exists()
 

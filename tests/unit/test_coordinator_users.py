@@ -106,16 +106,17 @@ def test_only_the_owner_or_an_admin_may_cancel(pool):
     check_shares(pool)
 
 
-@pytest.mark.parametrize("kind,fields", [
-    ("drain", {"node": "n1"}), ("forget", {"node": "n1"}), ("image_rm", {"name": "img"}),
-    ("image_missing", {"chunks": []}), ("user_add", {"name": "carol", "public_key": "k"}), ("users", {}),
-    ("user_rm", {"name": "bob"}),
+@pytest.mark.parametrize("kind,fields,command", [
+    ("drain", {"node": "n1"}, "drain"), ("forget", {"node": "n1"}, "forget"),
+    ("image_rm", {"name": "img"}, "image rm"), ("image_missing", {"chunks": []}, "image add"),
+    ("user_add", {"name": "carol", "public_key": "k"}, "user add"), ("users", {}, "user list"),
+    ("user_rm", {"name": "bob"}, "user rm"),
 ])
-def test_a_user_key_cannot_do_what_is_for_admins(pool, kind, fields):
+def test_a_user_key_cannot_do_what_is_for_admins(pool, kind, fields, command):
     pool.hello("n1")
     reply = ask_as(pool, "alice", kind, **fields)
     assert reply["type"] == "error" and reply["code"] == "forbidden"
-    assert reply["message"] == f"{kind} is for the pool's admins; alice is a user's key (ask an admin)"
+    assert reply["message"] == f"`coordinator {command}` is for the pool's admins; alice is a user's key (ask an admin)"
     assert pool.coordinator.drained == set() and pool.coordinator.store.key_owner("bob-public-key") == ("bob", USER)
 
 
