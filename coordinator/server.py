@@ -355,7 +355,6 @@ class Coordinator:
             self._occupy(node, job.id, job.owner)
             self.peers.guest_placed(job.id, self._network_of(job), name)
             self._tell_peers()
-            self._refresh(node)
             log.info("job %d resumed on %s", job.id, name)
         else:
             self.server.send(identity, protocol.encode("cancel_job", job=msg["job"]))

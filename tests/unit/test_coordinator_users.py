@@ -5,13 +5,18 @@ permission rules of coordinator/users.py."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conode import limits
 from conode.cluster import protocol
 from coordinator.users import ADMIN, AGENT, USER, Requester, check_user_name, may_manage, may_send
-from tests.unit.test_coordinator_decisions import Pool, raw_submit, run_jobs
+from tests.unit.test_coordinator_decisions import NODES, Pool, raw_submit, run_jobs
 
 USERS = ("alice", "bob")
 
@@ -194,3 +199,52 @@ def test_running_shares_follow_lost_nodes_vacated_and_restarted_agents(pool):
     pool.hello("n2", cores=2, running=())  # restarted without its job
     check_shares(pool)
     assert {pool.job(j)["state"] for j in jobs} <= {"queued", "running", "vacated"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["submit", "finish", "fail", "vacate", "resume", "cancel", "lose",
+                                           "hello", "gang"]),
+                          st.sampled_from(("admin", *USERS)), st.sampled_from(NODES), st.integers(0, 30)),
+                max_size=40))
+def test_running_shares_stay_true_whatever_happens(events):
+    """Whatever jobs start, end, move, vacate or are lost with their nodes, each owner's running share is what
+    the nodes run of theirs, and no queued job waits while a node it fits has a free slot."""
+    with tempfile.TemporaryDirectory() as root:
+        pool = Pool(Path(root))
+        try:
+            for name in USERS:
+                pool.coordinator.store.add_key(name, USER, f"{name}-public-key")
+            for name in NODES:
+                pool.hello(name, cores=2)
+            for event, who, node, pick in events:
+                coordinator = pool.coordinator
+                running = sorted(coordinator.nodes[node].running) if node in coordinator.nodes else []
+                guest = running[pick % len(running)] if running else None
+                if event == "submit":
+                    submit_as(pool, who)
+                elif event == "gang":
+                    ask_as(pool, who, "submit", argv=["true"], inputs={}, outputs=[], mem_mib=128, guests=2)
+                elif event == "finish" and guest is not None:
+                    finish(pool, node, guest)
+                elif event == "fail" and guest is not None:
+                    pool.send(node, "job_failed", job=guest, reason="test", retry=pick % 2 == 0)
+                elif event == "vacate" and guest is not None:
+                    pool.send(node, "job_vacated", job=guest)
+                elif event == "resume":
+                    vacated = coordinator.store.vacated_jobs(node)
+                    if vacated and node in coordinator.nodes:
+                        pool.send(node, "job_resumed", job=vacated[pick % len(vacated)])
+                elif event == "cancel":
+                    ask_as(pool, "admin", "cancel", job=pick + 1)
+                elif event == "lose" and node in coordinator.nodes:
+                    coordinator._lose_node(coordinator.nodes[node], "test")
+                elif event == "hello":
+                    pool.hello(node, cores=2, running=tuple(running[:pick % 3]))
+                for name in NODES:
+                    pool.take(name)
+                check_shares(pool)
+                free = sum(n.cores - len(n.running) for n in coordinator.nodes.values())
+                assert not (free >= 2 and len(coordinator.queue)) or all(
+                    n.state != "Unclaimed" for n in coordinator.nodes.values()), "a job waits beside free slots"
+        finally:
+            pool.close()
