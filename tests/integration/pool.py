@@ -116,9 +116,10 @@ class Pool:
         return path.read_text(errors="replace") if path.exists() else ""
 
     # --- the admin CLI --------------------------------------------------------------------------------------
-    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True, timeout: float = 60, **run: Any) -> subprocess.CompletedProcess:
+        """Run the admin CLI; *run*: more of subprocess.run's arguments (cwd, input)."""
         result = self.host.run([sys.executable, "-m", "coordinator.cli", *args], env=self.env, capture_output=True,
-                               timeout=timeout, check=False)
+                               timeout=timeout, check=False, **run)
         if check and result.returncode != 0:
             raise AssertionError(f"coordinator {' '.join(args)} failed ({result.returncode}): "
                                  f"{result.stderr.decode(errors='replace')}")
