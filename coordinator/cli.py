@@ -20,9 +20,9 @@ from conode.limits import (DEFAULT_DISK_BUDGET_MIB, DEFAULT_GUEST_MEM_MIB, MAX_A
                            MAX_GUEST_MEM_MIB, MAX_JOB_GUESTS, MAX_JOB_TIMEOUT_S, MIN_GUEST_MEM_MIB)
 from conode.tomlfile import write_toml
 from coordinator import render
-from coordinator.store import JOB_STATES
 from coordinator.config import (ADMIN_KEY_NAME, DEFAULT_BIND, PRIVATE_UMASK, SERVER_KEY_NAME, StateDir,
                                 load_client_config, user_client_config_path)
+from coordinator.store import JOB_STATES
 
 EXIT_ERROR = 2
 TERMINAL = ("done", "failed", "cancelled")
@@ -466,7 +466,7 @@ def history(config_path: Path | None, endpoint: str | None, as_json: bool, limit
         for j in reply["jobs"]:
             where = ",".join(j.get("nodes") or []) or j["node"] or "-"
             status_text = "-" if j["exit_status"] is None else j["exit_status"]
-            finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["finished_at"])) if j["finished_at"] else "-"
+            finished = _stamp(j["finished_at"])
             rows.append([j["id"], j["state"], where, status_text, render.duration(j.get("cpu_s")), finished,
                          _command_text(j, 50)])
         _table(["JOB", "STATE", "NODE", "STATUS", "CPU", "FINISHED", "COMMAND"], rows)
@@ -487,15 +487,14 @@ def job(config_path: Path | None, endpoint: str | None, job: int, as_json: bool)
         if as_json:
             click.echo(json.dumps(state))
             return
-        stamp = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"  # noqa: E731
         lines = [("job", state["id"]), ("state", state["state"] + (f" ({state['why']})" if state.get("why") else "")),
                  ("command", shell.command(*state["argv"])), ("array", _array_text(state)),
                  ("node", state["node"] or "-"), ("memory", render.mib(state["mem_mib"])),
                  ("guests", state["guests"]), ("image", state.get("image") or "-"),
                  ("time limit", f"{state['timeout_s']:g} s" if state.get("timeout_s") else "-"),
                  ("environment", " ".join(f"{k}={shell.command(v)}" for k, v in state.get("env", {}).items()) or "-"),
-                 ("submitted", stamp(state["submitted_at"])), ("started", stamp(state["started_at"])),
-                 ("finished", stamp(state["finished_at"])),
+                 ("submitted", _stamp(state["submitted_at"])), ("started", _stamp(state["started_at"])),
+                 ("finished", _stamp(state["finished_at"])),
                  ("exit status", "-" if state["exit_status"] is None else state["exit_status"]),
                  ("cpu time", render.duration(state.get("cpu_s"))), ("tries", state["attempts"]),
                  ("reason", state["reason"] or "-")]
@@ -506,6 +505,10 @@ def job(config_path: Path | None, endpoint: str | None, job: int, as_json: bool)
                        f"{'-' if r['exit_status'] is None else r['exit_status']}")
 
     _guarded(body)
+
+
+def _stamp(wall: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) if wall else "-"
 
 
 def _hold_command(kind: str, doc: str) -> None:
