@@ -271,8 +271,9 @@ submit_options = [
                       "path or one leading outside: under its own name); modes are kept (repeatable)."),
     click.option("--output", "outputs", multiple=True,
                  help="A path or glob (relative to the job's directory) to bring back (repeatable)."),
-    click.option("--mem", "mem_mib", type=click.IntRange(MIN_GUEST_MEM_MIB, MAX_GUEST_MEM_MIB), default=None,
-                 help=f"Guest memory the job needs, MiB (default {DEFAULT_GUEST_MEM_MIB})."),
+    click.option("--mem", "mem_mib", type=int, default=None,
+                 help=f"Guest memory the job needs, MiB (default {DEFAULT_GUEST_MEM_MIB}; {MIN_GUEST_MEM_MIB} to "
+                      f"{MAX_GUEST_MEM_MIB})."),
     click.option("--guests", type=click.IntRange(1, MAX_JOB_GUESTS), default=None,
                  help="Run COMMAND in this many guests at once, joined by conet (rank i in $CONODE_RANK; default 1)."),
     click.option("--network", default=None, help="A shared conet network to join, by name (default: the job's own)."),
