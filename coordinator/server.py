@@ -139,6 +139,8 @@ class Coordinator:
         self.queue = JobQueue(self.store.queued())
         self.drained = self.store.drained()
         self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
+        self._capacity: list[tuple[int, int]] | None = None  # (cores, memory) of the nodes up or down, when asked
+        self._largest_mem = 0
         self.counters = Counters()
         self._started = clock()
         self._queued_at: dict[int, float] = {}
@@ -269,6 +271,7 @@ class Coordinator:
         self.nodes[name] = node
         self.by_identity[identity] = name
         self.down.returned(name)
+        self._capacity = None
         held = set(msg["running"])
         vacated_here = set(self.store.vacated_jobs(name))
         # Reconcile: jobs we placed there that the node no longer has are lost; jobs it runs that we do not
@@ -431,11 +434,20 @@ class Coordinator:
             return "a disk budget is for a job on an image: give the image too (--image NAME)", None
         if "items" in msg and not msg["items"]:
             return "an array needs at least one item", None
-        known = [(n.cores, n.mem_mib) for n in self.nodes.values()] + self.down.capacities()
-        problem = never_fits(Request(msg["mem_mib"], msg.get("guests", 1)), known)
-        if problem is not None and self.store.agent_count() > len(known):
-            problem = None  # an enrolled node not seen yet may offer more
-        return problem, image
+        return self._never_fits(Request(msg["mem_mib"], msg.get("guests", 1))), image
+
+    def _never_fits(self, request: Request) -> str | None:
+        """Why no node the coordinator knows could run *request*, once every enrolled node has been seen (one not
+        seen yet may offer more). Costs nothing per node for the common request: one guest that some node fits."""
+        if self._capacity is None:
+            self._capacity = [(n.cores, n.mem_mib) for n in self.nodes.values()] + self.down.capacities()
+            self._largest_mem = max((mem for _, mem in self._capacity), default=0)
+        if request.guests == 1 and request.mem_mib <= self._largest_mem:
+            return None
+        problem = never_fits(request, self._capacity)
+        if problem is not None and self.store.agent_count() > len(self._capacity):
+            return None
+        return problem
 
     def _submission(self, msg: dict[str, Any], name: str,
                     image: Any) -> tuple[Submission, list[Task], str | None]:
@@ -653,6 +665,7 @@ class Coordinator:
             self._reply(identity, "error", code="node_up", in_reply_to="forget",
                         message=f"node {node} is up; only a down node can be forgotten (stop its agent first)")
         elif self.down.forget(node):
+            self._capacity = None
             self._reply(identity, "ok", detail=f"node {node} forgotten")
         else:
             self._reply(identity, "error", code="unknown_node", in_reply_to="forget",
@@ -875,6 +888,7 @@ class Coordinator:
         log.warning("node %s lost: %s", node.name, why)
         self.counters.nodes_lost += 1
         self.down.left(DownNode(node.name, self._wall(), why, node.cores, node.mem_mib))
+        self._capacity = None
         self.nodes.pop(node.name, None)
         self.by_identity.pop(node.identity, None)
         self.open_nodes.discard(node.name)

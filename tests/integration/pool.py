@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from contextlib import contextmanager
+from typing import Any, Iterator, Protocol
 
 from conode.cache import cache_dir
 
@@ -68,6 +69,21 @@ class Pool:
         self.agents: dict[str, subprocess.Popen] = {}
         self.cli("init", "--state-dir", str(self.state), "--bind", self.endpoint)
         self.server_key = (self.state / "keys" / "coordinator.public").read_text().strip()
+
+    @classmethod
+    @contextmanager
+    def running(cls, root: Path, nodes: tuple[str, ...], timeout: float = 180) -> Iterator["Pool"]:
+        """A coordinator and an agent per name in *nodes* on this machine, each with its guest ready; all
+        stopped at the end."""
+        pool = cls(root)
+        pool.start_coordinator()
+        for name in nodes:
+            pool.add_agent(name)
+        try:
+            pool.wait_until(f"{len(nodes)} ready nodes", lambda: len(pool.ready_nodes()) == len(nodes), timeout)
+            yield pool
+        finally:
+            pool.close()
 
     # --- processes ---------------------------------------------------------------------------------------
     def _spawn(self, host: Host, args: list[str], log: str) -> subprocess.Popen:

@@ -17,15 +17,8 @@ pytestmark = pytest.mark.guest
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    pool = Pool(tmp_path_factory.mktemp("jobs"))
-    pool.start_coordinator()
-    for name in ("node-a", "node-b"):
-        pool.add_agent(name)
-    try:
-        pool.wait_until("two ready nodes", lambda: len(pool.ready_nodes()) == 2, timeout=180)
+    with Pool.running(tmp_path_factory.mktemp("jobs"), ("node-a", "node-b")) as pool:
         yield pool
-    finally:
-        pool.close()
 
 
 def submitted(result: subprocess.CompletedProcess) -> list[int]:
