@@ -5,6 +5,7 @@ globs, `logs -f`, `run`, hold and release, why a job waits, and the refusal of w
 The tests share one pool and run in order (the last ones enrol a node that never comes)."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -102,6 +103,10 @@ def test_logs_follow_streams_until_the_job_ends(pool):
         if follower.poll() is None:
             follower.kill()
     assert out == b"second\nlast\n" and err == b"err\n" and follower.returncode == 0
+    gang = submitted(pool.cli("submit", "--guests", "2", "--", "sh", "-c", 'sleep 1; echo "rank $CONODE_RANK"'))[0]
+    followed = pool.cli("logs", "-f", str(gang), timeout=120)
+    assert sorted(followed.stdout.decode().split("\n")) == ["", "==> rank 0 <==", "==> rank 1 <==", "rank 0",
+                                                            "rank 1"]
 
 
 def test_run_streams_and_exits_with_the_jobs_status(pool):
@@ -110,6 +115,18 @@ def test_run_streams_and_exits_with_the_jobs_status(pool):
     assert (result.returncode, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
     failed = pool.cli("run", "--timeout", "2", "--", "sleep", "60", check=False, timeout=240)
     assert failed.returncode == 1 and b"time limit 2 s reached" in failed.stderr
+    running = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "run", "--", "sh", "-c", "echo up; sleep 60"],
+                               env=pool.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert running.stdout.readline() == b"up\n"
+        running.send_signal(signal.SIGINT)  # Ctrl-C
+        _, err = running.communicate(timeout=60)
+    finally:
+        if running.poll() is None:
+            running.kill()
+    assert running.returncode == 130 and b"cancelled" in err
+    last = max(pool.jobs().values(), key=lambda j: j["id"])
+    assert last["argv"] == ["sh", "-c", "echo up; sleep 60"] and last["state"] == "cancelled"
 
 
 def test_hold_release_and_history(pool):
