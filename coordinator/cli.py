@@ -232,8 +232,8 @@ def _render_status(reply: dict[str, Any]) -> None:
     jobs = t["jobs"]
     down = f" ({len(reply['down'])} down: `coordinator forget NODE` once gone for good)" if reply.get("down") else ""
     click.echo(f"\npool: {t['nodes']} nodes{down}, {t['cores']} cores ({t['idle_cores']} free), "
-               f"{render.mib(t['mem_mib'])}; jobs: {jobs['queued']} queued, {jobs['running']} running, "
-               f"{jobs['vacated']} vacated, {jobs['done']} done, {jobs['failed']} failed, "
+               f"{render.mib(t['mem_mib'])}; jobs: {jobs['queued']} queued, {jobs.get('held', 0)} held, "
+               f"{jobs['running']} running, {jobs['vacated']} vacated, {jobs['done']} done, {jobs['failed']} failed, "
                f"{jobs['cancelled']} cancelled")
 
 
