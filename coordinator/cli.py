@@ -373,10 +373,10 @@ def _follow(client: Any, job: int, rank: int | None) -> dict[str, Any]:
     the job ends; return its final state."""
     cursors: dict[int, int] = {}
     shown: dict[str, int | None] = {"stdout": None, "stderr": None}  # the rank whose output each stream shows
-    attempts = None
+    attempts = 0
     while True:
         state = client.request("job", "job_reply", job=job)["job"]
-        if attempts is not None and state["attempts"] > attempts and cursors:
+        if attempts and state["attempts"] > attempts:
             # Its output so far was of an attempt that did not finish: what follows starts from the beginning.
             click.echo(f"coordinator: job {job} runs again ({state['reason']})", err=True)
         attempts = state["attempts"]
