@@ -437,12 +437,18 @@ def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: i
             runtime = render.duration(end - j["started_at"]) if j["started_at"] else "-"
             status_text = "-" if j["exit_status"] is None else j["exit_status"]
             where = j["node"] or (f"{j['guests']} guests" if j.get("guests", 1) > 1 else "-")
-            state = f"{j['state']} ({j['why']})" if j.get("why") else j["state"]
+            state = _state_text(j)
             rows.append([j["id"], _array_text(j), state, where, status_text, runtime, j["attempts"],
                          _command_text(j)])
         _table(["JOB", "ARRAY", "STATE", "NODE", "STATUS", "RUNTIME", "TRIES", "COMMAND"], rows)
 
     _guarded(body)
+
+
+def _state_text(job: dict[str, Any]) -> str:
+    """A job's state, and why it waits when that says more."""
+    why = job.get("why")
+    return f"{job['state']} ({why})" if why and why != job["state"] else job["state"]
 
 
 def _array_text(job: dict[str, Any]) -> str:
@@ -493,7 +499,7 @@ def job(config_path: Path | None, endpoint: str | None, job: int, as_json: bool)
         if as_json:
             click.echo(json.dumps(state))
             return
-        lines = [("job", state["id"]), ("state", state["state"] + (f" ({state['why']})" if state.get("why") else "")),
+        lines = [("job", state["id"]), ("state", _state_text(state)),
                  ("command", shell.command(*state["argv"])), ("array", _array_text(state)),
                  ("node", state["node"] or "-"), ("memory", render.mib(state["mem_mib"])),
                  ("guests", state["guests"]), ("image", state.get("image") or "-"),
