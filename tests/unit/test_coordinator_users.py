@@ -111,6 +111,34 @@ def test_only_the_owner_or_an_admin_may_cancel(pool):
     check_shares(pool)
 
 
+def test_only_the_owner_or_an_admin_may_hold_and_release(pool):
+    job = submit_as(pool, "alice")  # no node: it stays queued
+    for kind in ("hold", "release"):
+        if kind == "release":
+            assert ask_as(pool, "alice", "hold", job=job)["type"] == "ok"
+        reply = ask_as(pool, "bob", kind, job=job)
+        assert reply["code"] == "forbidden" and reply["message"] == (
+            f"job {job} belongs to alice; bob may {kind} only their own jobs (an admin may {kind} any)")
+    assert pool.job(job)["state"] == "held"
+    assert ask_as(pool, "alice", "release", job=job)["type"] == "ok"
+    assert ask_as(pool, "admin", "hold", job=job)["type"] == "ok"
+    assert ask_as(pool, "admin", "release", job=job)["type"] == "ok"
+    pool.hello("n1")
+    assert run_jobs(pool.take("n1")) == [job]  # released into its owner's queue, and placed
+    check_shares(pool)
+
+
+def test_an_array_is_its_submitters_with_its_priority(pool):
+    reply = ask_as(pool, "bob", "submit", argv=["echo", "$(item)"], inputs={}, outputs=[], mem_mib=128,
+                   items=["a", "b", "c"], priority=-1)
+    first = ask_as(pool, "bob", "submit", argv=["first"], inputs={}, outputs=[], mem_mib=128)["job"]
+    alice = submit_as(pool, "alice")
+    pool.hello("n1", cores=5)
+    # bob's priority-0 job before his array at -1; alice's turn comes second
+    assert run_jobs(pool.take("n1")) == [first, alice, *reply["jobs"]]
+    assert {pool.job(j)["owner"] for j in reply["jobs"]} == {"bob"}
+
+
 @pytest.mark.parametrize("kind,fields,command", [
     ("drain", {"node": "n1"}, "drain"), ("forget", {"node": "n1"}, "forget"),
     ("image_rm", {"name": "img"}, "image rm"), ("image_missing", {"chunks": []}, "image add"),

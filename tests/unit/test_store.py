@@ -117,14 +117,14 @@ def test_keys_are_enrolled_all_or_none(tmp_path):
     assert store.key_owner("k3") is None and store.key_owner("k2") == ("n2", "agent")
 
 
-def test_a_version_4_database_gains_priorities_and_keeps_owners(tmp_path):
+def test_a_version_5_database_gains_priorities_and_keeps_owners(tmp_path):
     path = tmp_path / "coordinator.db"
     Store(path).close()
-    old = sqlite3.connect(path)  # make it what a version 4 coordinator left: no priority column
+    old = sqlite3.connect(path)  # make it what a version 5 coordinator left: no priority column
     old.executescript("""
         DROP INDEX jobs_owner;
         ALTER TABLE jobs DROP COLUMN priority;
-        UPDATE meta SET value='4' WHERE key='schema';
+        UPDATE meta SET value='5' WHERE key='schema';
         INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at)
             VALUES ('queued', X'91a474727565', X'80', X'90', 128, 'admin', 1.0);
     """)
@@ -135,7 +135,7 @@ def test_a_version_4_database_gains_priorities_and_keeps_owners(tmp_path):
     assert job.owner == "admin" and job.priority == 0
     assert store.queued() == [(job.id, 128, 1, 0, "admin", 0)]
     assert [j.id for j in store.jobs(owner="admin")] == [job.id] and store.jobs(owner="alice") == []
-    assert store.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(SCHEMA_VERSION) == "5"
+    assert store.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(SCHEMA_VERSION) == "6"
 
 
 def test_a_gangs_ranks_carry_its_owner_and_priority(tmp_path):
