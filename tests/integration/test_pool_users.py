@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Users end to end, through the real CLI against a real coordinator and a real agent booting real guests: an
 admin adds researchers, each submits with the client configuration handed to them and sees every job with its
-OWNER, a user cannot cancel another's job nor do what is for admins, an admin can, and the pool shares its
+OWNER, a user cannot cancel or hold another's job nor do what is for admins, an admin can, and the pool shares its
 slot fairly between the people waiting for it.
 
 The tests share one pool (one agent, one slot) and run in order.
@@ -86,6 +86,8 @@ def test_only_the_owner_or_an_admin_cancels(pool, people):
     refused = one_error_line(as_user(pool, people["bob"], "cancel", str(job), check=False))
     assert refused == (f"coordinator: error: job {job} belongs to alice; bob may cancel only their own jobs (an "
                        f"admin may cancel any)")
+    refused = one_error_line(as_user(pool, people["bob"], "hold", str(job), check=False))
+    assert refused.endswith(f"job {job} belongs to alice; bob may hold only their own jobs (an admin may hold any)")
     assert pool.jobs()[job]["state"] == "running"
     assert pool.cli("cancel", str(job)).stdout.decode().strip() == f"job {job} cancelled"
     assert pool.jobs()[job]["state"] == "cancelled"
