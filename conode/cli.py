@@ -242,9 +242,11 @@ class _raw_terminal:
 @click.option("--image-cache", "image_cache_mib", type=int, default=None, metavar="MiB",
               help="What the pool's disk images may take on this disk (default 16384); the least recently used "
                    "images no guest uses are removed to make room.")
+@click.option("--metrics", default=None, metavar="ADDR",
+              help="Serve Prometheus metrics on ADDR: PORT (on 127.0.0.1), HOST:PORT, or off (the default).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="A TOML file with any of: coordinator, coordinator_key, cores, mem, name, idle_source, "
-                   "while_owner, cpu_cap, conet_listen, image_cache_mib, idle_reports and the owner policy (start_idle_s, start_max_load, suspend_load, "
+                   "while_owner, cpu_cap, conet_listen, image_cache_mib, idle_reports, metrics and the owner policy (start_idle_s, start_max_load, suspend_load, "
                    "continue_idle_s, vacate_after_s, active_input_s, allow_on_battery, and [[windows]] tables of start, "
                    "end and days: when guests may run).")
 @click.option("--log-level", default="INFO", show_default=True,
@@ -253,7 +255,7 @@ class _raw_terminal:
 def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, coordinator_key: str | None,
           cores: int | None, mem_mib: int | None, idle_source: str | None, owner: str | None,
           while_owner: str | None, cpu_cap: float | None, conet_listen: str | None, image_cache_mib: int | None,
-          config_file: Path | None, log_level: str) -> None:
+          metrics: str | None, config_file: Path | None, log_level: str) -> None:
     """Run the node agent: join the pool and run jobs in guests (`conode agent init` first)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -262,20 +264,28 @@ def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, c
         import signal
 
         from conode.agent.daemon import AgentConfig, AgentDaemon
+        from conode.agent.metrics import AgentCollector
         from conode.agent.settings import resolve_agent_config
         from conode.logsetup import configure_logging
+        from conode.metrics import serve_metrics
 
         if state_dir is None:
             raise click.UsageError("--state-dir is required")
         configure_logging(log_level)
         overrides = {"coordinator": coordinator, "coordinator_key": coordinator_key, "cores": cores,
                      "mem": mem_mib, "idle_source": idle_source or owner, "while_owner": while_owner,
-                     "cpu_cap": cpu_cap, "conet_listen": conet_listen, "image_cache_mib": image_cache_mib}
+                     "cpu_cap": cpu_cap, "conet_listen": conet_listen, "image_cache_mib": image_cache_mib,
+                     "metrics": metrics}
         config: AgentConfig = resolve_agent_config(state_dir, config_file, overrides)
         daemon = AgentDaemon(config)
         signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
         signal.signal(signal.SIGINT, lambda *_: daemon.stop())
-        daemon.run()
+        exporter = serve_metrics(config.metrics, AgentCollector(daemon))
+        try:
+            daemon.run()
+        finally:
+            if exporter is not None:
+                exporter.close()
         return 0
 
     _guarded(body)
