@@ -89,7 +89,12 @@ class MetricsServer:
         except OSError as exc:
             raise ConodeError(f"cannot serve metrics on {address}: {exc.strerror or exc}; choose a free port "
                               f"(metrics setting or --metrics)") from None
-        log.info("metrics on http://%s/metrics", address)
+        log.info("metrics on http://%s/metrics", Address(address.host, self.port))
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one asked for, or the one the system chose for port 0)."""
+        return int(self._server.server_port)
 
     def close(self) -> None:
         self._server.shutdown()

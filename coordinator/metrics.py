@@ -26,7 +26,7 @@ PLACEMENT_LATENCY_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class CoordinatorCollector:
-    def __init__(self, coordinator: "Coordinator") -> None:
+    def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
         self._store: Store | None = None  # opened in the scraping thread, on first use
 

@@ -26,8 +26,8 @@ from conode.agent.guests import Guests
 from conode.agent.images import ChunkSource, CoordinatorChunks, ImageCache, ImageFetcher
 from conode.agent.link import CoordinatorLink, Transport, ZmqTransport
 from conode.agent.outbox import Outbox
-from conode.agent.pause import PauseWatch
 from conode.agent.owner import FIXED_SOURCES, OwnerMonitor, make_sources
+from conode.agent.pause import PauseWatch
 from conode.agent.settings import AGENT_KEY_NAME, AgentConfig
 from conode.agent.status import StatusFile
 from conode.agent.supervisor import StartWorker, process_starter

@@ -17,7 +17,7 @@ GUEST_STATES = ("starting", "running", "paused", "stopped")  # guests.WorkerSlot
 
 
 class AgentCollector:
-    def __init__(self, daemon: "AgentDaemon") -> None:
+    def __init__(self, daemon: AgentDaemon) -> None:
         self._daemon = daemon
 
     def collect(self) -> Iterator[Any]:
