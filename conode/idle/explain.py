@@ -18,7 +18,7 @@ NAMED_DAYS = {frozenset(range(7)): "every day", frozenset(range(5)): "weekdays",
 def duration(seconds: float) -> str:
     """A duration as people say it: "40 s", "5 min", "2 h 30 min"."""
     seconds = max(0.0, seconds)
-    if seconds < 90:
+    if seconds < 120:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
     if minutes < 120:
