@@ -424,19 +424,25 @@ def _duration(text: str) -> float:
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="The agent's state directory, to show what the running agent sees and does.")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
+              help="The agent's idle_reports directory, where an agent run as a service shares its status "
+                   "(default /run/conode-idle).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(state_dir: Path | None, as_json: bool) -> None:
-    """This workstation: owner state, idle time per source, guests, CPU used, jobs."""
+def status(state_dir: Path | None, directory: Path | None, as_json: bool) -> None:
+    """This workstation in plain words: whose job runs here and what it uses, whether the pool is paused, what
+    makes it start or stop; the owner state and idle time per source."""
 
     def body() -> int:
         import json
 
         from conode.agent.owner import make_sources
+        from conode.agent.status import STATUS_NAME, shared_status
+        from conode.idle.report import DEFAULT_REPORTS_DIR
         from conode.idle.sources import OwnerLoad, combine, on_battery
 
         report: dict = {}
-        if state_dir is not None:
-            path = state_dir / "status.json"
+        path = state_dir / STATUS_NAME if state_dir is not None else shared_status(directory or DEFAULT_REPORTS_DIR)
+        if path is not None:
             try:
                 report = json.loads(path.read_text())
             except (OSError, ValueError):

@@ -102,7 +102,7 @@ class AgentDaemon:
         pauses = PauseWatch([config.state_dir, *([config.idle_reports] if config.idle_reports else [])], wall, clock)
         self.owner = OwnerMonitor(sources, config.policy, clock=clock, wall=wall, fixed_load=0.0 if fixed else None,
                                   pauses=pauses)
-        self.status_file = StatusFile(config.state_dir, clock, self.disk)
+        self.status_file = StatusFile(config.state_dir, clock, self.disk, config.idle_reports)
         self._process = psutil.Process()
         self._running = True
         self.last_status: dict[str, Any] = {}  # what status.json says, for the metrics (replaced, never changed)

@@ -69,8 +69,10 @@ def explain(state: OwnerState, cfg: PolicyConfig, idle_s: float | None, paused_u
                 f"{_conditions(cfg, cfg.start_idle_s, idle_s)}")
     if state is OwnerState.OWNER:
         return f"starts when {_conditions(cfg, cfg.start_idle_s, idle_s)}"
-    if state in (OwnerState.UNCLAIMED, OwnerState.CLAIMED):
-        return f"runs now; it {stop}"
+    if state is OwnerState.UNCLAIMED:
+        return f"may use this machine now (its guests wait for jobs); it {stop}"
+    if state is OwnerState.CLAIMED:
+        return f"uses this machine now; it {stop}"
     if state is OwnerState.SUSPENDED:
         return (f"stopped for you (its jobs wait, paused); it continues when "
                 f"{_conditions(cfg, cfg.continue_idle_s, idle_s)}, and saves them to disk after "

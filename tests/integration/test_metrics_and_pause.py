@@ -47,8 +47,11 @@ def test_metrics_change_as_a_job_runs_is_paused_by_the_owner_and_ends(tmp_path):
     pool.start_coordinator("--metrics", str(coordinator_port))
     try:
         owner = start_owner_aware_agent(pool, "desk")
-        pool.agents["desk"].kill()  # restarted with its metrics endpoint: the config is the owner cycle's
-        pool.agents["desk"].wait()
+        pool.kill(pool.agents["desk"])  # restarted with its metrics and the directory it shares with the owner
+        shared = pool.root / "reports"  # what /run/conode-idle is to an agent run as a service
+        shared.mkdir()
+        with open(pool.root / "desk.toml", "a") as config:
+            config.write(f'idle_reports = "{shared}"\n')
         pool.start_agent("desk", "--idle-source", f"file:{owner.path}", "--config", str(pool.root / "desk.toml"),
                          "--metrics", f"127.0.0.1:{agent_port}")
         owner.left()
@@ -73,13 +76,13 @@ def test_metrics_change_as_a_job_runs_is_paused_by_the_owner_and_ends(tmp_path):
         assert metric(agent, "conode_agent_paused") == 0
 
         # The owner snoozes the pool: the guest stops at once, though the owner is still away.
-        paused = conode("pause", "--for", "2h", "--state-dir", str(pool.root / "desk"))
+        paused = conode("pause", "--for", "2h", "--dir", str(shared))
         assert paused.returncode == 0 and paused.stdout.startswith("pool paused here for 2 h, until "), paused
         status = pool.wait_until("the guest to stop", lambda: (s := agent_status(pool, "desk"))["guests"][0][
             "state"] == "paused" and s, 10, interval=0.1)
         assert status["owner_state"] == "Suspended" and status["paused_until"] > time.time() + 7000
         assert status["yield_ms"] and status["yield_ms"][-1] < 1000
-        words = conode("status", "--state-dir", str(pool.root / "desk")).stdout
+        words = conode("status", "--dir", str(shared)).stdout  # the owner reads the agent's shared status
         assert "the pool:     paused until " in words and "`conode resume` ends it" in words
         assert f"guest 0:      paused with job {job}: " in words and "% of a core" in words
         assert "paused:       yes, by " in words and "saved guests: 0 MiB on disk, at most " in words
@@ -92,7 +95,7 @@ def test_metrics_change_as_a_job_runs_is_paused_by_the_owner_and_ends(tmp_path):
         time.sleep(1.5)
         assert pool.cli("logs", str(job)).stdout == held  # no progress while paused
 
-        resumed = conode("resume", "--state-dir", str(pool.root / "desk"))
+        resumed = conode("resume", "--dir", str(shared))
         assert resumed.returncode == 0 and "pool resumed here" in resumed.stdout
         assert pool.cli("wait", str(job), "--timeout", "120", check=False, timeout=150).returncode == 0
         assert pool.cli("logs", str(job)).stdout.endswith(b"tick-23\nfinished\n")
@@ -101,7 +104,8 @@ def test_metrics_change_as_a_job_runs_is_paused_by_the_owner_and_ends(tmp_path):
         assert metric(done, "conode_coordinator_jobs", state="running", user="admin") == 0
         assert metric(done, "conode_coordinator_requeues_total") == 0
         assert metric(done, "conode_coordinator_migrations_total") == 0
-        assert "not running" not in conode("status", "--state-dir", str(pool.root / "desk")).stdout
+        words = conode("status", "--state-dir", str(pool.root / "desk")).stdout
+        assert "paused:       no" in words and "the pool:     may use this machine now (its guests wait for jobs); it stops as soon" in words
 
         pool.agents["desk"].terminate()  # it says goodbye: the node is down, counted as lost
         pool.agents["desk"].wait(30)

@@ -2,10 +2,15 @@
 setting, and the pool's rule in words (conode/idle/explain.py)."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
+from conode.agent.disk import StateDisk
 from conode.agent.pause import PauseWatch, read_pauses, remove_pause, write_pause
+from conode.agent.settings import resolve_agent_config
+from conode.agent.status import StatusFile, shared_status
 from conode.errors import ConodeError
 from conode.idle.explain import duration, explain, window_words
 from conode.idle.policy import OwnerState, PolicyConfig, TimeWindow
@@ -14,7 +19,7 @@ from conode.limits import MAX_PAUSE_S
 from conode.metrics import Address
 from conode.testing.clock import FakeClock
 from tests.unit.test_agent_daemon import Agent
-from tests.unit.test_agent_settings import resolve, state  # noqa: F401  (the fixture)
+from tests.unit.test_agent_settings import KEY, resolve, state  # noqa: F401  (the fixture)
 
 NOW = 1.7e9
 
@@ -103,6 +108,19 @@ def test_a_pause_stops_running_guests_as_the_owner_would_and_its_end_lets_them_g
     assert w0.of_type("resume")
 
 
+def test_the_status_is_shared_where_the_owner_can_read_it_and_trusted_only_from_the_agent(tmp_path):
+    state_dir, shared = tmp_path / "state", tmp_path / "reports"
+    state_dir.mkdir(), shared.mkdir()
+    StatusFile(state_dir, FakeClock(), StateDisk(), shared).write({"node": "desk", "owner_state": "Owner"})
+    path = shared_status(shared)
+    assert path == shared / ".status.json" and path.stat().st_mode & 0o777 == 0o644
+    assert json.loads(path.read_text()) == json.loads((state_dir / "status.json").read_text())
+    assert shared_status(state_dir) is None
+    if os.getuid() == 0:  # another user's file of that name is not the agent's status
+        os.chown(path, 4242, 4242)
+        assert shared_status(shared) is None
+
+
 def test_time_window_days_shorthands(state, tmp_path):  # noqa: F811
     config = tmp_path / "site.toml"
     config.write_text('[[windows]]\nstart = "19:00"\nend = "07:00"\ndays = "weekdays"\n\n'
@@ -141,9 +159,34 @@ def test_the_pool_rule_in_words():
         "starts when you have been idle 5 min (now 60 s) and your programs use under 0.3 cores, within weekdays "
         "19:00–07:00, on mains power")
     assert explain(OwnerState.CLAIMED, PolicyConfig(), 1e9, None) == (
-        "runs now; it stops as soon as you use the keyboard or mouse, or your programs use over 0.5 cores")
+        "uses this machine now; it stops as soon as you use the keyboard or mouse, or your programs use over 0.5 "
+        "cores")
     assert "outside weekdays 19:00–07:00" in explain(OwnerState.UNCLAIMED, cfg, 1e9, None)
     assert explain(OwnerState.SUSPENDED, cfg, 2, None).startswith("stopped for you (its jobs wait, paused); it "
                                                                    "continues when you have been idle 5 min")
     paused = explain(OwnerState.SUSPENDED, cfg, 2, NOW)
     assert paused.startswith("paused until ") and "`conode resume` ends it" in paused
+
+
+@pytest.mark.parametrize("windows", [
+    [{"start": "19:00", "end": "07:00", "days": "weekdays"}, {"start": "00:00", "end": "24:00", "days": "weekends"}],
+    [{"start": "18:30", "end": "07:30", "days": ["mon", "fri"]}, {"start": "12:00", "end": "13:00"}],
+])
+def test_the_agent_toml_ansible_writes_is_one_the_agent_accepts(state, tmp_path, windows):  # noqa: F811
+    jinja2 = pytest.importorskip("jinja2")
+    role = Path(__file__).resolve().parents[2] / "ansible" / "roles" / "conode_agent" / "templates"
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(role), keep_trailing_newline=True)
+    environment.filters["to_json"] = json.dumps
+    text = environment.get_template("agent.toml.j2").render(
+        ansible_managed="managed", conode_agent_coordinator="tcp://coordinator:7700", conode_agent_coordinator_key=KEY,
+        conode_agent_cores=2, conode_agent_mem=128, conode_agent_idle_source="auto", conode_agent_while_owner="pause",
+        conode_agent_cpu_cap=100, conode_agent_conet_listen="tcp://0.0.0.0:7704",
+        conode_agent_idle_reports="/run/conode-idle", conode_agent_metrics="9464", conode_agent_policy={},
+        conode_agent_windows=windows)
+    config = tmp_path / "agent.toml"
+    config.write_text(text)
+    chosen = resolve_agent_config(state, config, {})
+    assert chosen.metrics == Address("127.0.0.1", 9464)
+    assert [window_words(w) for w in chosen.policy.windows] == [
+        ["weekdays 19:00–07:00", "weekends all day"], ["Mon, Fri 18:30–07:30", "every day 12:00–13:00"]][
+        windows[0]["start"] != "19:00"]
