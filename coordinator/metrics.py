@@ -7,6 +7,7 @@ the ``user`` label: the key that submitted the job, "admin" for a job without on
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,8 @@ PLACEMENT_LATENCY_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
 class CoordinatorCollector:
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
-        self._store: Store | None = None  # opened in the scraping thread, on first use
+        self._store: Store | None = None  # opened on first use, in a scraping thread
+        self._lock = threading.Lock()  # the endpoint answers each scrape in a thread of its own
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -68,6 +70,7 @@ class CoordinatorCollector:
                         "From a job's (re)queueing to its placement", counters.placement_buckets)
 
     def _job_counts(self) -> list[tuple[str, str | None, int]]:
-        if self._store is None:
-            self._store = Store(self._coordinator.state.database)
-        return self._store.job_counts_by_user()
+        with self._lock:
+            if self._store is None:
+                self._store = Store(self._coordinator.state.database)
+            return self._store.job_counts_by_user()
