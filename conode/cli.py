@@ -447,6 +447,8 @@ def status(state_dir: Path | None, directory: Path | None, as_json: bool) -> Non
                 report = json.loads(path.read_text())
             except (OSError, ValueError):
                 report = {}
+            if not isinstance(report, dict):
+                report = {}
             if report and time.time() - report.get("time", 0) > 10:
                 report["stale"] = True
         if not report or report.get("stale"):
@@ -496,7 +498,8 @@ def _guest_words(guest: dict) -> str:
 
 def _print_workstation_status(report: dict, state_dir: Path | None) -> None:
     if report.get("probe"):
-        reason = "its status is stale" if report.get("stale") else "no agent state given"
+        reason = "its status is stale" if report.get("stale") else \
+            "no status shared in its idle-reports directory; give --state-dir or --dir"
         if state_dir is not None and not report.get("stale"):
             reason = f"no running agent in {state_dir}"
         click.echo(f"agent:        not running ({reason}); probing this machine")
