@@ -2,6 +2,7 @@
 metrics while a job runs, `conode pause` stopping its guest at once, `conode status` saying so, `conode resume`."""
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -145,5 +146,14 @@ def test_a_metrics_address_taken_or_wrong_is_a_clear_error_at_start(tmp_path):
         served = subprocess.run([sys.executable, "-m", "coordinator.cli", "serve", "--state-dir", str(pool.state)],
                                 env=pool.env, capture_output=True, text=True, timeout=60)
         assert served.returncode == 2 and "metrics address 'nonsense'" in served.stderr
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            assert conode("agent", "init", "--state-dir", str(tmp_path / "desk")).returncode == 0
+            agent = conode("agent", "--state-dir", str(tmp_path / "desk"), "--coordinator", pool.endpoint,
+                           "--coordinator-key", pool.server_key, "--metrics", str(port))
+        assert agent.returncode == 125
+        assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use; choose a free port" in agent.stderr
     finally:
         pool.close()
