@@ -128,11 +128,9 @@ class AgentDaemon:
         return None if idle is None else min(idle, MAX_IDLE_REPORTED_S)
 
     def _cpu_percent(self) -> float:
-        try:
-            own = self._process.cpu_percent(None)
-        except psutil.Error:
-            own = 0.0
-        return own + self.guests.cpu_percent()
+        """CPU used by the agent and its guests, in percent of a core, as the last status measured it: one
+        measurement a second (psutil measures since its last call, so a second caller would halve the window)."""
+        return float(self.last_status.get("cpu_percent", 0.0))
 
     def _hello(self) -> bytes:
         conet = {"conet": self.conet.endpoint} if self.conet.endpoint else {}

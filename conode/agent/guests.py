@@ -157,9 +157,6 @@ class Guests:
     def pids(self) -> set[int]:
         return {slot.handle.pid for slot in self.slots if slot.handle is not None and slot.alive}
 
-    def cpu_percent(self) -> float:
-        return sum(slot.handle.cpu_percent() for slot in self.slots if slot.handle is not None and slot.alive)
-
     def status(self) -> list[dict[str, Any]]:
         """Each guest: its state, job (and the job's owner when the coordinator said), CPU and memory used."""
         rows = []
