@@ -242,9 +242,11 @@ class _raw_terminal:
 @click.option("--image-cache", "image_cache_mib", type=int, default=None, metavar="MiB",
               help="What the pool's disk images may take on this disk (default 16384); the least recently used "
                    "images no guest uses are removed to make room.")
+@click.option("--metrics", default=None, metavar="ADDR",
+              help="Serve Prometheus metrics on ADDR: PORT (on 127.0.0.1), HOST:PORT, or off (the default).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="A TOML file with any of: coordinator, coordinator_key, cores, mem, name, idle_source, "
-                   "while_owner, cpu_cap, conet_listen, image_cache_mib, idle_reports and the owner policy (start_idle_s, start_max_load, suspend_load, "
+                   "while_owner, cpu_cap, conet_listen, image_cache_mib, idle_reports, metrics and the owner policy (start_idle_s, start_max_load, suspend_load, "
                    "continue_idle_s, vacate_after_s, active_input_s, allow_on_battery, and [[windows]] tables of start, "
                    "end and days: when guests may run).")
 @click.option("--log-level", default="INFO", show_default=True,
@@ -253,7 +255,7 @@ class _raw_terminal:
 def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, coordinator_key: str | None,
           cores: int | None, mem_mib: int | None, idle_source: str | None, owner: str | None,
           while_owner: str | None, cpu_cap: float | None, conet_listen: str | None, image_cache_mib: int | None,
-          config_file: Path | None, log_level: str) -> None:
+          metrics: str | None, config_file: Path | None, log_level: str) -> None:
     """Run the node agent: join the pool and run jobs in guests (`conode agent init` first)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -262,20 +264,28 @@ def agent(ctx: click.Context, state_dir: Path | None, coordinator: str | None, c
         import signal
 
         from conode.agent.daemon import AgentConfig, AgentDaemon
+        from conode.agent.metrics import AgentCollector
         from conode.agent.settings import resolve_agent_config
         from conode.logsetup import configure_logging
+        from conode.metrics import serve_metrics
 
         if state_dir is None:
             raise click.UsageError("--state-dir is required")
         configure_logging(log_level)
         overrides = {"coordinator": coordinator, "coordinator_key": coordinator_key, "cores": cores,
                      "mem": mem_mib, "idle_source": idle_source or owner, "while_owner": while_owner,
-                     "cpu_cap": cpu_cap, "conet_listen": conet_listen, "image_cache_mib": image_cache_mib}
+                     "cpu_cap": cpu_cap, "conet_listen": conet_listen, "image_cache_mib": image_cache_mib,
+                     "metrics": metrics}
         config: AgentConfig = resolve_agent_config(state_dir, config_file, overrides)
         daemon = AgentDaemon(config)
         signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
         signal.signal(signal.SIGINT, lambda *_: daemon.stop())
-        daemon.run()
+        exporter = serve_metrics(config.metrics, AgentCollector(daemon))
+        try:
+            daemon.run()
+        finally:
+            if exporter is not None:
+                exporter.close()
         return 0
 
     _guarded(body)
@@ -324,25 +334,120 @@ def idle_report(directory: Path, every: float | None) -> None:
     _guarded(body)
 
 
+_pause_dir_options = [
+    click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+                 help="The state directory of an agent you run yourself."),
+    click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
+                 help="The agent's idle_reports directory, when it runs as a service (default /run/conode-idle)."),
+]
+
+
+def _pause_dir(state_dir: Path | None, directory: Path | None) -> Path:
+    """Where the agent looks for pauses: the state directory of an agent the owner runs, else the directory
+    every local user may write to (the installation's idle_reports)."""
+    from conode.idle.report import DEFAULT_REPORTS_DIR
+
+    chosen = state_dir or directory or DEFAULT_REPORTS_DIR
+    if not chosen.is_dir():
+        raise ConodeError(f"{chosen} does not exist; give the agent's state directory (--state-dir) or its "
+                          f"idle_reports directory (--dir)")
+    return chosen
+
+
+def _with_pause_dir(fn: Callable) -> Callable:
+    for option in reversed(_pause_dir_options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.option("--for", "for_", default=None, metavar="DURATION",
+              help="How long: 90s, 45m, 2h, 1h30m, 1d (default 1h; at most 7 days).")
+@_with_pause_dir
+def pause(for_: str | None, state_dir: Path | None, directory: Path | None) -> None:
+    """Pause the pool on this workstation: running guests stop at once, as when you come back.
+
+    \b
+    It ends by itself; `conode resume` ends it earlier. No admin rights needed.
+    Example:  conode pause --for 2h
+    """
+
+    def body() -> int:
+        from conode.agent.pause import write_pause
+        from conode.idle.explain import duration, when
+        from conode.limits import DEFAULT_PAUSE_S
+
+        seconds = DEFAULT_PAUSE_S if for_ is None else _duration(for_)
+        written = write_pause(_pause_dir(state_dir, directory), seconds)
+        click.echo(f"pool paused here for {duration(seconds)}, until {when(written.until)}; "
+                   f"`conode resume` ends it earlier")
+        return 0
+
+    _guarded(body)
+
+
+@main.command("resume")
+@_with_pause_dir
+def resume_pool(state_dir: Path | None, directory: Path | None) -> None:
+    """End your pause: the pool may use this workstation again when you are idle."""
+
+    def body() -> int:
+        from conode.agent.pause import read_pauses, remove_pause
+        from conode.idle.explain import when
+
+        chosen = _pause_dir(state_dir, directory)
+        removed = remove_pause(chosen)
+        other = read_pauses([chosen], time.time())
+        if other is not None:
+            click.echo(f"{'your pause ended' if removed else 'you had no pause'}; still paused by {other.by} until "
+                       f"{when(other.until)}")
+            return 0
+        click.echo("pool resumed here: it starts when you are idle" if removed else "the pool was not paused here")
+        return 0
+
+    _guarded(body)
+
+
+def _duration(text: str) -> float:
+    """Seconds in "90s", "45m", "2h", "1h30m", "1d" (a bare number: minutes)."""
+    import re
+
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text) * 60
+    if not re.fullmatch(r"(\d+(\.\d+)?\s*[dhms]\s*)+", text):
+        raise ConodeError(f"--for {text!r}: give a duration such as 90s, 45m, 2h or 1h30m")
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", text))
+
+
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="The agent's state directory, to show what the running agent sees and does.")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
+              help="The agent's idle_reports directory, where an agent run as a service shares its status "
+                   "(default /run/conode-idle).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(state_dir: Path | None, as_json: bool) -> None:
-    """This workstation: owner state, idle time per source, guests, CPU used, jobs."""
+def status(state_dir: Path | None, directory: Path | None, as_json: bool) -> None:
+    """This workstation in plain words: whose job runs here and what it uses, whether the pool is paused, what
+    makes it start or stop; the owner state and idle time per source."""
 
     def body() -> int:
         import json
 
         from conode.agent.owner import make_sources
+        from conode.agent.status import STATUS_NAME, shared_status
+        from conode.idle.report import DEFAULT_REPORTS_DIR
         from conode.idle.sources import OwnerLoad, combine, on_battery
 
         report: dict = {}
-        if state_dir is not None:
-            path = state_dir / "status.json"
+        path = state_dir / STATUS_NAME if state_dir is not None else shared_status(directory or DEFAULT_REPORTS_DIR)
+        if path is not None:
             try:
                 report = json.loads(path.read_text())
             except (OSError, ValueError):
+                report = {}
+            if not isinstance(report, dict):
                 report = {}
             if report and time.time() - report.get("time", 0) > 10:
                 report["stale"] = True
@@ -374,17 +479,49 @@ def _seconds(value: float | None) -> str:
     return f"{value:.0f} s" if value < 120 else f"{value / 60:.0f} min"
 
 
+def _mib(value: int | None) -> str:
+    return "unknown" if value is None else f"{value / (1 << 20):.0f} MiB"
+
+
+def _guest_words(guest: dict) -> str:
+    """One guest in plain words: "running job 17 (alice's): 97 % of a core, 141 MiB"."""
+    if guest.get("job") is None:
+        doing = {"running": "idle, no job", "paused": "paused, no job", "starting": "starting",
+                 "stopped": "not running"}.get(guest["state"], guest["state"])
+    else:
+        owner = f" ({guest['owner']}'s)" if guest.get("owner") else ""
+        doing = f"{'paused with' if guest['state'] == 'paused' else 'running'} job {guest['job']}{owner}"
+    if guest.get("pid") is None:
+        return doing
+    return f"{doing}: {guest.get('cpu_percent', 0.0):.0f} % of a core, {_mib(guest.get('memory_bytes'))} memory"
+
+
 def _print_workstation_status(report: dict, state_dir: Path | None) -> None:
     if report.get("probe"):
-        reason = "its status is stale" if report.get("stale") else "no agent state given"
+        reason = "its status is stale" if report.get("stale") else \
+            "no status shared in its idle-reports directory; give --state-dir or --dir"
         if state_dir is not None and not report.get("stale"):
             reason = f"no running agent in {state_dir}"
         click.echo(f"agent:        not running ({reason}); probing this machine")
     else:
+        from conode.idle.explain import when
+
         connected = "connected" if report.get("connected") else "not connected"
         click.echo(f"agent:        {report['node']} (pid {report['pid']}), {connected} to {report['coordinator']}")
         if report.get("link_problem"):
             click.echo(f"  problem:    {report['link_problem']}")
+        if report.get("pool_rule"):
+            click.echo(f"the pool:     {report['pool_rule']}")
+        until = report.get("paused_until")
+        click.echo("paused:       " + (f"yes, by {report.get('paused_by') or '?'} until {when(until)}"
+                                       if until is not None else "no (`conode pause --for 2h` pauses it)"))
+        for guest in report.get("guests", []):
+            click.echo(f"guest {guest['index']}:{' ' * max(1, 7 - len(str(guest['index'])))}{_guest_words(guest)}")
+        if report.get("saved_budget_bytes") is not None:
+            saved = report.get("vacated_jobs") or []
+            jobs = f" (jobs {', '.join(map(str, saved))})" if saved else ""
+            click.echo(f"saved guests: {_mib(report.get('saved_bytes'))} on disk{jobs}, at most "
+                       f"{_mib(report['saved_budget_bytes'])}")
         click.echo(f"owner state:  {report['owner_state']} for {_seconds(report.get('state_since_s'))}")
     click.echo(f"owner idle:   {_seconds(report.get('idle_s'))}")
     for source in report.get("sources", []):
@@ -395,10 +532,7 @@ def _print_workstation_status(report: dict, state_dir: Path | None) -> None:
     click.echo(f"power:        {'battery' if battery else 'mains' if battery is False else 'no battery'}")
     if report.get("probe"):
         return
-    click.echo(f"guest CPU:    {report.get('cpu_percent', 0.0):.0f} % of a core (agent and guests)")
-    for guest in report.get("guests", []):
-        job = f"job {guest['job']}" if guest.get("job") is not None else "no job"
-        click.echo(f"  guest {guest['index']}     {guest['state']:<9}  {job}")
+    click.echo(f"CPU used:     {report.get('cpu_percent', 0.0):.0f} % of a core (agent and guests)")
     click.echo(f"jobs:         {', '.join(map(str, report.get('jobs', []))) or 'none'}"
                + (f"; saved to disk: {', '.join(map(str, report['vacated_jobs']))}" if report.get("vacated_jobs") else ""))
     if report.get("yield_ms"):

@@ -105,6 +105,10 @@ CONET_RELAY_BYTES_PER_S = 32 << 20
 CONET_RELAY_FRAMES_PER_S = 8192
 CONET_RELAY_QUEUE_MESSAGES = 64
 
+# --- The owner's pause (`conode pause`) ------------------------------------------------------------------------
+DEFAULT_PAUSE_S = 3600.0  # BOINC's snooze: an hour unless the owner says how long
+MAX_PAUSE_S = 7 * 86400.0  # a pause always ends by itself; longer is the admin's business (drain)
+
 assert MAX_ARGV * MAX_SMALL_FIELD >= MAX_ARGV_BYTES  # the byte budget is the binding one
 assert MAX_ARGV_BYTES + MAX_SMALL_FIELD < CHANNEL_MAX_PAYLOAD  # an accepted command always fits an EXEC frame
 assert MAX_JOB_OUTPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + (1 << 20) < MAX_FRAME_BYTES

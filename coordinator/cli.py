@@ -95,13 +95,18 @@ def init(state_dir: Path, bind: str, advertise: str | None) -> None:
 @main.command()
 @state_dir_option
 @click.option("--bind", default=None, help="ZeroMQ endpoint to listen on, e.g. tcp://0.0.0.0:7700.")
+@click.option("--metrics", default=None, metavar="ADDR",
+              help="Serve Prometheus metrics on ADDR: PORT (on 127.0.0.1), HOST:PORT, or off (the default, or "
+                   "metrics in coordinator.toml).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def serve(state_dir: Path, bind: str | None, log_level: str) -> None:
+def serve(state_dir: Path, bind: str | None, metrics: str | None, log_level: str) -> None:
     """Run the coordinator until interrupted."""
 
     def body() -> None:
         from conode.logsetup import configure_logging
+        from conode.metrics import parse_address, serve_metrics
+        from coordinator.metrics import CoordinatorCollector
         from coordinator.server import Coordinator
 
         configure_logging(log_level)
@@ -110,10 +115,20 @@ def serve(state_dir: Path, bind: str | None, log_level: str) -> None:
         os.umask(PRIVATE_UMASK)
         _raise_open_file_limit()  # one socket per agent
         endpoint = bind or state.default_bind()
+        metrics_at = parse_address(metrics or state.metrics())
         coordinator = Coordinator(state, endpoint, relay=state.conet_relay(endpoint))
         signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
         signal.signal(signal.SIGINT, lambda *_: coordinator.stop())
-        coordinator.serve_forever()
+        try:
+            exporter = serve_metrics(metrics_at, CoordinatorCollector(coordinator))
+        except ConodeError:
+            coordinator.close()
+            raise
+        try:
+            coordinator.serve_forever()
+        finally:
+            if exporter is not None:
+                exporter.close()
 
     _guarded(body)
 

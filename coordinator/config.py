@@ -18,6 +18,7 @@ from conode import shell
 from conode.cache import config_dir
 from conode.cluster.keys import KeyPair, is_valid_public_key, load_key_pair
 from conode.errors import ConodeError
+from conode.metrics import OFF as METRICS_OFF
 from conode.tomlfile import create_private_toml, read_known
 from coordinator.identity import DEFAULT_SUBNET
 
@@ -27,7 +28,7 @@ SERVER_KEY_NAME = "coordinator"
 ADMIN_KEY_NAME = "admin"
 RELAY_OFF = "off"
 PRIVATE_UMASK = 0o077  # what the coordinator creates is its own: directories 0700, files 0600
-SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet"]  # what coordinator.toml may hold
+SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet", "metrics"]  # what coordinator.toml may hold
 CLIENT_KEYS = ["endpoint", "server_public_key", "key_directory", "key_name", "public_key", "secret_key"]
 
 
@@ -98,6 +99,11 @@ class StateDir:
     def conet_subnet(self) -> str:
         """The guests' own IPv4 subnet (``conet_subnet`` in coordinator.toml): guest-only, never routed."""
         return str(self._setting("conet_subnet", DEFAULT_SUBNET))
+
+    def metrics(self) -> str:
+        """Where the Prometheus endpoint listens (``metrics`` in coordinator.toml, conode/metrics.py): off by
+        default."""
+        return str(self._setting("metrics", METRICS_OFF))
 
     def _setting(self, key: str, default: object) -> object:
         return read_known(self.settings, SETTINGS_KEYS).get(key, default) if self.settings.exists() else default

@@ -28,12 +28,14 @@ from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
 from conode.errors import ConodeError
 from conode.limits import IMAGE_CHUNK_BYTES, MAX_FILES, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES
+from conode.metrics import Buckets
 from coordinator import arrays, launch
 from coordinator.config import RELAY_OFF, StateDir
 from coordinator.conet_peers import PeerDirectory
 from coordinator.down import DownNode, DownNodes, unknown_node
 from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
+from coordinator.metrics import PLACEMENT_LATENCY_BOUNDS
 from coordinator.pending import Request, never_fits, why_waiting
 from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
 from coordinator.queue import JobQueue, QueuedJob
@@ -92,7 +94,9 @@ class Counters:
     placed: int = 0
     requeued: int = 0
     nodes_lost: int = 0
+    migrations: int = 0
     placement_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+    placement_buckets: Buckets = field(default_factory=lambda: Buckets(PLACEMENT_LATENCY_BOUNDS))
 
 
 class Transport(Protocol):
@@ -852,6 +856,7 @@ class Coordinator:
         queued_at = self._queued_at.pop(job_id, None)
         if queued_at is not None:
             self.counters.placement_latency_s.append(self._clock() - queued_at)
+            self.counters.placement_buckets.observe(self._clock() - queued_at)
         where = ", ".join(node.name for node in nodes)
         log.info("job %d placed on %s", job_id, where)
         return None

@@ -378,6 +378,11 @@ class Store:
         """How many jobs are in each state (states without jobs are absent); a gang counts once, not per rank."""
         return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs WHERE gang IS NULL GROUP BY state").fetchall())
 
+    def job_counts_by_user(self) -> list[tuple[str, str | None, int]]:
+        """(state, submitter, jobs) for every state and submitter that has jobs; a gang counts once."""
+        return self.db.execute("SELECT state, submitted_by, COUNT(*) FROM jobs WHERE gang IS NULL "
+                               "GROUP BY state, submitted_by").fetchall()
+
     def running_jobs(self, node: str | None = None) -> list[Job]:
         """Jobs and ranks running on *node*, or on any node (a gang itself runs nowhere: its ranks do)."""
         if node is None:

@@ -10,6 +10,7 @@ a tick. Time comes from the injected clocks (monotonic and wall), so every decis
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,7 @@ from conode.agent.images import ChunkSource, CoordinatorChunks, ImageCache, Imag
 from conode.agent.link import CoordinatorLink, Transport, ZmqTransport
 from conode.agent.outbox import Outbox
 from conode.agent.owner import FIXED_SOURCES, OwnerMonitor, make_sources
+from conode.agent.pause import PauseWatch
 from conode.agent.settings import AGENT_KEY_NAME, AgentConfig
 from conode.agent.status import StatusFile
 from conode.agent.supervisor import StartWorker, process_starter
@@ -34,6 +36,7 @@ from conode.cluster import protocol
 from conode.cluster.keys import KeyPair, load_key_pair
 from conode.cluster.transport import AuthRefused
 from conode.errors import ConodeError
+from conode.idle.explain import explain
 from conode.idle.policy import guest_may_run
 from conode.idle.sources import IdleSource
 
@@ -96,10 +99,13 @@ class AgentDaemon:
         fixed = sources is not None or config.idle_source in FIXED_SOURCES
         if sources is None:
             sources = make_sources(config.idle_source, clock, wall, config.idle_reports)
-        self.owner = OwnerMonitor(sources, config.policy, clock=clock, wall=wall, fixed_load=0.0 if fixed else None)
-        self.status_file = StatusFile(config.state_dir, clock, self.disk)
+        pauses = PauseWatch([config.state_dir, *([config.idle_reports] if config.idle_reports else [])], wall, clock)
+        self.owner = OwnerMonitor(sources, config.policy, clock=clock, wall=wall, fixed_load=0.0 if fixed else None,
+                                  pauses=pauses)
+        self.status_file = StatusFile(config.state_dir, clock, self.disk, config.idle_reports)
         self._process = psutil.Process()
         self._running = True
+        self.last_status: dict[str, Any] = {}  # what status.json says, for the metrics (replaced, never changed)
 
     # --- state -------------------------------------------------------------------------------------------
     @property
@@ -122,11 +128,9 @@ class AgentDaemon:
         return None if idle is None else min(idle, MAX_IDLE_REPORTED_S)
 
     def _cpu_percent(self) -> float:
-        try:
-            own = self._process.cpu_percent(None)
-        except psutil.Error:
-            own = 0.0
-        return own + self.guests.cpu_percent()
+        """CPU used by the agent and its guests, in percent of a core, as the last status measured it: one
+        measurement a second (psutil measures since its last call, so a second caller would halve the window)."""
+        return float(self.last_status.get("cpu_percent", 0.0))
 
     def _hello(self) -> bytes:
         conet = {"conet": self.conet.endpoint} if self.conet.endpoint else {}
@@ -188,7 +192,8 @@ class AgentDaemon:
             raise ConodeError(f"the coordinator at {self.config.coordinator} refused this agent's key; enrol it "
                               f"there with: {enrol}") from None
         if self.status_file.due():
-            self.status_file.write(self.status())
+            self.last_status = self.status()
+            self.status_file.write(self.last_status)
 
     def _on_message(self, message: dict[str, Any]) -> None:
         if message["type"] == "run_job":
@@ -205,13 +210,26 @@ class AgentDaemon:
         if current is not previous:
             log.info("owner state %s -> %s", previous.value, current.value)
             if guest_may_run(previous) and not guest_may_run(current):
-                idle = self.owner.last.idle_s
-                self.guests.activity_at = self._wall() - (idle if idle is not None and idle < 1e9 else 0.0)
+                idle, pause = self.owner.last.idle_s, self.owner.last.pause
+                # what stopped the guests: the owner's input, or the pause they asked for (whichever came last)
+                self.guests.activity_at = max(self._wall() - (idle if idle is not None and idle < 1e9 else 0.0),
+                                              pause.at if pause is not None else -math.inf)
             self.link.beat_soon()  # tell the coordinator at once
         self.guests.follow_owner(current, self.config.shutdown_while_owner)
 
     def status(self) -> dict[str, Any]:
         last = self.owner.last
+        guests = self.guests.status()
+        guest_cpu = sum(guest["cpu_percent"] for guest in guests)
+        try:
+            own_cpu = self._process.cpu_percent(None)
+        except psutil.Error:
+            own_cpu = 0.0
+        try:
+            saved = self.guests.saved_bytes()
+        except OSError:
+            saved = None
+        pause = last.pause
         return {
             "time": self._wall(), "node": self.config.name, "pid": self._process.pid,
             "owner_state": self.state, "state_since_s": self._clock() - self.owner.policy.since,
@@ -220,7 +238,11 @@ class AgentDaemon:
             "idle_s": self._shown_idle(last.idle_s), "owner_load": last.owner_load, "on_battery": last.on_battery,
             "coordinator": self.config.coordinator, "connected": self.link.welcomed,
             "link_problem": self.link.transport.problem,
-            "guests": self.guests.status(), "cpu_percent": self._cpu_percent(),
+            "guests": guests, "cpu_percent": own_cpu + guest_cpu, "guest_cpu_percent": guest_cpu,
+            "saved_bytes": saved, "saved_budget_bytes": self.guests.saved_budget_bytes(),
+            "paused_until": pause.until if pause is not None else None, "paused_by": pause.by if pause else None,
+            "pool_rule": explain(self.owner.policy.state, self.config.policy, self._shown_idle(last.idle_s),
+                                 pause.until if pause is not None else None),
             "jobs": sorted(self.guests.jobs), "vacated_jobs": sorted(self.guests.vacated),
             "images": {"fetching": sorted(self.images.pending), "waiting_jobs": sorted(self.guests.fetching),
                        "cache_mib": self.config.image_cache_mib},

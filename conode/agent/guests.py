@@ -9,11 +9,14 @@ hear goes out through a Reports (the coordinator link): live messages, and resul
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
+
+import psutil
 
 from conode.agent.conet import Unplugged
 from conode.agent.disk import StateDisk
@@ -24,7 +27,8 @@ from conode.agent.wire import OutputLimitError, validate_from_worker, validate_t
 from conode import output_cap
 from conode.errors import ConodeError
 from conode.idle.policy import OwnerState, guest_may_run
-from conode.limits import DEFAULT_DISK_BUDGET_MIB, MAX_STREAM_BYTES, OUTPUT_CHUNK_BYTES
+from conode.limits import DEFAULT_DISK_BUDGET_MIB, MAX_DISK_BUDGET_MIB, MAX_STREAM_BYTES, OUTPUT_CHUNK_BYTES
+from conode.metrics import Buckets
 from conode.tomlfile import read_toml, write_toml
 from conode.vm.guest_image import image_tag
 
@@ -32,6 +36,14 @@ log = logging.getLogger("conode.agent")
 
 DRAIN_S = 2.0  # how long an exited worker's last words may take to arrive before it is judged without them
 YIELD_SAMPLES = 100
+YIELD_LATENCY_BOUNDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def _resident_bytes(pid: int) -> int | None:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return None
 
 
 class Reports(Protocol):
@@ -109,9 +121,11 @@ class Guests:
         self.backlog: deque[dict[str, Any]] = deque()  # run messages waiting for a free worker
         self.fetching: dict[int, dict[str, Any]] = {}  # run messages waiting for their image
         self.job_images: dict[int, str] = {}  # the image (SHA-256) of each job held here that runs on one
+        self.owners: dict[int, str] = {}  # who submitted each job held here, when the coordinator said
         self._images = images
         self._streamed: dict[int, int] = {}  # job -> stdout and stderr bytes forwarded
         self.yield_latencies: deque[float] = deque(maxlen=YIELD_SAMPLES)  # owner input -> guest stopped, s
+        self.yield_buckets = Buckets(YIELD_LATENCY_BOUNDS)  # all of them, for the metrics
         self.activity_at: float | None = None  # wall time of the owner's input that stopped the guests
         self.vacated_dir = state_dir / "vacated"
         disk.attempt("create the vacated-guests directory", lambda: self.vacated_dir.mkdir(exist_ok=True))
@@ -143,19 +157,39 @@ class Guests:
     def pids(self) -> set[int]:
         return {slot.handle.pid for slot in self.slots if slot.handle is not None and slot.alive}
 
-    def cpu_percent(self) -> float:
-        return sum(slot.handle.cpu_percent() for slot in self.slots if slot.handle is not None and slot.alive)
-
     def status(self) -> list[dict[str, Any]]:
-        return [{"index": s.index, "pid": s.handle.pid if s.handle is not None and s.alive else None,
-                 "state": s.state, "job": s.job, "guest": s.guest, "speed": s.speed, "crashes": s.crashes}
-                for s in self.slots]
+        """Each guest: its state, job (and the job's owner when the coordinator said), CPU and memory used."""
+        rows = []
+        for s in self.slots:
+            live = s.handle is not None and s.alive
+            rows.append({"index": s.index, "pid": s.handle.pid if live else None,  # type: ignore[union-attr]
+                         "state": s.state, "job": s.job, "owner": self.owners.get(s.job) if s.job else None,
+                         "guest": s.guest, "speed": s.speed, "crashes": s.crashes,
+                         "cpu_percent": s.handle.cpu_percent() if live else 0.0,  # type: ignore[union-attr]
+                         "memory_bytes": _resident_bytes(s.handle.pid) if live else None})  # type: ignore[union-attr]
+        return rows
+
+    def saved_bytes(self) -> int:
+        """What the vacated guests take on disk."""
+        total = 0
+        for entry in os.scandir(self.vacated_dir):
+            try:
+                total += entry.stat().st_size if entry.is_file() else 0
+            except OSError:
+                pass  # removed meanwhile
+        return total
+
+    def saved_budget_bytes(self) -> int:
+        """The most the vacated guests can take: each guest's memory and the largest disk budget, per slot."""
+        return len(self.slots) * ((self.mem_mib + MAX_DISK_BUDGET_MIB) << 20)
 
     # --- jobs from the coordinator ------------------------------------------------------------------------
     def accept(self, message: dict[str, Any]) -> None:
         job = int(message["job"])
         if job in self.held_jobs():
             return  # a duplicate placement: we have it already
+        if "owner" in message:
+            self.owners[job] = message["owner"]
         if message["mem_mib"] > self.mem_mib:
             self._fail(job, f"needs {message['mem_mib']} MiB, guests here have {self.mem_mib}", retry=False)
             return
@@ -261,6 +295,7 @@ class Guests:
         self._streamed.pop(job, None)
         self._ports.detach(job)
         self.job_images.pop(job, None)
+        self.owners.pop(job, None)
         self._remove_overlay(job)
 
     def _remove_overlay(self, job: int) -> None:
@@ -324,6 +359,7 @@ class Guests:
             if self.activity_at is not None:
                 latency = message["at"] - self.activity_at
                 self.yield_latencies.append(latency)
+                self.yield_buckets.observe(max(0.0, latency))
                 log.info("guest %d stopped %.0f ms after the owner's input", slot.index, latency * 1000)
         elif kind == "resumed":
             slot.paused = False

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from conode.agent.pause import Pause, PauseWatch
 from conode.idle.report import ReportsSource
 from conode.idle.policy import Observation, OwnerState, PolicyConfig, PolicyState, next_state
 from conode.idle.sources import FileSource, IdleReading, IdleSource, OwnerLoad, combine, on_battery, platform_sources
@@ -73,13 +74,15 @@ class OwnerSnapshot:
     idle_s: float | None
     owner_load: float | None
     on_battery: bool | None
+    pause: Pause | None = None
 
 
 class OwnerMonitor:
     def __init__(self, sources: list[IdleSource], config: PolicyConfig, load: OwnerLoad | None = None,
                  clock: Callable[[], float] = time.monotonic, fixed_load: float | None = None,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, pauses: PauseWatch | None = None) -> None:
         self.sources = sources
+        self.pauses = pauses
         self.config = config
         self.load = load or OwnerLoad()
         self._clock = clock
@@ -103,9 +106,11 @@ class OwnerMonitor:
         idle = combine(list(readings))
         load = self._owner_load(now)
         battery = on_battery()
-        self.last = OwnerSnapshot(readings, idle, load, battery)
+        pause = self.pauses.check() if self.pauses is not None else None
+        self.last = OwnerSnapshot(readings, idle, load, battery, pause)
         local = time.localtime(self._wall())
-        return Observation(now, idle, load, battery, local.tm_wday, local.tm_hour * 60 + local.tm_min)
+        return Observation(now, idle, load, battery, local.tm_wday, local.tm_hour * 60 + local.tm_min,
+                           pause is not None)
 
     def step(self, has_jobs: bool, vacated: bool) -> tuple[OwnerState, OwnerState]:
         """Observe and advance the policy; return (previous, current) state."""

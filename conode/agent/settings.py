@@ -21,6 +21,8 @@ from conode.errors import ConodeError
 from conode.idle.policy import PolicyConfig, TimeWindow
 from conode.limits import (DEFAULT_GUEST_MEM_MIB, DEFAULT_IMAGE_CACHE_MIB, MAX_GUEST_MEM_MIB, MAX_IMAGE_CACHE_MIB,
                            MIN_GUEST_MEM_MIB)
+from conode.metrics import OFF as METRICS_OFF
+from conode.metrics import Address, parse_address
 from conode.tomlfile import read_known, write_toml
 
 SETTINGS_NAME = "agent.toml"
@@ -32,10 +34,11 @@ POLICY_FIELDS = [f.name for f in dataclasses.fields(PolicyConfig) if f.name != "
 # The agent's own keys and the Python type each takes (the policy's are all numbers but one).
 AGENT_KEYS: dict[str, type] = {"name": str, "coordinator": str, "coordinator_key": str, "cores": int, "mem": int,
                                "idle_source": str, "while_owner": str, "cpu_cap": float, "conet_listen": str,
-                               "image_cache_mib": int, "idle_reports": str}
+                               "image_cache_mib": int, "idle_reports": str, "metrics": str}
 WINDOWS_KEY = "windows"  # [[windows]] tables: when guests may run (start, end, days)
 KNOWN_KEYS = [*AGENT_KEYS, *POLICY_FIELDS, WINDOWS_KEY]
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+DAY_SETS = {"weekdays": WEEKDAYS[:5], "weekends": WEEKDAYS[5:], "every day": WEEKDAYS}  # days = "weekdays"
 MAX_WINDOWS = 64
 
 
@@ -54,6 +57,7 @@ class AgentConfig:
     conet_listen: str = DEFAULT_LISTEN  # the conet switch's endpoint for other agents, or "off"
     image_cache_mib: int = DEFAULT_IMAGE_CACHE_MIB  # what the pool's images may take on this disk
     idle_reports: Path | None = None  # where desktop sessions report their input (conode/idle/report.py)
+    metrics: Address | None = None  # where the Prometheus endpoint listens; None: off
 
     @property
     def shutdown_while_owner(self) -> bool:
@@ -96,7 +100,9 @@ def _minute(text: Any, what: str) -> int:
 
 
 def _windows(value: Any) -> tuple[TimeWindow, ...]:
-    """``[[windows]]`` tables (start = "18:00", end = "07:30", days = ["mon", ...]): when guests may run."""
+    """``[[windows]]`` tables (start = "18:00", end = "07:30", days = ["mon", ...] or "weekdays", "weekends",
+    "every day"): when guests may run. A window that ends at or before its start runs past midnight; the same
+    start and end (say "00:00" both) is the whole day."""
     if not isinstance(value, list) or len(value) > MAX_WINDOWS or not all(isinstance(w, dict) for w in value):
         raise ConodeError(f"windows must be up to {MAX_WINDOWS} [[windows]] tables with start, end and days")
     windows = []
@@ -105,8 +111,11 @@ def _windows(value: Any) -> tuple[TimeWindow, ...]:
         if unknown or "start" not in table or "end" not in table:
             raise ConodeError(f"a [[windows]] table takes start, end and days (got {', '.join(sorted(table))})"[:300])
         days = table.get("days", list(WEEKDAYS))
+        if isinstance(days, str) and days in DAY_SETS:
+            days = list(DAY_SETS[days])
         if not isinstance(days, list) or not days or any(day not in WEEKDAYS for day in days):
-            raise ConodeError(f"time window days must be a list of {', '.join(WEEKDAYS)}")
+            raise ConodeError(f"time window days must be {', '.join(f'{name!r}' for name in DAY_SETS)} or a list "
+                              f"of {', '.join(WEEKDAYS)}")
         windows.append(TimeWindow(_minute(table["start"], "start"), _minute(table["end"], "end"),
                                   frozenset(WEEKDAYS.index(day) for day in days)))
     return tuple(windows)
@@ -169,9 +178,10 @@ def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: d
     if while_owner not in WHILE_OWNER:
         raise ConodeError(f"--while-owner must be {' or '.join(WHILE_OWNER)}")
     idle_reports = _typed(values, "idle_reports", "")
+    metrics = parse_address(_typed(values, "metrics", METRICS_OFF))
     return AgentConfig(state_dir=state_dir, name=_typed(values, "name", "") or default_node_name(),
                        coordinator=str(values["coordinator"]), coordinator_key=str(values["coordinator_key"]),
                        cores=cores, mem_mib=mem_mib, idle_source=idle_source, policy=_policy(values),
                        while_owner=while_owner, cpu_cap=cpu_cap, conet_listen=conet_listen,
                        image_cache_mib=image_cache_mib,
-                       idle_reports=Path(idle_reports) if idle_reports else None)
+                       idle_reports=Path(idle_reports) if idle_reports else None, metrics=metrics)

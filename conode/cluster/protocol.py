@@ -128,7 +128,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "ping": ("coordinator", {}),
     "run_job": ("coordinator", {"job": _f(INT), "argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS),
                                 "mem_mib": _f(GUEST_MEM), "net": _f(IDENTITY, False), "image": _f(IMAGE, False),
-                                "disk_mib": _f(DISK_MIB, False)}),
+                                "disk_mib": _f(DISK_MIB, False), "owner": _f(STR, False)}),  # owner: who submitted it
     "conet_peers": ("coordinator", {"peers": _f(PEERS), "relay": _f(STR, False)}),  # relay: its endpoint
     "cancel_job": ("coordinator", {"job": _f(INT)}),
     "image_chunk": ("coordinator", {"digest": _f(DIGEST), "data": _f(CHUNK, False), "problem": _f(STR, False)}),

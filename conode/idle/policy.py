@@ -71,6 +71,7 @@ class Observation:
     on_battery: bool | None = None  # None: no battery, or unknown
     weekday: int = 0
     minute_of_day: int = 0
+    paused: bool = False  # the owner paused the pool here (`conode pause`)
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ class PolicyState:
 
 
 def _allowed(obs: Observation, cfg: PolicyConfig) -> bool:
-    """May the guest run at all now (power and time of day)?"""
-    if obs.on_battery and not cfg.allow_on_battery:
+    """May the guest run at all now (the owner's pause, power and time of day)?"""
+    if obs.paused or (obs.on_battery and not cfg.allow_on_battery):
         return False
     return not cfg.windows or any(w.contains(obs.weekday, obs.minute_of_day) for w in cfg.windows)
 

@@ -27,7 +27,9 @@ from conode.idle.sources import IdleReading, IdleSource, WindowsSource, X11Sourc
 
 MAX_REPORTS = 256  # sessions on one workstation
 MAX_REPORT_BYTES = 64  # a timestamp and a newline
-REPORT_EVERY_S = 5.0  # how often a session's helper writes: the agent sees input at most this late
+REPORT_EVERY_S = 5.0
+DEFAULT_REPORTS_DIR = Path("/run/conode-idle")  # where the installation has sessions report
+PAUSE_PREFIX = "pause-"  # the owner's pauses live beside the reports (conode/agent/pause.py)  # how often a session's helper writes: the agent sees input at most this late
 
 
 class ReportsSource:
@@ -41,7 +43,8 @@ class ReportsSource:
 
     def read(self) -> IdleReading:
         try:
-            entries = [e for e in os.scandir(self.directory) if not e.name.startswith(".")][:MAX_REPORTS]
+            entries = [e for e in os.scandir(self.directory)
+                       if not e.name.startswith((".", PAUSE_PREFIX))][:MAX_REPORTS]
         except OSError as exc:
             return IdleReading(self.name, None, f"{self.directory}: {exc.strerror}")
         latest = None

@@ -90,9 +90,10 @@ class Pool:
         with open(self.root / log, "ab") as out:
             return host.spawn(args, stdout=out, stderr=subprocess.STDOUT, env=self.env)
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, *extra: str) -> None:
+        """*extra*: more `coordinator serve` flags."""
         self.coordinator = self._spawn(self.host, [sys.executable, "-m", "coordinator.cli", "serve", "--state-dir",
-                                                   str(self.state)], "coordinator.log")
+                                                   str(self.state), *extra], "coordinator.log")
 
     def add_agent(self, name: str, *extra: str, enrol: bool = True, host: Host | None = None) -> subprocess.Popen:
         """Create, enrol and start an agent on *host* (default: the coordinator's); *extra* are agent flags

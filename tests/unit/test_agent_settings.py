@@ -100,8 +100,8 @@ def test_time_windows_from_the_settings_file(state, tmp_path):
     ('start = "18:00"\nend = "7"', "time of day"),
     ('start = "18:00"', "takes start, end and days"),
     ('start = "18:00"\nend = "07:00"\nday = ["mon"]', "takes start, end and days"),
-    ('start = "18:00"\nend = "07:00"\ndays = ["monday"]', "days must be a list of mon"),
-    ('start = "18:00"\nend = "07:00"\ndays = []', "days must be a list of mon"),
+    ('start = "18:00"\nend = "07:00"\ndays = ["monday"]', "days must be .* or a list of mon"),
+    ('start = "18:00"\nend = "07:00"\ndays = []', "days must be .* or a list of mon"),
 ])
 def test_bad_time_windows_are_clear_errors(state, tmp_path, table, message):
     config = tmp_path / "site.toml"
