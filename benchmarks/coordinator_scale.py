@@ -736,6 +736,8 @@ def run_one(n: int, args: argparse.Namespace, scratch_root: Path) -> dict[str, A
             admin.run_until(lambda: False, timeout=0.5)
         reply = admin.request_now("jobs", limit=len(submitted) + 100)
         states = {j["id"]: j["state"] for j in reply["jobs"]}
+        for job in submitted - set(states):  # beyond what one `jobs` reply lists
+            states[job] = admin.request_now("job", job=job)["job"]["state"]
         not_done = sorted(j for j in submitted if states.get(j) != "done")
         status = admin.request_now("status")
         stats = fleet.ask("final")
