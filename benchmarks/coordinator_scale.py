@@ -77,6 +77,7 @@ TARGET_JOBS_PER_S = 50.0
 TARGET_CPU_PERCENT = 50.0
 TARGET_PLACEMENT_P95_MS = 20.0
 AGENTS_PER_GENERATOR = 2500
+HELLOS_IN_FLIGHT = 100  # per generator
 JOB_MEM_MIB = 128
 
 
@@ -230,7 +231,8 @@ class Stats:
     heartbeats: int = 0
     beat_lateness_s: list[float] = field(default_factory=list)
     send_failures: int = 0
-    reconnects: int = 0
+    reconnects: int = 0  # the coordinator said reconnect (it had lost the node)
+    hello_timeouts: int = 0  # no welcome within 5 s of a hello: said again
     errors: list[str] = field(default_factory=list)
     run_jobs: int = 0
     duplicate_run_jobs: int = 0
@@ -278,6 +280,7 @@ class Generator:
         self.timers: list[tuple[float, int, str, int, int]] = []  # (due, seq, kind, agent index, job)
         self._seq = 0
         self.need_hello: set[int] = set()
+        self.awaiting_welcome: set[int] = set()
         self.ping = protocol.encode("ping")
         self.mark = (0, 0)  # heartbeats and lateness samples when the current window began
         self.running = True
@@ -322,13 +325,17 @@ class Generator:
         return sent
 
     def _send_hellos(self, now: float) -> None:
+        """Hellos for the agents that need one, at most HELLOS_IN_FLIGHT unanswered at a time: a whole pool
+        joining within a second would measure a storm the coordinator's reconnect back-off does not make."""
         for index in list(self.need_hello):
+            if len(self.awaiting_welcome) >= HELLOS_IN_FLIGHT:
+                return
             agent = self.agents[index]
-            try:
-                agent.sock.send(self._hello(agent), flags=zmq.NOBLOCK)  # type: ignore[union-attr]
-            except zmq.Again:
+            if not agent.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:  # type: ignore[union-attr]
                 continue  # not connected yet (IMMEDIATE): try again on the next turn
+            agent.sock.send(self._hello(agent), flags=zmq.NOBLOCK)  # type: ignore[union-attr]
             self.need_hello.discard(index)
+            self.awaiting_welcome.add(index)
             self._at(now + 5.0, "hello_timeout", index)
             self._drain(agent, now)
 
@@ -354,6 +361,7 @@ class Generator:
             return
         kind = message["type"]
         if kind == "welcome":
+            self.awaiting_welcome.discard(agent.index)
             if agent.welcomed_at is None:
                 self.stats.welcomes += 1
                 # The first beat at a random phase, as agents that joined at different times would.
@@ -408,7 +416,8 @@ class Generator:
                 self._send(agent, payload, now)
         elif kind == "hello_timeout":
             if agent.welcomed_at is None and index not in self.need_hello:
-                self.stats.reconnects += 1
+                self.awaiting_welcome.discard(index)
+                self.stats.hello_timeouts += 1
                 self.need_hello.add(index)
 
     def _on_command(self, command: str) -> None:
@@ -424,7 +433,7 @@ class Generator:
                                "lateness": stats.beat_lateness_s[self.mark[1]:]})
         elif command == "final":
             final = dict(vars(stats))
-            final["beat_lateness_s"] = []  # the windows carry the samples that count
+            final["beat_lateness_s"] = sorted(stats.beat_lateness_s)[-5:]  # the worst; the windows carry the rest
             self.control.send(final)
         elif command == "stop":
             self.running = False
@@ -766,6 +775,8 @@ def run_one(n: int, args: argparse.Namespace, scratch_root: Path) -> dict[str, A
             "pings_received": sum(s["pings"] for s in stats),
             "duplicate_run_jobs": sum(s["duplicate_run_jobs"] for s in stats),
             "reconnects": sum(s["reconnects"] for s in stats),
+            "hello_timeouts": sum(s["hello_timeouts"] for s in stats),
+            "worst_lateness_s": sorted(x for s in stats for x in s["beat_lateness_s"])[-5:],
             "send_failures": sum(s["send_failures"] for s in stats),
             "errors": errors[:20],
             "owner_nodes": owners,
@@ -895,8 +906,9 @@ def print_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         ("heartbeat lateness p50 / p95 / max (ms)",
          lambda r: " / ".join(_fmt(r["busy"][f"beat_lateness_ms_{q}"], ".0f") for q in ("p50", "p95", "max")),
          ""),
-        ("reconnects / send failures / errors",
-         lambda r: f"{r['reconnects']} / {r['send_failures']} / {len(r['errors'])}", "0 / 0 / 0"),
+        ("reconnects / hellos again / send failures / errors",
+         lambda r: f"{r['reconnects']} / {r['hello_timeouts']} / {r['send_failures']} / {len(r['errors'])}",
+         "0 / 0 / 0 / 0"),
     ]
     headers = ["metric"] + [f"N={r['agents']}" for r in results] + ["target"]
     cells = [headers] + [[label] + [fn(r) for r in results] + [target] for label, fn, target in rows]
@@ -1016,16 +1028,20 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     started = time.monotonic()
     failed = False
-    with tempfile.TemporaryDirectory(prefix="conode-coord-scale-") as scratch_root:
+    scratch_root = Path(tempfile.mkdtemp(prefix="conode-coord-scale-"))
+    try:
         try:
             for n in args.agents:
-                results.append(run_one(n, args, Path(scratch_root)))
+                results.append(run_one(n, args, scratch_root))
         except KeyboardInterrupt:
             progress("interrupted: coordinator stopped")
             return 130
         except RuntimeError as exc:
             progress(f"failed: {exc}")
             failed = True
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch_root, ignore_errors=True)
     if results:
         print_table(results, args)
     progress(f"done in {time.monotonic() - started:.0f} s")

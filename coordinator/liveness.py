@@ -50,8 +50,11 @@ class Liveness:
     def __len__(self) -> int:
         return len(self._last)
 
-    def due(self) -> tuple[list[str], list[str]]:
-        """(nodes to ping now, nodes silent too long) and, for the lost ones, forget them."""
+    def due(self, expire: bool = True) -> tuple[list[str], list[str]]:
+        """(nodes to ping now, nodes silent too long) and, for the lost ones, forget them.
+
+        *expire* False: lose no node now (the caller has not read all it received, so a silent node's word may be
+        waiting there); the silent ones are looked at again at their next ping."""
         now = self._clock()
         ping: list[str] = []
         lost: list[str] = []
@@ -61,7 +64,7 @@ class Liveness:
             if self._entry.get(node) != seq:
                 continue  # removed, or added again since
             last = self._last[node]
-            if now - last > self.limit:
+            if now - last > self.limit and expire:
                 lost.append(node)
                 self.remove(node)
                 continue

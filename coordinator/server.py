@@ -162,6 +162,7 @@ class Coordinator:
         try:
             while self._running:
                 events = dict(poller.poll(timeout=0 if self._chunk_requests else 200))
+                caught_up = True
                 if server.socket in events:
                     for _ in range(1000):  # drain what is there, but keep the housekeeping going
                         try:
@@ -170,10 +171,12 @@ class Coordinator:
                             break
                         if received is not None:
                             self.handle(*received)
+                    else:
+                        caught_up = False
                 self.serve_chunks()
                 if self._clock() >= self._next_housekeeping:
                     self._next_housekeeping = self._clock() + HOUSEKEEPING_EVERY_S
-                    self.housekeeping()
+                    self.housekeeping(caught_up)
         finally:
             self.close()
 
@@ -730,10 +733,14 @@ class Coordinator:
         self.counters.requeued += 1
         log.info("job %d requeued: %s", gang_id, reason)
 
-    def housekeeping(self) -> None:
-        """Expire silent nodes and ping the others; once a second, sweep the job table for stranded jobs."""
+    def housekeeping(self, caught_up: bool = True) -> None:
+        """Expire silent nodes and ping the others; once a second, sweep the job table for stranded jobs.
+
+        *caught_up*: whether every message that arrived has been read. Only then is a silent node lost: a
+        coordinator that falls behind must not lose nodes whose heartbeats wait in its own queue (they would
+        all come back with a hello, and put it further behind)."""
         now = self._clock()
-        ping, lost = self.liveness.due()
+        ping, lost = self.liveness.due(expire=caught_up)
         unreachable = [name for name in ping if not self.server.send(self.nodes[name].identity, self._ping)]
         for name in lost:
             self._lose_node(self.nodes[name], "missed its heartbeats")

@@ -107,3 +107,17 @@ def test_same_decisions_as_checking_every_node_every_tick():
             last_ping[node] = now
         for node in last:
             assert now - last_ping[node] < 1.0 + 0.1 + 1e-9, (step, node)  # never a tick late
+
+
+def test_no_node_is_lost_while_the_caller_is_behind():
+    clock = FakeClock()
+    live = make(clock)
+    live.add("a")
+    clock.advance(5.0)
+    assert live.due(expire=False) == (["a"], [])  # its heartbeat may wait unread: pinged, not lost
+    clock.advance(0.5)
+    live.heard("a")  # and there it was
+    clock.advance(0.6)
+    assert live.due() == (["a"], [])
+    clock.advance(3.5)
+    assert live.due() == ([], ["a"])
