@@ -217,6 +217,7 @@ class SimAgent:
     owner: bool = False
     sock: zmq.Socket | None = None
     welcomed_at: float | None = None
+    joined: bool = False  # welcomed, and not told to reconnect since: beats go out only then, as an agent's do
     running: set[int] = field(default_factory=set)
     finished_at: dict[int, float] = field(default_factory=dict)  # job_finished sent, ack awaited
     idle_since: float = field(default_factory=time.time)
@@ -368,6 +369,7 @@ class Generator:
         kind = message["type"]
         if kind == "welcome":
             self.awaiting_welcome.discard(agent.index)
+            agent.joined = True
             if agent.welcomed_at is None:
                 self.stats.welcomes += 1
                 # The first beat at a random phase, as agents that joined at different times would.
@@ -393,6 +395,7 @@ class Generator:
             agent.running.discard(int(message["job"]))
         elif kind == "reconnect":
             self.stats.reconnects += 1
+            agent.joined = False
             self.need_hello.add(agent.index)
         elif kind == "error":
             self.stats.errors.append(f"{agent.name}: {message['code']}: {message['message']}")
@@ -401,7 +404,9 @@ class Generator:
 
     def _on_timer(self, kind: str, index: int, job: int, due: float, now: float) -> None:
         agent = self.agents[index]
-        if kind == "beat":
+        if kind == "beat" and not agent.joined:
+            self._at(max(due, now) + self.heartbeat_s, "beat", index)  # between a reconnect and a welcome: silent
+        elif kind == "beat":
             payload = protocol.encode("heartbeat", node=agent.name, state=agent.state,
                                       idle_s=0.0 if agent.running else time.time() - agent.idle_since,
                                       running=sorted(agent.running | set(agent.finished_at)), speed=5.0e6,
