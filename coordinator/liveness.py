@@ -41,9 +41,6 @@ class Liveness:
         if node in self._last:
             self._last[node] = self._clock()
 
-    def last_heard(self, node: str) -> float:
-        return self._last[node]
-
     def __contains__(self, node: object) -> bool:
         return node in self._last
 

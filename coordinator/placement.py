@@ -105,9 +105,6 @@ class OpenNodes:
     def __len__(self) -> int:
         return len(self._order)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._keys
-
 
 def choose_gang(mem_mib: int, guests: int, nodes: list[NodeView], image_bytes: int = 0) -> list[str] | None:
     """A node for each of a gang's *guests* (rank i on the i-th; a node with several free slots may take several
