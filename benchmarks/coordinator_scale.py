@@ -950,8 +950,8 @@ def print_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
 
 def judge_target(results: list[dict[str, Any]], agents: int, what: str,
                  verdict: Callable[[dict[str, Any]], tuple[bool, str]]) -> None:
-    """Print whether the first run with at least *agents* agents meets a target."""
-    at_target = [r for r in results if r["agents"] >= agents]
+    """Print whether the run with *agents* agents meets a target."""
+    at_target = [r for r in results if r["agents"] == agents]
     if not at_target:
         print(f"target: {what} (not measured: no run with {agents} agents)")
         return
