@@ -3,8 +3,10 @@
 Single-threaded: one poll loop receives messages, answers them, places queued jobs and expires silent nodes.
 Job state lives in SQLite (store.py) and is committed before it is acted on; the node registry lives in memory
 and is rebuilt from the agents' hellos after a restart. The queued jobs are also indexed in memory (queue.py),
-and the nodes that can take work now are kept in a set, so that placement costs nothing per waiting job and
-nothing at all while the pool is full.
+and the nodes that can take work now are kept in placement's order (placement.OpenNodes), so that placement
+costs nothing per waiting job, nothing at all while the pool is full, and a look at the first open nodes only.
+The nodes' liveness is a timer heap (liveness.py): a heartbeat only stamps a time, and housekeeping touches only
+the nodes whose ping or expiry came due.
 
 Time and the socket are injected: a test drives :meth:`Coordinator.handle` and :meth:`Coordinator.housekeeping`
 with a fake clock and an in-memory transport.
@@ -22,7 +24,6 @@ import zmq
 
 from conode import output_cap
 from conode.cluster import protocol
-from conode.cluster.heartbeat import PeerLiveness
 from conode.cluster.keys import is_valid_public_key
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
@@ -35,9 +36,10 @@ from coordinator.conet_peers import PeerDirectory
 from coordinator.down import DownNode, DownNodes, unknown_node
 from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
+from coordinator.liveness import Liveness
 from coordinator.metrics import PLACEMENT_LATENCY_BOUNDS
 from coordinator.pending import Request, never_fits, why_waiting
-from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
+from coordinator.placement import ACCEPTING_STATES, NodeView, OpenNodes, choose_gang
 from coordinator.queue import JobQueue, QueuedJob
 from coordinator.relay import Relay
 from coordinator.store import JOB_STATES, TERMINAL_STATES, Job, Store, Submission, Task
@@ -72,9 +74,9 @@ class Node:
     mem_mib: int
     speed: float
     software: str
-    liveness: PeerLiveness
     state: str = "Unclaimed"
     idle_s: float = 0.0
+    away_since: float = 0.0  # when its owner left, on the coordinator's clock
     cpu_percent: float = 0.0
     running: set[int] = field(default_factory=set)
     connected_at: float = 0.0  # wall-clock time of its hello
@@ -82,8 +84,8 @@ class Node:
     image_cache_mib: int | None = None  # the most of the pool's images it keeps on disk; None: unsaid
 
     def view(self, drained: bool) -> NodeView:
-        return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running), self.idle_s, drained,
-                        self.last_placed, self.image_cache_mib)
+        return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running), self.away_since,
+                        drained, self.last_placed, self.image_cache_mib)
 
 
 @dataclass
@@ -142,7 +144,9 @@ class Coordinator:
         self._requester = Requester("", "")  # and its enrolled name and role
         self.nodes: dict[str, Node] = {}
         self.by_identity: dict[bytes, str] = {}
-        self.open_nodes: set[str] = set()  # nodes that can take a job now (see placement.can_take_work)
+        self.open_nodes = OpenNodes()  # nodes that can take a job now (see placement.can_take_work)
+        self.liveness = Liveness(clock, protocol.HEARTBEAT_INTERVAL_S,
+                                 protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS)
         self.queue = JobQueue(self.store.queued())
         self.drained = self.store.drained()
         self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
@@ -170,6 +174,7 @@ class Coordinator:
         try:
             while self._running:
                 events = dict(poller.poll(timeout=0 if self._chunk_requests else 200))
+                caught_up = True
                 if server.socket in events:
                     for _ in range(1000):  # drain what is there, but keep the housekeeping going
                         try:
@@ -178,10 +183,12 @@ class Coordinator:
                             break
                         if received is not None:
                             self.handle(*received)
+                    else:
+                        caught_up = False
                 self.serve_chunks()
                 if self._clock() >= self._next_housekeeping:
                     self._next_housekeeping = self._clock() + HOUSEKEEPING_EVERY_S
-                    self.housekeeping()
+                    self.housekeeping(caught_up)
         finally:
             self.close()
 
@@ -276,9 +283,10 @@ class Coordinator:
         for guest in old.running - held if old is not None else ():
             self.queue.shares.stopped(guest)  # what it held before and holds no more (reconciled below)
         node = Node(name, identity, self._sender_key, msg["cores"], msg["mem_mib"], msg["speed"], msg["software"],
-                    PeerLiveness(self._clock), msg["state"], msg["idle_s"], connected_at=self._wall(),
+                    msg["state"], msg["idle_s"], self._clock() - msg["idle_s"], connected_at=self._wall(),
                     image_cache_mib=msg.get("image_cache_mib"))
         self.nodes[name] = node
+        self.liveness.add(name)
         self.by_identity[identity] = name
         self.down.returned(name)
         self._capacity = None
@@ -304,10 +312,11 @@ class Coordinator:
 
     def _on_heartbeat(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node = self._node_of(identity)
-        node.liveness.heard()
+        self.liveness.heard(node.name)
         was_accepting = node.state in ACCEPTING_STATES
         node.state = msg["state"]
         node.idle_s = msg["idle_s"]
+        node.away_since = self._clock() - node.idle_s
         node.cpu_percent = float(msg.get("cpu_percent", 0.0))
         node.speed = float(msg.get("speed", node.speed))
         if was_accepting != (node.state in ACCEPTING_STATES):
@@ -320,7 +329,7 @@ class Coordinator:
 
     def _on_job_output(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node = self._node_of(identity)
-        node.liveness.heard()
+        self.liveness.heard(node.name)
         job = msg["job"]
         if job in node.running and msg["stream"] in ("stdout", "stderr"):
             self.store.append_output(job, msg["stream"], msg["data"])
@@ -333,7 +342,7 @@ class Coordinator:
 
     def _on_job_finished(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node = self._node_of(identity)
-        node.liveness.heard()
+        self.liveness.heard(node.name)
         job_id = msg["job"]
         job = self.store.job(job_id)
         if job is not None and job.state == "running" and job.node == name:
@@ -371,7 +380,7 @@ class Coordinator:
 
     def _on_job_failed(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node = self._node_of(identity)
-        node.liveness.heard()
+        self.liveness.heard(node.name)
         job_id = msg["job"]
         job = self.store.job(job_id)
         self._release(node, job_id)
@@ -729,9 +738,10 @@ class Coordinator:
 
     # --- placement and liveness --------------------------------------------------------------------------
     def _refresh(self, node: Node) -> None:
-        """Keep *node*'s membership of the open set true after anything that changes whether it can take work."""
-        if self.nodes.get(node.name) is node and can_take_work(node.view(node.name in self.drained)):
-            self.open_nodes.add(node.name)
+        """Keep *node*'s place among the open nodes true after anything that changes whether it can take work or
+        how it ranks for the next job."""
+        if self.nodes.get(node.name) is node:
+            self.open_nodes.update(node.view(node.name in self.drained))
         else:
             self.open_nodes.discard(node.name)
 
@@ -753,24 +763,24 @@ class Coordinator:
         once or not at all.
 
         Only the open nodes are looked at, and only while some have room: with the pool full, a submission
-        costs no placement work at all, however long the queue.
+        costs no placement work at all, however long the queue; a one-guest job looks at the open nodes in
+        placement's order up to the first that fits.
         """
         if not self.open_nodes or not len(self.queue):
             return
-        views = {name: self.nodes[name].view(name in self.drained) for name in self.open_nodes}
         largest: tuple[int, int, int] | None = None  # most guest memory, slots and image cache, found when needed
         placed: list[int] = []
         unreachable: list[Node] = []
         for job_id in self.queue:
-            if not views:
+            if not self.open_nodes:
                 break
             queued = self.queue.get(job_id)
             mem_mib, guests, image_bytes = queued.mem_mib, queued.guests, queued.image_bytes
             if guests == 1:
-                single = choose_node(mem_mib, list(views.values()), image_bytes)
+                single = self.open_nodes.choose(mem_mib, image_bytes)
                 chosen = None if single is None else [single]
             else:
-                chosen = choose_gang(mem_mib, guests, list(views.values()), image_bytes)
+                chosen = choose_gang(mem_mib, guests, self.open_nodes.views(), image_bytes)
             if chosen is None:
                 if largest is None:
                     largest = (max(n.mem_mib for n in self.nodes.values()),
@@ -785,10 +795,7 @@ class Coordinator:
                 placed.append(job_id)
             else:
                 unreachable.append(failed)
-            for name in set(chosen):
-                views[name] = self.nodes[name].view(name in self.drained)
-                if not can_take_work(views[name]) or (failed is not None and failed.name == name):
-                    del views[name]
+                self.open_nodes.discard(failed.name)  # lost below; offered nothing more meanwhile
         for job_id in placed:
             self.queue.remove(job_id)
         for node in unreachable:
@@ -910,23 +917,20 @@ class Coordinator:
         self.counters.requeued += 1
         log.info("job %d requeued: %s", gang_id, reason)
 
-    def housekeeping(self) -> None:
-        """Expire silent nodes and ping the others; once a second, sweep the job table for stranded jobs."""
+    def housekeeping(self, caught_up: bool = True) -> None:
+        """Expire silent nodes and ping the others; once a second, sweep the job table for stranded jobs.
+
+        *caught_up*: whether every message that arrived has been read. Only then is a silent node lost: a
+        coordinator that falls behind must not lose nodes whose heartbeats wait in its own queue (they would
+        all come back with a hello, and put it further behind)."""
         now = self._clock()
-        silence_limit = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS
-        lost, unreachable = [], []
-        for node in self.nodes.values():  # a thousand nodes ten times a second: keep this loop plain
-            liveness = node.liveness
-            if now - liveness.last_heard > silence_limit:
-                lost.append(node)
-            elif now >= liveness.next_beat:
-                liveness.next_beat = now + liveness.interval
-                if not self.server.send(node.identity, self._ping):
-                    unreachable.append(node)
-        for node in lost:
-            self._lose_node(node, "missed its heartbeats")
-        for node in unreachable:
-            self._lose_node(node, "unreachable")
+        ping, lost = self.liveness.due(expire=caught_up)
+        unreachable = [name for name in ping if not self.server.send(self.nodes[name].identity, self._ping)]
+        for name in lost:
+            self._lose_node(self.nodes[name], "missed its heartbeats")
+        for name in unreachable:
+            if name in self.nodes:
+                self._lose_node(self.nodes[name], "unreachable")
         if now >= self._next_sweep:
             self._next_sweep = now + 1.0
             self._sweep_jobs(now)
@@ -956,6 +960,7 @@ class Coordinator:
         self.nodes.pop(node.name, None)
         self.by_identity.pop(node.identity, None)
         self.open_nodes.discard(node.name)
+        self.liveness.remove(node.name)
         self.peers.node_left(node.name)
         if self.relay is not None:
             self.relay.set_peers(node.key, node.name, None)

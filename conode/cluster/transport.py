@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 # Frames up to twice our message limit get through to the decoder, which answers them with an error; a
 # larger one makes ZeroMQ drop the connection, a last defence against memory exhaustion.
 SOCKET_MAX_MESSAGE = 2 * MAX_FRAME_BYTES + 4096
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: the flags as enums cost a conversion on every call
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class _KeyCheck:
@@ -98,19 +100,27 @@ class ServerSocket:
     def receive_nowait(self) -> tuple[bytes, str, bytes] | None:
         """(peer identity, sender public key, payload) of a waiting message, or None if it was not 2 frames.
 
-        Raises zmq.Again when nothing is waiting.
+        Raises zmq.Again when nothing is waiting. Frame by frame rather than recv_multipart, which asks the socket
+        for each frame's "more" flag through getsockopt: this is the coordinator's path for every heartbeat.
         """
-        frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-        if len(frames) != 2:
+        sock = self.socket
+        identity = sock.recv(_NOBLOCK, copy=False)
+        if not identity.more:
             return None
-        identity, payload = frames
+        payload = sock.recv(_NOBLOCK, copy=False)
+        if payload.more:  # more than 2 frames: not a message of ours; take the rest of it off the socket
+            while sock.recv(_NOBLOCK, copy=False).more:
+                pass
+            return None
         key = payload.get("User-Id") or ""
         return identity.bytes, key, payload.bytes
 
     def send(self, identity: bytes, payload: bytes) -> bool:
-        """Send to a peer; False if it is gone (ROUTER_MANDATORY) or not keeping up."""
+        """Send to a peer; False if it is gone (ROUTER_MANDATORY) or not keeping up (both are decided on the
+        identity frame, so the payload frame always follows it)."""
         try:
-            self.socket.send_multipart([identity, payload], flags=zmq.NOBLOCK)
+            self.socket.send(identity, _NOBLOCK_MORE)
+            self.socket.send(payload, _NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):

@@ -166,7 +166,7 @@ def test_a_bad_hello_gets_an_error_and_the_node_is_not_registered(pool, field, b
     frame = msgpack.packb({"v": PROTOCOL_VERSION, "type": "hello", **fields}, use_bin_type=True)
     (reply,) = pool.frame("n1", frame)
     assert reply["type"] == "error" and f"'{field}'" in reply["message"]
-    assert pool.coordinator.nodes == {} and pool.coordinator.open_nodes == set()
+    assert pool.coordinator.nodes == {} and not pool.coordinator.open_nodes
     pool.submit()
     assert pool.take("n1") == [reply]  # only the error: no job goes to it
     (reply,) = pool.beat("n1")  # and it is still unknown: it must say a proper hello
@@ -357,7 +357,7 @@ def test_jobs_wait_in_order_while_the_pool_is_full(pool):
     pool.hello("n1")
     jobs = [pool.submit() for _ in range(5)]
     assert run_jobs(pool.take("n1")) == jobs[:1]
-    assert list(pool.coordinator.queue) == jobs[1:] and pool.coordinator.open_nodes == set()
+    assert list(pool.coordinator.queue) == jobs[1:] and not pool.coordinator.open_nodes
     for done, following in zip(jobs, jobs[1:]):
         pool.send("n1", "job_finished", job=done, status=0, outputs={}, missing=[], runtime_s=0.1)
         assert run_jobs(pool.take("n1")) == [following]

@@ -5,7 +5,8 @@ from coordinator.placement import NodeView, choose_node
 
 
 def node(name, state="Unclaimed", cores=1, mem=128, running=0, idle=60.0, drained=False):
-    return NodeView(name, state, cores, mem, running, idle, drained)
+    """A node whose owner left *idle* seconds before time 0."""
+    return NodeView(name, state, cores, mem, running, -idle, drained)
 
 
 def test_idle_nodes_first_then_least_loaded():
@@ -50,3 +51,32 @@ def test_a_chosen_node_can_always_take_the_job(nodes, mem):
         assert not fits
     else:
         assert chosen in {n.name for n in fits}
+
+
+def test_open_nodes_choose_what_choose_node_would():
+    """The index kept in preference order, updated as the coordinator updates it, chooses as a look at every node
+    does, for jobs of every size; nodes that cannot take work are not in it."""
+    import random
+
+    from coordinator.placement import OpenNodes
+
+    rng = random.Random(3)
+    nodes: dict[str, NodeView] = {}
+    index = OpenNodes()
+    for step in range(2000):
+        name = f"n{rng.randrange(30)}"
+        if rng.random() < 0.1:
+            nodes.pop(name, None)
+            index.discard(name)
+        else:
+            cores = rng.randrange(1, 5)
+            view = NodeView(name, rng.choice(["Unclaimed", "Claimed", "Owner"]), cores, rng.choice([64, 128, 256]),
+                            rng.randrange(cores + 1), rng.choice([-100.0, -10.0, float(step)]), rng.random() < 0.1,
+                            rng.choice([0.0, float(step)]), rng.choice([None, 0, 1]))
+            nodes[name] = view
+            index.update(view)
+        assert set(index) == {n for n, v in nodes.items() if v.state != "Owner" and not v.drained
+                              and v.running < v.cores}
+        for mem in (48, 128, 256):
+            for image in (0, 1 << 20):
+                assert index.choose(mem, image) == choose_node(mem, list(nodes.values()), image), step
