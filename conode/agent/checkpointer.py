@@ -4,7 +4,8 @@ Every ``interval_s`` the checkpointer saves the guest as a piece (conode/vm/chec
 that the guest stops only for the last few pages:
 
 1. *pre-copy*, while the guest runs: take the dirty-page log (conode/vm/cpu/dirty.py) and copy the pages it lists
-   (every page for the first piece, after a restore, or when the coordinator lost the chain);
+   (every page for the first piece, after a restore, or when the coordinator lost the chain); again, up to
+   PRE_COPY_ROUNDS times, while the guest changed more than FINAL_PAGES meanwhile;
 2. *final copy*, the guest paused by the worker between two slices: take the log again, copy the pages changed
    during step 1, and the device state and the job's output offsets. This pause is the checkpoint's stall;
 3. *write*, the guest running again: compress the pages into a piece file and tell the agent, which sends it on.
@@ -31,6 +32,9 @@ from conode.vm.layout import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+PRE_COPY_ROUNDS = 4
+FINAL_PAGES = 256  # pages changed during a pre-copy round few enough for the final copy (1 MiB: a few ms)
 
 
 class _Stopped(Exception):
@@ -127,7 +131,14 @@ class Checkpointer:
         if self._full:
             pages = self._tracker.pages
             bitmap = bytearray(((1 << pages) - 1).to_bytes((pages + 7) // 8, "little"))
-        self._pre = (bitmap, self._read(bitmap))
+        copied = self._read(bitmap)
+        for _ in range(PRE_COPY_ROUNDS - 1):
+            more = self._on_machine_thread(self._tracker.take)
+            copied.update(self._read(more))  # listed by a take: read now, or lost to the next round
+            bitmap = bytearray(a | b for a, b in zip(bitmap, more))
+            if int.from_bytes(more, "little").bit_count() <= FINAL_PAGES:
+                break
+        self._pre = (bitmap, copied)
         self._final_done.clear()
         self.final_due = True
         self.guest.machine.pause()

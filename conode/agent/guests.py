@@ -264,7 +264,10 @@ class Guests:
             slot.job = job
             self.jobs[job] = slot
             self._send(slot, run)
-            log.info("job %d started on guest %d: %s", job, slot.index, " ".join(run["argv"])[:120])
+            if run["type"] == "restore":
+                log.info("job %d goes on from its checkpoint on guest %d", job, slot.index)
+            else:
+                log.info("job %d started on guest %d: %s", job, slot.index, " ".join(run["argv"])[:120])
 
     def _fail(self, job: int, reason: str, retry: bool) -> None:
         self._forget(job)
