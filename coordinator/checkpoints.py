@@ -36,6 +36,7 @@ log = logging.getLogger("coordinator")
 
 MAX_CHAIN_PIECES = 8  # a full piece and deltas; past this the deltas are merged into one
 MIN_FREE_BYTES = 256 << 20  # checkpoints never leave the coordinator's disk with less free than this
+RECORD_BYTES = 4096  # room kept in the budget for a chain's record
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class CheckpointStore:
         if upload.size + len(data) > MAX_SNAPSHOT_BYTES:
             self._abandon(job)
             return f"checkpoint piece {seq} is over the {MAX_SNAPSHOT_BYTES}-byte limit of a piece"
-        if self.used + len(data) > self.budget_bytes:
+        if self.used + len(data) + RECORD_BYTES > self.budget_bytes:
             self._abandon(job)
             return (f"checkpoint piece {seq} would take the checkpoints past their budget of "
                     f"{self.budget_bytes >> 20} MiB (checkpoint_budget_mib in coordinator.toml)")
@@ -200,7 +201,8 @@ class CheckpointStore:
         except CheckpointError as exc:
             return str(exc)
         if (piece.job, piece.seq, piece.base) != (job, seq, base):
-            return f"checkpoint piece {seq} holds piece {piece.seq} of job {piece.job}, not piece {seq} of job {job}"
+            return (f"checkpoint piece {seq} (on {base}) of job {job} holds piece {piece.seq} (on {piece.base}) of job "
+                    f"{piece.job}")
         chain = self.chain(job)
         last = chain[-1].seq if chain else None
         if base == FULL and last is not None and seq <= last:

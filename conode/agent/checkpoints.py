@@ -55,10 +55,18 @@ class Checkpoints:
         return {"dir": str(self.out_dir), "interval_s": interval_s, "seq": seq}
 
     # --- out: a worker's piece to the coordinator ------------------------------------------------------------
+    def _out_path(self, job: int, seq: int) -> Path:
+        return self.out_dir / f"job-{job}-{seq}.ckpt"
+
+    def discard(self, job: int, seq: int) -> None:
+        """Delete a piece no longer wanted (its job ended meanwhile)."""
+        path = self._out_path(job, seq)
+        self._disk.attempt("remove a checkpoint piece", lambda: path.unlink(missing_ok=True))
+
     def send(self, message: dict[str, Any]) -> bool:
         """Send the piece a worker announced (and delete it); whether it all went."""
         job, seq = message["job"], message["seq"]
-        path = self.out_dir / f"job-{job}-{seq}.ckpt"
+        path = self._out_path(job, seq)
         try:
             if Path(message["path"]) != path:
                 log.warning("job %d: a worker announced a checkpoint at %s, not in %s; ignored", job,
@@ -66,7 +74,7 @@ class Checkpoints:
                 return False
             return self._send_file(path, message)
         finally:
-            self._disk.attempt("remove a sent checkpoint piece", lambda: path.unlink(missing_ok=True))
+            self.discard(job, seq)
 
     def _send_file(self, path: Path, message: dict[str, Any]) -> bool:
         job, seq, size = message["job"], message["seq"], message["size"]

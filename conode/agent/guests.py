@@ -349,6 +349,8 @@ class Guests:
         elif kind == "vacated":
             self._on_vacated(slot, message)
         elif self.jobs.get(message["job"]) is not slot:
+            if kind == "checkpoint" and self._checkpoints is not None:
+                self._checkpoints.discard(message["job"], message["seq"])
             return  # a cancelled job's last words
         elif kind == "output":
             self._forward_output(message["job"], message["stream"], message["data"])
