@@ -142,7 +142,8 @@ class Checkpointer:
         self._final_done.clear()
         self.final_due = True
         self.guest.machine.pause()
-        self._final_done.wait()
+        while not self._final_done.wait(1.0):  # a pause asked while the guest was not running is lost: ask again
+            self.guest.machine.pause()
         if self._stop.is_set():
             raise _Stopped
         if self._taken is None:

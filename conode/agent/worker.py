@@ -168,13 +168,16 @@ class GuestWorker:
 
     def _run_guest(self, guest: Guest) -> None:
         """Run *guest* until it pauses, then carry out what the agent asked meanwhile (pause, vacate, quit)."""
+        checkpointer = self._checkpointer if self._checkpointer is not None and \
+            self._checkpointer.guest is guest else None
+        if checkpointer is not None and checkpointer.final_due and not guest.finished:
+            checkpointer.guest_stopped()  # it was stopped already (by its owner): the final copy is due now
+            checkpointer.final()
         self._running = guest
         try:
             guest.run()
         finally:
             self._running = None
-        checkpointer = self._checkpointer if self._checkpointer is not None and \
-            self._checkpointer.guest is guest else None
         if checkpointer is not None:
             checkpointer.guest_stopped()
         self.drain_inbox()

@@ -27,7 +27,8 @@ from conode.limits import MAX_STREAM_BYTES
 from conode.vm import state
 from conode.vm.guest import GuestSnapshot
 from conode.vm.machine import CoMachine
-from conode.vm.snapshot import PAGE, PAGES_PER_CHUNK, RamState, decode_ram, read_snapshot, write_snapshot
+from conode.vm.snapshot import (PAGE, PAGES_PER_CHUNK, RamState, ram_pages, read_snapshot,
+                                 write_snapshot)
 
 KEYS = ("checkpoint", "ram", "state")
 FULL = -1  # the base of a piece that holds every page
@@ -149,24 +150,11 @@ def read_piece(path: Path) -> Piece:
 
 def iter_pages(ram: RamState) -> Iterator[tuple[int, bytes]]:
     """(page, contents) of each page a piece carries, in order; CheckpointError if the chunks do not hold
-    exactly the pages the bitmap lists. Each chunk inflates to at most one chunk's pages."""
-    pages = ram.size // PAGE
-    listed = iter(i for i in range(pages) if ram.bitmap[i >> 3] >> (i & 7) & 1)
-    for chunk in ram.chunks:
-        inflater = zlib.decompressobj()
-        try:
-            data = inflater.decompress(chunk, PAGES_PER_CHUNK * PAGE)
-        except zlib.error as exc:
-            raise CheckpointError(f"a checkpoint's RAM is corrupt: {exc}") from None
-        if inflater.unconsumed_tail or not inflater.eof or len(data) % PAGE or not data:
-            raise CheckpointError("a checkpoint's RAM is corrupt: a chunk does not hold whole pages")
-        for offset in range(0, len(data), PAGE):
-            index = next(listed, None)
-            if index is None:
-                raise CheckpointError("a checkpoint's RAM holds more pages than its bitmap lists")
-            yield index, data[offset:offset + PAGE]
-    if next(listed, None) is not None:
-        raise CheckpointError("a checkpoint's RAM holds fewer pages than its bitmap lists")
+    exactly the pages the bitmap lists."""
+    try:
+        yield from ram_pages(ram)
+    except SnapshotError as exc:
+        raise CheckpointError(f"a checkpoint's RAM is not valid: {exc}") from None
 
 
 def check_pages(piece: Piece) -> None:
@@ -207,10 +195,8 @@ def materialize(pieces: list[Piece], memory: memoryview) -> None:
     if len(memory) != pieces[0].ram.size:
         raise CheckpointError(f"the checkpoint's RAM is {pieces[0].ram.size} bytes, the guest has {len(memory)}")
     for piece in pieces:
-        try:
-            decode_ram(state.dump(piece.ram), memory)
-        except SnapshotError as exc:
-            raise CheckpointError(f"checkpoint piece {piece.seq}: {exc}") from None
+        for index, page in iter_pages(piece.ram):
+            memory[index * PAGE:(index + 1) * PAGE] = page
 
 
 def guest_state(pieces: list[Piece]) -> GuestSnapshot:
