@@ -16,11 +16,13 @@ MIN_FREE_BYTES free, is refused (the upload is dropped, the reason logged) rathe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +54,18 @@ class Link:
         return {"seq": self.seq, "size": self.size, "sha256": self.sha256}
 
 
+@dataclass(frozen=True)
+class _Commit:
+    """A piece whose upload ended: what its commit says, and why its check refused it (None: it passed)."""
+
+    job: int
+    seq: int
+    base: int
+    size: int
+    sha256: str
+    problem: str | None
+
+
 @dataclass
 class _Upload:
     seq: int
@@ -65,6 +79,8 @@ class CheckpointStore:
         self.budget_bytes = budget_bytes
         root.mkdir(parents=True, exist_ok=True)
         self._uploads: dict[int, _Upload] = {}
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-check")
+        self._checking: dict[int, tuple[Future, _Commit, Any]] = {}  # job -> its piece being checked
         for partial in root.glob("*/*.part"):  # uploads cut short by a restart never complete
             partial.unlink()
         self.used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
@@ -98,8 +114,14 @@ class CheckpointStore:
     def jobs(self) -> list[int]:
         return sorted(int(d.name) for d in self.root.iterdir() if d.is_dir() and d.name.isdigit())
 
+    def close(self) -> None:
+        self._checker.shutdown(wait=True)
+
     def drop(self, job: int) -> None:
         """Forget the job's checkpoints (it ended, or its checkpoint cannot be resumed)."""
+        checking = self._checking.pop(job, None)
+        if checking is not None:
+            checking[0].result()  # its file is about to go
         directory = self._dir(job)
         if directory.exists():
             self.used -= sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
@@ -127,6 +149,8 @@ class CheckpointStore:
     def put(self, job: int, seq: int, index: int, data: bytes) -> str | None:
         """Store one chunk of piece *seq*; why it is refused, or None."""
         upload = self._uploads.get(job)
+        if job in self._checking:
+            return f"checkpoint piece {seq} arrived while the job's piece before was still being checked"
         if index == 0:
             self._abandon(job)
             upload = self._uploads[job] = _Upload(seq)
@@ -164,35 +188,53 @@ class CheckpointStore:
                 part.unlink()
 
     def commit(self, job: int, seq: int, base: int, size: int, sha256: str) -> str | None:
-        """Check the uploaded piece and add it to the job's chain; why it is refused, or None."""
+        """Check the uploaded piece here and now and add it to the job's chain; why it is refused, or None."""
+        problem = self._committed(job, seq)
+        if problem is None:
+            problem = self.accept(_Commit(job, seq, base, size, sha256, self._verify(job, seq, base, size, sha256)))
+        return problem
+
+    def commit_later(self, job: int, seq: int, base: int, size: int, sha256: str, tag: Any) -> str | None:
+        """Have the uploaded piece checked on the checker's thread (a full piece of a large guest takes a good
+        fraction of a second: never in the coordinator's loop); :meth:`checked` hands it back with *tag*. Why
+        it is refused at once, or None."""
+        problem = self._committed(job, seq)
+        if problem is None:
+            future = self._checker.submit(self._verify, job, seq, base, size, sha256)
+            self._checking[job] = (future, _Commit(job, seq, base, size, sha256, None), tag)
+        return problem
+
+    def checked(self, wait: bool = False) -> list[tuple[Any, "_Commit"]]:
+        """The pieces whose check has ended (all of them, with *wait*): (tag, commit) each, for :meth:`accept`
+        or :meth:`reject`."""
+        done = []
+        for job, (future, commit, tag) in list(self._checking.items()):
+            if wait or future.done():
+                del self._checking[job]
+                done.append((tag, dataclasses.replace(commit, problem=future.result())))
+        return done
+
+    def _committed(self, job: int, seq: int) -> str | None:
         upload = self._uploads.pop(job, None)
-        part = self._dir(job) / f"{seq}.part"
         if upload is None or upload.seq != seq:
+            if upload is not None:
+                self._discard_part(job, upload.seq)
             return f"checkpoint piece {seq} was never uploaded whole"
-        try:
-            problem = self._check(job, seq, base, size, sha256, part)
-            if problem is not None:
-                return problem
-            os.replace(part, self.piece_path(job, seq))
-        finally:
-            if part.exists():
-                self.used -= part.stat().st_size
-                part.unlink()
-        piece = read_piece(self.piece_path(job, seq))
-        chain = [] if base == FULL else self.chain(job)
-        chain.append(Link(seq, base, size, sha256))
-        self._record(job, chain, piece.outputs)
-        if len(chain) > MAX_CHAIN_PIECES:
-            self._compact(job, chain)
         return None
 
-    def _check(self, job: int, seq: int, base: int, size: int, sha256: str, part: Path) -> str | None:
-        if part.stat().st_size != size:
-            return f"checkpoint piece {seq} has {part.stat().st_size} bytes, its commit says {size}"
-        digest = hashlib.sha256()
-        with open(part, "rb") as data:
-            while block := data.read(1 << 20):
-                digest.update(block)
+    def _verify(self, job: int, seq: int, base: int, size: int, sha256: str) -> str | None:
+        """Why the uploaded piece is not what its commit says or not a valid piece, or None. Reads only the
+        piece's own file: safe on another thread."""
+        part = self._dir(job) / f"{seq}.part"
+        try:
+            if part.stat().st_size != size:
+                return f"checkpoint piece {seq} has {part.stat().st_size} bytes, its commit says {size}"
+            digest = hashlib.sha256()
+            with open(part, "rb") as data:
+                while block := data.read(1 << 20):
+                    digest.update(block)
+        except OSError as exc:
+            return f"checkpoint piece {seq} cannot be read back: {exc.strerror or exc}"
         if digest.hexdigest() != sha256:
             return f"checkpoint piece {seq} does not match its SHA-256; it was damaged on the way"
         try:
@@ -203,14 +245,40 @@ class CheckpointStore:
         if (piece.job, piece.seq, piece.base) != (job, seq, base):
             return (f"checkpoint piece {seq} (on {base}) of job {job} holds piece {piece.seq} (on {piece.base}) of job "
                     f"{piece.job}")
+        return None
+
+    def accept(self, commit: "_Commit") -> str | None:
+        """Add a checked piece to its job's chain if it follows it; why not, or None."""
+        job, seq, base = commit.job, commit.seq, commit.base
+        problem = commit.problem
         chain = self.chain(job)
         last = chain[-1].seq if chain else None
-        if base == FULL and last is not None and seq <= last:
-            return f"checkpoint piece {seq} is older than the job's newest ({last})"
-        if base != FULL and base != last:
-            return (f"checkpoint piece {seq} is a delta on piece {base}, but the job's newest checkpoint is "
-                    f"{'none' if last is None else last}; send a full piece")
+        if problem is None and base == FULL and last is not None and seq <= last:
+            problem = f"checkpoint piece {seq} is older than the job's newest ({last})"
+        if problem is None and base != FULL and base != last:
+            problem = (f"checkpoint piece {seq} is a delta on piece {base}, but the job's newest checkpoint is "
+                       f"{'none' if last is None else last}; send a full piece")
+        if problem is not None:
+            self._discard_part(job, seq)
+            return problem
+        os.replace(self._dir(job) / f"{seq}.part", self.piece_path(job, seq))
+        piece = read_piece(self.piece_path(job, seq))
+        chain = [] if base == FULL else chain
+        chain.append(Link(seq, base, commit.size, commit.sha256))
+        self._record(job, chain, piece.outputs)
+        if len(chain) > MAX_CHAIN_PIECES:
+            self._compact(job, chain)
         return None
+
+    def reject(self, commit: "_Commit") -> None:
+        """Forget a checked piece that is no longer wanted (its job moved meanwhile)."""
+        self._discard_part(commit.job, commit.seq)
+
+    def _discard_part(self, job: int, seq: int) -> None:
+        part = self._dir(job) / f"{seq}.part"
+        if part.exists():
+            self.used -= part.stat().st_size
+            part.unlink()
 
     def _record(self, job: int, chain: list[Link], outputs: dict[str, int]) -> None:
         """Make *chain* the job's checkpoint and delete the pieces it no longer uses."""

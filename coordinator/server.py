@@ -172,6 +172,7 @@ class Coordinator:
                         if received is not None:
                             self.handle(*received)
                 self.serve_chunks()
+                self.checkpoints_checked()
                 if self._clock() >= self._next_housekeeping:
                     self._next_housekeeping = self._clock() + HOUSEKEEPING_EVERY_S
                     self.housekeeping()
@@ -185,6 +186,7 @@ class Coordinator:
         if self.relay is not None:
             self.relay.stop()
         self.server.close()
+        self.checkpoints.close()
         self.store.close()
         for store in (self._auth_store, self._relay_store):
             if store is not None:
@@ -732,15 +734,26 @@ class Coordinator:
     def _on_checkpoint_commit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         self._node_of(identity).liveness.heard()
         job_id = msg["job"]
-        problem = self._checkpoint_problem(name, job_id) or self.checkpoints.commit(
-            job_id, msg["seq"], msg["base"], msg["size"], msg["sha256"])
+        problem = self._checkpoint_problem(name, job_id) or self.checkpoints.commit_later(
+            job_id, msg["seq"], msg["base"], msg["size"], msg["sha256"], (identity, name, msg))
         if problem is not None:
             self._checkpoint_refused(identity, name, msg, problem)
-            return
-        self._refused_piece.pop(job_id, None)
-        log.info("job %d: checkpoint %d from %s kept (%s, %.1f MiB; checkpoints take %.0f MiB)", job_id, msg["seq"],
-                 name, "full" if msg["base"] < 0 else "delta", msg["size"] / (1 << 20), self.checkpoints.used / (1 << 20))
-        self._reply(identity, "checkpoint_reply", job=job_id, seq=msg["seq"], ok=True)
+
+    def checkpoints_checked(self, wait: bool = False) -> None:
+        """Keep, or refuse, the pieces whose check has ended (all of them, with *wait*)."""
+        for (identity, name, msg), commit in self.checkpoints.checked(wait):
+            moved = self._checkpoint_problem(name, commit.job)  # it may have moved while it was checked
+            if moved is not None:
+                self.checkpoints.reject(commit)
+            problem = moved or self.checkpoints.accept(commit)
+            if problem is not None:
+                self._checkpoint_refused(identity, name, msg, problem)
+                continue
+            self._refused_piece.pop(commit.job, None)
+            log.info("job %d: checkpoint %d from %s kept (%s, %.1f MiB; checkpoints take %.0f MiB)", commit.job,
+                     commit.seq, name, "full" if commit.base < 0 else "delta", commit.size / (1 << 20),
+                     self.checkpoints.used / (1 << 20))
+            self._reply(identity, "checkpoint_reply", job=commit.job, seq=commit.seq, ok=True)
 
     def _checkpoint_refused(self, identity: bytes, name: str, msg: dict[str, Any], problem: str) -> None:
         """Say once per piece why it is not kept (the agent's next piece is then a full one)."""

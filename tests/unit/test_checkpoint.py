@@ -301,8 +301,10 @@ def put_piece(pool, node: str, job: int, path: Path, seq: int, base: int) -> lis
     for index in range(-(-len(data) // IMAGE_CHUNK_BYTES)):
         answers += pool.send(node, "checkpoint_put", job=job, seq=seq, index=index,
                              data=data[index * IMAGE_CHUNK_BYTES:(index + 1) * IMAGE_CHUNK_BYTES])
-    return answers + pool.send(node, "checkpoint_commit", job=job, seq=seq, base=base, size=len(data),
-                               sha256=hashlib.sha256(data).hexdigest())
+    answers += pool.send(node, "checkpoint_commit", job=job, seq=seq, base=base, size=len(data),
+                         sha256=hashlib.sha256(data).hexdigest())
+    pool.coordinator.checkpoints_checked(wait=True)
+    return answers + pool.take(node)
 
 
 def test_a_lost_nodes_job_goes_on_from_its_checkpoint_elsewhere(pool, tmp_path, envelope):
