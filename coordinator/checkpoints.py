@@ -25,7 +25,7 @@ import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from conode.atomic_file import write_atomically
 from conode.errors import ConodeError
@@ -134,16 +134,15 @@ class CheckpointStore:
             if not keep(job):
                 self.drop(job)
 
-    def chunks(self, job: int) -> list[tuple[int, int, bytes]]:
-        """(seq, index, data) of every chunk of the job's chain, in order: what an agent needs to resume it."""
-        out = []
+    def chunks(self, job: int) -> Iterator[tuple[int, int, bytes]]:
+        """(seq, index, data) of every chunk of the job's chain, in order, read as they are taken: what an agent
+        needs to resume it. OSError if a piece cannot be read."""
         for link in self.chain(job):
             with open(self.piece_path(job, link.seq), "rb") as piece:
                 index = 0
                 while data := piece.read(IMAGE_CHUNK_BYTES):
-                    out.append((link.seq, index, data))
+                    yield link.seq, index, data
                     index += 1
-        return out
 
     # --- what arrives ---------------------------------------------------------------------------------------------
     def put(self, job: int, seq: int, index: int, data: bytes) -> str | None:

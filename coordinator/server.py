@@ -706,16 +706,14 @@ class Coordinator:
     # --- checkpoints -----------------------------------------------------------------------------------------
     def _send_chain(self, node: Node, job_id: int, chain: list[Any]) -> bool:
         """Send the pieces of the job's checkpoint chain ahead of its run_job; whether they all went."""
-        if not chain:
-            return True
         try:
-            chunks = self.checkpoints.chunks(job_id)
-        except OSError as exc:
-            log.warning("job %d: its checkpoint cannot be read (%s); it starts afresh", job_id, exc)
-            return True  # the agent refuses the run_job's chain; the job then runs again from the start
-        return all(self.server.send(node.identity, protocol.encode("checkpoint_data", job=job_id, seq=seq,
-                                                                   index=index, data=data))
-                   for seq, index, data in chunks)
+            for seq, index, data in self.checkpoints.chunks(job_id) if chain else ():
+                if not self.server.send(node.identity, protocol.encode("checkpoint_data", job=job_id, seq=seq,
+                                                                       index=index, data=data)):
+                    return False
+        except OSError as exc:  # the agent then refuses the chain, and the job's next attempt starts afresh
+            log.warning("job %d: its checkpoint cannot be read (%s)", job_id, exc)
+        return True
 
     def _checkpoint_problem(self, name: str, job_id: int) -> str | None:
         job = self.store.job(job_id)

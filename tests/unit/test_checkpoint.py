@@ -215,7 +215,7 @@ def test_the_store_keeps_a_verified_chain_and_forgets_it(tmp_path, chain_files):
         assert upload(store, 7, path, seq, seq - 1 if seq else FULL) is None
     assert [l.seq for l in store.chain(7)] == [0, 1, 2, 3]
     assert store.outputs(7) == {"stdout": 30, "stderr": 3}
-    sent = store.chunks(7)
+    sent = list(store.chunks(7))
     assert b"".join(d for s, _, d in sent if s == 0) == paths[0].read_bytes()
     assert store.used == sum(f.stat().st_size for f in (tmp_path / "ck").rglob("*") if f.is_file())
     assert "holds piece 0 (on -1) of job 7" in upload(store, 7, paths[0], 4, FULL)
