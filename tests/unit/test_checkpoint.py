@@ -337,3 +337,80 @@ def test_a_lost_nodes_job_goes_on_from_its_checkpoint_elsewhere(pool, tmp_path, 
     # it cannot go on from it there: the checkpoint is dropped and the next attempt starts afresh
     pool.send("n2", "job_failed", job=job, reason="the job could not go on from its checkpoint: x", retry=True)
     assert pool.coordinator.checkpoints.chain(job) == []
+
+
+# --- the agent's side ------------------------------------------------------------------------------------------
+class RecordingLink:
+    """The coordinator link as the agent's checkpoints use it: sends go (or not) and are kept."""
+
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
+        self.sent: list[tuple[str, dict]] = []
+
+    def send_now(self, kind: str, **fields) -> bool:
+        if self.up:
+            protocol.encode(kind, **fields)  # what the protocol refuses would raise here
+            self.sent.append((kind, fields))
+        return self.up
+
+
+def agent_checkpoints(tmp_path, link):
+    from conode.agent.checkpoints import Checkpoints
+    from conode.agent.disk import StateDisk
+
+    return Checkpoints(tmp_path / "agent", link, StateDisk())
+
+
+def announce(checkpoints, source: Path, job: int = 7, seq: int = 0, base: int = FULL) -> dict:
+    path = checkpoints.out_dir / f"job-{job}-{seq}.ckpt"
+    path.write_bytes(source.read_bytes())
+    data = path.read_bytes()
+    return {"type": "checkpoint", "job": job, "seq": seq, "base": base, "path": str(path), "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "pages": 1, "final_pages": 0, "stall_s": 0.0, "took_s": 0.0}
+
+
+def test_the_agent_sends_a_piece_in_chunks_and_the_coordinator_gets_it_whole(tmp_path, chain_files):
+    link = RecordingLink()
+    checkpoints = agent_checkpoints(tmp_path, link)
+    message = announce(checkpoints, chain_files[0][0])
+    assert checkpoints.send(message)
+    assert not Path(message["path"]).exists()  # sent: not kept on the workstation
+    puts = [fields for kind, fields in link.sent if kind == "checkpoint_put"]
+    assert [p["index"] for p in puts] == list(range(len(puts)))
+    assert b"".join(p["data"] for p in puts) == chain_files[0][0].read_bytes()
+    assert link.sent[-1] == ("checkpoint_commit", {"job": 7, "seq": 0, "base": FULL, "size": message["size"],
+                                                   "sha256": message["sha256"]})
+
+
+def test_the_agent_drops_a_piece_it_cannot_send_or_that_is_not_where_it_should_be(tmp_path, chain_files):
+    down = agent_checkpoints(tmp_path, RecordingLink(up=False))
+    message = announce(down, chain_files[0][1], seq=1, base=0)
+    assert not down.send(message) and not Path(message["path"]).exists()
+    link = RecordingLink()
+    checkpoints = agent_checkpoints(tmp_path, link)
+    elsewhere = {**announce(checkpoints, chain_files[0][1], seq=1, base=0), "path": str(tmp_path / "x.ckpt")}
+    assert not checkpoints.send(elsewhere) and link.sent == []
+
+
+def test_the_agent_resumes_only_from_a_chain_that_arrived_whole(tmp_path, chain_files):
+    from conode.agent.checkpoints import CheckpointRefused
+
+    checkpoints = agent_checkpoints(tmp_path, RecordingLink())
+    pieces = []
+    for seq, path in enumerate(chain_files[0][:2]):
+        data = path.read_bytes()
+        pieces.append({"seq": seq, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        for index in range(-(-len(data) // IMAGE_CHUNK_BYTES)):
+            checkpoints.receive({"job": 7, "seq": seq, "index": index,
+                                 "data": data[index * IMAGE_CHUNK_BYTES:(index + 1) * IMAGE_CHUNK_BYTES]})
+    files = checkpoints.chain(7, pieces)
+    assert [Path(f).read_bytes() for f in files] == [p.read_bytes() for p in chain_files[0][:2]]
+    with pytest.raises(CheckpointRefused, match="piece 1 arrived damaged"):
+        checkpoints.chain(7, [pieces[0], {**pieces[1], "sha256": "0" * 64}])
+    with pytest.raises(CheckpointRefused, match="piece 5 did not arrive"):
+        checkpoints.chain(7, [{**pieces[0], "seq": 5}])
+    with pytest.raises(CheckpointRefused, match="not valid"):
+        checkpoints.chain(7, [{"seq": "0"}])
+    checkpoints.forget(7)
+    with pytest.raises(CheckpointRefused, match="did not arrive"):
+        checkpoints.chain(7, pieces)
