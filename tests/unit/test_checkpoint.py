@@ -414,3 +414,27 @@ def test_the_agent_resumes_only_from_a_chain_that_arrived_whole(tmp_path, chain_
     checkpoints.forget(7)
     with pytest.raises(CheckpointRefused, match="did not arrive"):
         checkpoints.chain(7, pieces)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("checkpoint_interval_s = -1\n", "checkpoint_interval_s .* is -1; set it to a number from 0 to"),
+    ("checkpoint_interval_s = \"often\"\n", "is 'often'"),
+    ("checkpoint_budget_mib = true\n", "checkpoint_budget_mib"),
+])
+def test_checkpoint_settings_out_of_range_are_refused_by_name(tmp_path, text, why):
+    from conode.errors import ConodeError
+    from coordinator.config import StateDir
+
+    (tmp_path / "coordinator.toml").write_text(text)
+    state = StateDir(tmp_path)
+    with pytest.raises(ConodeError, match=why):
+        state.checkpoint_interval_s()
+        state.checkpoint_budget_mib()
+
+
+def test_checkpoint_settings_default_and_read(tmp_path):
+    from coordinator.config import StateDir
+
+    assert StateDir(tmp_path).checkpoint_interval_s() == 600.0
+    (tmp_path / "coordinator.toml").write_text("checkpoint_interval_s = 0\ncheckpoint_budget_mib = 64\n")
+    assert StateDir(tmp_path).checkpoint_interval_s() == 0.0 and StateDir(tmp_path).checkpoint_budget_mib() == 64
