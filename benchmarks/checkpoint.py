@@ -94,11 +94,14 @@ def run_case(name: str, command: str, program: bytes, directory: Path, boot: Pat
                               "output": output.decode(errors="replace").strip()[-60:]}
     if pieces:
         stalls = sorted(p["stall_s"] * 1000 for p in pieces)
+        cpu = sorted(p.get("stall_cpu_s", 0.0) * 1000 for p in pieces)
         deltas = pieces[1:] or pieces
         result.update({
             "stall_ms_median": round(statistics.median(stalls), 1),
             "stall_ms_p95": round(stalls[min(len(stalls) - 1, int(0.95 * len(stalls)))], 1),
             "stall_ms_max": round(stalls[-1], 1),
+            "stall_cpu_ms_median": round(statistics.median(cpu), 1),
+            "stall_cpu_ms_p95": round(cpu[min(len(cpu) - 1, int(0.95 * len(cpu)))], 1),
             "full_piece_mib": round(pieces[0]["size"] / (1 << 20), 2),
             "full_piece_s": round(pieces[0]["took_s"], 2),
             "delta_piece_mib_median": round(statistics.median(p["size"] for p in deltas) / (1 << 20), 2),
@@ -158,6 +161,10 @@ def main() -> int:
         rows += [
             Row(f"{title}: stall per checkpoint, median", "ms", cell(job, "stall_ms_median"), "n/a", "n/a", STALL),
             Row(f"{title}: stall per checkpoint, p95", "ms", cell(job, "stall_ms_p95"), "n/a", "n/a", STALL),
+            Row(f"{title}: the stall's CPU time (machine thread), median", "ms", cell(job, "stall_cpu_ms_median"),
+                "n/a", "n/a"),
+            Row(f"{title}: the stall's CPU time (machine thread), p95", "ms", cell(job, "stall_cpu_ms_p95"),
+                "n/a", "n/a"),
             Row(f"{title}: pages copied in the stall, median", "", cell(job, "final_pages_median"), "n/a", "n/a"),
             Row(f"{title}: first (full) piece", "MiB", cell(job, "full_piece_mib"), "n/a", "n/a"),
             Row(f"{title}: first (full) piece, time to take", "s", cell(job, "full_piece_s"), "n/a", "n/a"),

@@ -59,10 +59,10 @@ class Checkpointer:
         self._full = True  # the next piece holds every page
         self._base = FULL
         self._pre: tuple[bytearray, dict[int, bytes]] | None = None
-        self._taken: tuple[bytearray, dict[int, bytes], GuestSnapshot, dict[str, int], float] | None = None
+        self._taken: tuple[bytearray, dict[int, bytes], GuestSnapshot, dict[str, int], float, float] | None = None
         self._final_done = threading.Event()
         self._stop = threading.Event()
-        self._stopped_at: float | None = None
+        self._stopped_at: tuple[float, float] | None = None  # monotonic and machine-thread CPU time
         self._thread = threading.Thread(target=self._loop, name=f"checkpoint-{job}", daemon=True)
         self._thread.start()
 
@@ -77,7 +77,7 @@ class Checkpointer:
 
     def guest_stopped(self) -> None:
         """The worker's machine thread saw the guest stop (the stall starts here when the final copy is due)."""
-        self._stopped_at = time.monotonic()
+        self._stopped_at = (time.monotonic(), time.thread_time())
 
     # --- the checkpointer's thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -148,7 +148,7 @@ class Checkpointer:
             raise _Stopped
         if self._taken is None:
             raise ConodeError("the final copy failed")
-        final_bitmap, final_pages, envelope, outputs, stall_s = self._taken
+        final_bitmap, final_pages, envelope, outputs, stall_s, stall_cpu_s = self._taken
         self._taken = None
         pre_bitmap, pre_pages = self._pre
         self._pre = None
@@ -164,7 +164,7 @@ class Checkpointer:
             raise _Stopped
         self._send({"type": "checkpoint", "job": self.job, "seq": self.seq, "base": self._base, "path": str(path),
                     "size": size, "sha256": digest, "pages": len(order), "final_pages": len(final_pages),
-                    "stall_s": stall_s, "took_s": time.monotonic() - started})
+                    "stall_s": stall_s, "stall_cpu_s": stall_cpu_s, "took_s": time.monotonic() - started})
         self._base = self.seq
         self.seq += 1
         self._full = False
@@ -178,8 +178,9 @@ class Checkpointer:
             bitmap = self._tracker.take()
             pages = self._read(bitmap)
             envelope = self.guest.snapshot(with_ram=False)
-            stopped = self._stopped_at if self._stopped_at is not None else time.monotonic()
-            self._taken = (bitmap, pages, envelope, dict(self.outputs), time.monotonic() - stopped)
+            wall, cpu = self._stopped_at if self._stopped_at is not None else (time.monotonic(), time.thread_time())
+            self._taken = (bitmap, pages, envelope, dict(self.outputs), time.monotonic() - wall,
+                           time.thread_time() - cpu)
         except ConodeError as exc:
             log.warning("job %d: the final copy of checkpoint %d failed: %s", self.job, self.seq, exc)
             self._taken = None

@@ -62,7 +62,8 @@ FROM_WORKER: dict[str, dict[str, Field]] = {
     "vacated": {"path": Field(STR), "jobs": Field(INT_LIST)},
     "checkpoint": {"job": Field(INT), "seq": Field(COUNT), "base": Field(Kind("int", low=-1, high=1 << 40)),
                    "path": Field(STR), "size": Field(COUNT), "sha256": Field(SHA256), "pages": Field(COUNT),
-                   "final_pages": Field(COUNT), "stall_s": Field(MEASURE), "took_s": Field(MEASURE)},
+                   "final_pages": Field(COUNT), "stall_s": Field(MEASURE), "took_s": Field(MEASURE),
+                   "stall_cpu_s": Field(MEASURE, required=False)},  # the machine thread's CPU time in the stall
 }
 
 

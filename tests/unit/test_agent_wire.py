@@ -36,7 +36,8 @@ GOOD_FROM = {
     "resumed": {},
     "vacated": {"path": "/state/vacated/worker-0.snap", "jobs": [1, 2]},
     "checkpoint": {"job": 1, "seq": 3, "base": 2, "path": "/state/checkpoints/out/job-1-3.ckpt", "size": 4096,
-                   "sha256": "ab" * 32, "pages": 12, "final_pages": 1, "stall_s": 0.002, "took_s": 0.1},
+                   "sha256": "ab" * 32, "pages": 12, "final_pages": 1, "stall_s": 0.002, "took_s": 0.1,
+                   "stall_cpu_s": 0.001},
 }
 GOOD_TO = {
     "run": {"job": 1, "argv": ["sh", "-c", "true"], "inputs": {"in.txt": b"1"}, "outputs": ["out.txt"]},
