@@ -173,8 +173,8 @@ def main() -> int:
             Row(f"{title}: delta piece, time to take, median", "s", cell(job, "delta_piece_s_median"), "n/a", "n/a"),
             Row(f"{title}: checkpoints taken", "", cell(job, "checkpoints"), "n/a", "n/a"),
         ]
-    notes = [f"a {MEM_MIB} MiB guest checkpointed every {interval:g} s while its job runs {seconds} s; the stall is "
-             "the guest's last instruction before the final copy to the end of that copy",
+    notes = [(f"a {MEM_MIB} MiB guest checkpointed every {interval:g} s while its job runs {seconds} s; the stall is "
+              "the guest's last instruction before the final copy to the end of that copy"),
              "every run's chain was restored in a new worker and its job finished there: "
              + "; ".join(f"{engine} {job}: {case['restored']}" for job in cases for engine, case in cases[job].items())]
     failed = [f"{engine} {job}" for job in cases for engine, case in cases[job].items()

@@ -22,16 +22,25 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from conode.atomic_file import write_atomically
 from conode.errors import ConodeError
 from conode.limits import IMAGE_CHUNK_BYTES, MAX_SNAPSHOT_BYTES
-from conode.vm.checkpoint import (FULL, STREAMS, CheckpointError, check_chain, check_pages, merge, read_piece,
-                                   write_piece)
+from conode.vm.checkpoint import (
+    FULL,
+    STREAMS,
+    CheckpointError,
+    check_chain,
+    check_pages,
+    merge,
+    read_piece,
+    write_piece,
+)
 from conode.vm.guest import GuestSnapshot
 
 log = logging.getLogger("coordinator")
@@ -203,7 +212,7 @@ class CheckpointStore:
             self._checking[job] = (future, _Commit(job, seq, base, size, sha256, None), tag)
         return problem
 
-    def checked(self, wait: bool = False) -> list[tuple[Any, "_Commit"]]:
+    def checked(self, wait: bool = False) -> list[tuple[Any, _Commit]]:
         """The pieces whose check has ended (all of them, with *wait*): (tag, commit) each, for :meth:`accept`
         or :meth:`reject`."""
         done = []
@@ -246,7 +255,7 @@ class CheckpointStore:
                     f"{piece.job}")
         return None
 
-    def accept(self, commit: "_Commit") -> str | None:
+    def accept(self, commit: _Commit) -> str | None:
         """Add a checked piece to its job's chain if it follows it; why not, or None."""
         job, seq, base = commit.job, commit.seq, commit.base
         problem = commit.problem
@@ -269,7 +278,7 @@ class CheckpointStore:
             self._compact(job, chain)
         return None
 
-    def reject(self, commit: "_Commit") -> None:
+    def reject(self, commit: _Commit) -> None:
         """Forget a checked piece that is no longer wanted (its job moved meanwhile)."""
         self._discard_part(commit.job, commit.seq)
 

@@ -100,7 +100,7 @@ class Checkpointer:
         def call() -> None:
             try:
                 outcome.append((True, fn()))
-            except Exception as exc:  # handed back to the checkpointer's thread
+            except Exception as exc:  # noqa: BLE001  (any failure is handed back to the checkpointer's thread)
                 outcome.append((False, exc))
             finally:
                 done.set()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from conode.agent.disk import StateDisk
-from conode.cluster.protocol import SHA256, PIECE_NUMBER, PIECE_SIZE, ProtocolError, _check_field
+from conode.cluster.protocol import PIECE_NUMBER, PIECE_SIZE, SHA256, ProtocolError, _check_field
 from conode.errors import ConodeError
 from conode.limits import IMAGE_CHUNK_BYTES, MAX_SNAPSHOT_BYTES
 

@@ -16,6 +16,7 @@ the bitmap lists (:func:`check_pages`), and that a chain is whole (:func:`check_
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +28,7 @@ from conode.limits import MAX_STREAM_BYTES
 from conode.vm import state
 from conode.vm.guest import GuestSnapshot
 from conode.vm.machine import CoMachine
-from conode.vm.snapshot import (PAGE, PAGES_PER_CHUNK, RamState, ram_pages, read_snapshot,
-                                 write_snapshot)
+from conode.vm.snapshot import PAGE, PAGES_PER_CHUNK, RamState, ram_pages, read_snapshot, write_snapshot
 
 KEYS = ("checkpoint", "ram", "state")
 FULL = -1  # the base of a piece that holds every page
@@ -167,7 +167,7 @@ def check_chain(pieces: list[Piece]) -> None:
     """A chain is a full piece, then deltas each on the one before, all of one job and one RAM size."""
     if not pieces or not pieces[0].full:
         raise CheckpointError("a checkpoint chain must begin with a full piece")
-    for before, after in zip(pieces, pieces[1:]):
+    for before, after in itertools.pairwise(pieces):
         if after.full or after.base != before.seq or after.job != before.job or after.ram.size != before.ram.size:
             raise CheckpointError(f"checkpoint piece {after.seq} of job {after.job} does not follow piece "
                                   f"{before.seq}: the chain is broken")

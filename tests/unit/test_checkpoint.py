@@ -14,9 +14,17 @@ from test_coordinator_decisions import Pool as DecisionPool
 
 from conode.cluster import protocol
 from conode.limits import IMAGE_CHUNK_BYTES
-from conode.vm import checkpoint
-from conode.vm.checkpoint import FULL, CheckpointError, check_chain, check_pages, encode_pages, materialize, \
-    merge, read_piece, write_piece
+from conode.vm.checkpoint import (
+    FULL,
+    CheckpointError,
+    check_chain,
+    check_pages,
+    encode_pages,
+    materialize,
+    merge,
+    read_piece,
+    write_piece,
+)
 from conode.vm.guest import GuestJob, GuestSnapshot, ImageDigests, JobSpec
 from conode.vm.layout import PAGE_SIZE
 from conode.vm.machine import CoMachine, MachineConfig
@@ -189,7 +197,7 @@ def test_damaged_pieces_only_ever_raise_checkpoint_error(tmp_path, chain_files, 
             payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
         try:
             decoded = msgpack.unpackb(bytes(payload), raw=False, strict_map_key=False)
-        except Exception:
+        except (ValueError, TypeError, OverflowError, msgpack.UnpackException):
             decoded = {"garbage": True}
         write_snapshot(path, decoded if isinstance(decoded, dict) else {"x": decoded})
     try:
