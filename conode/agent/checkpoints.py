@@ -111,7 +111,7 @@ class Checkpoints:
 
         def write() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "r+b" if path.exists() else "wb") as piece:
+            with open(path, "r+b" if index and path.exists() else "wb") as piece:  # chunk 0 starts it afresh
                 piece.seek(index * IMAGE_CHUNK_BYTES)
                 piece.write(data)
 
