@@ -68,6 +68,12 @@ MAX_IMAGE_CACHE_MIB = 1 << 24
 # state beside it.
 MAX_SNAPSHOT_BYTES = ((MAX_GUEST_MEM_MIB + MAX_DISK_BUDGET_MIB) << 20) + 8 * MAX_FRAME_BYTES
 
+# Checkpoints of running jobs (coordinator.toml: checkpoint_interval_s, checkpoint_budget_mib)
+DEFAULT_CHECKPOINT_INTERVAL_S = 600.0  # a dead workstation costs at most this much of a job's work
+MAX_CHECKPOINT_INTERVAL_S = 7 * 86400.0
+DEFAULT_CHECKPOINT_BUDGET_MIB = 10240  # the coordinator's disk for all checkpoints together
+MAX_CHECKPOINT_BUDGET_MIB = 1 << 24
+
 # --- The guest channel ---------------------------------------------------------------------------------------
 CHANNEL_MAX_PAYLOAD = 1 << 20  # one frame between the host and the in-guest agent
 

@@ -18,6 +18,8 @@ from conode import shell
 from conode.cache import config_dir
 from conode.cluster.keys import KeyPair, is_valid_public_key, load_key_pair
 from conode.errors import ConodeError
+from conode.limits import (DEFAULT_CHECKPOINT_BUDGET_MIB, DEFAULT_CHECKPOINT_INTERVAL_S, MAX_CHECKPOINT_BUDGET_MIB,
+                           MAX_CHECKPOINT_INTERVAL_S)
 from conode.metrics import OFF as METRICS_OFF
 from conode.tomlfile import create_private_toml, read_known
 from coordinator.identity import DEFAULT_SUBNET
@@ -28,7 +30,8 @@ SERVER_KEY_NAME = "coordinator"
 ADMIN_KEY_NAME = "admin"
 RELAY_OFF = "off"
 PRIVATE_UMASK = 0o077  # what the coordinator creates is its own: directories 0700, files 0600
-SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet", "metrics"]  # what coordinator.toml may hold
+SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet", "metrics", "checkpoint_interval_s", "checkpoint_budget_mib"]
+# what coordinator.toml may hold
 CLIENT_KEYS = ["endpoint", "server_public_key", "key_directory", "key_name", "public_key", "secret_key"]
 
 
@@ -104,6 +107,25 @@ class StateDir:
         """Where the Prometheus endpoint listens (``metrics`` in coordinator.toml, conode/metrics.py): off by
         default."""
         return str(self._setting("metrics", METRICS_OFF))
+
+    @property
+    def checkpoints(self) -> Path:
+        """Running jobs' checkpoint chains (coordinator/checkpoints.py)."""
+        return self.root / "checkpoints"
+
+    def checkpoint_interval_s(self) -> float:
+        """Seconds between a running job's checkpoints (``checkpoint_interval_s``; 0: none)."""
+        return self._number("checkpoint_interval_s", DEFAULT_CHECKPOINT_INTERVAL_S, 0.0, MAX_CHECKPOINT_INTERVAL_S)
+
+    def checkpoint_budget_mib(self) -> int:
+        """The disk all checkpoints together may take (``checkpoint_budget_mib``)."""
+        return int(self._number("checkpoint_budget_mib", DEFAULT_CHECKPOINT_BUDGET_MIB, 0, MAX_CHECKPOINT_BUDGET_MIB))
+
+    def _number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self._setting(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConodeError(f"{key} in {self.settings} is {value!r}; set it to a number from {low:g} to {high:g}")
+        return float(value)
 
     def _setting(self, key: str, default: object) -> object:
         return read_known(self.settings, SETTINGS_KEYS).get(key, default) if self.settings.exists() else default

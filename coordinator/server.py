@@ -31,6 +31,7 @@ from conode.errors import ConodeError
 from conode.limits import IMAGE_CHUNK_BYTES, MAX_FILES, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES
 from conode.metrics import Buckets
 from coordinator import arrays, launch
+from coordinator.checkpoints import CheckpointStore
 from coordinator.config import RELAY_OFF, StateDir
 from coordinator.conet_peers import PeerDirectory
 from coordinator.down import DownNode, DownNodes, unknown_node
@@ -127,6 +128,10 @@ class Coordinator:
         self._wall = wall_clock_from(clock)
         self.store = Store(state.database, clock=self._wall)
         self.chunks = ChunkStore(state.chunks)
+        self.checkpoint_s = state.checkpoint_interval_s()
+        self.checkpoints = CheckpointStore(state.checkpoints, state.checkpoint_budget_mib() << 20)
+        self._resumed: set[int] = set()  # jobs whose attempt now goes on from their checkpoint
+        self._refused_piece: dict[int, int] = {}  # job -> the last piece refused (said once)
         self._chunk_requests: deque[tuple[bytes, str, bytes]] = deque()  # (identity, node, digest)
         self._auth_store: Store | None = None
         if transport is None:
@@ -186,6 +191,7 @@ class Coordinator:
                     else:
                         caught_up = False
                 self.serve_chunks()
+                self.checkpoints_checked()
                 if self._clock() >= self._next_housekeeping:
                     self._next_housekeeping = self._clock() + HOUSEKEEPING_EVERY_S
                     self.housekeeping(caught_up)
@@ -199,6 +205,7 @@ class Coordinator:
         if self.relay is not None:
             self.relay.stop()
         self.server.close()
+        self.checkpoints.close()
         self.store.close()
         for store in (self._auth_store, self._relay_store):
             if store is not None:
@@ -386,6 +393,10 @@ class Coordinator:
         self._release(node, job_id)
         # A vacated job fails on its node when its saved guest cannot be resumed there.
         if job is not None and job.state in ("running", "vacated") and job.node == name:
+            if job_id in self._resumed:  # it could not go on from its checkpoint: the next attempt starts afresh
+                self._resumed.discard(job_id)
+                self.checkpoints.drop(job_id)
+                log.warning("job %d: its checkpoint is dropped: %s", job_id, msg["reason"])
             if msg["retry"] and job.attempts < MAX_ATTEMPTS:
                 self._requeue(job_id, f"failed on {name}: {msg['reason']}")
             else:
@@ -827,11 +838,17 @@ class Coordinator:
         inputs, modes = self.store.job_files_in(job_id)
         argv = launch.guest_argv(job.argv, job.env or {}, modes, launch.STDIN_INPUT in inputs)
         disk = self._job_disk(job)
+        resume = self.checkpoints.chain(job_id) if job.guests == 1 else []
+        own_fields = dict(disk)
+        if self.checkpoint_s > 0 and job.guests == 1:
+            own_fields["checkpoint_s"] = self.checkpoint_s
+        if resume:
+            own_fields["resume"] = [link.wire() for link in resume]
         try:  # a one-guest job's own message; for a gang, one check of the limits covers every rank's message,
             # as they differ only in their identities (small, and valid by construction)
             own = job_identities(job_id, [job_id], self.subnet, job.network)[0]
             checked = protocol.encode("run_job", job=job_id, argv=argv, inputs=inputs, outputs=job.wanted,
-                                      mem_mib=job.mem_mib, net=own.wire(), **disk)
+                                      mem_mib=job.mem_mib, net=own.wire(), **own_fields)
         except ProtocolError as exc:
             self.store.finish(job_id, "failed", None, f"not runnable within the pool's limits: {exc}")
             log.warning("job %d failed: not runnable within the pool's limits: %s", job_id, exc)
@@ -839,7 +856,10 @@ class Coordinator:
         if job.guests > 1:
             guests = self.store.start_gang(job_id, [node.name for node in nodes])
         else:
-            self.store.clear_output(job_id)
+            if resume:  # what it wrote after its checkpoint it writes again
+                self.store.truncate_output(job_id, self.checkpoints.outputs(job_id))
+            else:
+                self.store.clear_output(job_id)
             self.store.mark_running(job_id, nodes[0].name)
             guests = [job_id]
         identities = job_identities(job_id, guests, self.subnet, job.network)
@@ -850,7 +870,7 @@ class Coordinator:
             payload = checked if job.guests == 1 else protocol.encode(
                 "run_job", job=guest, argv=argv, inputs=inputs, outputs=job.wanted, mem_mib=job.mem_mib,
                 net=net.wire(), **disk)
-            if not self.server.send(node.identity, payload):
+            if not (self._send_chain(node, job_id, resume) and self.server.send(node.identity, payload)):
                 if job.guests > 1:
                     self._restart_gang(job_id, f"node {node.name} unreachable", requeue_now=False)
                 else:
@@ -865,8 +885,72 @@ class Coordinator:
             self.counters.placement_latency_s.append(self._clock() - queued_at)
             self.counters.placement_buckets.observe(self._clock() - queued_at)
         where = ", ".join(node.name for node in nodes)
-        log.info("job %d placed on %s", job_id, where)
+        if resume:
+            self._resumed.add(job_id)
+            log.info("job %d placed on %s, to go on from its checkpoint (piece %d)", job_id, where, resume[-1].seq)
+        else:
+            self._resumed.discard(job_id)
+            log.info("job %d placed on %s", job_id, where)
         return None
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def _send_chain(self, node: Node, job_id: int, chain: list[Any]) -> bool:
+        """Send the pieces of the job's checkpoint chain ahead of its run_job; whether they all went."""
+        try:
+            for seq, index, data in self.checkpoints.chunks(job_id) if chain else ():
+                if not self.server.send(node.identity, protocol.encode("checkpoint_data", job=job_id, seq=seq,
+                                                                       index=index, data=data)):
+                    return False
+        except OSError as exc:  # the agent then refuses the chain, and the job's next attempt starts afresh
+            log.warning("job %d: its checkpoint cannot be read (%s)", job_id, exc)
+        return True
+
+    def _checkpoint_problem(self, name: str, job_id: int) -> str | None:
+        job = self.store.job(job_id)
+        if job is None or job.state != "running" or job.node != name or job.guests != 1:
+            return f"job {job_id} does not run on {name}: its checkpoints are not taken from there"
+        return None
+
+    def _on_checkpoint_put(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        self._node_of(identity).liveness.heard()
+        job_id = msg["job"]
+        problem = self._checkpoint_problem(name, job_id) or self.checkpoints.put(job_id, msg["seq"], msg["index"],
+                                                                                  msg["data"])
+        if problem is not None:
+            self._checkpoint_refused(identity, name, msg, problem)
+
+    def _on_checkpoint_commit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        self._node_of(identity).liveness.heard()
+        job_id = msg["job"]
+        problem = self._checkpoint_problem(name, job_id) or self.checkpoints.commit_later(
+            job_id, msg["seq"], msg["base"], msg["size"], msg["sha256"], (identity, name, msg))
+        if problem is not None:
+            self._checkpoint_refused(identity, name, msg, problem)
+
+    def checkpoints_checked(self, wait: bool = False) -> None:
+        """Keep, or refuse, the pieces whose check has ended (all of them, with *wait*)."""
+        for (identity, name, msg), commit in self.checkpoints.checked(wait):
+            moved = self._checkpoint_problem(name, commit.job)  # it may have moved while it was checked
+            if moved is not None:
+                self.checkpoints.reject(commit)
+            problem = moved or self.checkpoints.accept(commit)
+            if problem is not None:
+                self._checkpoint_refused(identity, name, msg, problem)
+                continue
+            self._refused_piece.pop(commit.job, None)
+            log.info("job %d: checkpoint %d from %s kept (%s, %.1f MiB; checkpoints take %.0f MiB)", commit.job,
+                     commit.seq, name, "full" if commit.base < 0 else "delta", commit.size / (1 << 20),
+                     self.checkpoints.used / (1 << 20))
+            self._reply(identity, "checkpoint_reply", job=commit.job, seq=commit.seq, ok=True)
+
+    def _checkpoint_refused(self, identity: bytes, name: str, msg: dict[str, Any], problem: str) -> None:
+        """Say once per piece why it is not kept (the agent's next piece is then a full one)."""
+        job_id, seq = msg["job"], msg["seq"]
+        if self._refused_piece.get(job_id) == seq:
+            return
+        self._refused_piece[job_id] = seq
+        log.warning("job %d: checkpoint %d from %s refused: %s", job_id, seq, name, problem)
+        self._reply(identity, "checkpoint_reply", job=job_id, seq=seq, ok=False, reason=problem[:200])
 
     # --- gangs: jobs of several guests ---------------------------------------------------------------------
     def _stop_ranks(self, gang: Job, reason: str) -> None:
@@ -936,6 +1020,7 @@ class Coordinator:
             self._sweep_jobs(now)
 
     def _sweep_jobs(self, now: float) -> None:
+        self.checkpoints.sweep(self._needs_checkpoint)
         for job in self.store.overdue(self._wall()):
             reason = f"time limit {job.timeout_s:g} s reached"
             self._end(job, "failed", reason)
@@ -951,6 +1036,14 @@ class Coordinator:
                 if job.node not in self.nodes:
                     self._requeue(job.id, f"node {job.node} did not come back")
                     self.schedule()
+
+    def _needs_checkpoint(self, job_id: int) -> bool:
+        job = self.store.job(job_id)
+        if job is None or job.state in TERMINAL_STATES:
+            self._resumed.discard(job_id)
+            self._refused_piece.pop(job_id, None)
+            return False
+        return True
 
     def _lose_node(self, node: Node, why: str) -> None:
         log.warning("node %s lost: %s", node.name, why)

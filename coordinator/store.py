@@ -485,6 +485,27 @@ class Store:
         self.db.execute("DELETE FROM job_output WHERE job=?", (ident,))
         self._output_bytes[ident] = 0
 
+    def truncate_output(self, ident: int, keep: dict[str, int]) -> None:
+        """Keep only the first *keep[stream]* bytes of each stream: a job going on from a checkpoint writes again
+        what it wrote after it."""
+        left = dict(keep)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self.db.execute("SELECT seq, stream, data FROM job_output WHERE job=? ORDER BY seq", (ident,))
+            for seq, stream, data in rows.fetchall():
+                room = max(0, left.get(stream, 0))
+                if len(data) > room:
+                    if room:
+                        self.db.execute("UPDATE job_output SET data=? WHERE seq=?", (data[:room], seq))
+                    else:
+                        self.db.execute("DELETE FROM job_output WHERE seq=?", (seq,))
+                left[stream] = room - min(room, len(data))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self._output_bytes.pop(ident, None)
+
     def files(self, ident: int) -> dict[str, bytes]:
         return {path: data for path, data in self.db.execute("SELECT path, data FROM job_files WHERE job=?", (ident,))}
 

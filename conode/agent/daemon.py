@@ -20,6 +20,7 @@ import zmq
 
 import conode
 from conode import shell
+from conode.agent.checkpoints import Checkpoints
 from conode.agent.disk import StateDisk
 from conode.agent.conet import OFF, ConetSwitch
 from conode.agent.guests import Guests
@@ -94,8 +95,9 @@ class AgentDaemon:
         start_worker = start_worker or process_starter(config.mem_mib, config.cpu_cap, self.waker.signal)
         self.conet = ConetSwitch(config.state_dir, listen, config.coordinator, config.state_dir / "keys",
                                  self.waker.signal, clock, config.coordinator_key)
+        self.checkpoints = Checkpoints(config.state_dir, self.link, self.disk)
         self.guests = Guests(config.cores, config.mem_mib, config.state_dir, start_worker, self.link, clock,
-                             self.disk, self.conet, self.images)
+                             self.disk, self.conet, self.images, self.checkpoints)
         fixed = sources is not None or config.idle_source in FIXED_SOURCES
         if sources is None:
             sources = make_sources(config.idle_source, clock, wall, config.idle_reports)
@@ -204,6 +206,10 @@ class AgentDaemon:
             self.outbox.remove(message["job"])
         elif message["type"] == "conet_peers":
             self.conet.set_peers(message["peers"], message.get("relay"))
+        elif message["type"] == "checkpoint_data":
+            self.checkpoints.receive(message)
+        elif message["type"] == "checkpoint_reply" and not message["ok"]:
+            self.guests.checkpoint_refused(message["job"], message.get("reason", "no reason given"))
 
     def _follow_owner(self) -> None:
         previous, current = self.owner.step(has_jobs=self.guests.busy, vacated=not self.guests.jobs)

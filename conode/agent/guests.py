@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 
 import psutil
 
+from conode.agent.checkpoints import CheckpointRefused, Checkpoints
 from conode.agent.conet import Unplugged
 from conode.agent.disk import StateDisk
 from conode.agent.images import ImageFetcher, ImageRefused, ImageSpec
@@ -109,8 +110,9 @@ class Ports(Protocol):
 class Guests:
     def __init__(self, cores: int, mem_mib: int, state_dir: Path, start_worker: StartWorker, reports: Reports,
                  clock: Callable[[], float], disk: StateDisk, ports: Ports | None = None,
-                 images: ImageFetcher | None = None) -> None:
+                 images: ImageFetcher | None = None, checkpoints: Checkpoints | None = None) -> None:
         self.mem_mib = mem_mib
+        self._checkpoints = checkpoints
         self._ports = ports or Unplugged()
         self._start_worker = start_worker
         self._reports = reports
@@ -193,8 +195,20 @@ class Guests:
         if message["mem_mib"] > self.mem_mib:
             self._fail(job, f"needs {message['mem_mib']} MiB, guests here have {self.mem_mib}", retry=False)
             return
-        run = {"type": "run", "job": job, "argv": message["argv"], "inputs": message["inputs"],
-               "outputs": message["outputs"]}
+        run: dict[str, Any] = {"type": "run", "job": job, "argv": message["argv"], "inputs": message["inputs"],
+                               "outputs": message["outputs"]}
+        seq = 0  # the number of the job's next checkpoint piece
+        if "resume" in message:  # it goes on from its checkpoint, taken on a workstation that died
+            try:
+                if self._checkpoints is None:
+                    raise CheckpointRefused("this agent does not take jobs from checkpoints")
+                run = {"type": "restore", "job": job, "pieces": self._checkpoints.chain(job, message["resume"])}
+            except CheckpointRefused as exc:
+                self._fail(job, str(exc), retry=True)
+                return
+            seq = max(entry["seq"] for entry in message["resume"]) + 1
+        if message.get("checkpoint_s", 0) > 0 and self._checkpoints is not None:
+            run["checkpoint"] = self._checkpoints.settings(message["checkpoint_s"], seq)
         if "net" in message:
             run["net"] = self._ports.attach(job, message["net"])
         if "image" in message:
@@ -284,7 +298,10 @@ class Guests:
             slot.job = job
             self.jobs[job] = slot
             self._send(slot, run)
-            log.info("job %d started on guest %d: %s", job, slot.index, " ".join(run["argv"])[:120])
+            if run["type"] == "restore":
+                log.info("job %d goes on from its checkpoint on guest %d", job, slot.index)
+            else:
+                log.info("job %d started on guest %d: %s", job, slot.index, " ".join(run["argv"])[:120])
 
     def _fail(self, job: int, reason: str, retry: bool) -> None:
         self._forget(job)
@@ -297,6 +314,8 @@ class Guests:
         self.job_images.pop(job, None)
         self.owners.pop(job, None)
         self._remove_overlay(job)
+        if self._checkpoints is not None:
+            self._checkpoints.forget(job)
 
     def _remove_overlay(self, job: int) -> None:
         path = self.overlay_dir / f"job-{job}.cow"
@@ -366,9 +385,13 @@ class Guests:
         elif kind == "vacated":
             self._on_vacated(slot, message)
         elif self.jobs.get(message["job"]) is not slot:
+            if kind == "checkpoint" and self._checkpoints is not None:
+                self._checkpoints.discard(message["job"], message["seq"])
             return  # a cancelled job's last words
         elif kind == "output":
             self._forward_output(message["job"], message["stream"], message["data"])
+        elif kind == "checkpoint":
+            self._send_checkpoint(slot, message)
         elif kind == "finished":
             job = message["job"]
             self._job_done(slot, job)
@@ -378,6 +401,23 @@ class Guests:
         elif kind == "failed":
             self._job_done(slot, message["job"])
             self._fail(message["job"], message["reason"], retry=False)
+
+    def _send_checkpoint(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
+        job = message["job"]
+        if self._checkpoints is None or not self._checkpoints.send(message):
+            self._send(slot, {"type": "checkpoint_reset", "job": job})
+            return
+        log.info("job %d: checkpoint %d sent (%s, %d pages, %.1f MiB; the guest stalled %.1f ms, %d pages in the "
+                 "stall; %.2f s to take)", job, message["seq"], "full" if message["base"] < 0 else "delta",
+                 message["pages"], message["size"] / (1 << 20), message["stall_s"] * 1000, message["final_pages"],
+                 message["took_s"])
+
+    def checkpoint_refused(self, job: int, reason: str) -> None:
+        """The coordinator did not keep a piece: the job's next one must hold every page."""
+        log.warning("job %d: the coordinator refused its checkpoint: %s", job, reason)
+        slot = self.jobs.get(job)
+        if slot is not None:
+            self._send(slot, {"type": "checkpoint_reset", "job": job})
 
     def _job_done(self, slot: WorkerSlot, job: int) -> None:
         del self.jobs[job]

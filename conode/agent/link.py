@@ -127,7 +127,7 @@ class CoordinatorLink:
                 self._unsent.discard(message["job"])
             elif kind == "error":
                 log.warning("coordinator says: %s (%s)", message["message"], message["code"])
-            elif kind in ("run_job", "cancel_job", "conet_peers"):
+            elif kind in ("run_job", "cancel_job", "conet_peers", "checkpoint_reply", "checkpoint_data"):
                 for_agent.append(message)
         return for_agent
 
@@ -192,6 +192,17 @@ class CoordinatorLink:
             return
         self._buffer.append(payload)
         self._buffered_bytes += len(payload)
+
+    def send_now(self, kind: str, **fields: Any) -> bool:
+        """A bulk message that may be lost (a checkpoint's): sent only if nothing waits before it, never buffered;
+        whether it went."""
+        if not self.welcomed or self._buffer:
+            return False
+        try:
+            return self.transport.send(protocol.encode(kind, **fields))
+        except ProtocolError as exc:
+            log.error("not sending a %s the protocol refuses: %s", kind, exc)
+            return False
 
     def result(self, job: int, kind: str, **fields: Any) -> None:
         """A job's final word, kept in the outbox until acknowledged; one the protocol refuses becomes a failure."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from conode.agent.pipe import PipeError
-from conode.cluster.protocol import (ARGV, INPUTS, INT, INT_LIST, MEASURE, MISSING, PATHS, STR, TEXT, Field, Kind,
-                                     ProtocolError, _check_field, is_safe_relative_path)
+from conode.cluster.protocol import (ARGV, INPUTS, INT, INT_LIST, MEASURE, MISSING, PATHS, SHA256, STR, TEXT, Field,
+                                     Kind, ProtocolError, _check_field, is_safe_relative_path)
 from conode.conet.port import TOKEN_BYTES
 from conode.limits import (CHANNEL_MAX_PAYLOAD, MAX_DISK_BUDGET_MIB, MAX_FILES, MAX_JOB_OUTPUT_BYTES,
                            MAX_OUTPUT_FILE_BYTES, MAX_SMALL_FIELD)
@@ -30,10 +30,19 @@ MAX_SOCKET_PATH = 107  # what a Unix socket address holds
 # copy-on-write file), budget_mib. Checked whole by _check_disk.
 DISK = Kind("map", 3)
 TOKEN = Kind("bytes", TOKEN_BYTES)
+# Checkpoints of the job's guest (checkpointer.py): dir (where the worker writes pieces), interval_s, seq (the
+# next piece's number). Checked whole by _check_checkpoint.
+CHECKPOINT = Kind("map", 3)
+PIECES = Kind("str_list", 64, item=MAX_SMALL_FIELD)  # a checkpoint chain's piece files, in order
+COUNT = Kind("int", low=0, high=1 << 40)
 
 TO_WORKER: dict[str, dict[str, Field]] = {
     "run": {"job": Field(INT), "argv": Field(ARGV), "inputs": Field(INPUTS), "outputs": Field(PATHS),
-            "net": Field(NET, required=False), "disk": Field(DISK, required=False)},
+            "net": Field(NET, required=False), "disk": Field(DISK, required=False),
+            "checkpoint": Field(CHECKPOINT, required=False)},
+    "restore": {"job": Field(INT), "pieces": Field(PIECES), "net": Field(NET, required=False),
+                "disk": Field(DISK, required=False), "checkpoint": Field(CHECKPOINT, required=False)},
+    "checkpoint_reset": {"job": Field(INT)},
     "cancel": {"job": Field(INT)},
     "pause": {},
     "resume": {},
@@ -51,6 +60,10 @@ FROM_WORKER: dict[str, dict[str, Field]] = {
     "paused": {"at": Field(MEASURE)},
     "resumed": {},
     "vacated": {"path": Field(STR), "jobs": Field(INT_LIST)},
+    "checkpoint": {"job": Field(INT), "seq": Field(COUNT), "base": Field(Kind("int", low=-1, high=1 << 40)),
+                   "path": Field(STR), "size": Field(COUNT), "sha256": Field(SHA256), "pages": Field(COUNT),
+                   "final_pages": Field(COUNT), "stall_s": Field(MEASURE), "took_s": Field(MEASURE),
+                   "stall_cpu_s": Field(MEASURE, required=False)},  # the machine thread's CPU time in the stall
 }
 
 
@@ -93,12 +106,17 @@ def _check_missing(kind: str, missing: list[str]) -> None:
 def validate_to_worker(message: Any) -> dict[str, Any]:
     """Check a message the agent is about to send a worker; return it, or raise PipeError saying why not."""
     checked = _check(message, TO_WORKER, "to the worker")
-    if checked["type"] == "run" and not checked["argv"]:
+    kind = checked["type"]
+    if kind == "run" and not checked["argv"]:
         raise PipeError("run: the command is empty")
-    if checked["type"] == "run" and "net" in checked:
+    if kind == "restore" and not checked["pieces"]:
+        raise PipeError("restore: no checkpoint pieces")
+    if kind in ("run", "restore") and "net" in checked:
         _check_net(checked["net"])
-    if checked["type"] == "run" and "disk" in checked:
+    if kind in ("run", "restore") and "disk" in checked:
         _check_disk(checked["disk"])
+    if kind in ("run", "restore") and "checkpoint" in checked:
+        _check_checkpoint(kind, checked["checkpoint"])
     if checked["type"] == "plug":
         _check_port("plug", checked["token"], checked["socket"])
     return checked
@@ -113,6 +131,16 @@ def _check_disk(disk: dict[str, Any]) -> None:
     budget = disk["budget_mib"]
     if not isinstance(budget, int) or isinstance(budget, bool) or not 1 <= budget <= MAX_DISK_BUDGET_MIB:
         raise PipeError(f"run: the disk budget must be from 1 to {MAX_DISK_BUDGET_MIB} MiB")
+
+
+def _check_checkpoint(kind: str, settings: dict[str, Any]) -> None:
+    if set(settings) != {"dir", "interval_s", "seq"}:
+        raise PipeError(f"{kind}: the checkpoint map must hold exactly dir, interval_s and seq")
+    for name, spec in (("dir", STR), ("interval_s", MEASURE), ("seq", COUNT)):
+        try:
+            _check_field(name, settings[name], spec)
+        except ProtocolError as exc:
+            raise PipeError(f"{kind}: checkpoint {exc}") from None
 
 
 def _check_port(kind: str, token: Any, path: Any) -> None:

@@ -7,10 +7,12 @@ length-prefixed msgpack (pipe.py):
 - agent → worker: ``run`` (job, argv, inputs, outputs, and optionally net: the guest's conet port and identity,
   and disk: the pool image the guest boots from, its overlay file and budget, see wire.py), ``cancel`` (job),
   ``pause``, ``resume``, ``vacate`` (path), ``quit``, ``plug`` (token, socket: the conet port of a guest resumed
-  from disk, which keeps its identity);
+  from disk, which keeps its identity), ``restore`` (job, pieces: a checkpoint chain to go on from, and net and
+  disk as for run), ``checkpoint_reset`` (job: the next checkpoint must hold every page); run and restore may
+  carry checkpoint (dir, interval_s, seq: checkpointer.py);
 - worker → agent: ``ready`` (guest, speed), ``output`` (job, stream, data), ``finished`` (job, status, outputs,
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
-  ``resumed``, ``vacated`` (path, jobs).
+  ``resumed``, ``vacated`` (path, jobs), ``checkpoint`` (job, seq, base, path, size, sha256 and figures).
 
 **A fresh guest for every job.** The worker keeps the *pristine* post-boot snapshot: made by the host from a
 boot in which no job ran (``--boot-snapshot`` keeps it on disk for the next worker, tied to the guest image's
@@ -33,11 +35,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from conode.agent.checkpointer import Checkpointer
 from conode.agent.pipe import PipeError, Unpacker, pack
 from conode.agent.platform import lower_priority
 from conode.agent.wire import validate_to_worker
 from conode.conet.port import Port, PortError
 from conode.errors import ConodeError
+from conode.vm.checkpoint import guest_state, materialize, read_piece
 from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.disk.config import DiskConfig
 from conode.vm.guest import Guest, GuestSnapshot, ImageDigests, JobSpec
@@ -73,6 +77,7 @@ class GuestWorker:
         # The post-boot snapshot of a guest on a pool image (its base file and disk budget), made like the
         # pristine one: kept for the last image used, so that the next job on it starts without a boot.
         self._image_pristine: tuple[tuple[str, int], GuestSnapshot, RamImage] | None = None
+        self._checkpointer: Checkpointer | None = None  # the job guest's, when the agent asked for checkpoints
 
     # --- the pristine guest -----------------------------------------------------------------------------
     def _load_pristine(self) -> None:
@@ -163,16 +168,28 @@ class GuestWorker:
 
     def _run_guest(self, guest: Guest) -> None:
         """Run *guest* until it pauses, then carry out what the agent asked meanwhile (pause, vacate, quit)."""
+        checkpointer = self._checkpointer if self._checkpointer is not None and \
+            self._checkpointer.guest is guest else None
+        if checkpointer is not None and checkpointer.final_due and not guest.finished:
+            checkpointer.guest_stopped()  # it was stopped already (by its owner): the final copy is due now
+            checkpointer.final()
         self._running = guest
         try:
             guest.run()
         finally:
             self._running = None
+        if checkpointer is not None:
+            checkpointer.guest_stopped()
         self.drain_inbox()
         if self._control is not None and self._obey_control():
             raise _Exit
+        if checkpointer is not None and checkpointer.final_due and not guest.finished and not self._cancelled:
+            checkpointer.final()  # the guest stops only for this
 
     def _discard(self, guest: Guest) -> None:
+        if self._checkpointer is not None and self._checkpointer.guest is guest:
+            self._checkpointer.close()
+            self._checkpointer = None
         if self.guest is guest:
             self.guest = None
             if self._port is not None:
@@ -184,6 +201,8 @@ class GuestWorker:
 
     # --- JobSink: results to the agent -----------------------------------------------------------------
     def output(self, job: int, stream: str, data: bytes) -> None:
+        if self._checkpointer is not None and self._checkpointer.job == job:
+            self._checkpointer.outputs[stream] += len(data)  # where the job's output goes on from a checkpoint
         self.send({"type": "output", "job": job, "stream": stream, "data": data})
 
     def finished(self, job: int, status: int, outputs: dict[str, bytes], missing: list[str],
@@ -229,8 +248,11 @@ class GuestWorker:
             self._control = message
             if guest is not None:
                 guest.machine.pause()
-        elif kind == "run":
+        elif kind in ("run", "restore"):
             self._runs.append(message)
+        elif kind == "checkpoint_reset":
+            if self._checkpointer is not None and self._checkpointer.job == message.get("job"):
+                self._checkpointer.reset()
         elif kind == "plug":  # a guest resumed from disk: its NIC joins the switch again
             if self.guest is not None:
                 self._join_conet(self.guest, message["socket"], message["token"])
@@ -243,6 +265,9 @@ class GuestWorker:
 
     def _start_next_job(self) -> None:
         message = self._runs.popleft()
+        if message["type"] == "restore":
+            self._restore_job(message)
+            return
         net = message.get("net")
         spec = JobSpec.in_job_directory(int(message["job"]), list(message["argv"]), dict(message["inputs"]),
                                         list(message["outputs"]), NetIdentity.from_message(net) if net else None)
@@ -258,6 +283,49 @@ class GuestWorker:
         if net and "token" in net:
             self._join_conet(self.guest, net["socket"], net["token"])
         self.guest.start_job(spec, self)
+        self._start_checkpoints(spec.id, message, {})
+
+    def _restore_job(self, message: dict[str, Any]) -> None:
+        """Go on with a job from its checkpoint chain (taken on another workstation): its RAM, devices, disk
+        overlay, conet identity and output offsets as they were at the chain's last piece."""
+        job = int(message["job"])
+        self._cancelled = False
+        image: RamImage | None = None
+        try:
+            pieces = [read_piece(Path(path)) for path in message["pieces"]]
+            if any(piece.job != job for piece in pieces):
+                raise ConodeError(f"the checkpoint is not of job {job}")
+            image = RamImage(pieces[0].ram.size)
+            with image.writable() as memory:
+                materialize(pieces, memoryview(memory))
+            snapshot = guest_state(pieces)
+            disk = message.get("disk")
+            guest = Guest.restore(snapshot, self, ram_image=image,
+                                  disk_base=Path(disk["base"]) if disk else None,
+                                  disk_overlay=Path(disk["overlay"]) if disk else None)
+        except ConodeError as exc:
+            self.failed(job, f"the job could not go on from its checkpoint: {exc}")
+            return
+        finally:
+            if image is not None:
+                image.close()  # the guest maps its own private copy
+        if guest.job is None or guest.job.spec.id != job:
+            guest.machine.close()
+            self.failed(job, "the checkpoint holds another job's guest")
+            return
+        guest.machine.cpu_cap = self.cpu_cap
+        self.guest = guest
+        net = message.get("net")
+        if net and "token" in net:
+            self._join_conet(guest, net["socket"], net["token"])
+        self._log(f"job {job} goes on from checkpoint piece {pieces[-1].seq}")
+        self._start_checkpoints(job, message, pieces[-1].outputs)
+
+    def _start_checkpoints(self, job: int, message: dict[str, Any], outputs: dict[str, int]) -> None:
+        settings = message.get("checkpoint")
+        if settings is not None and self.guest is not None and settings["interval_s"] > 0:
+            self._checkpointer = Checkpointer(self.guest, job, float(settings["interval_s"]), Path(settings["dir"]),
+                                              int(settings["seq"]), outputs, self.send)
 
     def _join_conet(self, guest: Guest, path: str, token: bytes) -> None:
         """Plug the guest's NIC into the agent's switch; without it the guest runs with its link down."""

@@ -22,7 +22,8 @@ from conode.limits import (IMAGE_CHUNK_BYTES, MAX_ARGV, MAX_ARGV_BYTES, MAX_ARRA
                            MAX_DISK_BUDGET_MIB, MAX_ENV_VARS, MAX_FILES, MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB,
                            MAX_HOSTNAME, MAX_IMAGE_BYTES, MAX_IMAGE_CACHE_MIB, MAX_IMAGE_CHUNKS, MAX_IMAGE_NAME,
                            MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_JOB_PRIORITY,
-                           MAX_JOB_TIMEOUT_S, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES, MAX_SMALL_FIELD, MAX_TEXT_FIELD,
+                           MAX_JOB_TIMEOUT_S, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES, MAX_SMALL_FIELD,
+                           MAX_SNAPSHOT_BYTES, MAX_TEXT_FIELD,
                            MIN_GUEST_MEM_MIB)
 
 PROTOCOL_VERSION = 1
@@ -92,6 +93,9 @@ TIME_LIMIT = Kind("float", low=1.0, high=MAX_JOB_TIMEOUT_S)
 ITEMS = Kind("str_list", MAX_ARRAY_TASKS, item=MAX_SMALL_FIELD, total=MAX_ARRAY_ITEMS_BYTES)  # an array's items
 STATES = Kind("str_list", 16, item=MAX_SMALL_FIELD)  # job states to list
 CURSOR = Kind("int", low=0, high=2**63 - 1)  # where a followed log stands
+PIECE_NUMBER = Kind("int", low=-1, high=1 << 40)  # a checkpoint piece's number (-1: the base of a full piece)
+PIECE_SIZE = Kind("int", low=1, high=MAX_SNAPSHOT_BYTES)
+CHAIN = Kind("list", 64)  # a checkpoint chain to resume from: {seq, size, sha256} per piece (conode/agent/checkpoints.py)
 ANY_LIST = Kind("list", MAX_LIST_ENTRIES)
 ANY_MAP = Kind("map", MAX_LIST_ENTRIES)
 
@@ -123,12 +127,22 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "job_resumed": ("agent", {"job": _f(INT)}),
     "bye": ("agent", {"node": _f(STR)}),
     "image_chunk_get": ("agent", {"digest": _f(DIGEST)}),  # on the agent's fetch socket, not its control one
+    # a running job's checkpoint piece, in chunks, then its commit (coordinator/checkpoints.py)
+    "checkpoint_put": ("agent", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "index": _f(INT), "data": _f(CHUNK)}),
+    "checkpoint_commit": ("agent", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "base": _f(PIECE_NUMBER),
+                                    "size": _f(PIECE_SIZE), "sha256": _f(SHA256)}),
     # coordinator -> agent
     "welcome": ("coordinator", {"heartbeat_s": _f(MEASURE)}),
     "ping": ("coordinator", {}),
     "run_job": ("coordinator", {"job": _f(INT), "argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS),
                                 "mem_mib": _f(GUEST_MEM), "net": _f(IDENTITY, False), "image": _f(IMAGE, False),
-                                "disk_mib": _f(DISK_MIB, False), "owner": _f(STR, False)}),  # owner: who submitted it
+                                "disk_mib": _f(DISK_MIB, False), "owner": _f(STR, False),  # owner: who submitted it
+                                "checkpoint_s": _f(MEASURE, False),
+                                "resume": _f(CHAIN, False)}),  # resume: go on from this checkpoint chain
+    "checkpoint_reply": ("coordinator", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "ok": _f(BOOL),
+                                         "reason": _f(STR, False)}),
+    "checkpoint_data": ("coordinator", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "index": _f(INT),
+                                        "data": _f(CHUNK)}),  # a chain's pieces, sent before its run_job
     "conet_peers": ("coordinator", {"peers": _f(PEERS), "relay": _f(STR, False)}),  # relay: its endpoint
     "cancel_job": ("coordinator", {"job": _f(INT)}),
     "image_chunk": ("coordinator", {"digest": _f(DIGEST), "data": _f(CHUNK, False), "problem": _f(STR, False)}),

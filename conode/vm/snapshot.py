@@ -16,6 +16,7 @@ import os
 import stat
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,14 @@ def decode_ram(encoded: dict[str, Any], ram: memoryview) -> None:
     saved = state.load(RamState, encoded)
     if saved.size != len(ram):
         raise SnapshotError(f"snapshot RAM is {saved.size} bytes, the machine has {len(ram)}")
-    pages = len(ram) // PAGE
+    for index, page in ram_pages(saved):
+        ram[index * PAGE:(index + 1) * PAGE] = page
+
+
+def ram_pages(saved: RamState) -> Iterator[tuple[int, bytes]]:
+    """(page number, contents) of each page *saved* holds, in order; SnapshotError if its chunks do not hold
+    exactly the pages its bitmap lists. Each chunk inflates to at most one chunk's pages."""
+    pages = saved.size // PAGE
     if len(saved.bitmap) != (pages + 7) // 8:
         raise SnapshotError(f"snapshot RAM bitmap has {len(saved.bitmap)} bytes for {pages} pages")
     bitmap = saved.bitmap
@@ -101,7 +109,7 @@ def decode_ram(encoded: dict[str, Any], ram: memoryview) -> None:
             index = next(present, None)
             if index is None:
                 raise SnapshotError("snapshot RAM holds more pages than its bitmap lists")
-            ram[index * PAGE:(index + 1) * PAGE] = data[offset:offset + PAGE]
+            yield index, data[offset:offset + PAGE]
     if next(present, None) is not None:
         raise SnapshotError("snapshot RAM holds fewer pages than its bitmap lists")
 

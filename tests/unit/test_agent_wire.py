@@ -35,11 +35,17 @@ GOOD_FROM = {
     "paused": {"at": 1.7e9},
     "resumed": {},
     "vacated": {"path": "/state/vacated/worker-0.snap", "jobs": [1, 2]},
+    "checkpoint": {"job": 1, "seq": 3, "base": 2, "path": "/state/checkpoints/out/job-1-3.ckpt", "size": 4096,
+                   "sha256": "ab" * 32, "pages": 12, "final_pages": 1, "stall_s": 0.002, "took_s": 0.1,
+                   "stall_cpu_s": 0.001},
 }
 GOOD_TO = {
     "run": {"job": 1, "argv": ["sh", "-c", "true"], "inputs": {"in.txt": b"1"}, "outputs": ["out.txt"]},
     "cancel": {"job": 1}, "pause": {}, "resume": {}, "vacate": {"path": "/tmp/x.snap"}, "quit": {},
     "plug": {"token": bytes(16), "socket": "/state/conet.sock"},
+    "restore": {"job": 1, "pieces": ["/state/checkpoints/in/job-1/0.piece"],
+                "checkpoint": {"dir": "/state/checkpoints/out", "interval_s": 60.0, "seq": 1}},
+    "checkpoint_reset": {"job": 1},
 }
 
 
@@ -180,3 +186,20 @@ def test_a_run_may_carry_the_guests_root_disk():
 def test_a_disk_the_worker_could_not_open_as_told_never_reaches_it(disk):
     with pytest.raises(PipeError, match="disk"):
         validate_to_worker({"type": "run", **GOOD_TO["run"], "disk": disk})
+
+
+@pytest.mark.parametrize("settings_map, why", [
+    ({"dir": "/x", "interval_s": 1.0}, "exactly dir"),
+    ({"dir": "/x", "interval_s": -1.0, "seq": 0}, "interval_s"),
+    ({"dir": "/x", "interval_s": 1.0, "seq": -1}, "seq"),
+    ({"dir": 5, "interval_s": 1.0, "seq": 0}, "dir"),
+])
+def test_checkpoint_settings_are_checked_whole(settings_map, why):
+    for kind in ("run", "restore"):
+        with pytest.raises(PipeError, match=why):
+            validate_to_worker({"type": kind, **GOOD_TO[kind], "checkpoint": settings_map})
+
+
+def test_a_restore_needs_pieces():
+    with pytest.raises(PipeError, match="no checkpoint pieces"):
+        validate_to_worker({"type": "restore", "job": 1, "pieces": []})

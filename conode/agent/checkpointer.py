@@ -1,0 +1,196 @@
+"""A guest worker's checkpoints of its running job: what lets the job go on elsewhere if this workstation dies.
+
+Every ``interval_s`` the checkpointer saves the guest as a piece (conode/vm/checkpoint.py), in three steps, so
+that the guest stops only for the last few pages:
+
+1. *pre-copy*, while the guest runs: take the dirty-page log (conode/vm/cpu/dirty.py) and copy the pages it lists
+   (every page for the first piece, after a restore, or when the coordinator lost the chain); again, up to
+   PRE_COPY_ROUNDS times, while the guest changed more than FINAL_PAGES meanwhile;
+2. *final copy*, the guest paused by the worker between two slices: take the log again, copy the pages changed
+   during step 1, and the device state and the job's output offsets. This pause is the checkpoint's stall;
+3. *write*, the guest running again: compress the pages into a piece file and tell the agent, which sends it on.
+
+The final copy runs on the worker's machine thread (:meth:`Checkpointer.final`, called by the worker when
+:attr:`final_due`); everything else on the checkpointer's own thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from conode.errors import ConodeError
+from conode.vm.checkpoint import FULL, STREAMS, encode_pages, page_runs, write_piece
+from conode.vm.cpu.dirty import dirty_tracker
+from conode.vm.guest import Guest, GuestSnapshot
+from conode.vm.layout import PAGE_SIZE
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PRE_COPY_ROUNDS = 4
+FINAL_PAGES = 256  # pages changed during a pre-copy round few enough for the final copy (1 MiB: a few ms)
+
+
+class _Stopped(Exception):
+    """The job ended (or the worker stops) while a checkpoint was being taken."""
+
+
+class Checkpointer:
+    """Periodic incremental checkpoints of one job's guest."""
+
+    def __init__(self, guest: Guest, job: int, interval_s: float, directory: Path, seq: int,
+                 outputs: dict[str, int], send: Callable[[dict[str, Any]], None]) -> None:
+        self.guest = guest
+        self.job = job
+        self.interval_s = interval_s
+        self.directory = directory
+        self.seq = seq  # the next piece's number
+        self.outputs = {s: int(outputs.get(s, 0)) for s in STREAMS}  # bytes written so far; the worker counts
+        self.final_due = False
+        self._send = send
+        self._tracker = dirty_tracker(guest.machine.cpu)
+        self._tracking = False
+        self._full = True  # the next piece holds every page
+        self._base = FULL
+        self._pre: tuple[bytearray, dict[int, bytes]] | None = None
+        self._taken: tuple[bytearray, dict[int, bytes], GuestSnapshot, dict[str, int], float, float] | None = None
+        self._final_done = threading.Event()
+        self._stop = threading.Event()
+        self._stopped_at: tuple[float, float] | None = None  # monotonic and machine-thread CPU time
+        self._thread = threading.Thread(target=self._loop, name=f"checkpoint-{job}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """The job ended: take no more pieces (one being written is dropped)."""
+        self._stop.set()
+        self._final_done.set()
+
+    def reset(self) -> None:
+        """The coordinator lost the chain: the next piece holds every page."""
+        self._full = True
+
+    def guest_stopped(self) -> None:
+        """The worker's machine thread saw the guest stop (the stall starts here when the final copy is due)."""
+        self._stopped_at = (time.monotonic(), time.thread_time())
+
+    # --- the checkpointer's thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._checkpoint()
+            except _Stopped:
+                return
+            except (ConodeError, OSError) as exc:
+                log.warning("job %d: checkpoint %d not taken: %s", self.job, self.seq, exc)
+                self._full = True
+
+    def _on_machine_thread(self, fn: Callable[[], T]) -> T:
+        """*fn*'s result, computed between two of the guest's slices (or here, if the tracker allows)."""
+        if not self._tracker.needs_machine_thread:
+            return fn()
+        done = threading.Event()
+        outcome: list[tuple[bool, Any]] = []
+
+        def call() -> None:
+            try:
+                outcome.append((True, fn()))
+            except Exception as exc:  # noqa: BLE001  (any failure is handed back to the checkpointer's thread)
+                outcome.append((False, exc))
+            finally:
+                done.set()
+
+        self.guest.machine.call_soon(call)
+        while not done.wait(0.5):
+            if self._stop.is_set():
+                raise _Stopped
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def _read(self, bitmap: bytearray) -> dict[int, bytes]:
+        pages: dict[int, bytes] = {}
+        for first, count in page_runs(bitmap):
+            data = self._tracker.read(first, count)
+            for index in range(count):
+                pages[first + index] = data[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
+        return pages
+
+    def _checkpoint(self) -> None:
+        started = time.monotonic()
+        if not self._tracking:
+            self._on_machine_thread(self._tracker.start)
+            self._tracking = True
+        bitmap = self._on_machine_thread(self._tracker.take)
+        if self._full:
+            pages = self._tracker.pages
+            bitmap = bytearray(((1 << pages) - 1).to_bytes((pages + 7) // 8, "little"))
+        copied = self._read(bitmap)
+        for _ in range(PRE_COPY_ROUNDS - 1):
+            more = self._on_machine_thread(self._tracker.take)
+            copied.update(self._read(more))  # listed by a take: read now, or lost to the next round
+            bitmap = bytearray(a | b for a, b in zip(bitmap, more))
+            if int.from_bytes(more, "little").bit_count() <= FINAL_PAGES:
+                break
+        self._pre = (bitmap, copied)
+        self._final_done.clear()
+        self.final_due = True
+        self.guest.machine.pause()
+        while not self._final_done.wait(1.0):  # a pause asked while the guest was not running is lost: ask again
+            self.guest.machine.pause()
+        if self._stop.is_set():
+            raise _Stopped
+        if self._taken is None:
+            raise ConodeError("the final copy failed")
+        final_bitmap, final_pages, envelope, outputs, stall_s, stall_cpu_s = self._taken
+        self._taken = None
+        pre_bitmap, pre_pages = self._pre
+        self._pre = None
+        union = bytearray(a | b for a, b in zip(pre_bitmap, final_bitmap))
+        order = [page for first, count in page_runs(union) for page in range(first, first + count)]
+        ram = encode_pages((final_pages.get(page) or pre_pages[page] for page in order), bytes(union),
+                           self.guest.machine.ram.size)
+        path = self.directory / f"job-{self.job}-{self.seq}.ckpt"
+        size = write_piece(path, self.job, self.seq, self._base, outputs, ram, envelope)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if self._stop.is_set():
+            path.unlink(missing_ok=True)
+            raise _Stopped
+        self._send({"type": "checkpoint", "job": self.job, "seq": self.seq, "base": self._base, "path": str(path),
+                    "size": size, "sha256": digest, "pages": len(order), "final_pages": len(final_pages),
+                    "stall_s": stall_s, "stall_cpu_s": stall_cpu_s, "took_s": time.monotonic() - started})
+        self._base = self.seq
+        self.seq += 1
+        self._full = False
+
+    # --- the machine thread ----------------------------------------------------------------------------------
+    def final(self) -> None:
+        """The final copy (the guest is stopped between slices): the pages changed since the pre-copy, the device
+        state and the output offsets; the guest runs again as soon as this returns."""
+        self.final_due = False
+        try:
+            bitmap = self._tracker.take()
+            pages = self._read(bitmap)
+            envelope = self.guest.snapshot(with_ram=False)
+            wall, cpu = self._stopped_at if self._stopped_at is not None else (time.monotonic(), time.thread_time())
+            self._taken = (bitmap, pages, envelope, dict(self.outputs), time.monotonic() - wall,
+                           time.thread_time() - cpu)
+        except ConodeError as exc:
+            log.warning("job %d: the final copy of checkpoint %d failed: %s", self.job, self.seq, exc)
+            self._taken = None
+            self._full = True
+        finally:
+            self._final_done.set()
+
+    def close(self) -> None:
+        """Stop and release the dirty tracking (on the machine thread, the guest stopped)."""
+        self.stop()
+        if self._tracking:
+            self._tracker.stop()
+            self._tracking = False
