@@ -25,7 +25,7 @@ SERVER_KEY_NAME = "coordinator"
 ADMIN_KEY_NAME = "admin"
 RELAY_OFF = "off"
 PRIVATE_UMASK = 0o077  # what the coordinator creates is its own: directories 0700, files 0600
-SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet"]  # what coordinator.toml may hold
+SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet", "migrate_on_owner"]  # what coordinator.toml may hold
 CLIENT_KEYS = ["endpoint", "server_public_key", "key_directory", "key_name"]  # and client.toml
 
 
@@ -96,6 +96,14 @@ class StateDir:
     def conet_subnet(self) -> str:
         """The guests' own IPv4 subnet (``conet_subnet`` in coordinator.toml): guest-only, never routed."""
         return str(self._setting("conet_subnet", DEFAULT_SUBNET))
+
+    def migrate_on_owner(self) -> bool:
+        """Whether a guest whose workstation's owner returns moves to an idle one (``migrate_on_owner`` in
+        coordinator.toml; default true); if not, or with no idle one, it is paused and vacated there."""
+        value = self._setting("migrate_on_owner", True)
+        if not isinstance(value, bool):
+            raise ConodeError(f"migrate_on_owner in {self.settings} must be true or false")
+        return value
 
     def _setting(self, key: str, default: object) -> object:
         return read_known(self.settings, SETTINGS_KEYS).get(key, default) if self.settings.exists() else default

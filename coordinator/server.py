@@ -32,6 +32,7 @@ from coordinator.conet_peers import PeerDirectory
 from coordinator.down import DownNode, DownNodes, unknown_node
 from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
+from coordinator.moving import MoveRefused, Moving
 from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
 from coordinator.queue import JobQueue
 from coordinator.relay import Relay
@@ -70,12 +71,14 @@ class Node:
     idle_s: float = 0.0
     cpu_percent: float = 0.0
     running: set[int] = field(default_factory=set)
+    incoming: set[int] = field(default_factory=set)  # jobs moving here, not yet handed over (a slot each)
     connected_at: float = 0.0  # wall-clock time of its hello
     last_placed: float = 0.0
     image_cache_mib: int | None = None  # the most of the pool's images it keeps on disk; None: unsaid
 
     def view(self, drained: bool) -> NodeView:
-        return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running), self.idle_s, drained,
+        return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running) + len(self.incoming),
+                        self.idle_s, drained,
                         self.last_placed, self.image_cache_mib)
 
 
@@ -104,7 +107,7 @@ def wall_clock_from(clock: Callable[[], float]) -> Callable[[], float]:
     return lambda: offset + clock()
 
 
-class Coordinator:
+class Coordinator(Moving):
     def __init__(self, state: StateDir, bind: str | None = None, context: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic, transport: Transport | None = None,
                  relay: str = RELAY_OFF) -> None:
@@ -135,6 +138,8 @@ class Coordinator:
         self.open_nodes: set[str] = set()  # nodes that can take a job now (see placement.can_take_work)
         self.queue = JobQueue(self.store.queued())
         self.drained = self.store.drained()
+        self.migrate_on_owner = state.migrate_on_owner()
+        self._load_moves()
         self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
         self.counters = Counters()
         self._started = clock()
@@ -270,12 +275,14 @@ class Coordinator:
         vacated_here = set(self.store.vacated_jobs(name))
         # Reconcile: jobs we placed there that the node no longer has are lost; jobs it runs that we do not
         # expect there (cancelled, or re-placed while it was away) are told to stop.
+        node.incoming = {m.job for m in self.moves.involving(name) if m.destination == name and m.state == "prepare"}
         for job in self.store.running_jobs(name):
             if job.id in held:
                 node.running.add(job.id)
             else:
                 self._requeue(job.id, f"node {name} restarted without it")
-        for job_id in held - node.running - vacated_here:
+        self._moves_on_hello(name, held)
+        for job_id in held - node.running - vacated_here - node.incoming:
             self._reply(identity, "cancel_job", job=job_id)
         self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S)
         self.peers.node_joined(name, msg.get("conet"), node.key)
@@ -297,6 +304,7 @@ class Coordinator:
         node.speed = float(msg.get("speed", node.speed))
         if was_accepting != (node.state in ACCEPTING_STATES):
             self._refresh(node)
+            self._move_from_owners()  # the owner came back (its guests move away), or left (they may come here)
             self.schedule()  # the owner left: queued work may go there now
 
     def _on_bye(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
@@ -379,6 +387,8 @@ class Coordinator:
             "name": n.name, "state": n.state, "cores": n.cores, "mem_mib": n.mem_mib, "speed": n.speed,
             "jobs": sorted(n.running), "idle_s": n.idle_s, "drained": n.name in self.drained,
             "cpu_percent": n.cpu_percent, "software": n.software,
+            "moving_in": sorted(n.incoming), "moving_out": sorted(m.job for m in self.moves.involving(n.name)
+                                                               if m.source == n.name),
         } for n in sorted(self.nodes.values(), key=lambda n: n.name)]
         counts = self.store.job_counts()
         totals = {
@@ -388,6 +398,7 @@ class Coordinator:
                               if n.state in ("Unclaimed", "Claimed") and n.name not in self.drained),
             "mem_mib": sum(n.mem_mib for n in self.nodes.values()),
             "jobs": {state: counts.get(state, 0) for state in JOB_STATES},
+            "moving": len(self.moves.active),
             "malformed_messages": self.counters.malformed,
             "refused_messages": self.counters.refused,
         }
@@ -422,8 +433,11 @@ class Coordinator:
         self._reply(identity, "submitted", job=job_id)
         self.schedule()
 
-    def _job_summary(self, job: Any, listing: bool = False) -> dict[str, Any]:
+    def _job_summary(self, job: Any, listing: bool = False, moves: list | None = None) -> dict[str, Any]:
         summary = job.summary()
+        summary.update(self._move_summary(moves if moves is not None else self.store.moves([job.id]).get(job.id, [])))
+        if job.id in self.moves.active:
+            summary["moving_to"] = self.moves.active[job.id].destination
         if job.guests > 1 and not listing:
             summary["ranks"] = [{"rank": r.rank, "id": r.id, "node": r.node, "state": r.state,
                                  "exit_status": r.exit_status, "reason": r.reason} for r in self.store.ranks(job.id)]
@@ -444,7 +458,8 @@ class Coordinator:
     def _on_jobs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         limit = max(0, min(int(msg.get("limit", MAX_JOBS_LISTED)), MAX_JOBS_LISTED))
         jobs = self.store.jobs(limit=limit)
-        self._reply(identity, "jobs_reply", jobs=[self._job_summary(j, listing=True) for j in jobs])
+        moves = self.store.moves([j.id for j in jobs])
+        self._reply(identity, "jobs_reply", jobs=[self._job_summary(j, True, moves.get(j.id, [])) for j in jobs])
 
     def _job_or_error(self, identity: bytes, job_id: int, kind: str) -> Any:
         job = self.store.job(job_id)
@@ -523,6 +538,14 @@ class Coordinator:
         self._reply(identity, "ok", detail=f"job {job.id} cancelled")
         self.schedule()
 
+    def _on_migrate(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        try:
+            target = self.start_move(msg["job"], msg.get("to"), why=f"asked by {name}")
+        except MoveRefused as exc:
+            self._reply(identity, "error", code="not-movable", message=str(exc), in_reply_to="migrate")
+            return
+        self._reply(identity, "ok", detail=f"job {msg['job']} is moving to {target}")
+
     def _on_drain(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node, drain = msg["node"], not msg.get("undrain", False)
         names = self._node_names() | (set() if drain else self.drained)
@@ -531,10 +554,15 @@ class Coordinator:
             return
         self.store.set_drained(node, drain)
         self.drained = self.store.drained()
+        moving = ""
         if node in self.nodes:
             self._refresh(self.nodes[node])
+            if drain and msg.get("migrate"):
+                moving = f"; moving {self._move_away(self.nodes[node], 'its node is drained')} of its " \
+                         f"{len(self.nodes[node].running)} jobs"
         known = "" if node in self.nodes else " (not connected now)"
-        self._reply(identity, "ok", detail=f"node {node} {'drained' if drain else 'accepting jobs again'}{known}")
+        self._reply(identity, "ok",
+                    detail=f"node {node} {'drained' if drain else 'accepting jobs again'}{known}{moving}")
         self.schedule()
 
     def _node_names(self) -> set[str]:
@@ -566,6 +594,7 @@ class Coordinator:
         node.running.discard(job_id)
         self.peers.guest_gone(job_id)
         self._refresh(node)
+        self._job_left(job_id, node.name, ran=True)
 
     def schedule(self) -> None:
         """Place queued jobs on nodes that can take them, oldest job first; a gang all at once or not at all.
@@ -748,6 +777,8 @@ class Coordinator:
             self._sweep_jobs(now)
 
     def _sweep_jobs(self, now: float) -> None:
+        self._expire_moves()
+        self._move_from_owners()
         for job_id in self.store.vacated_jobs(older_than=self._wall() - VACATED_HOLD_S):
             job = self.store.job(job_id)
             self._requeue(job_id, f"vacated on {job.node if job else '?'} for over {VACATED_HOLD_S:.0f} s")
@@ -769,6 +800,7 @@ class Coordinator:
         self.peers.node_left(node.name)
         if self.relay is not None:
             self.relay.set_peers(node.key, node.name, None)
+        self._moves_on_node_lost(node.name)
         for job_id in sorted(node.running):
             self._requeue(job_id, f"node {node.name} lost ({why})")
         node.running.clear()
@@ -784,6 +816,7 @@ class Coordinator:
         if job.gang is not None:
             self._restart_gang(job.gang, f"rank {job.rank}: {reason}")
             return
+        self._job_left(job_id, job.node, ran=False)
         if job.state == "running" and job.attempts >= MAX_ATTEMPTS:
             self.store.finish(job_id, "failed", None, f"{reason}; gave up after {job.attempts} attempts")
             return

@@ -35,11 +35,19 @@ GOOD_FROM = {
     "paused": {"at": 1.7e9},
     "resumed": {},
     "vacated": {"path": "/state/vacated/worker-0.snap", "jobs": [1, 2]},
+    "listening": {"job": 1, "endpoint": "tcp://10.0.0.2:40001"},
+    "move_ready": {"job": 1},
+    "moved_out": {"job": 1, "downtime_s": 0.05, "total_s": 1.2, "paused_s": 0.06, "bytes": 30 << 20, "rounds": 3},
+    "moved_in": {"job": 1, "rounds": 3, "bytes": 30 << 20},
+    "move_failed": {"job": 1, "reason": "timed out", "handed_over": False},
 }
 GOOD_TO = {
     "run": {"job": 1, "argv": ["sh", "-c", "true"], "inputs": {"in.txt": b"1"}, "outputs": ["out.txt"]},
     "cancel": {"job": 1}, "pause": {}, "resume": {}, "vacate": {"path": "/tmp/x.snap"}, "quit": {},
     "plug": {"token": bytes(16), "socket": "/state/conet.sock"},
+    "migrate": {"job": 1, "endpoint": "tcp://10.0.0.2:40001", "peer": "k" * 40, "keys": "/state/keys"},
+    "receive": {"job": 1, "bind": "tcp://10.0.0.2:*", "peer": "k" * 40, "keys": "/state/keys"},
+    "move_go": {"job": 1}, "move_abort": {"job": 1, "reason": "the source was lost"},
 }
 
 
