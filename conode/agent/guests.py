@@ -254,6 +254,8 @@ class Guests:
         self.dispatch()
 
     def cancel(self, job: int) -> None:
+        if self.mover is not None:
+            self.mover.cancel(job)
         if job in self.vacated:
             self._discard_vacated(self.vacated.pop(job), f"job {job}, saved with it, was cancelled")
         self.backlog = deque(m for m in self.backlog if m["job"] != job)

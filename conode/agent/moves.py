@@ -103,6 +103,12 @@ class AgentMoves:
             self._guests.send_to(self._guests.jobs[job], {"type": "move_abort", "job": job, "reason": reason})
             log.info("move of job %d away called off: %s", job, reason)
 
+    def cancel(self, job: int) -> None:
+        """The coordinator does not expect *job* here (it restarted, and called the move off)."""
+        incoming = self.incoming.get(job)
+        if incoming is not None:
+            self._abort(job, incoming.epoch, "the coordinator cancelled it")
+
     # --- the workers' messages ----------------------------------------------------------------------------
     def on_worker(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         kind, job = message["type"], int(message["job"])

@@ -202,19 +202,26 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
         report.downtime_s = _downtime(frames, stopped_ns)
         report.verified = True if policy.full_digest else _verified(frames)
         return report
-    except ConodeError as exc:
+    except BaseException as exc:
+        if not committed:
+            _go_on(running, tracker, original_cap, paused)
+        if not isinstance(exc, ConodeError):
+            raise
         error = exc if isinstance(exc, MigrationError) else MigrationError(str(exc))
         if not committed:
-            frames.send_abort(str(error))
+            frames.send_abort(str(error))  # once the guest runs again: the link may be slow to refuse it
         raise error from None
     finally:
         if committed:
             tracker.stop()  # the guest is paused for good
-        else:
-            running.on_machine_thread(tracker.stop)
-            running.on_machine_thread(functools.partial(set_cap, original_cap))
-            if paused and not guest.finished:
-                running.start()  # the guest goes on here as if nothing happened
+
+
+def _go_on(running: RunningGuest, tracker: DirtyTracker, cpu_cap: float, paused: bool) -> None:
+    """The move failed before the hand-over: the guest goes on here as if nothing happened."""
+    running.on_machine_thread(tracker.stop)
+    running.on_machine_thread(functools.partial(setattr, running.guest.machine, "cpu_cap", cpu_cap))
+    if paused and not running.guest.finished:
+        running.start()
 
 
 def _verified(frames: FrameStream) -> bool | None:
