@@ -29,10 +29,13 @@ class Moving:
         """The moves a previous coordinator left active: those being prepared are called off (the source keeps
         the guest), handed-over ones wait for their destination."""
         self.moves = MoveBook()
+        self._untold: dict[str, list[tuple[int, int, str]]] = {}  # node -> moves called off it must hear of
         for move in self.store.active_moves():
             reason = after_restart(move)
             if reason is not None:
                 self.store.end_move(move.job, move.epoch, "aborted", reason)
+                for node in (move.source, move.destination):
+                    self._untold.setdefault(node, []).append((move.job, move.epoch, reason))
                 log.info("move %d.%d of job %d called off: %s", move.job, move.epoch, move.job, reason)
             else:
                 self.moves.start(ActiveMove(move.job, move.epoch, move.source, move.destination, GO, self._clock(),
@@ -212,8 +215,12 @@ class Moving:
             else:
                 self._end_move(move, "aborted", reason)  # its job is requeued with the node's others
 
-    def _moves_on_hello(self: Coordinator, name: str, held: set[int]) -> None:
-        """A destination that says hello holding a guest handed over to it: the move is done."""
+    def _moves_on_hello(self: Coordinator, identity: bytes, name: str, held: set[int]) -> None:
+        """A node says hello: it hears of the moves called off while the coordinator was away (the source goes
+        on with the guest, the destination drops it), and a destination holding a guest handed over to it is
+        done with its move."""
+        for job, epoch, reason in self._untold.pop(name, []):
+            self._reply(identity, "move_abort", job=job, epoch=epoch, reason=reason)
         for move in self.moves.involving(name):
             if move.state == GO and move.destination == name and move.job in held:
                 self._finish_move(move)

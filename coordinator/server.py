@@ -281,7 +281,7 @@ class Coordinator(Moving):
                 node.running.add(job.id)
             else:
                 self._requeue(job.id, f"node {name} restarted without it")
-        self._moves_on_hello(name, held)
+        self._moves_on_hello(identity, name, held)
         for job_id in held - node.running - vacated_here - node.incoming:
             self._reply(identity, "cancel_job", job=job_id)
         self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S)

@@ -56,6 +56,7 @@ def send_guest(worker: GuestWorker, message: dict[str, Any], live: bool) -> bool
         answer = worker.await_move_answer(job, HAND_OVER_WAIT_S)
         if answer is None or answer["type"] != "move_go":
             why = answer.get("reason", "") if answer is not None else "no answer from the coordinator in time"
+            worker.called_off.set()  # the destination hears it from the coordinator, or gives up waiting for GO
             raise MigrationError(f"the hand-over was refused: {why}")
         handed_over.set()
 

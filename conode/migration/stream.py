@@ -136,12 +136,15 @@ class Abortable:
         self._stream = stream
         self._called_off = called_off
         self._timeout_s = timeout_s
+        self._timed_out = False  # once a wait timed out, the link is taken as gone: no more waiting on it
 
     def _retry(self, fn: Callable[[], T]) -> T:
         deadline = time.monotonic() + self._timeout_s
         while True:
             if self._called_off.is_set():
                 raise OSError(errno.ECANCELED, "the move was called off")
+            if self._timed_out:
+                raise TimeoutError("timed out before")
             try:
                 return fn()
             except TimeoutError:
@@ -150,6 +153,7 @@ class Abortable:
                 if exc.errno != errno.EAGAIN:
                     raise
             if time.monotonic() >= deadline:
+                self._timed_out = True
                 raise TimeoutError("timed out")
 
     def send(self, data: bytes) -> None:
