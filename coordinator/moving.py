@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from conode.cluster import protocol
 from coordinator.identity import job_identities
-from coordinator.moves import GO, PREPARE, ActiveMove, MoveBook, after_node_lost, after_restart, destination, \
-    why_not_movable
+from coordinator.moves import (GO, PREPARE, ActiveMove, MoveBook, after_node_lost, after_restart, destination,
+                              why_not_movable)
 from coordinator.placement import ACCEPTING_STATES
 from coordinator.store import Move
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from test_coordinator_decisions import Pool, run_jobs
 
-from coordinator.moves import MOVE_HOLD_S, MOVE_TIMEOUT_S, MoveBook, ActiveMove
+from coordinator.moves import MOVE_HOLD_S, MOVE_TIMEOUT_S, ActiveMove, MoveBook
 from coordinator.server import HOUSEKEEPING_EVERY_S
 from coordinator.store import Store
 
