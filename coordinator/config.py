@@ -25,7 +25,7 @@ SERVER_KEY_NAME = "coordinator"
 ADMIN_KEY_NAME = "admin"
 RELAY_OFF = "off"
 PRIVATE_UMASK = 0o077  # what the coordinator creates is its own: directories 0700, files 0600
-SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet", "migrate_on_owner"]  # what coordinator.toml may hold
+SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet", "migrate_on_owner", "migrate_speedup"]  # what coordinator.toml may hold
 CLIENT_KEYS = ["endpoint", "server_public_key", "key_directory", "key_name"]  # and client.toml
 
 
@@ -104,6 +104,14 @@ class StateDir:
         if not isinstance(value, bool):
             raise ConodeError(f"migrate_on_owner in {self.settings} must be true or false")
         return value
+
+    def migrate_speedup(self) -> float:
+        """How much faster an idle node must run guests for a running one to move there (``migrate_speedup`` in
+        coordinator.toml; 0, the default, never moves guests for speed: nodes' measured speeds are noisy)."""
+        value = self._setting("migrate_speedup", 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value == 0 or value >= 1):
+            raise ConodeError(f"migrate_speedup in {self.settings} must be 0 (off) or a ratio of at least 1")
+        return float(value)
 
     def _setting(self, key: str, default: object) -> object:
         return read_known(self.settings, SETTINGS_KEYS).get(key, default) if self.settings.exists() else default

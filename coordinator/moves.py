@@ -18,9 +18,10 @@ does not match the job's active move is refused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from coordinator.placement import NodeView, choose_node
+from coordinator.placement import NodeView, can_take_work, choose_node
 from coordinator.store import Job, Move
 
 MOVE_TIMEOUT_S = 60.0  # a move not handed over within this is called off; the guest stays on its source
@@ -91,6 +92,26 @@ def destination(mem_mib: int, nodes: list[NodeView], source: str, image_bytes: i
     the job as a new one (owner away, not drained, a free slot, enough memory), idle ones first."""
     candidates = [n for n in nodes if n.name != source and (to is None or n.name == to)]
     return choose_node(mem_mib, candidates, image_bytes)
+
+
+def toward_speed(nodes: list[NodeView], speeds: dict[str, float], jobs: dict[str, list[tuple[int, int]]],
+                 speedup: float, held: Callable[[int], bool]) -> tuple[int, str] | None:
+    """Load balancing, as openMosix moved work toward free capacity: a job (and where to) whose guest would run
+    at least *speedup* times faster on an idle node than where it runs, or None. *jobs*: per node, its movable
+    jobs as (job, guest memory); *held* says which jobs moved too recently to move again (the hysteresis). The
+    slowest node's job goes first, to the fastest idle node; one move at a time."""
+    idle = sorted((n for n in nodes if n.running == 0 and can_take_work(n)), key=lambda n: -speeds.get(n.name, 0))
+    if speedup <= 0 or not idle:
+        return None
+    for node in sorted((n for n in nodes if jobs.get(n.name)), key=lambda n: speeds.get(n.name, 0)):
+        slow = speeds.get(node.name, 0.0)
+        for job, mem_mib in jobs[node.name]:
+            if held(job):
+                continue
+            for target in idle:
+                if target.mem_mib >= mem_mib and slow > 0 and speeds.get(target.name, 0.0) >= speedup * slow:
+                    return job, target.name
+    return None
 
 
 def after_restart(move: Move) -> str | None:

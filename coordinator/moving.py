@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from conode.cluster import protocol
 from coordinator.identity import job_identities
 from coordinator.moves import (GO, PREPARE, ActiveMove, MoveBook, after_node_lost, after_restart, destination,
-                              why_not_movable)
+                              toward_speed, why_not_movable)
 from coordinator.placement import ACCEPTING_STATES
 from coordinator.store import Move
 
@@ -94,6 +94,27 @@ class Moving:
         for node in list(self.nodes.values()):
             if node.state not in ACCEPTING_STATES and node.running:
                 self._move_away(node, "its owner is back")
+
+    def _move_to_faster(self: Coordinator) -> None:
+        """The load-balancing policy (``migrate_speedup`` in coordinator.toml; off by default): a guest moves to an
+        idle node that runs guests that much faster, and not again within MOVE_HOLD_S."""
+        if self.migrate_speedup <= 0 or not self.open_nodes:
+            return
+        now = self._clock()
+        jobs: dict[str, list[tuple[int, int]]] = {}
+        for job in self.store.running_jobs():
+            node = self.nodes.get(job.node or "")
+            if node is not None and node.state in ACCEPTING_STATES and job.gang is None and \
+                    job.id not in self.moves.active:
+                jobs.setdefault(node.name, []).append((job.id, job.mem_mib))
+        views = [node.view(name in self.drained) for name, node in self.nodes.items()]
+        chosen = toward_speed(views, {name: node.speed for name, node in self.nodes.items()}, jobs,
+                              self.migrate_speedup, lambda job: self.moves.held(job, now))
+        if chosen is not None:
+            try:
+                self.start_move(chosen[0], chosen[1], why="a faster node is idle")
+            except MoveRefused as exc:
+                log.debug("job %d stays: %s", chosen[0], exc)
 
     # --- the move messages -----------------------------------------------------------------------------------
     def _move_of(self: Coordinator, identity: bytes, msg: dict[str, Any], role: str, name: str) -> ActiveMove | None:

@@ -139,6 +139,7 @@ class Coordinator(Moving):
         self.queue = JobQueue(self.store.queued())
         self.drained = self.store.drained()
         self.migrate_on_owner = state.migrate_on_owner()
+        self.migrate_speedup = state.migrate_speedup()
         self._load_moves()
         self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
         self.counters = Counters()
@@ -779,6 +780,7 @@ class Coordinator(Moving):
     def _sweep_jobs(self, now: float) -> None:
         self._expire_moves()
         self._move_from_owners()
+        self._move_to_faster()
         for job_id in self.store.vacated_jobs(older_than=self._wall() - VACATED_HOLD_S):
             job = self.store.job(job_id)
             self._requeue(job_id, f"vacated on {job.node if job else '?'} for over {VACATED_HOLD_S:.0f} s")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 from test_coordinator_decisions import Pool, run_jobs
 
-from coordinator.moves import MOVE_HOLD_S, MOVE_TIMEOUT_S, ActiveMove, MoveBook
+from coordinator.moves import MOVE_HOLD_S, MOVE_TIMEOUT_S, ActiveMove, MoveBook, toward_speed
+from coordinator.placement import NodeView
 from coordinator.server import HOUSEKEEPING_EVERY_S
 from coordinator.store import Store
 
@@ -212,3 +213,37 @@ def test_the_move_book_holds_a_moved_job_for_a_while():
     book.end(1, 10.0, moved=True)
     assert book.held(1, 10.0 + MOVE_HOLD_S / 2) and not book.held(1, 10.0 + MOVE_HOLD_S + 1)
     assert not book.held(2, 0.0)
+
+
+def test_toward_speed_moves_the_slowest_nodes_job_to_the_fastest_idle_node_with_hysteresis():
+    nodes = [NodeView("slow", "Claimed", 1, 256, 1, 0.0), NodeView("mid", "Claimed", 1, 256, 1, 0.0),
+             NodeView("fast", "Unclaimed", 1, 256, 0, 60.0), NodeView("small", "Unclaimed", 1, 64, 0, 60.0),
+             NodeView("away", "Owner", 1, 256, 0, 0.0)]
+    speeds = {"slow": 100.0, "mid": 180.0, "fast": 200.0, "small": 900.0, "away": 1000.0}
+    jobs = {"slow": [(1, 128)], "mid": [(2, 128)]}
+    assert toward_speed(nodes, speeds, jobs, 1.5, lambda job: False) == (1, "fast")
+    assert toward_speed(nodes, speeds, jobs, 1.5, lambda job: job == 1) is None  # mid is not slow enough
+    assert toward_speed(nodes, speeds, jobs, 0, lambda job: False) is None  # off
+    assert toward_speed(nodes, speeds, jobs, 2.5, lambda job: False) is None
+
+
+def test_the_speed_policy_moves_a_guest_once_then_holds_it(tmp_path):
+    (tmp_path / "coordinator.toml").write_text("migrate_speedup = 1.5\n")
+    pool = Pool(tmp_path)
+    pool.hello("n1")
+    job = pool.submit()
+    assert run_jobs(pool.take("n1")) == [job]
+    pool.send("n2", "hello", node="n2", cores=1, mem_mib=256, speed=5e6, state="Unclaimed", idle_s=60.0,
+              running=[], software="test")
+    pool.clock.advance(1.5)
+    pool.housekeeping()
+    (move_in,) = of_type(pool.take("n2"), "move_in")
+    listening(pool, "n2", move_in)
+    assert of_type(pool.send("n1", "move_ready", job=job, epoch=1), "move_go")
+    pool.send("n2", "move_arrived", job=job, epoch=1)
+    pool.send("n1", "hello", node="n1", cores=1, mem_mib=256, speed=5e7, state="Unclaimed", idle_s=60.0,
+              running=[], software="test")
+    pool.clock.advance(1.5)
+    pool.housekeeping()
+    assert not of_type(pool.take("n1"), "move_in")  # faster still, but it moved a moment ago
+    pool.close()
