@@ -77,8 +77,9 @@ def why_not_movable(job: Job | None, moving: bool) -> str | None:
     """Why a job's guest cannot move now, or None."""
     if job is None:
         return "no such job"
-    if job.guests > 1 or job.gang is not None:
-        return f"job {job.id} is a gang; its guests move one by one only as ranks, which is not supported"
+    if job.guests > 1 and job.gang is None:
+        return (f"job {job.id} has {job.guests} guests; move them one at a time, each by its rank's own id (the "
+                f"ids `coordinator status` lists on their nodes)")
     if job.state != "running" or job.node is None:
         return f"job {job.id} is {job.state}, not running on a node"
     if moving:

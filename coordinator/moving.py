@@ -66,7 +66,11 @@ class Moving:
         self.moves.start(ActiveMove(job_id, epoch, source.name, target, PREPARE, self._clock(), why))
         node.incoming.add(job_id)
         self._refresh(node)
-        net = job_identities(job_id, [job_id], self.subnet, job.network)[0].wire()
+        if job.gang is not None:  # a rank: its identity is its place in its gang's
+            ranks = [rank.id for rank in self.store.ranks(job.gang)]
+            net = job_identities(job.gang, ranks, self.subnet, job.network)[ranks.index(job_id)].wire()
+        else:
+            net = job_identities(job_id, [job_id], self.subnet, job.network)[0].wire()
         disk = {"image": image.wire()} if image is not None else {}
         self.server.send(node.identity, protocol.encode("move_in", job=job_id, epoch=epoch, source_key=source.key,
                                                         mem_mib=job.mem_mib, net=net, **disk))

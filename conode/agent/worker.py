@@ -37,6 +37,7 @@ from conode.agent.pipe import PipeError, Unpacker, pack
 from conode.agent.platform import lower_priority
 from conode.agent.wire import validate_to_worker
 from conode.agent.worker_moves import receive_guest, send_guest
+from conode.conet.frames import announcement
 from conode.conet.port import Port, PortError
 from conode.errors import ConodeError
 from conode.vm.cpu.unicorn_cpu import RamImage
@@ -48,6 +49,7 @@ from conode.vm.net_identity import NetIdentity
 
 CALIBRATION_LOOPS = 300
 BOOT_TIMEOUT_S = 120.0
+ANNOUNCEMENTS = 3  # gratuitous ARPs sent for a guest plugged in again (one may be lost on a busy switch)
 
 
 class GuestWorker:
@@ -255,9 +257,10 @@ class GuestWorker:
                 guest.machine.pause()
         elif kind in ("run", "receive"):
             self._runs.append(message)
-        elif kind == "plug":  # a guest resumed from disk: its NIC joins the switch again
+        elif kind == "plug":  # a guest resumed from disk or moved here: its NIC joins the switch again
             if self.guest is not None:
                 self._join_conet(self.guest, message["socket"], message["token"])
+                self._announce(self.guest)
         elif kind == "cancel":
             job = message.get("job")
             self._runs = deque(m for m in self._runs if m.get("job") != job)
@@ -299,6 +302,13 @@ class GuestWorker:
             self._log(str(exc))
             return
         self._port.attach(guest.machine.nic, guest.machine.call_soon)
+
+    def _announce(self, guest: Guest) -> None:
+        """Tell the switches where the guest's MAC is now (it may have been behind another agent's)."""
+        net = guest.job.spec.net if guest.job is not None else None
+        if net is not None and self._port is not None:
+            for _ in range(ANNOUNCEMENTS):
+                self._port.send(announcement(net.mac, net.ip))
 
     # --- the loop --------------------------------------------------------------------------------------------
     def run(self) -> int:

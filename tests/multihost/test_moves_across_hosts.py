@@ -101,6 +101,14 @@ def moved(pool, job: int, count: int, to: str | None = None) -> dict | None:
     return row if done and (to is None or row["node"] == to) else None
 
 
+def runs_on(pool, guest: int) -> str | None:
+    """The node running *guest* (a job or a gang's rank) by `status`, unless it is moving."""
+    for node in pool.status()["nodes"]:
+        if guest in node["jobs"] and guest not in node["moving_out"] + node["moving_in"]:
+            return node["name"]
+    return None
+
+
 def start_moving(pool, job: int, to: str) -> None:
     assert f"moving to {to}" in pool.cli("migrate", str(job), "--to", to).stdout.decode()
 
@@ -193,8 +201,33 @@ def test_faults_before_the_hand_over_leave_the_job_running_on_its_source(slow_po
     assert row["attempts"] == 1 and row["moves"] == 0 and row["node"] == source
 
 
-def test_the_source_killed_in_the_middle_of_a_move_its_job_runs_again_once(slow_pool):
+TRANSFER = """
+set -- $CONODE_HOSTS
+if [ $CONODE_RANK = 0 ]; then
+  mkfifo /tmp/quiet; nc -l -p 5000 <>/tmp/quiet | wc -c
+else
+  i=0; until ping -c 1 -W 1 "$1" >/dev/null; do i=$((i+1)); [ $i -lt 60 ] || exit 1; done
+  echo linked
+  until (i=0; while [ $i -lt 30 ]; do echo "line $i"; i=$((i+1)); sleep 0.5; done) | nc "$1" 5000; do sleep 0.5; done
+fi
+"""
+
+
+def test_a_tcp_transfer_goes_on_across_a_move_then_a_source_killed_mid_move_runs_its_job_again_once(slow_pool):
     pool = slow_pool
+    gang = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", TRANSFER).stdout.strip())
+    pool.wait_until("the transfer to start", lambda: b"linked" in pool.cli("logs", str(gang), "--rank", "1")
+                    .stdout, 90, interval=0.3)
+    where = {job: node["name"] for node in pool.status()["nodes"] for job in node["jobs"]}
+    receiver = min(where)  # rank 0, the listening end
+    free = next(name for name in AGENTS if name not in where.values())
+    start_moving(pool, receiver, free)  # a rank moves by its own id, keeping its address
+    pool.wait_until("the receiving rank to move", lambda: runs_on(pool, receiver) == free, 60, interval=0.3)
+    assert pool.cli("wait", str(gang), "--timeout", "120", check=False, timeout=150).returncode == 0
+    received = pool.cli("logs", str(gang), "--rank", "0").stdout.split()
+    assert received[-1] == str(sum(len(f"line {i}\n") for i in range(30))).encode()
+    assert job_row(pool, gang)["attempts"] == 1
+
     steps = 16
     job = pool.submit("sh", "-c", job_of(steps, 0.3))
     running_with_output(pool, job, 2)
