@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coordinator")
 
+LOAD_VACATED_EVERY_S = 30.0  # how often a node is asked again to load a vacated guest that has not come up
+
 
 class Moving:
     """Mixin: the Coordinator's moves."""
@@ -30,6 +32,7 @@ class Moving:
         the guest), handed-over ones wait for their destination."""
         self.moves = MoveBook()
         self._untold: dict[str, list[tuple[int, int, str]]] = {}  # node -> moves called off it must hear of
+        self._loading: dict[int, float] = {}  # vacated job -> when its node was asked to load it
         for move in self.store.active_moves():
             reason = after_restart(move)
             if reason is not None:
@@ -98,6 +101,23 @@ class Moving:
         for node in list(self.nodes.values()):
             if node.state not in ACCEPTING_STATES and node.running:
                 self._move_away(node, "its owner is back")
+        self._load_vacated()
+
+    def _load_vacated(self: Coordinator) -> None:
+        """A guest vacated to its workstation's disk (its owner still there) is loaded, paused, to move as soon
+        as a workstation is free for it (once per LOAD_VACATED_EVERY_S: the agent answers job_resumed)."""
+        now = self._clock()
+        views = [node.view(name in self.drained) for name, node in self.nodes.items()]
+        for job_id in self.store.vacated_jobs():
+            job = self.store.job(job_id)
+            node = self.nodes.get(job.node or "") if job is not None else None
+            if job is None or node is None or node.state in ACCEPTING_STATES or job.gang is not None or \
+                    now - self._loading.get(job_id, -LOAD_VACATED_EVERY_S) < LOAD_VACATED_EVERY_S or \
+                    destination(job.mem_mib, views, node.name) is None:
+                continue
+            self._loading[job_id] = now
+            self.server.send(node.identity, protocol.encode("load_vacated", job=job_id))
+            log.info("job %d, vacated on %s, is loaded there to move", job_id, node.name)
 
     def _move_to_faster(self: Coordinator) -> None:
         """The load-balancing policy (``migrate_speedup`` in coordinator.toml; off by default): a guest moves to an

@@ -361,6 +361,8 @@ class Coordinator(Moving):
             self._tell_peers()
             self._refresh(node)
             log.info("job %d resumed on %s", job.id, name)
+            self._loading.pop(job.id, None)
+            self._move_from_owners()  # loaded to move away from its owner, perhaps
         else:
             self.server.send(identity, protocol.encode("cancel_job", job=msg["job"]))
 

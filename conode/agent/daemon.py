@@ -202,6 +202,8 @@ class AgentDaemon:
         elif message["type"] == "cancel_job":
             self.guests.cancel(message["job"])
             self.outbox.remove(message["job"])
+        elif message["type"] == "load_vacated":
+            self.guests.load_vacated(message["job"])
         elif message["type"] in ("move_in", "move_out", "move_go", "move_abort"):
             if self.guests.mover is not None:
                 self.guests.mover.on_coordinator(message)

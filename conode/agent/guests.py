@@ -537,6 +537,19 @@ class Guests:
         slot.job = None
         log.info("guest %d saved to %s with jobs %s", slot.index, message["path"], jobs)
 
+    def load_vacated(self, job: int) -> None:
+        """Load the vacated guest holding *job* into a worker, paused (the owner is still here), so that it can
+        move to another workstation: the coordinator hears job_resumed, then moves it."""
+        index = self.vacated.get(job)
+        slot = self.slots[index] if index is not None else None
+        if slot is None or slot.handle is not None:
+            return
+        self._start(slot)
+        if slot.handle is not None:
+            slot.pause_requested = True  # queued before the worker has restored it: it never runs here
+            self.send_to(slot, {"type": "pause"})
+            log.info("guest %d loads its vacated jobs %s, paused, to move them", slot.index, slot.resumed_jobs)
+
     def _take_resumed_jobs(self, slot: WorkerSlot) -> None:
         for job in slot.resumed_jobs:
             self.jobs[job] = slot

@@ -87,7 +87,7 @@ class ZmqTransport:
         self._client.close()
 
 
-FOR_AGENT = ("run_job", "cancel_job", "conet_peers", "move_in", "move_out", "move_go", "move_abort")
+FOR_AGENT = ("run_job", "cancel_job", "conet_peers", "move_in", "move_out", "move_go", "move_abort", "load_vacated")
 
 
 class CoordinatorLink:

@@ -134,6 +134,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
                                 "net": _f(IDENTITY, False), "image": _f(IMAGE, False)}),
     "move_out": ("coordinator", {"job": _f(INT), "epoch": _f(INT), "endpoint": _f(STR), "key": _f(STR)}),
     "move_go": ("coordinator", {"job": _f(INT), "epoch": _f(INT)}),
+    "load_vacated": ("coordinator", {"job": _f(INT)}),  # load a vacated guest, paused, to move it
     "move_abort": ("coordinator", {"job": _f(INT), "epoch": _f(INT), "reason": _f(TEXT)}),
     "reconnect": ("coordinator", {"reason": _f(STR)}),
     # admin -> coordinator

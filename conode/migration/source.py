@@ -143,7 +143,7 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
     original_cap = machine.cpu_cap
     max_rounds = min(policy.max_rounds, MAX_ROUNDS - 1)  # what a destination accepts, the final round included
     started = time.monotonic()
-    paused = committed = False
+    paused = committed = whole = False
     running.on_machine_thread(tracker.start)
     try:
         frames.send_preamble()
@@ -181,7 +181,8 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
         report.cpu_cap = machine.cpu_cap
         with ThreadPoolExecutor(1) as pool:
             final = _union(pending, tracker.take())
-            spans = None if policy.full_digest else list(runs(final, RUN_PAGES))
+            whole = policy.full_digest or _popcount(final) == machine.ram.size // PAGE_SIZE  # all RAM goes now
+            spans = None if whole else list(runs(final, RUN_PAGES))
             digest = pool.submit(ram_digest, machine.ram.view, spans)  # the RAM is frozen now: hashed as we send
             report.final_pages = send_pages(frames, tracker, final, report)
             frames.send(ROUND, ROUND_NUMBER.pack(report.rounds + 1))
@@ -196,11 +197,11 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
         frames.send(GO)
         report.paused_s = (time.monotonic_ns() - stopped_ns) / 1e9
         report.total_s = time.monotonic() - started
-        if not policy.full_digest:
+        if not whole:
             frames.send(DIGEST, pack_digest(ram_digest(machine.ram.view)))  # the guest is paused here for good
         report.bytes_sent = frames.sent
         report.downtime_s = _downtime(frames, stopped_ns)
-        report.verified = True if policy.full_digest else _verified(frames)
+        report.verified = True if whole else _verified(frames)
         return report
     except BaseException as exc:
         if not committed:

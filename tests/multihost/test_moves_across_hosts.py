@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.guest,
 
 AGENTS = ("a1", "a2", "a3")
 # Owner-aware agents (each with its own idle file); the owner left an hour ago.
-OWNER_POLICY = {"start_idle_s": 1.0, "continue_idle_s": 1.0, "active_input_s": 0.5, "vacate_after_s": 600.0,
+OWNER_POLICY = {"start_idle_s": 1.0, "continue_idle_s": 1.0, "active_input_s": 0.5, "vacate_after_s": 2.0,
                 "start_max_load": 1000.0, "suspend_load": 1000.0}  # the other test processes are not the owner
 SLOW_LINK_MIB_S = 4.0  # the fault tests' agents send a guest (about 12 MB) in about three seconds: time to strike
 
@@ -139,12 +139,26 @@ def test_a_job_moved_three_times_then_away_from_its_returning_owner_prints_what_
     assert row["node"] != visited[-1]
     visited.append(row["node"])
     running_with_output(pool, job, steps_printed(pool, job) + 2)
-    row = finish(pool, job, steps)
-    assert row["attempts"] == 1 and row["moves"] == 4 and row["ran_on"] == visited
-    assert f"4: {'>'.join(visited)}" in pool.cli("jobs").stdout.decode()
-    logs = "".join(pool.log(name) for name in AGENTS)
-    assert logs.count(f"job {job} moved out: downtime") == 4 and logs.count(f"job {job} moved in:") == 4
     assert f"job {job} moving from {visited[-2]} to {visited[-1]} (its owner is back)" in pool.log("coordinator")
+
+    # Its owner comes back again, with every other workstation busy: it is paused, then vacated to disk there;
+    # it moves as soon as another workstation frees up, while the owner still works.
+    fillers = [pool.submit("sh", "-c", "sleep 6") for _ in range(2)]
+    pool.wait_until("the other workstations busy", lambda: all(job_row(pool, f)["state"] == "running"
+                                                               for f in fillers), 60, interval=0.2)
+    owner = owners[visited[-1]]
+    pool.wait_until("the job to be vacated", lambda: (owner.types(), job_row(pool, job)["state"])[1] == "vacated",
+                    60, interval=0.2)
+    row = pool.wait_until("the vacated guest to move", lambda: (owner.types(), moved(pool, job, 5))[1], 60,
+                          interval=0.2)
+    assert row["node"] != visited[-1]
+    visited.append(row["node"])
+    row = finish(pool, job, steps)
+    assert row["attempts"] == 1 and row["moves"] == 5 and row["ran_on"] == visited
+    assert f"5: {'>'.join(visited)}" in pool.cli("jobs").stdout.decode()
+    logs = "".join(pool.log(name) for name in AGENTS)
+    assert logs.count(f"job {job} moved out: downtime") == 5 and logs.count(f"job {job} moved in:") == 5
+    assert f"job {job}, vacated on {visited[-2]}, is loaded there to move" in pool.log("coordinator")
     print(f"moves {visited}: last downtime {row['last_downtime_s'] * 1000:.0f} ms")
 
 

@@ -247,3 +247,27 @@ def test_the_speed_policy_moves_a_guest_once_then_holds_it(tmp_path):
     pool.housekeeping()
     assert not of_type(pool.take("n1"), "move_in")  # faster still, but it moved a moment ago
     pool.close()
+
+
+def test_a_guest_vacated_while_no_node_was_free_is_loaded_and_moved_when_one_frees_up(pool):
+    pool.hello("n1")
+    job = pool.submit()
+    assert run_jobs(pool.take("n1")) == [job]
+    pool.beat("n1", "Suspended")
+    pool.send("n1", "job_vacated", job=job)
+    pool.beat("n1", "Owner")
+    pool.clock.advance(1.5)
+    pool.housekeeping()
+    assert not of_type(pool.take("n1"), "load_vacated")  # nowhere to go
+    pool.hello("n2")  # a workstation frees up
+    pool.clock.advance(1.5)
+    pool.housekeeping()
+    assert [m["job"] for m in of_type(pool.take("n1"), "load_vacated")] == [job]
+    pool.beat("n1", "Owner")
+    pool.beat("n2", "Unclaimed")
+    pool.clock.advance(1.5)
+    pool.housekeeping()
+    assert not of_type(pool.take("n1"), "load_vacated")  # asked once, not every sweep
+    pool.send("n1", "job_resumed", job=job)  # loaded, paused: it moves at once
+    (move_in,) = of_type(pool.take("n2"), "move_in")
+    assert move_in["job"] == job and pool.job(job)["moving_to"] == "n2"
