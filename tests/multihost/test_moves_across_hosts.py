@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import testnet
-from hostpool import COORDINATOR_HOST, READY_TIMEOUT_S
+from hostpool import COORDINATOR_HOST, READY_TIMEOUT_S, slow_transfer, transfer_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))  # pool.py, test_owner_cycle.py
 
@@ -197,12 +197,9 @@ def test_faults_before_the_hand_over_leave_the_job_running_on_its_source(slow_po
     network.unblock(a, b)
     running_with_output(pool, job, steps_printed(pool, job) + 2)
 
-    restarted = []
-
     def restart_coordinator() -> None:
         pool.kill(pool.coordinator)
         pool.start_coordinator()
-        restarted.append(time.monotonic())
 
     strike_mid_transfer(pool, job, second, restart_coordinator)
     pool.wait_until("the restarted coordinator to call the move off", lambda: "called off: the coordinator "
@@ -215,21 +212,11 @@ def test_faults_before_the_hand_over_leave_the_job_running_on_its_source(slow_po
     assert row["attempts"] == 1 and row["moves"] == 0 and row["node"] == source
 
 
-TRANSFER = """
-set -- $CONODE_HOSTS
-if [ $CONODE_RANK = 0 ]; then
-  mkfifo /tmp/quiet; nc -l -p 5000 <>/tmp/quiet | wc -c
-else
-  i=0; until ping -c 1 -W 1 "$1" >/dev/null; do i=$((i+1)); [ $i -lt 60 ] || exit 1; done
-  echo linked
-  until (i=0; while [ $i -lt 30 ]; do echo "line $i"; i=$((i+1)); sleep 0.5; done) | nc "$1" 5000; do sleep 0.5; done
-fi
-"""
 
 
 def test_a_tcp_transfer_goes_on_across_a_move_then_a_source_killed_mid_move_runs_its_job_again_once(slow_pool):
     pool = slow_pool
-    gang = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", TRANSFER).stdout.strip())
+    gang = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", slow_transfer(30)).stdout.strip())
     pool.wait_until("the transfer to start", lambda: b"linked" in pool.cli("logs", str(gang), "--rank", "1")
                     .stdout, 90, interval=0.3)
     where = {job: node["name"] for node in pool.status()["nodes"] for job in node["jobs"]}
@@ -239,7 +226,7 @@ def test_a_tcp_transfer_goes_on_across_a_move_then_a_source_killed_mid_move_runs
     pool.wait_until("the receiving rank to move", lambda: runs_on(pool, receiver) == free, 60, interval=0.3)
     assert pool.cli("wait", str(gang), "--timeout", "120", check=False, timeout=150).returncode == 0
     received = pool.cli("logs", str(gang), "--rank", "0").stdout.split()
-    assert received[-1] == str(sum(len(f"line {i}\n") for i in range(30))).encode()
+    assert received[-1] == transfer_size(30).encode()
     assert job_row(pool, gang)["attempts"] == 1
 
     steps = 16
