@@ -93,22 +93,25 @@ class Moving:
                 log.debug("job %d stays on %s: %s", job_id, node.name, exc)
         return started
 
-    def _move_from_owners(self: Coordinator) -> None:
+    def _move_from_owners(self: Coordinator, node: Node | None = None) -> None:
         """The owner-return policy: guests paused on a workstation whose owner is back move to an idle one, at
-        once or as soon as one frees up (until their node vacates them to its disk)."""
+        once (*node*: the one whose owner just came back) or as soon as one frees up (every node: the sweep);
+        a guest vacated to its disk meanwhile is loaded to move."""
         if not self.migrate_on_owner or not self.open_nodes:
             return
-        for node in list(self.nodes.values()):
-            if node.state not in ACCEPTING_STATES and node.running:
-                self._move_away(node, "its owner is back")
-        self._load_vacated()
+        for each in [node] if node is not None else list(self.nodes.values()):
+            if each.state not in ACCEPTING_STATES and each.running:
+                self._move_away(each, "its owner is back")
+        if node is None:
+            self._load_vacated()
 
     def _load_vacated(self: Coordinator) -> None:
         """A guest vacated to its workstation's disk (its owner still there) is loaded, paused, to move as soon
         as a workstation is free for it (once per LOAD_VACATED_EVERY_S: the agent answers job_resumed)."""
         now = self._clock()
-        views = [node.view(name in self.drained) for name, node in self.nodes.items()]
-        for job_id in self.store.vacated_jobs():
+        vacated = self.store.vacated_jobs()
+        views = [node.view(name in self.drained) for name, node in self.nodes.items()] if vacated else []
+        for job_id in vacated:
             job = self.store.job(job_id)
             node = self.nodes.get(job.node or "") if job is not None else None
             if job is None or node is None or node.state in ACCEPTING_STATES or job.gang is not None or \

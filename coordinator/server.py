@@ -311,7 +311,8 @@ class Coordinator(Moving):
         node.speed = float(msg.get("speed", node.speed))
         if was_accepting != (node.state in ACCEPTING_STATES):
             self._refresh(node)
-            self._move_from_owners()  # the owner came back (its guests move away), or left (they may come here)
+            if node.state not in ACCEPTING_STATES:
+                self._move_from_owners(node)  # its owner is back: its guests move away now
             self.schedule()  # the owner left: queued work may go there now
 
     def _on_bye(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
@@ -368,7 +369,7 @@ class Coordinator(Moving):
             self._refresh(node)
             log.info("job %d resumed on %s", job.id, name)
             self._loading.pop(job.id, None)
-            self._move_from_owners()  # loaded to move away from its owner, perhaps
+            self._move_from_owners(node)  # loaded to move away from its owner, perhaps
         else:
             self.server.send(identity, protocol.encode("cancel_job", job=msg["job"]))
 
