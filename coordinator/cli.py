@@ -251,7 +251,7 @@ def _render_status(reply: dict[str, Any]) -> None:
     click.echo(f"\npool: {t['nodes']} nodes{down}, {t['cores']} cores ({t['idle_cores']} free), "
                f"{render.mib(t['mem_mib'])}; jobs: {jobs['queued']} queued, {jobs.get('held', 0)} held, "
                f"{jobs['running']} running, {jobs['vacated']} vacated, {jobs['done']} done, {jobs['failed']} failed, "
-               f"{jobs['cancelled']} cancelled")
+               f"{jobs['cancelled']} cancelled" + (f"; {t['moving']} moving" if t.get("moving") else ""))
 
 
 @main.command()
@@ -463,8 +463,8 @@ def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: i
             where = j["node"] or (f"{j['guests']} guests" if j.get("guests", 1) > 1 else "-")
             state = _state_text(j)
             rows.append([j["id"], _owner_text(j), _array_text(j), state, where, status_text, runtime, j["attempts"],
-                         _command_text(j)])
-        _table(["JOB", "OWNER", "ARRAY", "STATE", "NODE", "STATUS", "RUNTIME", "TRIES", "COMMAND"], rows)
+                         render.moves(j), _command_text(j)])
+        _table(["JOB", "OWNER", "ARRAY", "STATE", "NODE", "STATUS", "RUNTIME", "TRIES", "MOVES", "COMMAND"], rows)
 
     _guarded(body)
 
@@ -815,12 +815,32 @@ def cancel(config_path: Path | None, endpoint: str | None, job: int) -> None:
 @with_client
 @click.argument("node")
 @click.option("--undo", is_flag=True, help="Let the node take jobs again.")
-def drain(config_path: Path | None, endpoint: str | None, node: str, undo: bool) -> None:
-    """Stop placing new jobs on NODE (running jobs finish)."""
+@click.option("--migrate", "move", is_flag=True, help="Also move its running jobs' guests to other nodes now.")
+def drain(config_path: Path | None, endpoint: str | None, node: str, undo: bool, move: bool) -> None:
+    """Stop placing new jobs on NODE (running jobs finish there, or move away with --migrate)."""
+
+    def body() -> None:
+        if move and undo:
+            raise click.UsageError("--migrate moves jobs off a node being drained; it does not go with --undo")
+        with _client(config_path, endpoint) as client:
+            extra = {"migrate": True} if move else {}
+            click.echo(client.request("drain", "ok", node=node, undrain=undo, **extra).get("detail", "ok"))
+
+    _guarded(body)
+
+
+@main.command()
+@with_client
+@click.argument("job", type=int)
+@click.option("--to", "to", default=None, metavar="NODE", help="The node to move to (default: the coordinator "
+              "picks an idle one).")
+def migrate(config_path: Path | None, endpoint: str | None, job: int, to: str | None) -> None:
+    """Move running JOB's guest to another node while it runs; its output goes on from there."""
 
     def body() -> None:
         with _client(config_path, endpoint) as client:
-            click.echo(client.request("drain", "ok", node=node, undrain=undo).get("detail", "ok"))
+            extra = {"to": to} if to else {}
+            click.echo(client.request("migrate", "ok", job=job, **extra).get("detail", "ok"))
 
     _guarded(body)
 

@@ -30,8 +30,8 @@ SERVER_KEY_NAME = "coordinator"
 ADMIN_KEY_NAME = "admin"
 RELAY_OFF = "off"
 PRIVATE_UMASK = 0o077  # what the coordinator creates is its own: directories 0700, files 0600
-SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet", "metrics", "checkpoint_interval_s", "checkpoint_budget_mib"]
-# what coordinator.toml may hold
+SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet", "metrics", "checkpoint_interval_s", "checkpoint_budget_mib",
+                 "migrate_on_owner", "migrate_speedup"]  # what coordinator.toml may hold
 CLIENT_KEYS = ["endpoint", "server_public_key", "key_directory", "key_name", "public_key", "secret_key"]
 
 
@@ -102,6 +102,22 @@ class StateDir:
     def conet_subnet(self) -> str:
         """The guests' own IPv4 subnet (``conet_subnet`` in coordinator.toml): guest-only, never routed."""
         return str(self._setting("conet_subnet", DEFAULT_SUBNET))
+
+    def migrate_on_owner(self) -> bool:
+        """Whether a guest whose workstation's owner returns moves to an idle one (``migrate_on_owner`` in
+        coordinator.toml; default true); if not, or with no idle one, it is paused and vacated there."""
+        value = self._setting("migrate_on_owner", True)
+        if not isinstance(value, bool):
+            raise ConodeError(f"migrate_on_owner in {self.settings} must be true or false")
+        return value
+
+    def migrate_speedup(self) -> float:
+        """How much faster an idle node must run guests for a running one to move there (``migrate_speedup`` in
+        coordinator.toml; 0, the default, never moves guests for speed: nodes' measured speeds are noisy)."""
+        value = self._setting("migrate_speedup", 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value == 0 or value >= 1):
+            raise ConodeError(f"migrate_speedup in {self.settings} must be 0 (off) or a ratio of at least 1")
+        return float(value)
 
     def metrics(self) -> str:
         """Where the Prometheus endpoint listens (``metrics`` in coordinator.toml, conode/metrics.py): off by

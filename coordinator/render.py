@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 FOREVER_S = 10 * 365 * 86400  # an idle time this long means "never touched" (agents cap forever to a large number)
 SIZE_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB")
@@ -56,3 +57,15 @@ def stamp(wall: float) -> str:
 def since(wall: float, now: float) -> str:
     """When something happened: the local time, and how long ago."""
     return f"{stamp(wall)} ({duration(now - wall)} ago)"
+
+
+def moves(job: dict[str, Any]) -> str:
+    """A job's moves for a table: how many, where it ran and the last one's downtime; "-" for none."""
+    count = job.get("moves", 0)
+    if job.get("moving_to"):
+        return f"{count} (moving to {job['moving_to']})"
+    if not count:
+        return "-"
+    downtime = job.get("last_downtime_s")
+    last = f", last down {downtime * 1000:.0f} ms" if downtime is not None else ""
+    return f"{count}: {'>'.join(job.get('ran_on', []))}{last}"

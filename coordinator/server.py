@@ -39,6 +39,7 @@ from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
 from coordinator.liveness import Liveness
 from coordinator.metrics import PLACEMENT_LATENCY_BOUNDS
+from coordinator.moving import MoveRefused, Moving
 from coordinator.pending import Request, never_fits, why_waiting
 from coordinator.placement import ACCEPTING_STATES, NodeView, OpenNodes, choose_gang
 from coordinator.queue import JobQueue, QueuedJob
@@ -80,13 +81,14 @@ class Node:
     away_since: float = 0.0  # when its owner left, on the coordinator's clock
     cpu_percent: float = 0.0
     running: set[int] = field(default_factory=set)
+    incoming: set[int] = field(default_factory=set)  # jobs moving here, not yet handed over (a slot each)
     connected_at: float = 0.0  # wall-clock time of its hello
     last_placed: float = 0.0
     image_cache_mib: int | None = None  # the most of the pool's images it keeps on disk; None: unsaid
 
     def view(self, drained: bool) -> NodeView:
-        return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running), self.away_since,
-                        drained, self.last_placed, self.image_cache_mib)
+        return NodeView(self.name, self.state, self.cores, self.mem_mib, len(self.running) + len(self.incoming),
+                        self.away_since, drained, self.last_placed, self.image_cache_mib)
 
 
 @dataclass
@@ -116,7 +118,7 @@ def wall_clock_from(clock: Callable[[], float]) -> Callable[[], float]:
     return lambda: offset + clock()
 
 
-class Coordinator:
+class Coordinator(Moving):
     def __init__(self, state: StateDir, bind: str | None = None, context: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic, transport: Transport | None = None,
                  relay: str = RELAY_OFF) -> None:
@@ -154,6 +156,9 @@ class Coordinator:
                                  protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS)
         self.queue = JobQueue(self.store.queued())
         self.drained = self.store.drained()
+        self.migrate_on_owner = state.migrate_on_owner()
+        self.migrate_speedup = state.migrate_speedup()
+        self._load_moves()
         self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
         self._capacity: list[tuple[int, int]] | None = None  # (cores, memory) of the nodes up or down, when asked
         self._largest_mem = 0
@@ -300,12 +305,14 @@ class Coordinator:
         vacated_here = set(self.store.vacated_jobs(name))
         # Reconcile: jobs we placed there that the node no longer has are lost; jobs it runs that we do not
         # expect there (cancelled, or re-placed while it was away) are told to stop.
+        node.incoming = {m.job for m in self.moves.involving(name) if m.destination == name and m.state == "prepare"}
         for job in self.store.running_jobs(name):
             if job.id in held:
                 self._occupy(node, job.id, job.owner)
             else:
                 self._requeue(job.id, f"node {name} restarted without it")
-        for job_id in held - node.running - vacated_here:
+        self._moves_on_hello(identity, name, held)
+        for job_id in held - node.running - vacated_here - node.incoming:
             self._reply(identity, "cancel_job", job=job_id)
         self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S)
         self.peers.node_joined(name, msg.get("conet"), node.key)
@@ -328,6 +335,8 @@ class Coordinator:
         node.speed = float(msg.get("speed", node.speed))
         if was_accepting != (node.state in ACCEPTING_STATES):
             self._refresh(node)
+            if node.state not in ACCEPTING_STATES:
+                self._move_from_owners(node)  # its owner is back: its guests move away now
             self.schedule()  # the owner left: queued work may go there now
 
     def _on_bye(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
@@ -382,6 +391,8 @@ class Coordinator:
             self.peers.guest_placed(job.id, self._network_of(job), name)
             self._tell_peers()
             log.info("job %d resumed on %s", job.id, name)
+            self._loading.pop(job.id, None)
+            self._move_from_owners(node)  # loaded to move away from its owner, perhaps
         else:
             self.server.send(identity, protocol.encode("cancel_job", job=msg["job"]))
 
@@ -413,6 +424,8 @@ class Coordinator:
             "name": n.name, "state": n.state, "cores": n.cores, "mem_mib": n.mem_mib, "speed": n.speed,
             "jobs": sorted(n.running), "idle_s": n.idle_s, "drained": n.name in self.drained,
             "cpu_percent": n.cpu_percent, "software": n.software,
+            "moving_in": sorted(n.incoming), "moving_out": sorted(m.job for m in self.moves.involving(n.name)
+                                                               if m.source == n.name),
         } for n in sorted(self.nodes.values(), key=lambda n: n.name)]
         counts = self.store.job_counts()
         totals = {
@@ -422,6 +435,7 @@ class Coordinator:
                               if n.state in ("Unclaimed", "Claimed") and n.name not in self.drained),
             "mem_mib": sum(n.mem_mib for n in self.nodes.values()),
             "jobs": {state: counts.get(state, 0) for state in JOB_STATES},
+            "moving": len(self.moves.active),
             "malformed_messages": self.counters.malformed,
             "refused_messages": self.counters.refused,
         }
@@ -512,8 +526,12 @@ class Coordinator:
         return why_waiting(Request(job.mem_mib, job.guests, image.size if image is not None else 0), views)
 
     def _job_summary(self, job: Any, listing: bool | str = False,
-                     why: dict[tuple[int, int, str | None], str] | None = None) -> dict[str, Any]:
+                     why: dict[tuple[int, int, str | None], str] | None = None,
+                     moves: list | None = None) -> dict[str, Any]:
         summary = job.summary()
+        summary.update(self._move_summary(moves if moves is not None else self.store.moves([job.id]).get(job.id, [])))
+        if job.id in self.moves.active:
+            summary["moving_to"] = self.moves.active[job.id].destination
         if job.guests > 1 and not listing:
             summary["ranks"] = [{"rank": r.rank, "id": r.id, "node": r.node, "state": r.state,
                                  "exit_status": r.exit_status, "reason": r.reason} for r in self.store.ranks(job.id)]
@@ -556,7 +574,9 @@ class Coordinator:
                                owner=msg.get("user"))
         why: dict[tuple[int, int, str | None], str] = {}  # the same request waits for the same reason
         listing = "history" if history else True
-        self._reply(identity, "jobs_reply", jobs=[self._job_summary(job, listing, why) for job in jobs])
+        moves = self.store.moves([job.id for job in jobs])
+        self._reply(identity, "jobs_reply", jobs=[self._job_summary(job, listing, why, moves.get(job.id, []))
+                                                  for job in jobs])
 
     def _job_or_error(self, identity: bytes, job_id: int, kind: str) -> Any:
         job = self.store.job(job_id)
@@ -680,6 +700,14 @@ class Coordinator:
         if not held:
             self.schedule()
 
+    def _on_migrate(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        try:
+            target = self.start_move(msg["job"], msg.get("to"), why=f"asked by {name}")
+        except MoveRefused as exc:
+            self._reply(identity, "error", code="not-movable", message=str(exc), in_reply_to="migrate")
+            return
+        self._reply(identity, "ok", detail=f"job {msg['job']} is moving to {target}")
+
     def _on_drain(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node, drain = msg["node"], not msg.get("undrain", False)
         names = self._node_names() | (set() if drain else self.drained)
@@ -688,10 +716,15 @@ class Coordinator:
             return
         self.store.set_drained(node, drain)
         self.drained = self.store.drained()
+        moving = ""
         if node in self.nodes:
             self._refresh(self.nodes[node])
+            if drain and msg.get("migrate"):
+                moving = f"; moving {self._move_away(self.nodes[node], 'its node is drained')} of its " \
+                         f"{len(self.nodes[node].running)} jobs"
         known = "" if node in self.nodes else " (not connected now)"
-        self._reply(identity, "ok", detail=f"node {node} {'drained' if drain else 'accepting jobs again'}{known}")
+        self._reply(identity, "ok",
+                    detail=f"node {node} {'drained' if drain else 'accepting jobs again'}{known}{moving}")
         self.schedule()
 
     def _node_names(self) -> set[str]:
@@ -768,6 +801,7 @@ class Coordinator:
         self.queue.shares.stopped(job_id)
         self.peers.guest_gone(job_id)
         self._refresh(node)
+        self._job_left(job_id, node.name, ran=True)
 
     def schedule(self) -> None:
         """Place queued jobs on nodes that can take them, in the queue's fair order (queue.py); a gang all at
@@ -1021,6 +1055,9 @@ class Coordinator:
 
     def _sweep_jobs(self, now: float) -> None:
         self.checkpoints.sweep(self._needs_checkpoint)
+        self._expire_moves()
+        self._move_from_owners()
+        self._move_to_faster()
         for job in self.store.overdue(self._wall()):
             reason = f"time limit {job.timeout_s:g} s reached"
             self._end(job, "failed", reason)
@@ -1057,6 +1094,7 @@ class Coordinator:
         self.peers.node_left(node.name)
         if self.relay is not None:
             self.relay.set_peers(node.key, node.name, None)
+        self._moves_on_node_lost(node.name)
         for job_id in sorted(node.running):
             self._requeue(job_id, f"node {node.name} lost ({why})")
             self.queue.shares.stopped(job_id)
@@ -1073,6 +1111,7 @@ class Coordinator:
         if job.gang is not None:
             self._restart_gang(job.gang, f"rank {job.rank}: {reason}")
             return
+        self._job_left(job_id, job.node, ran=False)
         if job.state == "running" and job.attempts >= MAX_ATTEMPTS:
             self.store.finish(job_id, "failed", None, f"{reason}; gave up after {job.attempts} attempts")
             return

@@ -84,6 +84,20 @@ CREATE TABLE IF NOT EXISTS keys (
     added_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS drained (node TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS moves (
+    job INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    downtime_s REAL,
+    total_s REAL,
+    bytes INTEGER,
+    PRIMARY KEY (job, epoch)
+);
 CREATE TABLE IF NOT EXISTS images (
     name TEXT PRIMARY KEY,
     sha256 TEXT NOT NULL,
@@ -137,6 +151,30 @@ class Job:
 _JOB_COLUMNS = ("id, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at, "
                 "finished_at, guests, network, gang, rank, image, disk_mib, env, timeout_s, array_id, task, cpu_s, "
                 "COALESCE(submitted_by, ''), priority")
+
+
+MOVE_STATES = ("prepare", "go", "done", "aborted")  # go: the destination owns the guest (coordinator/moves.py)
+ACTIVE_MOVE_STATES = ("prepare", "go")
+
+
+@dataclass(frozen=True)
+class Move:
+    """One move of a job's guest between nodes; *epoch* counts the job's moves (its ownership epoch)."""
+
+    job: int
+    epoch: int
+    source: str
+    destination: str
+    state: str
+    reason: str | None
+    started_at: float
+    ended_at: float | None
+    downtime_s: float | None
+    total_s: float | None
+    bytes: int | None
+
+
+_MOVE_COLUMNS = "job, epoch, source, destination, state, reason, started_at, ended_at, downtime_s, total_s, bytes"
 
 
 def _job(row: tuple) -> Job:
@@ -508,6 +546,64 @@ class Store:
 
     def files(self, ident: int) -> dict[str, bytes]:
         return {path: data for path, data in self.db.execute("SELECT path, data FROM job_files WHERE job=?", (ident,))}
+
+    # --- moves: which node owns a moving job's guest --------------------------------------------------------
+    def begin_move(self, job: int, source: str, destination: str) -> int:
+        """Record a move of *job* from *source* to *destination* (the job stays the source's); its epoch."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            (last,) = self.db.execute("SELECT COALESCE(MAX(epoch), 0) FROM moves WHERE job=?", (job,)).fetchone()
+            self.db.execute(f"INSERT INTO moves ({_MOVE_COLUMNS}) VALUES (?, ?, ?, ?, 'prepare', NULL, ?, NULL, NULL, "
+                            f"NULL, NULL)", (job, last + 1, source, destination, self._clock()))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return int(last) + 1
+
+    def hand_over(self, job: int, epoch: int) -> bool:
+        """The guest becomes the destination's, in one transaction with the move: whether it did (the move was
+        being prepared and the job still ran on its source)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT source, destination FROM moves WHERE job=? AND epoch=? AND state='prepare'",
+                                  (job, epoch)).fetchone()
+            moved = row is not None and self.db.execute(
+                "UPDATE jobs SET node=? WHERE id=? AND state='running' AND node=?", (row[1], job, row[0])).rowcount == 1
+            if moved:
+                self.db.execute("UPDATE moves SET state='go' WHERE job=? AND epoch=?", (job, epoch))
+            self.db.execute("COMMIT" if moved else "ROLLBACK")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return moved
+
+    def end_move(self, job: int, epoch: int, state: str, reason: str | None = None) -> bool:
+        """Close an active move as done or aborted; whether it was active."""
+        assert state in ("done", "aborted")
+        return self.db.execute("UPDATE moves SET state=?, reason=?, ended_at=? WHERE job=? AND epoch=? AND state IN "
+                               "('prepare', 'go')", (state, reason, self._clock(), job, epoch)).rowcount == 1
+
+    def move_figures(self, job: int, epoch: int, source: str, downtime_s: float | None, total_s: float,
+                     sent: int) -> bool:
+        """What a handed-over move cost, as its source measured it; whether there is such a move."""
+        return self.db.execute("UPDATE moves SET downtime_s=?, total_s=?, bytes=? WHERE job=? AND epoch=? AND "
+                               "source=? AND state IN ('go', 'done')",
+                               (downtime_s, total_s, sent, job, epoch, source)).rowcount == 1
+
+    def active_moves(self) -> list[Move]:
+        return [Move(*row) for row in self.db.execute(
+            f"SELECT {_MOVE_COLUMNS} FROM moves WHERE state IN ('prepare', 'go') ORDER BY job")]
+
+    def moves(self, jobs: list[int]) -> dict[int, list[Move]]:
+        """The moves of each of *jobs* (absent: none), oldest first."""
+        found: dict[int, list[Move]] = {}
+        for start in range(0, len(jobs), 500):
+            part = jobs[start:start + 500]
+            for row in self.db.execute(f"SELECT {_MOVE_COLUMNS} FROM moves WHERE job IN ({','.join('?' * len(part))}) "
+                                       f"ORDER BY job, epoch", part):
+                found.setdefault(row[0], []).append(Move(*row))
+        return found
 
     # --- keys --------------------------------------------------------------------------------------------
     def add_key(self, name: str, role: str, public_key: str) -> None:

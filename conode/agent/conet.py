@@ -40,16 +40,20 @@ def advertised(listen: str, coordinator: str) -> str:
     parts = urlsplit(listen)
     if parts.hostname not in ("0.0.0.0", "*", None):
         return listen
+    return f"tcp://{local_address(coordinator)}:{parts.port}"
+
+
+def local_address(coordinator: str) -> str:
+    """The address this host uses to reach the coordinator at *coordinator*: where the pool reaches it."""
     target = urlsplit(coordinator)
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         probe.connect((target.hostname or "127.0.0.1", target.port or 7700))  # no packet is sent
-        address = probe.getsockname()[0]
+        return probe.getsockname()[0]
     except OSError:
-        address = "127.0.0.1"
+        return "127.0.0.1"
     finally:
         probe.close()
-    return f"tcp://{address}:{parts.port}"
 
 
 def relay_endpoint(relay: str, coordinator: str) -> str:

@@ -22,10 +22,11 @@ import conode
 from conode import shell
 from conode.agent.checkpoints import Checkpoints
 from conode.agent.disk import StateDisk
-from conode.agent.conet import OFF, ConetSwitch
+from conode.agent.conet import OFF, ConetSwitch, local_address
 from conode.agent.guests import Guests
 from conode.agent.images import ChunkSource, CoordinatorChunks, ImageCache, ImageFetcher
 from conode.agent.link import CoordinatorLink, Transport, ZmqTransport
+from conode.agent.moves import AgentMoves, MoveSettings
 from conode.agent.outbox import Outbox
 from conode.agent.owner import FIXED_SOURCES, OwnerMonitor, make_sources
 from conode.agent.pause import PauseWatch
@@ -98,6 +99,10 @@ class AgentDaemon:
         self.checkpoints = Checkpoints(config.state_dir, self.link, self.disk)
         self.guests = Guests(config.cores, config.mem_mib, config.state_dir, start_worker, self.link, clock,
                              self.disk, self.conet, self.images, self.checkpoints)
+        if self._public_key:  # guests move agent to agent over CURVE, with the agent's own key pair
+            self.guests.mover = AgentMoves(self.guests, self.link, MoveSettings(
+                str(config.state_dir / "keys"), self._public_key, f"tcp://{local_address(config.coordinator)}:*",
+                config.migrate_max_mib_s * (1 << 20)))
         fixed = sources is not None or config.idle_source in FIXED_SOURCES
         if sources is None:
             sources = make_sources(config.idle_source, clock, wall, config.idle_reports)
@@ -204,6 +209,11 @@ class AgentDaemon:
         elif message["type"] == "cancel_job":
             self.guests.cancel(message["job"])
             self.outbox.remove(message["job"])
+        elif message["type"] == "load_vacated":
+            self.guests.load_vacated(message["job"])
+        elif message["type"] in ("move_in", "move_out", "move_go", "move_abort"):
+            if self.guests.mover is not None:
+                self.guests.mover.on_coordinator(message)
         elif message["type"] == "conet_peers":
             self.conet.set_peers(message["peers"], message.get("relay"))
         elif message["type"] == "checkpoint_data":

@@ -21,6 +21,7 @@ import psutil
 from conode.agent.checkpoints import CheckpointRefused, Checkpoints
 from conode.agent.conet import Unplugged
 from conode.agent.disk import StateDisk
+from conode.agent.moves import AgentMoves
 from conode.agent.images import ImageFetcher, ImageRefused, ImageSpec
 from conode.agent.pipe import PipeError
 from conode.agent.supervisor import StartWorker, WorkerHandle, restart_delay
@@ -34,6 +35,8 @@ from conode.tomlfile import read_toml, write_toml
 from conode.vm.guest_image import image_tag
 
 log = logging.getLogger("conode.agent")
+
+MOVE_MESSAGES = ("listening", "move_ready", "moved_out", "moved_in", "move_failed")  # for the mover (moves.py)
 
 DRAIN_S = 2.0  # how long an exited worker's last words may take to arrive before it is judged without them
 YIELD_SAMPLES = 100
@@ -76,6 +79,7 @@ class WorkerSlot:
     job: int | None = None
     crashes: int = 0  # in a row, before a worker came up ready
     restart_at: float | None = None
+    receiving: int | None = None  # the job whose guest the worker is taking in from another agent (moves.py)
 
     @property
     def alive(self) -> bool:
@@ -86,12 +90,15 @@ class WorkerSlot:
         self.handle = None
         self.ready = self.paused = self.pause_requested = self.vacating = self.stopping = False
         self.broken = None
+        self.receiving = None
         self.exited_at = None
 
     @property
     def state(self) -> str:
         if not self.alive:
             return "stopped"
+        if self.receiving is not None:
+            return "receiving"
         return "paused" if self.paused else "running" if self.ready else "starting"
 
 
@@ -139,10 +146,13 @@ class Guests:
         disk.attempt("remove stale boot snapshots", lambda: self._remove_stale_boot_snapshots(state_dir))
         self._vacated_ports: dict[int, dict[str, Any]] = {}  # a vacated job's conet port (mac, ip, network)
         self.vacated: dict[int, int] = disk.attempt("read the vacated guests", self._read_vacated) or {}
+        self.mover: AgentMoves | None = None  # moves of guests to and from other agents, if the agent moves them
 
     # --- what the agent holds ----------------------------------------------------------------------------
     def held_jobs(self) -> set[int]:
-        return set(self.jobs) | set(self.vacated) | set(self.fetching) | {int(m["job"]) for m in self.backlog}
+        incoming = set(self.mover.incoming) if self.mover is not None else set()
+        return (set(self.jobs) | set(self.vacated) | set(self.fetching) | {int(m["job"]) for m in self.backlog}
+                | incoming)
 
     def images_in_use(self) -> set[str]:
         """The images a guest here uses or waits for: never evicted from the cache."""
@@ -218,7 +228,7 @@ class Guests:
             spec = ImageSpec.of(message["image"])
             self.job_images[job] = spec.sha256
             run["disk"] = {"base": str(self._images.cache.path(spec.sha256)),
-                           "overlay": str(self.overlay_dir / f"job-{job}.cow"),
+                           "overlay": str(self.overlay_path(job)),
                            "budget_mib": message.get("disk_mib", DEFAULT_DISK_BUDGET_MIB)}
         try:
             run = validate_to_worker(run)
@@ -229,7 +239,23 @@ class Guests:
             self.fetching[job] = run
             return
         self.backlog.append(run)
-        self._dispatch()
+        self.dispatch()
+
+    def free_slot(self) -> WorkerSlot | None:
+        """A worker that is up, running (not paused) and has nothing to do: one to take a guest in."""
+        return next((s for s in self.slots if s.alive and s.ready and s.job is None and s.receiving is None
+                     and not (s.vacating or s.stopping or s.paused or s.pause_requested)), None)
+
+    def image_path(self, spec: ImageSpec) -> Path | None:
+        """Where *spec* is in the image cache, or None if it is not there (it is then fetched)."""
+        if self._images is not None and self._images.cache.ready(spec.sha256):
+            return self._images.cache.path(spec.sha256)
+        if self._images is not None:
+            self._fetch_image(spec)
+        return None
+
+    def overlay_path(self, job: int) -> Path:
+        return self.overlay_dir / f"job-{job}.cow"
 
     def _image_ready(self, job: int, spec: ImageSpec) -> bool:
         """Whether the job's image is here; if not, it is fetched (the job waits) or the job fails saying why."""
@@ -273,52 +299,54 @@ class Guests:
             for index in {index for job, index in self.vacated.items() if self.job_images.get(job) == sha}:
                 if problem is not None:
                     self._discard_vacated(index, problem)
-        self._dispatch()
+        self.dispatch()
 
     def cancel(self, job: int) -> None:
+        if self.mover is not None:
+            self.mover.cancel(job)
         if job in self.vacated:
             self._discard_vacated(self.vacated.pop(job), f"job {job}, saved with it, was cancelled")
         self.backlog = deque(m for m in self.backlog if m["job"] != job)
         self.fetching.pop(job, None)
         slot = self.jobs.pop(job, None)
-        self._forget(job)
+        self.forget(job)
         if slot is not None:
-            self._send(slot, {"type": "cancel", "job": job})
+            self.send_to(slot, {"type": "cancel", "job": job})
             slot.job = None
-            self._dispatch()
+            self.dispatch()
 
-    def _dispatch(self) -> None:
+    def dispatch(self) -> None:
         while self.backlog:
-            slot = next((s for s in self.slots if s.alive and s.job is None and not (s.vacating or s.stopping)),
-                        None)
+            slot = next((s for s in self.slots if s.alive and s.job is None and s.receiving is None
+                         and not (s.vacating or s.stopping)), None)
             if slot is None:
                 return
             run = self.backlog.popleft()
             job = run["job"]
             slot.job = job
             self.jobs[job] = slot
-            self._send(slot, run)
+            self.send_to(slot, run)
             if run["type"] == "restore":
                 log.info("job %d goes on from its checkpoint on guest %d", job, slot.index)
             else:
                 log.info("job %d started on guest %d: %s", job, slot.index, " ".join(run["argv"])[:120])
 
     def _fail(self, job: int, reason: str, retry: bool) -> None:
-        self._forget(job)
+        self.forget(job)
         self._reports.result(job, "job_failed", reason=reason, retry=retry)
 
-    def _forget(self, job: int) -> None:
+    def forget(self, job: int) -> None:
         """The job no longer runs here (ended, failed, cancelled): let go of what its guest had."""
         self._streamed.pop(job, None)
         self._ports.detach(job)
         self.job_images.pop(job, None)
         self.owners.pop(job, None)
-        self._remove_overlay(job)
+        self.remove_overlay(job)
         if self._checkpoints is not None:
             self._checkpoints.forget(job)
 
-    def _remove_overlay(self, job: int) -> None:
-        path = self.overlay_dir / f"job-{job}.cow"
+    def remove_overlay(self, job: int) -> None:
+        path = self.overlay_path(job)
         self._disk.attempt("remove a guest's disk overlay", partial(path.unlink, missing_ok=True))
 
     def _clear_overlays(self) -> None:
@@ -326,7 +354,7 @@ class Guests:
         for stale in self.overlay_dir.glob("job-*.cow"):  # no worker runs yet: nothing uses them
             stale.unlink()
 
-    def _send(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
+    def send_to(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         if slot.handle is not None:
             slot.handle.send(validate_to_worker(message))
 
@@ -372,7 +400,7 @@ class Guests:
             slot.speed, slot.guest = float(message["speed"]), message["guest"]
             log.info("guest %d ready: %s, speed %.0f loops/s", slot.index, slot.guest, slot.speed)
             self._take_resumed_jobs(slot)
-            self._dispatch()
+            self.dispatch()
         elif kind == "paused":
             slot.paused = True
             if self.activity_at is not None:
@@ -384,6 +412,9 @@ class Guests:
             slot.paused = False
         elif kind == "vacated":
             self._on_vacated(slot, message)
+        elif kind in MOVE_MESSAGES:
+            if self.mover is not None:
+                self.mover.on_worker(slot, message)
         elif self.jobs.get(message["job"]) is not slot:
             if kind == "checkpoint" and self._checkpoints is not None:
                 self._checkpoints.discard(message["job"], message["seq"])
@@ -405,7 +436,7 @@ class Guests:
     def _send_checkpoint(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         job = message["job"]
         if self._checkpoints is None or not self._checkpoints.send(message):
-            self._send(slot, {"type": "checkpoint_reset", "job": job})
+            self.send_to(slot, {"type": "checkpoint_reset", "job": job})
             return
         log.info("job %d: checkpoint %d sent (%s, %d pages, %.1f MiB; the guest stalled %.1f ms, %d pages in the "
                  "stall; %.2f s to take)", job, message["seq"], "full" if message["base"] < 0 else "delta",
@@ -417,14 +448,14 @@ class Guests:
         log.warning("job %d: the coordinator refused its checkpoint: %s", job, reason)
         slot = self.jobs.get(job)
         if slot is not None:
-            self._send(slot, {"type": "checkpoint_reset", "job": job})
+            self.send_to(slot, {"type": "checkpoint_reset", "job": job})
 
     def _job_done(self, slot: WorkerSlot, job: int) -> None:
         del self.jobs[job]
-        self._forget(job)
+        self.forget(job)
         if slot.job == job:
             slot.job = None
-        self._dispatch()
+        self.dispatch()
 
     def _forward_output(self, job: int, stream: str, data: bytes) -> None:
         """Pass output on in control-plane-sized chunks, within the per-job stream cap (output_cap.py)."""
@@ -468,6 +499,8 @@ class Guests:
         last = handle.stderr_tail[-1] if handle is not None and handle.stderr_tail else "no message"
         why = slot.broken or f"guest worker exited with status {code}: {last}"
         log.error("guest %d crashed: %s; restarting in %.0f s", slot.index, why, slot.restart_at - now)
+        if self.mover is not None:
+            self.mover.worker_lost(slot, why)
         for job in [job for job, holder in self.jobs.items() if holder is slot]:
             del self.jobs[job]
             self._fail(job, f"guest crashed: {why}", retry=True)
@@ -505,18 +538,18 @@ class Guests:
             if guest_may_run(state):
                 if slot.pause_requested:
                     slot.pause_requested = False
-                    self._send(slot, {"type": "resume"})
+                    self.send_to(slot, {"type": "resume"})
             elif state is OwnerState.VACATING and slot.job is not None:
                 if not slot.vacating:
                     slot.vacating = True
-                    self._send(slot, {"type": "vacate", "path": str(self.vacated_dir / f"worker-{slot.index}.snap")})
+                    self.send_to(slot, {"type": "vacate", "path": str(self.vacated_dir / f"worker-{slot.index}.snap")})
             elif state is OwnerState.OWNER and shutdown_while_owner and slot.job is None:
                 if not slot.stopping:
                     slot.stopping = True
-                    self._send(slot, {"type": "quit"})
+                    self.send_to(slot, {"type": "quit"})
             elif not slot.pause_requested:
                 slot.pause_requested = True
-                self._send(slot, {"type": "pause"})
+                self.send_to(slot, {"type": "pause"})
 
     # --- vacated guests on disk ----------------------------------------------------------------------------
     def _remove_stale_boot_snapshots(self, state_dir: Path) -> None:
@@ -572,7 +605,7 @@ class Guests:
         for job in jobs:
             self.jobs.pop(job, None)
             self._ports.detach(job)  # its guest is on disk: nothing to deliver frames to
-            self._remove_overlay(job)  # its disk's changes are in the snapshot
+            self.remove_overlay(job)  # its disk's changes are in the snapshot
             self.vacated[job] = slot.index
             if job in ports:
                 self._vacated_ports[job] = ports[job]
@@ -580,19 +613,36 @@ class Guests:
         slot.job = None
         log.info("guest %d saved to %s with jobs %s", slot.index, message["path"], jobs)
 
+    def load_vacated(self, job: int) -> None:
+        """Load the vacated guest holding *job* into a worker, paused (the owner is still here), so that it can
+        move to another workstation: the coordinator hears job_resumed, then moves it."""
+        index = self.vacated.get(job)
+        slot = self.slots[index] if index is not None else None
+        if slot is None or slot.handle is not None:
+            return
+        self._start(slot)
+        if slot.handle is not None:
+            slot.pause_requested = True  # queued before the worker has restored it: it never runs here
+            self.send_to(slot, {"type": "pause"})
+            log.info("guest %d loads its vacated jobs %s, paused, to move them", slot.index, slot.resumed_jobs)
+
     def _take_resumed_jobs(self, slot: WorkerSlot) -> None:
         for job in slot.resumed_jobs:
             self.jobs[job] = slot
             slot.job = job
-            port = self._vacated_ports.pop(job, None)
-            plug = self._ports.plug(job, port) if port is not None else None
-            if plug is not None:  # the guest keeps its identity: its NIC joins the switch again
-                self._send(slot, {"type": "plug", **plug})
+            self.rejoin_conet(slot, job, self._vacated_ports.pop(job, None))
             self._reports.report("job_resumed", job=job)
         if slot.resumed_jobs:
             self._drop_vacated_files(slot.index)
             self.vacated = {job: i for job, i in self.vacated.items() if i != slot.index}
         slot.resumed_jobs = []
+
+    def rejoin_conet(self, slot: WorkerSlot, job: int, port: dict[str, Any] | None) -> None:
+        """A guest resumed or moved here keeps its conet identity (*port*: mac, ip, network): its NIC joins the
+        switch again."""
+        plug = self._ports.plug(job, port) if port is not None else None
+        if plug is not None:
+            self.send_to(slot, {"type": "plug", **plug})
 
     def _discard_vacated(self, index: int, why: str) -> None:
         """Give up a vacated guest: its other jobs fail for a retry elsewhere."""

@@ -87,6 +87,10 @@ class ZmqTransport:
         self._client.close()
 
 
+FOR_AGENT = ("run_job", "cancel_job", "conet_peers", "checkpoint_reply", "checkpoint_data", "move_in", "move_out", "move_go",
+             "move_abort", "load_vacated")
+
+
 class CoordinatorLink:
     def __init__(self, transport: Transport, outbox: Outbox, clock: Callable[[], float],
                  hello: Callable[[], bytes], heartbeat: Callable[[], bytes]) -> None:
@@ -106,7 +110,7 @@ class CoordinatorLink:
 
     # --- receiving --------------------------------------------------------------------------------------------
     def receive(self) -> list[dict[str, Any]]:
-        """Handle the link's own messages; return the ones for the agent (run_job, cancel_job, conet_peers)."""
+        """Handle the link's own messages; return the ones for the agent (FOR_AGENT)."""
         for_agent = []
         while (frame := self.transport.receive()) is not None:
             try:
@@ -127,7 +131,7 @@ class CoordinatorLink:
                 self._unsent.discard(message["job"])
             elif kind == "error":
                 log.warning("coordinator says: %s (%s)", message["message"], message["code"])
-            elif kind in ("run_job", "cancel_job", "conet_peers", "checkpoint_reply", "checkpoint_data"):
+            elif kind in FOR_AGENT:
                 for_agent.append(message)
         return for_agent
 

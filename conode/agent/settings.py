@@ -34,7 +34,8 @@ POLICY_FIELDS = [f.name for f in dataclasses.fields(PolicyConfig) if f.name != "
 # The agent's own keys and the Python type each takes (the policy's are all numbers but one).
 AGENT_KEYS: dict[str, type] = {"name": str, "coordinator": str, "coordinator_key": str, "cores": int, "mem": int,
                                "idle_source": str, "while_owner": str, "cpu_cap": float, "conet_listen": str,
-                               "image_cache_mib": int, "idle_reports": str, "metrics": str}
+                               "image_cache_mib": int, "idle_reports": str, "metrics": str,
+                               "migrate_max_mib_s": float}
 WINDOWS_KEY = "windows"  # [[windows]] tables: when guests may run (start, end, days)
 KNOWN_KEYS = [*AGENT_KEYS, *POLICY_FIELDS, WINDOWS_KEY]
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -58,6 +59,7 @@ class AgentConfig:
     image_cache_mib: int = DEFAULT_IMAGE_CACHE_MIB  # what the pool's images may take on this disk
     idle_reports: Path | None = None  # where desktop sessions report their input (conode/idle/report.py)
     metrics: Address | None = None  # where the Prometheus endpoint listens; None: off
+    migrate_max_mib_s: float = 0.0  # what a guest moving away may send per second (0: as fast as the link goes)
 
     @property
     def shutdown_while_owner(self) -> bool:
@@ -179,9 +181,13 @@ def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: d
         raise ConodeError(f"--while-owner must be {' or '.join(WHILE_OWNER)}")
     idle_reports = _typed(values, "idle_reports", "")
     metrics = parse_address(_typed(values, "metrics", METRICS_OFF))
+    migrate_max_mib_s = _typed(values, "migrate_max_mib_s", 0.0)
+    if not 0.0 <= migrate_max_mib_s <= 1e6:
+        raise ConodeError("migrate_max_mib_s must be from 0 (no limit) to 1000000 MiB/s")
     return AgentConfig(state_dir=state_dir, name=_typed(values, "name", "") or default_node_name(),
                        coordinator=str(values["coordinator"]), coordinator_key=str(values["coordinator_key"]),
                        cores=cores, mem_mib=mem_mib, idle_source=idle_source, policy=_policy(values),
                        while_owner=while_owner, cpu_cap=cpu_cap, conet_listen=conet_listen,
                        image_cache_mib=image_cache_mib,
-                       idle_reports=Path(idle_reports) if idle_reports else None, metrics=metrics)
+                       idle_reports=Path(idle_reports) if idle_reports else None, metrics=metrics,
+                       migrate_max_mib_s=migrate_max_mib_s)

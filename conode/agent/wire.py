@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from conode.agent.pipe import PipeError
-from conode.cluster.protocol import (ARGV, INPUTS, INT, INT_LIST, MEASURE, MISSING, PATHS, SHA256, STR, TEXT, Field,
-                                     Kind, ProtocolError, _check_field, is_safe_relative_path)
+from conode.cluster.protocol import (ARGV, BOOL, INPUTS, INT, INT_LIST, MEASURE, MISSING, PATHS, SHA256, STR, TEXT,
+                                     Field, Kind, ProtocolError, _check_field, is_safe_relative_path)
 from conode.conet.port import TOKEN_BYTES
 from conode.limits import (CHANNEL_MAX_PAYLOAD, MAX_DISK_BUDGET_MIB, MAX_FILES, MAX_JOB_OUTPUT_BYTES,
                            MAX_OUTPUT_FILE_BYTES, MAX_SMALL_FIELD)
@@ -49,6 +49,13 @@ TO_WORKER: dict[str, dict[str, Field]] = {
     "vacate": {"path": Field(STR)},
     "quit": {},
     "plug": {"token": Field(TOKEN), "socket": Field(STR)},  # a resumed guest's NIC joins the switch again
+    # Moves (worker_moves.py): keys is the agent's keys directory, peer the other agent's public key.
+    "migrate": {"job": Field(INT), "endpoint": Field(STR), "peer": Field(STR), "keys": Field(STR),
+                "max_bytes_per_s": Field(MEASURE, required=False)},
+    "receive": {"job": Field(INT), "bind": Field(STR), "peer": Field(STR), "keys": Field(STR),
+                "base": Field(STR, required=False), "overlay": Field(STR, required=False)},
+    "move_go": {"job": Field(INT)},
+    "move_abort": {"job": Field(INT), "reason": Field(TEXT)},
 }
 
 FROM_WORKER: dict[str, dict[str, Field]] = {
@@ -64,6 +71,12 @@ FROM_WORKER: dict[str, dict[str, Field]] = {
                    "path": Field(STR), "size": Field(COUNT), "sha256": Field(SHA256), "pages": Field(COUNT),
                    "final_pages": Field(COUNT), "stall_s": Field(MEASURE), "took_s": Field(MEASURE),
                    "stall_cpu_s": Field(MEASURE, required=False)},  # the machine thread's CPU time in the stall
+    "listening": {"job": Field(INT), "endpoint": Field(STR)},
+    "move_ready": {"job": Field(INT)},
+    "moved_out": {"job": Field(INT), "downtime_s": Field(MEASURE, required=False), "total_s": Field(MEASURE),
+                  "paused_s": Field(MEASURE), "bytes": Field(INT), "rounds": Field(INT)},
+    "moved_in": {"job": Field(INT), "rounds": Field(INT), "bytes": Field(INT)},
+    "move_failed": {"job": Field(INT), "reason": Field(TEXT), "handed_over": Field(BOOL)},
 }
 
 

@@ -39,6 +39,8 @@ from conode.agent.checkpointer import Checkpointer
 from conode.agent.pipe import PipeError, Unpacker, pack
 from conode.agent.platform import lower_priority
 from conode.agent.wire import validate_to_worker
+from conode.agent.worker_moves import receive_guest, send_guest
+from conode.conet.frames import announcement
 from conode.conet.port import Port, PortError
 from conode.errors import ConodeError
 from conode.vm.checkpoint import guest_state, materialize, read_piece
@@ -51,6 +53,7 @@ from conode.vm.net_identity import NetIdentity
 
 CALIBRATION_LOOPS = 300
 BOOT_TIMEOUT_S = 120.0
+ANNOUNCEMENTS = 3  # gratuitous ARPs sent for a guest plugged in again (one may be lost on a busy switch)
 
 
 class GuestWorker:
@@ -78,6 +81,8 @@ class GuestWorker:
         # pristine one: kept for the last image used, so that the next job on it starts without a boot.
         self._image_pristine: tuple[tuple[str, int], GuestSnapshot, RamImage] | None = None
         self._checkpointer: Checkpointer | None = None  # the job guest's, when the agent asked for checkpoints
+        self.called_off = threading.Event()  # the agent called the current move off (worker_moves.py)
+        self._stash: deque[dict[str, Any]] = deque()  # messages read while waiting for a move's answer
 
     # --- the pristine guest -----------------------------------------------------------------------------
     def _load_pristine(self) -> None:
@@ -164,7 +169,7 @@ class GuestWorker:
             self._run_guest(guest)
         if took:
             self.speed = CALIBRATION_LOOPS / max(took[0], 1e-6)
-        self._discard(guest)
+        self.discard(guest)
 
     def _run_guest(self, guest: Guest) -> None:
         """Run *guest* until it pauses, then carry out what the agent asked meanwhile (pause, vacate, quit)."""
@@ -186,7 +191,7 @@ class GuestWorker:
         if checkpointer is not None and checkpointer.final_due and not guest.finished and not self._cancelled:
             checkpointer.final()  # the guest stops only for this
 
-    def _discard(self, guest: Guest) -> None:
+    def discard(self, guest: Guest) -> None:
         if self._checkpointer is not None and self._checkpointer.guest is guest:
             self._checkpointer.close()
             self._checkpointer = None
@@ -234,28 +239,50 @@ class GuestWorker:
 
     def drain_inbox(self) -> None:
         """Handle the agent's messages (on the machine thread, between slices)."""
-        while True:
-            try:
-                message = self.inbox.get_nowait()
-            except queue.Empty:
-                return
+        while (message := self._next_message(block=False)) is not None:
             self.handle(message)
+
+    def _next_message(self, block: bool = True, timeout: float | None = None) -> dict[str, Any] | None:
+        if self._stash:
+            return self._stash.popleft()
+        try:
+            return self.inbox.get(block, timeout)
+        except queue.Empty:
+            return None
+
+    def await_move_answer(self, job: int, timeout_s: float) -> dict[str, Any] | None:
+        """The agent's move_go or move_abort for *job* (None if none came within *timeout_s*); what else
+        arrives meanwhile is kept, in order, for later."""
+        deadline = time.monotonic() + timeout_s
+        kept: list[dict[str, Any]] = []
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                message = self._next_message(True, left)
+                if message is None:
+                    return None
+                if message.get("type") in ("move_go", "move_abort") and message.get("job") == job:
+                    return message
+                kept.append(message)
+            return None
+        finally:
+            self._stash.extend(kept)
 
     def handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         guest = self._running
-        if kind in ("pause", "vacate", "quit"):
+        if kind in ("pause", "vacate", "quit", "migrate"):
             self._control = message
             if guest is not None:
                 guest.machine.pause()
-        elif kind in ("run", "restore"):
+        elif kind in ("run", "restore", "receive"):
             self._runs.append(message)
         elif kind == "checkpoint_reset":
             if self._checkpointer is not None and self._checkpointer.job == message.get("job"):
                 self._checkpointer.reset()
-        elif kind == "plug":  # a guest resumed from disk: its NIC joins the switch again
+        elif kind == "plug":  # a guest resumed from disk or moved here: its NIC joins the switch again
             if self.guest is not None:
                 self._join_conet(self.guest, message["socket"], message["token"])
+                self._announce(self.guest)
         elif kind == "cancel":
             job = message.get("job")
             self._runs = deque(m for m in self._runs if m.get("job") != job)
@@ -267,6 +294,11 @@ class GuestWorker:
         message = self._runs.popleft()
         if message["type"] == "restore":
             self._restore_job(message)
+            return
+        if message["type"] == "receive":  # a guest moving here from another agent, its job running
+            self.guest = receive_guest(self, message)
+            if self.guest is not None:
+                self.guest.machine.cpu_cap = self.cpu_cap
             return
         net = message.get("net")
         spec = JobSpec.in_job_directory(int(message["job"]), list(message["argv"]), dict(message["inputs"]),
@@ -339,6 +371,13 @@ class GuestWorker:
             return
         self._port.attach(guest.machine.nic, guest.machine.call_soon)
 
+    def _announce(self, guest: Guest) -> None:
+        """Tell the switches where the guest's MAC is now (it may have been behind another agent's)."""
+        net = guest.job.spec.net if guest.job is not None else None
+        if net is not None and self._port is not None:
+            for _ in range(ANNOUNCEMENTS):
+                self._port.send(announcement(net.mac, net.ip))
+
     # --- the loop --------------------------------------------------------------------------------------------
     def run(self) -> int:
         """Run jobs, pausing and resuming as the agent says; return the process exit status."""
@@ -367,12 +406,12 @@ class GuestWorker:
                 if self._runs:
                     self._start_next_job()
                 else:
-                    self.handle(self.inbox.get())
+                    self.handle(self._next_message())  # type: ignore[arg-type]
                 continue
             guest = self.guest
             self._run_guest(guest)
             if guest.finished or self._cancelled:
-                self._discard(guest)
+                self.discard(guest)
 
     def _guest_name(self) -> str:
         return str(self.pristine.agent.get("guest") or "") if self.pristine is not None else ""
@@ -381,10 +420,15 @@ class GuestWorker:
         """Carry out pause, vacate or quit; True when the worker should exit."""
         stopped_at = time.time()
         control, self._control = self._control, None
+        paused = False
         while control is not None:
             kind = control["type"]
             if kind == "quit":
                 return True
+            if kind == "migrate":
+                send_guest(self, control, live=not paused)
+                control = self._wait_while_paused() if paused else None
+                continue
             if kind == "vacate":
                 path = Path(control["path"])
                 jobs = []
@@ -395,6 +439,7 @@ class GuestWorker:
                 return True
             if kind == "pause":
                 self.send({"type": "paused", "at": stopped_at})
+                paused = True
                 control = self._wait_while_paused()
             else:  # resume
                 self.send({"type": "resumed"})
@@ -404,12 +449,13 @@ class GuestWorker:
     def _wait_while_paused(self) -> dict[str, Any]:
         """Block (the guest stays stopped, its clock frozen) until resume, vacate or quit; queue the rest."""
         while True:
-            message = self.inbox.get()
-            if message.get("type") in ("resume", "vacate", "quit"):
+            message = self._next_message()
+            assert message is not None
+            if message.get("type") in ("resume", "vacate", "quit", "migrate"):
                 return message
             self.handle(message)
             if self._cancelled and self.guest is not None:
-                self._discard(self.guest)
+                self.discard(self.guest)
             self._control = None  # handle() may have asked the (already stopped) machine to pause
 
 
@@ -430,6 +476,8 @@ def _read_commands(worker: GuestWorker, in_fd: int) -> None:
             print(f"conode-worker: the agent sent garbage ({exc}); quitting", file=sys.stderr)
             messages = [{"type": "quit"}]
         for message in messages:
+            if message["type"] == "move_abort":
+                worker.called_off.set()  # a move's waits look at it: no need to wait for the loop
             worker.inbox.put(message)
         worker.wake()
         if not data or messages[-1:] == [{"type": "quit"}]:

@@ -131,6 +131,13 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "checkpoint_put": ("agent", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "index": _f(INT), "data": _f(CHUNK)}),
     "checkpoint_commit": ("agent", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "base": _f(PIECE_NUMBER),
                                     "size": _f(PIECE_SIZE), "sha256": _f(SHA256)}),
+    # A move (coordinator/moves.py): every message names the job and the move's ownership epoch.
+    "move_listening": ("agent", {"job": _f(INT), "epoch": _f(INT), "endpoint": _f(STR), "key": _f(STR)}),
+    "move_ready": ("agent", {"job": _f(INT), "epoch": _f(INT)}),  # the source: the destination has it all
+    "move_sent": ("agent", {"job": _f(INT), "epoch": _f(INT), "downtime_s": _f(MEASURE, False),
+                            "total_s": _f(MEASURE), "bytes": _f(INT), "rounds": _f(INT)}),
+    "move_arrived": ("agent", {"job": _f(INT), "epoch": _f(INT)}),  # the destination: the guest runs here
+    "move_failed": ("agent", {"job": _f(INT), "epoch": _f(INT), "reason": _f(TEXT)}),
     # coordinator -> agent
     "welcome": ("coordinator", {"heartbeat_s": _f(MEASURE)}),
     "ping": ("coordinator", {}),
@@ -147,6 +154,12 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "cancel_job": ("coordinator", {"job": _f(INT)}),
     "image_chunk": ("coordinator", {"digest": _f(DIGEST), "data": _f(CHUNK, False), "problem": _f(STR, False)}),
     "ack": ("coordinator", {"job": _f(INT)}),
+    "move_in": ("coordinator", {"job": _f(INT), "epoch": _f(INT), "source_key": _f(STR), "mem_mib": _f(GUEST_MEM),
+                                "net": _f(IDENTITY, False), "image": _f(IMAGE, False)}),
+    "move_out": ("coordinator", {"job": _f(INT), "epoch": _f(INT), "endpoint": _f(STR), "key": _f(STR)}),
+    "move_go": ("coordinator", {"job": _f(INT), "epoch": _f(INT)}),
+    "load_vacated": ("coordinator", {"job": _f(INT)}),  # load a vacated guest, paused, to move it
+    "move_abort": ("coordinator", {"job": _f(INT), "epoch": _f(INT), "reason": _f(TEXT)}),
     "reconnect": ("coordinator", {"reason": _f(STR)}),
     # client (admin or user) -> coordinator
     "status": ("client", {}),
@@ -166,7 +179,8 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "release": ("client", {"job": _f(INT)}),
     "image_list": ("client", {}),
     # admin -> coordinator
-    "drain": ("admin", {"node": _f(STR), "undrain": _f(BOOL, False)}),
+    "drain": ("admin", {"node": _f(STR), "undrain": _f(BOOL, False), "migrate": _f(BOOL, False)}),
+    "migrate": ("admin", {"job": _f(INT), "to": _f(STR, False)}),
     "forget": ("admin", {"node": _f(STR)}),  # a down node, no longer shown by status
     "image_missing": ("admin", {"chunks": _f(DIGESTS)}),  # which of these chunks the coordinator lacks
     "image_put": ("admin", {"digest": _f(DIGEST), "data": _f(CHUNK)}),

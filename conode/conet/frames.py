@@ -108,3 +108,11 @@ def parse(frame: bytes | bytearray | memoryview) -> Frame | str:
 def vnet_header(gso_type: int = GSO_NONE, gso_size: int = 0) -> bytes:
     """A virtio_net_hdr_v1 with no checksum offload: for tests and tools that craft frames."""
     return struct.pack("<BBHHHHH", 0, gso_type, 0, gso_size, 0, 0, 0)
+
+
+def announcement(mac: bytes, ip: str) -> bytes:
+    """A gratuitous ARP from *mac* for *ip* (a conet frame): what a guest that moved to another agent says, on
+    its behalf, so that the switches learn where its MAC is now (as QEMU announces a migrated guest)."""
+    address = bytes(int(part) for part in ip.split("."))
+    arp = _ARP.pack(1, ETHERTYPE_IPV4, 6, 4, 1, mac, address, bytes(6), address)
+    return vnet_header() + BROADCAST + mac + struct.pack("!H", ETHERTYPE_ARP) + arp

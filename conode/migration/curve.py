@@ -20,6 +20,7 @@ from conode.migration.stream import HEADER, MAX_PAYLOAD, TRAILER
 
 log = logging.getLogger(__name__)
 
+SEND_QUEUE = 16  # frames (of at most 1 MiB) queued for the destination
 MAX_MESSAGE = max(MAX_PAYLOAD.values()) + HEADER.size + TRAILER.size + 4096  # one frame, whole
 
 
@@ -71,6 +72,7 @@ def connect(context: zmq.Context, endpoint: str, server_public: str, keys: KeyPa
     sock.curve_publickey = keys.public.encode()
     sock.curve_secretkey = keys.secret.encode()
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+    sock.sndhwm = SEND_QUEUE  # a vanished destination blocks the sender soon, not after a guest's RAM in memory
     sock.linger = 0
     sock.connect(endpoint)
     return CurveStream(sock, timeout_s)

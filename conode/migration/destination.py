@@ -127,9 +127,10 @@ class _Receiver:
 
 
 def migrate_in(stream: ByteStream, sink: JobSink | None = None, disk_base: Path | None = None,
-               peer: str = "the source") -> Arrival:
+               peer: str = "the source", disk_overlay: Path | None = None) -> Arrival:
     """Receive a guest over *stream*; return it built and checked, not started. Raise MigrationError (nothing
-    was started, nothing is left behind) if the stream is corrupt, truncated or refused by its records."""
+    was started, nothing is left behind) if the stream is corrupt, truncated or refused by its records. *disk_base*
+    and *disk_overlay*: where the guest's disk base image is here, and a new file for its overlay."""
     frames = FrameStream(stream, peer)
     receiver: _Receiver | None = None
     guest: Guest | None = None
@@ -143,7 +144,8 @@ def migrate_in(stream: ByteStream, sink: JobSink | None = None, disk_base: Path 
             raise MigrationError(f"the source announced guest {hello.guest_id} and sent the state of another")
         if CoMachine.config_from_state(snapshot.machine).mem_mib << 20 != hello.ram_bytes:
             raise MigrationError("the guest's state describes another RAM size than the source announced")
-        guest = Guest.restore(snapshot, sink, ram_image=receiver.image, disk_base=disk_base)  # as the source hashes
+        guest = Guest.restore(snapshot, sink, ram_image=receiver.image, disk_base=disk_base,  # as the source hashes
+                              disk_overlay=disk_overlay)
         complete = receiver.check_digest(frames.receive(DIGEST)[1])
         frames.send(READY)
         frames.receive(GO)

@@ -12,6 +12,8 @@ from conode.vm.machine import MachineExit
 
 T = TypeVar("T")
 
+PAUSE_RETRY_S = 0.05
+
 
 class RunningGuest:
     """Runs *guest* (:meth:`Guest.run`) on a thread until it pauses; :meth:`pause` and :meth:`start` again."""
@@ -59,7 +61,8 @@ class RunningGuest:
     def pause(self) -> int:
         """Stop the guest at its next slice boundary; return when it has, with the time of its last instruction."""
         self.guest.machine.pause()
-        self._stopped.wait()
+        while not self._stopped.wait(PAUSE_RETRY_S):
+            self.guest.machine.pause()  # asked just as it started running: the start forgets an earlier request
         if self._thread is not None:
             self._thread.join()
         return self.stopped_ns

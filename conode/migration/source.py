@@ -16,7 +16,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,8 +24,8 @@ from conode.errors import ConodeError
 from conode.migration.running import RunningGuest
 from conode.migration.stream import (CLOCK, DIGEST, FIRST_PAGE, GO, HELLO, MAX_ROUNDS, PAGES, READY, RESUMED, ROUND,
                                      ROUND_NUMBER, RUN_PAGES, STATE, VERIFIED, ZERO_RUN, ZEROS, ByteStream,
-                                     FrameStream, Hello, MigrationError, MigrationRefused, pack_digest,
-                                     pack_hello, pack_map, ram_digest)
+                                     FrameStream, Hello, MigrationError, MigrationRefused, Throttled,
+                                     pack_digest, pack_hello, pack_map, ram_digest)
 from conode.vm.cpu.dirty import DirtyTracker, dirty_tracker, pages_of
 from conode.vm.layout import PAGE_SIZE
 
@@ -48,6 +48,7 @@ class Policy:
     # pages the last round sent, with all RAM checked after the hand-over (the guest's job then fails on a
     # mismatch rather than go on with wrong memory). Either way the dirty tracking is checked end to end.
     full_digest: bool = False
+    max_bytes_per_s: float = 0.0  # what the stream may carry (0: as fast as it goes), as QEMU's max-bandwidth
 
 
 @dataclass
@@ -117,13 +118,18 @@ def _popcount(bitmap: bytearray) -> int:
 
 
 def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Policy(),
-                peer: str = "the destination") -> Report:
-    """Move the guest of *running* (it must be running) over *stream*; return the figures once the destination
-    has it. Raise MigrationError, with the guest running here as before, if the move fails before it changes
-    hands. After a successful move the guest here is paused and must never run again (the caller discards it,
-    or keeps its state until the destination's owner confirms)."""
+                peer: str = "the destination", before_go: Callable[[], None] | None = None) -> Report:
+    """Move the guest of *running* over *stream*; return the figures once the destination has it. Raise
+    MigrationError, with the guest as before (running, or paused if it was), if the move fails before it changes
+    hands. A paused guest moves in one copy (stop and copy: it is down anyway). *before_go* is called once the
+    destination is ready, the guest paused: it may refuse the hand-over by raising MigrationError (someone else
+    decides who owns the guest); once it returns, the guest is the destination's, whatever happens next. After
+    a successful move the guest here is paused and must never run again."""
     guest = running.guest
     machine = guest.machine
+    live = running.running
+    if policy.max_bytes_per_s > 0:
+        stream = Throttled(stream, policy.max_bytes_per_s)
     frames = FrameStream(stream, peer)
     tracker = dirty_tracker(machine.cpu)
     report = Report(tracker.name)
@@ -137,7 +143,7 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
     original_cap = machine.cpu_cap
     max_rounds = min(policy.max_rounds, MAX_ROUNDS - 1)  # what a destination accepts, the final round included
     started = time.monotonic()
-    paused = committed = False
+    paused = committed = whole = False
     running.on_machine_thread(tracker.start)
     try:
         frames.send_preamble()
@@ -145,7 +151,7 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
         pending = take()
         previous: int | None = None
         send_time = 0.0
-        while True:
+        while live:
             count = _popcount(pending)
             rate = report.link_bytes_per_s
             estimate = count * PAGE_SIZE / rate if rate else math.inf
@@ -168,14 +174,15 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
             pending = take()
 
         # Stop and copy: from here on every millisecond is the guest's downtime.
-        stopped_ns = running.pause()
-        paused = True
+        stopped_ns = running.pause() if live else time.monotonic_ns()
+        paused = live
         if guest.finished:
             raise MigrationError("the guest's job ended before it could move")
         report.cpu_cap = machine.cpu_cap
         with ThreadPoolExecutor(1) as pool:
             final = _union(pending, tracker.take())
-            spans = None if policy.full_digest else list(runs(final, RUN_PAGES))
+            whole = policy.full_digest or _popcount(final) == machine.ram.size // PAGE_SIZE  # all RAM goes now
+            spans = None if whole else list(runs(final, RUN_PAGES))
             digest = pool.submit(ram_digest, machine.ram.view, spans)  # the RAM is frozen now: hashed as we send
             report.final_pages = send_pages(frames, tracker, final, report)
             frames.send(ROUND, ROUND_NUMBER.pack(report.rounds + 1))
@@ -184,29 +191,38 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
             frames.send(STATE, envelope)
             frames.send(DIGEST, pack_digest(digest.result()))
         frames.receive(READY)
-        frames.send(GO)
+        if before_go is not None:
+            before_go()
         committed = True
+        frames.send(GO)
         report.paused_s = (time.monotonic_ns() - stopped_ns) / 1e9
         report.total_s = time.monotonic() - started
-        if not policy.full_digest:
+        if not whole:
             frames.send(DIGEST, pack_digest(ram_digest(machine.ram.view)))  # the guest is paused here for good
         report.bytes_sent = frames.sent
         report.downtime_s = _downtime(frames, stopped_ns)
-        report.verified = True if policy.full_digest else _verified(frames)
+        report.verified = True if whole else _verified(frames)
         return report
-    except ConodeError as exc:
+    except BaseException as exc:
+        if not committed:
+            _go_on(running, tracker, original_cap, paused)
+        if not isinstance(exc, ConodeError):
+            raise
         error = exc if isinstance(exc, MigrationError) else MigrationError(str(exc))
         if not committed:
-            frames.send_abort(str(error))
+            frames.send_abort(str(error))  # once the guest runs again: the link may be slow to refuse it
         raise error from None
     finally:
         if committed:
             tracker.stop()  # the guest is paused for good
-        else:
-            running.on_machine_thread(tracker.stop)
-            running.on_machine_thread(functools.partial(set_cap, original_cap))
-            if paused and not guest.finished:
-                running.start()  # the guest goes on here as if nothing happened
+
+
+def _go_on(running: RunningGuest, tracker: DirtyTracker, cpu_cap: float, paused: bool) -> None:
+    """The move failed before the hand-over: the guest goes on here as if nothing happened."""
+    running.on_machine_thread(tracker.stop)
+    running.on_machine_thread(functools.partial(setattr, running.guest.machine, "cpu_cap", cpu_cap))
+    if paused and not running.guest.finished:
+        running.start()
 
 
 def _verified(frames: FrameStream) -> bool | None:

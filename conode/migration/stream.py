@@ -20,12 +20,15 @@ The stream runs over any :class:`ByteStream` (a socket here; the agents' CURVE l
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
+import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol, TypeVar
 
 import msgpack
 
@@ -52,6 +55,8 @@ DIGEST_ENTRY = struct.Struct("<III")  # first page, pages, their Adler-32
 
 RUN_PAGES = 256  # pages in one PAGES frame or digest entry: 1 MiB (a guest's RAM is whole MiBs)
 MAX_ROUNDS = 64  # rounds a destination accepts: with bounded frames, a bounded stream
+
+T = TypeVar("T")
 
 HELLO, PAGES, ZEROS, ROUND, STATE, DIGEST, READY, GO, RESUMED, ABORT, VERIFIED = range(1, 12)
 NAMES = {HELLO: "HELLO", PAGES: "PAGES", ZEROS: "ZEROS", ROUND: "ROUND", STATE: "STATE", DIGEST: "DIGEST",
@@ -101,6 +106,61 @@ class SocketStream:
 class Hello:
     guest_id: str
     ram_bytes: int
+
+
+class Throttled:
+    """A ByteStream that sends at most *bytes_per_s* on average (it waits before a send that would go faster)."""
+
+    def __init__(self, stream: ByteStream, bytes_per_s: float) -> None:
+        self._stream = stream
+        self._rate = bytes_per_s
+        self._start = time.monotonic()
+        self._sent = 0
+
+    def send(self, data: bytes) -> None:
+        self._sent += len(data)
+        wait = self._start + self._sent / self._rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._stream.send(data)
+
+    def recv(self, size: int) -> bytes:
+        return self._stream.recv(size)
+
+
+class Abortable:
+    """A ByteStream whose waits end early once *called_off* is set (someone else decided the move is off): the
+    inner stream's waits are short (*poll_s*) and retried until *timeout_s*."""
+
+    def __init__(self, stream: ByteStream, called_off: threading.Event, timeout_s: float) -> None:
+        self._stream = stream
+        self._called_off = called_off
+        self._timeout_s = timeout_s
+        self._timed_out = False  # once a wait timed out, the link is taken as gone: no more waiting on it
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            if self._called_off.is_set():
+                raise OSError(errno.ECANCELED, "the move was called off")
+            if self._timed_out:
+                raise TimeoutError("timed out before")
+            try:
+                return fn()
+            except TimeoutError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:
+                    raise
+            if time.monotonic() >= deadline:
+                self._timed_out = True
+                raise TimeoutError("timed out")
+
+    def send(self, data: bytes) -> None:
+        self._retry(lambda: self._stream.send(data))
+
+    def recv(self, size: int) -> bytes:
+        return self._retry(lambda: self._stream.recv(size))
 
 
 class FrameStream:

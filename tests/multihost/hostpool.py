@@ -20,6 +20,27 @@ from testnet import TestNetwork, unavailable
 
 COORDINATOR_HOST = "coord"
 READY_TIMEOUT_S = 120
+SLOW_TRANSFER = """
+set -- $CONODE_HOSTS
+if [ $CONODE_RANK = 0 ]; then
+  mkfifo /tmp/quiet; nc -l -p 5000 <>/tmp/quiet | wc -c
+else
+  i=0; until ping -c 1 -W 1 "$1" >/dev/null; do i=$((i+1)); [ $i -lt 60 ] || exit 1; done
+  echo linked
+  until (i=0; while [ $i -lt %d ]; do echo "line $i"; i=$((i+1)); sleep 0.5; done) | nc "$1" 5000; do sleep 0.5; done
+fi
+"""
+
+
+def slow_transfer(lines: int) -> str:
+    """A job of two guests: once rank 0 answers pings, rank 1 says "linked" and sends it *lines* lines over TCP, two
+    a second (a refused connection is tried again: nothing went); rank 0 prints how many bytes it received."""
+    return SLOW_TRANSFER % lines
+
+
+def transfer_size(lines: int) -> str:
+    """What rank 0 of slow_transfer(*lines*) prints last."""
+    return str(sum(len(f"line {i}\n") for i in range(lines)))
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 import testnet
+from hostpool import slow_transfer, transfer_size
 
 pytest_plugins = ["hostpool"]  # the fixtures network and pool_on_hosts
 pytestmark = [pytest.mark.guest,
@@ -288,17 +289,7 @@ def test_a_flooding_guest_leaves_the_others_their_throughput_across_hosts(networ
 
 def test_a_link_that_goes_quiet_mid_transfer_moves_to_the_relay_and_the_transfer_completes(pool_on_hosts, network):
     pool = pool_on_hosts
-    slow = """
-set -- $CONODE_HOSTS
-if [ $CONODE_RANK = 0 ]; then
-  mkfifo /tmp/quiet; nc -l -p 5000 <>/tmp/quiet | wc -c
-else
-  i=0; until ping -c 1 -W 1 "$1" >/dev/null; do i=$((i+1)); [ $i -lt 60 ] || exit 1; done
-  echo linked
-  (i=0; while [ $i -lt 40 ]; do echo "line $i"; i=$((i+1)); sleep 0.5; done) | nc "$1" 5000
-fi
-"""
-    job = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", slow).stdout.strip())
+    job = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", slow_transfer(40)).stdout.strip())
     pool.wait_until("the transfer to start", lambda: "linked" in rank_output(pool, job, 1), timeout=120)
     time.sleep(3)
     assert not conet_status(pool, "a1")["peers"]["a2"]["relayed"]  # straight, so far
@@ -306,4 +297,4 @@ fi
     pool.wait_until("a1 to relay", lambda: conet_status(pool, "a1")["peers"]["a2"]["relayed"], timeout=30)
     state = wait_done(pool, job, timeout=120)
     assert state["state"] == "done" and state["attempts"] == 1, state  # the same guests: nothing restarted
-    assert rank_output(pool, job, 0).split()[-1] == str(sum(len(f"line {i}\n") for i in range(40)))
+    assert rank_output(pool, job, 0).split()[-1] == transfer_size(40)

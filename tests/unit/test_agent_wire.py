@@ -38,6 +38,11 @@ GOOD_FROM = {
     "checkpoint": {"job": 1, "seq": 3, "base": 2, "path": "/state/checkpoints/out/job-1-3.ckpt", "size": 4096,
                    "sha256": "ab" * 32, "pages": 12, "final_pages": 1, "stall_s": 0.002, "took_s": 0.1,
                    "stall_cpu_s": 0.001},
+    "listening": {"job": 1, "endpoint": "tcp://10.0.0.2:40001"},
+    "move_ready": {"job": 1},
+    "moved_out": {"job": 1, "downtime_s": 0.05, "total_s": 1.2, "paused_s": 0.06, "bytes": 30 << 20, "rounds": 3},
+    "moved_in": {"job": 1, "rounds": 3, "bytes": 30 << 20},
+    "move_failed": {"job": 1, "reason": "timed out", "handed_over": False},
 }
 GOOD_TO = {
     "run": {"job": 1, "argv": ["sh", "-c", "true"], "inputs": {"in.txt": b"1"}, "outputs": ["out.txt"]},
@@ -46,6 +51,9 @@ GOOD_TO = {
     "restore": {"job": 1, "pieces": ["/state/checkpoints/in/job-1/0.piece"],
                 "checkpoint": {"dir": "/state/checkpoints/out", "interval_s": 60.0, "seq": 1}},
     "checkpoint_reset": {"job": 1},
+    "migrate": {"job": 1, "endpoint": "tcp://10.0.0.2:40001", "peer": "k" * 40, "keys": "/state/keys"},
+    "receive": {"job": 1, "bind": "tcp://10.0.0.2:*", "peer": "k" * 40, "keys": "/state/keys"},
+    "move_go": {"job": 1}, "move_abort": {"job": 1, "reason": "the source was lost"},
 }
 
 

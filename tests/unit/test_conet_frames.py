@@ -75,3 +75,11 @@ def test_frames_with_known_types_and_random_bodies_never_raise(body, ethertype):
     assert isinstance(facts, (Frame, str))
     if isinstance(facts, Frame):
         assert len(facts.sender_mac) == 6 and len(facts.sender_ip) == 4 and len(facts.target_ip) == 4
+
+
+def test_a_moved_guests_announcement_is_a_gratuitous_arp_from_its_own_addresses():
+    mac = bytes.fromhex("02c0de000007")
+    frame = frames.parse(frames.announcement(mac, "10.213.0.7"))
+    assert not isinstance(frame, str)
+    assert frame.dst == frames.BROADCAST and frame.src == mac and frame.ethertype == frames.ETHERTYPE_ARP
+    assert frame.sender_mac == mac and frame.sender_ip == bytes([10, 213, 0, 7])
