@@ -278,6 +278,13 @@ class UnicornCpu:
         if status != uc_const.UC_ERR_OK:
             raise unicorn.UcError(status)
 
+    def dma_writer(self) -> tuple[int, int]:
+        """(address of uc_mem_write, this CPU's engine handle): device DMA for native code, as write_phys does
+        it — translated code on the written pages is invalidated and the dirty-page log sees them."""
+        address = ctypes.cast(uclib.uc_mem_write, ctypes.c_void_p).value
+        assert address is not None
+        return address, self.uc._uch.value
+
     def write_phys_scatter(self, pieces: Sequence[tuple[int, ...]], source: bytearray) -> None:
         """Device DMA of *source*, in order, into the guest-physical pieces (address, length, ...), as write_phys
         does. The disk's hot path (a piece per page): uc_mem_write called by plain addresses, no objects."""
