@@ -111,8 +111,7 @@ class DmaMemory:
         self.write = cpu.write_phys
         self.scatter = cpu.write_phys_scatter
         self._view = ram.view
-        dma_write, handle = cpu.dma_writer()
-        self.native = NativeRam(ram.host_address, ram.size, dma_write, handle)  # for C device code (cobd)
+        self.native = NativeRam(ram.host_address, ram.size, *cpu.dma_functions())  # for C device code (cobd)
 
     def window(self, address: int, length: int) -> memoryview:
         return self._view[address:address + length]

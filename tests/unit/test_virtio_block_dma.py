@@ -1,6 +1,6 @@
-"""cobd's C request path writes guest RAM as the engine's own DMA: the migration's dirty-page log sees a disk
-read, and translated code on the pages it overwrites is thrown away (the guest runs what it read, not stale
-code)."""
+"""cobd's C request path writes guest RAM as the engine's own DMA — straight from the file and then telling the
+engine, or copying through uc_mem_write: the migration's dirty-page log sees a disk read, and translated code
+on the pages it overwrites is thrown away (the guest runs what it read, not stale code)."""
 
 from __future__ import annotations
 
@@ -31,13 +31,17 @@ OLD_CODE = bytes.fromhex("c60500000600" "01" "f4")
 
 
 @pytest.mark.skipif(not engine_logs_dirty_pages(), reason="stock Unicorn has no dirty-page log; the fast engine has")
-def test_a_disk_read_is_logged_dirty_and_replaces_translated_code(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["straight-into-ram", "through-uc_mem_write"])
+def test_a_disk_read_is_logged_dirty_and_replaces_translated_code(tmp_path: Path, direct: bool) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(NEW_CODE.ljust(4096, b"\x90"))
     cpu = flat_cpu()
     run(cpu, OLD_CODE, CODE)  # translated and run once
     assert cpu.ram.view[MARK] == 1
     memory = DmaMemory(cpu.ram, cpu)
+    assert memory.native.dma_done, "conode's engine tells of RAM a device wrote itself"
+    if not direct:
+        memory.native = memory.native._replace(dma_done=0)
     device = VirtioBlock(CowDisk(BaseImage(image), None, 1 << 20))
     transport = VirtioMmio(device, IrqLine(PicPair(), 5), memory)
     bring_up(transport, (8,), RINGS)

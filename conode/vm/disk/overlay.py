@@ -296,7 +296,11 @@ class CowDisk:
                 self._map_dirty = True
 
     def flush(self) -> None:
-        """Make every completed write durable on the host."""
+        """Make every completed write durable on the host. An unnamed overlay has nothing to make durable: it
+        ends with its disk, and no crash can leave it behind to reopen (its bytes reach snapshots by reading
+        the file, which needs no fsync); so its flushes cost nothing, as QEMU's temporary snapshot overlays'."""
+        if self.path is None:
+            return
         try:
             os.fsync(self.fd)
             if self.path is not None and self._map_dirty:

@@ -9,10 +9,12 @@
  * into the request's parts as conode/vm/devices/virtio/block.py does; buffers that follow each other in RAM
  * become one piece.  The device keeps every decision (the request's type, range, budget, status) in Python.
  *
- * Data moves without Python in between: a read goes from the host files into a scratch buffer and into guest
- * RAM through the caller's DMA function (the engine's uc_mem_write, which invalidates translated code on the
- * pages it writes and marks them in the migration's dirty-page log: never a raw write into RAM); a write goes
- * from guest RAM to the overlay file with pwritev (reading RAM changes nothing the engine tracks).
+ * Data moves without Python in between.  A read goes from the host files straight into guest RAM (preadv), and
+ * then the engine is told which pages changed (conode's uc_conode_dma_written: translated code on them is
+ * invalidated and the migration's dirty-page log marks them, as for a write through uc_mem_write); with an
+ * engine that cannot be told (stock Unicorn), it goes through a scratch buffer and uc_mem_write.  Never a raw
+ * write into RAM the engine does not hear of.  A write goes from guest RAM to the overlay file with pwritev
+ * (reading RAM changes nothing the engine tracks).
  */
 #include <errno.h>
 #include <stdint.h>
@@ -151,6 +153,7 @@ int blk_parse(const uint8_t *ram, uint64_t ram_size, uint64_t desc, uint32_t qsi
 }
 
 typedef int (*dma_write_fn)(void *handle, uint64_t address, const void *bytes, uint64_t size);
+typedef int (*dma_done_fn)(void *handle, uint64_t address, uint64_t size);
 
 /* Fill *buffer* from *fd* at *offset*; what lies past the end of the file reads as zeros. 0 or -errno. */
 static int read_full(int fd, uint8_t *buffer, uint64_t length, int64_t offset)
@@ -172,41 +175,118 @@ static int read_full(int fd, uint8_t *buffer, uint64_t length, int64_t offset)
     return 0;
 }
 
+/* A position in a list of pieces: the piece, and the bytes of it already filled. */
+struct cursor {
+    const uint64_t *pieces;
+    uint32_t count;
+    uint32_t piece;
+    uint64_t done;
+};
+
+/* Move the cursor *bytes* further (zeroing them in *ram* if it is given); -EFAULT if the pieces run out. */
+static int advance(struct cursor *c, uint64_t bytes, uint8_t *ram)
+{
+    while (bytes) {
+        uint64_t room, n;
+        if (c->piece >= c->count)
+            return -EFAULT;
+        room = c->pieces[2 * c->piece + 1] - c->done;
+        n = bytes < room ? bytes : room;
+        if (ram)
+            memset(ram + c->pieces[2 * c->piece] + c->done, 0, n);
+        bytes -= n;
+        c->done += n;
+        if (c->done == c->pieces[2 * c->piece + 1]) {
+            c->piece++;
+            c->done = 0;
+        }
+    }
+    return 0;
+}
+
+/* Read *length* bytes of *fd* at *at* straight into the RAM pieces from the cursor on (past the end of the
+   file: zeros). 0 or -errno. */
+static int read_direct(int fd, int64_t at, uint64_t length, uint8_t *ram, struct cursor *c)
+{
+    while (length) {
+        struct iovec iov[IOV_BATCH];
+        struct cursor plan = *c;
+        uint64_t planned = 0;
+        int count = 0, err;
+        ssize_t got;
+
+        while (count < IOV_BATCH && planned < length) {
+            uint64_t room, take;
+            if (plan.piece >= plan.count)
+                return -EFAULT;
+            room = plan.pieces[2 * plan.piece + 1] - plan.done;
+            take = length - planned < room ? length - planned : room;
+            iov[count].iov_base = ram + plan.pieces[2 * plan.piece] + plan.done;
+            iov[count].iov_len = take;
+            count++;
+            planned += take;
+            advance(&plan, take, NULL);
+        }
+        got = preadv(fd, iov, count, at);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        err = got == 0 ? advance(c, planned, ram) : advance(c, (uint64_t)got, NULL);
+        if (err)
+            return err;
+        got = got == 0 ? (ssize_t)planned : got;
+        at += got;
+        length -= (uint64_t)got;
+    }
+    return 0;
+}
+
 /*
  * A read request's data: the host file extents (fds[i], offsets[i], lengths[i]), in order, into the guest RAM
- * *pieces*, in order, through *scratch* (scratch_len bytes) and *write*.  The extents and the pieces must hold
- * the same number of bytes.  Returns 0, -errno for a host read error, or -EFAULT if the pieces run out or the
- * DMA function refuses a piece.
+ * *pieces* (inside [0, ram_size): checked again), in order; the extents and the pieces hold the same number of
+ * bytes.  With *done* (the engine's uc_conode_dma_written), straight from the files into RAM, then *done* for
+ * every piece — also when a read failed half way, for what it wrote; without it, through *scratch* and *write*
+ * (uc_mem_write).  Returns 0, -errno for a host read error, or -EFAULT if the pieces run out or the DMA
+ * functions refuse a piece.
  */
 int blk_read(const int32_t *fds, const int64_t *offsets, const uint64_t *lengths, uint32_t extents,
-             uint8_t *scratch, uint64_t scratch_len, const uint64_t *pieces, uint32_t n_pieces,
-             dma_write_fn write, void *handle)
+             uint8_t *scratch, uint64_t scratch_len, uint8_t *ram, uint64_t ram_size, const uint64_t *pieces,
+             uint32_t n_pieces, dma_write_fn write, dma_done_fn done, void *handle)
 {
-    uint32_t piece = 0;
-    uint64_t piece_done = 0;
+    struct cursor c = {pieces, n_pieces, 0, 0};
+    int err = 0;
 
+    for (uint32_t i = 0; i < n_pieces; i++)
+        if (pieces[2 * i] > ram_size || pieces[2 * i + 1] > ram_size - pieces[2 * i])
+            return -EFAULT;
+    if (done) {
+        for (uint32_t e = 0; e < extents && !err; e++)
+            err = read_direct(fds[e], offsets[e], lengths[e], ram, &c);
+        for (uint32_t i = 0; i < n_pieces; i++)
+            if (done(handle, pieces[2 * i], pieces[2 * i + 1]) != 0 && !err)
+                err = -EFAULT;
+        return err;
+    }
     for (uint32_t e = 0; e < extents; e++) {
         uint64_t left = lengths[e];
         int64_t at = offsets[e];
         while (left) {
             uint64_t take = left < scratch_len ? left : scratch_len, sent = 0;
-            int err = read_full(fds[e], scratch, take, at);
+            err = read_full(fds[e], scratch, take, at);
             if (err)
                 return err;
             while (sent < take) {
                 uint64_t room, n;
-                if (piece >= n_pieces)
+                if (c.piece >= c.count)
                     return -EFAULT;
-                room = pieces[2 * piece + 1] - piece_done;
+                room = pieces[2 * c.piece + 1] - c.done;
                 n = take - sent < room ? take - sent : room;
-                if (write(handle, pieces[2 * piece] + piece_done, scratch + sent, n) != 0)
+                if (write(handle, pieces[2 * c.piece] + c.done, scratch + sent, n) != 0)
                     return -EFAULT;
                 sent += n;
-                piece_done += n;
-                if (piece_done == pieces[2 * piece + 1]) {
-                    piece++;
-                    piece_done = 0;
-                }
+                advance(&c, n, NULL);
             }
             left -= take;
             at += (int64_t)take;

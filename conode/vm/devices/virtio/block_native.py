@@ -5,8 +5,9 @@ than the guest's own work for it. The C code applies the very checks of the Pyth
 the chain as block.py does; the device still decides everything about the request. Without a compiler, or
 with guest memory the C code cannot reach (no host address or DMA function), the device stays in Python.
 
-Data written into guest RAM goes through the memory's DMA function — the engine's uc_mem_write — so that
-translated code on those pages is invalidated and the migration's dirty-page log sees them.
+Data read from the disk goes straight from the host files into guest RAM and the engine is told of it
+(uc_conode_dma_written), or, where the engine cannot be told (stock Unicorn), through the engine's uc_mem_write:
+either way translated code on those pages is invalidated and the migration's dirty-page log sees them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ SHAPE_REQUEST, SHAPE_IOERR, SHAPE_SILENT = 0, 1, 2  # blk_request.shape
 
 # int dma_write(void *handle, uint64_t address, const void *bytes, uint64_t size): uc_mem_write's signature
 DMA_WRITE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64)
+# int dma_done(void *handle, uint64_t address, uint64_t size): conode's engine's uc_conode_dma_written
+DMA_DONE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64)
 
 
 class NativeRam(NamedTuple):
@@ -36,8 +39,9 @@ class NativeRam(NamedTuple):
 
     address: int  # host address of guest-physical 0
     size: int
-    dma_write: int  # address of a DMA_WRITE function
-    handle: int  # its first argument
+    dma_write: int  # address of a DMA_WRITE function, which copies into RAM as a device write
+    dma_done: int  # address of a DMA_DONE function, told of RAM the device wrote itself; 0: none, copy instead
+    handle: int  # their first argument
 
 
 class BlkRequest(ctypes.Structure):
@@ -70,7 +74,8 @@ class NativeRequests:
     def __init__(self, lib: ctypes.CDLL, ram: NativeRam, queue_size: int, scratch: bytearray) -> None:
         # Short calls on the machine thread, inside an exit: keep the GIL (see holding_gil).
         self._parse = holding_gil(lib.blk_parse, ctypes.c_int, _P, _U64, _U64, _U32, _U32, _P, _P, _P)
-        self._read = holding_gil(lib.blk_read, ctypes.c_int, _P, _P, _P, _U32, _P, _U64, _P, _U32, _P, _P)
+        self._read = holding_gil(lib.blk_read, ctypes.c_int, _P, _P, _P, _U32, _P, _U64, _P, _U64, _P, _U32, _P, _P,
+                                 _P)
         self._write = holding_gil(lib.blk_write, ctypes.c_int, ctypes.c_int, ctypes.c_int64, _P, _U64, _P, _U32)
         self.ram = ram
         self.request = BlkRequest()
@@ -116,8 +121,9 @@ class NativeRequests:
         offsets = (ctypes.c_int64 * count)(*(at for _, at, _ in extents))
         lengths = (ctypes.c_uint64 * count)(*(n for _, _, n in extents))
         _check(self._read(ctypes.addressof(fds), ctypes.addressof(offsets), ctypes.addressof(lengths), count,
-                          self._scratch_at, len(self._scratch), ctypes.addressof(self._in), self.request.n_in,
-                          self.ram.dma_write, self.ram.handle))
+                          self._scratch_at, len(self._scratch), self.ram.address, self.ram.size,
+                          ctypes.addressof(self._in), self.request.n_in, self.ram.dma_write, self.ram.dma_done or None,
+                          self.ram.handle))
 
     def write(self, fd: int, offset: int) -> None:
         """Write the request's data (the pieces after the header) to *fd* at *offset*."""
