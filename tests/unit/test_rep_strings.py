@@ -1,5 +1,6 @@
-"""rep stos, which the fast engine does a page at a time where the destination is plain RAM (patch 0013): the
-same bytes, registers and code invalidation as one element at a time, on both engines."""
+"""rep stos and rep movs, which the fast engine does a page at a time between plain RAM pages (patches 0013 and
+0014): the same bytes, registers and code invalidation as one element at a time (overlapping copies included),
+on both engines."""
 
 from __future__ import annotations
 
@@ -53,3 +54,36 @@ def test_rep_stos_over_translated_code_throws_the_translation_away() -> None:
     cpu.enter_protected_mode(0x1000, 31, 0x10, 0x18, target, 0)
     assert cpu.run(1 << 62, False) is StopReason.HALT
     assert cpu.ram.view[MARK] == 0  # the new bytes ran (HLT at once), not the old translation
+
+
+def movs_program(source: int, target: int, count: int, size: int, backwards: bool) -> bytes:
+    """mov esi, source ; mov edi, target ; mov ecx, count ; cld/std ; rep movs ; cld ; hlt"""
+    movs = {1: b"\xa4", 2: b"\x66\xa5", 4: b"\xa5"}[size]
+    return (b"\xbe" + struct.pack("<I", source) + b"\xbf" + struct.pack("<I", target) + b"\xb9"
+            + struct.pack("<I", count) + (b"\xfd" if backwards else b"\xfc") + b"\xf3" + movs + b"\xfc\xf4")
+
+
+@pytest.mark.parametrize("size", [1, 4])
+@pytest.mark.parametrize("source, target, count", [
+    (0x20000, 0x28000, 2), (0x20123, 0x28ffd, 3000), (0x20000, 0x24000, 4096),  # apart
+    (0x20000, 0x20004, 3000), (0x20004, 0x20000, 3000), (0x20000, 0x20001, 5000),  # overlapping both ways
+])
+@pytest.mark.parametrize("backwards", [False, True])
+def test_rep_movs_copies_what_one_element_at_a_time_copies(size: int, source: int, target: int, count: int,
+                                                           backwards: bool) -> None:
+    cpu = flat_cpu()
+    ram = cpu.ram.view
+    low, high = 0x10000, 0x38000
+    ram[low:high] = bytes((i * 7 + i // 251) & 0xFF for i in range(high - low))
+    model = bytearray(ram[low:high])
+    step = -size if backwards else size
+    for i in range(count):  # the architecture's definition: one element after the other
+        s, t = source + i * step - low, target + i * step - low
+        model[t:t + size] = model[s:s + size]
+    cpu.write_phys(CODE, movs_program(source, target, count, size, backwards))
+    cpu.enter_protected_mode(0x1000, 31, 0x10, 0x18, CODE, 0)
+    assert cpu.run(1 << 62, False) is StopReason.HALT
+    assert bytes(ram[low:high]) == bytes(model)
+    x86 = unicorn_cpu.x86
+    assert [cpu.regs.read(r) for r in (x86.UC_X86_REG_ESI, x86.UC_X86_REG_EDI, x86.UC_X86_REG_ECX)] == \
+        [source + count * step, target + count * step, 0]
