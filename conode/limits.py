@@ -29,6 +29,12 @@ MAX_JOB_INPUT_BYTES = 48 << 20  # all inputs of one job together
 MAX_OUTPUT_FILE_BYTES = 32 << 20  # one output file; a larger one is reported missing with the reason
 MAX_JOB_OUTPUT_BYTES = 48 << 20  # all output files of one job together
 
+# --- A job's launch: environment, time limit, arrays ---------------------------------------------------------
+MAX_ENV_VARS = 128  # environment variables a job sets (names and values each at most MAX_SMALL_FIELD)
+MAX_JOB_TIMEOUT_S = 30 * 86400  # the longest time limit a job may ask for
+MAX_ARRAY_TASKS = 10_000  # tasks of one array submission
+MAX_ARRAY_ITEMS_BYTES = 1 << 20  # an array's items together (UTF-8, one NUL each)
+
 # --- A job's stdout and stderr ---------------------------------------------------------------------------
 MAX_STREAM_BYTES = 16 << 20  # stdout and stderr of one job together; beyond it output is dropped, said once
 OUTPUT_CHUNK_BYTES = 32 << 10  # one job_output message carries at most this much
@@ -103,6 +109,9 @@ assert MAX_ARGV_BYTES + MAX_SMALL_FIELD < CHANNEL_MAX_PAYLOAD  # an accepted com
 assert MAX_JOB_OUTPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + (1 << 20) < MAX_FRAME_BYTES
 assert MAX_JOB_INPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + MAX_ARGV_BYTES + (1 << 20) < MAX_FRAME_BYTES
 assert MAX_OUTPUT_FILE_BYTES <= MAX_JOB_OUTPUT_BYTES
+# A submission carries its inputs, its command, its environment and an array's items in one message.
+assert (MAX_JOB_INPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + MAX_ARGV_BYTES + 2 * MAX_ENV_VARS * MAX_SMALL_FIELD
+        + MAX_ARRAY_ITEMS_BYTES + (1 << 20) < MAX_FRAME_BYTES)
 # A run_job message with an image carries its chunk list (32 bytes a chunk) beside the job's inputs.
 assert (MAX_JOB_INPUT_BYTES + MAX_FILES * (MAX_PATH_BYTES + 16) + MAX_ARGV_BYTES + 40 * MAX_IMAGE_CHUNKS
         + (1 << 20) < MAX_FRAME_BYTES)

@@ -16,15 +16,17 @@ from conode import shell
 from conode.cluster.keys import generate_key_pair, is_valid_public_key
 from conode.cli_guard import run_guarded
 from conode.errors import ConodeError
-from conode.limits import (DEFAULT_DISK_BUDGET_MIB, DEFAULT_GUEST_MEM_MIB, MAX_DISK_BUDGET_MIB, MAX_JOB_GUESTS,
-                           MAX_JOB_INPUT_BYTES)
+from conode.limits import (DEFAULT_DISK_BUDGET_MIB, DEFAULT_GUEST_MEM_MIB, MAX_ARRAY_TASKS, MAX_DISK_BUDGET_MIB,
+                           MAX_GUEST_MEM_MIB, MAX_JOB_GUESTS, MAX_JOB_TIMEOUT_S, MIN_GUEST_MEM_MIB)
 from conode.tomlfile import write_toml
 from coordinator import render
 from coordinator.config import (ADMIN_KEY_NAME, DEFAULT_BIND, PRIVATE_UMASK, SERVER_KEY_NAME, StateDir,
                                 load_client_config, user_client_config_path)
+from coordinator.store import JOB_STATES
 
 EXIT_ERROR = 2
 TERMINAL = ("done", "failed", "cancelled")
+FOLLOW_POLL_S = 0.25  # how often a followed job's new output is asked for
 
 
 def _guarded(fn: Callable[[], int | None]) -> NoReturn:
@@ -189,10 +191,16 @@ client_options = [
 ]
 
 
+def with_options(options: list[Callable]) -> Callable[[Callable], Callable]:
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
 def with_client(fn: Callable) -> Callable:
-    for option in reversed(client_options):
-        fn = option(fn)
-    return fn
+    return with_options(client_options)(fn)
 
 
 def _client(config_path: Path | None, endpoint: str | None) -> Any:
@@ -224,8 +232,8 @@ def _render_status(reply: dict[str, Any]) -> None:
     jobs = t["jobs"]
     down = f" ({len(reply['down'])} down: `coordinator forget NODE` once gone for good)" if reply.get("down") else ""
     click.echo(f"\npool: {t['nodes']} nodes{down}, {t['cores']} cores ({t['idle_cores']} free), "
-               f"{render.mib(t['mem_mib'])}; jobs: {jobs['queued']} queued, {jobs['running']} running, "
-               f"{jobs['vacated']} vacated, {jobs['done']} done, {jobs['failed']} failed, "
+               f"{render.mib(t['mem_mib'])}; jobs: {jobs['queued']} queued, {jobs.get('held', 0)} held, "
+               f"{jobs['running']} running, {jobs['vacated']} vacated, {jobs['done']} done, {jobs['failed']} failed, "
                f"{jobs['cancelled']} cancelled")
 
 
@@ -255,56 +263,170 @@ def status(config_path: Path | None, endpoint: str | None, as_json: bool, watch:
     _guarded(body)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+submit_options = [
+    click.option("-f", "--file", "job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="A job description (TOML, see README); options given here add to it or override it."),
+    click.option("--input", "inputs", multiple=True, type=click.Path(exists=True),
+                 help="A file or directory to place in the job's directory, at the relative path given (an absolute "
+                      "path or one leading outside: under its own name); modes are kept (repeatable)."),
+    click.option("--output", "outputs", multiple=True,
+                 help="A path or glob (relative to the job's directory) to bring back (repeatable)."),
+    click.option("--mem", "mem_mib", type=int, default=None,
+                 help=f"Guest memory the job needs, MiB (default {DEFAULT_GUEST_MEM_MIB}; {MIN_GUEST_MEM_MIB} to "
+                      f"{MAX_GUEST_MEM_MIB})."),
+    click.option("--guests", type=click.IntRange(1, MAX_JOB_GUESTS), default=None,
+                 help="Run COMMAND in this many guests at once, joined by conet (rank i in $CONODE_RANK; default 1)."),
+    click.option("--network", default=None, help="A shared conet network to join, by name (default: the job's own)."),
+    click.option("--image", "image_name", default=None, metavar="NAME",
+                 help="Boot the job's guests from this pool image (`coordinator image list`) as their root disk."),
+    click.option("--disk-budget", "disk_mib", type=click.IntRange(1, MAX_DISK_BUDGET_MIB), default=None,
+                 metavar="MiB", help=f"What each guest may write to its disk (default {DEFAULT_DISK_BUDGET_MIB})."),
+    click.option("--env", "env", multiple=True, metavar="NAME=VALUE",
+                 help="An environment variable for the command (repeatable)."),
+    click.option("--stdin", "stdin", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="A file the command reads as its standard input."),
+    click.option("--timeout", "timeout_s", type=click.FloatRange(1, MAX_JOB_TIMEOUT_S), default=None,
+                 metavar="SECONDS", help="The job's time limit: at it the job is killed and fails."),
+]
+array_options = [
+    click.option("--queue", "count", type=click.IntRange(1, MAX_ARRAY_TASKS), default=None, metavar="N",
+                 help="An array of N jobs: $(index) and $(item) are 0 to N-1 in each."),
+    click.option("--items", "items_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 default=None, metavar="FILE", help="An array: one job per line of FILE, that line as $(item)."),
+]
+command_argument = click.argument("command", nargs=-1, type=click.UNPROCESSED)
+# Options come first; the command starts at the first word that is not one (or after --), so that its own
+# options are never taken for ours, and an option of ours misspelt is refused, never run as the command.
+COMMAND_SETTINGS = {"allow_interspersed_args": False}
+
+
+def _description(options: dict[str, Any], command: tuple[str, ...]) -> Any:
+    """The job described by the file (if any) and the command line's options, the latter winning."""
+    from coordinator.jobfile import JobDescription, count_items, parse_env, read_description, read_items
+
+    items = None
+    if options.get("count") is not None and options.get("items_file") is not None:
+        raise click.UsageError("--queue and --items both make an array: give one")
+    if options.get("count") is not None:
+        items = count_items(options["count"])
+    elif options.get("items_file") is not None:
+        items = read_items(options["items_file"])
+    given = JobDescription(
+        command=list(command), inputs=[(text, Path(text)) for text in options["inputs"]],
+        outputs=list(options["outputs"]), env=parse_env(list(options["env"])), stdin=options["stdin"],
+        mem_mib=options["mem_mib"], guests=options["guests"], time_limit_s=options["timeout_s"],
+        image=options["image_name"], disk_mib=options["disk_mib"], network=options["network"], items=items)
+    base = read_description(options["job_file"]) if options["job_file"] is not None else JobDescription()
+    return base.merged(given)
+
+
+@main.command(context_settings=COMMAND_SETTINGS)
 @with_client
-@click.option("--input", "inputs", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A file to place in the job's working directory (repeatable).")
-@click.option("--output", "outputs", multiple=True, help="A path (relative to the job's directory) to bring back.")
-@click.option("--mem", "mem_mib", type=int, default=DEFAULT_GUEST_MEM_MIB, show_default=True, help="Guest memory the job needs (MiB).")
-@click.option("--guests", type=click.IntRange(1, MAX_JOB_GUESTS), default=1, show_default=True,
-              help="Run COMMAND in this many guests at once, joined by conet (rank i in $CONODE_RANK).")
-@click.option("--network", default=None, help="A shared conet network to join, by name (default: the job's own).")
-@click.option("--image", "image_name", default=None, metavar="NAME",
-              help="Boot the job's guests from this pool image (`coordinator image list`) as their root disk.")
-@click.option("--disk-budget", "disk_mib", type=click.IntRange(1, MAX_DISK_BUDGET_MIB), default=None, metavar="MiB",
-              help=f"What each guest may write to its disk (default {DEFAULT_DISK_BUDGET_MIB}).")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def submit(config_path: Path | None, endpoint: str | None, inputs: tuple[Path, ...], outputs: tuple[str, ...],
-           mem_mib: int, guests: int, network: str | None, image_name: str | None, disk_mib: int | None,
-           command: tuple[str, ...]) -> None:
-    """Queue COMMAND to run in a guest (or in several, --guests); prints the job id."""
+@with_options(submit_options + array_options)
+@command_argument
+def submit(config_path: Path | None, endpoint: str | None, command: tuple[str, ...], **options: Any) -> None:
+    """Queue COMMAND to run in a guest (or in several, --guests; or an array, --queue/--items or queue in -f's
+    file); prints the job id, one per line for an array.
+
+    Everything before COMMAND (or before --) is an option of submit's; COMMAND is run as given."""
 
     def body() -> None:
-        if disk_mib is not None and image_name is None:
-            raise click.UsageError("--disk-budget is for a job on an image: give --image NAME too")
-        total = sum(path.stat().st_size for path in inputs)
-        if total > MAX_JOB_INPUT_BYTES:
-            raise ConodeError(f"the input files take {total} bytes; a job's inputs may take at most "
-                              f"{MAX_JOB_INPUT_BYTES}")
-        files = {path.name: path.read_bytes() for path in inputs}
+        fields = _description(options, command).message()
         with _client(config_path, endpoint) as client:
-            extra: dict[str, Any] = {"network": network} if network else {}
-            if image_name is not None:
-                extra["image"] = image_name
-            if disk_mib is not None:
-                extra["disk_mib"] = disk_mib
-            reply = client.request("submit", "submitted", argv=list(command), inputs=files, outputs=list(outputs),
-                                   mem_mib=mem_mib, guests=guests, **extra)
-        click.echo(reply["job"])
+            reply = client.request("submit", "submitted", **fields)
+        for job in reply.get("jobs", [reply["job"]]):
+            click.echo(job)
 
     _guarded(body)
+
+
+@main.command(context_settings=COMMAND_SETTINGS)
+@with_client
+@with_options(submit_options)
+@command_argument
+def run(config_path: Path | None, endpoint: str | None, command: tuple[str, ...], **options: Any) -> None:
+    """Run COMMAND in the pool as if here: submit it (submit's options), show its stdout and stderr as they come
+    and exit with its status (1 if it failed, 130 if cancelled; Ctrl-C cancels it)."""
+
+    def body() -> int:
+        description = _description(options, command)
+        if description.items is not None:
+            raise ConodeError("run takes one job; submit an array with `coordinator submit`")
+        fields = description.message()
+        with _client(config_path, endpoint) as client:
+            job = client.request("submit", "submitted", **fields)["job"]
+            if sys.stderr.isatty():
+                click.echo(f"coordinator: job {job}", err=True)
+            try:
+                state = _follow(client, job, None)
+            except KeyboardInterrupt:
+                client.request("cancel", "ok", job=job)
+                click.echo(f"coordinator: job {job} cancelled", err=True)
+                return 130
+        return _ended(state, job, None)
+
+    _guarded(body)
+
+
+def _follow(client: Any, job: int, rank: int | None) -> dict[str, Any]:
+    """Write the job's stdout and stderr (of one rank, or of every rank under headers) as they are stored, until
+    the job ends; return its final state."""
+    cursors: dict[int, int] = {}
+    shown: dict[str, int | None] = {"stdout": None, "stderr": None}  # the rank whose output each stream shows
+    attempts = 0
+    while True:
+        state = client.request("job", "job_reply", job=job)["job"]
+        if attempts and state["attempts"] > attempts:
+            # Its output so far was of an attempt that did not finish: what follows starts from the beginning.
+            click.echo(f"coordinator: job {job} runs again ({state['reason']})", err=True)
+        attempts = state["attempts"]
+        if state["guests"] > 1:
+            ranks = [r["rank"] for r in state.get("ranks", []) if rank in (None, r["rank"])]
+        else:
+            ranks = [0]
+        for each in ranks:
+            while True:
+                reply = client.request("logs", "logs_reply", job=job, after=cursors.get(each, 0),
+                                       **({"rank": each} if state["guests"] > 1 else {}))
+                cursors[each] = reply.get("cursor", 0)
+                for name, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+                    if not reply[name]:
+                        continue
+                    if state["guests"] > 1 and rank is None and shown[name] != each:
+                        out.buffer.write(f"==> rank {each} <==\n".encode())
+                        shown[name] = each
+                    out.buffer.write(reply[name])
+                    out.flush()
+                if not reply.get("more"):
+                    break
+        if state["state"] in TERMINAL:
+            return state
+        time.sleep(FOLLOW_POLL_S)
+
+
+def _ended(state: dict[str, Any], job: int, rank: int | None) -> int:
+    """The exit status of a job (or rank) that ended, said on stderr unless it is the command's own."""
+    what = f"job {job}" if rank is None else f"job {job} rank {rank}"
+    if state["state"] == "done":
+        if state["reason"]:
+            click.echo(f"coordinator: {what}: {state['reason']}", err=True)
+        return int(state["exit_status"])
+    click.echo(f"coordinator: {what} {state['state']}: {state['reason']}", err=True)
+    return 1 if state["state"] == "failed" else 130
 
 
 @main.command()
 @with_client
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--limit", type=int, default=50, show_default=True)
-def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: int) -> None:
-    """Recent jobs, newest first."""
+@click.option("--state", "states", multiple=True, type=click.Choice(JOB_STATES),
+              help="Only jobs in this state (repeatable).")
+def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: int, states: tuple[str, ...]) -> None:
+    """Recent jobs, newest first; a queued one says why it waits."""
 
     def body() -> None:
         with _client(config_path, endpoint) as client:
-            reply = client.request("jobs", "jobs_reply", limit=limit)
+            reply = client.request("jobs", "jobs_reply", limit=limit, **({"states": list(states)} if states else {}))
         if as_json:
             click.echo(json.dumps(reply["jobs"]))
             return
@@ -315,9 +437,51 @@ def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: i
             runtime = render.duration(end - j["started_at"]) if j["started_at"] else "-"
             status_text = "-" if j["exit_status"] is None else j["exit_status"]
             where = j["node"] or (f"{j['guests']} guests" if j.get("guests", 1) > 1 else "-")
-            rows.append([j["id"], j["state"], where, status_text, runtime, j["attempts"],
-                         " ".join(j["argv"])[:60]])
-        _table(["JOB", "STATE", "NODE", "STATUS", "RUNTIME", "TRIES", "COMMAND"], rows)
+            state = _state_text(j)
+            rows.append([j["id"], _array_text(j), state, where, status_text, runtime, j["attempts"],
+                         _command_text(j)])
+        _table(["JOB", "ARRAY", "STATE", "NODE", "STATUS", "RUNTIME", "TRIES", "COMMAND"], rows)
+
+    _guarded(body)
+
+
+def _state_text(job: dict[str, Any]) -> str:
+    """A job's state, and why it waits when that says more."""
+    why = job.get("why")
+    return f"{job['state']} ({why})" if why and why != job["state"] else job["state"]
+
+
+def _array_text(job: dict[str, Any]) -> str:
+    return "-" if job.get("array") is None else f"{job['array']}[{job['task']}]"
+
+
+def _command_text(job: dict[str, Any], width: int = 60) -> str:
+    """The command as a shell would take it back, cut to *width*."""
+    text = shell.command(*job["argv"]) + (" ..." if job.get("argv_truncated") else "")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+@main.command()
+@with_client
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", type=int, default=50, show_default=True)
+def history(config_path: Path | None, endpoint: str | None, as_json: bool, limit: int) -> None:
+    """Finished jobs, the last to finish first: where they ran, their guests' CPU time, exit status and when."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            reply = client.request("jobs", "jobs_reply", limit=limit, history=True)
+        if as_json:
+            click.echo(json.dumps(reply["jobs"]))
+            return
+        rows = []
+        for j in reply["jobs"]:
+            where = ",".join(j.get("nodes") or []) or j["node"] or "-"
+            status_text = "-" if j["exit_status"] is None else j["exit_status"]
+            finished = _stamp(j["finished_at"])
+            rows.append([j["id"], j["state"], where, status_text, render.duration(j.get("cpu_s")), finished,
+                         _command_text(j, 50)])
+        _table(["JOB", "STATE", "NODE", "STATUS", "CPU", "FINISHED", "COMMAND"], rows)
 
     _guarded(body)
 
@@ -325,13 +489,70 @@ def jobs(config_path: Path | None, endpoint: str | None, as_json: bool, limit: i
 @main.command()
 @with_client
 @click.argument("job", type=int)
-@click.option("--rank", type=click.IntRange(0, MAX_JOB_GUESTS - 1), default=None,
-              help="Only this guest of a job of several (default: all, each under a header).")
-def logs(config_path: Path | None, endpoint: str | None, job: int, rank: int | None) -> None:
-    """The job's stdout (to stdout) and stderr (to stderr) so far."""
+@click.option("--json", "as_json", is_flag=True)
+def job(config_path: Path | None, endpoint: str | None, job: int, as_json: bool) -> None:
+    """One job in full: its command, where it stands (and why it waits), its limits and its ranks."""
 
     def body() -> None:
         with _client(config_path, endpoint) as client:
+            state = client.request("job", "job_reply", job=job)["job"]
+        if as_json:
+            click.echo(json.dumps(state))
+            return
+        lines = [("job", state["id"]), ("state", _state_text(state)),
+                 ("command", shell.command(*state["argv"])), ("array", _array_text(state)),
+                 ("node", state["node"] or "-"), ("memory", render.mib(state["mem_mib"])),
+                 ("guests", state["guests"]), ("image", state.get("image") or "-"),
+                 ("time limit", f"{state['timeout_s']:g} s" if state.get("timeout_s") else "-"),
+                 ("environment", " ".join(f"{k}={shell.command(v)}" for k, v in state.get("env", {}).items()) or "-"),
+                 ("submitted", _stamp(state["submitted_at"])), ("started", _stamp(state["started_at"])),
+                 ("finished", _stamp(state["finished_at"])),
+                 ("exit status", "-" if state["exit_status"] is None else state["exit_status"]),
+                 ("cpu time", render.duration(state.get("cpu_s"))), ("tries", state["attempts"]),
+                 ("reason", state["reason"] or "-")]
+        for name, value in lines:
+            click.echo(f"{name + ':':13}{value}")
+        for r in state.get("ranks", []):
+            click.echo(f"rank {r['rank']}:      {r['state']} on {r['node'] or '-'}, status "
+                       f"{'-' if r['exit_status'] is None else r['exit_status']}")
+
+    _guarded(body)
+
+
+def _stamp(wall: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) if wall else "-"
+
+
+def _hold_command(kind: str, doc: str) -> None:
+    @main.command(kind, help=doc)
+    @with_client
+    @click.argument("job", type=int)
+    def command(config_path: Path | None, endpoint: str | None, job: int) -> None:
+        def body() -> None:
+            with _client(config_path, endpoint) as client:
+                click.echo(client.request(kind, "ok", job=job).get("detail", "ok"))
+
+        _guarded(body)
+
+
+_hold_command("hold", "Keep queued JOB from being placed until released.")
+_hold_command("release", "Let held JOB be placed again.")
+
+
+@main.command()
+@with_client
+@click.argument("job", type=int)
+@click.option("--rank", type=click.IntRange(0, MAX_JOB_GUESTS - 1), default=None,
+              help="Only this guest of a job of several (default: all, each under a header).")
+@click.option("-f", "--follow", is_flag=True, help="Keep showing output as it comes, until the job ends.")
+def logs(config_path: Path | None, endpoint: str | None, job: int, rank: int | None, follow: bool) -> None:
+    """The job's stdout (to stdout) and stderr (to stderr) so far, or as it comes (-f)."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            if follow:
+                _follow(client, job, rank)
+                return
             reply = client.request("logs", "logs_reply", job=job, **_rank(rank))
         sys.stdout.buffer.write(reply["stdout"])
         sys.stdout.flush()
@@ -366,13 +587,7 @@ def wait(config_path: Path | None, endpoint: str | None, job: int, timeout: floa
                     what = f"job {job}" if rank is None else f"rank {rank} of job {job}"
                     raise ConodeError(f"{what} is still {state['state']} after {timeout:g} s")
                 time.sleep(0.25)
-        what = f"job {job}" if settled is state else f"job {job} rank {rank}"
-        if settled["state"] == "done":
-            if settled["reason"]:
-                click.echo(f"coordinator: {what}: {settled['reason']}", err=True)
-            return int(settled["exit_status"])
-        click.echo(f"coordinator: {what} {settled['state']}: {settled['reason']}", err=True)
-        return 1 if settled["state"] == "failed" else 130
+        return _ended(settled, job, None if settled is state else rank)
 
     _guarded(body)
 

@@ -42,6 +42,10 @@ class DownNodes:
     def names(self) -> set[str]:
         return set(self._nodes)
 
+    def capacities(self) -> list[tuple[int, int]]:
+        """(cores, guest memory in MiB) of each: what the pool offers once they are back."""
+        return [(node.cores, node.mem_mib) for node in self._nodes.values()]
+
     def __len__(self) -> int:
         return len(self._nodes)
 

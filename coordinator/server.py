@@ -26,16 +26,18 @@ from conode.cluster.heartbeat import PeerLiveness
 from conode.cluster.protocol import ProtocolError
 from conode.cluster.transport import ServerSocket
 from conode.errors import ConodeError
-from conode.limits import IMAGE_CHUNK_BYTES, MAX_FILES, MAX_JOB_OUTPUT_BYTES
+from conode.limits import IMAGE_CHUNK_BYTES, MAX_FILES, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES
+from coordinator import arrays, launch
 from coordinator.config import RELAY_OFF, StateDir
 from coordinator.conet_peers import PeerDirectory
 from coordinator.down import DownNode, DownNodes, unknown_node
 from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
+from coordinator.pending import Request, never_fits, why_waiting
 from coordinator.placement import ACCEPTING_STATES, NodeView, can_take_work, choose_gang, choose_node
 from coordinator.queue import JobQueue
 from coordinator.relay import Relay
-from coordinator.store import JOB_STATES, TERMINAL_STATES, Job, Store
+from coordinator.store import JOB_STATES, TERMINAL_STATES, Job, Store, Submission, Task
 
 log = logging.getLogger("coordinator")
 
@@ -52,6 +54,7 @@ ORPHAN_GRACE_S = protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS * 2
 CHUNK_TURN_S = 0.02
 MAX_CHUNK_REQUESTS = 8192
 GANG_LOGS_NOTE = b"\n[conode: the ranks' output together is longer than one reply; see each with --rank]\n"
+FOLLOW_REPLY_BYTES = 4 << 20  # output in one reply to a followed `logs`
 
 
 @dataclass
@@ -136,6 +139,8 @@ class Coordinator:
         self.queue = JobQueue(self.store.queued())
         self.drained = self.store.drained()
         self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
+        self._capacity: list[tuple[int, int]] | None = None  # (cores, memory) of the nodes up or down, when asked
+        self._largest_mem = 0
         self.counters = Counters()
         self._started = clock()
         self._queued_at: dict[int, float] = {}
@@ -266,6 +271,7 @@ class Coordinator:
         self.nodes[name] = node
         self.by_identity[identity] = name
         self.down.returned(name)
+        self._capacity = None
         held = set(msg["running"])
         vacated_here = set(self.store.vacated_jobs(name))
         # Reconcile: jobs we placed there that the node no longer has are lost; jobs it runs that we do not
@@ -325,7 +331,7 @@ class Coordinator:
             outputs = dict(msg["outputs"])
             missing = msg["missing"]
             reason = f"missing outputs: {', '.join(missing)}" if missing else None
-            self.store.finish(job_id, "done", msg["status"], reason, outputs)
+            self.store.finish(job_id, "done", msg["status"], reason, outputs, cpu_s=msg["runtime_s"])
             log.info("job %d done on %s: status %d in %.1f s", job_id, name, msg["status"], msg["runtime_s"])
             if job.gang is not None:
                 self._gang_progress(job.gang)
@@ -396,37 +402,102 @@ class Coordinator:
         self._reply(identity, "status_reply", nodes=nodes, totals=totals, down=self.down.rows())
 
     def _on_submit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        if not msg["argv"]:
-            self._reply(identity, "error", code="invalid", message="a job needs a command", in_reply_to="submit")
+        problem, image = self._submission_problem(msg)
+        if problem is None:
+            submission, tasks, problem = self._submission(msg, name, image)
+        if problem is not None:
+            self._reply(identity, "error", code="not-found" if problem.startswith("no image") else "invalid",
+                        message=problem, in_reply_to="submit")
             return
+        ids = self.store.add_jobs(submission, tasks, array="items" in msg)
+        now = self._clock()
+        for job_id in ids:
+            self.queue.add(job_id, submission.mem_mib, submission.guests, image.size if image is not None else 0)
+            self._queued_at[job_id] = now
+        what = f"jobs {ids[0]}-{ids[-1]} (an array of {len(ids)})" if "items" in msg else f"job {ids[0]}"
+        log.info("%s submitted by %s: %s", what, name, " ".join(msg["argv"])[:200])
+        self._reply(identity, "submitted", job=ids[0], **({"jobs": ids} if "items" in msg else {}))
+        self.schedule()
+
+    def _submission_problem(self, msg: dict[str, Any]) -> tuple[str | None, Any]:
+        """Why a submission is refused before its tasks are looked at (and the image it runs on)."""
+        if not msg["argv"]:
+            return "a job needs a command", None
         network = msg.get("network")
         problem = check_network_name(network) if network is not None else None
         if problem:
-            self._reply(identity, "error", code="invalid", message=problem, in_reply_to="submit")
-            return
-        guests = msg.get("guests", 1)
+            return problem, None
         image = self.store.image(msg["image"]) if "image" in msg else None
         if "image" in msg and image is None:
-            self._reply(identity, "error", code="not-found", in_reply_to="submit",
-                        message=f"no image named {msg['image']!r}; see `coordinator image list`")
-            return
+            return f"no image named {msg['image']!r}; see `coordinator image list`", None
         if "disk_mib" in msg and image is None:
-            self._reply(identity, "error", code="invalid", in_reply_to="submit",
-                        message="a disk budget is for a job on an image: give the image too (--image NAME)")
-            return
-        job_id = self.store.add_job(msg["argv"], msg["inputs"], msg["outputs"], msg["mem_mib"], name, guests, network,
-                                    msg.get("image"), msg.get("disk_mib"))
-        self.queue.add(job_id, msg["mem_mib"], guests, image.size if image is not None else 0)
-        self._queued_at[job_id] = self._clock()
-        log.info("job %d submitted by %s: %s", job_id, name, " ".join(msg["argv"])[:200])
-        self._reply(identity, "submitted", job=job_id)
-        self.schedule()
+            return "a disk budget is for a job on an image: give the image too (--image NAME)", None
+        if "items" in msg and not msg["items"]:
+            return "an array needs at least one item", None
+        return self._never_fits(Request(msg["mem_mib"], msg.get("guests", 1))), image
 
-    def _job_summary(self, job: Any, listing: bool = False) -> dict[str, Any]:
+    def _never_fits(self, request: Request) -> str | None:
+        """Why no node the coordinator knows could run *request*, once every enrolled node has been seen (one not
+        seen yet may offer more). Costs nothing per node for the common request: one guest that some node fits."""
+        if self._capacity is None:
+            self._capacity = [(n.cores, n.mem_mib) for n in self.nodes.values()] + self.down.capacities()
+            self._largest_mem = max((mem for _, mem in self._capacity), default=0)
+        if request.guests == 1 and request.mem_mib <= self._largest_mem:
+            return None
+        problem = never_fits(request, self._capacity)
+        if problem is not None and self.store.agent_count() > len(self._capacity):
+            return None
+        return problem
+
+    def _submission(self, msg: dict[str, Any], name: str,
+                    image: Any) -> tuple[Submission, list[Task], str | None]:
+        """The submission and its tasks (one, or an array's), or why they cannot run."""
+        inputs, modes = dict(msg["inputs"]), dict(msg.get("modes", {}))
+        if "stdin" in msg:
+            if launch.STDIN_INPUT in inputs:
+                return None, [], f"{launch.STDIN_INPUT} is the name stdin is staged under; rename that input"
+            inputs[launch.STDIN_INPUT] = msg["stdin"]
+        total = sum(len(data) for data in inputs.values())
+        if total > MAX_JOB_INPUT_BYTES:
+            return None, [], f"the inputs and stdin take {total} bytes; a job's may take at most {MAX_JOB_INPUT_BYTES}"
+        stray = sorted(set(modes) - set(inputs))
+        if stray:
+            return None, [], f"a mode is given for {stray[0]!r}, which is not an input"
+        submission = Submission(inputs, modes, msg["mem_mib"], name, msg.get("guests", 1), msg.get("network"),
+                                msg.get("image"), msg.get("disk_mib"), msg.get("timeout_s"))
+        task = Task(list(msg["argv"]), dict(msg.get("env", {})), list(msg["outputs"]))
+        tasks = arrays.expand(task, msg["items"]) if "items" in msg else [task]
+        for index, each in enumerate(tasks):
+            what = f"task {index} of the array" if "items" in msg else "the job"
+            problem = protocol.argv_problem(launch.guest_argv(each.argv, each.env, modes, "stdin" in msg))
+            if problem is not None:
+                return None, [], f"{what}: its command with its environment {problem}"
+            bad = next((path for path in each.wanted if not protocol.is_safe_relative_path(path)), None)
+            if bad is not None:
+                return None, [], f"{what}: output {bad[:80]!r} is not a relative path inside the job directory"
+        return submission, tasks, None
+
+    def _why_waiting(self, job: Job) -> str:
+        image = self.store.image(job.image) if job.image is not None else None
+        views = [n.view(n.name in self.drained) for n in self.nodes.values()]
+        return why_waiting(Request(job.mem_mib, job.guests, image.size if image is not None else 0), views)
+
+    def _job_summary(self, job: Any, listing: bool | str = False,
+                     why: dict[tuple[int, int, str | None], str] | None = None) -> dict[str, Any]:
         summary = job.summary()
         if job.guests > 1 and not listing:
             summary["ranks"] = [{"rank": r.rank, "id": r.id, "node": r.node, "state": r.state,
                                  "exit_status": r.exit_status, "reason": r.reason} for r in self.store.ranks(job.id)]
+        if job.state == "held":
+            summary["why"] = "held"
+        elif job.state == "queued":
+            key = (job.mem_mib, job.guests, job.image)
+            cached = why.get(key) if why is not None else None
+            summary["why"] = cached or self._why_waiting(job)
+            if why is not None:
+                why[key] = summary["why"]
+        if listing == "history" and job.guests > 1:
+            summary["nodes"] = sorted({r.node for r in self.store.ranks(job.id) if r.node})
         node = self.nodes.get(job.node or "")
         if job.state == "running" and node is not None and node.state in ("Suspended", "Vacating"):
             summary["state"] = "suspended"  # its guest is paused while the workstation's owner works
@@ -443,8 +514,19 @@ class Coordinator:
 
     def _on_jobs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         limit = max(0, min(int(msg.get("limit", MAX_JOBS_LISTED)), MAX_JOBS_LISTED))
-        jobs = self.store.jobs(limit=limit)
-        self._reply(identity, "jobs_reply", jobs=[self._job_summary(j, listing=True) for j in jobs])
+        states = tuple(msg.get("states", ()))
+        unknown = [state for state in states if state not in JOB_STATES]
+        if unknown:
+            self._reply(identity, "error", code="invalid", in_reply_to="jobs",
+                        message=f"no job state {unknown[0][:40]!r}; states are {', '.join(JOB_STATES)}")
+            return
+        history = bool(msg.get("history"))
+        if history:
+            states = tuple(s for s in states if s in TERMINAL_STATES) or TERMINAL_STATES
+        jobs = self.store.jobs(states or None, limit=limit, newest_first=True, by_finish=history)
+        why: dict[tuple[int, int, str | None], str] = {}  # the same request waits for the same reason
+        listing = "history" if history else True
+        self._reply(identity, "jobs_reply", jobs=[self._job_summary(job, listing, why) for job in jobs])
 
     def _job_or_error(self, identity: bytes, job_id: int, kind: str) -> Any:
         job = self.store.job(job_id)
@@ -475,6 +557,14 @@ class Coordinator:
     def _on_logs(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         guests = self._guests_asked(identity, msg, "logs")
         if guests is None:
+            return
+        if "after" in msg:  # following: what was stored since the cursor
+            if len(guests) > 1:
+                self._reply(identity, "error", code="invalid", in_reply_to="logs",
+                            message="a job of several guests is followed one rank at a time (give rank)")
+                return
+            streams, cursor, more = self.store.output_since([guests[0][1]], msg["after"], FOLLOW_REPLY_BYTES)
+            self._reply(identity, "logs_reply", job=msg["job"], cursor=cursor, more=more, **streams)
             return
         streams = {"stdout": bytearray(), "stderr": bytearray()}
         for rank, ident in guests:
@@ -512,16 +602,43 @@ class Coordinator:
         if job.state in TERMINAL_STATES:
             self._reply(identity, "ok", detail=f"job {job.id} is already {job.state}")
             return
-        self._stop_ranks(job, f"job {job.id} cancelled")
-        self.store.finish(job.id, "cancelled", None, f"cancelled by {name}")
+        self._end(job, "cancelled", f"cancelled by {name}")
+        self._reply(identity, "ok", detail=f"job {job.id} cancelled")
+        self.schedule()
+
+    def _end(self, job: Job, state: str, reason: str) -> None:
+        """End a job not yet ended: out of the queue, or stopped where it runs (every rank of a gang)."""
+        self._stop_ranks(job, f"job {job.id} {state}: {reason}")
+        self.store.finish(job.id, state, None, reason)
         self.queue.remove(job.id)
         self._queued_at.pop(job.id, None)
         node = self.nodes.get(job.node or "")
         if job.state in ("running", "vacated") and node is not None:
             self._release(node, job.id)
             self.server.send(node.identity, protocol.encode("cancel_job", job=job.id))
-        self._reply(identity, "ok", detail=f"job {job.id} cancelled")
-        self.schedule()
+
+    def _on_hold(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        self._hold(identity, msg["job"], True)
+
+    def _on_release(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        self._hold(identity, msg["job"], False)
+
+    def _hold(self, identity: bytes, job_id: int, held: bool) -> None:
+        kind = "hold" if held else "release"
+        job = self._job_or_error(identity, job_id, kind)
+        if job is None:
+            return
+        if job.gang is not None or not self.store.set_held(job.id, held):
+            rule = "only a queued job can be held" if held else "only a held job can be released"
+            self._reply(identity, "error", code="invalid", in_reply_to=kind, message=f"job {job.id} is {job.state}; {rule}")
+            return
+        if held:
+            self.queue.remove(job.id)
+        else:
+            self._enqueue(job)
+        self._reply(identity, "ok", detail=f"job {job.id} {'held' if held else 'released'}")
+        if not held:
+            self.schedule()
 
     def _on_drain(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         node, drain = msg["node"], not msg.get("undrain", False)
@@ -548,6 +665,7 @@ class Coordinator:
             self._reply(identity, "error", code="node_up", in_reply_to="forget",
                         message=f"node {node} is up; only a down node can be forgotten (stop its agent first)")
         elif self.down.forget(node):
+            self._capacity = None
             self._reply(identity, "ok", detail=f"node {node} forgotten")
         else:
             self._reply(identity, "error", code="unknown_node", in_reply_to="forget",
@@ -635,12 +753,13 @@ class Coordinator:
         """
         job = self.store.job(job_id)
         assert job is not None and job.state == "queued", job_id
-        inputs = self.store.job_inputs(job_id)
+        inputs, modes = self.store.job_files_in(job_id)
+        argv = launch.guest_argv(job.argv, job.env or {}, modes, launch.STDIN_INPUT in inputs)
         disk = self._job_disk(job)
         try:  # a one-guest job's own message; for a gang, one check of the limits covers every rank's message,
             # as they differ only in their identities (small, and valid by construction)
             own = job_identities(job_id, [job_id], self.subnet, job.network)[0]
-            checked = protocol.encode("run_job", job=job_id, argv=job.argv, inputs=inputs, outputs=job.wanted,
+            checked = protocol.encode("run_job", job=job_id, argv=argv, inputs=inputs, outputs=job.wanted,
                                       mem_mib=job.mem_mib, net=own.wire(), **disk)
         except ProtocolError as exc:
             self.store.finish(job_id, "failed", None, f"not runnable within the pool's limits: {exc}")
@@ -658,7 +777,7 @@ class Coordinator:
         self._tell_peers()  # before the guests start: their switches must already admit each other
         for guest, node, net in zip(guests, nodes, identities):
             payload = checked if job.guests == 1 else protocol.encode(
-                "run_job", job=guest, argv=job.argv, inputs=inputs, outputs=job.wanted, mem_mib=job.mem_mib,
+                "run_job", job=guest, argv=argv, inputs=inputs, outputs=job.wanted, mem_mib=job.mem_mib,
                 net=net.wire(), **disk)
             if not self.server.send(node.identity, payload):
                 if job.guests > 1:
@@ -706,7 +825,8 @@ class Coordinator:
         elif all(r.state in TERMINAL_STATES for r in ranks):
             status = next((r.exit_status for r in ranks if r.exit_status), 0)
             reasons = [f"rank {r.rank}: {r.reason}" for r in ranks if r.reason]
-            self.store.finish(gang_id, "done", status, "; ".join(reasons) or None)
+            self.store.finish(gang_id, "done", status, "; ".join(reasons) or None,
+                              cpu_s=sum(r.cpu_s or 0.0 for r in ranks))
             log.info("job %d done: %d ranks, status %d", gang_id, len(ranks), status)
 
     def _restart_gang(self, gang_id: int, reason: str, requeue_now: bool = True) -> None:
@@ -748,6 +868,11 @@ class Coordinator:
             self._sweep_jobs(now)
 
     def _sweep_jobs(self, now: float) -> None:
+        for job in self.store.overdue(self._wall()):
+            reason = f"time limit {job.timeout_s:g} s reached"
+            self._end(job, "failed", reason)
+            log.info("job %d failed: %s", job.id, reason)
+            self.schedule()
         for job_id in self.store.vacated_jobs(older_than=self._wall() - VACATED_HOLD_S):
             job = self.store.job(job_id)
             self._requeue(job_id, f"vacated on {job.node if job else '?'} for over {VACATED_HOLD_S:.0f} s")
@@ -763,6 +888,7 @@ class Coordinator:
         log.warning("node %s lost: %s", node.name, why)
         self.counters.nodes_lost += 1
         self.down.left(DownNode(node.name, self._wall(), why, node.cores, node.mem_mib))
+        self._capacity = None
         self.nodes.pop(node.name, None)
         self.by_identity.pop(node.identity, None)
         self.open_nodes.discard(node.name)

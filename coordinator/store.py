@@ -22,9 +22,10 @@ from conode.errors import ConodeError
 from conode import output_cap
 from conode.limits import MAX_STREAM_BYTES
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 TERMINAL_STATES = ("done", "failed", "cancelled")
-JOB_STATES = ("queued", "running", "vacated") + TERMINAL_STATES  # vacated: saved on its node's disk
+# vacated: saved on its node's disk; held: queued but not placed until released
+JOB_STATES = ("queued", "held", "running", "vacated") + TERMINAL_STATES
 ROLES = ("agent", "admin")
 _STORED_OUTPUT_MAX = output_cap.DOWNSTREAM_LIMIT + len(output_cap.TRUNCATION_NOTE)  # one job's streams, at most
 
@@ -51,7 +52,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     gang INTEGER,
     rank INTEGER,
     image TEXT,
-    disk_mib INTEGER
+    disk_mib INTEGER,
+    env BLOB,
+    modes BLOB,
+    timeout_s REAL,
+    vacated_s REAL NOT NULL DEFAULT 0,
+    array_id INTEGER,
+    task INTEGER,
+    cpu_s REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
 CREATE TABLE IF NOT EXISTS job_output (
@@ -105,25 +113,57 @@ class Job:
     rank: int | None = None
     image: str | None = None  # the pool image the job's guest boots from; None: the built-in initramfs
     disk_mib: int | None = None  # what the guest may write to its disk (None: the default)
+    env: dict[str, str] | None = None  # variables the command gets
+    timeout_s: float | None = None  # its time limit: running longer fails it
+    array_id: int | None = None  # the first job of the array submission it belongs to
+    task: int | None = None  # its index in that array
+    cpu_s: float | None = None  # how long its guest ran it (a gang: its ranks together)
 
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.id, "state": self.state, "argv": self.argv, "node": self.node, "attempts": self.attempts,
             "exit_status": self.exit_status, "reason": self.reason, "mem_mib": self.mem_mib,
             "submitted_at": self.submitted_at, "started_at": self.started_at, "finished_at": self.finished_at,
-            "guests": self.guests, "network": self.network, "image": self.image,
+            "guests": self.guests, "network": self.network, "image": self.image, "env": self.env or {},
+            "timeout_s": self.timeout_s, "array": self.array_id, "task": self.task, "cpu_s": self.cpu_s,
         }
 
 
 _JOB_COLUMNS = ("id, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at, "
-                "finished_at, guests, network, gang, rank, image, disk_mib")
+                "finished_at, guests, network, gang, rank, image, disk_mib, env, timeout_s, array_id, task, cpu_s")
 
 
 def _job(row: tuple) -> Job:
     (ident, state, argv, wanted, mem_mib, node, attempts, exit_status, reason, submitted_at, started_at,
-     finished_at, guests, network, gang, rank, image, disk_mib) = row
+     finished_at, guests, network, gang, rank, image, disk_mib, env, timeout_s, array_id, task, cpu_s) = row
     return Job(ident, state, msgpack.unpackb(argv), msgpack.unpackb(wanted), mem_mib, node, attempts, exit_status,
-               reason, submitted_at, started_at, finished_at, guests, network, gang, rank, image, disk_mib)
+               reason, submitted_at, started_at, finished_at, guests, network, gang, rank, image, disk_mib,
+               msgpack.unpackb(env) if env is not None else None, timeout_s, array_id, task, cpu_s)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What one submission shares between its jobs (an array's tasks differ only in their command, environment
+    and outputs): stored once, on its first job."""
+
+    inputs: dict[str, bytes]
+    modes: dict[str, int]
+    mem_mib: int
+    submitted_by: str
+    guests: int = 1
+    network: str | None = None
+    image: str | None = None
+    disk_mib: int | None = None
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One job of a submission: its command, environment and outputs."""
+
+    argv: list[str]
+    env: dict[str, str]
+    wanted: list[str]
 
 
 @dataclass(frozen=True)
@@ -190,6 +230,15 @@ class Store:
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
             self.db.execute("UPDATE meta SET value='4' WHERE key='schema'")
+            version = 4
+        if int(version) == 4:  # version 5 added job launches (environment, modes, time limit), arrays, CPU time
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in (("env", "BLOB"), ("modes", "BLOB"), ("timeout_s", "REAL"),
+                                 ("vacated_s", "REAL NOT NULL DEFAULT 0"), ("array_id", "INTEGER"),
+                                 ("task", "INTEGER"), ("cpu_s", "REAL")):
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            self.db.execute("UPDATE meta SET value='5' WHERE key='schema'")
         self.db.execute("CREATE INDEX IF NOT EXISTS jobs_gang ON jobs(gang, attempts, rank)")
 
     def close(self) -> None:
@@ -199,13 +248,38 @@ class Store:
     def add_job(self, argv: list[str], inputs: dict[str, bytes], wanted: list[str], mem_mib: int,
                 submitted_by: str, guests: int = 1, network: str | None = None, image: str | None = None,
                 disk_mib: int | None = None) -> int:
-        cur = self.db.execute(
-            "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at, guests, network, "
-            "image, disk_mib) VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (msgpack.packb(argv), msgpack.packb(inputs, use_bin_type=True), msgpack.packb(wanted), mem_mib,
-             submitted_by, self._clock(), guests, network, image, disk_mib),
-        )
-        return int(cur.lastrowid)  # type: ignore[arg-type]
+        (job,) = self.add_jobs(Submission(inputs, {}, mem_mib, submitted_by, guests, network, image, disk_mib),
+                               [Task(argv, {}, wanted)])
+        return job
+
+    def add_jobs(self, submission: Submission, tasks: list[Task], array: bool = False) -> list[int]:
+        """Queue one job per task, all or none; the submission's inputs are stored once, on the first. An array's
+        jobs carry the first one's id as their array's and their index in it."""
+        now, shared = self._clock(), submission
+        empty = msgpack.packb({})
+        ids: list[int] = []
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for index, task in enumerate(tasks):
+                first = not ids
+                inputs = msgpack.packb(shared.inputs, use_bin_type=True) if first else empty
+                modes = msgpack.packb(shared.modes) if first else None
+                cur = self.db.execute(
+                    "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, submitted_by, submitted_at, guests, "
+                    "network, image, disk_mib, env, modes, timeout_s, array_id, task) "
+                    "VALUES ('queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (msgpack.packb(task.argv), inputs, msgpack.packb(task.wanted), shared.mem_mib,
+                     shared.submitted_by, now, shared.guests, shared.network, shared.image, shared.disk_mib,
+                     msgpack.packb(task.env) if task.env else None, modes, shared.timeout_s,
+                     ids[0] if ids else None, index if array else None))
+                ids.append(int(cur.lastrowid))  # type: ignore[arg-type]
+            if array:
+                self.db.execute("UPDATE jobs SET array_id=? WHERE id=?", (ids[0], ids[0]))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return ids
 
     def start_gang(self, gang: int, nodes: list[str]) -> list[int]:
         """Mark gang job *gang* running as one new attempt with a rank on each of *nodes* (rank i on nodes[i]);
@@ -213,8 +287,8 @@ class Store:
         now = self._clock()
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute("UPDATE jobs SET state='running', node=NULL, attempts=attempts+1, started_at=? "
-                            "WHERE id=?", (now, gang))
+            self.db.execute("UPDATE jobs SET state='running', node=NULL, attempts=attempts+1, started_at=?, "
+                            "vacated_s=0 WHERE id=?", (now, gang))
             ranks = [int(self.db.execute(  # type: ignore[arg-type]
                 "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, node, attempts, submitted_by, submitted_at, "
                 "started_at, guests, network, gang, rank, image, disk_mib) SELECT 'running', argv, ?, wanted, mem_mib, "
@@ -250,14 +324,27 @@ class Store:
         return _job(row) if row else None
 
     def job_inputs(self, ident: int) -> dict[str, bytes]:
-        row = self.db.execute("SELECT inputs FROM jobs WHERE id=?", (ident,)).fetchone()
-        return msgpack.unpackb(row[0], raw=False) if row else {}
+        return self.job_files_in(ident)[0]
 
-    def jobs(self, states: tuple[str, ...] | None = None, limit: int = 1000) -> list[Job]:
+    def job_files_in(self, ident: int) -> tuple[dict[str, bytes], dict[str, int]]:
+        """A job's inputs and their modes (those not 0644): its own, or its array's, stored on the first job."""
+        row = self.db.execute("SELECT inputs, modes FROM jobs WHERE id=(SELECT COALESCE(array_id, id) FROM jobs "
+                              "WHERE id=?)", (ident,)).fetchone()
+        if not row:
+            return {}, {}
+        return msgpack.unpackb(row[0], raw=False), (msgpack.unpackb(row[1]) if row[1] is not None else {})
+
+    def jobs(self, states: tuple[str, ...] | None = None, limit: int = 1000, newest_first: bool = False,
+             by_finish: bool = False) -> list[Job]:
+        """Jobs (not ranks) in *states*, oldest first unless *newest_first*, or the last finished first."""
+        if by_finish:
+            order = "finished_at DESC, id DESC"
+        else:
+            order = "id DESC" if newest_first else "id"
         if states:
             marks = ",".join("?" * len(states))
             rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) AND gang IS NULL "
-                                   f"ORDER BY id LIMIT ?", (*states, limit))
+                                   f"ORDER BY {order} LIMIT ?", (*states, limit))
         else:
             rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE gang IS NULL ORDER BY id DESC LIMIT ?",
                                    (limit,))
@@ -282,8 +369,19 @@ class Store:
         return [_job(row) for row in rows]
 
     def mark_running(self, ident: int, node: str) -> None:
-        self.db.execute("UPDATE jobs SET state='running', node=?, attempts=attempts+1, started_at=? WHERE id=?",
-                        (node, self._clock(), ident))
+        self.db.execute("UPDATE jobs SET state='running', node=?, attempts=attempts+1, started_at=?, vacated_s=0 "
+                        "WHERE id=?", (node, self._clock(), ident))
+
+    def set_held(self, ident: int, held: bool) -> bool:
+        """Hold a queued job (it is not placed) or release a held one; False if it was not in the state."""
+        before, after = ("queued", "held") if held else ("held", "queued")
+        return self.db.execute("UPDATE jobs SET state=? WHERE id=? AND state=?", (after, ident, before)).rowcount > 0
+
+    def overdue(self, now: float) -> list[Job]:
+        """Running jobs (not ranks) that have run, vacated time aside, for longer than their time limit."""
+        rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state='running' AND gang IS NULL AND "
+                               f"timeout_s IS NOT NULL AND started_at + vacated_s + timeout_s <= ?", (now,))
+        return [_job(row) for row in rows]
 
     def requeue(self, ident: int, reason: str) -> None:
         self.db.execute("UPDATE jobs SET state='queued', node=NULL, reason=? WHERE id=? AND state IN "
@@ -294,7 +392,8 @@ class Store:
                         (self._clock(), ident))
 
     def mark_resumed(self, ident: int) -> None:
-        self.db.execute("UPDATE jobs SET state='running', vacated_at=NULL WHERE id=? AND state='vacated'", (ident,))
+        self.db.execute("UPDATE jobs SET state='running', vacated_s=vacated_s+MAX(0, ?-vacated_at), vacated_at=NULL "
+                        "WHERE id=? AND state='vacated'", (self._clock(), ident))
 
     def vacated_jobs(self, node: str | None = None, older_than: float | None = None) -> list[int]:
         query, args = "SELECT id FROM jobs WHERE state='vacated'", []
@@ -305,14 +404,14 @@ class Store:
         return [row[0] for row in self.db.execute(query, args)]
 
     def finish(self, ident: int, state: str, exit_status: int | None, reason: str | None,
-               outputs: dict[str, bytes] | None = None) -> None:
+               outputs: dict[str, bytes] | None = None, cpu_s: float | None = None) -> None:
         assert state in TERMINAL_STATES
         self.db.execute("BEGIN IMMEDIATE")
         try:
             for path, data in (outputs or {}).items():
                 self.db.execute("INSERT OR REPLACE INTO job_files VALUES (?, ?, ?)", (ident, path, data))
-            self.db.execute("UPDATE jobs SET state=?, exit_status=?, reason=?, finished_at=? WHERE id=?",
-                            (state, exit_status, reason, self._clock(), ident))
+            self.db.execute("UPDATE jobs SET state=?, exit_status=?, reason=?, finished_at=?, cpu_s=? WHERE id=?",
+                            (state, exit_status, reason, self._clock(), cpu_s, ident))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -342,6 +441,21 @@ class Store:
             streams[stream] += data
             total += len(data)
         return {name: bytes(data) for name, data in streams.items()}
+
+    def output_since(self, idents: list[int], after: int, max_bytes: int) -> tuple[dict[str, bytes], int, bool]:
+        """The jobs' stdout and stderr stored after *after* (a cursor: 0 at first), at most about *max_bytes*;
+        the new cursor, and whether more is there already."""
+        streams = {"stdout": bytearray(), "stderr": bytearray()}
+        cursor, size = after, 0
+        marks = ",".join("?" * len(idents))
+        rows = self.db.execute(f"SELECT seq, stream, data FROM job_output WHERE job IN ({marks}) AND seq > ? "
+                               f"ORDER BY seq", (*idents, after))
+        for seq, stream, data in rows:
+            if size and size + len(data) > max_bytes:
+                return {k: bytes(v) for k, v in streams.items()}, cursor, True
+            streams[stream] += data
+            cursor, size = seq, size + len(data)
+        return {k: bytes(v) for k, v in streams.items()}, cursor, False
 
     def clear_output(self, ident: int) -> None:
         """Forget the output of an attempt that will be run again."""
@@ -376,6 +490,10 @@ class Store:
 
     def keys(self) -> list[tuple[str, str, str, float]]:
         return self.db.execute("SELECT name, role, public_key, added_at FROM keys ORDER BY role, name").fetchall()
+
+    def agent_count(self) -> int:
+        """How many agent keys are enrolled."""
+        return int(self.db.execute("SELECT COUNT(*) FROM keys WHERE role='agent'").fetchone()[0])
 
     def key_owner(self, public_key: str) -> tuple[str, str] | None:
         """(name, role) of an enrolled key."""
@@ -413,5 +531,5 @@ class Store:
     def jobs_using_image(self, name: str) -> list[int]:
         """Jobs not yet ended (queued, running, vacated) whose guests boot from image *name*."""
         return [row[0] for row in self.db.execute(
-            "SELECT id FROM jobs WHERE image=? AND state IN ('queued', 'running', 'vacated') AND gang IS NULL "
+            "SELECT id FROM jobs WHERE image=? AND state IN ('queued', 'held', 'running', 'vacated') AND gang IS NULL "
             "ORDER BY id", (name,))]

@@ -18,11 +18,11 @@ from typing import Any, NamedTuple
 import msgpack
 
 from conode.errors import ConodeError
-from conode.limits import (IMAGE_CHUNK_BYTES, MAX_ARGV, MAX_ARGV_BYTES, MAX_DISK_BUDGET_MIB, MAX_FILES,
-                           MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB, MAX_HOSTNAME, MAX_IMAGE_BYTES, MAX_IMAGE_CACHE_MIB,
-                           MAX_IMAGE_CHUNKS, MAX_IMAGE_NAME, MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES,
-                           MAX_JOB_OUTPUT_BYTES, MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES, MAX_SMALL_FIELD,
-                           MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
+from conode.limits import (IMAGE_CHUNK_BYTES, MAX_ARGV, MAX_ARGV_BYTES, MAX_ARRAY_ITEMS_BYTES, MAX_ARRAY_TASKS,
+                           MAX_DISK_BUDGET_MIB, MAX_ENV_VARS, MAX_FILES, MAX_FRAME_BYTES, MAX_GUEST_MEM_MIB,
+                           MAX_HOSTNAME, MAX_IMAGE_BYTES, MAX_IMAGE_CACHE_MIB, MAX_IMAGE_CHUNKS, MAX_IMAGE_NAME,
+                           MAX_JOB_GUESTS, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_JOB_TIMEOUT_S,
+                           MAX_OUTPUT_FILE_BYTES, MAX_PATH_BYTES, MAX_SMALL_FIELD, MAX_TEXT_FIELD, MIN_GUEST_MEM_MIB)
 
 PROTOCOL_VERSION = 1
 # MAX_FRAME_BYTES, MAX_SMALL_FIELD, MAX_ARGV and MAX_FILES come from conode.limits and stay importable from here.
@@ -83,6 +83,13 @@ IMAGE_SIZE = Kind("int", low=1, high=MAX_IMAGE_BYTES)
 IMAGE = Kind("image")  # an image a job runs on: name, sha256, size and chunks (see _image_problem)
 DISK_MIB = Kind("int", low=1, high=MAX_DISK_BUDGET_MIB)
 CACHE_MIB = Kind("int", low=0, high=MAX_IMAGE_CACHE_MIB)
+ENV = Kind("env", MAX_ENV_VARS, item=MAX_SMALL_FIELD)  # map of variable name -> value
+MODES = Kind("modes", MAX_FILES)  # map of input path -> permission bits, for inputs not 0644
+STDIN = Kind("bytes", MAX_JOB_INPUT_BYTES)
+TIME_LIMIT = Kind("float", low=1.0, high=MAX_JOB_TIMEOUT_S)
+ITEMS = Kind("str_list", MAX_ARRAY_TASKS, item=MAX_SMALL_FIELD, total=MAX_ARRAY_ITEMS_BYTES)  # an array's items
+STATES = Kind("str_list", 16, item=MAX_SMALL_FIELD)  # job states to list
+CURSOR = Kind("int", low=0, high=2**63 - 1)  # where a followed log stands
 ANY_LIST = Kind("list", MAX_LIST_ENTRIES)
 ANY_MAP = Kind("map", MAX_LIST_ENTRIES)
 
@@ -128,12 +135,15 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "status": ("admin", {}),
     "submit": ("admin", {"argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS), "mem_mib": _f(GUEST_MEM),
                          "guests": _f(GUESTS, False), "network": _f(STR, False), "image": _f(IMAGE_NAME, False),
-                         "disk_mib": _f(DISK_MIB, False)}),
-    "jobs": ("admin", {"limit": _f(INT, False)}),
+                         "disk_mib": _f(DISK_MIB, False), "env": _f(ENV, False), "stdin": _f(STDIN, False),
+                         "modes": _f(MODES, False), "timeout_s": _f(TIME_LIMIT, False), "items": _f(ITEMS, False)}),
+    "jobs": ("admin", {"limit": _f(INT, False), "states": _f(STATES, False), "history": _f(BOOL, False)}),
     "job": ("admin", {"job": _f(INT)}),
-    "logs": ("admin", {"job": _f(INT), "rank": _f(RANK, False)}),
+    "logs": ("admin", {"job": _f(INT), "rank": _f(RANK, False), "after": _f(CURSOR, False)}),
     "fetch": ("admin", {"job": _f(INT), "rank": _f(RANK, False)}),
     "cancel": ("admin", {"job": _f(INT)}),
+    "hold": ("admin", {"job": _f(INT)}),
+    "release": ("admin", {"job": _f(INT)}),
     "drain": ("admin", {"node": _f(STR), "undrain": _f(BOOL, False)}),
     "forget": ("admin", {"node": _f(STR)}),  # a down node, no longer shown by status
     "image_missing": ("admin", {"chunks": _f(DIGESTS)}),  # which of these chunks the coordinator lacks
@@ -144,10 +154,11 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "image_rm": ("admin", {"name": _f(IMAGE_NAME)}),
     # coordinator -> admin
     "status_reply": ("coordinator", {"nodes": _f(ANY_LIST), "totals": _f(ANY_MAP), "down": _f(ANY_LIST, False)}),
-    "submitted": ("coordinator", {"job": _f(INT)}),
+    "submitted": ("coordinator", {"job": _f(INT), "jobs": _f(INT_LIST, False)}),  # jobs: an array's
     "jobs_reply": ("coordinator", {"jobs": _f(ANY_LIST)}),
     "job_reply": ("coordinator", {"job": _f(ANY_MAP)}),
-    "logs_reply": ("coordinator", {"job": _f(INT), "stdout": _f(BYTES), "stderr": _f(BYTES)}),
+    "logs_reply": ("coordinator", {"job": _f(INT), "stdout": _f(BYTES), "stderr": _f(BYTES),
+                                   "cursor": _f(CURSOR, False), "more": _f(BOOL, False)}),
     "fetch_reply": ("coordinator", {"job": _f(INT), "outputs": _f(OUTPUTS)}),
     "image_missing_reply": ("coordinator", {"chunks": _f(DIGESTS)}),
     "image_list_reply": ("coordinator", {"images": _f(ANY_LIST)}),
@@ -239,6 +250,10 @@ def _problem(value: Any, kind: Kind) -> str | None:
         return None if ok else "must hold job ids (integers from 0)"
     if tag == "files":
         return _files_problem(value, kind)
+    if tag == "env":
+        return _env_problem(value, kind)
+    if tag == "modes":
+        return _modes_problem(value, kind)
     if tag == "identity":
         return _identity_problem(value)
     if tag == "peers":
@@ -288,6 +303,42 @@ def _files_problem(value: Any, kind: Kind) -> str | None:
     if kind.total is not None and total > kind.total:
         return f"files take {total} bytes together; at most {kind.total} are allowed"
     return None
+
+
+def is_env_name(name: Any) -> bool:
+    """An environment variable name a shell can export: a letter or '_', then letters, digits or '_'."""
+    return (isinstance(name, str) and 0 < len(name) <= MAX_SMALL_FIELD and name.isascii()
+            and (name[0].isalpha() or name[0] == "_") and all(c.isalnum() or c == "_" for c in name))
+
+
+def _env_problem(value: Any, kind: Kind) -> str | None:
+    if not isinstance(value, dict):
+        return "must be a map of variable names to values"
+    if len(value) > (kind.bound or 0):
+        return f"has {len(value)} variables; at most {kind.bound} are allowed"
+    for name, text in value.items():
+        if not is_env_name(name):
+            shown = _shown(name) if isinstance(name, str) else type(name).__name__
+            return f"holds {shown}, which is not a variable name (letters, digits and '_', not first a digit)"
+        if not isinstance(text, str) or len(text) > (kind.item or 0) or "\0" in text:
+            return f"variable {name} must be text of at most {kind.item} characters, without NUL"
+    return None
+
+
+def _modes_problem(value: Any, kind: Kind) -> str | None:
+    if not isinstance(value, dict) or len(value) > (kind.bound or 0):
+        return f"must be a map of at most {kind.bound} input paths to permission bits"
+    for path, mode in value.items():
+        if not isinstance(path, str) or not is_safe_relative_path(path):
+            return _path_problem(path)
+        if not _is_int(mode) or not 0 <= mode <= 0o777:
+            return f"gives {_shown(path)} a mode that is not permission bits (0 to 0o777)"
+    return None
+
+
+def argv_problem(argv: Any) -> str | None:
+    """Why *argv* is not a command the guest can be given (count, sizes), or None."""
+    return _problem(argv, ARGV)
 
 
 _IDENTITY_FIELDS = {"network": str, "mac": bytes, "ip": str, "prefix": int, "hostname": str, "rank": int,

@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 
 from conode import limits, output_cap
 from conode.errors import ConodeError, DiskImageError, GuestCrashed, SnapshotError
-from conode.vm import state
+from conode.vm import output_globs, state
 from conode.vm.channel import RENEW_ENTROPY_BYTES, ChannelError
 from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.guest_agent import GuestAgentClient
@@ -202,7 +202,21 @@ class GuestJob:
         self.phase = _Phase.COLLECTING
         self.collected, self.missing = {}, []
         self.collect_deadline_ns = self.guest.machine.clock.now() + int(COLLECT_TIMEOUT_S * 1e9)
-        self._collect_next(list(self.spec.outputs))
+        plain = [path for path in self.spec.outputs if not output_globs.is_glob(path)]
+        patterns = [path for path in self.spec.outputs if output_globs.is_glob(path)]
+        if not patterns:
+            self._collect_next(plain)
+            return
+
+        def expanded(matched: list[str], problems: list[str]) -> None:
+            self.missing.extend(problem[:limits.MAX_SMALL_FIELD] for problem in problems)
+            self._collect_next((plain + [path for path in matched if path not in plain])[:limits.MAX_FILES])
+
+        try:
+            self.guest.agent.run(output_globs.expand_argv(patterns), output_globs.Expansion(patterns, expanded),
+                                 cwd=self.spec.cwd)
+        except ChannelError as exc:
+            expanded([], [f"{p}: cannot be expanded: {exc}" for p in patterns])
 
     def _collect_next(self, remaining: list[str]) -> None:
         if not remaining:
@@ -225,7 +239,7 @@ class GuestJob:
     def _finish(self) -> None:
         self.phase = _Phase.DONE
         self.sink.finished(self.spec.id, self.status if self.status is not None else -1, self.collected,
-                           self.missing, self.runtime_s)
+                           self.missing[:limits.MAX_FILES], self.runtime_s)
         self.guest.job_done()
 
     # --- snapshots -----------------------------------------------------------------------------------------

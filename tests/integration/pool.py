@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from contextlib import contextmanager
+from typing import Any, Iterator, Protocol
 
 from conode.cache import cache_dir
 
@@ -69,6 +70,21 @@ class Pool:
         self.cli("init", "--state-dir", str(self.state), "--bind", self.endpoint)
         self.server_key = (self.state / "keys" / "coordinator.public").read_text().strip()
 
+    @classmethod
+    @contextmanager
+    def running(cls, root: Path, nodes: tuple[str, ...], timeout: float = 180) -> Iterator["Pool"]:
+        """A coordinator and an agent per name in *nodes* on this machine, each with its guest ready; all
+        stopped at the end."""
+        pool = cls(root)
+        pool.start_coordinator()
+        for name in nodes:
+            pool.add_agent(name)
+        try:
+            pool.wait_until(f"{len(nodes)} ready nodes", lambda: len(pool.ready_nodes()) == len(nodes), timeout)
+            yield pool
+        finally:
+            pool.close()
+
     # --- processes ---------------------------------------------------------------------------------------
     def _spawn(self, host: Host, args: list[str], log: str) -> subprocess.Popen:
         with open(self.root / log, "ab") as out:
@@ -116,9 +132,10 @@ class Pool:
         return path.read_text(errors="replace") if path.exists() else ""
 
     # --- the admin CLI --------------------------------------------------------------------------------------
-    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True, timeout: float = 60, **run: Any) -> subprocess.CompletedProcess:
+        """Run the admin CLI; *run*: more of subprocess.run's arguments (cwd, input)."""
         result = self.host.run([sys.executable, "-m", "coordinator.cli", *args], env=self.env, capture_output=True,
-                               timeout=timeout, check=False)
+                               timeout=timeout, check=False, **run)
         if check and result.returncode != 0:
             raise AssertionError(f"coordinator {' '.join(args)} failed ({result.returncode}): "
                                  f"{result.stderr.decode(errors='replace')}")

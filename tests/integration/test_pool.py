@@ -17,15 +17,8 @@ pytestmark = pytest.mark.guest
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    pool = Pool(tmp_path_factory.mktemp("pool"))
-    pool.start_coordinator()
-    for name in ("node-a", "node-b", "node-c"):
-        pool.add_agent(name)
-    try:
-        pool.wait_until("three ready nodes", lambda: len(pool.ready_nodes()) == 3, timeout=180)
+    with Pool.running(tmp_path_factory.mktemp("pool"), ("node-a", "node-b", "node-c")) as pool:
         yield pool
-    finally:
-        pool.close()
 
 
 def test_status_shows_the_nodes_capacity(pool):

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Property tests of the control-plane protocol (conode.cluster.protocol): decoding, schemas, limits."""
 
+import math
 import posixpath
 
 import msgpack
@@ -68,8 +69,9 @@ def strategy_for(kind):
         high = 2**63 - 1 if kind.high is None else int(kind.high)
         return st.integers(low, high)
     if tag == "float":
-        floats = st.floats(min_value=kind.low, allow_nan=False, allow_infinity=False)
-        return floats | st.integers(0 if kind.low is not None else -(2**63), 2**63 - 1)  # an int is a float
+        floats = st.floats(min_value=kind.low, max_value=kind.high, allow_nan=False, allow_infinity=False)
+        low = -(2**63) if kind.low is None else math.ceil(kind.low)
+        return floats | st.integers(low, 2**63 - 1 if kind.high is None else int(kind.high))  # an int is a float
     return {
         "bool": st.booleans(),
         "bytes": st.binary(max_size=200),
@@ -86,6 +88,9 @@ def strategy_for(kind):
         "digest_list": st.lists(digest, max_size=5),
         "sha256": sha256_hex,
         "image": images(),
+        "env": st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,10}", fullmatch=True), TEXT.filter(
+            lambda t: "\0" not in t), max_size=4),
+        "modes": st.dictionaries(safe_path, st.integers(0, 0o777), max_size=4),
     }[tag]
 
 
@@ -96,7 +101,7 @@ def minimal_value(kind):
         return int(value) if kind.tag == "int" else float(value)
     return {"str": "s", "bool": False, "bytes": b"", "str_list": [], "argv": [], "paths": [], "int_list": [],
             "files": {}, "list": [], "map": {}, "peers": [], "digest": bytes(32), "digest_list": [],
-            "sha256": "0" * 64, "image": {"name": "i", "sha256": "0" * 64, "size": 1, "chunks": [bytes(32)]}}[kind.tag]
+            "sha256": "0" * 64, "env": {}, "modes": {}, "image": {"name": "i", "sha256": "0" * 64, "size": 1, "chunks": [bytes(32)]}}[kind.tag]
 
 
 @st.composite
