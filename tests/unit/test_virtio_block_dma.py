@@ -49,7 +49,7 @@ def test_a_disk_read_is_logged_dirty_and_replaces_translated_code(tmp_path: Path
     tracker = EngineDirtyLog(cpu)
     tracker.start()
     round_of(tracker)  # everything once; from now on only changes
-    desc, avail, used = RINGS[0]
+    desc, avail, _ = RINGS[0]
     view = cpu.ram.view
     struct.pack_into("<IIQ", view, REQUEST, T_IN, 0, 0)
     for i, (address, length, flags) in enumerate([(REQUEST, 16, 1), (CODE, 512, 3), (REQUEST + 0x100, 1, 2)]):
