@@ -17,7 +17,7 @@ import errno
 import functools
 import logging
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple, cast
 
 from conode.vm.cpu import native_build
 from conode.vm.cpu.slicer import holding_gil
@@ -73,10 +73,13 @@ class NativeRequests:
 
     def __init__(self, lib: ctypes.CDLL, ram: NativeRam, queue_size: int, scratch: bytearray) -> None:
         # Short calls on the machine thread, inside an exit: keep the GIL (see holding_gil).
-        self._parse = holding_gil(lib.blk_parse, ctypes.c_int, _P, _U64, _U64, _U32, _U32, _P, _P, _P)
-        self._read = holding_gil(lib.blk_read, ctypes.c_int, _P, _P, _P, _U32, _P, _U64, _P, _U64, _P, _U32, _P, _P,
-                                 _P)
-        self._write = holding_gil(lib.blk_write, ctypes.c_int, ctypes.c_int, ctypes.c_int64, _P, _U64, _P, _U32)
+        returns_int = Callable[..., int]
+        self._parse = cast(returns_int, holding_gil(lib.blk_parse, ctypes.c_int, _P, _U64, _U64, _U32, _U32, _P, _P,
+                                                    _P))
+        self._read = cast(returns_int, holding_gil(lib.blk_read, ctypes.c_int, _P, _P, _P, _U32, _P, _U64, _P, _U64,
+                                                   _P, _U32, _P, _P, _P))
+        self._write = cast(returns_int, holding_gil(lib.blk_write, ctypes.c_int, ctypes.c_int, ctypes.c_int64, _P,
+                                                    _U64, _P, _U32))
         self.ram = ram
         self.request = BlkRequest()
         self._request_at = ctypes.addressof(self.request)
