@@ -28,6 +28,7 @@ from conode.vm.devices.legacy.pic import PicPair
 from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
 from conode.vm.devices.virtio.block import VirtioBlock
+from conode.vm.devices.virtio.block_native import NativeRam
 from conode.vm.devices.virtio.console import VirtioConsole
 from conode.vm.devices.virtio.net import VirtioNet
 from conode.vm.disk.config import DiskConfig, DiskConfigState
@@ -101,7 +102,7 @@ class MachineState(state.Record):
     devices: DevicesState
 
 
-class _DmaMemory:
+class DmaMemory:
     """Guest memory as devices see it: reads from the shared RAM, writes through the CPU (for coherence)."""
 
     def __init__(self, ram: GuestRam, cpu: UnicornCpu) -> None:
@@ -110,6 +111,7 @@ class _DmaMemory:
         self.write = cpu.write_phys
         self.scatter = cpu.write_phys_scatter
         self._view = ram.view
+        self.native = NativeRam(ram.host_address, ram.size, *cpu.dma_functions())  # for C device code (cobd)
 
     def window(self, address: int, length: int) -> memoryview:
         return self._view[address:address + length]
@@ -136,7 +138,7 @@ class CoMachine:
         self.cpu.connect_clock(self.clock.tsc)
         self._console_output = console_output
         self.console_tail = bytearray()
-        build = MachineBuilder(self.ports, self.pic, self.cpu.map_mmio, _DmaMemory(self.ram, self.cpu))
+        build = MachineBuilder(self.ports, self.pic, self.cpu.map_mmio, DmaMemory(self.ram, self.cpu))
         build.attach_pic()
         self.pit = Pit(build.irq(layout.IRQ_PIT), self.clock.now)
         build.attach_pit(self.pit)

@@ -3,6 +3,7 @@ and a virtio driver's bring-up."""
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 from conode.vm.builder import MachineBuilder, PortBus
@@ -12,6 +13,7 @@ from conode.vm.devices.legacy.pit import Pit
 from conode.vm.devices.legacy.uart import Uart16550
 from conode.vm.devices.pci import virtio_pci as pci
 from conode.vm.devices.pci.virtio_pci import VirtioPci
+from conode.vm.devices.virtio.block_native import DMA_DONE, DMA_WRITE, NativeRam
 from conode.vm.devices.virtio.mmio import (REG_DRIVER_FEATURES, REG_DRIVER_FEATURES_SEL, REG_QUEUE_DESC_LOW,
                                            REG_QUEUE_DEVICE_LOW, REG_QUEUE_DRIVER_LOW, REG_QUEUE_NUM,
                                            REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS, STATUS_FEATURES_OK,
@@ -70,6 +72,31 @@ class Ram:
         for address, length, *_ in pieces:
             self.write(address, source[at:at + length])
             at += length
+
+
+class HostRam(Ram):
+    """Ram that native device code reaches too: its host address, and DMA functions that check each access:
+    a copying one, and with *direct* one told of what the device wrote in place."""
+
+    def __init__(self, size: int, direct: bool = False) -> None:
+        super().__init__(size)
+        self.dma_writes = 0
+        self.dma_done = 0
+
+        def dma_write(handle: int, address: int, source: int, length: int) -> int:
+            self.dma_writes += 1
+            self.window(address, length)[:] = ctypes.string_at(source, length)
+            return 0
+
+        def dma_done(handle: int, address: int, length: int) -> int:
+            self.dma_done += 1
+            self.window(address, length)
+            return 0
+
+        self._functions = DMA_WRITE(dma_write), DMA_DONE(dma_done)  # kept alive with the RAM
+        host = ctypes.addressof((ctypes.c_char * size).from_buffer(self.data))
+        write, done = (ctypes.cast(f, ctypes.c_void_p).value or 0 for f in self._functions)
+        self.native = NativeRam(host, size, write, done if direct else 0, 0)
 
 
 # --- a virtio driver's first steps ----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """cobd's virtio-blk device under a driver: well-formed requests against a model of the disk, and hostile ones.
 
-Whatever the guest posts, the device raises nothing, answers every request it can with a status (IOERR or
+Every test runs with the device's Python request path and with its C path (block_native), copying into RAM
+and reading straight into it: all must behave exactly alike (the last test compares them on the same hostile
+traffic). Whatever the guest posts, the device raises nothing, answers every request it can with a status (IOERR or
 UNSUPP for what it cannot carry out), never lets a request reach outside the disk or the budget, and only a
 broken ring stops the queue.
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parts import RINGS, Ram, bring_up
+from parts import RINGS, HostRam, Ram, bring_up
 
 from conode.vm.devices.irq import IrqLine
 from conode.vm.devices.legacy.pic import PicPair
@@ -56,18 +58,32 @@ DISK_BYTES = 64 << 10
 QSIZE = 256
 
 
+PATHS = ("python", "native", "native-direct")  # direct: straight from the files into RAM
+_path = {"now": "python"}  # the request path the Rigs of the running test use
+
+
+@pytest.fixture(autouse=True, params=PATHS)
+def request_path(request: pytest.FixtureRequest) -> str:
+    _path["now"] = request.param
+    return request.param
+
+
 class Rig:
     """A virtio-blk device on a copy-on-write disk over a random base image, and a driver posting chains."""
 
     def __init__(self, base: Path, budget: int = 1 << 20, read_only: bool = False, qsize: int = QSIZE,
-                 ram_size: int = RAM_SIZE) -> None:
+                 ram_size: int = RAM_SIZE, path: str | None = None) -> None:
         self.base = base.read_bytes()
         self.disk = CowDisk(BaseImage(base), None, budget, read_only)
-        self.ram = Ram(ram_size)
+        chosen = path or _path["now"]
+        native = chosen != "python"
+        self.ram = HostRam(ram_size, chosen == "native-direct") if native else Ram(ram_size)
         self.pic = PicPair()
-        self.transport = VirtioMmio(VirtioBlock(self.disk), IrqLine(self.pic, 5), self.ram)
+        self.device = VirtioBlock(self.disk)
+        self.transport = VirtioMmio(self.device, IrqLine(self.pic, 5), self.ram)
         self.qsize = qsize
         bring_up(self.transport, (qsize,), RINGS[:1])
+        assert (self.device._native is not None) == native, "the C request path did not load (a C compiler?)"
         self.avail = 0
         self.model = bytearray(self.base)
 
@@ -184,6 +200,8 @@ def test_a_read_larger_than_the_scratch_buffer_arrives_whole(tmp_path: Path) -> 
     rig = Rig(path, ram_size=4 * READ_CHUNK)
     length = 2 * READ_CHUNK + 5 * 512  # three chunks, the last one short, over buffers that straddle them
     assert rig.request(T_IN, 3, read=length, pieces=200) == (S_OK, rig.base[3 * 512:3 * 512 + length])
+    if isinstance(rig.ram, HostRam):  # the C path told the memory of every byte it wrote, one way or the other
+        assert rig.ram.dma_done if rig.ram.native.dma_done else rig.ram.dma_writes
 
 
 def test_a_read_only_disk_refuses_writes(base: Path) -> None:
@@ -297,3 +315,55 @@ def test_random_requests_against_a_model_of_the_disk(tmp_path_factory, ops, budg
     if not rig.transport.read(REG_STATUS, 4) & STATUS_NEEDS_RESET:
         assert rig.request(T_IN, 0, read=32768)[1] == rig.model[:32768]
     assert path.read_bytes() == rig.base  # the base image never changes
+
+
+@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(operation, min_size=1, max_size=30), budget_clusters=st.sampled_from([2, 64]))
+def test_the_c_path_does_exactly_what_the_python_path_does(tmp_path_factory, request_path, ops,
+                                                            budget_clusters) -> None:
+    if request_path != "python":
+        return  # one run compares the paths
+    path = tmp_path_factory.mktemp("same") / "base.img"
+    path.write_bytes(random.Random(11).randbytes(DISK_BYTES))
+    rigs = [Rig(path, budget=budget_clusters * CLUSTER, path=p) for p in PATHS]
+    for op in ops:
+        for rig in rigs:
+            random.seed(1)  # request() cuts buffers at random places: the same ones in both
+            if not rig.transport.read(REG_STATUS, 4) & STATUS_NEEDS_RESET:
+                run_op_blind(rig, op)
+        python = rigs[0]
+        for native in rigs[1:]:
+            assert native.ram.data == python.ram.data  # data, status bytes and the used ring alike
+            assert native.transport.read(REG_STATUS, 4) == python.transport.read(REG_STATUS, 4)
+            assert native.disk.map == python.disk.map and native.disk.allocated == python.disk.allocated
+    contents = []
+    for rig in rigs:
+        buffer = bytearray(DISK_BYTES)
+        rig.disk.read(0, memoryview(buffer))
+        contents.append(buffer)
+    assert contents[0] == contents[1] == contents[2]
+
+
+def run_op_blind(rig: Rig, op: tuple) -> None:
+    """Post *op* without judging the outcome (the comparison judges)."""
+    if op[0] == "ranges":
+        rig.request(op[1], 0, b"".join(struct.pack("<QII", *s) for s in op[2]))
+    elif op[0] == "header":
+        _, (kind, first), chain = op
+        struct.pack_into("<IIQ", rig.ram.data, DATA_AREA, kind, 0, first)
+        rig.post([(DATA_AREA, 16, 0)] + chain)
+    elif op[0] == "garbage":
+        rig.post(op[1])
+    else:
+        kind, first, count, pieces, fill = op
+        number = {"in": T_IN, "out": T_OUT, "flush": T_FLUSH, "id": T_GET_ID, "discard": T_DISCARD,
+                  "zeroes": T_WRITE_ZEROES}[kind]
+        if kind == "in":
+            rig.request(number, first, read=count * 512, pieces=pieces)
+        elif kind == "out":
+            rig.request(number, first, fill * count * 512, pieces=pieces)
+        elif kind in ("flush", "id"):
+            rig.request(number, 0, read=20 if kind == "id" else 0, pieces=pieces)
+        else:
+            rig.request(number, 0, struct.pack("<QII", first, count, 0))

@@ -16,19 +16,15 @@ host C compiler against the headers Unicorn ships in its wheel; ``conode engine`
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from conode.cache import cache_dir
+from conode.vm.cpu import native_build
 
 log = logging.getLogger(__name__)
 
@@ -70,32 +66,13 @@ def _unicorn_dirs() -> tuple[Path, Path]:
 
 def build_native_slicer() -> Path:
     """Compile native/slice.c (once per source and Unicorn version) and return the library's path."""
-    source = resources.files("conode.vm.cpu").joinpath("native/slice.c").read_bytes()
-    include, libdir = _unicorn_dirs()
     import unicorn
 
-    tag = hashlib.sha256(source + unicorn.__version__.encode()).hexdigest()[:16]
-    target = cache_dir() / f"libconode_slice-{tag}.so"
-    if target.exists():
-        return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (cc or gcc) on PATH")
+    include, libdir = _unicorn_dirs()
     if not (include / "unicorn" / "unicorn.h").exists():
         raise OSError(f"Unicorn headers not found under {include}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    src_path = target.with_suffix(".c")
-    src_path.write_bytes(source)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    cmd = [
-        compiler, "-O2", "-fPIC", "-shared", f"-I{include}", "-o", str(tmp), str(src_path),
-        f"-L{libdir}", "-l:libunicorn.so.2", f"-Wl,-rpath,{libdir}",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise OSError(f"compiling the native slicer failed: {result.stderr.strip()[:500]}")
-    os.replace(tmp, target)  # atomic: concurrent builders never load a half-written library
-    return target
+    return native_build.build("slice", (f"-I{include}", f"-L{libdir}", "-l:libunicorn.so.2",
+                                        f"-Wl,-rpath,{libdir}"), unicorn.__version__.encode())
 
 
 def holding_gil(function: object, restype: object, *argtypes: object) -> Callable[..., object]:

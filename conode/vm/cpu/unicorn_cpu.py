@@ -278,6 +278,17 @@ class UnicornCpu:
         if status != uc_const.UC_ERR_OK:
             raise unicorn.UcError(status)
 
+    def dma_functions(self) -> tuple[int, int, int]:
+        """Device DMA for native code, as write_phys does it: (address of uc_mem_write, of conode's
+        uc_conode_dma_written or 0 on stock Unicorn, this CPU's engine handle). Either way translated code on
+        the written pages is invalidated and the dirty-page log sees them."""
+        write = ctypes.cast(uclib.uc_mem_write, ctypes.c_void_p).value
+        done_function = getattr(uclib, "uc_conode_dma_written", None)
+        done = ctypes.cast(done_function, ctypes.c_void_p).value if done_function is not None else None
+        handle = self.uc._uch.value
+        assert write is not None and handle is not None
+        return write, done or 0, handle
+
     def write_phys_scatter(self, pieces: Sequence[tuple[int, ...]], source: bytearray) -> None:
         """Device DMA of *source*, in order, into the guest-physical pieces (address, length, ...), as write_phys
         does. The disk's hot path (a piece per page): uc_mem_write called by plain addresses, no objects."""

@@ -23,7 +23,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence, Union
+from typing import IO, Any, Callable, Iterator, Sequence, Union
 
 from conode.errors import DiskImageError, SnapshotError
 from conode.limits import MAX_DISK_BUDGET_MIB
@@ -74,6 +74,14 @@ def _read_full(fd: int, buffer: memoryview, offset: int) -> None:
             buffer[done:] = bytes(len(buffer) - done)
             return
         done += got
+
+
+def _read_extents(extents: list[tuple[int, int, int]], buffer: memoryview) -> None:
+    """Fill *buffer* from host file extents (fd, offset, length), in order."""
+    at = 0
+    for fd, offset, length in extents:
+        _read_full(fd, buffer[at:at + length], offset)
+        at += length
 
 
 def _write_all(fd: int, parts: Sequence[Buffer], offset: int) -> None:
@@ -201,25 +209,36 @@ class CowDisk:
             yield first, stop, present
             first = stop
 
-    def read(self, offset: int, buffer: memoryview) -> None:
-        """Fill *buffer* with the disk's bytes at *offset*."""
-        length = len(buffer)
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """(host fd, file offset, length) of the bytes that hold the disk's [offset, offset+length), in order."""
         self._check(offset, length)
         end = offset + length
+        out = []
+        for first, stop, present in self._runs(offset // CLUSTER, -(-end // CLUSTER)):
+            lo, hi = max(offset, first * CLUSTER), min(end, stop * CLUSTER)
+            out.append((self.fd, self._data_offset + lo, hi - lo) if present else (self.base.fd, lo, hi - lo))
+        return out
+
+    def read(self, offset: int, buffer: memoryview) -> None:
+        """Fill *buffer* with the disk's bytes at *offset*."""
+        self.read_with(offset, len(buffer), lambda extents: _read_extents(extents, buffer))
+
+    def read_with(self, offset: int, length: int, get: Callable[[list[tuple[int, int, int]]], None]) -> None:
+        """Have *get* read the disk's [offset, offset+length) from its :meth:`extents` (an OSError it raises is
+        the host's read error)."""
+        extents = self.extents(offset, length)
         try:
-            for first, stop, present in self._runs(offset // CLUSTER, -(-end // CLUSTER)):
-                lo, hi = max(offset, first * CLUSTER), min(end, stop * CLUSTER)
-                part = buffer[lo - offset:hi - offset]
-                if present:
-                    _read_full(self.fd, part, self._data_offset + lo)
-                else:
-                    _read_full(self.base.fd, part, lo)
+            get(extents)
         except OSError as exc:
             raise self._host_error("read", exc) from None
 
     def write(self, offset: int, parts: Sequence[Buffer]) -> None:
         """Write the concatenation of *parts* at *offset*."""
-        length = sum(len(p) for p in parts)
+        self.write_with(offset, sum(len(p) for p in parts), lambda fd, at: _write_all(fd, parts, at))
+
+    def write_with(self, offset: int, length: int, put: Callable[[int, int], None]) -> None:
+        """Write *length* bytes at *offset*: once the overlay is ready for them, put(fd, file offset) writes
+        them into the host file (an OSError it raises is the host's write error)."""
         self._check(offset, length)
         if self.read_only:
             raise DiskIOError("the disk is read-only")
@@ -236,7 +255,7 @@ class CowDisk:
             for cluster in sorted(partial):
                 if not self.map[cluster]:
                     self._copy_up(cluster)
-            _write_all(self.fd, parts, self._data_offset + offset)
+            put(self.fd, self._data_offset + offset)
         except OSError as exc:
             raise self._host_error("write", exc) from None
         if new:
@@ -277,7 +296,11 @@ class CowDisk:
                 self._map_dirty = True
 
     def flush(self) -> None:
-        """Make every completed write durable on the host."""
+        """Make every completed write durable on the host. An unnamed overlay has nothing to make durable: it
+        ends with its disk, and no crash can leave it behind to reopen (its bytes reach snapshots by reading
+        the file, which needs no fsync); so its flushes cost nothing, as QEMU's temporary snapshot overlays'."""
+        if self.path is None:
+            return
         try:
             os.fsync(self.fd)
             if self.path is not None and self._map_dirty:

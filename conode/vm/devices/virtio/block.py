@@ -11,9 +11,10 @@ The queue is stopped only when the ring itself is broken (the transport's rule).
 from __future__ import annotations
 
 import struct
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
-from conode.vm.devices.virtio.queue import Buffer, DescriptorChain, GuestMemory, write_chain
+from conode.vm.devices.virtio.block_native import SHAPE_IOERR, SHAPE_REQUEST, NativeRequests
+from conode.vm.devices.virtio.queue import Buffer, DescriptorChain, GuestMemory, Virtqueue, write_chain
 from conode.vm.devices.virtio.transport import QUEUE_SIZE_MAX, Activation
 from conode.vm.disk.overlay import Buffer as Bytes
 from conode.vm.disk.overlay import DiskIOError
@@ -53,7 +54,15 @@ class Disk(Protocol):
 
     def read(self, offset: int, buffer: memoryview) -> None: ...
 
+    def read_with(self, offset: int, length: int, get: Callable[[list[tuple[int, int, int]]], None]) -> None:
+        """get((host fd, file offset, length), ...) reads [offset, offset+length) from the host's files."""
+        ...
+
     def write(self, offset: int, parts: Sequence[Bytes]) -> None: ...
+
+    def write_with(self, offset: int, length: int, put: Callable[[int, int], None]) -> None:
+        """put(host fd, file offset) writes the *length* bytes for [offset, offset+length) into a host file."""
+        ...
 
     def flush(self) -> None: ...
 
@@ -96,6 +105,55 @@ def _cut(buffers: Sequence[Buffer], skip: int, length: int) -> list[tuple[int, i
     return pieces
 
 
+class _ChainData:
+    """A request's data buffers as the Python walk found them, moved by the device through guest memory."""
+
+    def __init__(self, memory: GuestMemory, out_data: list[tuple[int, int]], data_in: list[Buffer],
+                 scratch: bytearray) -> None:
+        self._memory, self._out, self._in, self._scratch = memory, out_data, data_in, scratch
+
+    def fill(self, disk: Disk, offset: int, length: int) -> None:
+        """Read the disk's [offset, offset+length) into the device-writable buffers."""
+        scratch = self._scratch
+        for done in range(0, length, READ_CHUNK):
+            take = min(READ_CHUNK, length - done)
+            disk.read(offset + done, memoryview(scratch)[:take])
+            self._memory.scatter(_cut(self._in, done, take), scratch)
+
+    def drain(self, disk: Disk, offset: int, length: int) -> None:
+        """Write the device-readable data (after the header) to the disk at *offset*."""
+        ram = self._memory.window(0, self._memory.size)  # sliced per piece: the walk put every buffer inside RAM
+        disk.write(offset, [ram[address:address + size] for address, size in self._out])
+
+    def out_pieces(self) -> list[tuple[int, int]]:
+        return self._out
+
+    def in_buffers(self) -> list[Buffer]:
+        return self._in
+
+
+class _NativeData:
+    """A request's data as the C walk cut it (block_native), moved in C between the host files and RAM."""
+
+    def __init__(self, native: NativeRequests) -> None:
+        self._native = native
+
+    def fill(self, disk: Disk, offset: int, length: int) -> None:
+        disk.read_with(offset, length, self._native.read)
+
+    def drain(self, disk: Disk, offset: int, length: int) -> None:
+        disk.write_with(offset, length, self._native.write)
+
+    def out_pieces(self) -> list[tuple[int, int]]:
+        return self._native.out_pieces()
+
+    def in_buffers(self) -> list[Buffer]:
+        return [Buffer(address, length, True) for address, length in self._native.in_pieces()]
+
+
+_Data = _ChainData | _NativeData
+
+
 class VirtioBlock:
     """A virtio-blk disk with one request queue, on *disk* (which it reads and writes, never closes).
 
@@ -110,6 +168,7 @@ class VirtioBlock:
         self.disk = disk
         self._id = disk_id[:ID_BYTES].ljust(ID_BYTES, b"\0")
         self._active: Activation | None = None
+        self._native: NativeRequests | None = None
         self._scratch = bytearray(READ_CHUNK)
         self.features = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_TOPOLOGY
         self.features |= F_RO if disk.read_only else F_DISCARD | F_WRITE_ZEROES
@@ -127,9 +186,11 @@ class VirtioBlock:
 
     def activate(self, activation: Activation) -> None:
         self._active = activation
+        self._native = NativeRequests.make(getattr(activation.memory, "native", None), QUEUE_SIZE, self._scratch)
 
     def reset(self) -> None:
         self._active = None
+        self._native = None
 
     def notify(self, queue_index: int) -> None:
         active = self._active
@@ -137,13 +198,36 @@ class VirtioBlock:
         if active is None or queue is None:
             return
         served = False
-        while (chain := queue.pop()) is not None:
-            queue.push_used(chain.head, self._serve(active.memory, chain))
-            served = True
+        if self._native is not None:
+            while (head := queue.pop_head()) is not None:
+                written = self._serve_native(active.memory, self._native, queue, head)
+                if written is None:
+                    break  # the chain broke the ring: the queue is stopped
+                queue.push_used(head, written)
+                served = True
+        else:
+            while (chain := queue.pop()) is not None:
+                queue.push_used(chain.head, self._serve(active.memory, chain))
+                served = True
         if served:
             active.signal_used(REQUESTQ)
 
     # --- one request -----------------------------------------------------------------------------------------
+    def _serve_native(self, memory: GuestMemory, native: NativeRequests, queue: Virtqueue, head: int) -> int | None:
+        """Carry out the request at *head* through the C walk; the bytes written into its chain, or None if the
+        chain broke the ring's rules."""
+        request = native.parse(queue, head)
+        if request is None:
+            return None
+        if request.shape != SHAPE_REQUEST:
+            if request.shape == SHAPE_IOERR:
+                memory.write(request.status_at, bytes([S_IOERR]))
+                return 1
+            return 0
+        status_at = request.status_at
+        return self._carry_out(memory, status_at, request.kind, request.sector, _NativeData(native),
+                               request.out_bytes, request.in_bytes)
+
     def _serve(self, memory: GuestMemory, chain: DescriptorChain) -> int:
         """Carry out one request; return the bytes written into the chain (data and status)."""
         readable, writable = chain.readable(), chain.writable()
@@ -160,13 +244,19 @@ class VirtioBlock:
                                    if status_buffer.length > 1 else [])
         in_bytes = sum(b.length for b in data_in)
         out_bytes = sum(b.length for b in readable)
+        if out_bytes < _HEADER.size:
+            memory.write(status_at, bytes([S_IOERR]))
+            return 1
+        kind, _, sector = _HEADER.unpack(b"".join(memory.read(a, n) for a, n in _cut(readable, 0, _HEADER.size)))
+        data = _ChainData(memory, _cut(readable, _HEADER.size, out_bytes - _HEADER.size), data_in, self._scratch)
+        return self._carry_out(memory, status_at, kind, sector, data, out_bytes - _HEADER.size, in_bytes)
+
+    def _carry_out(self, memory: GuestMemory, status_at: int, kind: int, sector: int, data: _Data, out_bytes: int,
+                   in_bytes: int) -> int:
+        """Do what the request asks, write its status byte; the bytes written into its chain (data and status)."""
         written = 0
         try:
-            if out_bytes < _HEADER.size:
-                raise _Refused(S_IOERR)
-            kind, _, sector = _HEADER.unpack(b"".join(memory.read(a, n) for a, n in _cut(readable, 0, _HEADER.size)))
-            out_data = _cut(readable, _HEADER.size, out_bytes - _HEADER.size)
-            written = self._request(memory, kind, sector, out_data, out_bytes - _HEADER.size, data_in, in_bytes)
+            written = self._request(memory, kind, sector, data, out_bytes, in_bytes)
             status = S_OK
         except _Refused as refused:
             status = refused.status
@@ -175,25 +265,18 @@ class VirtioBlock:
         memory.write(status_at, bytes([status]))
         return written + 1
 
-    def _request(self, memory: GuestMemory, kind: int, sector: int, out_data: list[tuple[int, int]],
-                 out_bytes: int, data_in: list[Buffer], in_bytes: int) -> int:
+    def _request(self, memory: GuestMemory, kind: int, sector: int, data: _Data, out_bytes: int,
+                 in_bytes: int) -> int:
         disk = self.disk
         if kind == T_IN:
             if out_bytes or in_bytes > MAX_REQUEST_BYTES:
                 raise _Refused(S_IOERR)
-            offset = self._range(sector, in_bytes)
-            scratch = self._scratch
-            for done in range(0, in_bytes, READ_CHUNK):
-                take = min(READ_CHUNK, in_bytes - done)
-                disk.read(offset + done, memoryview(scratch)[:take])
-                memory.scatter(_cut(data_in, done, take), scratch)
+            data.fill(disk, self._range(sector, in_bytes), in_bytes)
             return in_bytes
         if kind == T_OUT:
             if in_bytes or out_bytes > MAX_REQUEST_BYTES or disk.read_only:
                 raise _Refused(S_IOERR)
-            offset = self._range(sector, out_bytes)
-            ram = memory.window(0, memory.size)  # sliced per piece below: the walk put every buffer inside RAM
-            disk.write(offset, [ram[address:address + length] for address, length in out_data])
+            data.drain(disk, self._range(sector, out_bytes), out_bytes)
             return 0
         if kind == T_FLUSH:
             if not disk.read_only:
@@ -202,9 +285,9 @@ class VirtioBlock:
         if kind == T_GET_ID:
             if in_bytes == 0:
                 raise _Refused(S_IOERR)
-            return write_chain(memory, DescriptorChain(0, tuple(data_in)), self._id)
+            return write_chain(memory, DescriptorChain(0, tuple(data.in_buffers())), self._id)
         if kind in (T_DISCARD, T_WRITE_ZEROES) and not disk.read_only:
-            self._ranges(memory, kind, out_data, out_bytes, in_bytes)
+            self._ranges(memory, kind, data.out_pieces(), out_bytes, in_bytes)
             return 0
         raise _Refused(S_UNSUPP)
 

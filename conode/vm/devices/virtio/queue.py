@@ -113,6 +113,15 @@ class Virtqueue:
 
     def pop(self) -> DescriptorChain | None:
         """The next chain the driver made available, or None (none, or the queue is stopped)."""
+        head = self.pop_head()
+        if head is None:
+            return None
+        buffers = self._walk(head)
+        return None if buffers is None else DescriptorChain(head, buffers)
+
+    def pop_head(self) -> int | None:
+        """The head of the next chain the driver made available, not yet walked (a device that walks chains
+        itself must apply :meth:`_walk`'s rules), or None (none, or the queue is stopped)."""
         if self.broken:
             return None
         idx = self._avail_idx()
@@ -123,10 +132,9 @@ class Virtqueue:
                       f"{self.size}")
             return None
         slot = self.next_avail % self.size
-        head = _U16.unpack(self._mem.read(self.avail + _RING_HEADER + 2 * slot, 2))[0]
+        head: int = _U16.unpack(self._mem.read(self.avail + _RING_HEADER + 2 * slot, 2))[0]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
-        buffers = self._walk(head)
-        return None if buffers is None else DescriptorChain(head, buffers)
+        return head
 
     def _walk(self, head: int) -> tuple[Buffer, ...] | None:
         # The disk's hot path (a descriptor per 4 KiB page): names bound locally, Buffers made without the
