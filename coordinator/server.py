@@ -873,6 +873,8 @@ class Coordinator(Moving):
         argv = launch.guest_argv(job.argv, job.env or {}, modes, launch.STDIN_INPUT in inputs)
         disk = self._job_disk(job)
         resume = self.checkpoints.chain(job_id) if job.guests == 1 else []
+        if job.owner:  # shown by the agent's status: whose job runs on that workstation
+            disk = {**disk, "owner": job.owner}
         own_fields = dict(disk)
         if self.checkpoint_s > 0 and job.guests == 1:
             own_fields["checkpoint_s"] = self.checkpoint_s
