@@ -948,7 +948,7 @@ class Coordinator(Moving):
         return None
 
     def _on_checkpoint_put(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        self._node_of(identity).liveness.heard()
+        self.liveness.heard(name)
         job_id = msg["job"]
         problem = self._checkpoint_problem(name, job_id) or self.checkpoints.put(job_id, msg["seq"], msg["index"],
                                                                                   msg["data"])
@@ -956,7 +956,7 @@ class Coordinator(Moving):
             self._checkpoint_refused(identity, name, msg, problem)
 
     def _on_checkpoint_commit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        self._node_of(identity).liveness.heard()
+        self.liveness.heard(name)
         job_id = msg["job"]
         problem = self._checkpoint_problem(name, job_id) or self.checkpoints.commit_later(
             job_id, msg["seq"], msg["base"], msg["size"], msg["sha256"], (identity, name, msg))
