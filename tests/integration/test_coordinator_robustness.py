@@ -33,6 +33,7 @@ from conode.limits import MIN_GUEST_MEM_MIB
 from coordinator.client import AdminClient
 from coordinator.config import ClientConfig, load_client_config
 from pool import free_port
+from tests.unit.test_protocol import strategy_for
 
 REPLY_TIMEOUT_S = 5.0
 
@@ -304,7 +305,9 @@ def _value_of(kind: protocol.Kind) -> st.SearchStrategy:
         return st.integers(-(2**63), 2**63 - 1) | st.integers(0, 5)
     if kind.tag == "float":
         return st.floats(min_value=kind.low, allow_nan=False, allow_infinity=False)
-    return _kind_values[kind.tag]
+    if kind.tag in _kind_values:
+        return _kind_values[kind.tag]
+    return strategy_for(kind)  # every other kind, as the protocol's own tests make them
 
 
 @st.composite
