@@ -61,7 +61,7 @@ class StatusFile:
         self._written_at = self._clock()
         text = json.dumps(json_safe(status), allow_nan=False)
         self._disk.attempt("write status.json", lambda: self._replace(self.path, text))
-        if self.shared is not None:
+        if self.shared is not None and self.shared.parent.is_dir():  # none: no owner's session to read it
             shared = self.shared
             self._disk.attempt(f"write {shared}", lambda: self._replace(shared, text, 0o644))
 

@@ -85,7 +85,7 @@ def test_metrics_change_as_a_job_runs_is_paused_by_the_owner_and_ends(tmp_path):
         assert status["yield_ms"] and status["yield_ms"][-1] < 1000
         words = conode("status", "--dir", str(shared)).stdout  # the owner reads the agent's shared status
         assert "the pool:     paused until " in words and "`conode resume` ends it" in words
-        assert f"guest 0:      paused with job {job}: " in words and "% of a core" in words
+        assert f"guest 0:      paused with job {job} (admin's): " in words and "% of a core" in words
         assert "paused:       yes, by " in words and "saved guests: 0 MiB on disk, at most " in words
         pool.wait_until("the job to show suspended", lambda: pool.jobs()[job]["state"] == "suspended", 10)
         agent = scrape_until(pool, agent_port, "the agent's metrics to show the pause",
