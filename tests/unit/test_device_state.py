@@ -184,7 +184,7 @@ def test_cpu_round_trip_and_refusals(cpu):
     assert cpu.uc.reg_read(x86.UC_X86_REG_EAX) == 0x1234
     with pytest.raises(SnapshotError, match="CPU.context has length 5560, exactly 5568"):
         cpu.set_state({**saved, "context": saved["context"][:-8]})
-    with pytest.raises(SnapshotError, match="laid out for unicorn-1.0"):
+    with pytest.raises(SnapshotError, match="laid out for 'unicorn-1.0'"):
         cpu.set_state({**saved, "layout": "unicorn-1.0"})
     with pytest.raises(SnapshotError, match="CPU state is version 2, written by a newer conode"):
         cpu.set_state({**saved, "version": 2})

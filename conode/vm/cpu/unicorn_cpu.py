@@ -420,7 +420,7 @@ class UnicornCpu:
         """Restore :meth:`get_state` output; raise SnapshotError (and change nothing) if it is not valid."""
         saved = state.load(CpuState, data)
         if saved.layout != _context_layout():
-            raise SnapshotError(f"snapshot CPU state is laid out for {saved.layout}; this host runs "
+            raise SnapshotError(f"snapshot CPU state is laid out for {saved.layout[:60]!r}; this host runs "
                                 f"{_context_layout()}: boot the guest afresh")
         ctx = self.uc.context_save()
         ctypes.memmove(ctx.context.value + ctx_layout.HEADER, saved.context, len(saved.context))
