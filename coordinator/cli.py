@@ -34,6 +34,16 @@ def _guarded(fn: Callable[[], int | None]) -> NoReturn:
     run_guarded(fn, "coordinator", EXIT_ERROR)
 
 
+def _request_and_say(config_path: Path | None, endpoint: str | None, kind: str, **fields: Any) -> NoReturn:
+    """Send one request the coordinator answers with ``ok``, print what it says it did, and exit."""
+
+    def body() -> None:
+        with _client(config_path, endpoint) as client:
+            click.echo(client.request(kind, "ok", **fields).get("detail", "ok"))
+
+    _guarded(body)
+
+
 @click.group()
 @click.version_option(package_name="conode")
 def main() -> None:
@@ -556,11 +566,7 @@ def _hold_command(kind: str, doc: str) -> None:
     @with_client
     @click.argument("job", type=int)
     def command(config_path: Path | None, endpoint: str | None, job: int) -> None:
-        def body() -> None:
-            with _client(config_path, endpoint) as client:
-                click.echo(client.request(kind, "ok", job=job).get("detail", "ok"))
-
-        _guarded(body)
+        _request_and_say(config_path, endpoint, kind, job=job)
 
 
 _hold_command("hold", "Keep queued JOB from being placed until released.")
@@ -725,11 +731,7 @@ def user_list(config_path: Path | None, endpoint: str | None, as_json: bool) -> 
 def user_rm(config_path: Path | None, endpoint: str | None, name: str) -> None:
     """Remove user NAME: their key is refused from now on (their jobs stay as they are)."""
 
-    def body() -> None:
-        with _client(config_path, endpoint) as client:
-            click.echo(client.request("user_rm", "ok", name=name).get("detail", "ok"))
-
-    _guarded(body)
+    _request_and_say(config_path, endpoint, "user_rm", name=name)
 
 
 # --- disk images ---------------------------------------------------------------------------------------------
@@ -791,11 +793,7 @@ def image_list(config_path: Path | None, endpoint: str | None, as_json: bool) ->
 def image_rm(config_path: Path | None, endpoint: str | None, name: str) -> None:
     """Remove image NAME (refused while a job not yet ended uses it); its chunks no other image uses go too."""
 
-    def body() -> None:
-        with _client(config_path, endpoint) as client:
-            click.echo(client.request("image_rm", "ok", name=name).get("detail", "ok"))
-
-    _guarded(body)
+    _request_and_say(config_path, endpoint, "image_rm", name=name)
 
 
 @main.command()
@@ -804,11 +802,7 @@ def image_rm(config_path: Path | None, endpoint: str | None, name: str) -> None:
 def cancel(config_path: Path | None, endpoint: str | None, job: int) -> None:
     """Cancel a queued or running job."""
 
-    def body() -> None:
-        with _client(config_path, endpoint) as client:
-            click.echo(client.request("cancel", "ok", job=job).get("detail", "ok"))
-
-    _guarded(body)
+    _request_and_say(config_path, endpoint, "cancel", job=job)
 
 
 @main.command()
@@ -837,12 +831,7 @@ def drain(config_path: Path | None, endpoint: str | None, node: str, undo: bool,
 def migrate(config_path: Path | None, endpoint: str | None, job: int, to: str | None) -> None:
     """Move running JOB's guest to another node while it runs; its output goes on from there."""
 
-    def body() -> None:
-        with _client(config_path, endpoint) as client:
-            extra = {"to": to} if to else {}
-            click.echo(client.request("migrate", "ok", job=job, **extra).get("detail", "ok"))
-
-    _guarded(body)
+    _request_and_say(config_path, endpoint, "migrate", job=job, **({"to": to} if to else {}))
 
 
 
@@ -852,11 +841,7 @@ def migrate(config_path: Path | None, endpoint: str | None, job: int, to: str | 
 def forget(config_path: Path | None, endpoint: str | None, node: str) -> None:
     """Stop showing down NODE in `status` (it appears again if its agent comes back)."""
 
-    def body() -> None:
-        with _client(config_path, endpoint) as client:
-            click.echo(client.request("forget", "ok", node=node).get("detail", "ok"))
-
-    _guarded(body)
+    _request_and_say(config_path, endpoint, "forget", node=node)
 
 
 if __name__ == "__main__":
