@@ -5,8 +5,9 @@
 For each N in ``--agents``, a real coordinator runs as a separate process (``coordinator init``, N agent keys
 enrolled in its database, ``coordinator serve`` on a free localhost port). Generator processes (one per
 ``--per-generator`` agents, 2,500 by default: one Python process cannot play 10,000) play the N agents speaking
-the real protocol over real CURVE DEALER sockets: each says ``hello``, beats every second, answers ``run_job``
-with ``job_finished`` after a short simulated run and takes ``ping``/``ack``/``reconnect``. This process holds
+the real protocol over real CURVE DEALER sockets with the agent's ZMTP heartbeats (ZeroMQ's own PING every second,
+answered by the coordinator's I/O thread): each says ``hello``, beats every second, answers ``run_job`` with
+``job_finished`` after a short simulated run and takes ``ack``/``reconnect``. This process holds
 an admin socket (the admin key ``init`` wrote) that submits jobs at ``--jobs-per-second`` meanwhile.
 
 Measured per N, once every agent has joined:
@@ -234,7 +235,6 @@ class Stats:
     """What one generator saw; merged over the generators at the end."""
 
     welcomes: int = 0
-    pings: int = 0
     heartbeats: int = 0
     beat_lateness_s: list[float] = field(default_factory=list)
     send_failures: int = 0
@@ -248,13 +248,17 @@ class Stats:
     finished: set[int] = field(default_factory=set)  # acked job_finished
 
 
-def curve_dealer(context: zmq.Context, endpoint: str, server_public: str, public: str, secret: str) -> zmq.Socket:
+def curve_dealer(context: zmq.Context, endpoint: str, server_public: str, public: str, secret: str,
+                 heartbeat_ms: int = 0) -> zmq.Socket:
     sock = context.socket(zmq.DEALER)  # the same options as conode.cluster.transport.ClientSocket
     sock.curve_serverkey = server_public.encode()
     sock.curve_publickey = public.encode()
     sock.curve_secretkey = secret.encode()
     sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MESSAGE)
     sock.setsockopt(zmq.IMMEDIATE, 1)
+    if heartbeat_ms:  # an agent's link (conode/agent/link.py)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
     sock.linger = 0
     sock.connect(endpoint)
     return sock
@@ -288,7 +292,6 @@ class Generator:
         self._seq = 0
         self.need_hello: set[int] = set()
         self.awaiting_welcome: set[int] = set()
-        self.ping = protocol.encode("ping")
         self.mark = (0, 0)  # heartbeats and lateness samples when the current window began
         self.running = True
 
@@ -306,7 +309,8 @@ class Generator:
 
     def connect_all(self) -> None:
         for agent in self.agents:
-            agent.sock = curve_dealer(self.context, self.endpoint, self.server_public, agent.public, agent.secret)
+            agent.sock = curve_dealer(self.context, self.endpoint, self.server_public, agent.public, agent.secret,
+                                      protocol.LINK_HEARTBEAT_MS)
             fd = agent.sock.getsockopt(zmq.FD)
             self.by_fd[fd] = agent
             self.epoll.register(fd, select.EPOLLIN)
@@ -354,10 +358,7 @@ class Generator:
                 frame = sock.recv(flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if frame == self.ping:
-                self.stats.pings += 1
-            else:
-                self._on_message(agent, frame, now)
+            self._on_message(agent, frame, now)
         sock.getsockopt(zmq.EVENTS)  # settles the ZMQ_FD signal
 
     def _on_message(self, agent: SimAgent, frame: bytes, now: float) -> None:
@@ -569,8 +570,6 @@ class Admin:
 
     def _on_message(self, frame: bytes, now: float) -> None:
         message = protocol.decode(frame)
-        if message["type"] == "ping":
-            return
         if not self.pending:
             self.errors.append(f"admin: unexpected {message['type']}")
             return
@@ -783,7 +782,6 @@ def run_one(n: int, args: argparse.Namespace, scratch_root: Path) -> dict[str, A
             "jobs_done_per_coordinator": len(submitted) - len(not_done),
             "jobs_not_done": not_done[:20],
             "nodes_in_status": status["totals"]["nodes"],
-            "pings_received": sum(s["pings"] for s in stats),
             "duplicate_run_jobs": sum(s["duplicate_run_jobs"] for s in stats),
             "reconnects": sum(s["reconnects"] for s in stats),
             "hello_timeouts": sum(s["hello_timeouts"] for s in stats),

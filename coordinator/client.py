@@ -68,6 +68,6 @@ class AdminClient:
                     return reply
                 if reply["type"] == "error":
                     raise RequestFailed(reply["code"], reply["message"])
-                # anything else (a stray ping) is not for us
+                # anything else is not the answer to this request
         raise ConodeError(f"the coordinator at {self.config.endpoint} did not answer within {self.timeout_s:g} s; "
                           f"is `coordinator serve` running there?")

@@ -6,7 +6,8 @@ and is rebuilt from the agents' hellos after a restart. The queued jobs are also
 and the nodes that can take work now are kept in placement's order (placement.OpenNodes), so that placement
 costs nothing per waiting job, nothing at all while the pool is full, and a look at the first open nodes only.
 The nodes' liveness is a timer heap (liveness.py): a heartbeat only stamps a time, and housekeeping touches only
-the nodes whose ping or expiry came due.
+the nodes whose expiry came due. Nothing is sent to the agents on a timer: ZeroMQ's own heartbeats, answered in
+its I/O thread, tell them the coordinator is there.
 
 Time and the socket are injected: a test drives :meth:`Coordinator.handle` and :meth:`Coordinator.housekeeping`
 with a fake clock and an in-memory transport.
@@ -17,8 +18,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator
 
 import zmq
 
@@ -40,6 +42,7 @@ from coordinator.identity import check_network_name, guest_subnet, job_identitie
 from coordinator.liveness import Liveness
 from coordinator.metrics import PLACEMENT_LATENCY_BOUNDS
 from coordinator.moving import MoveRefused, Moving
+from coordinator.outgoing import Outgoing, Transport
 from coordinator.pending import Request, never_fits, why_waiting
 from coordinator.placement import ACCEPTING_STATES, NodeView, OpenNodes, choose_gang
 from coordinator.queue import JobQueue, QueuedJob
@@ -104,14 +107,6 @@ class Counters:
     placement_buckets: Buckets = field(default_factory=lambda: Buckets(PLACEMENT_LATENCY_BOUNDS))
 
 
-class Transport(Protocol):
-    """Where the coordinator's messages go: the ROUTER socket, or an in-memory one in tests."""
-
-    def send(self, identity: bytes, payload: bytes) -> bool: ...
-
-    def close(self) -> None: ...
-
-
 def wall_clock_from(clock: Callable[[], float]) -> Callable[[], float]:
     """Wall-clock time that advances with *clock* (monotonic, or a test's fake): what records are stamped with."""
     offset = time.time() - clock()
@@ -140,7 +135,7 @@ class Coordinator(Moving):
             self._auth_store = auth_store = Store(state.database, clock=self._wall)  # the ZAP thread's own
             transport = ServerSocket(context or zmq.Context.instance(), bind or state.default_bind(),
                                      state.server_keys(), lambda key: auth_store.key_owner(key) is not None)
-        self.server: Transport = transport
+        self.server = Outgoing(transport)
         self.relay: Relay | None = None
         self._relay_store: Store | None = None
         if relay != RELAY_OFF:
@@ -168,7 +163,6 @@ class Coordinator(Moving):
         self._next_housekeeping = clock()
         self._next_sweep = clock()
         self._key_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
-        self._ping = protocol.encode("ping")  # the same bytes every time: encode once
         self._running = True
         self._handlers: dict[str, Callable[[bytes, str, dict[str, Any]], None]] = {
             name[len("_on_"):]: getattr(self, name) for name in dir(self) if name.startswith("_on_")
@@ -176,7 +170,7 @@ class Coordinator(Moving):
 
     # --- the loop ----------------------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        server = self.server
+        server = self.server.transport
         assert isinstance(server, ServerSocket), "serve_forever needs the ZeroMQ transport"
         log.info("coordinator listening on %s", server.endpoint)
         poller = zmq.Poller()
@@ -185,23 +179,46 @@ class Coordinator(Moving):
             while self._running:
                 events = dict(poller.poll(timeout=0 if self._chunk_requests else 200))
                 caught_up = True
-                if server.socket in events:
-                    for _ in range(1000):  # drain what is there, but keep the housekeeping going
-                        try:
-                            received = server.receive_nowait()
-                        except zmq.Again:
-                            break
-                        if received is not None:
-                            self.handle(*received)
-                    else:
-                        caught_up = False
+                with self.turn():
+                    if server.socket in events:
+                        for _ in range(1000):  # drain what is there, but keep the housekeeping going
+                            try:
+                                received = server.receive_nowait()
+                            except zmq.Again:
+                                break
+                            if received is not None:
+                                self.handle(*received)
+                        else:
+                            caught_up = False
+                    if self._clock() >= self._next_housekeeping:
+                        self._next_housekeeping = self._clock() + HOUSEKEEPING_EVERY_S
+                        self.housekeeping(caught_up)
                 self.serve_chunks()
                 self.checkpoints_checked()
-                if self._clock() >= self._next_housekeeping:
-                    self._next_housekeeping = self._clock() + HOUSEKEEPING_EVERY_S
-                    self.housekeeping(caught_up)
         finally:
             self.close()
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """One loop turn's job transitions in one SQLite commit (group commit: one fsync for all of them), and
+        what it sends held back until that commit, so that nothing is said of a transition not yet durable. A node
+        a held message could not reach is lost then (in a turn of its own: its jobs go elsewhere)."""
+        self.server.hold()
+        try:
+            with self.store.grouped():
+                yield
+        except BaseException:
+            self.server.discard()  # stopping: perhaps not committed, so not said
+            raise
+        unreachable = self.server.release()
+        while unreachable:
+            self.server.hold()
+            with self.store.grouped():
+                for identity in unreachable:
+                    name = self.by_identity.get(identity)
+                    if name is not None:
+                        self._lose_node(self.nodes[name], "unreachable")
+            unreachable = self.server.release()
 
     def stop(self) -> None:
         self._running = False
@@ -1038,19 +1055,14 @@ class Coordinator(Moving):
         log.info("job %d requeued: %s", gang_id, reason)
 
     def housekeeping(self, caught_up: bool = True) -> None:
-        """Expire silent nodes and ping the others; once a second, sweep the job table for stranded jobs.
+        """Expire silent nodes; once a second, sweep the job table for stranded jobs.
 
         *caught_up*: whether every message that arrived has been read. Only then is a silent node lost: a
         coordinator that falls behind must not lose nodes whose heartbeats wait in its own queue (they would
         all come back with a hello, and put it further behind)."""
         now = self._clock()
-        ping, lost = self.liveness.due(expire=caught_up)
-        unreachable = [name for name in ping if not self.server.send(self.nodes[name].identity, self._ping)]
-        for name in lost:
+        for name in self.liveness.due(expire=caught_up):
             self._lose_node(self.nodes[name], "missed its heartbeats")
-        for name in unreachable:
-            if name in self.nodes:
-                self._lose_node(self.nodes[name], "unreachable")
         if now >= self._next_sweep:
             self._next_sweep = now + 1.0
             self._sweep_jobs(now)

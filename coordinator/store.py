@@ -1,7 +1,9 @@
 """The coordinator's durable state in SQLite (WAL): jobs, their output, enrolled keys, drained nodes.
 
 Every job transition is committed before the coordinator acts on it, so a coordinator killed with SIGKILL
-and restarted finds every job where it left it. All of the coordinator's SQL lives here. Timestamps come from
+and restarted finds every job where it left it. The coordinator groups the writes of one loop turn into one
+transaction (:meth:`Store.grouped`: one commit, one fsync, for all the transitions of the turn) and holds back
+what it sends meanwhile until that commit (coordinator/outgoing.py). All of the coordinator's SQL lives here. Timestamps come from
 the clock the store is given (the coordinator's), so that tests can move time.
 
 A job's stdout and stderr together are stored within the stream cap (conode/output_cap.py); beyond it one note
@@ -12,9 +14,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import msgpack
 
@@ -296,6 +299,40 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    @contextmanager
+    def grouped(self) -> Iterator[None]:
+        """Writes within the block go into one transaction, committed when it ends (however it ends: what was
+        written stays written, as it would have statement by statement). A block without writes commits nothing."""
+        self.db.isolation_level = "IMMEDIATE"  # sqlite3 begins a transaction before the first write
+        try:
+            yield
+        finally:
+            self.db.commit()
+            self.db.isolation_level = None
+
+    @contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """All of the block's writes or none: a transaction of its own, or a savepoint inside a group's."""
+        if self.db.isolation_level is not None and not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")  # grouped: this block opens the group's transaction
+        if self.db.in_transaction:
+            self.db.execute("SAVEPOINT atomic")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK TO atomic")
+                self.db.execute("RELEASE atomic")
+                raise
+            self.db.execute("RELEASE atomic")
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     # --- jobs ------------------------------------------------------------------------------------------
     def add_job(self, argv: list[str], inputs: dict[str, bytes], wanted: list[str], mem_mib: int,
                 submitted_by: str, guests: int = 1, network: str | None = None, image: str | None = None,
@@ -310,8 +347,7 @@ class Store:
         now, shared = self._clock(), submission
         empty = msgpack.packb({})
         ids: list[int] = []
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._atomic():
             for index, task in enumerate(tasks):
                 first = not ids
                 inputs = msgpack.packb(shared.inputs, use_bin_type=True) if first else empty
@@ -327,18 +363,13 @@ class Store:
                 ids.append(int(cur.lastrowid))  # type: ignore[arg-type]
             if array:
                 self.db.execute("UPDATE jobs SET array_id=? WHERE id=?", (ids[0], ids[0]))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return ids
 
     def start_gang(self, gang: int, nodes: list[str]) -> list[int]:
         """Mark gang job *gang* running as one new attempt with a rank on each of *nodes* (rank i on nodes[i]);
         return the ranks' ids. The ranks share the gang's command and outputs; its inputs stay on the gang."""
         now = self._clock()
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._atomic():
             self.db.execute("UPDATE jobs SET state='running', node=NULL, attempts=attempts+1, started_at=?, "
                             "vacated_s=0 WHERE id=?", (now, gang))
             ranks = [int(self.db.execute(  # type: ignore[arg-type]
@@ -348,10 +379,6 @@ class Store:
                 "priority FROM jobs "
                 "WHERE id=?",
                 (msgpack.packb({}), node, now, rank, gang)).lastrowid) for rank, node in enumerate(nodes)]
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return ranks
 
     def ranks(self, gang: int) -> list[Job]:
@@ -362,15 +389,10 @@ class Store:
 
     def requeue_gang(self, gang: int, reason: str) -> None:
         """Put a gang back in the queue; what its ranks of this attempt still held is cancelled."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._atomic():
             self.db.execute("UPDATE jobs SET state='cancelled', reason=?, finished_at=? WHERE gang=? AND state IN "
                             "('running', 'vacated', 'queued')", (f"gang restarted: {reason}", self._clock(), gang))
             self.db.execute("UPDATE jobs SET state='queued', node=NULL, reason=? WHERE id=?", (reason, gang))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def job(self, ident: int) -> Job | None:
         row = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=?", (ident,)).fetchone()
@@ -467,16 +489,11 @@ class Store:
     def finish(self, ident: int, state: str, exit_status: int | None, reason: str | None,
                outputs: dict[str, bytes] | None = None, cpu_s: float | None = None) -> None:
         assert state in TERMINAL_STATES
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._atomic():
             for path, data in (outputs or {}).items():
                 self.db.execute("INSERT OR REPLACE INTO job_files VALUES (?, ?, ?)", (ident, path, data))
             self.db.execute("UPDATE jobs SET state=?, exit_status=?, reason=?, finished_at=?, cpu_s=? WHERE id=?",
                             (state, exit_status, reason, self._clock(), cpu_s, ident))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         self._output_bytes.pop(ident, None)
 
     def append_output(self, ident: int, stream: str, data: bytes) -> None:
@@ -527,8 +544,7 @@ class Store:
         """Keep only the first *keep[stream]* bytes of each stream: a job going on from a checkpoint writes again
         what it wrote after it."""
         left = dict(keep)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._atomic():
             rows = self.db.execute("SELECT seq, stream, data FROM job_output WHERE job=? ORDER BY seq", (ident,))
             for seq, stream, data in rows.fetchall():
                 room = max(0, left.get(stream, 0))
@@ -538,10 +554,6 @@ class Store:
                     else:
                         self.db.execute("DELETE FROM job_output WHERE seq=?", (seq,))
                 left[stream] = room - min(room, len(data))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         self._output_bytes.pop(ident, None)
 
     def files(self, ident: int) -> dict[str, bytes]:
@@ -550,32 +562,22 @@ class Store:
     # --- moves: which node owns a moving job's guest --------------------------------------------------------
     def begin_move(self, job: int, source: str, destination: str) -> int:
         """Record a move of *job* from *source* to *destination* (the job stays the source's); its epoch."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._atomic():
             (last,) = self.db.execute("SELECT COALESCE(MAX(epoch), 0) FROM moves WHERE job=?", (job,)).fetchone()
             self.db.execute(f"INSERT INTO moves ({_MOVE_COLUMNS}) VALUES (?, ?, ?, ?, 'prepare', NULL, ?, NULL, NULL, "
                             f"NULL, NULL)", (job, last + 1, source, destination, self._clock()))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return int(last) + 1
 
     def hand_over(self, job: int, epoch: int) -> bool:
         """The guest becomes the destination's, in one transaction with the move: whether it did (the move was
         being prepared and the job still ran on its source)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._atomic():
             row = self.db.execute("SELECT source, destination FROM moves WHERE job=? AND epoch=? AND state='prepare'",
                                   (job, epoch)).fetchone()
             moved = row is not None and self.db.execute(
                 "UPDATE jobs SET node=? WHERE id=? AND state='running' AND node=?", (row[1], job, row[0])).rowcount == 1
             if moved:
                 self.db.execute("UPDATE moves SET state='go' WHERE job=? AND epoch=?", (job, epoch))
-            self.db.execute("COMMIT" if moved else "ROLLBACK")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return moved
 
     def end_move(self, job: int, epoch: int, state: str, reason: str | None = None) -> bool:
@@ -611,8 +613,7 @@ class Store:
 
     def add_keys(self, keys: list[tuple[str, str, str]]) -> None:
         """Enrol (name, role, public key) entries, all or none (one transaction: fast for thousands)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._atomic():
             for name, role, public_key in keys:
                 if role not in ROLES:
                     raise ConodeError(f"role must be one of {', '.join(ROLES)}")
@@ -620,10 +621,6 @@ class Store:
                     self.db.execute("INSERT INTO keys VALUES (?, ?, ?, ?)", (name, role, public_key, self._clock()))
                 except sqlite3.IntegrityError:
                     raise ConodeError(f"a key named {name!r} or with that public key is already enrolled") from None
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def remove_key(self, name: str) -> bool:
         return self.db.execute("DELETE FROM keys WHERE name=?", (name,)).rowcount > 0

@@ -1,7 +1,10 @@
 """The agent's link to the coordinator: Paranoid Pirate liveness, a bounded buffer, and the outbox.
 
-The agent says hello, beats every interval, and when it has not heard from the coordinator for HEARTBEAT_LIVENESS
-beats it rebuilds its socket and says hello again, backing off up to a cap. Its guests and their jobs keep running
+The agent says hello and beats every interval. The coordinator sends nothing back on a timer: once welcomed, the
+agent knows it alive from ZeroMQ's own heartbeats (ZMTP pings every LINK_HEARTBEAT_MS, answered by the
+coordinator's I/O thread), which drop a connection silent for HEARTBEAT_LIVENESS of them; a coordinator that dies
+closes it at once. When the connection drops, or a hello has no answer for HEARTBEAT_LIVENESS beats, the agent
+rebuilds its socket and says hello again, backing off up to a cap. Its guests and their jobs keep running
 meanwhile: live messages (output) are buffered up to a bound, and results wait in the outbox until acknowledged,
 sent again on every new connection. The agent never builds a message the protocol refuses: a result that would
 not encode is reported as the job's failure, with the reason.
@@ -39,6 +42,10 @@ class Transport(Protocol):
 
     def send(self, payload: bytes) -> bool: ...
 
+    @property
+    def up(self) -> bool:
+        """Whether the connection is established and kept (as of the last check_refused)."""
+
     def receive(self) -> bytes | None:
         """A waiting frame, or None (never blocks)."""
 
@@ -58,7 +65,8 @@ class ZmqTransport:
     """The CURVE DEALER of cluster/transport.py, as the link uses it."""
 
     def __init__(self, context: zmq.Context, endpoint: str, server_key: str, keys: KeyPair) -> None:
-        self._client = ClientSocket(context, endpoint, server_key, keys, log_problems=True)
+        self._client = ClientSocket(context, endpoint, server_key, keys, heartbeat_ms=protocol.LINK_HEARTBEAT_MS,
+                                    log_problems=True)
 
     @property
     def pollable(self) -> zmq.Socket | None:
@@ -66,6 +74,10 @@ class ZmqTransport:
 
     def send(self, payload: bytes) -> bool:
         return self._client.send(payload)
+
+    @property
+    def up(self) -> bool:
+        return self._client.up
 
     def receive(self) -> bytes | None:
         try:
@@ -103,6 +115,7 @@ class CoordinatorLink:
         self.welcomed = False
         self._hello_sent = False
         self._reconnect_at: float | None = None
+        self._linked = False  # the connection was up at the last look
         self._buffer: deque[bytes] = deque()
         self._buffered_bytes = 0
         self._dropping = False
@@ -157,11 +170,19 @@ class CoordinatorLink:
             self.transport.reconnect()
             self.liveness.reset()
             self._hello_sent = False
+            self._linked = False
         if not self._hello_sent:
             self._hello_sent = self.transport.send(self._hello())
             if self._hello_sent:
                 self.liveness.reset()
             return
+        if self.welcomed:
+            # Until welcomed only an answer counts (a hello may have gone to a coordinator that then died).
+            if self.transport.up:
+                self.liveness.heard()  # ZeroMQ's heartbeats keep the connection: the coordinator answers them
+            elif self._linked:
+                self.liveness.silent()  # dropped: silent for ZeroMQ's whole timeout, or closed by its end
+            self._linked = self.transport.up
         if self.liveness.expired():
             delay = self.liveness.next_backoff()
             log.warning("no word from the coordinator for %.0f s; reconnecting in %.1f s",

@@ -26,6 +26,10 @@ class PeerLiveness:
         self.last_heard = self._clock()
         self.backoff = RECONNECT_INITIAL_S
 
+    def silent(self) -> None:
+        """The peer is known to have been silent for the whole limit (its connection timed out): expired now."""
+        self.last_heard = min(self.last_heard, self._clock() - self.interval * self.liveness - 1e-3)
+
     def expired(self) -> bool:
         return self._clock() - self.last_heard > self.interval * self.liveness
 

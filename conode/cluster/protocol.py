@@ -26,7 +26,7 @@ from conode.limits import (IMAGE_CHUNK_BYTES, MAX_ARGV, MAX_ARGV_BYTES, MAX_ARRA
                            MAX_SNAPSHOT_BYTES, MAX_TEXT_FIELD,
                            MIN_GUEST_MEM_MIB)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: no coordinator ping; the agents' ZMTP heartbeats keep the link
 # MAX_FRAME_BYTES, MAX_SMALL_FIELD, MAX_ARGV and MAX_FILES come from conode.limits and stay importable from here.
 MAX_LIST_ENTRIES = 100_000  # job ids in a list, rows of a status reply
 MAX_NODE_CORES = 1024  # a sanity bound on the guests one node offers
@@ -36,6 +36,9 @@ JOB_CWD_BYTES = 32
 
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3  # beats missed before the peer is declared lost
+# The agent's link is kept by ZeroMQ's own heartbeats (ZMTP PING/PONG, answered by the coordinator's I/O thread,
+# never by its Python loop): a link silent for HEARTBEAT_LIVENESS of them is dropped, which the agent sees.
+LINK_HEARTBEAT_MS = int(HEARTBEAT_INTERVAL_S * 1000)
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 8.0
 
@@ -140,7 +143,6 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "move_failed": ("agent", {"job": _f(INT), "epoch": _f(INT), "reason": _f(TEXT)}),
     # coordinator -> agent
     "welcome": ("coordinator", {"heartbeat_s": _f(MEASURE)}),
-    "ping": ("coordinator", {}),
     "run_job": ("coordinator", {"job": _f(INT), "argv": _f(ARGV), "inputs": _f(INPUTS), "outputs": _f(PATHS),
                                 "mem_mib": _f(GUEST_MEM), "net": _f(IDENTITY, False), "image": _f(IMAGE, False),
                                 "disk_mib": _f(DISK_MIB, False), "owner": _f(STR, False),  # owner: who submitted it

@@ -16,7 +16,9 @@ from conode.cluster.transport import AuthRefused
 class MemoryTransport:
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []  # decoded, in order
-        self.up = True  # while False, sends fail as they do when the coordinator is unreachable
+        # The connection: while False, sends fail as they do when the coordinator is unreachable, and a link that
+        # was up counts it dropped (ZeroMQ's heartbeats went unanswered); while True ZeroMQ keeps it alive.
+        self.up = True
         self.refused = False
         self.problem: str | None = None  # what a real transport says when the handshake fails
         self.reconnects = 0

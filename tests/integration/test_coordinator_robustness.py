@@ -165,9 +165,7 @@ class Link:
             remaining = deadline - time.monotonic()
             assert remaining > 0, "no reply from the coordinator"
             if self.sock.socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
-                message = protocol.decode(self.sock.socket.recv())  # a malformed reply would raise here
-                if message["type"] != "ping":
-                    return message
+                return protocol.decode(self.sock.socket.recv())  # a malformed reply would raise here
 
     def ask(self, frame: bytes) -> dict:
         self.send(frame)

@@ -57,9 +57,8 @@ class Agent:
         return self.workers.started
 
     def pass_time(self, seconds):
-        """Let *seconds* go by with the coordinator alive (it pings every beat)."""
+        """Let *seconds* go by with the coordinator alive (its connection up: ZeroMQ's heartbeats answered)."""
         for _ in range(int(seconds / HEARTBEAT_INTERVAL_S)):
-            self.coordinator.deliver("ping")
             self.step(advance=HEARTBEAT_INTERVAL_S)
 
     def run_job(self, job, argv=("echo", "hi"), inputs=None, outputs=(), mem_mib=128):
@@ -237,19 +236,29 @@ def test_results_wait_in_the_outbox_until_acknowledged_across_reconnects(agent, 
     assert not (tmp_path / "outbox" / "1.msg").exists() and agent.daemon.held_jobs() == []
 
 
-def test_coordinator_silence_reconnects_with_doubling_back_off(agent):
+def test_a_welcomed_agent_stays_joined_while_its_connection_is_up_without_a_word_from_the_coordinator(agent):
     agent.join()
+    agent.pass_time(10 * HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS)
+    assert agent.coordinator.reconnects == 0 and agent.daemon.link.welcomed
+    assert len(agent.sent("hello")) == 1
+
+
+def test_a_dropped_connection_reconnects_at_once_and_unanswered_hellos_back_off_doubling(agent):
+    agent.join()
+    agent.coordinator.up = False  # ZeroMQ's heartbeats went unanswered (or the coordinator died): dropped
+    agent.step()
+    agent.coordinator.up = True  # connected again, but the coordinator never answers a hello
     delays = []
     for _ in range(4):
         before = agent.coordinator.reconnects
-        agent.step(advance=HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS + 0.01)  # silence noticed
         waited = 0.0
         while agent.coordinator.reconnects == before:
             agent.step(advance=0.05)
             waited += 0.05
         delays.append(round(waited, 2))
-    expected = [RECONNECT_INITIAL_S * 2 ** i for i in range(4)]
-    assert delays == [pytest.approx(d, abs=0.051) for d in expected]
+    silence = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
+    expected = [RECONNECT_INITIAL_S] + [silence + RECONNECT_INITIAL_S * 2 ** i for i in range(1, 4)]
+    assert delays == [pytest.approx(d, abs=0.11) for d in expected]
     assert len(agent.sent("hello")) == 5
     agent.coordinator.welcome()
     agent.step()

@@ -6,6 +6,7 @@ import pytest
 from test_agent_daemon import Agent
 
 from conode.agent.moves import AgentMoves, MoveSettings
+from conode.cluster.protocol import PROTOCOL_VERSION
 
 NET = {"mac": bytes.fromhex("02c0de000007"), "ip": "10.213.0.7", "prefix": 16, "hostname": "job7",
        "hosts": [["job7", "10.213.0.7"]], "rank": 0, "size": 1, "network": "job-7"}
@@ -32,7 +33,7 @@ def test_a_destination_gives_a_free_worker_the_guest_and_reports_it_arrived(agen
     assert not w1.of_type("run")  # the receiving worker takes nothing else
     w1.emit("listening", job=7, endpoint="tcp://10.0.0.2:4100")
     agent.step()
-    assert agent.sent("move_listening") == [{"v": 1, "type": "move_listening", "job": 7, "epoch": 3,
+    assert agent.sent("move_listening") == [{"v": PROTOCOL_VERSION, "type": "move_listening", "job": 7, "epoch": 3,
                                              "endpoint": "tcp://10.0.0.2:4100", "key": "desk1-key"}]
     w1.emit("moved_in", job=7, rounds=2, bytes=12 << 20)
     agent.step()
@@ -67,7 +68,7 @@ def test_a_source_relays_ready_and_go_and_lets_go_of_the_job_once_it_left(agent)
     assert migrate["peer"] == "dst-key" and migrate["max_bytes_per_s"] == 2 << 20
     w0.emit("move_ready", job=5)
     agent.step()
-    assert agent.sent("move_ready") == [{"v": 1, "type": "move_ready", "job": 5, "epoch": 2}]
+    assert agent.sent("move_ready") == [{"v": PROTOCOL_VERSION, "type": "move_ready", "job": 5, "epoch": 2}]
     agent.coordinator.deliver("move_go", job=5, epoch=1)  # stale
     agent.coordinator.deliver("move_go", job=5, epoch=2)
     agent.step()

@@ -60,7 +60,7 @@ class Pool:
 
     # --- sending --------------------------------------------------------------------------------------------
     def frame(self, who: str, frame: bytes) -> list[dict]:
-        """Hand *frame* from *who* to the coordinator; return what it sent to *who* in answer (pings left out).
+        """Hand *frame* from *who* to the coordinator; return what it sent to *who* in answer.
 
         An admin's replies are consumed here; an agent's stay for :meth:`take` too.
         """
@@ -71,7 +71,7 @@ class Pool:
         answers = [protocol.decode(p) for i, p in self.transport.sent[before:] if i == identity]
         if who == "admin":
             self.take(who)
-        return [m for m in answers if m["type"] != "ping"]
+        return answers
 
     def send(self, who: str, kind: str, **fields) -> list[dict]:
         return self.frame(who, protocol.encode(kind, **fields))
@@ -82,11 +82,11 @@ class Pool:
         return reply
 
     def take(self, who: str) -> list[dict]:
-        """The messages sent to *who* since last asked (pings left out)."""
+        """The messages sent to *who* since last asked."""
         identity = who.encode()
         mine = [protocol.decode(p) for i, p in self.transport.sent if i == identity]
         self.transport.sent = [(i, p) for i, p in self.transport.sent if i != identity]
-        return [m for m in mine if m["type"] != "ping"]
+        return mine
 
     # --- agents ---------------------------------------------------------------------------------------------
     def hello(self, name: str, cores: int = 1, running: tuple[int, ...] = (), state: str = "Unclaimed",
@@ -268,7 +268,7 @@ def test_a_vacated_job_whose_guest_cannot_be_resumed_runs_again(pool):
     pool.send("n1", "job_vacated", job=job)
     pool.send("n1", "job_failed", job=job, reason="its saved guest was discarded: no base image", retry=True)
     answers = pool.take("n1")
-    assert {"v": 1, "type": "ack", "job": job} in answers
+    assert {"v": PROTOCOL_VERSION, "type": "ack", "job": job} in answers
     assert run_jobs(answers) == [job]  # placed again at once, not held for an hour
     assert pool.job(job)["state"] == "running" and "no base image" in pool.job(job)["reason"]
 

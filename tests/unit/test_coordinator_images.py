@@ -11,6 +11,7 @@ import sqlite3
 import pytest
 
 from conode.cluster.chunks import chunk_digest, manifest_of
+from conode.cluster.protocol import PROTOCOL_VERSION
 from conode.limits import IMAGE_CHUNK_BYTES
 from coordinator.images import ChunkStore, check_image_name
 from coordinator.store import SCHEMA_VERSION, Store
@@ -59,7 +60,7 @@ def test_the_manifest_names_chunks_and_the_whole_file(tmp_path):
 
 def test_an_image_is_stored_once_per_chunk_and_listed(pool):
     data = image_bytes(3 * CHUNK + 100)
-    assert add(pool, "base", data) == {"v": 1, "type": "ok", "detail": "image base added"}
+    assert add(pool, "base", data) == {"v": PROTOCOL_VERSION, "type": "ok", "detail": "image base added"}
     stored = sorted(pool.coordinator.chunks.root.glob("*/*"))
     assert len(stored) == 4  # four distinct chunks
     # A second image sharing all but its last chunk sends only that one.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from test_coordinator_decisions import Pool, run_jobs
 
+from conode.cluster.protocol import PROTOCOL_VERSION
 from coordinator.moves import MOVE_HOLD_S, MOVE_TIMEOUT_S, ActiveMove, MoveBook, toward_speed
 from coordinator.placement import NodeView
 from coordinator.server import HOUSEKEEPING_EVERY_S
@@ -62,7 +63,7 @@ def test_a_move_hands_the_job_over_in_the_store_before_the_source_may_say_go(poo
     # Output from the source until it says ready is the job's; the hand-over is in the store before GO goes.
     pool.send(source, "job_output", job=job, stream="stdout", data=b"before\n")
     answer = pool.send(source, "move_ready", job=job, epoch=1)
-    assert of_type(answer, "move_go") == [{"v": 1, "type": "move_go", "job": job, "epoch": 1}]
+    assert of_type(answer, "move_go") == [{"v": PROTOCOL_VERSION, "type": "move_go", "job": job, "epoch": 1}]
     store = Store(tmp_path / "coordinator.db")
     assert store.job(job).node == target and [m.state for m in store.moves([job])[job]] == ["go"]
     store.close()
