@@ -258,7 +258,7 @@ def curve_dealer(context: zmq.Context, endpoint: str, server_public: str, public
     sock.setsockopt(zmq.IMMEDIATE, 1)
     if heartbeat_ms:  # an agent's link (conode/agent/link.py)
         sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.LINK_TIMEOUT_MS)
     sock.linger = 0
     sock.connect(endpoint)
     return sock

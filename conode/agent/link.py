@@ -2,9 +2,9 @@
 
 The agent says hello and beats every interval. The coordinator sends nothing back on a timer: once welcomed, the
 agent knows it alive from ZeroMQ's own heartbeats (ZMTP pings every LINK_HEARTBEAT_MS, answered by the
-coordinator's I/O thread), which drop a connection silent for HEARTBEAT_LIVENESS of them; a coordinator that dies
-closes it at once. When the connection drops, or a hello has no answer for HEARTBEAT_LIVENESS beats, the agent
-rebuilds its socket and says hello again, backing off up to a cap. Its guests and their jobs keep running
+coordinator's I/O thread), which drop a connection that goes silent (protocol.LINK_TIMEOUT_MS); a coordinator
+that dies closes it at once. When the connection drops, or a hello has no answer for HEARTBEAT_LIVENESS beats,
+the agent rebuilds its socket and says hello again, backing off up to a cap. Its guests and their jobs keep running
 meanwhile: live messages (output) are buffered up to a bound, and results wait in the outbox until acknowledged,
 sent again on every new connection. The agent never builds a message the protocol refuses: a result that would
 not encode is reported as the job's failure, with the reason.
@@ -66,7 +66,7 @@ class ZmqTransport:
 
     def __init__(self, context: zmq.Context, endpoint: str, server_key: str, keys: KeyPair) -> None:
         self._client = ClientSocket(context, endpoint, server_key, keys, heartbeat_ms=protocol.LINK_HEARTBEAT_MS,
-                                    log_problems=True)
+                                    heartbeat_timeout_ms=protocol.LINK_TIMEOUT_MS, log_problems=True)
 
     @property
     def pollable(self) -> zmq.Socket | None:

@@ -37,8 +37,10 @@ JOB_CWD_BYTES = 32
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3  # beats missed before the peer is declared lost
 # The agent's link is kept by ZeroMQ's own heartbeats (ZMTP PING/PONG, answered by the coordinator's I/O thread,
-# never by its Python loop): a link silent for HEARTBEAT_LIVENESS of them is dropped, which the agent sees.
+# never by its Python loop): a PING unanswered for LINK_TIMEOUT_MS drops the link, which the agent sees. A
+# coordinator gone silent is so noticed within HEARTBEAT_LIVENESS intervals, as with the pings this replaces.
 LINK_HEARTBEAT_MS = int(HEARTBEAT_INTERVAL_S * 1000)
+LINK_TIMEOUT_MS = (HEARTBEAT_LIVENESS - 1) * LINK_HEARTBEAT_MS
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 8.0
 
