@@ -249,7 +249,7 @@ class Stats:
 
 
 def curve_dealer(context: zmq.Context, endpoint: str, server_public: str, public: str, secret: str,
-                 heartbeat_ms: int = 0) -> zmq.Socket:
+                 heartbeat_ms: int = 0, link_timeout_ms: int = protocol.LINK_TIMEOUT_MS) -> zmq.Socket:
     sock = context.socket(zmq.DEALER)  # the same options as conode.cluster.transport.ClientSocket
     sock.curve_serverkey = server_public.encode()
     sock.curve_publickey = public.encode()
@@ -258,7 +258,7 @@ def curve_dealer(context: zmq.Context, endpoint: str, server_public: str, public
     sock.setsockopt(zmq.IMMEDIATE, 1)
     if heartbeat_ms:  # an agent's link (conode/agent/link.py)
         sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.LINK_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, link_timeout_ms)
     sock.linger = 0
     sock.connect(endpoint)
     return sock
@@ -274,13 +274,14 @@ class Generator:
     """
 
     def __init__(self, endpoint: str, server_public: str, agents: list[SimAgent], job_seconds: float,
-                 control: Any, heartbeat_s: float = protocol.HEARTBEAT_INTERVAL_S) -> None:
+                 control: Any, link_timeout_ms: int, heartbeat_s: float = protocol.HEARTBEAT_INTERVAL_S) -> None:
         self.endpoint = endpoint
         self.server_public = server_public
         self.agents = agents
         for position, agent in enumerate(agents):
             agent.index = position  # this generator's own numbering: what its timers name
         self.job_seconds = job_seconds
+        self.link_timeout_ms = link_timeout_ms
         self.heartbeat_s = heartbeat_s
         self.control = control  # the multiprocessing connection to the benchmark's main process
         self.context = zmq.Context()
@@ -310,7 +311,7 @@ class Generator:
     def connect_all(self) -> None:
         for agent in self.agents:
             agent.sock = curve_dealer(self.context, self.endpoint, self.server_public, agent.public, agent.secret,
-                                      protocol.LINK_HEARTBEAT_MS)
+                                      protocol.LINK_HEARTBEAT_MS, self.link_timeout_ms)
             fd = agent.sock.getsockopt(zmq.FD)
             self.by_fd[fd] = agent
             self.epoll.register(fd, select.EPOLLIN)
@@ -476,10 +477,10 @@ class Generator:
 
 
 def generator_main(control: Any, endpoint: str, server_public: str, agents: list[SimAgent],
-                   job_seconds: float) -> None:
+                   job_seconds: float, link_timeout_ms: int) -> None:
     """A generator process: its agents join and live until the main process says stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops us
-    generator = Generator(endpoint, server_public, agents, job_seconds, control)
+    generator = Generator(endpoint, server_public, agents, job_seconds, control, link_timeout_ms)
     try:
         generator.connect_all()
         generator.serve()
@@ -491,7 +492,7 @@ class Fleet:
     """The generator processes, each with its share of the agents, and their control connections."""
 
     def __init__(self, endpoint: str, server_public: str, agents: list[SimAgent], job_seconds: float,
-                 per_generator: int) -> None:
+                 per_generator: int, link_timeout_ms: int) -> None:
         count = max(1, -(-len(agents) // per_generator))
         context = multiprocessing.get_context("spawn")  # no zmq context inherited
         self.links: list[Any] = []
@@ -499,7 +500,8 @@ class Fleet:
         for share in range(count):
             mine, theirs = context.Pipe()
             proc = context.Process(target=generator_main, daemon=True, name=f"generator-{share}",
-                                   args=(theirs, endpoint, server_public, agents[share::count], job_seconds))
+                                   args=(theirs, endpoint, server_public, agents[share::count], job_seconds,
+                                         link_timeout_ms))
             proc.start()
             theirs.close()
             self.links.append(mine)
@@ -691,7 +693,8 @@ def run_one(n: int, args: argparse.Namespace, scratch_root: Path) -> dict[str, A
         config = load_client_config(coordinator.state.client_config)
         admin = Admin(config.endpoint, config.server_public_key, config.keys.public, config.keys.secret)
         t_join = time.monotonic()
-        fleet = Fleet(config.endpoint, config.server_public_key, agents, args.job_seconds, args.per_generator)
+        fleet = Fleet(config.endpoint, config.server_public_key, agents, args.job_seconds, args.per_generator,
+                      args.link_timeout_ms)
         result["generators"] = len(fleet.procs)
         joined = [0]
 
@@ -984,6 +987,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--owner-fraction", type=float, default=0.0,
                    help="share of agents reporting the owner present (state Owner, never given jobs; "
                         "default 0)")
+    p.add_argument("--link-timeout-ms", type=int, default=protocol.LINK_TIMEOUT_MS, metavar="MS",
+                   help=f"how long a simulated agent's link waits for the answer to a ZMTP ping before it drops "
+                        f"(default {protocol.LINK_TIMEOUT_MS}, the agent's; a coordinator starved of CPU while "
+                        f"thousands join answers later, and the drops then feed on themselves)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds after the last join before measuring")
     p.add_argument("--quick", action="store_true", help="small and short: for development")
     p.add_argument("--profile", action="store_true",
