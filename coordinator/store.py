@@ -3,8 +3,8 @@
 Every job transition is committed before the coordinator acts on it, so a coordinator killed with SIGKILL
 and restarted finds every job where it left it. The coordinator groups the writes of one loop turn into one
 transaction (:meth:`Store.grouped`: one commit, one fsync, for all the transitions of the turn) and holds back
-what it sends meanwhile until that commit (coordinator/outgoing.py). All of the coordinator's SQL lives here. Timestamps come from
-the clock the store is given (the coordinator's), so that tests can move time.
+what it sends meanwhile until that commit (coordinator/outgoing.py). All of the coordinator's SQL lives here.
+Timestamps come from the clock the store is given (the coordinator's), so that tests can move time.
 
 A job's stdout and stderr together are stored within the stream cap (conode/output_cap.py); beyond it one note
 is stored and the rest dropped, so that one chatty job can neither fill the disk nor make its `logs` reply too big.
@@ -380,6 +380,12 @@ class Store:
                 "WHERE id=?",
                 (msgpack.packb({}), node, now, rank, gang)).lastrowid) for rank, node in enumerate(nodes)]
         return ranks
+
+    def array_jobs(self, array: int) -> list[Job]:
+        """The jobs (not ranks) of the array whose first job is *array*, by id."""
+        rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE array_id=? AND gang IS NULL ORDER BY id",
+                               (array,))
+        return [_job(row) for row in rows]
 
     def ranks(self, gang: int) -> list[Job]:
         """The ranks of the gang's latest attempt, by rank."""
