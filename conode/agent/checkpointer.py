@@ -75,6 +75,12 @@ class Checkpointer:
         """The coordinator lost the chain: the next piece holds every page."""
         self._full = True
 
+    def carried_over(self) -> dict[str, Any]:
+        """What the guest's checkpoints go on from once it is resumed from a vacate (in a new worker, whose first
+        piece is a full one): the interval, the next piece's number and the output offsets. The number skips one:
+        a piece being sent as the guest was saved may still be kept under the current one."""
+        return {"interval_s": self.interval_s, "seq": self.seq + 1, **self.outputs}
+
     def guest_stopped(self) -> None:
         """The worker's machine thread saw the guest stop (the stall starts here when the final copy is due)."""
         self._stopped_at = (time.monotonic(), time.thread_time())

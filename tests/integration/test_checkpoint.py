@@ -4,7 +4,8 @@ A job prints a known sequence over about 20 s while it is checkpointed every 3 s
 SIGKILLed in the middle. The job must go on from its last checkpoint on the other agent (not start again: a
 random token it drew at its start, printed before the kill, is the one it prints at its end) and its output
 must be exactly an uninterrupted run's, each line once. The same for a job on a pool image, whose disk overlay
-goes with its checkpoints: what it wrote to its disk before is there after the move.
+goes with its checkpoints: what it wrote to its disk before is there after the move. A job vacated to disk by
+its workstation's owner and resumed there is checkpointed again, and goes on from those checkpoints.
 """
 
 import re
@@ -12,6 +13,7 @@ import shutil
 
 import pytest
 from pool import Pool
+from test_owner_cycle import start_owner_aware_agent
 
 from conode.testing.root_image import root_image
 from conode.tomlfile import read_toml, write_toml
@@ -32,12 +34,17 @@ def expected(token: str) -> bytes:
     return ("\n".join(lines + [f"token {token}", f"result {total}"]) + "\n").encode()
 
 
-@pytest.fixture()
-def pool(tmp_path):
+def checkpointing_pool(tmp_path, interval_s: float) -> Pool:
     pool = Pool(tmp_path / "pool")
     settings = read_toml(pool.state / "coordinator.toml")
-    write_toml(pool.state / "coordinator.toml", {**settings, "checkpoint_interval_s": 3.0})
+    write_toml(pool.state / "coordinator.toml", {**settings, "checkpoint_interval_s": interval_s})
     pool.start_coordinator()
+    return pool
+
+
+@pytest.fixture()
+def pool(tmp_path):
+    pool = checkpointing_pool(tmp_path, 3.0)
     for name in ("node-a", "node-b"):
         pool.add_agent(name)
     try:
@@ -102,3 +109,28 @@ def test_a_job_on_an_image_goes_on_with_its_disk(pool, tmp_path):
     logs = pool.cli("logs", str(job))
     assert logs.stdout.decode() == expected and logs.stderr == b""  # the page cache dropped: read from the disk
     assert f"job {job} placed on" in pool.log("coordinator") and "to go on from its checkpoint" in pool.log("coordinator")
+
+
+def test_a_job_resumed_from_a_vacate_is_checkpointed_and_goes_on_from_it(tmp_path):
+    pool = checkpointing_pool(tmp_path, 2.0)
+    try:
+        owner = start_owner_aware_agent(pool, "laptop", vacate_after_s=1.0)
+        owner.left()
+        pool.wait_until("a guest offered to the pool", lambda: "laptop" in pool.ready_nodes(), 120)
+        job = pool.submit("sh", "-c", JOB)
+        pool.wait_until("the job under way", lambda: pool.cli("logs", str(job)).stdout.count(b"line ") >= 2, 60)
+        pool.wait_until("the job vacated", lambda: (owner.types(), pool.jobs()[job]["state"])[1] == "vacated", 30,
+                        interval=0.2)
+        owner.left()
+        again = re.compile(rf"job {job} resumed on laptop.*job {job}: checkpoint \d+ from laptop kept", re.S)
+        pool.wait_until("a checkpoint after the resume", lambda: again.search(pool.log("coordinator")), 60)
+        before = pool.cli("logs", str(job)).stdout
+        pool.kill(pool.agents["laptop"])
+        pool.add_agent("spare")  # the job waits for it, its checkpoint kept
+        assert pool.cli("wait", str(job), "--timeout", "180", check=False, timeout=200).returncode == 0
+        assert pool.jobs()[job]["node"] == "spare"
+        token = re.match(rb"token (\w+)\n", before)
+        assert token is not None, before
+        assert pool.cli("logs", str(job)).stdout == expected(token[1].decode())
+    finally:
+        pool.close()
