@@ -8,8 +8,11 @@ goes with its checkpoints: what it wrote to its disk before is there after the m
 its workstation's owner and resumed there is checkpointed again, and goes on from those checkpoints.
 """
 
+import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from pool import Pool
@@ -56,12 +59,19 @@ def pool(tmp_path):
 
 def test_a_job_whose_agent_is_killed_goes_on_from_its_checkpoint(pool):
     job = pool.submit("sh", "-c", JOB)
+    follower = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "logs", "-f", str(job)], env=pool.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     kept = re.compile(rf"job {job}: checkpoint (\d+) from (\S+) kept")
 
     def checkpointed_and_halfway() -> str | None:
+        """The node of a kept checkpoint, once the job is halfway and wrote lines after the checkpoint (which
+        it writes again where it goes on: the follower must not show them twice)."""
         found = kept.findall(pool.log("coordinator"))
+        chain = pool.state / "checkpoints" / str(job) / "chain.json"
+        offset = json.loads(chain.read_text())["outputs"]["stdout"] if chain.exists() else None
         logs = pool.cli("logs", str(job)).stdout
-        return found[-1][1] if found and logs.count(b"\nline ") >= 8 else None
+        return found[-1][1] if found and offset is not None and logs.count(b"\nline ") >= 8 \
+            and logs[offset:].count(b"\n") >= 1 else None
 
     victim = pool.wait_until("a checkpoint kept and half the job done", checkpointed_and_halfway, timeout=150)
     assert pool.jobs()[job]["node"] == victim and pool.jobs()[job]["state"] == "running"
@@ -75,6 +85,7 @@ def test_a_job_whose_agent_is_killed_goes_on_from_its_checkpoint(pool):
     token = re.match(rb"token (\w+)\n", before)
     assert token is not None, before
     assert output == expected(token[1].decode()), output.decode(errors="replace")
+    assert follower.communicate(timeout=30)[0] == output  # each line once
     log = pool.log("coordinator")
     assert f"job {job} placed on {final['node']}, to go on from its checkpoint" in log
     assert f"job {job}: checkpoint" in log and "refused" not in log

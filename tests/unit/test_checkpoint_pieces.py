@@ -292,6 +292,23 @@ def test_truncate_output_keeps_each_streams_first_bytes(tmp_path):
     store.close()
 
 
+def test_a_follower_learns_where_output_cut_back_to_a_checkpoint_goes_on(tmp_path):
+    store = Store(tmp_path / "db")
+    job = store.add_job(["true"], {}, [], 128, "admin", 1, None, None, None)
+    for data in (b"one\n", b"two\n"):
+        store.append_output(job, "stdout", data)
+    seen = store.output_since(job, 0, 1 << 20)
+    assert (seen.streams["stdout"], seen.at["stdout"], seen.restarted) == (b"one\ntwo\n", 0, False)
+    store.truncate_output(job, {"stdout": 0, "stderr": 0})  # the checkpoint came before any output
+    store.append_output(job, "stdout", b"one\n")
+    again = store.output_since(job, seen.cursor, 1 << 20)
+    assert (again.streams["stdout"], again.at["stdout"], again.restarted) == (b"one\n", 0, False)
+    store.clear_output(job)  # an attempt from the beginning: its output is all new
+    store.append_output(job, "stdout", b"new\n")
+    assert store.output_since(job, again.cursor, 1 << 20).restarted
+    store.close()
+
+
 # --- the coordinator's decisions ------------------------------------------------------------------------------
 @pytest.fixture
 def pool(tmp_path):
