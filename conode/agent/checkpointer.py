@@ -7,7 +7,8 @@ that the guest stops only for the last few pages:
    (every page for the first piece, after a restore, or when the coordinator lost the chain); again, up to
    PRE_COPY_ROUNDS times, while the guest changed more than FINAL_PAGES meanwhile;
 2. *final copy*, the guest paused by the worker between two slices: take the log again, copy the pages changed
-   during step 1, and the device state and the job's output offsets. This pause is the checkpoint's stall;
+   during step 1, the disk overlay's clusters written since the piece before (all of them for a full piece),
+   the device state and the job's output offsets. This pause is the checkpoint's stall;
 3. *write*, the guest running again: compress the pages into a piece file and tell the agent, which sends it on.
 
 The final copy runs on the worker's machine thread (:meth:`Checkpointer.final`, called by the worker when
@@ -59,7 +60,9 @@ class Checkpointer:
         self._full = True  # the next piece holds every page
         self._base = FULL
         self._pre: tuple[bytearray, dict[int, bytes]] | None = None
-        self._taken: tuple[bytearray, dict[int, bytes], GuestSnapshot, dict[str, int], float, float] | None = None
+        self._whole = True  # the piece being taken is a full one
+        self._taken: tuple[bytearray, dict[int, bytes], GuestSnapshot, dict[str, Any] | None, dict[str, int], float,
+                           float] | None = None
         self._final_done = threading.Event()
         self._stop = threading.Event()
         self._stopped_at: tuple[float, float] | None = None  # monotonic and machine-thread CPU time
@@ -134,7 +137,8 @@ class Checkpointer:
             self._on_machine_thread(self._tracker.start)
             self._tracking = True
         bitmap = self._on_machine_thread(self._tracker.take)
-        if self._full:
+        self._whole = self._full
+        if self._whole:
             pages = self._tracker.pages
             bitmap = bytearray(((1 << pages) - 1).to_bytes((pages + 7) // 8, "little"))
         copied = self._read(bitmap)
@@ -154,7 +158,7 @@ class Checkpointer:
             raise _Stopped
         if self._taken is None:
             raise ConodeError("the final copy failed")
-        final_bitmap, final_pages, envelope, outputs, stall_s, stall_cpu_s = self._taken
+        final_bitmap, final_pages, envelope, disk, outputs, stall_s, stall_cpu_s = self._taken
         self._taken = None
         pre_bitmap, pre_pages = self._pre
         self._pre = None
@@ -163,12 +167,13 @@ class Checkpointer:
         ram = encode_pages((final_pages.get(page) or pre_pages[page] for page in order), bytes(union),
                            self.guest.machine.ram.size)
         path = self.directory / f"job-{self.job}-{self.seq}.ckpt"
-        size = write_piece(path, self.job, self.seq, self._base, outputs, ram, envelope)
+        base = FULL if self._whole else self._base  # a full piece starts a new chain, whatever came before
+        size = write_piece(path, self.job, self.seq, base, outputs, ram, envelope, disk)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if self._stop.is_set():
             path.unlink(missing_ok=True)
             raise _Stopped
-        self._send({"type": "checkpoint", "job": self.job, "seq": self.seq, "base": self._base, "path": str(path),
+        self._send({"type": "checkpoint", "job": self.job, "seq": self.seq, "base": base, "path": str(path),
                     "size": size, "sha256": digest, "pages": len(order), "final_pages": len(final_pages),
                     "stall_s": stall_s, "stall_cpu_s": stall_cpu_s, "took_s": time.monotonic() - started})
         self._base = self.seq
@@ -177,15 +182,17 @@ class Checkpointer:
 
     # --- the machine thread ----------------------------------------------------------------------------------
     def final(self) -> None:
-        """The final copy (the guest is stopped between slices): the pages changed since the pre-copy, the device
-        state and the output offsets; the guest runs again as soon as this returns."""
+        """The final copy (the guest is stopped between slices): the pages changed since the pre-copy, the disk
+        clusters written since the piece before, the device state and the output offsets; the guest runs again
+        as soon as this returns."""
         self.final_due = False
         try:
             bitmap = self._tracker.take()
             pages = self._read(bitmap)
-            envelope = self.guest.snapshot(with_ram=False)
+            envelope = self.guest.snapshot(with_ram=False, with_disk=False)
+            disk = self.guest.machine.disk.changes(self._whole) if self.guest.machine.disk is not None else None
             wall, cpu = self._stopped_at if self._stopped_at is not None else (time.monotonic(), time.thread_time())
-            self._taken = (bitmap, pages, envelope, dict(self.outputs), time.monotonic() - wall,
+            self._taken = (bitmap, pages, envelope, disk, dict(self.outputs), time.monotonic() - wall,
                            time.thread_time() - cpu)
         except ConodeError as exc:
             log.warning("job %d: the final copy of checkpoint %d failed: %s", self.job, self.seq, exc)

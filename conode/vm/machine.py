@@ -291,16 +291,17 @@ class CoMachine:
         self._wake.clear()
 
     # --- snapshots ---------------------------------------------------------------------------------------
-    def get_state(self, with_ram: bool = True) -> dict:
+    def get_state(self, with_ram: bool = True, with_disk: bool = True) -> dict:
         """The whole machine as plain data (call only while it is not running); without its RAM's pages if not
-        *with_ram* (migration sends them apart: the machine is then restored with them as its RAM image)."""
+        *with_ram* (migration sends them apart: the machine is then restored with them as its RAM image), and
+        without its disk overlay if not *with_disk* (checkpoints carry it as deltas, and put it back)."""
         config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra,
                                         DiskConfigState.of(self.config.disk)))
         devices = DevicesState(self.pic.get_state(), self.pit.get_state(), self.uart.get_state(),
                                self.serial_channel.get_state(), self.cmos.get_state(),
                                tuple(t.get_state() for t in self.virtio), self.channel.get_state(),
                                self.pci.get_state(), tuple(f.get_state() for f in self.virtio_pci),
-                               self.disk.get_state() if self.disk is not None else None)
+                               self.disk.get_state() if self.disk is not None and with_disk else None)
         ram = encode_ram(self.ram.view) if with_ram else ram_elsewhere(self.ram.size)
         return state.dump(MachineState(config, self.cpu.get_state(), ram,
                                        self.clock.get_state(), self.halted, devices))
