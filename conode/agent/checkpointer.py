@@ -137,7 +137,7 @@ class Checkpointer:
             self._on_machine_thread(self._tracker.start)
             self._tracking = True
         bitmap = self._on_machine_thread(self._tracker.take)
-        self._whole = self._full
+        self._whole, self._full = self._full, False  # a reset from here on is for the next piece
         if self._whole:
             pages = self._tracker.pages
             bitmap = bytearray(((1 << pages) - 1).to_bytes((pages + 7) // 8, "little"))
@@ -178,7 +178,6 @@ class Checkpointer:
                     "stall_s": stall_s, "stall_cpu_s": stall_cpu_s, "took_s": time.monotonic() - started})
         self._base = self.seq
         self.seq += 1
-        self._full = False
 
     # --- the machine thread ----------------------------------------------------------------------------------
     def final(self) -> None:
