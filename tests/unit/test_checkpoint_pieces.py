@@ -28,7 +28,8 @@ from conode.vm.checkpoint import (
 )
 from conode.vm.disk.config import DiskConfig
 from conode.vm.disk.image import BaseImage
-from conode.vm.disk.overlay import CLUSTER, CowDisk
+from conode.vm.disk.delta import Changes, merge_changes
+from conode.vm.disk.overlay import CLUSTER, CowDisk, pack_clusters
 from conode.vm.guest import GuestJob, GuestSnapshot, ImageDigests, JobSpec
 from conode.vm.layout import PAGE_SIZE
 from conode.vm.machine import CoMachine, MachineConfig
@@ -100,6 +101,13 @@ def chain_files(tmp_path_factory, envelope):
     return paths, bytes(ram)
 
 
+def disk_delta(disk: CowDisk, whole: bool) -> dict:
+    """The DiskDelta of the clusters written since the last one (all, if *whole*), as a checkpointer takes it."""
+    listed = disk.take_changes(whole)
+    return merge_changes([Changes(disk.base.sha256(), disk.size, bytes(disk.map), listed,
+                                  pack_clusters(disk.read_clusters(listed)))])
+
+
 @pytest.fixture(scope="module")
 def disk_chain(tmp_path_factory):
     """A full piece and two deltas of a guest with a disk, each carrying the overlay clusters written since the
@@ -120,7 +128,7 @@ def disk_chain(tmp_path_factory):
                 disk.discard(discard * CLUSTER, CLUSTER)
             path = root / f"{seq}.ckpt"
             make_piece(path, snapshot, ram, None if seq == 0 else [seq], seq, seq - 1 if seq else FULL,
-                       disk=disk.changes(whole=seq == 0))
+                       disk=disk_delta(disk, whole=seq == 0))
             paths.append(path)
         final = bytearray(disk.size)
         disk.read(0, memoryview(final))

@@ -9,7 +9,7 @@ base; flushing is an fsync of the overlay (and of its map, for an overlay kept i
 The guest may hold at most its budget in the overlay: a write that needs more clusters fails, as does one
 the host cannot carry out (its disk full, its quota reached). Either way the guest sees an I/O error for that
 request and the host carries on. The map is saved in snapshots with the clusters it lists; checkpoints
-(conode/vm/checkpoint.py) save only the clusters written since the one before (:meth:`CowDisk.changes`,
+(conode/vm/checkpoint.py) save only the clusters written since the one before (:meth:`CowDisk.take_changes`,
 merged by :mod:`.delta`).
 """
 
@@ -200,7 +200,7 @@ class CowDisk:
         self._budget_clusters = budget_bytes // CLUSTER
         self.clusters = -(-self.size // CLUSTER)
         self.map = bytearray(self.clusters)
-        self._changed = bytearray(self.clusters)  # clusters written since the last checkpoint's changes()
+        self._changed = bytearray(self.clusters)  # clusters written since the last take_changes()
         self.allocated = 0  # clusters the overlay holds
         self._data_offset = MAP_OFFSET + -(-self.clusters // CLUSTER) * CLUSTER
         self._map_dirty = False
@@ -404,8 +404,10 @@ class CowDisk:
         self.fd = -1
 
     # --- snapshots -------------------------------------------------------------------------------------------
-    def _read_listed(self, listed: Buffer) -> Iterator[bytes]:
-        """The contents of the clusters *listed* (one byte per cluster), in order, a run at a time."""
+    def read_clusters(self, listed: Buffer) -> Iterator[bytes]:
+        """The contents of the clusters *listed* (one byte per cluster), in order, a run at a time. From any
+        thread: a cluster the guest writes meanwhile may read torn, and is then listed by the next
+        :meth:`take_changes`."""
         for start, stop in listed_runs(listed):
             for at in range(start * CLUSTER, stop * CLUSTER, STATE_CHUNK):
                 piece = bytearray(min(STATE_CHUNK, stop * CLUSTER - at))
@@ -415,19 +417,19 @@ class CowDisk:
     def get_state(self) -> dict[str, Any]:
         """The overlay as plain data: the base's digest, the map and the clusters it lists (compressed)."""
         return state.dump(DiskState(self.base.sha256(), self.size, CLUSTER, zlib.compress(self.map, 1),
-                                    pack_clusters(self._read_listed(self.map))))
+                                    pack_clusters(self.read_clusters(self.map))))
 
-    def changes(self, whole: bool) -> dict[str, Any]:
-        """A DiskDelta of the clusters written since the last call (all the overlay holds, if *whole*); the
-        next call starts from here."""
+    def take_changes(self, whole: bool) -> bytes:
+        """The clusters the overlay holds that were written since the last call (all it holds, if *whole*), one
+        byte each (1: listed); the next call starts from here. Only between the guest's slices: no write is
+        then half done."""
         if whole:
-            carried = bytes(self.map)
+            listed = bytes(self.map)
         else:
             both = int.from_bytes(self.map, "little") & int.from_bytes(self._changed, "little")
-            carried = both.to_bytes(self.clusters, "little")
+            listed = both.to_bytes(self.clusters, "little")
         self._changed[:] = bytes(self.clusters)
-        return state.dump(DiskDelta(self.base.sha256(), self.size, CLUSTER, zlib.compress(self.map, 1),
-                                    zlib.compress(carried, 1), pack_clusters(self._read_listed(carried))))
+        return listed
 
     def set_state(self, data: Any) -> None:
         """Fill this (fresh) overlay from :meth:`get_state` output; raise SnapshotError if it does not fit."""
