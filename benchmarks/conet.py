@@ -11,7 +11,9 @@ receiving guest more CPU in ``wc`` than in the whole network path: the figure me
 taken in the sending guest (``/proc/uptime``), from the connection to the receiver's close after the last byte,
 so it is the guests' own view. The agents' CPU per MiB carried (switches and workers, from /proc) is reported.
 Reference: two qemu-system-i386 (TCG) guests on the same kernel and initramfs, each with a virtio-net-pci NIC,
-joined by qemu's socket netdev, running the same commands.
+joined by qemu's socket netdev, running the same commands, at the niceness conode's guest workers give
+themselves (19: the owner's programs come first). At niceness 0 against workers at 19, a loaded host measured
+its scheduler: every wake-up of a guest thread waited behind everything else, qemu's did not.
 
 The host is shared, and its load moves every figure (qemu's by a factor of three between runs): the three
 measurements alternate, round after round (``--rounds``, 3 by default), so that load falls on all alike, and
@@ -30,6 +32,7 @@ from pathlib import Path
 import psutil
 
 import common
+from conode.agent.platform import POSIX_NICENESS
 from conode.limits import CONET_MTU
 from common import Row, Target
 
@@ -121,7 +124,8 @@ def qemu_pair(qemu: str, mib: int) -> dict[str, float]:
         for n, role in enumerate((f"listen=127.0.0.1:{port}", f"connect=127.0.0.1:{port}")):
             guest = common.QemuGuest(qemu, extra_args=[
                 "-netdev", f"socket,id=n0,{role}", "-device",
-                f"virtio-net-pci,netdev=n0,disable-legacy=on,mac=02:c0:de:00:00:0{n + 1}"], append="pci=conf1")
+                f"virtio-net-pci,netdev=n0,disable-legacy=on,mac=02:c0:de:00:00:0{n + 1}"], append="pci=conf1",
+                niceness=POSIX_NICENESS)
             guest.launch()
             guests.append(guest)
             time.sleep(0.5)  # the listening side first
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         row("agents' CPU per MiB carried, two agents", "ms", across, "cpu_ms_per_mib"),
     ]
     notes = [f"{mib} MiB through busybox nc, conet MTU {CONET_MTU} (qemu 1500); throughput is 1 / (time per MiB); "
-             f"medians of {rounds} alternating rounds"]
+             f"medians of {rounds} alternating rounds; qemu at niceness {POSIX_NICENESS}, as conode's guest workers"]
     if isinstance(across, str):
         notes.append(f"two hosts: not measured ({across})")
     for label, figures in runs.items():
