@@ -31,13 +31,20 @@ class Switch:
 
 
 class Machine:
-    """The machine thread's side of call_soon: functions wait until the test runs them."""
+    """The machine thread's side of call_soon and watch: functions wait until the test runs them."""
 
     def __init__(self) -> None:
         self.calls: deque = deque()
+        self.watched: dict = {}
 
     def call_soon(self, fn) -> None:
         self.calls.append(fn)
+
+    def watch(self, fd: int, handler) -> None:
+        if handler is None:
+            self.watched.pop(fd, None)
+        else:
+            self.watched[fd] = handler
 
     def run_calls_until(self, done, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -54,7 +61,7 @@ def joined(tmp_path):
     rig, machine = Rig(linked=False), Machine()
     rig.bring_up()
     port = Port(str(tmp_path / "conet.sock"), b"T" * 16)
-    port.attach(rig.nic, machine.call_soon)
+    port.attach(rig.nic, machine.call_soon, machine.watch)
     conn, token = switch.accept()
     assert token == b"T" * 16
     yield rig, machine, port, conn
@@ -115,3 +122,67 @@ def test_no_switch_is_a_clear_error(tmp_path):
         Port(str(tmp_path / "absent.sock"), b"T" * 16)
     with pytest.raises(PortError, match="16 bytes"):
         Port(str(tmp_path / "absent.sock"), b"short")
+
+
+def test_an_idle_machine_takes_frames_straight_from_the_socket_in_order(joined):
+    rig, machine, port, conn = joined
+    (serve,) = machine.watched.values()
+    for i in range(8):
+        rig.receive_buffer(0x8000 + 0x800 * i, 0x800)
+    frames = [header() + ETHERNET + bytes([i]) * 100 for i in range(8)]
+    for f in frames[:4]:
+        conn.send(f)
+    serve()  # as the machine thread does when the socket wakes it; the reader thread may take some first
+    for f in frames[4:]:
+        conn.send(f)
+    machine.run_calls_until(lambda: len(rig.used(net.RECEIVEQ)) == 8)
+    serve()  # a wake-up whose frames the reader took: nothing more, nothing twice
+    got = [bytes(rig.ram.data[0x8000 + 0x800 * i:0x8000 + 0x800 * i + len(f)]) for i, f in enumerate(frames)]
+    assert got == [f[:10] + b"\1\0" + f[12:] for f in frames]
+    assert port.counters["rx_frames"] == 8 and len(rig.used(net.RECEIVEQ)) == 8
+
+
+def test_the_machine_stops_watching_a_closed_port(joined):
+    _, machine, port, conn = joined
+    assert len(machine.watched) == 1
+    port.close()
+    assert machine.watched == {}
+
+
+def test_the_machine_stops_watching_when_the_switch_goes_away(joined):
+    rig, machine, _, conn = joined
+    (serve,) = machine.watched.values()
+    conn.close()
+    serve()  # a socket at its end stays readable: an idle machine must not wake on it forever
+    assert machine.watched == {}
+    machine.run_calls_until(lambda: not rig.nic.link_up)  # the reader thread still unplugs the NIC
+
+
+def test_the_machine_rests_until_set_or_a_watched_descriptor_is_served():
+    from conode.vm.machine import Wakeup
+
+    wake, served = Wakeup(), []
+    left, right = socket.socketpair()
+    try:
+        wake.watch(left.fileno(), lambda: served.append(left.recv(16)))
+        started = time.monotonic()
+        wake.wait(0.05)
+        assert time.monotonic() - started >= 0.04 and served == []  # nothing came: the whole rest
+        right.send(b"frame")
+        wake.wait(0.05, serve=False)  # a rest the CPU cap imposes serves nothing
+        assert served == []
+        wake.wait(5.0)
+        assert served == [b"frame"]
+        wake.set()
+        started = time.monotonic()
+        wake.wait(5.0)
+        assert time.monotonic() - started < 1.0
+        wake.clear()
+        wake.watch(left.fileno(), None)
+        right.send(b"unwatched")
+        started = time.monotonic()
+        wake.wait(0.05)
+        assert served == [b"frame"] and time.monotonic() - started >= 0.04
+    finally:
+        left.close()
+        right.close()
