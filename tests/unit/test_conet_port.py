@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections import deque
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from conode.conet.port import QUEUE_FRAMES, Port, PortError
+from conode.conet.port import MIN_FRAME, QUEUE_FRAMES, Port, PortError
 from conode.limits import CONET_MAX_FRAME
 from conode.vm.devices.virtio import net
 from conode.vm.devices.virtio.mmio import REG_CONFIG
@@ -186,3 +189,49 @@ def test_the_machine_rests_until_set_or_a_watched_descriptor_is_served():
     finally:
         left.close()
         right.close()
+
+
+class Nic:
+    """A NIC that takes every frame: what the port hands over, in order."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def deliver(self, frame: bytes) -> bool:
+        self.frames.append(frame)
+        return True
+
+    def connect(self, backend) -> None:
+        pass
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.one_of(st.integers(0, 80), st.integers(CONET_MAX_FRAME - 40, CONET_MAX_FRAME + 40)),
+                      max_size=12),
+       serve_after=st.sets(st.integers(0, 11)))
+def test_whatever_the_switch_sends_is_handed_over_in_order_or_dropped_and_counted(tmp_path, sizes, serve_after):
+    path = str(tmp_path / f"{os.urandom(4).hex()}.sock")  # one per example: the fixture's directory is shared
+    switch, machine, nic = Switch(path), Machine(), Nic()
+    port = Port(path, b"F" * 16)
+    try:
+        port.attach(nic, machine.call_soon, machine.watch)
+        conn, _ = switch.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sent = []
+        for i, size in enumerate(sizes):
+            datagram = i.to_bytes(2, "big") * (size // 2) + bytes(size % 2)
+            conn.send(datagram)
+            sent.append(datagram)
+            if i in serve_after:
+                for serve in list(machine.watched.values()):
+                    serve()  # the idle machine's own read, racing the reader thread's
+        wanted = [d for d in sent if MIN_FRAME <= len(d) <= CONET_MAX_FRAME]
+        machine.run_calls_until(lambda: len(nic.frames) == len(wanted)
+                                and sum(port.dropped.values()) == len(sent) - len(wanted))
+        assert nic.frames == wanted
+        assert port.dropped == ({"wrong size from the switch": len(sent) - len(wanted)} if len(sent) > len(wanted)
+                                else {})
+        conn.close()
+    finally:
+        port.close()
+        switch.listener.close()
