@@ -401,8 +401,10 @@ def run(config_path: Path | None, endpoint: str | None, command: tuple[str, ...]
 
 def _follow(client: Any, job: int, rank: int | None) -> dict[str, Any]:
     """Write the job's stdout and stderr (of one rank, or of every rank under headers) as they are stored, until
-    the job ends; return its final state."""
+    the job ends; return its final state. Each byte is written once: a job going on from a checkpoint has its
+    stored output cut back to it and writes the rest again, which is skipped up to what was written already."""
     cursors: dict[int, int] = {}
+    written: dict[tuple[int, str], int] = {}  # (rank, stream) -> bytes of it written so far
     shown: dict[str, int | None] = {"stdout": None, "stderr": None}  # the rank whose output each stream shows
     attempts = 0
     while True:
@@ -421,18 +423,31 @@ def _follow(client: Any, job: int, rank: int | None) -> dict[str, Any]:
                                        **({"rank": each} if state["guests"] > 1 else {}))
                 cursors[each] = reply.get("cursor", 0)
                 for name, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-                    if not reply[name]:
+                    data = _unwritten(reply, name, written, each)
+                    if not data:
                         continue
                     if state["guests"] > 1 and rank is None and shown[name] != each:
                         out.buffer.write(f"==> rank {each} <==\n".encode())
                         shown[name] = each
-                    out.buffer.write(reply[name])
+                    out.buffer.write(data)
                     out.flush()
                 if not reply.get("more"):
                     break
         if state["state"] in TERMINAL:
             return state
         time.sleep(FOLLOW_POLL_S)
+
+
+def _unwritten(reply: dict[str, Any], stream: str, written: dict[tuple[int, str], int], rank: int) -> bytes:
+    """The bytes of *stream* in a followed job's *reply* not written yet (and count them as written)."""
+    data, at = reply[stream], reply.get(f"{stream}_at")
+    if at is None:  # a coordinator that does not say where they begin
+        return data
+    if reply.get("restarted"):  # a new attempt from the beginning: all of it is new
+        written[rank, stream] = 0
+    done = written.get((rank, stream), 0)
+    written[rank, stream] = max(done, at + len(data))
+    return data[max(0, done - at):]
 
 
 def _ended(state: dict[str, Any], job: int, rank: int | None) -> int:

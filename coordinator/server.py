@@ -666,8 +666,10 @@ class Coordinator(Moving):
                 self._reply(identity, "error", code="invalid", in_reply_to="logs",
                             message="a job of several guests is followed one rank at a time (give rank)")
                 return
-            streams, cursor, more = self.store.output_since([guests[0][1]], msg["after"], FOLLOW_REPLY_BYTES)
-            self._reply(identity, "logs_reply", job=msg["job"], cursor=cursor, more=more, **streams)
+            since = self.store.output_since(guests[0][1], msg["after"], FOLLOW_REPLY_BYTES)
+            self._reply(identity, "logs_reply", job=msg["job"], cursor=since.cursor, more=since.more,
+                        stdout_at=since.at["stdout"], stderr_at=since.at["stderr"], restarted=since.restarted,
+                        **since.streams)
             return
         streams = {"stdout": bytearray(), "stderr": bytearray()}
         for rank, ident in guests:

@@ -201,7 +201,10 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "jobs_reply": ("coordinator", {"jobs": _f(ANY_LIST)}),
     "job_reply": ("coordinator", {"job": _f(ANY_MAP)}),
     "logs_reply": ("coordinator", {"job": _f(INT), "stdout": _f(BYTES), "stderr": _f(BYTES),
-                                   "cursor": _f(CURSOR, False), "more": _f(BOOL, False)}),
+                                   "cursor": _f(CURSOR, False), "more": _f(BOOL, False),
+                                   # following: where the bytes begin in each stream, and whether it was cleared
+                                   "stdout_at": _f(CURSOR, False), "stderr_at": _f(CURSOR, False),
+                                   "restarted": _f(BOOL, False)}),
     "fetch_reply": ("coordinator", {"job": _f(INT), "outputs": _f(OUTPUTS)}),
     "image_missing_reply": ("coordinator", {"chunks": _f(DIGESTS)}),
     "image_list_reply": ("coordinator", {"images": _f(ANY_LIST)}),
