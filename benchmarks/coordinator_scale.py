@@ -5,8 +5,8 @@
 For each N in ``--agents``, a real coordinator runs as a separate process (``coordinator init``, N agent keys
 enrolled in its database, ``coordinator serve`` on a free localhost port). Generator processes (one per
 ``--per-generator`` agents, 2,500 by default: one Python process cannot play 10,000) play the N agents speaking
-the real protocol over real CURVE DEALER sockets with the agent's ZMTP heartbeats (ZeroMQ's own PING every second,
-answered by the coordinator's I/O thread): each says ``hello``, beats every second, answers ``run_job`` with
+the real protocol over real CURVE DEALER sockets with the agent's link options (a connection whose data stays
+unacknowledged for ``--link-timeout-ms`` drops): each says ``hello``, beats every second, answers ``run_job`` with
 ``job_finished`` after a short simulated run and takes ``ack``/``reconnect``. This process holds
 an admin socket (the admin key ``init`` wrote) that submits jobs at ``--jobs-per-second`` meanwhile.
 
@@ -249,16 +249,15 @@ class Stats:
 
 
 def curve_dealer(context: zmq.Context, endpoint: str, server_public: str, public: str, secret: str,
-                 heartbeat_ms: int = 0, link_timeout_ms: int = protocol.LINK_TIMEOUT_MS) -> zmq.Socket:
+                 link_timeout_ms: int = 0) -> zmq.Socket:
     sock = context.socket(zmq.DEALER)  # the same options as conode.cluster.transport.ClientSocket
     sock.curve_serverkey = server_public.encode()
     sock.curve_publickey = public.encode()
     sock.curve_secretkey = secret.encode()
     sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MESSAGE)
     sock.setsockopt(zmq.IMMEDIATE, 1)
-    if heartbeat_ms:  # an agent's link (conode/agent/link.py)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, link_timeout_ms)
+    if link_timeout_ms:  # an agent's link (conode/agent/link.py)
+        sock.setsockopt(zmq.TCP_MAXRT, link_timeout_ms)
     sock.linger = 0
     sock.connect(endpoint)
     return sock
@@ -311,7 +310,7 @@ class Generator:
     def connect_all(self) -> None:
         for agent in self.agents:
             agent.sock = curve_dealer(self.context, self.endpoint, self.server_public, agent.public, agent.secret,
-                                      protocol.LINK_HEARTBEAT_MS, self.link_timeout_ms)
+                                      self.link_timeout_ms)
             fd = agent.sock.getsockopt(zmq.FD)
             self.by_fd[fd] = agent
             self.epoll.register(fd, select.EPOLLIN)
@@ -988,9 +987,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of agents reporting the owner present (state Owner, never given jobs; "
                         "default 0)")
     p.add_argument("--link-timeout-ms", type=int, default=protocol.LINK_TIMEOUT_MS, metavar="MS",
-                   help=f"how long a simulated agent's link waits for the answer to a ZMTP ping before it drops "
-                        f"(default {protocol.LINK_TIMEOUT_MS}, the agent's; a coordinator starved of CPU while "
-                        f"thousands join answers later, and the drops then feed on themselves)")
+                   help=f"how long a simulated agent's link waits for its data to be acknowledged before it drops "
+                        f"(default {protocol.LINK_TIMEOUT_MS}, the agent's)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds after the last join before measuring")
     p.add_argument("--quick", action="store_true", help="small and short: for development")
     p.add_argument("--profile", action="store_true",

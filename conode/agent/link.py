@@ -1,9 +1,9 @@
 """The agent's link to the coordinator: Paranoid Pirate liveness, a bounded buffer, and the outbox.
 
 The agent says hello and beats every interval. The coordinator sends nothing back on a timer: once welcomed, the
-agent knows it alive from ZeroMQ's own heartbeats (ZMTP pings every LINK_HEARTBEAT_MS, answered by the
-coordinator's I/O thread), which drop a connection that goes silent (protocol.LINK_TIMEOUT_MS); a coordinator
-that dies closes it at once. When the connection drops, or a hello has no answer for HEARTBEAT_LIVENESS beats,
+agent knows it alive from its TCP connection, which a coordinator that dies resets at once and which drops when a
+heartbeat stays unacknowledged for protocol.LINK_TIMEOUT_MS (the coordinator's host gone or cut off). A
+coordinator process that hangs with its host up is not noticed: a new connection would not help it. When the connection drops, or a hello has no answer for HEARTBEAT_LIVENESS beats,
 the agent rebuilds its socket and says hello again, backing off up to a cap. Its guests and their jobs keep running
 meanwhile: live messages (output) are buffered up to a bound, and results wait in the outbox until acknowledged,
 sent again on every new connection. The agent never builds a message the protocol refuses: a result that would
@@ -65,8 +65,8 @@ class ZmqTransport:
     """The CURVE DEALER of cluster/transport.py, as the link uses it."""
 
     def __init__(self, context: zmq.Context, endpoint: str, server_key: str, keys: KeyPair) -> None:
-        self._client = ClientSocket(context, endpoint, server_key, keys, heartbeat_ms=protocol.LINK_HEARTBEAT_MS,
-                                    heartbeat_timeout_ms=protocol.LINK_TIMEOUT_MS, log_problems=True)
+        self._client = ClientSocket(context, endpoint, server_key, keys, tcp_timeout_ms=protocol.LINK_TIMEOUT_MS,
+                                    log_problems=True)
 
     @property
     def pollable(self) -> zmq.Socket | None:
@@ -179,9 +179,9 @@ class CoordinatorLink:
         if self.welcomed:
             # Until welcomed only an answer counts (a hello may have gone to a coordinator that then died).
             if self.transport.up:
-                self.liveness.heard()  # ZeroMQ's heartbeats keep the connection: the coordinator answers them
+                self.liveness.heard()  # the connection holds: the coordinator's end acknowledges our heartbeats
             elif self._linked:
-                self.liveness.silent()  # dropped: silent for ZeroMQ's whole timeout, or closed by its end
+                self.liveness.silent()  # dropped: our heartbeats went unacknowledged, or its end closed it
             self._linked = self.transport.up
         if self.liveness.expired():
             delay = self.liveness.next_backoff()

@@ -26,7 +26,7 @@ from conode.limits import (IMAGE_CHUNK_BYTES, MAX_ARGV, MAX_ARGV_BYTES, MAX_ARRA
                            MAX_SNAPSHOT_BYTES, MAX_TEXT_FIELD,
                            MIN_GUEST_MEM_MIB)
 
-PROTOCOL_VERSION = 2  # 2: no coordinator ping; the agents' ZMTP heartbeats keep the link
+PROTOCOL_VERSION = 2  # 2: no coordinator ping; an agent's link is watched by its TCP connection
 # MAX_FRAME_BYTES, MAX_SMALL_FIELD, MAX_ARGV and MAX_FILES come from conode.limits and stay importable from here.
 MAX_LIST_ENTRIES = 100_000  # job ids in a list, rows of a status reply
 MAX_NODE_CORES = 1024  # a sanity bound on the guests one node offers
@@ -36,11 +36,11 @@ JOB_CWD_BYTES = 32
 
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3  # beats missed before the peer is declared lost
-# The agent's link is kept by ZeroMQ's own heartbeats (ZMTP PING/PONG, answered by the coordinator's I/O thread,
-# never by its Python loop): a PING unanswered for LINK_TIMEOUT_MS drops the link, which the agent sees. A
-# coordinator gone silent is so noticed within HEARTBEAT_LIVENESS intervals, as with the pings this replaces.
-LINK_HEARTBEAT_MS = int(HEARTBEAT_INTERVAL_S * 1000)
-LINK_TIMEOUT_MS = (HEARTBEAT_LIVENESS - 1) * LINK_HEARTBEAT_MS
+# The agent's link is watched by its TCP connection, at no cost to the coordinator's threads: a coordinator that
+# dies resets it, and one whose host goes silent leaves the agent's heartbeat unacknowledged, which drops the link
+# after LINK_TIMEOUT_MS (TCP_USER_TIMEOUT). With a beat every interval a silent coordinator is so noticed within
+# HEARTBEAT_LIVENESS intervals, as with the pings this replaces.
+LINK_TIMEOUT_MS = int((HEARTBEAT_LIVENESS - 1) * HEARTBEAT_INTERVAL_S * 1000)
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 8.0
 

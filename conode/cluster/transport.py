@@ -151,15 +151,16 @@ class ClientSocket:
 
     def __init__(self, context: zmq.Context, endpoint: str, server_public: str, keys: KeyPair,
                  max_message: int = SOCKET_MAX_MESSAGE, send_hwm: int = 1000, heartbeat_ms: int = 0,
-                 heartbeat_timeout_ms: int = 0, log_problems: bool = False) -> None:
-        """*heartbeat_ms* (0: none): ZMTP pings at this interval, and a connection silent for
-        *heartbeat_timeout_ms* after one (default: three intervals) is dropped, so a path that goes quiet shows as
-        down (``up``) instead of holding frames forever.
+                 tcp_timeout_ms: int = 0, log_problems: bool = False) -> None:
+        """*heartbeat_ms* (0: none): ZMTP pings at this interval, and a connection silent for three of them is
+        dropped, so a path that goes quiet shows as down (``up``) instead of holding frames forever.
+        *tcp_timeout_ms* (0: the system's): a connection whose sent data stays unacknowledged this long is dropped
+        (TCP_USER_TIMEOUT): the same for a path that goes quiet while we send, at no cost to the peer.
         *log_problems*: log :attr:`problem` when it appears (a daemon's log; a CLI reports it as its error)."""
         self._context = context
         self._log_problems = log_problems
         self._max_message, self._send_hwm, self._heartbeat_ms = max_message, send_hwm, heartbeat_ms
-        self._heartbeat_timeout_ms = heartbeat_timeout_ms or 3 * heartbeat_ms
+        self._tcp_timeout_ms = tcp_timeout_ms
         self.endpoint = endpoint
         self._server_public = server_public
         self._keys = keys
@@ -179,7 +180,9 @@ class ClientSocket:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a connection that is not up
         if self._heartbeat_ms:
             sock.setsockopt(zmq.HEARTBEAT_IVL, self._heartbeat_ms)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self._heartbeat_timeout_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * self._heartbeat_ms)
+        if self._tcp_timeout_ms:
+            sock.setsockopt(zmq.TCP_MAXRT, self._tcp_timeout_ms)
         sock.linger = 0
         self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
                                                 | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
