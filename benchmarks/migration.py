@@ -45,9 +45,15 @@ HOSTS = ("a1", "a2")
 JOBS = {"cpu": (["cpu", "60"], 2.5), "dirty": (["rate", "20", "60", "64"], 3.5)}
 DOWNTIME_CPU = Target.at_most("≤ 0.1 s median", 0.1)
 TOTAL_CPU = Target.at_most("≤ 2 s", 2.0)
+STOP_AND_COPY = (("pages in the last copy", "final_pages", "", 1.0),
+                 ("last pages sent", "sent_s", "ms", 1000.0), ("the destination ready", "ready_s", "ms", 1000.0),
+                 ("hand-over done", "handed_s", "ms", 1000.0), ("GO sent", "paused_s", "ms", 1000.0))
 DOWNTIME_DIRTY = Target.at_most("≤ 0.3 s p95", 0.3)
 MOVED = re.compile(r"job (\d+) moved from (\S+): (\d+|unknown)(?: ms)? downtime, ([\d.]+) s, (\d+) bytes in (\d+) "
                    r"rounds")
+# The source agent's own line on the move: the stop-and-copy phase, from the guest's last instruction there.
+PHASES = re.compile(r"job (\d+) moved out: downtime \S+(?: ms)?, paused (\d+) ms \(last (\d+) pages sent at (\d+) ms, "
+                    r"the destination ready at (\d+), handed over at (\d+)\)")
 MOVE_TIMEOUT_S = 120
 
 
@@ -93,7 +99,7 @@ class HostPool:
             out = pool.cli("migrate", str(job), "--to", target).stdout.decode()
             if f"moving to {target}" not in out:
                 raise common.BenchmarkError(f"coordinator migrate {job} --to {target}: {out.strip()}")
-            figures = pool.wait_until(f"job {job}'s move to be reported", lambda: self._reported(job),
+            figures = pool.wait_until(f"job {job}'s move to be reported", lambda: self._reported(job, row["node"]),
                                       timeout=MOVE_TIMEOUT_S, interval=0.2)
             moved = pool.wait_until(f"job {job} running on {target}", lambda: (j := pool.jobs()[job]).get(
                 "moves") == 1 and "moving_to" not in j and j, timeout=MOVE_TIMEOUT_S, interval=0.2)
@@ -105,14 +111,21 @@ class HostPool:
             pool.wait_until(f"job {job} to end", lambda: pool.jobs()[job]["state"] not in ("running", "queued"),
                             timeout=MOVE_TIMEOUT_S, interval=0.2)
 
-    def _reported(self, job: int) -> dict | None:
+    def _reported(self, job: int, source: str) -> dict | None:
+        """The move's figures as the coordinator logged them, with the stop-and-copy phase from the source's log."""
+        figures = None
         for found in MOVED.finditer(self.pool.log("coordinator")):
             if int(found.group(1)) == job:
                 downtime = found.group(3)
-                return {"downtime_s": None if downtime == "unknown" else int(downtime) / 1000,
-                        "total_s": float(found.group(4)), "bytes_sent": float(found.group(5)),
-                        "rounds": float(found.group(6))}
-        return None
+                figures = {"downtime_s": None if downtime == "unknown" else int(downtime) / 1000,
+                           "total_s": float(found.group(4)), "bytes_sent": float(found.group(5)),
+                           "rounds": float(found.group(6))}
+        phases = [found for found in PHASES.finditer(self.pool.log(source)) if int(found.group(1)) == job]
+        if figures is None or not phases:
+            return None
+        paused, pages, sent, ready, handed = (int(value) for value in phases[-1].groups()[1:])
+        return {**figures, "paused_s": paused / 1000, "final_pages": pages, "sent_s": sent / 1000,
+                "ready_s": ready / 1000, "handed_s": handed / 1000}
 
     def close(self) -> None:
         self.pool.close()
@@ -285,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             Row(f"{title}: total time, median", "s", *cells(job, "total_s", "median"), "n/a", total_target),
             Row(f"{title}: bytes sent, median", "MiB", *cells(job, "bytes_sent", "median", 2 ** -20), "n/a", ""),
             Row(f"{title}: rounds (qemu: dirty syncs), median", "", *cells(job, "rounds", "median"), "n/a", ""),
+            *(Row(f"{title}: stop and copy, {what}, median", unit, cells(job, key, "median", scale)[0], None, None,
+                  "") for what, key, unit, scale in STOP_AND_COPY),
         ]
     verdicts = [f"{row.metric}: {'met' if all(ok.values()) else 'MISSED'}" for row in rows
                 if isinstance(row.target, Target) and (ok := row.target.met(row))]
@@ -295,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         "destination runs; conode's at the guest's first instruction on the destination)",
         "conode's downtime includes the checksum of the pages the last round sent; all RAM is checked after the "
         "hand-over (the default policy)",
+        "stop and copy (conode only, from the guest's last instruction on the source, as the source agent logs it): "
+        "the last pages, device state and digest sent; the destination's READY (guest built and checked); the "
+        "hand-over done (the coordinator recorded it: move_ready, its store, move_go); GO sent; the downtime ends "
+        "when the guest's first instruction on the destination follows",
         f"host load average (1 min) {loads[0]:.2f} at the start, {loads[1]:.2f} at the end",
         *(["targets: " + "; ".join(verdicts)] if verdicts else []),
     ]

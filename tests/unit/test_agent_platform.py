@@ -96,3 +96,29 @@ def test_directories_on_windows(monkeypatch):
 
     assert windows(cache_dir()) == "C:/Users/ann/AppData/Local/conode/Cache"
     assert windows(config_dir()) == "C:/Users/ann/AppData/Local/conode"
+
+
+URGENT_CHILD = """
+import os, threading
+from conode.agent.platform import urgent
+os.setpriority(os.PRIO_PROCESS, 0, 19)
+seen = []
+with urgent() as raised:
+    seen.append(os.getpriority(os.PRIO_PROCESS, 0))
+    t = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))
+    t.start(); t.join()
+seen.append(os.getpriority(os.PRIO_PROCESS, 0))
+print(raised, *seen)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are Linux's")
+def test_urgent_raises_this_threads_priority_for_the_block_then_lowers_it_again():
+    """Where raising is allowed (root), the block and the threads it starts run at niceness 0, and the thread is
+    back at 19 after; where it is not, the block runs at 19 and says so."""
+    out = subprocess.run([sys.executable, "-c", URGENT_CHILD], capture_output=True, text=True, check=True,
+                         timeout=60).stdout.split()
+    if out[0] == "True":
+        assert out[1:] == ["0", "0", "19"]
+    else:
+        assert out[1:] == ["19", "19", "19"]
