@@ -561,16 +561,24 @@ def _stamp(wall: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) if wall else "-"
 
 
-def _hold_command(kind: str, doc: str) -> None:
+array_option = click.option("--array", "whole_array", is_flag=True,
+                            help="Every job of the array JOB belongs to (JOB may be any of its tasks).")
+
+
+def _job_command(kind: str, doc: str) -> None:
+    """A command that changes one job, or with --array every job of its array: cancel, hold, release."""
+
     @main.command(kind, help=doc)
     @with_client
     @click.argument("job", type=int)
-    def command(config_path: Path | None, endpoint: str | None, job: int) -> None:
-        _request_and_say(config_path, endpoint, kind, job=job)
+    @array_option
+    def command(config_path: Path | None, endpoint: str | None, job: int, whole_array: bool) -> None:
+        _request_and_say(config_path, endpoint, kind, job=job, **({"array": True} if whole_array else {}))
 
 
-_hold_command("hold", "Keep queued JOB from being placed until released.")
-_hold_command("release", "Let held JOB be placed again.")
+_job_command("cancel", "Cancel queued or running JOB.")
+_job_command("hold", "Keep queued JOB from being placed until released.")
+_job_command("release", "Let held JOB be placed again.")
 
 
 @main.command()
@@ -794,15 +802,6 @@ def image_rm(config_path: Path | None, endpoint: str | None, name: str) -> None:
     """Remove image NAME (refused while a job not yet ended uses it); its chunks no other image uses go too."""
 
     _request_and_say(config_path, endpoint, "image_rm", name=name)
-
-
-@main.command()
-@with_client
-@click.argument("job", type=int)
-def cancel(config_path: Path | None, endpoint: str | None, job: int) -> None:
-    """Cancel a queued or running job."""
-
-    _request_and_say(config_path, endpoint, "cancel", job=job)
 
 
 @main.command()

@@ -114,6 +114,11 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+def _count(items: list[Any], noun: str) -> str:
+    """"1 job", "3 jobs"."""
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
 def wall_clock_from(clock: Callable[[], float]) -> Callable[[], float]:
     """Wall-clock time that advances with *clock* (monotonic, or a test's fake): what records are stamped with."""
     offset = time.time() - clock()
@@ -598,6 +603,18 @@ class Coordinator(Moving):
             return None
         return job
 
+    def _managed_jobs(self, identity: bytes, msg: dict[str, Any], kind: str) -> list[Job] | None:
+        """The job a job-changing request names or, with ``array``, every job of the array it belongs to (one
+        submission, so one owner); None if the requester may not change it, the error already answered."""
+        job = self._managed_job(identity, msg["job"], kind)
+        if job is None or not msg.get("array"):
+            return None if job is None else [job]
+        if job.array_id is None:
+            self._reply(identity, "error", code="invalid", in_reply_to=kind,
+                        message=f"job {job.id} is not part of an array; {kind} it without --array")
+            return None
+        return self.store.array_jobs(job.array_id)
+
     def _on_job(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         job = self._job_or_error(identity, msg["job"], "job")
         if job is not None:
@@ -660,14 +677,20 @@ class Coordinator(Moving):
         self._reply(identity, "fetch_reply", job=msg["job"], outputs=outputs)
 
     def _on_cancel(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        job = self._managed_job(identity, msg["job"], "cancel")
-        if job is None:
+        jobs = self._managed_jobs(identity, msg, "cancel")
+        if jobs is None:
             return
-        if job.state in TERMINAL_STATES:
-            self._reply(identity, "ok", detail=f"job {job.id} is already {job.state}")
-            return
-        self._end(job, "cancelled", f"cancelled by {name}")
-        self._reply(identity, "ok", detail=f"job {job.id} cancelled")
+        ending = [job for job in jobs if job.state not in TERMINAL_STATES]
+        for job in ending:
+            self._end(job, "cancelled", f"cancelled by {name}")
+        if msg.get("array"):
+            ended = len(jobs) - len(ending)
+            self._reply(identity, "ok", detail=f"array {jobs[0].array_id}: {_count(ending, 'job')} cancelled"
+                                               + (f" ({ended} had already ended)" if ended else ""))
+        elif ending:
+            self._reply(identity, "ok", detail=f"job {jobs[0].id} cancelled")
+        else:
+            self._reply(identity, "ok", detail=f"job {jobs[0].id} is already {jobs[0].state}")
         self.schedule()
 
     def _end(self, job: Job, state: str, reason: str) -> None:
@@ -682,25 +705,35 @@ class Coordinator(Moving):
             self.server.send(node.identity, protocol.encode("cancel_job", job=job.id))
 
     def _on_hold(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        self._hold(identity, msg["job"], True)
+        self._hold(identity, msg, True)
 
     def _on_release(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        self._hold(identity, msg["job"], False)
+        self._hold(identity, msg, False)
 
-    def _hold(self, identity: bytes, job_id: int, held: bool) -> None:
+    def _hold(self, identity: bytes, msg: dict[str, Any], held: bool) -> None:
         kind = "hold" if held else "release"
-        job = self._managed_job(identity, job_id, kind)
-        if job is None:
+        jobs = self._managed_jobs(identity, msg, kind)
+        if jobs is None:
             return
-        if job.gang is not None or not self.store.set_held(job.id, held):
+        changed = [job for job in jobs if job.gang is None and self.store.set_held(job.id, held)]
+        if not changed:
             rule = "only a queued job can be held" if held else "only a held job can be released"
-            self._reply(identity, "error", code="invalid", in_reply_to=kind, message=f"job {job.id} is {job.state}; {rule}")
+            what = (f"no job of array {jobs[0].array_id} is {'queued' if held else 'held'}" if msg.get("array")
+                    else f"job {jobs[0].id} is {jobs[0].state}")
+            self._reply(identity, "error", code="invalid", in_reply_to=kind, message=f"{what}; {rule}")
             return
-        if held:
-            self.queue.remove(job.id)
+        for job in changed:
+            if held:
+                self.queue.remove(job.id)
+            else:
+                self._enqueue(job)
+        done = "held" if held else "released"
+        if msg.get("array"):
+            others = len(jobs) - len(changed)
+            self._reply(identity, "ok", detail=f"array {jobs[0].array_id}: {_count(changed, 'job')} {done}" + (
+                f" ({others} {'were' if others > 1 else 'was'} not {'queued' if held else 'held'})" if others else ""))
         else:
-            self._enqueue(job)
-        self._reply(identity, "ok", detail=f"job {job.id} {'held' if held else 'released'}")
+            self._reply(identity, "ok", detail=f"job {jobs[0].id} {done}")
         if not held:
             self.schedule()
 

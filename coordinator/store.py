@@ -354,6 +354,12 @@ class Store:
             raise
         return ranks
 
+    def array_jobs(self, array: int) -> list[Job]:
+        """The jobs (not ranks) of the array whose first job is *array*, by id."""
+        rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE array_id=? AND gang IS NULL ORDER BY id",
+                               (array,))
+        return [_job(row) for row in rows]
+
     def ranks(self, gang: int) -> list[Job]:
         """The ranks of the gang's latest attempt, by rank."""
         rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE gang=? AND attempts=(SELECT attempts FROM "

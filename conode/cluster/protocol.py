@@ -175,9 +175,10 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "job": ("client", {"job": _f(INT)}),
     "logs": ("client", {"job": _f(INT), "rank": _f(RANK, False), "after": _f(CURSOR, False)}),
     "fetch": ("client", {"job": _f(INT), "rank": _f(RANK, False)}),
-    "cancel": ("client", {"job": _f(INT)}),  # cancel, hold, release: a user's own jobs only
-    "hold": ("client", {"job": _f(INT)}),
-    "release": ("client", {"job": _f(INT)}),
+    # cancel, hold, release: a user's own jobs only; with array, every job of the array the job belongs to
+    "cancel": ("client", {"job": _f(INT), "array": _f(BOOL, False)}),
+    "hold": ("client", {"job": _f(INT), "array": _f(BOOL, False)}),
+    "release": ("client", {"job": _f(INT), "array": _f(BOOL, False)}),
     "image_list": ("client", {}),
     # admin -> coordinator
     "drain": ("admin", {"node": _f(STR), "undrain": _f(BOOL, False), "migrate": _f(BOOL, False)}),
