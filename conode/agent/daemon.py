@@ -195,7 +195,7 @@ class AgentDaemon:
         self.guests.pump()
         self.conet.pump()
         self.guests.supervise(guest_may_run(self.owner.policy.state))
-        self.owner.load.set_own_pids({self._process.pid} | self.guests.pids())
+        self.owner.load.set_own_pids({self._process.pid} | self.guests.pids() | self.conet.pids())
         self._follow_owner()
         try:
             self.link.keep()
