@@ -369,7 +369,7 @@ class GuestWorker:
         except PortError as exc:
             self._log(str(exc))
             return
-        self._port.attach(guest.machine.nic, guest.machine.call_soon)
+        self._port.attach(guest.machine.nic, guest.machine.call_soon, guest.machine.watch)
 
     def _announce(self, guest: Guest) -> None:
         """Tell the switches where the guest's MAC is now (it may have been behind another agent's)."""
