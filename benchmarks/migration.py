@@ -306,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         f"{reps} moves per job and place, {MEM_MIB} MiB guests; conode: agents on two test hosts (network "
         "namespaces), the move by `coordinator migrate`, the figures the source agent reported; qemu: TCP on "
-        "loopback, qemu at niceness 0 (conode's workers at 19, but for the stop-and-copy), info migrate's figures (its downtime ends when the source has sent the last state, before the "
-        "destination runs; conode's at the guest's first instruction on the destination)",
+        "loopback, qemu at niceness 0 (conode's workers at 19, but for the stop-and-copy), info migrate's figures "
+        "(its downtime ends when the source has sent the last state, before the destination runs; conode's at the "
+        "guest's first instruction on the destination)",
         "conode's downtime includes the checksum of the pages the last round sent; all RAM is checked after the "
         "hand-over (the default policy)",
         "stop and copy (conode only, from the guest's last instruction on the source, as the source agent logs it): "
