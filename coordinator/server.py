@@ -80,6 +80,8 @@ class Node:
     idle_s: float = 0.0
     away_since: float = 0.0  # when its owner left, on the coordinator's clock
     cpu_percent: float = 0.0
+    owner_load: float | None = None  # the owner's own CPU use, in cores (None: the agent cannot tell)
+    loaded_since: float | None = None  # since when that has been above the owner-load policy's threshold
     running: set[int] = field(default_factory=set)
     incoming: set[int] = field(default_factory=set)  # jobs moving here, not yet handed over (a slot each)
     connected_at: float = 0.0  # wall-clock time of its hello
@@ -163,6 +165,7 @@ class Coordinator(Moving):
         self.drained = self.store.drained()
         self.migrate_on_owner = state.migrate_on_owner()
         self.migrate_speedup = state.migrate_speedup()
+        self.owner_load_policy = state.owner_load_policy()
         self._load_moves()
         self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
         self._capacity: list[tuple[int, int]] | None = None  # (cores, memory) of the nodes up or down, when asked
@@ -337,6 +340,7 @@ class Coordinator(Moving):
         node.idle_s = msg["idle_s"]
         node.away_since = self._clock() - node.idle_s
         node.cpu_percent = float(msg.get("cpu_percent", 0.0))
+        self._owner_load_heard(node, msg.get("owner_load"))
         node.speed = float(msg.get("speed", node.speed))
         if was_accepting != (node.state in ACCEPTING_STATES):
             self._refresh(node)
@@ -428,7 +432,7 @@ class Coordinator(Moving):
         nodes = [{
             "name": n.name, "state": n.state, "cores": n.cores, "mem_mib": n.mem_mib, "speed": n.speed,
             "jobs": sorted(n.running), "idle_s": n.idle_s, "drained": n.name in self.drained,
-            "cpu_percent": n.cpu_percent, "software": n.software,
+            "cpu_percent": n.cpu_percent, "owner_load": n.owner_load, "software": n.software,
             "moving_in": sorted(n.incoming), "moving_out": sorted(m.job for m in self.moves.involving(n.name)
                                                                if m.source == n.name),
         } for n in sorted(self.nodes.values(), key=lambda n: n.name)]
@@ -1095,6 +1099,7 @@ class Coordinator(Moving):
         self._expire_moves()
         self._move_from_owners()
         self._move_to_faster()
+        self._move_from_owner_load()
         for job in self.store.overdue(self._wall()):
             reason = f"time limit {job.timeout_s:g} s reached"
             self._end(job, "failed", reason)

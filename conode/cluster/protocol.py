@@ -118,7 +118,8 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
                         "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
                         "software": _f(STR), "conet": _f(STR, False), "image_cache_mib": _f(CACHE_MIB, False)}),
     "heartbeat": ("agent", {"node": _f(STR), "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
-                            "speed": _f(MEASURE, False), "cpu_percent": _f(MEASURE, False)}),
+                            "speed": _f(MEASURE, False), "cpu_percent": _f(MEASURE, False),
+                            "owner_load": _f(MEASURE, False)}),  # the owner's own CPU use in cores, if measured
     "job_output": ("agent", {"job": _f(INT), "stream": _f(STR), "data": _f(BYTES)}),
     "job_finished": ("agent", {"job": _f(INT), "status": _f(INT), "outputs": _f(OUTPUTS), "missing": _f(MISSING),
                                "runtime_s": _f(MEASURE)}),
