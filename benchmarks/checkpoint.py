@@ -4,8 +4,10 @@ A real guest worker (``python -m conode.agent.worker``, on each engine) runs a 1
 every second, exactly as under an agent; each checkpoint message reports the guest's stall (from its last
 instruction before the final copy to the end of that copy), the piece's size and how long the piece took.
 Two jobs, the migration benchmark's static i386 program (tests/vm/migration/dirtier.c) given as the job's input:
-(a) CPU-bound arithmetic, (b) writing 20 MiB/s of distinct pages of a 64 MiB buffer. Then the chain up to the
-middle piece is restored in a second worker, which must go on with the job and finish it: the pieces are real.
+(a) CPU-bound arithmetic, (b) writing 20 MiB/s of distinct pages of a 64 MiB buffer; and (c) a job on a pool
+image (a small ext2 root, conode/testing/root_image.py) appending a line to a file on its disk every second:
+each piece carries only the disk clusters written since the piece before. Then the chain up to the middle piece
+is restored in a second worker, which must go on with the job and finish it: the pieces are real.
 The stock engine finds changed pages by comparing all RAM with a copy, in the stall too; the fast engine logs them.
 
 Target (issue 13): a checkpoint of a running 128 MiB guest stalls it ≤ 50 ms.
@@ -28,6 +30,7 @@ from common import Row, Target
 from migration import build_program
 
 from conode.agent.pipe import Unpacker, pack
+from conode.testing.root_image import root_image
 
 MEM_MIB = 128
 STALL = Target.at_most("≤ 50 ms", 50.0)
@@ -71,12 +74,17 @@ class Worker:
         self.proc.wait()
 
 
+def disk_of(image: Path | None, overlay: Path) -> dict[str, Any]:
+    """A run or restore message's disk: the job's guest boots from *image* (None: no disk)."""
+    return {"disk": {"base": str(image), "overlay": str(overlay), "budget_mib": 64}} if image else {}
+
+
 def run_case(name: str, command: str, program: bytes, directory: Path, boot: Path, interval_s: float,
-             mem_mib: int, engine: str) -> dict:
+             mem_mib: int, engine: str, image: Path | None = None) -> dict:
     worker = Worker(boot, mem_mib, engine)
     worker.wait_for("ready")
     worker.send({"type": "run", "job": 1, "argv": ["sh", "-c", command], "inputs": {"dirtier": program},
-                 "outputs": [],
+                 "outputs": [], **disk_of(image, directory / "overlay"),
                  "checkpoint": {"dir": str(directory), "interval_s": interval_s, "seq": 0}})
     pieces: list[dict[str, Any]] = []
     output = b""
@@ -105,15 +113,18 @@ def run_case(name: str, command: str, program: bytes, directory: Path, boot: Pat
             "full_piece_mib": round(pieces[0]["size"] / (1 << 20), 2),
             "full_piece_s": round(pieces[0]["took_s"], 2),
             "delta_piece_mib_median": round(statistics.median(p["size"] for p in deltas) / (1 << 20), 2),
+            "full_piece_kib": round(pieces[0]["size"] / 1024),
+            "delta_piece_kib_median": round(statistics.median(p["size"] for p in deltas) / 1024),
             "delta_pages_median": statistics.median(p["pages"] for p in deltas),
             "final_pages_median": statistics.median(p["final_pages"] for p in pieces),
             "delta_piece_s_median": round(statistics.median(p["took_s"] for p in deltas), 2),
         })
-    result["restored"] = restore_check(pieces, boot, mem_mib, engine) if pieces else None
+    result["restored"] = restore_check(pieces, boot, mem_mib, engine, image, directory) if pieces else None
     return result
 
 
-def restore_check(pieces: list[dict[str, Any]], boot: Path, mem_mib: int, engine: str) -> str:
+def restore_check(pieces: list[dict[str, Any]], boot: Path, mem_mib: int, engine: str, image: Path | None,
+                  directory: Path) -> str:
     """Go on from the chain up to the middle piece in a new worker: the job must finish there."""
     chain: list[str] = []
     for piece in pieces[:max(1, len(pieces) // 2)]:
@@ -122,7 +133,7 @@ def restore_check(pieces: list[dict[str, Any]], boot: Path, mem_mib: int, engine
         chain.append(piece["path"])
     worker = Worker(boot, mem_mib, engine)
     worker.wait_for("ready")
-    worker.send({"type": "restore", "job": 1, "pieces": chain})
+    worker.send({"type": "restore", "job": 1, "pieces": chain, **disk_of(image, directory / "restored-overlay")})
     while True:
         message = worker.next()
         if message["type"] in ("finished", "failed"):
@@ -138,18 +149,21 @@ def main() -> int:
     interval = 1.0
     seconds = 6 if args.quick else 12
     jobs = {"cpu": f"chmod +x dirtier && ./dirtier cpu {seconds}",
-            "dirty": f"chmod +x dirtier && ./dirtier rate 20 {seconds} 64"}
+            "dirty": f"chmod +x dirtier && ./dirtier rate 20 {seconds} 64",
+            "disk": f"i=0; while [ $i -lt {seconds} ]; do echo line $i >> /data.txt; sync; sleep 1; i=$((i+1)); done"}
     engines = common.conode_engines()
     cases: dict[str, dict[str, dict]] = {job: {} for job in jobs}
     with tempfile.TemporaryDirectory(prefix="conode-checkpoint-") as tmp:
         root = Path(tmp)
         program = build_program(root).read_bytes()
+        image = root_image(root, {})
         for engine in engines:
             boot = root / f"boot-{engine}.snap"
             for job, command in jobs.items():
                 directory = root / f"{engine}-{job}"
                 directory.mkdir()
-                case = run_case(job, command, program, directory, boot, interval, MEM_MIB, engine)
+                case = run_case(job, command, program, directory, boot, interval, MEM_MIB, engine,
+                                image if job == "disk" else None)
                 cases[job][engine] = case
                 common.progress(f"conode {engine}, {job}: {json.dumps(case)}")
 
@@ -173,6 +187,13 @@ def main() -> int:
             Row(f"{title}: delta piece, time to take, median", "s", cell(job, "delta_piece_s_median"), "n/a", "n/a"),
             Row(f"{title}: checkpoints taken", "", cell(job, "checkpoints"), "n/a", "n/a"),
         ]
+    title = "(c) a line to its disk each second"
+    rows += [
+        Row(f"{title}: stall per checkpoint, median", "ms", cell("disk", "stall_ms_median"), "n/a", "n/a", STALL),
+        Row(f"{title}: first (full) piece", "KiB", cell("disk", "full_piece_kib"), "n/a", "n/a"),
+        Row(f"{title}: delta piece, median", "KiB", cell("disk", "delta_piece_kib_median"), "n/a", "n/a"),
+        Row(f"{title}: checkpoints taken", "", cell("disk", "checkpoints"), "n/a", "n/a"),
+    ]
     notes = [(f"a {MEM_MIB} MiB guest checkpointed every {interval:g} s while its job runs {seconds} s; the stall is "
               "the guest's last instruction before the final copy to the end of that copy"),
              "every run's chain was restored in a new worker and its job finished there: "

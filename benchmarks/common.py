@@ -385,12 +385,13 @@ class QemuGuest:
     """qemu-system-i386 on the same kernel and initramfs, driven through the serial shell."""
 
     def __init__(self, qemu: str, mem_mib: int = DEFAULT_MEM_MIB, initrd: Path | None = None,
-                 cpu: str = QEMU_CPU, extra_args: Sequence[str] = (), append: str = "") -> None:
-        """*extra_args* go to qemu (devices), *append* to the kernel's command line."""
+                 cpu: str = QEMU_CPU, extra_args: Sequence[str] = (), append: str = "", niceness: int = 0) -> None:
+        """*extra_args* go to qemu (devices), *append* to the kernel's command line; *niceness* is qemu's (all
+        its threads)."""
         kernel, packaged_initrd = image_paths()
         initrd = initrd or packaged_initrd
         self.argv = [
-            qemu, "-machine", "pc", "-accel", "tcg", "-cpu", cpu, "-m", str(mem_mib),
+            *(["nice", "-n", str(niceness)] if niceness else []), qemu, "-machine", "pc", "-accel", "tcg", "-cpu", cpu, "-m", str(mem_mib),
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{qemu_append()} {append}".strip(),
             *extra_args,

@@ -307,10 +307,10 @@ class CheckpointStore:
         try:
             pieces = [read_piece(self.piece_path(job, l.seq)) for l in chain[1:]]
             check_chain([read_piece(self.piece_path(job, chain[0].seq))] + pieces)
-            ram, last = merge(pieces)
+            ram, disk, last = merge(pieces)
             path = self._dir(job) / f"{last.seq}.merged"
             snapshot = GuestSnapshot.from_data(last.state, "the newest checkpoint piece")
-            size = write_piece(path, job, last.seq, chain[0].seq, last.outputs, ram, snapshot)
+            size = write_piece(path, job, last.seq, chain[0].seq, last.outputs, ram, snapshot, disk)
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
         except (ConodeError, OSError) as exc:
             log.warning("job %d: its checkpoint chain could not be merged (%s); it stays as it is", job, exc)

@@ -248,13 +248,14 @@ def _render_status(reply: dict[str, Any]) -> None:
     for n in reply["nodes"]:
         state = n["state"] + (" (drained)" if n["drained"] else "")
         jobs = ",".join(str(j) for j in n["jobs"]) or "-"
+        load = n.get("owner_load")
         rows.append([n["name"], state, n["cores"], render.mib(n["mem_mib"]), render.speed(n["speed"]), jobs,
-                     render.duration(n["idle_s"])])
+                     render.duration(n["idle_s"]), "-" if load is None else f"{load:.2f}"])
     now = time.time()
     for n in reply.get("down", []):
         rows.append([n["name"], f"down since {render.since(n['since'], now)}: {n['why']}", n["cores"],
-                     render.mib(n["mem_mib"]), "-", "-", "-"])
-    _table(["NODE", "STATE", "CORES", "MEMORY", "SPEED", "JOBS", "IDLE"], rows)
+                     render.mib(n["mem_mib"]), "-", "-", "-", "-"])
+    _table(["NODE", "STATE", "CORES", "MEMORY", "SPEED", "JOBS", "IDLE", "OWNER LOAD"], rows)
     t = reply["totals"]
     jobs = t["jobs"]
     down = f" ({len(reply['down'])} down: `coordinator forget NODE` once gone for good)" if reply.get("down") else ""
@@ -401,8 +402,10 @@ def run(config_path: Path | None, endpoint: str | None, command: tuple[str, ...]
 
 def _follow(client: Any, job: int, rank: int | None) -> dict[str, Any]:
     """Write the job's stdout and stderr (of one rank, or of every rank under headers) as they are stored, until
-    the job ends; return its final state."""
+    the job ends; return its final state. Each byte is written once: a job going on from a checkpoint has its
+    stored output cut back to it and writes the rest again, which is skipped up to what was written already."""
     cursors: dict[int, int] = {}
+    written: dict[tuple[int, str], int] = {}  # (rank, stream) -> bytes of it written so far
     shown: dict[str, int | None] = {"stdout": None, "stderr": None}  # the rank whose output each stream shows
     attempts = 0
     while True:
@@ -421,18 +424,31 @@ def _follow(client: Any, job: int, rank: int | None) -> dict[str, Any]:
                                        **({"rank": each} if state["guests"] > 1 else {}))
                 cursors[each] = reply.get("cursor", 0)
                 for name, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-                    if not reply[name]:
+                    data = _unwritten(reply, name, written, each)
+                    if not data:
                         continue
                     if state["guests"] > 1 and rank is None and shown[name] != each:
                         out.buffer.write(f"==> rank {each} <==\n".encode())
                         shown[name] = each
-                    out.buffer.write(reply[name])
+                    out.buffer.write(data)
                     out.flush()
                 if not reply.get("more"):
                     break
         if state["state"] in TERMINAL:
             return state
         time.sleep(FOLLOW_POLL_S)
+
+
+def _unwritten(reply: dict[str, Any], stream: str, written: dict[tuple[int, str], int], rank: int) -> bytes:
+    """The bytes of *stream* in a followed job's *reply* not written yet (and count them as written)."""
+    data, at = reply[stream], reply.get(f"{stream}_at")
+    if at is None:  # a coordinator that does not say where they begin
+        return data
+    if reply.get("restarted"):  # a new attempt from the beginning: all of it is new
+        written[rank, stream] = 0
+    done = written.get((rank, stream), 0)
+    written[rank, stream] = max(done, at + len(data))
+    return data[max(0, done - at):]
 
 
 def _ended(state: dict[str, Any], job: int, rank: int | None) -> int:
@@ -561,16 +577,24 @@ def _stamp(wall: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) if wall else "-"
 
 
-def _hold_command(kind: str, doc: str) -> None:
+array_option = click.option("--array", "whole_array", is_flag=True,
+                            help="Every job of the array JOB belongs to (JOB may be any of its tasks).")
+
+
+def _job_command(kind: str, doc: str) -> None:
+    """A command that changes one job, or with --array every job of its array: cancel, hold, release."""
+
     @main.command(kind, help=doc)
     @with_client
     @click.argument("job", type=int)
-    def command(config_path: Path | None, endpoint: str | None, job: int) -> None:
-        _request_and_say(config_path, endpoint, kind, job=job)
+    @array_option
+    def command(config_path: Path | None, endpoint: str | None, job: int, whole_array: bool) -> None:
+        _request_and_say(config_path, endpoint, kind, job=job, **({"array": True} if whole_array else {}))
 
 
-_hold_command("hold", "Keep queued JOB from being placed until released.")
-_hold_command("release", "Let held JOB be placed again.")
+_job_command("cancel", "Cancel queued or running JOB.")
+_job_command("hold", "Keep queued JOB from being placed until released.")
+_job_command("release", "Let held JOB be placed again.")
 
 
 @main.command()
@@ -794,15 +818,6 @@ def image_rm(config_path: Path | None, endpoint: str | None, name: str) -> None:
     """Remove image NAME (refused while a job not yet ended uses it); its chunks no other image uses go too."""
 
     _request_and_say(config_path, endpoint, "image_rm", name=name)
-
-
-@main.command()
-@with_client
-@click.argument("job", type=int)
-def cancel(config_path: Path | None, endpoint: str | None, job: int) -> None:
-    """Cancel a queued or running job."""
-
-    _request_and_say(config_path, endpoint, "cancel", job=job)
 
 
 @main.command()

@@ -80,6 +80,8 @@ class Node:
     idle_s: float = 0.0
     away_since: float = 0.0  # when its owner left, on the coordinator's clock
     cpu_percent: float = 0.0
+    owner_load: float | None = None  # the owner's own CPU use, in cores (None: the agent cannot tell)
+    loaded_since: float | None = None  # since when that has been above the owner-load policy's threshold
     running: set[int] = field(default_factory=set)
     incoming: set[int] = field(default_factory=set)  # jobs moving here, not yet handed over (a slot each)
     connected_at: float = 0.0  # wall-clock time of its hello
@@ -110,6 +112,11 @@ class Transport(Protocol):
     def send(self, identity: bytes, payload: bytes) -> bool: ...
 
     def close(self) -> None: ...
+
+
+def _count(items: list[Any], noun: str) -> str:
+    """"1 job", "3 jobs"."""
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def wall_clock_from(clock: Callable[[], float]) -> Callable[[], float]:
@@ -158,6 +165,7 @@ class Coordinator(Moving):
         self.drained = self.store.drained()
         self.migrate_on_owner = state.migrate_on_owner()
         self.migrate_speedup = state.migrate_speedup()
+        self.owner_load_policy = state.owner_load_policy()
         self._load_moves()
         self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
         self._capacity: list[tuple[int, int]] | None = None  # (cores, memory) of the nodes up or down, when asked
@@ -332,6 +340,7 @@ class Coordinator(Moving):
         node.idle_s = msg["idle_s"]
         node.away_since = self._clock() - node.idle_s
         node.cpu_percent = float(msg.get("cpu_percent", 0.0))
+        self._owner_load_heard(node, msg.get("owner_load"))
         node.speed = float(msg.get("speed", node.speed))
         if was_accepting != (node.state in ACCEPTING_STATES):
             self._refresh(node)
@@ -423,7 +432,7 @@ class Coordinator(Moving):
         nodes = [{
             "name": n.name, "state": n.state, "cores": n.cores, "mem_mib": n.mem_mib, "speed": n.speed,
             "jobs": sorted(n.running), "idle_s": n.idle_s, "drained": n.name in self.drained,
-            "cpu_percent": n.cpu_percent, "software": n.software,
+            "cpu_percent": n.cpu_percent, "owner_load": n.owner_load, "software": n.software,
             "moving_in": sorted(n.incoming), "moving_out": sorted(m.job for m in self.moves.involving(n.name)
                                                                if m.source == n.name),
         } for n in sorted(self.nodes.values(), key=lambda n: n.name)]
@@ -594,6 +603,18 @@ class Coordinator(Moving):
             return None
         return job
 
+    def _managed_jobs(self, identity: bytes, msg: dict[str, Any], kind: str) -> list[Job] | None:
+        """The job a job-changing request names or, with ``array``, every job of the array it belongs to (one
+        submission, so one owner); None if the requester may not change it, the error already answered."""
+        job = self._managed_job(identity, msg["job"], kind)
+        if job is None or not msg.get("array"):
+            return None if job is None else [job]
+        if job.array_id is None:
+            self._reply(identity, "error", code="invalid", in_reply_to=kind,
+                        message=f"job {job.id} is not part of an array; {kind} it without --array")
+            return None
+        return self.store.array_jobs(job.array_id)
+
     def _on_job(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         job = self._job_or_error(identity, msg["job"], "job")
         if job is not None:
@@ -623,8 +644,10 @@ class Coordinator(Moving):
                 self._reply(identity, "error", code="invalid", in_reply_to="logs",
                             message="a job of several guests is followed one rank at a time (give rank)")
                 return
-            streams, cursor, more = self.store.output_since([guests[0][1]], msg["after"], FOLLOW_REPLY_BYTES)
-            self._reply(identity, "logs_reply", job=msg["job"], cursor=cursor, more=more, **streams)
+            since = self.store.output_since(guests[0][1], msg["after"], FOLLOW_REPLY_BYTES)
+            self._reply(identity, "logs_reply", job=msg["job"], cursor=since.cursor, more=since.more,
+                        stdout_at=since.at["stdout"], stderr_at=since.at["stderr"], restarted=since.restarted,
+                        **since.streams)
             return
         streams = {"stdout": bytearray(), "stderr": bytearray()}
         for rank, ident in guests:
@@ -656,14 +679,20 @@ class Coordinator(Moving):
         self._reply(identity, "fetch_reply", job=msg["job"], outputs=outputs)
 
     def _on_cancel(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        job = self._managed_job(identity, msg["job"], "cancel")
-        if job is None:
+        jobs = self._managed_jobs(identity, msg, "cancel")
+        if jobs is None:
             return
-        if job.state in TERMINAL_STATES:
-            self._reply(identity, "ok", detail=f"job {job.id} is already {job.state}")
-            return
-        self._end(job, "cancelled", f"cancelled by {name}")
-        self._reply(identity, "ok", detail=f"job {job.id} cancelled")
+        ending = [job for job in jobs if job.state not in TERMINAL_STATES]
+        for job in ending:
+            self._end(job, "cancelled", f"cancelled by {name}")
+        if msg.get("array"):
+            ended = len(jobs) - len(ending)
+            self._reply(identity, "ok", detail=f"array {jobs[0].array_id}: {_count(ending, 'job')} cancelled"
+                                               + (f" ({ended} had already ended)" if ended else ""))
+        elif ending:
+            self._reply(identity, "ok", detail=f"job {jobs[0].id} cancelled")
+        else:
+            self._reply(identity, "ok", detail=f"job {jobs[0].id} is already {jobs[0].state}")
         self.schedule()
 
     def _end(self, job: Job, state: str, reason: str) -> None:
@@ -678,25 +707,35 @@ class Coordinator(Moving):
             self.server.send(node.identity, protocol.encode("cancel_job", job=job.id))
 
     def _on_hold(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        self._hold(identity, msg["job"], True)
+        self._hold(identity, msg, True)
 
     def _on_release(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        self._hold(identity, msg["job"], False)
+        self._hold(identity, msg, False)
 
-    def _hold(self, identity: bytes, job_id: int, held: bool) -> None:
+    def _hold(self, identity: bytes, msg: dict[str, Any], held: bool) -> None:
         kind = "hold" if held else "release"
-        job = self._managed_job(identity, job_id, kind)
-        if job is None:
+        jobs = self._managed_jobs(identity, msg, kind)
+        if jobs is None:
             return
-        if job.gang is not None or not self.store.set_held(job.id, held):
+        changed = [job for job in jobs if job.gang is None and self.store.set_held(job.id, held)]
+        if not changed:
             rule = "only a queued job can be held" if held else "only a held job can be released"
-            self._reply(identity, "error", code="invalid", in_reply_to=kind, message=f"job {job.id} is {job.state}; {rule}")
+            what = (f"no job of array {jobs[0].array_id} is {'queued' if held else 'held'}" if msg.get("array")
+                    else f"job {jobs[0].id} is {jobs[0].state}")
+            self._reply(identity, "error", code="invalid", in_reply_to=kind, message=f"{what}; {rule}")
             return
-        if held:
-            self.queue.remove(job.id)
+        for job in changed:
+            if held:
+                self.queue.remove(job.id)
+            else:
+                self._enqueue(job)
+        done = "held" if held else "released"
+        if msg.get("array"):
+            others = len(jobs) - len(changed)
+            self._reply(identity, "ok", detail=f"array {jobs[0].array_id}: {_count(changed, 'job')} {done}" + (
+                f" ({others} {'were' if others > 1 else 'was'} not {'queued' if held else 'held'})" if others else ""))
         else:
-            self._enqueue(job)
-        self._reply(identity, "ok", detail=f"job {job.id} {'held' if held else 'released'}")
+            self._reply(identity, "ok", detail=f"job {jobs[0].id} {done}")
         if not held:
             self.schedule()
 
@@ -1060,6 +1099,7 @@ class Coordinator(Moving):
         self._expire_moves()
         self._move_from_owners()
         self._move_to_faster()
+        self._move_from_owner_load()
         for job in self.store.overdue(self._wall()):
             reason = f"time limit {job.timeout_s:g} s reached"
             self._end(job, "failed", reason)

@@ -158,6 +158,17 @@ ACTIVE_MOVE_STATES = ("prepare", "go")
 
 
 @dataclass(frozen=True)
+class OutputSince:
+    """A followed job's output since a cursor."""
+
+    streams: dict[str, bytes]  # stdout, stderr
+    at: dict[str, int]  # where each stream's bytes here begin in its stored whole
+    cursor: int
+    more: bool  # more is there already
+    restarted: bool  # the output the cursor stood in was cleared: a new attempt started afresh
+
+
+@dataclass(frozen=True)
 class Move:
     """One move of a job's guest between nodes; *epoch* counts the job's moves (its ownership epoch)."""
 
@@ -354,6 +365,12 @@ class Store:
             raise
         return ranks
 
+    def array_jobs(self, array: int) -> list[Job]:
+        """The jobs (not ranks) of the array whose first job is *array*, by id."""
+        rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE array_id=? AND gang IS NULL ORDER BY id",
+                               (array,))
+        return [_job(row) for row in rows]
+
     def ranks(self, gang: int) -> list[Job]:
         """The ranks of the gang's latest attempt, by rank."""
         rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE gang=? AND attempts=(SELECT attempts FROM "
@@ -503,20 +520,25 @@ class Store:
             total += len(data)
         return {name: bytes(data) for name, data in streams.items()}
 
-    def output_since(self, idents: list[int], after: int, max_bytes: int) -> tuple[dict[str, bytes], int, bool]:
-        """The jobs' stdout and stderr stored after *after* (a cursor: 0 at first), at most about *max_bytes*;
-        the new cursor, and whether more is there already."""
+    def output_since(self, ident: int, after: int, max_bytes: int) -> OutputSince:
+        """The job's stdout and stderr stored after *after* (a cursor: 0 at first), at most about *max_bytes*."""
         streams = {"stdout": bytearray(), "stderr": bytearray()}
-        cursor, size = after, 0
-        marks = ",".join("?" * len(idents))
-        rows = self.db.execute(f"SELECT seq, stream, data FROM job_output WHERE job IN ({marks}) AND seq > ? "
-                               f"ORDER BY seq", (*idents, after))
+        at = dict.fromkeys(streams, 0)
+        at.update(self.db.execute("SELECT stream, SUM(LENGTH(data)) FROM job_output WHERE job=? AND seq<=? "
+                                  "GROUP BY stream", (ident, after)).fetchall())
+        # truncate_output keeps a job's first row: none left at or before the cursor means clear_output ran
+        restarted = after > 0 and self.db.execute(
+            "SELECT 1 FROM job_output WHERE job=? AND seq<=? LIMIT 1", (ident, after)).fetchone() is None
+        cursor, size, more = after, 0, False
+        rows = self.db.execute("SELECT seq, stream, data FROM job_output WHERE job=? AND seq > ? ORDER BY seq",
+                               (ident, after))
         for seq, stream, data in rows:
             if size and size + len(data) > max_bytes:
-                return {k: bytes(v) for k, v in streams.items()}, cursor, True
+                more = True
+                break
             streams[stream] += data
             cursor, size = seq, size + len(data)
-        return {k: bytes(v) for k, v in streams.items()}, cursor, False
+        return OutputSince({k: bytes(v) for k, v in streams.items()}, at, cursor, more, restarted)
 
     def clear_output(self, ident: int) -> None:
         """Forget the output of an attempt that will be run again."""
@@ -525,15 +547,16 @@ class Store:
 
     def truncate_output(self, ident: int, keep: dict[str, int]) -> None:
         """Keep only the first *keep[stream]* bytes of each stream: a job going on from a checkpoint writes again
-        what it wrote after it."""
+        what it wrote after it. The first row stays, if only empty: it tells followers (output_since) that the
+        output goes on, cut back, rather than starting afresh."""
         left = dict(keep)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             rows = self.db.execute("SELECT seq, stream, data FROM job_output WHERE job=? ORDER BY seq", (ident,))
-            for seq, stream, data in rows.fetchall():
+            for index, (seq, stream, data) in enumerate(rows.fetchall()):
                 room = max(0, left.get(stream, 0))
                 if len(data) > room:
-                    if room:
+                    if room or index == 0:
                         self.db.execute("UPDATE job_output SET data=? WHERE seq=?", (data[:room], seq))
                     else:
                         self.db.execute("DELETE FROM job_output WHERE seq=?", (seq,))

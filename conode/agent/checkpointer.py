@@ -5,9 +5,11 @@ that the guest stops only for the last few pages:
 
 1. *pre-copy*, while the guest runs: take the dirty-page log (conode/vm/cpu/dirty.py) and copy the pages it lists
    (every page for the first piece, after a restore, or when the coordinator lost the chain); again, up to
-   PRE_COPY_ROUNDS times, while the guest changed more than FINAL_PAGES meanwhile;
-2. *final copy*, the guest paused by the worker between two slices: take the log again, copy the pages changed
-   during step 1, and the device state and the job's output offsets. This pause is the checkpoint's stall;
+   PRE_COPY_ROUNDS times, while the guest changed more than FINAL_PAGES meanwhile; then take the disk overlay's
+   log of written clusters (between two slices) and copy those clusters (all of them for a full piece);
+2. *final copy*, the guest paused by the worker between two slices: take both logs again, copy the pages and
+   disk clusters changed during step 1, the device state and the job's output offsets. This pause is the
+   checkpoint's stall;
 3. *write*, the guest running again: compress the pages into a piece file and tell the agent, which sends it on.
 
 The final copy runs on the worker's machine thread (:meth:`Checkpointer.final`, called by the worker when
@@ -27,6 +29,8 @@ from typing import Any, TypeVar
 from conode.errors import ConodeError
 from conode.vm.checkpoint import FULL, STREAMS, encode_pages, page_runs, write_piece
 from conode.vm.cpu.dirty import dirty_tracker
+from conode.vm.disk.delta import Changes, merge_changes
+from conode.vm.disk.overlay import pack_clusters
 from conode.vm.guest import Guest, GuestSnapshot
 from conode.vm.layout import PAGE_SIZE
 
@@ -59,7 +63,11 @@ class Checkpointer:
         self._full = True  # the next piece holds every page
         self._base = FULL
         self._pre: tuple[bytearray, dict[int, bytes]] | None = None
-        self._taken: tuple[bytearray, dict[int, bytes], GuestSnapshot, dict[str, int], float, float] | None = None
+        self._whole = True  # the piece being taken is a full one
+        self._disk_pre: Changes | None = None  # the disk clusters copied in the pre-copy
+        # the final copy: pages, device state, disk (map, clusters listed, their contents), outputs, stall figures
+        self._taken: tuple[bytearray, dict[int, bytes], GuestSnapshot, tuple[bytes, bytes, list[bytes]] | None,
+                           dict[str, int], float, float] | None = None
         self._final_done = threading.Event()
         self._stop = threading.Event()
         self._stopped_at: tuple[float, float] | None = None  # monotonic and machine-thread CPU time
@@ -74,6 +82,12 @@ class Checkpointer:
     def reset(self) -> None:
         """The coordinator lost the chain: the next piece holds every page."""
         self._full = True
+
+    def carried_over(self) -> dict[str, Any]:
+        """What the guest's checkpoints go on from once it is resumed from a vacate (in a new worker, whose first
+        piece is a full one): the interval, the next piece's number and the output offsets. The number skips one:
+        a piece being sent as the guest was saved may still be kept under the current one."""
+        return {"interval_s": self.interval_s, "seq": self.seq + 1, **self.outputs}
 
     def guest_stopped(self) -> None:
         """The worker's machine thread saw the guest stop (the stall starts here when the final copy is due)."""
@@ -90,9 +104,10 @@ class Checkpointer:
                 log.warning("job %d: checkpoint %d not taken: %s", self.job, self.seq, exc)
                 self._full = True
 
-    def _on_machine_thread(self, fn: Callable[[], T]) -> T:
-        """*fn*'s result, computed between two of the guest's slices (or here, if the tracker allows)."""
-        if not self._tracker.needs_machine_thread:
+    def _on_machine_thread(self, fn: Callable[[], T], always: bool = False) -> T:
+        """*fn*'s result, computed between two of the guest's slices (or here, if the tracker allows and not
+        *always*)."""
+        if not self._tracker.needs_machine_thread and not always:
             return fn()
         done = threading.Event()
         outcome: list[tuple[bool, Any]] = []
@@ -128,7 +143,8 @@ class Checkpointer:
             self._on_machine_thread(self._tracker.start)
             self._tracking = True
         bitmap = self._on_machine_thread(self._tracker.take)
-        if self._full:
+        self._whole, self._full = self._full, False  # a reset from here on is for the next piece
+        if self._whole:
             pages = self._tracker.pages
             bitmap = bytearray(((1 << pages) - 1).to_bytes((pages + 7) // 8, "little"))
         copied = self._read(bitmap)
@@ -139,6 +155,12 @@ class Checkpointer:
             if int.from_bytes(more, "little").bit_count() <= FINAL_PAGES:
                 break
         self._pre = (bitmap, copied)
+        overlay = self.guest.machine.disk
+        if overlay is not None:
+            listed = self._on_machine_thread(lambda: overlay.take_changes(self._whole), always=True)
+            # its map is a stand-in: the piece carries what the final copy's map keeps of these clusters
+            self._disk_pre = Changes(overlay.base.sha256(), overlay.size, listed, listed,
+                                     pack_clusters(overlay.read_clusters(listed)))
         self._final_done.clear()
         self.final_due = True
         self.guest.machine.pause()
@@ -148,8 +170,14 @@ class Checkpointer:
             raise _Stopped
         if self._taken is None:
             raise ConodeError("the final copy failed")
-        final_bitmap, final_pages, envelope, outputs, stall_s, stall_cpu_s = self._taken
+        final_bitmap, final_pages, envelope, disk_final, outputs, stall_s, stall_cpu_s = self._taken
         self._taken = None
+        disk = None
+        if self._disk_pre is not None and disk_final is not None:
+            cluster_map, listed, contents = disk_final
+            pre, self._disk_pre = self._disk_pre, None
+            disk = merge_changes([pre, Changes(pre.base_sha256, pre.base_size, cluster_map, listed,
+                                               pack_clusters(iter(contents)))])
         pre_bitmap, pre_pages = self._pre
         self._pre = None
         union = bytearray(a | b for a, b in zip(pre_bitmap, final_bitmap))
@@ -157,29 +185,31 @@ class Checkpointer:
         ram = encode_pages((final_pages.get(page) or pre_pages[page] for page in order), bytes(union),
                            self.guest.machine.ram.size)
         path = self.directory / f"job-{self.job}-{self.seq}.ckpt"
-        size = write_piece(path, self.job, self.seq, self._base, outputs, ram, envelope)
+        base = FULL if self._whole else self._base  # a full piece starts a new chain, whatever came before
+        size = write_piece(path, self.job, self.seq, base, outputs, ram, envelope, disk)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if self._stop.is_set():
             path.unlink(missing_ok=True)
             raise _Stopped
-        self._send({"type": "checkpoint", "job": self.job, "seq": self.seq, "base": self._base, "path": str(path),
+        self._send({"type": "checkpoint", "job": self.job, "seq": self.seq, "base": base, "path": str(path),
                     "size": size, "sha256": digest, "pages": len(order), "final_pages": len(final_pages),
                     "stall_s": stall_s, "stall_cpu_s": stall_cpu_s, "took_s": time.monotonic() - started})
         self._base = self.seq
         self.seq += 1
-        self._full = False
 
     # --- the machine thread ----------------------------------------------------------------------------------
     def final(self) -> None:
-        """The final copy (the guest is stopped between slices): the pages changed since the pre-copy, the device
-        state and the output offsets; the guest runs again as soon as this returns."""
+        """The final copy (the guest is stopped between slices): the pages changed since the pre-copy, the disk
+        clusters written since the piece before, the device state and the output offsets; the guest runs again
+        as soon as this returns."""
         self.final_due = False
         try:
             bitmap = self._tracker.take()
             pages = self._read(bitmap)
-            envelope = self.guest.snapshot(with_ram=False)
+            envelope = self.guest.snapshot(with_ram=False, with_disk=False)
+            disk = self._disk_final()
             wall, cpu = self._stopped_at if self._stopped_at is not None else (time.monotonic(), time.thread_time())
-            self._taken = (bitmap, pages, envelope, dict(self.outputs), time.monotonic() - wall,
+            self._taken = (bitmap, pages, envelope, disk, dict(self.outputs), time.monotonic() - wall,
                            time.thread_time() - cpu)
         except ConodeError as exc:
             log.warning("job %d: the final copy of checkpoint %d failed: %s", self.job, self.seq, exc)
@@ -187,6 +217,15 @@ class Checkpointer:
             self._full = True
         finally:
             self._final_done.set()
+
+    def _disk_final(self) -> tuple[bytes, bytes, list[bytes]] | None:
+        """The disk's map, and the clusters written since the pre-copy took its list and their contents (to be
+        compressed after the stall)."""
+        disk = self.guest.machine.disk
+        if disk is None:
+            return None
+        listed = disk.take_changes(False)
+        return bytes(disk.map), listed, list(disk.read_clusters(listed))
 
     def close(self) -> None:
         """Stop and release the dirty tracking (on the machine thread, the guest stopped)."""

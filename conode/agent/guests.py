@@ -145,6 +145,7 @@ class Guests:
         self.boot_snapshot = state_dir / f"boot-{image_tag()}.snap"
         disk.attempt("remove stale boot snapshots", lambda: self._remove_stale_boot_snapshots(state_dir))
         self._vacated_ports: dict[int, dict[str, Any]] = {}  # a vacated job's conet port (mac, ip, network)
+        self._vacated_checkpoints: dict[int, dict[str, Any]] = {}  # what a vacated job's checkpoints go on from
         self.vacated: dict[int, int] = disk.attempt("read the vacated guests", self._read_vacated) or {}
         self.mover: AgentMoves | None = None  # moves of guests to and from other agents, if the agent moves them
 
@@ -571,6 +572,8 @@ class Guests:
                     jobs[int(job)] = index
                     if isinstance(image, str):
                         self.job_images[int(job)] = image
+                if isinstance(record.get("checkpoint"), dict) and len(listed) == 1:
+                    self._vacated_checkpoints[int(listed[0])] = record["checkpoint"]
                 for job, port in record.get("ports", {}).items():
                     self._vacated_ports[int(job)] = {"mac": bytes.fromhex(port["mac"]), "ip": str(port["ip"]),
                                                      "network": str(port["network"])}
@@ -599,7 +602,8 @@ class Guests:
         image = next((self.job_images[job] for job in jobs if job in self.job_images), None)
         record: dict[str, Any] = {"jobs": jobs,
                                   "ports": {str(job): {**port, "mac": port["mac"].hex()} for job, port in ports.items()},
-                                  **({"image": image} if image else {})}  # one guest, one disk
+                                  **({"image": image} if image else {}),  # one guest, one disk
+                                  **({"checkpoint": message["checkpoint"]} if "checkpoint" in message else {})}
         meta = self.vacated_dir / f"worker-{slot.index}.toml"
         self._disk.attempt("record a vacated guest's jobs", lambda: write_toml(meta, record))
         for job in jobs:
@@ -609,6 +613,8 @@ class Guests:
             self.vacated[job] = slot.index
             if job in ports:
                 self._vacated_ports[job] = ports[job]
+            if "checkpoint" in message:
+                self._vacated_checkpoints[job] = message["checkpoint"]
             self._reports.report("job_vacated", job=job)
         slot.job = None
         log.info("guest %d saved to %s with jobs %s", slot.index, message["path"], jobs)
@@ -631,6 +637,7 @@ class Guests:
             self.jobs[job] = slot
             slot.job = job
             self.rejoin_conet(slot, job, self._vacated_ports.pop(job, None))
+            self._resume_checkpoints(slot, job, self._vacated_checkpoints.pop(job, None))
             self._reports.report("job_resumed", job=job)
         if slot.resumed_jobs:
             self._drop_vacated_files(slot.index)
@@ -644,11 +651,24 @@ class Guests:
         if plug is not None:
             self.send_to(slot, {"type": "plug", **plug})
 
+    def _resume_checkpoints(self, slot: WorkerSlot, job: int, carried: dict[str, Any] | None) -> None:
+        """A guest resumed from a vacate is checkpointed again: a full piece first (its new worker has no dirty
+        log), numbered after the pieces the coordinator may hold, its output offsets where the vacate left them."""
+        if carried is None or self._checkpoints is None:
+            return
+        try:
+            self.send_to(slot, {"type": "checkpoint_start", "job": job,
+                                "checkpoint": self._checkpoints.settings(carried.get("interval_s"), carried.get("seq")),
+                                "outputs": {s: carried.get(s) for s in ("stdout", "stderr")}})
+        except PipeError as exc:
+            log.warning("job %d is not checkpointed any more: its vacated record is damaged (%s)", job, exc)
+
     def _discard_vacated(self, index: int, why: str) -> None:
         """Give up a vacated guest: its other jobs fail for a retry elsewhere."""
         for job in sorted(job for job, i in self.vacated.items() if i == index):
             del self.vacated[job]
             self._vacated_ports.pop(job, None)
+            self._vacated_checkpoints.pop(job, None)
             if job not in self.jobs:
                 self._fail(job, f"its saved guest was discarded: {why}", retry=True)
         self._drop_vacated_files(index)

@@ -35,6 +35,9 @@ TOKEN = Kind("bytes", TOKEN_BYTES)
 CHECKPOINT = Kind("map", 3)
 PIECES = Kind("str_list", 64, item=MAX_SMALL_FIELD)  # a checkpoint chain's piece files, in order
 COUNT = Kind("int", low=0, high=1 << 40)
+OUTPUTS = Kind("map", 2)  # stdout, stderr: bytes the job had written. Checked whole by _check_outputs.
+# What a vacated guest's checkpoints go on from (checkpointer.py): interval_s, seq, stdout, stderr.
+CARRIED = Kind("map", 4)
 
 TO_WORKER: dict[str, dict[str, Field]] = {
     "run": {"job": Field(INT), "argv": Field(ARGV), "inputs": Field(INPUTS), "outputs": Field(PATHS),
@@ -43,6 +46,7 @@ TO_WORKER: dict[str, dict[str, Field]] = {
     "restore": {"job": Field(INT), "pieces": Field(PIECES), "net": Field(NET, required=False),
                 "disk": Field(DISK, required=False), "checkpoint": Field(CHECKPOINT, required=False)},
     "checkpoint_reset": {"job": Field(INT)},
+    "checkpoint_start": {"job": Field(INT), "checkpoint": Field(CHECKPOINT), "outputs": Field(OUTPUTS)},
     "cancel": {"job": Field(INT)},
     "pause": {},
     "resume": {},
@@ -66,7 +70,7 @@ FROM_WORKER: dict[str, dict[str, Field]] = {
     "failed": {"job": Field(INT), "reason": Field(TEXT)},
     "paused": {"at": Field(MEASURE)},
     "resumed": {},
-    "vacated": {"path": Field(STR), "jobs": Field(INT_LIST)},
+    "vacated": {"path": Field(STR), "jobs": Field(INT_LIST), "checkpoint": Field(CARRIED, required=False)},
     "checkpoint": {"job": Field(INT), "seq": Field(COUNT), "base": Field(Kind("int", low=-1, high=1 << 40)),
                    "path": Field(STR), "size": Field(COUNT), "sha256": Field(SHA256), "pages": Field(COUNT),
                    "final_pages": Field(COUNT), "stall_s": Field(MEASURE), "took_s": Field(MEASURE),
@@ -74,7 +78,10 @@ FROM_WORKER: dict[str, dict[str, Field]] = {
     "listening": {"job": Field(INT), "endpoint": Field(STR)},
     "move_ready": {"job": Field(INT)},
     "moved_out": {"job": Field(INT), "downtime_s": Field(MEASURE, required=False), "total_s": Field(MEASURE),
-                  "paused_s": Field(MEASURE), "bytes": Field(INT), "rounds": Field(INT)},
+                  "paused_s": Field(MEASURE), "bytes": Field(INT), "rounds": Field(INT),
+                  # the stop-and-copy phase: last pages sent, destination ready, hand-over done (from the pause)
+                  "sent_s": Field(MEASURE, required=False), "ready_s": Field(MEASURE, required=False),
+                  "handed_s": Field(MEASURE, required=False), "final_pages": Field(INT, required=False)},
     "moved_in": {"job": Field(INT), "rounds": Field(INT), "bytes": Field(INT)},
     "move_failed": {"job": Field(INT), "reason": Field(TEXT), "handed_over": Field(BOOL)},
 }
@@ -128,8 +135,10 @@ def validate_to_worker(message: Any) -> dict[str, Any]:
         _check_net(checked["net"])
     if kind in ("run", "restore") and "disk" in checked:
         _check_disk(checked["disk"])
-    if kind in ("run", "restore") and "checkpoint" in checked:
+    if kind in ("run", "restore", "checkpoint_start") and "checkpoint" in checked:
         _check_checkpoint(kind, checked["checkpoint"])
+    if kind == "checkpoint_start":
+        _check_outputs(kind, checked["outputs"])
     if checked["type"] == "plug":
         _check_port("plug", checked["token"], checked["socket"])
     return checked
@@ -146,14 +155,28 @@ def _check_disk(disk: dict[str, Any]) -> None:
         raise PipeError(f"run: the disk budget must be from 1 to {MAX_DISK_BUDGET_MIB} MiB")
 
 
-def _check_checkpoint(kind: str, settings: dict[str, Any]) -> None:
-    if set(settings) != {"dir", "interval_s", "seq"}:
-        raise PipeError(f"{kind}: the checkpoint map must hold exactly dir, interval_s and seq")
-    for name, spec in (("dir", STR), ("interval_s", MEASURE), ("seq", COUNT)):
+def _check_map(kind: str, what: str, value: dict[str, Any], fields: dict[str, Kind]) -> None:
+    """A map of exactly *fields*, each of its kind."""
+    if set(value) != set(fields):
+        raise PipeError(f"{kind}: the {what} map must hold exactly {', '.join(fields)}")
+    for name, spec in fields.items():
         try:
-            _check_field(name, settings[name], spec)
+            _check_field(name, value[name], spec)
         except ProtocolError as exc:
-            raise PipeError(f"{kind}: checkpoint {exc}") from None
+            raise PipeError(f"{kind}: {what} {exc}") from None
+
+
+def _check_checkpoint(kind: str, settings: dict[str, Any]) -> None:
+    _check_map(kind, "checkpoint", settings, {"dir": STR, "interval_s": MEASURE, "seq": COUNT})
+
+
+def _check_outputs(kind: str, outputs: dict[str, Any]) -> None:
+    _check_map(kind, "output offsets", outputs, {s: COUNT for s in STREAMS})
+
+
+def _check_carried(kind: str, carried: dict[str, Any]) -> None:
+    """What a vacated guest's checkpoints go on from: interval_s, seq and the output offsets."""
+    _check_map(kind, "checkpoint", carried, {"interval_s": MEASURE, "seq": COUNT, **{s: COUNT for s in STREAMS}})
 
 
 def _check_port(kind: str, token: Any, path: Any) -> None:
@@ -186,6 +209,8 @@ def validate_from_worker(message: Any) -> dict[str, Any]:
     kind = checked["type"]
     if kind == "output" and checked["stream"] not in STREAMS:
         raise PipeError(f"output: unknown stream {checked['stream'][:40]!r}")
+    if kind == "vacated" and "checkpoint" in checked:
+        _check_carried(kind, checked["checkpoint"])
     if kind == "finished":
         _check_missing(kind, checked["missing"])
         outputs = checked["outputs"]

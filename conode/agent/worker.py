@@ -9,10 +9,12 @@ length-prefixed msgpack (pipe.py):
   ``pause``, ``resume``, ``vacate`` (path), ``quit``, ``plug`` (token, socket: the conet port of a guest resumed
   from disk, which keeps its identity), ``restore`` (job, pieces: a checkpoint chain to go on from, and net and
   disk as for run), ``checkpoint_reset`` (job: the next checkpoint must hold every page); run and restore may
-  carry checkpoint (dir, interval_s, seq: checkpointer.py);
+  carry checkpoint (dir, interval_s, seq: checkpointer.py), and ``checkpoint_start`` (job, checkpoint, outputs)
+  starts them for a guest resumed from a vacate;
 - worker → agent: ``ready`` (guest, speed), ``output`` (job, stream, data), ``finished`` (job, status, outputs,
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
-  ``resumed``, ``vacated`` (path, jobs), ``checkpoint`` (job, seq, base, path, size, sha256 and figures).
+  ``resumed``, ``vacated`` (path, jobs, and checkpoint: what its checkpoints go on from), ``checkpoint`` (job,
+  seq, base, path, size, sha256 and figures).
 
 **A fresh guest for every job.** The worker keeps the *pristine* post-boot snapshot: made by the host from a
 boot in which no job ran (``--boot-snapshot`` keeps it on disk for the next worker, tied to the guest image's
@@ -276,6 +278,10 @@ class GuestWorker:
                 guest.machine.pause()
         elif kind in ("run", "restore", "receive"):
             self._runs.append(message)
+        elif kind == "checkpoint_start":  # a guest resumed from a vacate: its checkpoints go on
+            if self.guest is not None and self.guest.job is not None and self.guest.job.spec.id == message["job"] \
+                    and self._checkpointer is None:
+                self._start_checkpoints(message["job"], message, message["outputs"])
         elif kind == "checkpoint_reset":
             if self._checkpointer is not None and self._checkpointer.job == message.get("job"):
                 self._checkpointer.reset()
@@ -369,7 +375,7 @@ class GuestWorker:
         except PortError as exc:
             self._log(str(exc))
             return
-        self._port.attach(guest.machine.nic, guest.machine.call_soon)
+        self._port.attach(guest.machine.nic, guest.machine.call_soon, guest.machine.watch)
 
     def _announce(self, guest: Guest) -> None:
         """Tell the switches where the guest's MAC is now (it may have been behind another agent's)."""
@@ -432,10 +438,13 @@ class GuestWorker:
             if kind == "vacate":
                 path = Path(control["path"])
                 jobs = []
+                carried: dict[str, Any] = {}
                 if self.guest is not None and self.guest.job is not None and not self.guest.finished:
                     self.guest.save(path)
                     jobs = [self.guest.job.spec.id]
-                self.send({"type": "vacated", "path": str(path), "jobs": jobs})
+                    if self._checkpointer is not None and self._checkpointer.job == jobs[0]:
+                        carried["checkpoint"] = self._checkpointer.carried_over()
+                self.send({"type": "vacated", "path": str(path), "jobs": jobs, **carried})
                 return True
             if kind == "pause":
                 self.send({"type": "paused", "at": stopped_at})

@@ -118,7 +118,8 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
                         "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
                         "software": _f(STR), "conet": _f(STR, False), "image_cache_mib": _f(CACHE_MIB, False)}),
     "heartbeat": ("agent", {"node": _f(STR), "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
-                            "speed": _f(MEASURE, False), "cpu_percent": _f(MEASURE, False)}),
+                            "speed": _f(MEASURE, False), "cpu_percent": _f(MEASURE, False),
+                            "owner_load": _f(MEASURE, False)}),  # the owner's own CPU use in cores, if measured
     "job_output": ("agent", {"job": _f(INT), "stream": _f(STR), "data": _f(BYTES)}),
     "job_finished": ("agent", {"job": _f(INT), "status": _f(INT), "outputs": _f(OUTPUTS), "missing": _f(MISSING),
                                "runtime_s": _f(MEASURE)}),
@@ -174,9 +175,10 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "job": ("client", {"job": _f(INT)}),
     "logs": ("client", {"job": _f(INT), "rank": _f(RANK, False), "after": _f(CURSOR, False)}),
     "fetch": ("client", {"job": _f(INT), "rank": _f(RANK, False)}),
-    "cancel": ("client", {"job": _f(INT)}),  # cancel, hold, release: a user's own jobs only
-    "hold": ("client", {"job": _f(INT)}),
-    "release": ("client", {"job": _f(INT)}),
+    # cancel, hold, release: a user's own jobs only; with array, every job of the array the job belongs to
+    "cancel": ("client", {"job": _f(INT), "array": _f(BOOL, False)}),
+    "hold": ("client", {"job": _f(INT), "array": _f(BOOL, False)}),
+    "release": ("client", {"job": _f(INT), "array": _f(BOOL, False)}),
     "image_list": ("client", {}),
     # admin -> coordinator
     "drain": ("admin", {"node": _f(STR), "undrain": _f(BOOL, False), "migrate": _f(BOOL, False)}),
@@ -196,7 +198,10 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "jobs_reply": ("coordinator", {"jobs": _f(ANY_LIST)}),
     "job_reply": ("coordinator", {"job": _f(ANY_MAP)}),
     "logs_reply": ("coordinator", {"job": _f(INT), "stdout": _f(BYTES), "stderr": _f(BYTES),
-                                   "cursor": _f(CURSOR, False), "more": _f(BOOL, False)}),
+                                   "cursor": _f(CURSOR, False), "more": _f(BOOL, False),
+                                   # following: where the bytes begin in each stream, and whether it was cleared
+                                   "stdout_at": _f(CURSOR, False), "stderr_at": _f(CURSOR, False),
+                                   "restarted": _f(BOOL, False)}),
     "fetch_reply": ("coordinator", {"job": _f(INT), "outputs": _f(OUTPUTS)}),
     "image_missing_reply": ("coordinator", {"chunks": _f(DIGESTS)}),
     "image_list_reply": ("coordinator", {"images": _f(ANY_LIST)}),

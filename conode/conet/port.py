@@ -7,13 +7,18 @@ conet frame (a 12-byte virtio_net_hdr_v1 and an Ethernet frame, at most CONET_MA
 Neither side ever blocks the other. Frames the guest sends leave on the machine thread with a non-blocking
 send; a full socket drops the frame (counted). A reader thread takes frames from the switch into a bounded
 queue and asks the machine, once per batch, to hand them to the NIC between slices (``call_soon``): the guest
-is interrupted at most once per batch, and a guest that does not read costs the worker a bounded queue. When the
-switch goes away the port unplugs the NIC: its link goes down and further frames are dropped.
+is interrupted at most once per batch, and a guest that does not read costs the worker a bounded queue. While
+the guest idles, the machine thread waits on the socket itself (``watch``) and takes the frames straight from
+it: a frame for an idle guest then costs the host one thread wake-up, not two (the reader's, then the
+machine's), which is most of a round trip's time on a busy host. Both take frames from the socket under one
+lock, and only the machine thread hands them to the NIC, in the order they came. When the switch goes away the
+port unplugs the NIC: its link goes down and further frames are dropped.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 from collections import Counter, deque
@@ -31,6 +36,16 @@ TOKEN_BYTES = 16
 MIN_FRAME = CONET_VNET_HDR + 14
 QUEUE_FRAMES = 512  # frames from the switch not yet handed to the NIC
 SOCKET_BUFFER = 4 << 20  # asked of the kernel for each direction (it caps it at its own maximum)
+
+
+Watch = Callable[[int, "Callable[[], None] | None"], None]  # CoMachine.watch: serve an fd while idle, or stop
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the other end of a SEQPACKET socket has closed (a read of 0 bytes is EOF or an empty datagram)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
 
 
 class PortError(ConodeError):
@@ -71,15 +86,23 @@ class Port:
         self._closed = False
         self._nic: NetInterface | None = None
         self._schedule: Callable[[Callable[[], None]], None] = lambda fn: None
+        self._watch: Watch | None = None
         self._reader: threading.Thread | None = None
+        self._buffer = bytearray(CONET_MAX_FRAME + 1)  # a longer datagram is cut to this and recognised as too long
+        self._view = memoryview(self._buffer)
 
-    def attach(self, nic: NetInterface, schedule: Callable[[Callable[[], None]], None]) -> None:
-        """Plug *nic* in (call on the machine thread); *schedule* runs a function there (``call_soon``)."""
+    def attach(self, nic: NetInterface, schedule: Callable[[Callable[[], None]], None],
+               watch: Watch | None = None) -> None:
+        """Plug *nic* in (call on the machine thread); *schedule* runs a function there (``call_soon``), and
+        *watch*, if given, has the machine thread serve the socket itself while the guest idles."""
         self._nic = nic
         self._schedule = schedule
         nic.connect(self)
         self._reader = threading.Thread(target=self._read, name=f"conet port {self.path}", daemon=True)
         self._reader.start()
+        if watch is not None:
+            self._watch = watch
+            watch(self._sock.fileno(), self._serve)
 
     # --- guest -> switch (machine thread) ---------------------------------------------------------------------
     def send(self, frame: bytes) -> None:
@@ -97,39 +120,53 @@ class Port:
 
     # --- switch -> guest ------------------------------------------------------------------------------------
     def _read(self) -> None:
-        buffer = bytearray(CONET_MAX_FRAME + 1)  # a longer datagram is cut to this and recognised as too long
-        view = memoryview(buffer)
-        sock = self._sock
+        """The reader thread: wait until the switch sends, take what came, have the machine thread hand it over."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
         while True:
+            poller.poll()  # POLLHUP and POLLERR come unasked
+            with self._lock:
+                ended = self._take()
+                schedule = bool(self._inbox) and not self._flush_scheduled
+                self._flush_scheduled |= schedule
+            if schedule:
+                self._schedule(self._flush)
+            if ended is not None:
+                break
+        if not self._closed:
+            log.warning("conet port %s: %s; the NIC's link is down", self.path, ended)
+            self._schedule(self._unplug)
+
+    def _serve(self) -> None:
+        """On the machine thread, the guest idle and the socket readable: take the frames and hand them over."""
+        with self._lock:
+            if self._closed:
+                return
+            ended = self._take()
+        if ended is not None and self._watch is not None:
+            self._watch(self._sock.fileno(), None)  # the reader thread reports it and unplugs the NIC
+        self._flush()
+
+    def _take(self) -> str | None:
+        """Move the datagrams waiting on the socket into the queue (holding the lock, without blocking); why the
+        connection ended, or None while it stands. What is over the size bounds or the queue is dropped."""
+        sock, buffer, view, inbox = self._sock, self._buffer, self._view, self._inbox
+        for _ in range(QUEUE_FRAMES):  # a switch that never stops sending does not keep the lock
             try:
-                size = sock.recv_into(buffer)
-            except InterruptedError:
-                continue
+                size = sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return None
             except OSError as exc:
-                if not self._closed:
-                    log.warning("conet port %s: the switch connection failed (%s); the NIC's link is down",
-                                self.path, exc)
-                break
-            if size == 0:
-                if not self._closed:
-                    log.warning("conet port %s: the switch closed the connection; the NIC's link is down",
-                                self.path)
-                break
+                return f"the switch connection failed ({exc})"
+            if size == 0 and hung_up(sock):
+                return "the switch closed the connection"
             if not MIN_FRAME <= size <= CONET_MAX_FRAME:
                 self._drop("wrong size from the switch", f"{size} bytes")
-                continue
-            frame = bytes(view[:size])
-            with self._lock:
-                if len(self._inbox) >= QUEUE_FRAMES:
-                    self._drop("queue to the guest full")
-                    continue
-                self._inbox.append(frame)
-                if self._flush_scheduled:
-                    continue
-                self._flush_scheduled = True
-            self._schedule(self._flush)
-        if not self._closed:
-            self._schedule(self._unplug)
+            elif len(inbox) >= QUEUE_FRAMES:
+                self._drop("queue to the guest full")
+            else:
+                inbox.append(bytes(view[:size]))
+        return None
 
     def _flush(self) -> None:
         """On the machine thread: hand every queued frame to the NIC."""
@@ -155,6 +192,8 @@ class Port:
         if self._closed:
             return
         self._closed = True
+        if self._watch is not None:
+            self._watch(self._sock.fileno(), None)
         try:
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader's recv
         except OSError:

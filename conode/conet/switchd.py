@@ -38,7 +38,6 @@ import argparse
 import logging
 import os
 import re
-import select
 import socket
 import sys
 import time
@@ -55,7 +54,7 @@ from conode.agent.settings import AGENT_KEY_NAME
 from conode.cluster.keys import KeyPair, is_valid_public_key, load_key_pair
 from conode.cluster.transport import AuthRefused, ClientSocket, ServerSocket
 from conode.conet.frames import OVERSIZED
-from conode.conet.port import TOKEN_BYTES
+from conode.conet.port import TOKEN_BYTES, hung_up
 from conode.conet.switch import QUEUE_FULL, Limits, Peer, Port, Switch, SwitchError
 from conode.errors import ConodeError
 from conode.limits import (
@@ -513,7 +512,7 @@ class SwitchDaemon:
             except OSError:
                 size = 0
                 events |= zmq.POLLERR
-            if size == 0 and (events & zmq.POLLERR or _hung_up(sock)):  # else an empty datagram
+            if size == 0 and (events & zmq.POLLERR or hung_up(sock)):  # else an empty datagram
                 log.info("conet: guest %s disconnected", port.name)
                 self._disconnect(port)
                 return
@@ -648,13 +647,6 @@ class SwitchDaemon:
             if not isinstance(verdict, str):
                 for dest in verdict[0]:
                     self._to_port(dest, frame)
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    """Whether the other end of a SEQPACKET socket has closed (a read of 0 bytes is EOF or an empty datagram)."""
-    poller = select.poll()
-    poller.register(sock, select.POLLRDHUP)
-    return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
 
 
 def _field(message: dict[str, Any], name: str, kind: type[str | bytes]) -> Any:

@@ -1,17 +1,19 @@
 """Checkpoint pieces: a running job's guest saved incrementally, so that it can go on elsewhere if its workstation
 dies.
 
-A *chain* is a full piece (every page of RAM) followed by deltas (the pages changed since the piece before). Every
-piece also holds the whole device state (the Guest snapshot envelope without RAM pages: small, and the disk
-overlay's clusters with it) and how many bytes of stdout and stderr the job had written when it was taken, so the
-chain's last piece alone says where the job goes on from. A piece is a snapshot file (conode/vm/snapshot.py:
-header, SHA-256 of the payload, one msgpack map) whose map holds ``checkpoint`` (job, seq, base: the seq of the
-piece it applies to, or -1 for a full one; outputs), ``ram`` (a RamState record listing the pages it carries, in
-compressed chunks) and ``state``.
+A *chain* is a full piece (every page of RAM, every cluster of the disk overlay) followed by deltas (the pages
+changed and the overlay clusters written since the piece before). Every piece also holds the whole device state
+(the Guest snapshot envelope without RAM pages and disk clusters: small) and how many bytes of stdout and stderr
+the job had written when it was taken, so the chain's last piece alone says where the job goes on from. A piece
+is a snapshot file (conode/vm/snapshot.py: header, SHA-256 of the payload, one msgpack map) whose map holds
+``checkpoint`` (job, seq, base: the seq of the piece it applies to, or -1 for a full one; outputs), ``ram`` (a
+RamState record listing the pages it carries, in compressed chunks), ``state`` and, for a guest with a disk,
+``disk`` (a DiskDelta record: the overlay's cluster map and the clusters it carries, conode/vm/disk/delta.py).
 
 Pieces come from the agent that ran the guest, so the coordinator and the agent that resumes check every one:
 the file, then each field (:func:`read_piece`), then that the chunks inflate, within bounds, to exactly the pages
-the bitmap lists (:func:`check_pages`), and that a chain is whole (:func:`check_chain`).
+the bitmap lists and the disk clusters the delta lists (:func:`check_pages`), and that a chain is whole
+(:func:`check_chain`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 from conode.errors import SnapshotError
 from conode.limits import MAX_STREAM_BYTES
 from conode.vm import state
+from conode.vm.disk.delta import Changes, load_changes, merge_changes, whole_state
 from conode.vm.guest import GuestSnapshot
 from conode.vm.machine import CoMachine
 from conode.vm.snapshot import PAGE, PAGES_PER_CHUNK, RamState, ram_pages, read_snapshot, write_snapshot
@@ -49,7 +52,8 @@ class Piece:
     base: int
     outputs: dict[str, int]  # stream -> bytes the job had written when the piece was taken
     ram: RamState
-    state: dict[str, Any]  # the GuestSnapshot envelope, its RAM elsewhere (the chain)
+    state: dict[str, Any]  # the GuestSnapshot envelope, its RAM and disk clusters elsewhere (the chain)
+    disk: Changes | None  # the disk overlay's clusters written since the piece before (None: no disk)
 
     @property
     def full(self) -> bool:
@@ -102,10 +106,11 @@ def encode_pages(pages: Iterator[bytes], bitmap: bytes, ram_bytes: int) -> dict[
 
 
 def write_piece(path: Path, job: int, seq: int, base: int, outputs: dict[str, int], ram: dict[str, Any],
-                envelope: GuestSnapshot) -> int:
-    """Write a piece atomically; return its size."""
+                envelope: GuestSnapshot, disk: dict[str, Any] | None = None) -> int:
+    """Write a piece atomically (*disk*: a DiskDelta record, for a guest with a disk); return its size."""
     meta = {"job": job, "seq": seq, "base": base, "outputs": {s: int(outputs.get(s, 0)) for s in STREAMS}}
-    return write_snapshot(path, {"checkpoint": meta, "ram": ram, "state": envelope.to_data()})
+    return write_snapshot(path, {"checkpoint": meta, "ram": ram, "state": envelope.to_data(),
+                                 **({"disk": disk} if disk is not None else {})})
 
 
 def _int(value: Any, low: int, high: int, what: str, origin: str) -> int:
@@ -135,8 +140,13 @@ def read_piece(path: Path) -> Piece:
         ram = state.load(RamState, data["ram"])
         snapshot = GuestSnapshot.from_data(data["state"], origin)
         config = CoMachine.config_from_state(snapshot.machine)
+        disk = load_changes(data["disk"]) if data.get("disk") is not None else None
     except SnapshotError as exc:
         raise CheckpointError(f"{origin}: {exc}") from None
+    if (disk is None) != (config.disk is None):
+        raise CheckpointError(f"{origin}: its disk overlay does not match its guest's disk configuration")
+    if base == FULL and disk is not None and not disk.whole:
+        raise CheckpointError(f"{origin}: a full piece that does not hold its whole disk overlay")
     if snapshot.job is None:
         raise CheckpointError(f"{origin}: its guest runs no job")
     if ram.size != config.mem_mib << 20 or len(ram.bitmap) != (ram.size // PAGE + 7) // 8:
@@ -145,7 +155,7 @@ def read_piece(path: Path) -> Piece:
         raise CheckpointError(f"{origin}: a full piece that does not hold every page")
     if sum(offsets.values()) > MAX_STREAM_BYTES * 2:
         raise CheckpointError(f"{origin}: its output offsets are beyond any job's output")
-    return Piece(job, seq, base, offsets, ram, data["state"])
+    return Piece(job, seq, base, offsets, ram, data["state"], disk)
 
 
 def iter_pages(ram: RamState) -> Iterator[tuple[int, bytes]]:
@@ -158,9 +168,15 @@ def iter_pages(ram: RamState) -> Iterator[tuple[int, bytes]]:
 
 
 def check_pages(piece: Piece) -> None:
-    """Inflate every chunk of *piece*, checking it holds exactly the pages its bitmap lists."""
+    """Inflate every chunk of *piece*, checking it holds exactly the pages its bitmap lists and the disk
+    clusters its delta lists."""
     for _ in iter_pages(piece.ram):
         pass
+    try:
+        for _ in piece.disk.clusters() if piece.disk is not None else ():
+            pass
+    except SnapshotError as exc:
+        raise CheckpointError(f"checkpoint piece {piece.seq}: {exc}") from None
 
 
 def check_chain(pieces: list[Piece]) -> None:
@@ -168,14 +184,19 @@ def check_chain(pieces: list[Piece]) -> None:
     if not pieces or not pieces[0].full:
         raise CheckpointError("a checkpoint chain must begin with a full piece")
     for before, after in itertools.pairwise(pieces):
-        if after.full or after.base != before.seq or after.job != before.job or after.ram.size != before.ram.size:
+        if after.full or after.base != before.seq or after.job != before.job or after.ram.size != before.ram.size \
+                or _disk_of(after) != _disk_of(before):
             raise CheckpointError(f"checkpoint piece {after.seq} of job {after.job} does not follow piece "
                                   f"{before.seq}: the chain is broken")
 
 
-def merge(pieces: list[Piece]) -> tuple[dict[str, Any], Piece]:
-    """The RAM record of one piece equal to *pieces* applied in order (a full one if the first is), and the last
-    piece (whose state and outputs it takes). Memory: at most the guest's RAM."""
+def _disk_of(piece: Piece) -> tuple[str, int] | None:
+    return (piece.disk.base_sha256, piece.disk.base_size) if piece.disk is not None else None
+
+
+def merge(pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, Any] | None, Piece]:
+    """The RAM and disk records of one piece equal to *pieces* applied in order (a full one if the first is),
+    and the last piece (whose state and outputs it takes). Memory: at most the guest's RAM."""
     if not pieces:
         raise CheckpointError("nothing to merge")
     newest: dict[int, bytes] = {}
@@ -186,7 +207,11 @@ def merge(pieces: list[Piece]) -> tuple[dict[str, Any], Piece]:
     for page in newest:
         bitmap[page >> 3] |= 1 << (page & 7)
     order = sorted(newest)
-    return encode_pages((newest[p] for p in order), bytes(bitmap), size), pieces[-1]
+    try:
+        disk = merge_changes([p.disk for p in pieces if p.disk is not None]) if pieces[-1].disk else None
+    except SnapshotError as exc:
+        raise CheckpointError(f"the checkpoint's disk cannot be merged: {exc}") from None
+    return encode_pages((newest[p] for p in order), bytes(bitmap), size), disk, pieces[-1]
 
 
 def materialize(pieces: list[Piece], memory: memoryview) -> None:
@@ -200,6 +225,18 @@ def materialize(pieces: list[Piece], memory: memoryview) -> None:
 
 
 def guest_state(pieces: list[Piece]) -> GuestSnapshot:
-    """The chain's device state: its last piece's."""
-    return GuestSnapshot.from_data(pieces[-1].state, f"checkpoint piece {pieces[-1].seq}")
+    """The chain's device state: its last piece's, with the disk overlay its pieces add up to."""
+    origin = f"checkpoint piece {pieces[-1].seq}"
+    envelope = pieces[-1].state
+    if pieces[-1].disk is not None:
+        machine = envelope.get("machine")
+        devices = machine.get("devices") if isinstance(machine, dict) else None
+        if not isinstance(devices, dict):
+            raise CheckpointError(f"{origin} has no device state")
+        try:
+            disk = whole_state(load_changes(merge_changes([p.disk for p in pieces if p.disk is not None])))
+        except SnapshotError as exc:
+            raise CheckpointError(f"the checkpoint's disk overlay is not whole: {exc}") from None
+        envelope = {**envelope, "machine": {**machine, "devices": {**devices, "disk": disk}}}
+    return GuestSnapshot.from_data(envelope, origin)
 

@@ -517,9 +517,11 @@ class Guest:
         self.agent.run(argv, _Discard(on_exit))
 
     # --- snapshots ------------------------------------------------------------------------------------------
-    def snapshot(self, with_ram: bool = True) -> GuestSnapshot:
-        """The whole guest as plain data (the machine must be paused); see CoMachine.get_state for *with_ram*."""
-        return GuestSnapshot(self.guest_id, self.image, self.machine.get_state(with_ram), self.agent.get_state(),
+    def snapshot(self, with_ram: bool = True, with_disk: bool = True) -> GuestSnapshot:
+        """The whole guest as plain data (the machine must be paused); see CoMachine.get_state for *with_ram*
+        and *with_disk*."""
+        return GuestSnapshot(self.guest_id, self.image, self.machine.get_state(with_ram, with_disk),
+                             self.agent.get_state(),
                              self.job.get_state() if self.job is not None else None, time.time())
 
     def save(self, path: Path) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import threading
+import select
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -117,6 +117,50 @@ class DmaMemory:
         return self._view[address:address + length]
 
 
+class Wakeup:
+    """What the machine thread rests on: :meth:`set` ends the rest (from any thread), and while the guest idles
+    the thread also serves the file descriptors it was given to :meth:`watch` (a conet port's socket), so
+    that their data reaches an idle guest without first waking another thread."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._watched: dict[int, Callable[[], None]] = {}
+
+    def watch(self, fd: int, handler: Callable[[], None] | None) -> None:
+        """Call *handler* on the machine thread when *fd* is readable while the guest idles; None: stop. From
+        any thread: a rest that already began may still report *fd* once (the handler must expect that)."""
+        if handler is None:
+            self._watched.pop(fd, None)
+        else:
+            self._watched[fd] = handler
+
+    def set(self) -> None:
+        os.eventfd_write(self._fd, 1)
+
+    def wait(self, seconds: float, serve: bool = True) -> None:
+        """Rest up to *seconds*, until :meth:`set`, or (with *serve*) until a watched fd was readable and served."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        watched = list(self._watched.items()) if serve else []
+        for fd, _ in watched:
+            poller.register(fd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(seconds * 1000)}
+        for fd, handler in watched:
+            if fd in ready:
+                handler()
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            pass
+
+    def __del__(self) -> None:
+        # Not in CoMachine.close: another thread may still call set(), and a closed descriptor's number is
+        # soon another file's. Nothing can call it once this is unreachable.
+        os.close(self._fd)
+
+
 class CoMachine:
     """An i386 PC reduced to what the guest kernel uses, plus conode's paravirtual devices."""
 
@@ -167,7 +211,8 @@ class CoMachine:
         self._build = build
         self.halted = False
         self._calls: deque[Callable[[], None]] = deque()
-        self._wake = threading.Event()
+        self._wake = Wakeup()
+        self.watch = self._wake.watch
         self._pause_requested = False
         self._reset_requested = False
         self.pause_at_ns: int | None = None  # guest time at which run() returns PAUSED by itself
@@ -280,7 +325,7 @@ class CoMachine:
     def _throttle(self, seconds: float) -> None:
         """Rest after a slice so the guest averages cpu_cap of a core: short slices, short rests, no sawtooth."""
         if seconds > 0 and not self._calls and not self._pause_requested:
-            self._wake.wait(seconds)
+            self._wake.wait(seconds, serve=False)  # a rest the cap imposes: the guest does not idle
         self._wake.clear()
 
     def _idle_until(self, guest_ns: int) -> None:
@@ -291,16 +336,17 @@ class CoMachine:
         self._wake.clear()
 
     # --- snapshots ---------------------------------------------------------------------------------------
-    def get_state(self, with_ram: bool = True) -> dict:
+    def get_state(self, with_ram: bool = True, with_disk: bool = True) -> dict:
         """The whole machine as plain data (call only while it is not running); without its RAM's pages if not
-        *with_ram* (migration sends them apart: the machine is then restored with them as its RAM image)."""
+        *with_ram* (migration sends them apart: the machine is then restored with them as its RAM image), and
+        without its disk overlay if not *with_disk* (checkpoints carry it as deltas, and put it back)."""
         config = state.dump(ConfigState(self.config.mem_mib, self.config.cmdline_extra,
                                         DiskConfigState.of(self.config.disk)))
         devices = DevicesState(self.pic.get_state(), self.pit.get_state(), self.uart.get_state(),
                                self.serial_channel.get_state(), self.cmos.get_state(),
                                tuple(t.get_state() for t in self.virtio), self.channel.get_state(),
                                self.pci.get_state(), tuple(f.get_state() for f in self.virtio_pci),
-                               self.disk.get_state() if self.disk is not None else None)
+                               self.disk.get_state() if self.disk is not None and with_disk else None)
         ram = encode_ram(self.ram.view) if with_ram else ram_elsewhere(self.ram.size)
         return state.dump(MachineState(config, self.cpu.get_state(), ram,
                                        self.clock.get_state(), self.halted, devices))

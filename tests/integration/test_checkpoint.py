@@ -4,14 +4,19 @@ A job prints a known sequence over about 20 s while it is checkpointed every 3 s
 SIGKILLed in the middle. The job must go on from its last checkpoint on the other agent (not start again: a
 random token it drew at its start, printed before the kill, is the one it prints at its end) and its output
 must be exactly an uninterrupted run's, each line once. The same for a job on a pool image, whose disk overlay
-goes with its checkpoints: what it wrote to its disk before is there after the move.
+goes with its checkpoints: what it wrote to its disk before is there after the move. A job vacated to disk by
+its workstation's owner and resumed there is checkpointed again, and goes on from those checkpoints.
 """
 
+import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from pool import Pool
+from test_owner_cycle import start_owner_aware_agent
 
 from conode.testing.root_image import root_image
 from conode.tomlfile import read_toml, write_toml
@@ -32,12 +37,17 @@ def expected(token: str) -> bytes:
     return ("\n".join(lines + [f"token {token}", f"result {total}"]) + "\n").encode()
 
 
-@pytest.fixture()
-def pool(tmp_path):
+def checkpointing_pool(tmp_path, interval_s: float) -> Pool:
     pool = Pool(tmp_path / "pool")
     settings = read_toml(pool.state / "coordinator.toml")
-    write_toml(pool.state / "coordinator.toml", {**settings, "checkpoint_interval_s": 3.0})
+    write_toml(pool.state / "coordinator.toml", {**settings, "checkpoint_interval_s": interval_s})
     pool.start_coordinator()
+    return pool
+
+
+@pytest.fixture()
+def pool(tmp_path):
+    pool = checkpointing_pool(tmp_path, 3.0)
     for name in ("node-a", "node-b"):
         pool.add_agent(name)
     try:
@@ -49,12 +59,19 @@ def pool(tmp_path):
 
 def test_a_job_whose_agent_is_killed_goes_on_from_its_checkpoint(pool):
     job = pool.submit("sh", "-c", JOB)
+    follower = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "logs", "-f", str(job)], env=pool.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     kept = re.compile(rf"job {job}: checkpoint (\d+) from (\S+) kept")
 
     def checkpointed_and_halfway() -> str | None:
+        """The node of a kept checkpoint, once the job is halfway and wrote lines after the checkpoint (which
+        it writes again where it goes on: the follower must not show them twice)."""
         found = kept.findall(pool.log("coordinator"))
+        chain = pool.state / "checkpoints" / str(job) / "chain.json"
+        offset = json.loads(chain.read_text())["outputs"]["stdout"] if chain.exists() else None
         logs = pool.cli("logs", str(job)).stdout
-        return found[-1][1] if found and logs.count(b"\nline ") >= 8 else None
+        return found[-1][1] if found and offset is not None and logs.count(b"\nline ") >= 8 \
+            and logs[offset:].count(b"\n") >= 1 else None
 
     victim = pool.wait_until("a checkpoint kept and half the job done", checkpointed_and_halfway, timeout=150)
     assert pool.jobs()[job]["node"] == victim and pool.jobs()[job]["state"] == "running"
@@ -68,6 +85,7 @@ def test_a_job_whose_agent_is_killed_goes_on_from_its_checkpoint(pool):
     token = re.match(rb"token (\w+)\n", before)
     assert token is not None, before
     assert output == expected(token[1].decode()), output.decode(errors="replace")
+    assert follower.communicate(timeout=30)[0] == output  # each line once
     log = pool.log("coordinator")
     assert f"job {job} placed on {final['node']}, to go on from its checkpoint" in log
     assert f"job {job}: checkpoint" in log and "refused" not in log
@@ -102,3 +120,28 @@ def test_a_job_on_an_image_goes_on_with_its_disk(pool, tmp_path):
     logs = pool.cli("logs", str(job))
     assert logs.stdout.decode() == expected and logs.stderr == b""  # the page cache dropped: read from the disk
     assert f"job {job} placed on" in pool.log("coordinator") and "to go on from its checkpoint" in pool.log("coordinator")
+
+
+def test_a_job_resumed_from_a_vacate_is_checkpointed_and_goes_on_from_it(tmp_path):
+    pool = checkpointing_pool(tmp_path, 2.0)
+    try:
+        owner = start_owner_aware_agent(pool, "laptop", vacate_after_s=1.0)
+        owner.left()
+        pool.wait_until("a guest offered to the pool", lambda: "laptop" in pool.ready_nodes(), 120)
+        job = pool.submit("sh", "-c", JOB)
+        pool.wait_until("the job under way", lambda: pool.cli("logs", str(job)).stdout.count(b"line ") >= 2, 60)
+        pool.wait_until("the job vacated", lambda: (owner.types(), pool.jobs()[job]["state"])[1] == "vacated", 30,
+                        interval=0.2)
+        owner.left()
+        again = re.compile(rf"job {job} resumed on laptop.*job {job}: checkpoint \d+ from laptop kept", re.S)
+        pool.wait_until("a checkpoint after the resume", lambda: again.search(pool.log("coordinator")), 60)
+        before = pool.cli("logs", str(job)).stdout
+        pool.kill(pool.agents["laptop"])
+        pool.add_agent("spare")  # the job waits for it, its checkpoint kept
+        assert pool.cli("wait", str(job), "--timeout", "180", check=False, timeout=200).returncode == 0
+        assert pool.jobs()[job]["node"] == "spare"
+        token = re.match(rb"token (\w+)\n", before)
+        assert token is not None, before
+        assert pool.cli("logs", str(job)).stdout == expected(token[1].decode())
+    finally:
+        pool.close()

@@ -133,7 +133,10 @@ def test_hold_release_and_history(pool):
     blockers = [submitted(pool.cli("submit", "--", "sleep", "6"))[0] for _ in range(2)]
     held = submitted(pool.cli("submit", "--", "echo", "was held"))[0]
     assert "held" in pool.cli("hold", str(held)).stdout.decode()
-    assert pool.cli("jobs", "--state", "held").stdout.decode().count("\n") == 2  # the header and the job
+    tasks = submitted(pool.cli("submit", "--queue", "3", "--", "echo", "task $(index)"))
+    assert pool.cli("hold", "--array", str(tasks[1])).stdout == f"array {tasks[0]}: 3 jobs held\n".encode()
+    pool.cli("cancel", str(tasks[2]))
+    assert pool.cli("jobs", "--state", "held").stdout.decode().count("\n") == 4  # the header and three jobs
     for blocker in blockers:
         assert wait(pool, blocker).returncode == 0
     time.sleep(2)
@@ -141,7 +144,14 @@ def test_hold_release_and_history(pool):
     assert state["state"] == "held" and state["why"] == "held"  # free nodes, and still not placed
     assert "held" in pool.cli("job", str(held)).stdout.decode()
     pool.cli("release", str(held))
-    assert wait(pool, held).returncode == 0
+    assert pool.cli("release", "--array", str(tasks[0])).stdout == \
+        f"array {tasks[0]}: 2 jobs released (1 was not held)\n".encode()
+    assert [wait(pool, job).returncode for job in (held, *tasks[:2])] == [0, 0, 0]
+    assert [pool.cli("logs", str(task)).stdout for task in tasks[:2]] == [b"task 0\n", b"task 1\n"]
+    ended = pool.cli("cancel", "--array", str(tasks[0]))
+    assert ended.stdout == f"array {tasks[0]}: 0 jobs cancelled (3 had already ended)\n".encode()
+    alone = pool.cli("hold", "--array", str(held), check=False)
+    assert alone.returncode == 2 and b"is not part of an array; hold it without --array" in alone.stderr
     history = json.loads(pool.cli("history", "--json").stdout)
     record = next(j for j in history if j["id"] == held)
     assert record["node"] in ("node-a", "node-b") and record["exit_status"] == 0 and record["cpu_s"] > 0

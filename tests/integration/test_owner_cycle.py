@@ -8,8 +8,10 @@ from pool import Pool
 
 pytestmark = pytest.mark.guest
 
-TICKS = "i=0; while [ $i -lt 12 ]; do echo tick-$i; i=$((i+1)); sleep 0.25; done; echo finished"
-EXPECTED = b"".join(f"tick-{i}\n".encode() for i in range(12)) + b"finished\n"
+# Ten seconds of ticks: long enough that, on a loaded host, the owner is back before the job could end by itself.
+TICK_COUNT = 40
+TICKS = f"i=0; while [ $i -lt {TICK_COUNT} ]; do echo tick-$i; i=$((i+1)); sleep 0.25; done; echo finished"
+EXPECTED = b"".join(f"tick-{i}\n".encode() for i in range(TICK_COUNT)) + b"finished\n"
 
 
 class Owner:

@@ -295,7 +295,8 @@ def test_suspended_too_long_the_guest_is_vacated_and_a_restarted_agent_resumes_i
     [vacate] = w0.of_type("vacate")
     assert vacate["path"] == str(tmp_path / "vacated" / "worker-0.snap") and not w1.of_type("vacate")
     (tmp_path / "vacated" / "worker-0.snap").write_bytes(b"snapshot")  # what the worker saves
-    w0.emit("vacated", path=vacate["path"], jobs=[1])
+    carried = {"interval_s": 60.0, "seq": 5, "stdout": 120, "stderr": 3}  # where its checkpoints go on from
+    w0.emit("vacated", path=vacate["path"], jobs=[1], checkpoint=carried)
     w0.exit(0)
     agent.step(2)
     assert agent.sent("job_vacated", 1) and not agent.sent("job_failed")
@@ -314,6 +315,9 @@ def test_suspended_too_long_the_guest_is_vacated_and_a_restarted_agent_resumes_i
     resumed.ready()
     restarted.step()
     assert restarted.sent("job_resumed", 1) and not (tmp_path / "vacated" / "worker-0.snap").exists()
+    [start] = resumed.of_type("checkpoint_start")
+    assert (start["job"], start["checkpoint"]["seq"], start["checkpoint"]["interval_s"], start["outputs"]) == \
+        (1, 5, 60.0, {"stdout": 120, "stderr": 3})
     resumed.finish(1)
     restarted.step()
     assert restarted.sent("job_finished", 1)

@@ -34,7 +34,8 @@ GOOD_FROM = {
     "failed": {"job": 1, "reason": "staging a: no space"},
     "paused": {"at": 1.7e9},
     "resumed": {},
-    "vacated": {"path": "/state/vacated/worker-0.snap", "jobs": [1, 2]},
+    "vacated": {"path": "/state/vacated/worker-0.snap", "jobs": [1],
+                "checkpoint": {"interval_s": 60.0, "seq": 4, "stdout": 120, "stderr": 0}},
     "checkpoint": {"job": 1, "seq": 3, "base": 2, "path": "/state/checkpoints/out/job-1-3.ckpt", "size": 4096,
                    "sha256": "ab" * 32, "pages": 12, "final_pages": 1, "stall_s": 0.002, "took_s": 0.1,
                    "stall_cpu_s": 0.001},
@@ -51,6 +52,8 @@ GOOD_TO = {
     "restore": {"job": 1, "pieces": ["/state/checkpoints/in/job-1/0.piece"],
                 "checkpoint": {"dir": "/state/checkpoints/out", "interval_s": 60.0, "seq": 1}},
     "checkpoint_reset": {"job": 1},
+    "checkpoint_start": {"job": 1, "checkpoint": {"dir": "/state/checkpoints/out", "interval_s": 60.0, "seq": 4},
+                         "outputs": {"stdout": 120, "stderr": 0}},
     "migrate": {"job": 1, "endpoint": "tcp://10.0.0.2:40001", "peer": "k" * 40, "keys": "/state/keys"},
     "receive": {"job": 1, "bind": "tcp://10.0.0.2:*", "peer": "k" * 40, "keys": "/state/keys"},
     "move_go": {"job": 1}, "move_abort": {"job": 1, "reason": "the source was lost"},
@@ -76,6 +79,8 @@ def test_fields_outside_the_schema_are_dropped():
     ("finished", "missing", ["m"] * (MAX_FILES + 1)), ("finished", "runtime_s", math.nan),
     ("finished", "outputs", {"d/" * (MAX_PATH_BYTES // 2) + "f": b""}),
     ("paused", "at", math.inf), ("vacated", "jobs", [-1]), ("failed", "reason", None),
+    ("vacated", "checkpoint", {"interval_s": 1.0, "seq": 1, "stdout": -1, "stderr": 0}),
+    ("vacated", "checkpoint", {"interval_s": 1.0, "seq": 1, "stdout": 0}),
 ])
 def test_what_a_worker_may_not_send(kind, field, value):
     message = {"type": kind, **GOOD_FROM[kind], field: value}

@@ -20,11 +20,16 @@ from conode.vm.checkpoint import (
     check_chain,
     check_pages,
     encode_pages,
+    guest_state,
     materialize,
     merge,
     read_piece,
     write_piece,
 )
+from conode.vm.disk.config import DiskConfig
+from conode.vm.disk.image import BaseImage
+from conode.vm.disk.delta import Changes, merge_changes
+from conode.vm.disk.overlay import CLUSTER, CowDisk, pack_clusters
 from conode.vm.guest import GuestJob, GuestSnapshot, ImageDigests, JobSpec
 from conode.vm.layout import PAGE_SIZE
 from conode.vm.machine import CoMachine, MachineConfig
@@ -36,15 +41,18 @@ MEM_MIB = 48
 PAGES = (MEM_MIB << 20) // PAGE_SIZE
 
 
+def envelope_of(state: dict) -> GuestSnapshot:
+    job = GuestJob(None, JobSpec(7, ["sh", "-c", "true"], "/job/7", {}, []), None).get_state()  # type: ignore[arg-type]
+    return GuestSnapshot("g1", ImageDigests("k" * 64, "i" * 64), state, {"ready": True}, job, 1.0)
+
+
 @pytest.fixture(scope="module")
 def envelope() -> GuestSnapshot:
     machine = CoMachine(MachineConfig(mem_mib=MEM_MIB), lambda data: None, lambda data: None)
     try:
-        state = machine.get_state(with_ram=False)
+        return envelope_of(machine.get_state(with_ram=False))
     finally:
         machine.close()
-    job = GuestJob(None, JobSpec(7, ["sh", "-c", "true"], "/job/7", {}, []), None).get_state()  # type: ignore[arg-type]
-    return GuestSnapshot("g1", ImageDigests("k" * 64, "i" * 64), state, {"ready": True}, job, 1.0)
 
 
 def bitmap_of(pages: list[int]) -> bytes:
@@ -55,12 +63,12 @@ def bitmap_of(pages: list[int]) -> bytes:
 
 
 def make_piece(path: Path, envelope: GuestSnapshot, ram: bytearray, pages: list[int] | None, seq: int, base: int,
-               job: int = 7, outputs: dict[str, int] | None = None) -> Path:
-    """A piece of *ram*'s *pages* (None: all: a full piece)."""
+               job: int = 7, outputs: dict[str, int] | None = None, disk: dict | None = None) -> Path:
+    """A piece of *ram*'s *pages* (None: all: a full piece) and the disk delta *disk*."""
     listed = sorted(pages) if pages is not None else list(range(PAGES))
     record = encode_pages((bytes(ram[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]) for p in listed), bitmap_of(listed),
                           len(ram))
-    write_piece(path, job, seq, base, outputs or {"stdout": 10 * seq, "stderr": seq}, record, envelope)
+    write_piece(path, job, seq, base, outputs or {"stdout": 10 * seq, "stderr": seq}, record, envelope, disk)
     return path
 
 
@@ -93,6 +101,42 @@ def chain_files(tmp_path_factory, envelope):
     return paths, bytes(ram)
 
 
+def disk_delta(disk: CowDisk, whole: bool) -> dict:
+    """The DiskDelta of the clusters written since the last one (all, if *whole*), as a checkpointer takes it."""
+    listed = disk.take_changes(whole)
+    return merge_changes([Changes(disk.base.sha256(), disk.size, bytes(disk.map), listed,
+                                  pack_clusters(disk.read_clusters(listed)))])
+
+
+@pytest.fixture(scope="module")
+def disk_chain(tmp_path_factory):
+    """A full piece and two deltas of a guest with a disk, each carrying the overlay clusters written since the
+    piece before; the base image, and the disk's bytes at the end."""
+    root = tmp_path_factory.mktemp("disk")
+    base = root / "base.img"
+    base.write_bytes(random.Random(3).randbytes(64 * CLUSTER))
+    machine = CoMachine(MachineConfig(mem_mib=MEM_MIB, disk=DiskConfig(base)), lambda data: None, lambda data: None)
+    try:
+        disk = machine.disk
+        snapshot = envelope_of(machine.get_state(with_ram=False, with_disk=False))
+        ram = bytearray(MEM_MIB << 20)
+        paths = []
+        for seq, (writes, discard) in enumerate([([0, 1, 2, 40], None), ([1, 9], 40), ([9, 10], None)]):
+            for cluster in writes:
+                disk.write(cluster * CLUSTER + 100, [bytes([seq + 1]) * 200])
+            if discard is not None:
+                disk.discard(discard * CLUSTER, CLUSTER)
+            path = root / f"{seq}.ckpt"
+            make_piece(path, snapshot, ram, None if seq == 0 else [seq], seq, seq - 1 if seq else FULL,
+                       disk=disk_delta(disk, whole=seq == 0))
+            paths.append(path)
+        final = bytearray(disk.size)
+        disk.read(0, memoryview(final))
+    finally:
+        machine.close()
+    return base, paths, bytes(final)
+
+
 # --- pieces and chains ------------------------------------------------------------------------------------------
 def test_a_chain_adds_up_to_the_ram_it_was_taken_from(chain_files):
     paths, ram = chain_files
@@ -109,13 +153,50 @@ def test_a_chain_adds_up_to_the_ram_it_was_taken_from(chain_files):
 def test_merged_deltas_equal_the_deltas_applied_in_turn(chain_files, tmp_path, envelope):
     paths, ram = chain_files
     pieces = [read_piece(p) for p in paths]
-    record, last = merge(pieces[1:])
+    record, _, last = merge(pieces[1:])
     write_piece(tmp_path / "m.ckpt", 7, last.seq, 0, last.outputs, record, envelope)
     merged = read_piece(tmp_path / "m.ckpt")
     assert merged.base == 0 and merged.seq == 3 and merged.pages <= 120
     memory = bytearray(len(ram))
     materialize([pieces[0], merged], memoryview(memory))
     assert memory == ram
+
+
+def disk_after(base: Path, snapshot: GuestSnapshot) -> bytes:
+    """The disk a guest restored from *snapshot* would see."""
+    disk = CowDisk(BaseImage(base), None, 1 << 20)
+    try:
+        disk.set_state(snapshot.machine["devices"]["disk"])
+        data = bytearray(disk.size)
+        disk.read(0, memoryview(data))
+        return bytes(data)
+    finally:
+        disk.close()
+
+
+def test_disk_deltas_carry_only_the_clusters_written_and_add_up_to_the_disk(disk_chain, tmp_path):
+    base, paths, final = disk_chain
+    pieces = [read_piece(p) for p in paths]
+    for piece in pieces:
+        check_pages(piece)
+    assert [p.disk.carried.count(1) for p in pieces] == [4, 2, 2]  # the discarded cluster 40 is carried no more
+    assert disk_after(base, guest_state(pieces)) == final
+    ram, disk, last = merge(pieces[1:])  # the coordinator's compaction of the deltas
+    write_piece(tmp_path / "m.ckpt", 7, last.seq, 0, last.outputs, ram, guest_state(pieces), disk)
+    merged = read_piece(tmp_path / "m.ckpt")
+    assert merged.disk.carried.count(1) == 3 and disk_after(base, guest_state([pieces[0], merged])) == final
+    with pytest.raises(CheckpointError, match="disk overlay is not whole"):
+        guest_state(pieces[1:])
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda d: d.pop("disk"), "does not match its guest's disk configuration"),
+    (lambda d: d["disk"].update(carried=__import__("zlib").compress(bytes(64))), "full piece that does not hold"),
+    (lambda d: d["disk"].update(map=b"x"), "cluster map is damaged"),
+])
+def test_a_piece_with_a_bad_disk_is_refused(tmp_path, disk_chain, change, why):
+    with pytest.raises(CheckpointError, match=why):
+        read_piece(rewrite(tmp_path / "bad.ckpt", disk_chain[1][0], change))
 
 
 @pytest.mark.parametrize("order, why", [
@@ -176,9 +257,9 @@ def test_pages_that_do_not_match_their_bitmap_are_refused(tmp_path, chain_files)
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
-def test_damaged_pieces_only_ever_raise_checkpoint_error(tmp_path, chain_files, data):
+def test_damaged_pieces_only_ever_raise_checkpoint_error(tmp_path, chain_files, disk_chain, data):
     """Whatever an agent sends, reading and checking it ends in CheckpointError or a valid piece."""
-    source = chain_files[0][1].read_bytes()
+    source = data.draw(st.sampled_from([chain_files[0][1], disk_chain[1][1]])).read_bytes()
     how = data.draw(st.sampled_from(["flip", "cut", "payload"]))
     path = tmp_path / "fuzz.ckpt"
     if how == "flip":
@@ -289,6 +370,23 @@ def test_truncate_output_keeps_each_streams_first_bytes(tmp_path):
     assert store.output(job) == {"stdout": b"abcde", "stderr": b"E1"}
     store.append_output(job, "stdout", b"fg")
     assert store.output(job)["stdout"] == b"abcdefg"
+    store.close()
+
+
+def test_a_follower_learns_where_output_cut_back_to_a_checkpoint_goes_on(tmp_path):
+    store = Store(tmp_path / "db")
+    job = store.add_job(["true"], {}, [], 128, "admin", 1, None, None, None)
+    for data in (b"one\n", b"two\n"):
+        store.append_output(job, "stdout", data)
+    seen = store.output_since(job, 0, 1 << 20)
+    assert (seen.streams["stdout"], seen.at["stdout"], seen.restarted) == (b"one\ntwo\n", 0, False)
+    store.truncate_output(job, {"stdout": 0, "stderr": 0})  # the checkpoint came before any output
+    store.append_output(job, "stdout", b"one\n")
+    again = store.output_since(job, seen.cursor, 1 << 20)
+    assert (again.streams["stdout"], again.at["stdout"], again.restarted) == (b"one\n", 0, False)
+    store.clear_output(job)  # an attempt from the beginning: its output is all new
+    store.append_output(job, "stdout", b"new\n")
+    assert store.output_since(job, again.cursor, 1 << 20).restarted
     store.close()
 
 

@@ -18,7 +18,7 @@ from parts import RINGS, Ram, bring_up
 from test_virtio_fuzz import REGISTERS, descriptor, mostly, post, queue_size, ring_layout, u32
 from test_virtio_fuzz import run as driver_operations
 
-RAM_SIZE = 1 << 17
+RAM_SIZE = 1 << 18  # room for a frame of the full MTU at 0x10000
 ALL = net.OFFERED
 PLAIN = net.F_MAC | net.F_MTU | net.F_STATUS  # a driver that takes no offload
 

@@ -8,7 +8,9 @@ base; flushing is an fsync of the overlay (and of its map, for an overlay kept i
 
 The guest may hold at most its budget in the overlay: a write that needs more clusters fails, as does one
 the host cannot carry out (its disk full, its quota reached). Either way the guest sees an I/O error for that
-request and the host carries on. The map is saved in snapshots with the clusters it lists.
+request and the host carries on. The map is saved in snapshots with the clusters it lists; checkpoints
+(conode/vm/checkpoint.py) save only the clusters written since the one before (:meth:`CowDisk.take_changes`,
+merged by :mod:`.delta`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,70 @@ class DiskState(state.Record):
     cluster_size: int = one_of(CLUSTER)
     map: bytes = blob()  # zlib-compressed cluster map
     chunks: tuple[bytes, ...] = items(max_len=_MAX_STATE_CHUNKS)  # the listed clusters, in order, compressed
+
+
+@dataclass(frozen=True)
+class DiskDelta(state.Record):
+    """An overlay's clusters written since an earlier checkpoint: its whole map, and the clusters *carried*
+    lists (a subset of the map's: those the overlay holds and were written since), in order, compressed. One
+    that carries every cluster of its map is the whole overlay."""
+
+    KIND = "disk delta"
+    VERSION = 1
+
+    base_sha256: str = blob(exact=64)
+    base_size: int = uint(63)
+    cluster_size: int = one_of(CLUSTER)
+    map: bytes = blob()  # zlib-compressed cluster map
+    carried: bytes = blob()  # zlib-compressed, one byte per cluster: 1 = its contents are in chunks
+    chunks: tuple[bytes, ...] = items(max_len=_MAX_STATE_CHUNKS)
+
+
+def pack_clusters(parts: Iterator[Buffer]) -> tuple[bytes, ...]:
+    """Clusters given in order (whole clusters, joined or not) as chunks of STATE_CHUNK bytes, compressed."""
+    chunks: list[bytes] = []
+    batch = bytearray()
+    for part in parts:
+        batch += part
+        while len(batch) >= STATE_CHUNK:
+            chunks.append(zlib.compress(batch[:STATE_CHUNK], 1))
+            del batch[:STATE_CHUNK]
+    if batch:
+        chunks.append(zlib.compress(batch, 1))
+    return tuple(chunks)
+
+
+def listed_runs(listed: Buffer) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each run of clusters *listed* (one byte per cluster: 1 = listed)."""
+    data = bytes(listed)
+    first = 0
+    while (start := data.find(b"\x01", first)) >= 0:
+        stop = data.find(b"\x00", start)
+        first = stop = len(data) if stop < 0 else stop
+        yield start, stop
+
+
+def unpack_clusters(listed: Buffer, chunks: Sequence[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(first cluster, contents of whole clusters from it) of what *chunks* hold, in order along the clusters
+    *listed*; SnapshotError unless they hold exactly those. Each chunk inflates to at most STATE_CHUNK bytes."""
+    runs = listed_runs(listed)
+    start = stop = 0
+    for chunk in chunks:
+        piece = _inflate(chunk, STATE_CHUNK, "clusters")
+        if not piece or len(piece) % CLUSTER:
+            raise SnapshotError("the snapshot's disk clusters are damaged (a chunk of partial clusters)")
+        offset = 0
+        while offset < len(piece):
+            if start == stop:
+                start, stop = next(runs, (0, 0))
+                if start == stop:
+                    raise SnapshotError("the snapshot's disk holds more clusters than its map lists")
+            count = min(stop - start, (len(piece) - offset) // CLUSTER)
+            yield start, piece[offset:offset + count * CLUSTER]
+            offset += count * CLUSTER
+            start += count
+    if start != stop or next(runs, None) is not None:
+        raise SnapshotError("the snapshot's disk holds fewer clusters than its map lists")
 
 
 # --- host file operations: whole transfers, holes --------------------------------------------------------------
@@ -134,6 +200,7 @@ class CowDisk:
         self._budget_clusters = budget_bytes // CLUSTER
         self.clusters = -(-self.size // CLUSTER)
         self.map = bytearray(self.clusters)
+        self._changed = bytearray(self.clusters)  # clusters written since the last take_changes()
         self.allocated = 0  # clusters the overlay holds
         self._data_offset = MAP_OFFSET + -(-self.clusters // CLUSTER) * CLUSTER
         self._map_dirty = False
@@ -258,6 +325,7 @@ class CowDisk:
             put(self.fd, self._data_offset + offset)
         except OSError as exc:
             raise self._host_error("write", exc) from None
+        self._changed[first:stop] = b"\x01" * (stop - first)
         if new:
             self.map[first:stop] = b"\x01" * (stop - first)
             self.allocated += new
@@ -336,27 +404,32 @@ class CowDisk:
         self.fd = -1
 
     # --- snapshots -------------------------------------------------------------------------------------------
+    def read_clusters(self, listed: Buffer) -> Iterator[bytes]:
+        """The contents of the clusters *listed* (one byte per cluster), in order, a run at a time. From any
+        thread: a cluster the guest writes meanwhile may read torn, and is then listed by the next
+        :meth:`take_changes`."""
+        for start, stop in listed_runs(listed):
+            for at in range(start * CLUSTER, stop * CLUSTER, STATE_CHUNK):
+                piece = bytearray(min(STATE_CHUNK, stop * CLUSTER - at))
+                _read_full(self.fd, memoryview(piece), self._data_offset + at)
+                yield piece
+
     def get_state(self) -> dict[str, Any]:
         """The overlay as plain data: the base's digest, the map and the clusters it lists (compressed)."""
-        chunks: list[bytes] = []
-        batch = bytearray()
-        for start, stop, present in self._runs(0, self.clusters):
-            if not present:
-                continue
-            at, end = start * CLUSTER, stop * CLUSTER
-            while at < end:
-                take = min(end - at, STATE_CHUNK - len(batch))
-                piece = bytearray(take)
-                _read_full(self.fd, memoryview(piece), self._data_offset + at)
-                batch += piece
-                at += take
-                if len(batch) == STATE_CHUNK:
-                    chunks.append(zlib.compress(batch, 1))
-                    batch = bytearray()
-        if batch:
-            chunks.append(zlib.compress(batch, 1))
         return state.dump(DiskState(self.base.sha256(), self.size, CLUSTER, zlib.compress(self.map, 1),
-                                    tuple(chunks)))
+                                    pack_clusters(self.read_clusters(self.map))))
+
+    def take_changes(self, whole: bool) -> bytes:
+        """The clusters the overlay holds that were written since the last call (all it holds, if *whole*), one
+        byte each (1: listed); the next call starts from here. Only between the guest's slices: no write is
+        then half done."""
+        if whole:
+            listed = bytes(self.map)
+        else:
+            both = int.from_bytes(self.map, "little") & int.from_bytes(self._changed, "little")
+            listed = both.to_bytes(self.clusters, "little")
+        self._changed[:] = bytes(self.clusters)
+        return listed
 
     def set_state(self, data: Any) -> None:
         """Fill this (fresh) overlay from :meth:`get_state` output; raise SnapshotError if it does not fit."""
@@ -365,40 +438,26 @@ class CowDisk:
             raise SnapshotError(f"the snapshot's disk is an overlay on another base image than {self.base.path} "
                                 f"(it needs SHA-256 {saved.base_sha256[:16]}…, the file has "
                                 f"{self.base.sha256()[:16]}…); restore it with its own base image")
-        cluster_map = _inflate(saved.map, self.clusters, "cluster map")
-        if len(cluster_map) != self.clusters or cluster_map.translate(None, b"\x00\x01"):
-            raise SnapshotError("the snapshot's disk cluster map is damaged")
+        cluster_map = inflate_map(saved.map, self.clusters, "cluster map")
         self.map[:] = cluster_map
         self.allocated = self.map.count(1)
         if self.allocated > self._budget_clusters:
             raise SnapshotError(f"the snapshot's disk overlay holds {self.allocated * CLUSTER >> 20} MiB, over "
                                 f"the guest's disk budget of {self.budget_bytes >> 20} MiB")
-        runs = [(start, stop) for start, stop, present in self._runs(0, self.clusters) if present]
-        at = 0  # clusters placed so far along the runs
-        run_index, run_done = 0, 0
         try:
-            for chunk in saved.chunks:
-                piece = _inflate(chunk, STATE_CHUNK, "clusters")
-                if not piece or len(piece) % CLUSTER:
-                    raise SnapshotError("the snapshot's disk clusters are damaged (a chunk of partial clusters)")
-                offset = 0
-                while offset < len(piece):
-                    if run_index >= len(runs):
-                        raise SnapshotError("the snapshot's disk holds more clusters than its map lists")
-                    start, stop = runs[run_index]
-                    count = min(stop - start - run_done, (len(piece) - offset) // CLUSTER)
-                    _write_all(self.fd, [piece[offset:offset + count * CLUSTER]],
-                               self._data_offset + (start + run_done) * CLUSTER)
-                    offset += count * CLUSTER
-                    run_done += count
-                    at += count
-                    if run_done == stop - start:
-                        run_index, run_done = run_index + 1, 0
+            for first, contents in unpack_clusters(cluster_map, saved.chunks):
+                _write_all(self.fd, [contents], self._data_offset + first * CLUSTER)
         except OSError as exc:
             raise SnapshotError(f"cannot write the restored disk overlay: {exc.strerror or exc}") from None
-        if at != self.allocated:
-            raise SnapshotError("the snapshot's disk holds fewer clusters than its map lists")
         self._map_dirty = True
+
+
+def inflate_map(data: bytes, clusters: int, what: str) -> bytes:
+    """A compressed map of one byte per cluster, each 0 or 1; SnapshotError if it is not one of *clusters*."""
+    cluster_map = _inflate(data, clusters, what)
+    if len(cluster_map) != clusters or cluster_map.translate(None, b"\x00\x01"):
+        raise SnapshotError(f"the snapshot's disk {what} is damaged")
+    return cluster_map
 
 
 def _inflate(data: bytes, limit: int, what: str) -> bytes:
