@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from coordinator.placement import NodeView, can_take_work, choose_node
 from coordinator.store import Job, Move
@@ -46,6 +47,8 @@ class ActiveMove:
     state: str  # prepare | go
     started: float  # the coordinator's clock
     why: str  # owner, admin, drain, ... (for the log)
+    # What the destination's checkpoints go on from, fixed at the hand-over (None: the job takes none)
+    checkpoint: dict[str, Any] | None = None
 
 
 class MoveBook:

@@ -209,6 +209,7 @@ class Moving:
             self._call_off(move, "the destination is gone" if target is None else "the job no longer runs there")
             return
         move.state = GO
+        move.checkpoint = self._checkpoints_after_move(move.job)
         source = self.nodes[name]
         source.running.discard(move.job)
         target.incoming.discard(move.job)
@@ -234,6 +235,8 @@ class Moving:
         move = self._move_of(identity, msg, "destination", name)
         if move is not None and move.state == GO:
             self._finish_move(move)
+            if move.checkpoint is not None:  # the guest runs there: its checkpoints go on from there
+                self._reply(identity, "checkpoint_start", job=move.job, **move.checkpoint)
 
     def _on_move_failed(self: Coordinator, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         move = self.moves.current(msg["job"], msg["epoch"])

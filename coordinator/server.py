@@ -140,7 +140,7 @@ class Coordinator(Moving):
         self.checkpoint_s = state.checkpoint_interval_s()
         self.checkpoints = CheckpointStore(state.checkpoints, state.checkpoint_budget_mib() << 20)
         self._resumed: set[int] = set()  # jobs whose attempt now goes on from their checkpoint
-        self._refused_piece: dict[int, int] = {}  # job -> the last piece refused (said once)
+        self._refused_piece: dict[int, tuple[str, int]] = {}  # job -> the last piece refused, and whose (said once)
         self._chunk_requests: deque[tuple[bytes, str, bytes]] = deque()  # (identity, node, digest)
         self._auth_store: Store | None = None
         if transport is None:
@@ -980,6 +980,16 @@ class Coordinator(Moving):
             log.warning("job %d: its checkpoint cannot be read (%s)", job_id, exc)
         return True
 
+    def _checkpoints_after_move(self, job_id: int) -> dict[str, Any] | None:
+        """What a job's checkpoints go on from on the node its guest was just handed over to (None: it takes
+        none): the interval, a piece number past every piece heard of from its source, and the output stored
+        now (the source's is all in, and no more is taken from it)."""
+        job = self.store.job(job_id)
+        if self.checkpoint_s <= 0 or job is None or job.guests != 1:
+            return None
+        return {"interval_s": self.checkpoint_s, "seq": self.checkpoints.next_seq(job_id),
+                **self.store.output_sizes(job_id)}
+
     def _checkpoint_problem(self, name: str, job_id: int) -> str | None:
         job = self.store.job(job_id)
         if job is None or job.state != "running" or job.node != name or job.guests != 1:
@@ -1021,9 +1031,9 @@ class Coordinator(Moving):
     def _checkpoint_refused(self, identity: bytes, name: str, msg: dict[str, Any], problem: str) -> None:
         """Say once per piece why it is not kept (the agent's next piece is then a full one)."""
         job_id, seq = msg["job"], msg["seq"]
-        if self._refused_piece.get(job_id) == seq:
+        if self._refused_piece.get(job_id) == (name, seq):
             return
-        self._refused_piece[job_id] = seq
+        self._refused_piece[job_id] = (name, seq)
         log.warning("job %d: checkpoint %d from %s refused: %s", job_id, seq, name, problem)
         self._reply(identity, "checkpoint_reply", job=job_id, seq=seq, ok=False, reason=problem[:200])
 

@@ -224,6 +224,8 @@ class AgentDaemon:
             self.conet.set_peers(message["peers"], message.get("relay"))
         elif message["type"] == "checkpoint_data":
             self.checkpoints.receive(message)
+        elif message["type"] == "checkpoint_start":
+            self.guests.checkpoints_go_on(message["job"], message)
         elif message["type"] == "checkpoint_reply" and not message["ok"]:
             self.guests.checkpoint_refused(message["job"], message.get("reason", "no reason given"))
 
