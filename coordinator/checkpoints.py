@@ -90,6 +90,7 @@ class CheckpointStore:
         self._uploads: dict[int, _Upload] = {}
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-check")
         self._checking: dict[int, tuple[Future, _Commit, Any]] = {}  # job -> its piece being checked
+        self._heard: dict[int, int] = {}  # job -> the highest piece number an upload started with
         for partial in root.glob("*/*.part"):  # uploads cut short by a restart never complete
             partial.unlink()
         self.used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
@@ -117,6 +118,11 @@ class CheckpointStore:
         except (OSError, ValueError, KeyError, TypeError):
             return {s: 0 for s in STREAMS}
 
+    def next_seq(self, job: int) -> int:
+        """The first piece number for the node a job's guest moved to: past every piece kept or heard of, so
+        that none of its own is ever mistaken for one its previous node sent."""
+        return max([self._heard.get(job, -1)] + [link.seq for link in self.chain(job)]) + 1
+
     def piece_path(self, job: int, seq: int) -> Path:
         return self._dir(job) / f"{seq}.ckpt"
 
@@ -136,6 +142,7 @@ class CheckpointStore:
             self.used -= sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
             shutil.rmtree(directory, ignore_errors=True)
         self._uploads.pop(job, None)
+        self._heard.pop(job, None)
 
     def sweep(self, keep: Callable[[int], bool]) -> None:
         """Drop the checkpoints of the jobs *keep* says no longer need them."""
@@ -162,6 +169,7 @@ class CheckpointStore:
         if index == 0:
             self._abandon(job)
             upload = self._uploads[job] = _Upload(seq)
+            self._heard[job] = max(seq, self._heard.get(job, -1))
         if upload is None or upload.seq != seq or upload.next_index != index:
             self._abandon(job)
             return f"chunk {index} of checkpoint piece {seq} arrived out of order; the piece is dropped"

@@ -248,13 +248,14 @@ def _render_status(reply: dict[str, Any]) -> None:
     for n in reply["nodes"]:
         state = n["state"] + (" (drained)" if n["drained"] else "")
         jobs = ",".join(str(j) for j in n["jobs"]) or "-"
+        load = n.get("owner_load")
         rows.append([n["name"], state, n["cores"], render.mib(n["mem_mib"]), render.speed(n["speed"]), jobs,
-                     render.duration(n["idle_s"])])
+                     render.duration(n["idle_s"]), "-" if load is None else f"{load:.2f}"])
     now = time.time()
     for n in reply.get("down", []):
         rows.append([n["name"], f"down since {render.since(n['since'], now)}: {n['why']}", n["cores"],
-                     render.mib(n["mem_mib"]), "-", "-", "-"])
-    _table(["NODE", "STATE", "CORES", "MEMORY", "SPEED", "JOBS", "IDLE"], rows)
+                     render.mib(n["mem_mib"]), "-", "-", "-", "-"])
+    _table(["NODE", "STATE", "CORES", "MEMORY", "SPEED", "JOBS", "IDLE", "OWNER LOAD"], rows)
     t = reply["totals"]
     jobs = t["jobs"]
     down = f" ({len(reply['down'])} down: `coordinator forget NODE` once gone for good)" if reply.get("down") else ""

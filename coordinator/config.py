@@ -23,15 +23,19 @@ from conode.limits import (DEFAULT_CHECKPOINT_BUDGET_MIB, DEFAULT_CHECKPOINT_INT
 from conode.metrics import OFF as METRICS_OFF
 from conode.tomlfile import create_private_toml, read_known
 from coordinator.identity import DEFAULT_SUBNET
+from coordinator.moves import OWNER_LOAD, OWNER_LOAD_PERSIST_S, OwnerLoadPolicy
 
 DEFAULT_PORT = 7700
 DEFAULT_BIND = f"tcp://127.0.0.1:{DEFAULT_PORT}"
 SERVER_KEY_NAME = "coordinator"
 ADMIN_KEY_NAME = "admin"
 RELAY_OFF = "off"
+MAX_OWNER_LOAD = 1024.0  # cores: more than any workstation has
+MAX_OWNER_LOAD_S = 86400.0
 PRIVATE_UMASK = 0o077  # what the coordinator creates is its own: directories 0700, files 0600
 SETTINGS_KEYS = ["bind", "conet_relay", "conet_subnet", "metrics", "checkpoint_interval_s", "checkpoint_budget_mib",
-                 "migrate_on_owner", "migrate_speedup"]  # what coordinator.toml may hold
+                 "migrate_on_owner", "migrate_speedup", "migrate_owner_load",
+                 "migrate_owner_load_s"]  # what coordinator.toml may hold
 CLIENT_KEYS = ["endpoint", "server_public_key", "key_directory", "key_name", "public_key", "secret_key"]
 
 
@@ -118,6 +122,12 @@ class StateDir:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value == 0 or value >= 1):
             raise ConodeError(f"migrate_speedup in {self.settings} must be 0 (off) or a ratio of at least 1")
         return float(value)
+
+    def owner_load_policy(self) -> OwnerLoadPolicy:
+        """When a workstation's owner's own CPU use moves its guests away: above ``migrate_owner_load`` cores
+        (0: never) for ``migrate_owner_load_s`` seconds."""
+        return OwnerLoadPolicy(self._number("migrate_owner_load", OWNER_LOAD, 0.0, MAX_OWNER_LOAD),
+                               self._number("migrate_owner_load_s", OWNER_LOAD_PERSIST_S, 0.0, MAX_OWNER_LOAD_S))
 
     def metrics(self) -> str:
         """Where the Prometheus endpoint listens (``metrics`` in coordinator.toml, conode/metrics.py): off by

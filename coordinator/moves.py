@@ -20,12 +20,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from coordinator.placement import NodeView, can_take_work, choose_node
 from coordinator.store import Job, Move
 
 MOVE_TIMEOUT_S = 60.0  # a move not handed over within this is called off; the guest stays on its source
 MOVE_HOLD_S = 60.0  # a guest moved by a policy is not moved again by a policy within this (hysteresis)
+# The owner-load policy's defaults: a guest moves away from a workstation whose owner has used more than this
+# share of a core for OWNER_LOAD_PERSIST_S (the agents' own default start_max_load: a load at which a workstation
+# would not start guests) ...
+OWNER_LOAD = 0.3
+OWNER_LOAD_PERSIST_S = 10.0
+# ... to one whose owner uses less than this fraction of it: a band, so that a load near the threshold never
+# sends a guest to a node from which it would move straight on.
+OWNER_LOAD_BAND = 0.5
 PREPARE, GO = "prepare", "go"
 
 
@@ -38,6 +47,8 @@ class ActiveMove:
     state: str  # prepare | go
     started: float  # the coordinator's clock
     why: str  # owner, admin, drain, ... (for the log)
+    # What the destination's checkpoints go on from, fixed at the hand-over (None: the job takes none)
+    checkpoint: dict[str, Any] | None = None
 
 
 class MoveBook:
@@ -111,6 +122,58 @@ def toward_speed(nodes: list[NodeView], speeds: dict[str, float], jobs: dict[str
                 continue
             for target in idle:
                 if target.mem_mib >= mem_mib and slow > 0 and speeds.get(target.name, 0.0) >= speedup * slow:
+                    return job, target.name
+    return None
+
+
+@dataclass(frozen=True)
+class OwnerLoadPolicy:
+    """When the owner's own load moves a guest away (``migrate_owner_load`` and ``migrate_owner_load_s``)."""
+
+    threshold: float = OWNER_LOAD  # the owner's cores above which a workstation's guests move (0: never)
+    persist_s: float = OWNER_LOAD_PERSIST_S  # ... once the load has stayed above it this long
+    band: float = OWNER_LOAD_BAND  # a destination's owner load must be below threshold × band
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0
+
+
+def loaded_since(previous: float | None, load: float | None, now: float, policy: OwnerLoadPolicy) -> float | None:
+    """Since when a node's owner load has been above the threshold, given its latest reading *load* (None: not
+    measured, which counts as below: an agent that cannot tell never sends guests away)."""
+    if not policy.enabled or load is None or load <= policy.threshold:
+        return None
+    return now if previous is None else previous
+
+
+def away_from_owner_load(nodes: list[NodeView], loads: dict[str, float | None], since: dict[str, float | None],
+                         jobs: dict[str, list[tuple[int, int]]], now: float, policy: OwnerLoadPolicy,
+                         held: Callable[[int], bool]) -> tuple[int, str] | None:
+    """Load balancing by the owner's own load, as openMosix moved work away from a busy node: a job (and where
+    to) running on a workstation whose owner has used more than the threshold for *persist_s*, to an idle one
+    whose owner uses less than threshold × band; or None. *loads*: each node's last owner load (None: unknown);
+    *since*: when each went above the threshold (:func:`loaded_since`); *jobs*: per node, its movable jobs as
+    (job, guest memory); *held*: the jobs that moved too recently to move again. The most loaded owner's guest
+    goes first, to the node whose owner is the least busy; one move at a time."""
+    if not policy.enabled:
+        return None
+
+    def persisting(name: str) -> bool:
+        start = since.get(name)
+        return start is not None and now - start >= policy.persist_s
+
+    quiet = [n for n in nodes if n.running == 0 and can_take_work(n) and not persisting(n.name)
+             and (load := loads.get(n.name)) is not None and load < policy.threshold * policy.band]
+    quiet.sort(key=lambda n: (loads[n.name], n.name))
+    busy = sorted((n for n in nodes if jobs.get(n.name) and persisting(n.name)),
+                  key=lambda n: (-(loads.get(n.name) or 0.0), n.name))
+    for node in busy:
+        for job, mem_mib in jobs[node.name]:
+            if held(job):
+                continue
+            for target in quiet:
+                if target.name != node.name and target.mem_mib >= mem_mib:
                     return job, target.name
     return None
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from conode.cluster import protocol
 from coordinator.identity import job_identities
-from coordinator.moves import (GO, PREPARE, ActiveMove, MoveBook, after_node_lost, after_restart, destination,
-                              toward_speed, why_not_movable)
+from coordinator.moves import (GO, PREPARE, ActiveMove, MoveBook, after_node_lost, after_restart,
+                              away_from_owner_load, destination, loaded_since, toward_speed, why_not_movable)
 from coordinator.placement import ACCEPTING_STATES
 from coordinator.store import Move
 
@@ -122,26 +122,60 @@ class Moving:
             self.server.send(node.identity, protocol.encode("load_vacated", job=job_id))
             log.info("job %d, vacated on %s, is loaded there to move", job_id, node.name)
 
-    def _move_to_faster(self: Coordinator) -> None:
-        """The load-balancing policy (``migrate_speedup`` in coordinator.toml; off by default): a guest moves to an
-        idle node that runs guests that much faster, and not again within MOVE_HOLD_S."""
-        if self.migrate_speedup <= 0 or not self.open_nodes:
-            return
-        now = self._clock()
+    def _movable_by_node(self: Coordinator) -> dict[str, list[tuple[int, int]]]:
+        """Per node whose owner is away, the jobs a policy may move now (not a gang's, not moving), as (job,
+        guest memory)."""
         jobs: dict[str, list[tuple[int, int]]] = {}
         for job in self.store.running_jobs():
             node = self.nodes.get(job.node or "")
             if node is not None and node.state in ACCEPTING_STATES and job.gang is None and \
                     job.id not in self.moves.active:
                 jobs.setdefault(node.name, []).append((job.id, job.mem_mib))
-        views = [node.view(name in self.drained) for name, node in self.nodes.items()]
-        chosen = toward_speed(views, {name: node.speed for name, node in self.nodes.items()}, jobs,
-                              self.migrate_speedup, lambda job: self.moves.held(job, now))
+        return jobs
+
+    def _policy_move(self: Coordinator, chosen: tuple[int, str] | None, why: str) -> None:
         if chosen is not None:
             try:
-                self.start_move(chosen[0], chosen[1], why="a faster node is idle")
+                self.start_move(chosen[0], chosen[1], why=why)
             except MoveRefused as exc:
                 log.debug("job %d stays: %s", chosen[0], exc)
+
+    def _move_to_faster(self: Coordinator) -> None:
+        """The load-balancing policy (``migrate_speedup`` in coordinator.toml; off by default): a guest moves to an
+        idle node that runs guests that much faster, and not again within MOVE_HOLD_S."""
+        if self.migrate_speedup <= 0 or not self.open_nodes:
+            return
+        now = self._clock()
+        views = [node.view(name in self.drained) for name, node in self.nodes.items()]
+        self._policy_move(toward_speed(views, {name: node.speed for name, node in self.nodes.items()},
+                                       self._movable_by_node(), self.migrate_speedup,
+                                       lambda job: self.moves.held(job, now)), "a faster node is idle")
+
+    def _owner_load_heard(self: Coordinator, node: Node, load: float | None) -> None:
+        """A heartbeat's owner load: kept, with since when it has been above the policy's threshold."""
+        node.owner_load = load
+        node.loaded_since = loaded_since(node.loaded_since, load, self._clock(), self.owner_load_policy)
+
+    def _move_from_owner_load(self: Coordinator) -> None:
+        """The owner-load policy (``migrate_owner_load``, ``migrate_owner_load_s``): a guest on a workstation
+        whose owner has kept busy for a while moves to one whose owner is not, and not again within
+        MOVE_HOLD_S."""
+        if not self.owner_load_policy.enabled or not self.open_nodes:
+            return
+        if not any(node.loaded_since is not None and node.running for node in self.nodes.values()):
+            return  # the usual case, found without building the views
+        now = self._clock()
+        views = [node.view(name in self.drained) for name, node in self.nodes.items()]
+        chosen = away_from_owner_load(views, {name: node.owner_load for name, node in self.nodes.items()},
+                                      {name: node.loaded_since for name, node in self.nodes.items()},
+                                      self._movable_by_node(), now, self.owner_load_policy,
+                                      lambda job: self.moves.held(job, now))
+        if chosen is not None:
+            source = self.store.job(chosen[0])
+            where = self.nodes.get(source.node or "") if source is not None else None
+            load = where.owner_load if where is not None else None
+            self._policy_move(chosen, "its owner's load is high" if load is None else
+                              f"its owner uses {load:.2f} cores")
 
     # --- the move messages -----------------------------------------------------------------------------------
     def _move_of(self: Coordinator, identity: bytes, msg: dict[str, Any], role: str, name: str) -> ActiveMove | None:
@@ -175,6 +209,7 @@ class Moving:
             self._call_off(move, "the destination is gone" if target is None else "the job no longer runs there")
             return
         move.state = GO
+        move.checkpoint = self._checkpoints_after_move(move.job)
         source = self.nodes[name]
         source.running.discard(move.job)
         target.incoming.discard(move.job)
@@ -200,6 +235,8 @@ class Moving:
         move = self._move_of(identity, msg, "destination", name)
         if move is not None and move.state == GO:
             self._finish_move(move)
+            if move.checkpoint is not None:  # the guest runs there: its checkpoints go on from there
+                self._reply(identity, "checkpoint_start", job=move.job, **move.checkpoint)
 
     def _on_move_failed(self: Coordinator, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         move = self.moves.current(msg["job"], msg["epoch"])

@@ -87,6 +87,8 @@ class Node:
     idle_s: float = 0.0
     away_since: float = 0.0  # when its owner left, on the coordinator's clock
     cpu_percent: float = 0.0
+    owner_load: float | None = None  # the owner's own CPU use, in cores (None: the agent cannot tell)
+    loaded_since: float | None = None  # since when that has been above the owner-load policy's threshold
     running: set[int] = field(default_factory=set)
     incoming: set[int] = field(default_factory=set)  # jobs moving here, not yet handed over (a slot each)
     connected_at: float = 0.0  # wall-clock time of its hello
@@ -137,7 +139,7 @@ class Coordinator(Moving):
         self.checkpoint_s = state.checkpoint_interval_s()
         self.checkpoints = CheckpointStore(state.checkpoints, state.checkpoint_budget_mib() << 20)
         self._resumed: set[int] = set()  # jobs whose attempt now goes on from their checkpoint
-        self._refused_piece: dict[int, int] = {}  # job -> the last piece refused (said once)
+        self._refused_piece: dict[int, tuple[str, int]] = {}  # job -> the last piece refused, and whose (said once)
         self._chunk_requests: deque[tuple[bytes, str, bytes]] = deque()  # (identity, node, digest)
         self._auth_store: Store | None = None
         if transport is None:
@@ -162,6 +164,7 @@ class Coordinator(Moving):
         self.drained = self.store.drained()
         self.migrate_on_owner = state.migrate_on_owner()
         self.migrate_speedup = state.migrate_speedup()
+        self.owner_load_policy = state.owner_load_policy()
         self._load_moves()
         self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
         self._capacity: list[tuple[int, int]] | None = None  # (cores, memory) of the nodes up or down, when asked
@@ -363,6 +366,7 @@ class Coordinator(Moving):
         node.idle_s = msg["idle_s"]
         node.away_since = self._clock() - node.idle_s
         node.cpu_percent = float(msg.get("cpu_percent", 0.0))
+        self._owner_load_heard(node, msg.get("owner_load"))
         node.speed = float(msg.get("speed", node.speed))
         if was_accepting != (node.state in ACCEPTING_STATES):
             self._refresh(node)
@@ -454,7 +458,7 @@ class Coordinator(Moving):
         nodes = [{
             "name": n.name, "state": n.state, "cores": n.cores, "mem_mib": n.mem_mib, "speed": n.speed,
             "jobs": sorted(n.running), "idle_s": n.idle_s, "drained": n.name in self.drained,
-            "cpu_percent": n.cpu_percent, "software": n.software,
+            "cpu_percent": n.cpu_percent, "owner_load": n.owner_load, "software": n.software,
             "moving_in": sorted(n.incoming), "moving_out": sorted(m.job for m in self.moves.involving(n.name)
                                                                if m.source == n.name),
         } for n in sorted(self.nodes.values(), key=lambda n: n.name)]
@@ -1002,6 +1006,16 @@ class Coordinator(Moving):
             log.warning("job %d: its checkpoint cannot be read (%s)", job_id, exc)
         return True
 
+    def _checkpoints_after_move(self, job_id: int) -> dict[str, Any] | None:
+        """What a job's checkpoints go on from on the node its guest was just handed over to (None: it takes
+        none): the interval, a piece number past every piece heard of from its source, and the output stored
+        now (the source's is all in, and no more is taken from it)."""
+        job = self.store.job(job_id)
+        if self.checkpoint_s <= 0 or job is None or job.guests != 1:
+            return None
+        return {"interval_s": self.checkpoint_s, "seq": self.checkpoints.next_seq(job_id),
+                **self.store.output_sizes(job_id)}
+
     def _checkpoint_problem(self, name: str, job_id: int) -> str | None:
         job = self.store.job(job_id)
         if job is None or job.state != "running" or job.node != name or job.guests != 1:
@@ -1043,9 +1057,9 @@ class Coordinator(Moving):
     def _checkpoint_refused(self, identity: bytes, name: str, msg: dict[str, Any], problem: str) -> None:
         """Say once per piece why it is not kept (the agent's next piece is then a full one)."""
         job_id, seq = msg["job"], msg["seq"]
-        if self._refused_piece.get(job_id) == seq:
+        if self._refused_piece.get(job_id) == (name, seq):
             return
-        self._refused_piece[job_id] = seq
+        self._refused_piece[job_id] = (name, seq)
         log.warning("job %d: checkpoint %d from %s refused: %s", job_id, seq, name, problem)
         self._reply(identity, "checkpoint_reply", job=job_id, seq=seq, ok=False, reason=problem[:200])
 
@@ -1116,6 +1130,7 @@ class Coordinator(Moving):
         self._expire_moves()
         self._move_from_owners()
         self._move_to_faster()
+        self._move_from_owner_load()
         for job in self.store.overdue(self._wall()):
             reason = f"time limit {job.timeout_s:g} s reached"
             self._end(job, "failed", reason)

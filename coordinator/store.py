@@ -537,6 +537,13 @@ class Store:
             total += len(data)
         return {name: bytes(data) for name, data in streams.items()}
 
+    def output_sizes(self, ident: int) -> dict[str, int]:
+        """How many bytes of stdout and stderr the job has stored."""
+        sizes = dict.fromkeys(("stdout", "stderr"), 0)
+        sizes.update(self.db.execute("SELECT stream, SUM(LENGTH(data)) FROM job_output WHERE job=? GROUP BY stream",
+                                     (ident,)).fetchall())
+        return sizes
+
     def output_since(self, ident: int, after: int, max_bytes: int) -> OutputSince:
         """The job's stdout and stderr stored after *after* (a cursor: 0 at first), at most about *max_bytes*."""
         streams = {"stdout": bytearray(), "stderr": bytearray()}

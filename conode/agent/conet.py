@@ -120,6 +120,10 @@ class ConetSwitch:
     def enabled(self) -> bool:
         return self.listen != OFF
 
+    def pids(self) -> set[int]:
+        """The switch's process, if it runs (its CPU is conode's, not the owner's)."""
+        return {self._process.pid} if self._process is not None else set()
+
     # --- the process --------------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the switch and wait until it listens; on failure, say why and carry on without it."""

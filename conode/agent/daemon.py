@@ -40,7 +40,7 @@ from conode.cluster.transport import AuthRefused
 from conode.errors import ConodeError
 from conode.idle.explain import explain
 from conode.idle.policy import guest_may_run
-from conode.idle.sources import IdleSource
+from conode.idle.sources import CgroupLoad, IdleSource
 
 log = logging.getLogger("conode.agent")
 
@@ -107,8 +107,11 @@ class AgentDaemon:
         if sources is None:
             sources = make_sources(config.idle_source, clock, wall, config.idle_reports)
         pauses = PauseWatch([config.state_dir, *([config.idle_reports] if config.idle_reports else [])], wall, clock)
-        self.owner = OwnerMonitor(sources, config.policy, clock=clock, wall=wall, fixed_load=0.0 if fixed else None,
-                                  pauses=pauses)
+        # The owner's load: its session's cgroup if named; else all the CPU but conode's, unless the owner is
+        # declared away or present (then nothing is measured).
+        load = CgroupLoad(config.owner_cgroup, clock) if config.owner_cgroup is not None else None
+        self.owner = OwnerMonitor(sources, config.policy, load, clock=clock, wall=wall,
+                                  fixed_load=0.0 if fixed and load is None else None, pauses=pauses)
         self.status_file = StatusFile(config.state_dir, clock, self.disk, config.idle_reports)
         self._process = psutil.Process()
         self._running = True
@@ -147,8 +150,11 @@ class AgentDaemon:
                                image_cache_mib=self.config.image_cache_mib, **conet)
 
     def _heartbeat(self) -> bytes:
+        load = self.owner.last.owner_load
+        measured = {"owner_load": load} if load is not None and math.isfinite(load) else {}
         return protocol.encode("heartbeat", node=self.config.name, state=self.state, idle_s=self._idle_s(),
-                               running=self.held_jobs(), speed=self.guests.speed(), cpu_percent=self._cpu_percent())
+                               running=self.held_jobs(), speed=self.guests.speed(), cpu_percent=self._cpu_percent(),
+                               **measured)
 
     # --- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -189,7 +195,7 @@ class AgentDaemon:
         self.guests.pump()
         self.conet.pump()
         self.guests.supervise(guest_may_run(self.owner.policy.state))
-        self.owner.load.set_own_pids({self._process.pid} | self.guests.pids())
+        self.owner.load.set_own_pids({self._process.pid} | self.guests.pids() | self.conet.pids())
         self._follow_owner()
         try:
             self.link.keep()
@@ -218,6 +224,8 @@ class AgentDaemon:
             self.conet.set_peers(message["peers"], message.get("relay"))
         elif message["type"] == "checkpoint_data":
             self.checkpoints.receive(message)
+        elif message["type"] == "checkpoint_start":
+            self.guests.checkpoints_go_on(message["job"], message)
         elif message["type"] == "checkpoint_reply" and not message["ok"]:
             self.guests.checkpoint_refused(message["job"], message.get("reason", "no reason given"))
 

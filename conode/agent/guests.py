@@ -651,9 +651,19 @@ class Guests:
         if plug is not None:
             self.send_to(slot, {"type": "plug", **plug})
 
+    def checkpoints_go_on(self, job: int, carried: dict[str, Any]) -> None:
+        """The coordinator says what the checkpoints of a guest moved here go on from (interval_s, seq, stdout,
+        stderr: where its output stood at the hand-over)."""
+        slot = self.jobs.get(job)
+        if slot is None:
+            log.info("job %d does not run here (any more): its checkpoints do not start", job)
+            return
+        self._resume_checkpoints(slot, job, carried)
+
     def _resume_checkpoints(self, slot: WorkerSlot, job: int, carried: dict[str, Any] | None) -> None:
-        """A guest resumed from a vacate is checkpointed again: a full piece first (its new worker has no dirty
-        log), numbered after the pieces the coordinator may hold, its output offsets where the vacate left them."""
+        """A guest resumed from a vacate, or moved here, is checkpointed again: a full piece first (its new worker
+        has no dirty log), numbered after the pieces the coordinator may hold, its output offsets where they
+        stood as it left its previous worker (the worker adds what it wrote since)."""
         if carried is None or self._checkpoints is None:
             return
         try:
@@ -661,7 +671,7 @@ class Guests:
                                 "checkpoint": self._checkpoints.settings(carried.get("interval_s"), carried.get("seq")),
                                 "outputs": {s: carried.get(s) for s in ("stdout", "stderr")}})
         except PipeError as exc:
-            log.warning("job %d is not checkpointed any more: its vacated record is damaged (%s)", job, exc)
+            log.warning("job %d is not checkpointed any more: what they go on from is not valid (%s)", job, exc)
 
     def _discard_vacated(self, index: int, why: str) -> None:
         """Give up a vacated guest: its other jobs fail for a retry elsewhere."""

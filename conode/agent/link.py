@@ -99,8 +99,8 @@ class ZmqTransport:
         self._client.close()
 
 
-FOR_AGENT = ("run_job", "cancel_job", "conet_peers", "checkpoint_reply", "checkpoint_data", "move_in", "move_out", "move_go",
-             "move_abort", "load_vacated")
+FOR_AGENT = ("run_job", "cancel_job", "conet_peers", "checkpoint_reply", "checkpoint_data", "checkpoint_start", "move_in",
+             "move_out", "move_go", "move_abort", "load_vacated")
 
 
 class CoordinatorLink:

@@ -124,9 +124,12 @@ class AgentMoves:
             figures = {k: message[k] for k in ("downtime_s", "total_s", "bytes", "rounds") if k in message}
             self._reports.report("move_sent", job=job, epoch=self.outgoing.pop(job), **figures)
             downtime = message.get("downtime_s")
-            log.info("job %d moved out: downtime %s, paused %.0f ms, total %.2f s, %.1f MB in %d rounds", job,
+            log.info("job %d moved out: downtime %s, paused %.0f ms (last %d pages sent at %.0f ms, the destination "
+                     "ready at %.0f, handed over at %.0f), total %.2f s, %.1f MB in %d rounds", job,
                      "unknown" if downtime is None else f"{downtime * 1000:.0f} ms", message["paused_s"] * 1000,
-                     message["total_s"], message["bytes"] / 1e6, message["rounds"])
+                     message.get("final_pages", 0), message.get("sent_s", 0.0) * 1000,
+                     message.get("ready_s", 0.0) * 1000, message.get("handed_s", 0.0) * 1000, message["total_s"],
+                     message["bytes"] / 1e6, message["rounds"])
         elif kind == "moved_in":
             self._arrived(slot, job, message)
         elif kind == "move_failed":

@@ -11,7 +11,8 @@ from typing import Callable
 from conode.agent.pause import Pause, PauseWatch
 from conode.idle.report import ReportsSource
 from conode.idle.policy import Observation, OwnerState, PolicyConfig, PolicyState, next_state
-from conode.idle.sources import FileSource, IdleReading, IdleSource, OwnerLoad, combine, on_battery, platform_sources
+from conode.idle.sources import (CgroupLoad, FileSource, IdleReading, IdleSource, OwnerLoad, combine, on_battery,
+                                 platform_sources)
 
 AUTO, AWAY, PRESENT = "auto", "away", "present"  # idle-source specs beside file:PATH
 FIXED_SOURCES = (AWAY, PRESENT)  # the owner declared away or present: no load to measure either
@@ -78,7 +79,7 @@ class OwnerSnapshot:
 
 
 class OwnerMonitor:
-    def __init__(self, sources: list[IdleSource], config: PolicyConfig, load: OwnerLoad | None = None,
+    def __init__(self, sources: list[IdleSource], config: PolicyConfig, load: OwnerLoad | CgroupLoad | None = None,
                  clock: Callable[[], float] = time.monotonic, fixed_load: float | None = None,
                  wall: Callable[[], float] = time.time, pauses: PauseWatch | None = None) -> None:
         self.sources = sources

@@ -35,7 +35,7 @@ POLICY_FIELDS = [f.name for f in dataclasses.fields(PolicyConfig) if f.name != "
 AGENT_KEYS: dict[str, type] = {"name": str, "coordinator": str, "coordinator_key": str, "cores": int, "mem": int,
                                "idle_source": str, "while_owner": str, "cpu_cap": float, "conet_listen": str,
                                "image_cache_mib": int, "idle_reports": str, "metrics": str,
-                               "migrate_max_mib_s": float}
+                               "migrate_max_mib_s": float, "owner_cgroup": str}
 WINDOWS_KEY = "windows"  # [[windows]] tables: when guests may run (start, end, days)
 KNOWN_KEYS = [*AGENT_KEYS, *POLICY_FIELDS, WINDOWS_KEY]
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -60,6 +60,7 @@ class AgentConfig:
     idle_reports: Path | None = None  # where desktop sessions report their input (conode/idle/report.py)
     metrics: Address | None = None  # where the Prometheus endpoint listens; None: off
     migrate_max_mib_s: float = 0.0  # what a guest moving away may send per second (0: as fast as the link goes)
+    owner_cgroup: Path | None = None  # the owner's session's cgroup: its CPU is the owner load (None: all but ours)
 
     @property
     def shutdown_while_owner(self) -> bool:
@@ -184,10 +185,13 @@ def resolve_agent_config(state_dir: Path, config_file: Path | None, overrides: d
     migrate_max_mib_s = _typed(values, "migrate_max_mib_s", 0.0)
     if not 0.0 <= migrate_max_mib_s <= 1e6:
         raise ConodeError("migrate_max_mib_s must be from 0 (no limit) to 1000000 MiB/s")
+    owner_cgroup = _typed(values, "owner_cgroup", "")
+    if owner_cgroup and not (Path(owner_cgroup) / "cpu.stat").is_file():
+        raise ConodeError(f"owner_cgroup must be a cgroup v2 directory (with a cpu.stat), not {owner_cgroup!r}"[:300])
     return AgentConfig(state_dir=state_dir, name=_typed(values, "name", "") or default_node_name(),
                        coordinator=str(values["coordinator"]), coordinator_key=str(values["coordinator_key"]),
                        cores=cores, mem_mib=mem_mib, idle_source=idle_source, policy=_policy(values),
                        while_owner=while_owner, cpu_cap=cpu_cap, conet_listen=conet_listen,
                        image_cache_mib=image_cache_mib,
                        idle_reports=Path(idle_reports) if idle_reports else None, metrics=metrics,
-                       migrate_max_mib_s=migrate_max_mib_s)
+                       migrate_max_mib_s=migrate_max_mib_s, owner_cgroup=Path(owner_cgroup) if owner_cgroup else None)

@@ -78,7 +78,10 @@ FROM_WORKER: dict[str, dict[str, Field]] = {
     "listening": {"job": Field(INT), "endpoint": Field(STR)},
     "move_ready": {"job": Field(INT)},
     "moved_out": {"job": Field(INT), "downtime_s": Field(MEASURE, required=False), "total_s": Field(MEASURE),
-                  "paused_s": Field(MEASURE), "bytes": Field(INT), "rounds": Field(INT)},
+                  "paused_s": Field(MEASURE), "bytes": Field(INT), "rounds": Field(INT),
+                  # the stop-and-copy phase: last pages sent, destination ready, hand-over done (from the pause)
+                  "sent_s": Field(MEASURE, required=False), "ready_s": Field(MEASURE, required=False),
+                  "handed_s": Field(MEASURE, required=False), "final_pages": Field(INT, required=False)},
     "moved_in": {"job": Field(INT), "rounds": Field(INT), "bytes": Field(INT)},
     "move_failed": {"job": Field(INT), "reason": Field(TEXT), "handed_over": Field(BOOL)},
 }

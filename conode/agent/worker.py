@@ -9,8 +9,8 @@ length-prefixed msgpack (pipe.py):
   ``pause``, ``resume``, ``vacate`` (path), ``quit``, ``plug`` (token, socket: the conet port of a guest resumed
   from disk, which keeps its identity), ``restore`` (job, pieces: a checkpoint chain to go on from, and net and
   disk as for run), ``checkpoint_reset`` (job: the next checkpoint must hold every page); run and restore may
-  carry checkpoint (dir, interval_s, seq: checkpointer.py), and ``checkpoint_start`` (job, checkpoint, outputs)
-  starts them for a guest resumed from a vacate;
+  carry checkpoint (dir, interval_s, seq: checkpointer.py), and ``checkpoint_start`` (job, checkpoint, outputs:
+  the offsets as the guest came to this worker) starts them for a guest resumed from a vacate or moved here;
 - worker → agent: ``ready`` (guest, speed), ``output`` (job, stream, data), ``finished`` (job, status, outputs,
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
   ``resumed``, ``vacated`` (path, jobs, and checkpoint: what its checkpoints go on from), ``checkpoint`` (job,
@@ -45,7 +45,7 @@ from conode.agent.worker_moves import receive_guest, send_guest
 from conode.conet.frames import announcement
 from conode.conet.port import Port, PortError
 from conode.errors import ConodeError
-from conode.vm.checkpoint import guest_state, materialize, read_piece
+from conode.vm.checkpoint import STREAMS, guest_state, materialize, read_piece
 from conode.vm.cpu.unicorn_cpu import RamImage
 from conode.vm.disk.config import DiskConfig
 from conode.vm.guest import Guest, GuestSnapshot, ImageDigests, JobSpec
@@ -83,6 +83,9 @@ class GuestWorker:
         # pristine one: kept for the last image used, so that the next job on it starts without a boot.
         self._image_pristine: tuple[tuple[str, int], GuestSnapshot, RamImage] | None = None
         self._checkpointer: Checkpointer | None = None  # the job guest's, when the agent asked for checkpoints
+        # Output the job guest wrote in this worker: what a checkpoint_start that comes after the guest started
+        # here (resumed from a vacate, or moved here) adds to the offsets it names.
+        self._written = dict.fromkeys(STREAMS, 0)
         self.called_off = threading.Event()  # the agent called the current move off (worker_moves.py)
         self._stash: deque[dict[str, Any]] = deque()  # messages read while waiting for a move's answer
 
@@ -199,6 +202,7 @@ class GuestWorker:
             self._checkpointer = None
         if self.guest is guest:
             self.guest = None
+            self._written = dict.fromkeys(STREAMS, 0)
             if self._port is not None:
                 self._port.close()
                 self._port = None
@@ -208,6 +212,8 @@ class GuestWorker:
 
     # --- JobSink: results to the agent -----------------------------------------------------------------
     def output(self, job: int, stream: str, data: bytes) -> None:
+        if self.guest is not None and self.guest.job is not None and self.guest.job.spec.id == job:
+            self._written[stream] += len(data)
         if self._checkpointer is not None and self._checkpointer.job == job:
             self._checkpointer.outputs[stream] += len(data)  # where the job's output goes on from a checkpoint
         self.send({"type": "output", "job": job, "stream": stream, "data": data})
@@ -278,10 +284,11 @@ class GuestWorker:
                 guest.machine.pause()
         elif kind in ("run", "restore", "receive"):
             self._runs.append(message)
-        elif kind == "checkpoint_start":  # a guest resumed from a vacate: its checkpoints go on
+        elif kind == "checkpoint_start":  # a guest resumed from a vacate or moved here: its checkpoints go on
             if self.guest is not None and self.guest.job is not None and self.guest.job.spec.id == message["job"] \
                     and self._checkpointer is None:
-                self._start_checkpoints(message["job"], message, message["outputs"])
+                outputs = {s: message["outputs"][s] + self._written[s] for s in STREAMS}
+                self._start_checkpoints(message["job"], message, outputs)
         elif kind == "checkpoint_reset":
             if self._checkpointer is not None and self._checkpointer.job == message.get("job"):
                 self._checkpointer.reset()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from conode.agent.platform import urgent
 from conode.agent.settings import AGENT_KEY_NAME
 from conode.cluster.keys import load_key_pair
 from conode.errors import ConodeError
@@ -66,7 +67,7 @@ def send_guest(worker: GuestWorker, message: dict[str, Any], live: bool) -> bool
         keys = load_key_pair(Path(message["keys"]), AGENT_KEY_NAME)
         inner = curve.connect(zmq.Context.instance(), message["endpoint"], message["peer"], keys, POLL_S)
         report = migrate_out(running, _stream(worker, inner), policy, f"the agent at {message['endpoint']}",
-                             before_go)
+                             before_go, urgent)
     except (MigrationError, ConodeError, zmq.ZMQError) as exc:
         if running.running:
             running.pause()  # the guest goes on here, on the worker's own loop
@@ -76,7 +77,8 @@ def send_guest(worker: GuestWorker, message: dict[str, Any], live: bool) -> bool
         worker.send({"type": "move_failed", "job": job, "reason": str(exc), "handed_over": True})
     else:
         worker.send({"type": "moved_out", "job": job, "total_s": report.total_s, "paused_s": report.paused_s,
-                     "bytes": report.bytes_sent, "rounds": report.rounds,
+                     "bytes": report.bytes_sent, "rounds": report.rounds, "sent_s": report.sent_s,
+                     "ready_s": report.ready_s, "handed_s": report.handed_s, "final_pages": report.final_pages,
                      **({"downtime_s": max(0.0, report.downtime_s)} if report.downtime_s is not None else {})})
     finally:
         if inner is not None:
@@ -94,8 +96,11 @@ def receive_guest(worker: GuestWorker, message: dict[str, Any]) -> Guest | None:
         inner, endpoint = curve.listen(zmq.Context.instance(), message["bind"], keys, message["peer"], POLL_S)
         worker.send({"type": "listening", "job": job, "endpoint": endpoint})
         base, overlay = message.get("base"), message.get("overlay")
-        arrival = migrate_in(_stream(worker, inner), worker, Path(base) if base else None, "the source agent",
-                             Path(overlay) if overlay else None)
+        # This workstation's owner is away (it was chosen for that): its CPU goes to taking the guest in, so that
+        # the guest's downtime does not wait for it; the guest then runs at the lowest priority again.
+        with urgent():
+            arrival = migrate_in(_stream(worker, inner), worker, Path(base) if base else None, "the source agent",
+                                 Path(overlay) if overlay else None)
     except (MigrationError, ConodeError, zmq.ZMQError) as exc:
         if inner is not None:
             inner.close()

@@ -100,6 +100,7 @@ STATES = Kind("str_list", 16, item=MAX_SMALL_FIELD)  # job states to list
 CURSOR = Kind("int", low=0, high=2**63 - 1)  # where a followed log stands
 PIECE_NUMBER = Kind("int", low=-1, high=1 << 40)  # a checkpoint piece's number (-1: the base of a full piece)
 PIECE_SIZE = Kind("int", low=1, high=MAX_SNAPSHOT_BYTES)
+COUNT = Kind("int", low=0, high=1 << 40)  # a piece's number from 0, or bytes of output written
 CHAIN = Kind("list", 64)  # a checkpoint chain to resume from: {seq, size, sha256} per piece (conode/agent/checkpoints.py)
 ANY_LIST = Kind("list", MAX_LIST_ENTRIES)
 ANY_MAP = Kind("map", MAX_LIST_ENTRIES)
@@ -123,7 +124,8 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
                         "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
                         "software": _f(STR), "conet": _f(STR, False), "image_cache_mib": _f(CACHE_MIB, False)}),
     "heartbeat": ("agent", {"node": _f(STR), "state": _f(STR), "idle_s": _f(MEASURE), "running": _f(INT_LIST),
-                            "speed": _f(MEASURE, False), "cpu_percent": _f(MEASURE, False)}),
+                            "speed": _f(MEASURE, False), "cpu_percent": _f(MEASURE, False),
+                            "owner_load": _f(MEASURE, False)}),  # the owner's own CPU use in cores, if measured
     "job_output": ("agent", {"job": _f(INT), "stream": _f(STR), "data": _f(BYTES)}),
     "job_finished": ("agent", {"job": _f(INT), "status": _f(INT), "outputs": _f(OUTPUTS), "missing": _f(MISSING),
                                "runtime_s": _f(MEASURE)}),
@@ -154,6 +156,9 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
                                          "reason": _f(STR, False)}),
     "checkpoint_data": ("coordinator", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "index": _f(INT),
                                         "data": _f(CHUNK)}),  # a chain's pieces, sent before its run_job
+    # a guest moved here is checkpointed from now on: its interval, next piece's number and output offsets
+    "checkpoint_start": ("coordinator", {"job": _f(INT), "interval_s": _f(MEASURE), "seq": _f(COUNT),
+                                         "stdout": _f(COUNT), "stderr": _f(COUNT)}),
     "conet_peers": ("coordinator", {"peers": _f(PEERS), "relay": _f(STR, False)}),  # relay: its endpoint
     "cancel_job": ("coordinator", {"job": _f(INT)}),
     "image_chunk": ("coordinator", {"digest": _f(DIGEST), "data": _f(CHUNK, False), "problem": _f(STR, False)}),

@@ -223,6 +223,39 @@ class OwnerLoad:
         return max(0.0, used / (now - previous_at))
 
 
+class CgroupLoad:
+    """CPU used by the processes of one cgroup v2 (the owner's session, e.g. a systemd user slice such as
+    ``/sys/fs/cgroup/user.slice/user-1000.slice``), in cores: on a machine that also runs other people's or the
+    system's work, the owner's own load, nothing else. Read from its ``cpu.stat``; an unreadable one is unknown."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._clock = clock
+        self._last: tuple[float, float] | None = None  # (usage in seconds, when)
+
+    def set_own_pids(self, pids: set[int]) -> None:
+        """conode's processes are not in the owner's cgroup: nothing to leave out."""
+
+    def _usage_s(self) -> float | None:
+        try:
+            text = (self.path / "cpu.stat").read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec" and value.strip().isdigit():
+                return int(value) / 1e6
+        return None
+
+    def read(self) -> float | None:
+        """The owner's load since the previous call (None on the first call, or if the cgroup cannot be read)."""
+        now, usage = self._clock(), self._usage_s()
+        previous, self._last = self._last, None if usage is None else (usage, now)
+        if usage is None or previous is None or now <= previous[1]:
+            return None
+        return max(0.0, usage - previous[0]) / (now - previous[1])
+
+
 def on_battery() -> bool | None:
     try:
         battery = psutil.sensors_battery()

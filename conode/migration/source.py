@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from conode.errors import ConodeError
@@ -66,6 +67,12 @@ class Report:
     cpu_cap: float = 1.0  # the guest's CPU share when it was paused (below 1: auto-converge slowed it)
     total_s: float = 0.0  # from the start to GO
     paused_s: float = 0.0  # from the guest's last instruction here to GO
+    # The stop-and-copy phase, each from the guest's last instruction here: the last pages, the device state and
+    # their digest sent; the destination's READY (it holds the guest, built and checked); the hand-over done
+    # (before_go returned).
+    sent_s: float = 0.0
+    ready_s: float = 0.0
+    handed_s: float = 0.0
     downtime_s: float | None = None  # from its last instruction here to its first there (None: not heard)
     verified: bool | None = None  # all RAM checked on the other side (None: not heard)
 
@@ -118,13 +125,15 @@ def _popcount(bitmap: bytearray) -> int:
 
 
 def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Policy(),
-                peer: str = "the destination", before_go: Callable[[], None] | None = None) -> Report:
+                peer: str = "the destination", before_go: Callable[[], None] | None = None,
+                urgent: Callable[[], AbstractContextManager[object]] = nullcontext) -> Report:
     """Move the guest of *running* over *stream*; return the figures once the destination has it. Raise
     MigrationError, with the guest as before (running, or paused if it was), if the move fails before it changes
     hands. A paused guest moves in one copy (stop and copy: it is down anyway). *before_go* is called once the
     destination is ready, the guest paused: it may refuse the hand-over by raising MigrationError (someone else
     decides who owns the guest); once it returns, the guest is the destination's, whatever happens next. After
-    a successful move the guest here is paused and must never run again."""
+    a successful move the guest here is paused and must never run again. The stop-and-copy phase (the guest
+    paused until GO is sent) runs inside *urgent* (conode.agent.platform.urgent raises the thread's priority)."""
     guest = running.guest
     machine = guest.machine
     live = running.running
@@ -174,28 +183,32 @@ def migrate_out(running: RunningGuest, stream: ByteStream, policy: Policy = Poli
             pending = take()
 
         # Stop and copy: from here on every millisecond is the guest's downtime.
-        stopped_ns = running.pause() if live else time.monotonic_ns()
-        paused = live
-        if guest.finished:
-            raise MigrationError("the guest's job ended before it could move")
-        report.cpu_cap = machine.cpu_cap
-        with ThreadPoolExecutor(1) as pool:
-            final = _union(pending, tracker.take())
-            whole = policy.full_digest or _popcount(final) == machine.ram.size // PAGE_SIZE  # all RAM goes now
-            spans = None if whole else list(runs(final, RUN_PAGES))
-            digest = pool.submit(ram_digest, machine.ram.view, spans)  # the RAM is frozen now: hashed as we send
-            report.final_pages = send_pages(frames, tracker, final, report)
-            frames.send(ROUND, ROUND_NUMBER.pack(report.rounds + 1))
-            envelope = pack_map(guest.snapshot(with_ram=False).to_data())
-            report.state_bytes = len(envelope)
-            frames.send(STATE, envelope)
-            frames.send(DIGEST, pack_digest(digest.result()))
-        frames.receive(READY)
-        if before_go is not None:
-            before_go()
-        committed = True
-        frames.send(GO)
-        report.paused_s = (time.monotonic_ns() - stopped_ns) / 1e9
+        with urgent():  # at normal CPU priority where allowed: a starved copy is a long downtime
+            stopped_ns = running.pause() if live else time.monotonic_ns()
+            paused = live
+            if guest.finished:
+                raise MigrationError("the guest's job ended before it could move")
+            report.cpu_cap = machine.cpu_cap
+            with ThreadPoolExecutor(1) as pool:
+                final = _union(pending, tracker.take())
+                whole = policy.full_digest or _popcount(final) == machine.ram.size // PAGE_SIZE  # all RAM goes now
+                spans = None if whole else list(runs(final, RUN_PAGES))
+                digest = pool.submit(ram_digest, machine.ram.view, spans)  # the RAM is frozen now: hashed as we send
+                report.final_pages = send_pages(frames, tracker, final, report)
+                frames.send(ROUND, ROUND_NUMBER.pack(report.rounds + 1))
+                envelope = pack_map(guest.snapshot(with_ram=False).to_data())
+                report.state_bytes = len(envelope)
+                frames.send(STATE, envelope)
+                frames.send(DIGEST, pack_digest(digest.result()))
+            report.sent_s = (time.monotonic_ns() - stopped_ns) / 1e9
+            frames.receive(READY)
+            report.ready_s = (time.monotonic_ns() - stopped_ns) / 1e9
+            if before_go is not None:
+                before_go()
+            report.handed_s = (time.monotonic_ns() - stopped_ns) / 1e9
+            committed = True
+            frames.send(GO)
+            report.paused_s = (time.monotonic_ns() - stopped_ns) / 1e9
         report.total_s = time.monotonic() - started
         if not whole:
             frames.send(DIGEST, pack_digest(ram_digest(machine.ram.view)))  # the guest is paused here for good

@@ -1,4 +1,4 @@
-"""Two processes that move a running guest between them, for the migration tests and benchmark.
+"""Two processes that move a running guest between them, for the migration tests.
 
     python -m conode.testing.migration destination ADDRESS OUT    receive a guest at ADDRESS (a Unix socket's
                                                                    path), run its job to the end, its stdout to OUT

@@ -5,7 +5,8 @@ SIGKILLed in the middle. The job must go on from its last checkpoint on the othe
 random token it drew at its start, printed before the kill, is the one it prints at its end) and its output
 must be exactly an uninterrupted run's, each line once. The same for a job on a pool image, whose disk overlay
 goes with its checkpoints: what it wrote to its disk before is there after the move. A job vacated to disk by
-its workstation's owner and resumed there is checkpointed again, and goes on from those checkpoints.
+its workstation's owner and resumed there is checkpointed again, and goes on from those checkpoints; so is a job
+moved to another agent, once its guest runs there.
 """
 
 import json
@@ -143,5 +144,36 @@ def test_a_job_resumed_from_a_vacate_is_checkpointed_and_goes_on_from_it(tmp_pat
         token = re.match(rb"token (\w+)\n", before)
         assert token is not None, before
         assert pool.cli("logs", str(job)).stdout == expected(token[1].decode())
+    finally:
+        pool.close()
+
+
+def test_a_job_moved_to_another_agent_is_checkpointed_there_and_goes_on_from_it(tmp_path):
+    pool = checkpointing_pool(tmp_path, 2.0)
+    try:
+        for name in ("node-a", "node-b"):
+            pool.add_agent(name)
+        pool.wait_until("two ready nodes", lambda: len(pool.ready_nodes()) == 2, timeout=240)
+        job = pool.submit("sh", "-c", JOB)
+        kept = re.compile(rf"job {job}: checkpoint \d+ from (\S+) kept")
+        source = pool.wait_until("a checkpoint at the source", lambda: (found := kept.findall(pool.log("coordinator")))
+                                 and found[-1], 60, interval=0.2)
+        target = "node-b" if source == "node-a" else "node-a"
+        pool.cli("migrate", str(job), "--to", target)
+        after = re.compile(rf"job {job} now runs on {target}.*job {job}: checkpoint (\d+) from {target} kept", re.S)
+        piece = pool.wait_until("a checkpoint after the move", lambda: after.search(pool.log("coordinator")), 60)[1]
+        pool.kill(pool.agents[source])  # it plays no part any more
+        before = pool.cli("logs", str(job)).stdout
+        pool.kill(pool.agents[target])
+        pool.add_agent("spare")  # the job waits for it, its checkpoint from the destination kept
+        assert pool.cli("wait", str(job), "--timeout", "180", check=False, timeout=200).returncode == 0
+        final = pool.jobs()[job]
+        assert final["state"] == "done" and final["node"] == "spare"
+        token = re.match(rb"token (\w+)\n", before)
+        assert token is not None, before
+        assert pool.cli("logs", str(job)).stdout == expected(token[1].decode())  # each line once, not started afresh
+        going_on = re.search(rf"job {job} placed on spare, to go on from its checkpoint \(piece (\d+)\)",
+                             pool.log("coordinator"))
+        assert going_on is not None and int(going_on[1]) >= int(piece)
     finally:
         pool.close()

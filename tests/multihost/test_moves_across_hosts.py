@@ -1,12 +1,17 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Running guests moving between agents on separate test hosts, orchestrated by the coordinator: on command, when
-the workstation's owner returns, and through faults (either agent killed, the link cut, the coordinator restarted
-in the middle of a move). In every case the job's output is exactly what an uninterrupted run prints. Root only."""
+the workstation's owner returns, when the owner's own CPU load stays high, and through faults (either agent
+killed, the link cut, the coordinator restarted in the middle of a move). In every case the job's output is
+exactly what an uninterrupted run prints. Root only."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ from hostpool import COORDINATOR_HOST, READY_TIMEOUT_S, slow_transfer, transfer_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))  # pool.py, test_owner_cycle.py
 
+from conode.tomlfile import read_toml, write_toml
 from pool import Pool
 from test_owner_cycle import Owner
 
@@ -43,9 +49,18 @@ def expected_output(steps: int) -> bytes:
     return "".join(lines).encode() + f"total {s}\n".encode()
 
 
+def coordinator_settings(pool: Pool, **settings) -> None:
+    """Add *settings* to the pool's coordinator.toml (before the coordinator starts)."""
+    path = pool.state / "coordinator.toml"
+    write_toml(path, {**(read_toml(path) if path.exists() else {}), **settings})
+
+
 def start_pool(network, root: Path, **agent_settings) -> tuple[Pool, dict[str, Owner]]:
     """A coordinator and three owner-aware agents, each on its own test host, every owner away."""
     pool = Pool(root, host=network.host(COORDINATOR_HOST))
+    # The agents measure the owner's load machine-wide, where it is every test host's and other tests' load:
+    # the owner-load policy would read noise (it has a test of its own, with loads of the hosts' own).
+    coordinator_settings(pool, migrate_owner_load=0)
     pool.start_coordinator()
     owners = {}
     for name in AGENTS:
@@ -238,3 +253,71 @@ def test_a_tcp_transfer_goes_on_across_a_move_then_a_source_killed_mid_move_runs
     row = finish(pool, job, steps)  # from the start, elsewhere: its output is that of one whole run
     assert row["attempts"] == 2 and row["node"] != source and row["moves"] == 0
     assert f"move of job {job} from {source} to {target} called off" in pool.log("coordinator")
+
+
+OWNER_LOAD_POLICY = {"migrate_owner_load": 0.2, "migrate_owner_load_s": 2.0}  # a guest moves after 2 s of load
+BURNERS = 2  # the owner's CPU-bound processes: on a shared machine one may get less than the threshold
+
+
+@pytest.fixture
+def owner_cgroups(network, tmp_path) -> Iterator[dict[str, Path]]:
+    """Per agent host, a cgroup standing for its owner's desktop session (its CPU use is the owner's load), seen
+    through a bind mount under *tmp_path* (`ip netns exec` mounts a /sys of its own, without the cgroups); the
+    mounts and cgroups are removed once the processes in them are gone."""
+    root = testnet.cgroup2_root()
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy on this machine")
+    groups = {name: root / f"{testnet.PREFIX}{os.getpid()}-{name}-owner" for name in AGENTS[:2]}
+    seen = {name: tmp_path / f"{name}-owner-cgroup" for name in groups}
+    try:
+        for name, path in groups.items():
+            path.mkdir()
+            seen[name].mkdir()
+            subprocess.run(["mount", "--bind", str(path), str(seen[name])], check=True, timeout=30)
+        yield seen
+    finally:
+        for name, path in groups.items():
+            if (path / "cgroup.procs").exists():
+                for pid in (path / "cgroup.procs").read_text().split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            subprocess.run(["umount", str(seen[name])], check=False, capture_output=True, timeout=30)
+            testnet.remove_cgroup(path.name)
+
+
+def test_the_owners_own_cpu_load_moves_the_guest_to_a_quiet_workstation_once(network, tmp_path, owner_cgroups):
+    """The owner starts CPU-bound work on the workstation running the guest (processes in its session's cgroup,
+    which the agent measures): once the load has lasted, the coordinator moves the guest to the other,
+    quiet workstation; it does not come back while the load goes on there; the output is intact."""
+    pool = Pool(tmp_path, host=network.host(COORDINATOR_HOST))
+    coordinator_settings(pool, **OWNER_LOAD_POLICY)
+    pool.start_coordinator()
+    for name, cgroup in owner_cgroups.items():
+        config = tmp_path / f"{name}.toml"
+        # The agent keeps its guest running under the owner's load (the coordinator moves it instead).
+        write_toml(config, {"owner_cgroup": str(cgroup), "start_max_load": 1000.0, "suspend_load": 1000.0})
+        pool.add_agent(name, "--owner", "away", "--config", str(config), host=network.host(name))
+    try:
+        pool.wait_until("2 ready nodes", lambda: sorted(pool.ready_nodes()) == sorted(owner_cgroups),
+                        timeout=READY_TIMEOUT_S)
+        steps = 40
+        job = pool.submit("sh", "-c", job_of(steps, 0.3))
+        running_with_output(pool, job, 2)
+        source = job_row(pool, job)["node"]
+        target = next(name for name in owner_cgroups if name != source)
+        cgroup = owner_cgroups[source]
+        for _ in range(BURNERS):
+            network.hosts[source].spawn(["sh", "-c", f"echo $$ > {cgroup}/cgroup.procs && exec sh -c "
+                                                     "'while :; do :; done'"])
+        row = pool.wait_until("the move away from the owner's load", lambda: moved(pool, job, 1, target), 60,
+                              interval=0.3)
+        assert row["node"] == target
+        assert f"job {job} moving from {source} to {target} (its owner uses " in pool.log("coordinator")
+        load = next(n for n in pool.status()["nodes"] if n["name"] == source)["owner_load"]
+        assert load is not None and load > OWNER_LOAD_POLICY["migrate_owner_load"]
+        row = finish(pool, job, steps)  # the owner still works on the source: no move back
+        assert row["moves"] == 1 and row["ran_on"] == [source, target] and row["attempts"] == 1
+    finally:
+        pool.close()

@@ -41,6 +41,14 @@ def test_a_destination_gives_a_free_worker_the_guest_and_reports_it_arrived(agen
     w1.emit("output", job=7, stream="stdout", data=b"go on\n")  # its output is the job's, from here
     agent.step()
     assert agent.sent("job_output", job=7)[0]["data"] == b"go on\n"
+    agent.coordinator.deliver("checkpoint_start", job=7, interval_s=30.0, seq=4, stdout=120, stderr=3)
+    agent.step()  # and its checkpoints go on from here, a full piece first
+    [start] = w1.of_type("checkpoint_start")
+    assert (start["job"], start["checkpoint"]["seq"], start["checkpoint"]["interval_s"], start["outputs"]) == \
+        (7, 4, 30.0, {"stdout": 120, "stderr": 3})
+    agent.coordinator.deliver("checkpoint_start", job=9, interval_s=30.0, seq=4, stdout=0, stderr=0)
+    agent.step()  # a job not here: nothing starts
+    assert not w0.of_type("checkpoint_start") and len(w1.of_type("checkpoint_start")) == 1
 
 
 def test_a_move_called_off_at_the_destination_lets_the_job_be_placed_there_later(agent):

@@ -445,6 +445,41 @@ def test_a_lost_nodes_job_goes_on_from_its_checkpoint_elsewhere(pool, tmp_path, 
     assert pool.coordinator.checkpoints.chain(job) == []
 
 
+def test_a_moved_jobs_checkpoints_go_on_from_its_destination_and_no_more_from_its_source(pool, tmp_path, envelope):
+    for name in ("n1", "n2"):
+        pool.hello(name)
+    job = pool.submit()
+    source = next(name for name in ("n1", "n2") if any(m["type"] == "run_job" for m in pool.take(name)))
+    target = "n2" if source == "n1" else "n1"
+    pool.send(source, "job_output", job=job, stream="stdout", data=b"one\ntwo\n")
+    ram = random_ram(random.Random(2))
+    kept = make_piece(tmp_path / "p0", envelope, ram, None, 0, FULL, job=job, outputs={"stdout": 4, "stderr": 0})
+    assert put_piece(pool, source, job, kept, 0, FULL)[0]["ok"]
+    late = make_piece(tmp_path / "p1", envelope, ram, [1, 2], 1, 0, job=job, outputs={"stdout": 8, "stderr": 0})
+    data = late.read_bytes()
+    pool.send(source, "checkpoint_put", job=job, seq=1, index=0, data=data)  # under way as the guest moves
+    assert pool.ask("migrate", job=job, to=target)["type"] == "ok"
+    (move_in,) = [m for m in pool.take(target) if m["type"] == "move_in"]
+    pool.send(target, "move_listening", job=job, epoch=move_in["epoch"], endpoint="tcp://10.0.0.9:4000", key="k")
+    pool.send(source, "job_output", job=job, stream="stderr", data=b"oops\n")  # before the guest stopped there
+    assert [m["type"] for m in pool.send(source, "move_ready", job=job, epoch=move_in["epoch"])] == ["move_go"]
+    # The source's piece is refused once the guest is the destination's; the chain it had stays the job's
+    refused = pool.send(source, "checkpoint_commit", job=job, seq=1, base=0, size=len(data),
+                        sha256=hashlib.sha256(data).hexdigest())
+    assert not refused[0]["ok"] and f"does not run on {source}" in refused[0]["reason"]
+    assert [link.seq for link in pool.coordinator.checkpoints.chain(job)] == [0]
+    # Once the guest runs there, the destination takes its checkpoints: a full piece past the source's numbers,
+    # its output offsets those the coordinator holds from the source
+    assert pool.send(target, "move_arrived", job=job, epoch=move_in["epoch"]) == [
+        {"v": protocol.PROTOCOL_VERSION, "type": "checkpoint_start", "job": job, "interval_s": 5.0, "seq": 2,
+         "stdout": 8, "stderr": 5}]
+    pool.send(target, "job_output", job=job, stream="stdout", data=b"three\n")
+    first = make_piece(tmp_path / "p2", envelope, ram, None, 2, FULL, job=job, outputs={"stdout": 14, "stderr": 5})
+    assert [m["ok"] for m in put_piece(pool, target, job, first, 2, FULL) if m["type"] == "checkpoint_reply"] == [True]
+    assert [link.seq for link in pool.coordinator.checkpoints.chain(job)] == [2]
+    assert pool.coordinator.checkpoints.outputs(job) == {"stdout": 14, "stderr": 5}
+
+
 # --- the agent's side ------------------------------------------------------------------------------------------
 class RecordingLink:
     """The coordinator link as the agent's checkpoints use it: sends go (or not) and are kept."""

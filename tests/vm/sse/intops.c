@@ -86,6 +86,24 @@ ALIGN(33) ALIGN(255)
 SHUFFLE(0x00) SHUFFLE(0x1b) SHUFFLE(0x4e) SHUFFLE(0x93) SHUFFLE(0xe4) SHUFFLE(0xff)
 SHIFTS(0) SHIFTS(1) SHIFTS(7) SHIFTS(31) SHIFTS(32) SHIFTS(33) SHIFTS(63) SHIFTS(64) SHIFTS(200)
 
+/* Whole-register moves between XMM registers, alone and between the operations above in one block (each output
+   register distinct from the inputs). */
+static void moves(int i, __m128i a, __m128i b)
+{
+	__m128i r, t;
+
+	__asm__("movdqa %1, %0" : "=&x"(r) : "x"(a));
+	show("movdqa", i, r);
+	__asm__("movaps %1, %0" : "=&x"(r) : "x"(b));
+	show("movaps", i, r);
+	__asm__("movups %1, %0" : "=&x"(r) : "x"(a));
+	show("movups", i, r);
+	__asm__("movdqa %2, %0\n\tpaddd %3, %0\n\tmovdqa %0, %1\n\tpsrld $7, %1\n\tpxor %2, %1\n\tmovdqa %1, %0"
+		: "=&x"(r), "=&x"(t) : "x"(a), "x"(b));
+	show("moves-chain", i, r);
+	show("moves-chain-2", i, t);
+}
+
 int main(void)
 {
 	static const uint64_t fixed[][2] = {
@@ -115,6 +133,7 @@ int main(void)
 		show("psubq", i, _mm_sub_epi64(a, b));
 		show("paddd", i, _mm_add_epi32(a, b));
 		show("psubd", i, _mm_sub_epi32(a, b));
+		moves(i, a, b);
 		{
 			__m64 m, n;
 

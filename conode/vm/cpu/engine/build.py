@@ -47,6 +47,14 @@ explained in its own file:
   pre-copy (conode/vm/cpu/dirty.py): while it is on, pages not yet written in a round keep their TLB entries on
   the slow store path, which marks them; the page-table walker's accessed/dirty bits and host writes are marked
   too (Unicorn dropped QEMU's marking of both).
+- ``0015-sse-as-vector-ops``: the operations of 0007 on XMM registers and the whole-register moves between them
+  (MOVDQA, MOVAPS, MOVUPS) become TCG vector operations, one host SSE/AVX instruction each, as QEMU 7.2 translates
+  them, instead of a TCG operation per 32- or 64-bit lane: fewer host instructions, and an XMM register written
+  whole is read whole by the next instruction, where lanes stored 4 bytes at a time and loaded 8 or 16 at a time
+  stall the host's store forwarding (SHA-256's SSSE3 message schedule alternates shifts, XORs and additions on the
+  same registers). MMX registers, a single 64-bit lane, keep 0007's code. TCG's x86 backend loads and stores
+  16-byte vectors with unaligned moves, since Unicorn's CPUX86State keeps the XMM registers 8 bytes off a 16-byte
+  boundary (conode's context layout stays as it is).
 """
 
 from __future__ import annotations
