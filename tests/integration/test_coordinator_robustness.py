@@ -302,7 +302,7 @@ def _value_of(kind: protocol.Kind) -> st.SearchStrategy:
             return st.integers(int(kind.low), int(kind.high))
         return st.integers(-(2**63), 2**63 - 1) | st.integers(0, 5)
     if kind.tag == "float":
-        return st.floats(min_value=kind.low, allow_nan=False, allow_infinity=False)
+        return st.floats(min_value=kind.low, max_value=kind.high, allow_nan=False, allow_infinity=False)
     if kind.tag in _kind_values:
         return _kind_values[kind.tag]
     return strategy_for(kind)  # every other kind, as the protocol's own tests make them
