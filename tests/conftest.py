@@ -4,10 +4,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 import conode.vm  # noqa: F401  (chooses the Unicorn engine before any test module imports unicorn)
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The property tests judge answers, not speed: on a loaded two-core CI machine one example of a fuzz test may take
+# longer than hypothesis's default deadline of 200 ms, which would fail a correct test.
+settings.register_profile("conode", deadline=None)
+settings.load_profile("conode")
 
 
 def pytest_collection_modifyitems(items):
