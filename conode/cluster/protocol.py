@@ -484,6 +484,12 @@ def is_safe_relative_path(path: str) -> bool:
     return all(part not in ("", ".", "..") for part in path.split("/"))
 
 
+_ABSENT = object()
+# Each message type's fields as (name, kind, required): what validate walks, without attribute lookups.
+_FIELD_CHECKS = {kind: tuple((name, field.kind, field.required) for name, field in fields.items())
+                 for kind, (_, fields) in SCHEMAS.items()}
+
+
 def validate(message: Any) -> dict[str, Any]:
     """Check a decoded message against its schema; return it, or raise ProtocolError."""
     if not isinstance(message, dict):
@@ -496,12 +502,13 @@ def validate(message: Any) -> dict[str, Any]:
     if not isinstance(kind, str) or kind not in SCHEMAS:
         shown = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
         raise ProtocolError(f"unknown message type {shown}")
-    _, fields = SCHEMAS[kind]
-    for name, field in fields.items():
-        if name in message:
-            _check_field(name, message[name], field.kind)
-        elif field.required:
-            raise ProtocolError(f"{kind} message lacks field {name!r}")
+    for name, field_kind, required in _FIELD_CHECKS[kind]:  # every message passes here: kept to plain lookups
+        value = message.get(name, _ABSENT)
+        if value is _ABSENT:
+            if required:
+                raise ProtocolError(f"{kind} message lacks field {name!r}")
+        elif (problem := _problem(value, field_kind)) is not None:
+            raise ProtocolError(f"field {name[:40]!r} {problem}")
     return message
 
 
