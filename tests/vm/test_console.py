@@ -13,9 +13,10 @@ from conftest import REPO
 def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
     seen = b""
     deadline = time.monotonic() + timeout
+    poller = select.poll()  # not select(): late in a long test run the descriptor may be past 1023
+    poller.register(fd, select.POLLIN)
     while needle not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
+        if poller.poll(200):
             try:
                 seen += os.read(fd, 4096)
             except OSError:
