@@ -114,7 +114,7 @@ class Moving:
         for job_id in vacated:
             job = self.store.job(job_id)
             node = self.nodes.get(job.node or "") if job is not None else None
-            if job is None or node is None or node.state in ACCEPTING_STATES or job.gang is not None or \
+            if job is None or node is None or node.state in ACCEPTING_STATES or \
                     now - self._loading.get(job_id, -LOAD_VACATED_EVERY_S) < LOAD_VACATED_EVERY_S or \
                     destination(job.mem_mib, views, node.name) is None:
                 continue
@@ -123,13 +123,12 @@ class Moving:
             log.info("job %d, vacated on %s, is loaded there to move", job_id, node.name)
 
     def _movable_by_node(self: Coordinator) -> dict[str, list[tuple[int, int]]]:
-        """Per node whose owner is away, the jobs a policy may move now (not a gang's, not moving), as (job,
-        guest memory)."""
+        """Per node whose owner is away, the guests a policy may move now (those not moving: one-guest jobs and
+        gangs' ranks alike, a rank keeping its identity), as (job, guest memory)."""
         jobs: dict[str, list[tuple[int, int]]] = {}
         for job in self.store.running_jobs():
             node = self.nodes.get(job.node or "")
-            if node is not None and node.state in ACCEPTING_STATES and job.gang is None and \
-                    job.id not in self.moves.active:
+            if node is not None and node.state in ACCEPTING_STATES and job.id not in self.moves.active:
                 jobs.setdefault(node.name, []).append((job.id, job.mem_mib))
         return jobs
 
