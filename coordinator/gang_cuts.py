@@ -6,41 +6,42 @@ A gang's ranks talk to each other, so their pieces must form a consistent cut (C
 piece may hold a frame that its sender's piece does not show as sent. The cut is made simple by stopping time:
 
 1. the coordinator *begins* a cut (a number per gang) and asks every rank's agent to checkpoint;
-2. each agent pauses its rank's guest, takes its piece (the incremental pieces of one-guest jobs) and says it is
-   *taken*, keeping the guest paused;
-3. once every rank has, the cut is a complete *set*: the coordinator tells every agent to resume. If a rank
-   fails to take its piece, is lost, or the cut is not complete within CUT_TIMEOUT_S, the cut is *discarded*:
-   the guests resume and its pieces are not kept.
+2. each agent pauses its rank's guest, makes the final copy of its piece (the incremental pieces of one-guest
+   jobs: pre-copied while the guest runs) and says it is *taken*, keeping the guest paused;
+3. once every rank's is taken, the coordinator tells every agent to resume: the guests stood still from their
+   own final copy until then (the cut's *stall*);
+4. the pieces arrive and are checked as a one-guest job's are; each is *kept* aside, not in its rank's chain,
+   until every rank's is: then the cut is a complete *set*, and every piece joins its chain at once.
 
-No rank runs between the first rank's pause and the last one's piece, so no piece can hold a frame sent after
-its sender's piece; a frame in flight at the pause is in no piece and is lost on a restore, which TCP retransmits.
-Only a complete set is kept; a gang that loses a rank goes on, every rank, from its newest set.
+If a rank fails to take its piece, a piece is refused, a rank is lost, or a step takes too long (CUT_TIMEOUT_S
+while guests are held, KEEP_TIMEOUT_S for the pieces to arrive), the cut is *discarded*: held guests resume, and
+its pieces are dropped; every rank's chain still ends at the newest set.
+
+No rank runs between its own final copy and the last rank's, so no piece can hold a frame sent after its sender's
+piece was taken; a frame in flight at a final copy is in no piece and is lost on a restore, which TCP
+retransmits. Only a complete set is kept; a gang that loses a rank goes on, every rank under its own id (the
+pieces and the guests in them are the ranks'), from its newest set.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-CUT_TIMEOUT_S = 5.0  # a cut not complete within this is discarded and its guests resume
+CUT_TIMEOUT_S = 5.0  # a cut whose pieces are not all taken within this is discarded and its guests resume
+KEEP_TIMEOUT_S = 300.0  # ... and one whose pieces have not all been kept within this after it began
 # An agent holding a paused rank for a cut resumes it on its own after this, in case the coordinator never says.
 AGENT_HOLD_S = CUT_TIMEOUT_S + 5.0
 
 
 @dataclass(frozen=True)
 class CutSet:
-    """A complete set: every rank's piece of one cut, in rank order, as (the rank's job id, its piece number)."""
+    """A complete set: every rank's piece of one cut, in rank order, as (the rank's job id, its piece number):
+    every rank's chain ends with it."""
 
     gang: int
     number: int
     pieces: tuple[tuple[int, int], ...]
-    stall_s: float  # from the cut's beginning until its last piece was taken: the longest any rank stood still
-
-    def resume_plan(self, ranks: list[int]) -> dict[int, tuple[int, int]]:
-        """Per rank job id of a new attempt (in rank order), the earlier rank whose chain it goes on from and
-        that chain's last piece."""
-        if len(ranks) != len(self.pieces):
-            raise ValueError(f"gang {self.gang}'s set {self.number} has {len(self.pieces)} ranks, not {len(ranks)}")
-        return dict(zip(ranks, self.pieces))
+    took_s: float  # from the cut's beginning until its last piece was kept
 
 
 @dataclass
@@ -51,19 +52,29 @@ class Cut:
     number: int
     ranks: tuple[int, ...]
     started: float
-    taken: dict[int, int] = field(default_factory=dict)  # rank job id -> its piece number
+    taken: dict[int, int] = field(default_factory=dict)  # rank job id -> its piece number, final copy made
+    kept: set[int] = field(default_factory=set)  # the ranks whose piece has arrived and passed its check
+    resumed: bool = False  # every piece taken: the guests were told to resume
 
     @property
     def missing(self) -> list[int]:
+        """The ranks whose piece is not taken yet (while these are missing, the others stand still)."""
         return [rank for rank in self.ranks if rank not in self.taken]
+
+    @property
+    def held(self) -> list[int]:
+        """The ranks standing still for this cut: those that took their piece, until the cut resumes them."""
+        return [] if self.resumed else [rank for rank in self.ranks if rank in self.taken]
 
 
 class GangCuts:
     """Every gang's cut under way and newest complete set."""
 
-    def __init__(self, interval_s: float, timeout_s: float = CUT_TIMEOUT_S) -> None:
+    def __init__(self, interval_s: float, timeout_s: float = CUT_TIMEOUT_S,
+                 keep_timeout_s: float = KEEP_TIMEOUT_S) -> None:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.keep_timeout_s = keep_timeout_s
         self.open: dict[int, Cut] = {}
         self.sets: dict[int, CutSet] = {}
         self._numbers: dict[int, int] = {}  # gang -> its last cut's number
@@ -87,31 +98,55 @@ class GangCuts:
         self.open[gang] = cut
         return cut
 
-    def taken(self, gang: int, number: int, rank: int, seq: int, now: float) -> CutSet | None:
-        """Rank *rank* took its piece *seq* of cut *number*: the complete set if it was the last one; None while
-        others are missing, or for a cut not under way (stale, discarded) or a rank not in it."""
+    def _of(self, gang: int, number: int, rank: int) -> Cut | None:
         cut = self.open.get(gang)
-        if cut is None or cut.number != number or rank not in cut.ranks:
-            return None
+        return cut if cut is not None and cut.number == number and rank in cut.ranks else None
+
+    def taken(self, gang: int, number: int, rank: int, seq: int) -> bool:
+        """Rank *rank* made the final copy of its piece *seq* of cut *number* (and stands still): whether every
+        rank now has, and all must be told to resume. False too for a cut not under way (stale, discarded) or a
+        rank not in it."""
+        cut = self._of(gang, number, rank)
+        if cut is None or cut.resumed:
+            return False
         cut.taken[rank] = seq
-        if cut.missing:
+        cut.resumed = not cut.missing
+        return cut.resumed
+
+    def kept(self, gang: int, number: int, rank: int, seq: int, now: float) -> CutSet | None:
+        """Rank *rank*'s piece *seq* of cut *number* arrived and passed its check: the complete set if it was the
+        last one; None while others are missing, or for a piece that is not the one the rank took for the cut
+        under way (the coordinator drops it)."""
+        cut = self._of(gang, number, rank)
+        if cut is None or cut.taken.get(rank) != seq:
+            return None
+        cut.kept.add(rank)
+        if not cut.resumed or len(cut.kept) < len(cut.ranks):
             return None
         del self.open[gang]
         done = CutSet(gang, number, tuple((r, cut.taken[r]) for r in cut.ranks), now - cut.started)
         self.sets[gang] = done
         return done
 
+    def cut_of(self, gang: int, rank: int, seq: int) -> Cut | None:
+        """The cut under way for which *rank* took piece *seq* (a rank's piece belongs to a cut or to none)."""
+        cut = self.open.get(gang)
+        return cut if cut is not None and cut.taken.get(rank) == seq else None
+
     def discard(self, gang: int, number: int | None = None) -> Cut | None:
         """Call off *gang*'s cut under way (only if it is cut *number*, when given): a rank failed to take its
-        piece, or was lost. The cut, whose paused ranks must resume and whose pieces are not kept; or None."""
+        piece, its piece was refused, or a rank was lost. The cut, whose held ranks must resume and whose
+        pieces are dropped; or None."""
         cut = self.open.get(gang)
         if cut is None or (number is not None and cut.number != number):
             return None
         return self.open.pop(gang)
 
     def expired(self, now: float) -> list[Cut]:
-        """The cuts not complete within the timeout, discarded."""
-        late = [gang for gang, cut in self.open.items() if now - cut.started > self.timeout_s]
+        """The cuts discarded for taking too long: pieces not all taken within the timeout (the others stand
+        still meanwhile), or not all kept within KEEP_TIMEOUT_S."""
+        late = [gang for gang, cut in self.open.items()
+                if now - cut.started > (self.keep_timeout_s if cut.resumed else self.timeout_s)]
         return [self.open.pop(gang) for gang in late]
 
     def restored(self, done: CutSet) -> None:

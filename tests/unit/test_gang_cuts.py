@@ -1,54 +1,74 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Coordinated checkpoints of a gang (coordinator/gang_cuts.py): a cut is a set only when every rank has taken its
-piece; anything else (a late cut, a failed or lost rank, a stale report) leaves the newest complete set as what the
-gang goes on from."""
+"""Coordinated checkpoints of a gang (coordinator/gang_cuts.py): the ranks stand still until every rank's piece is
+taken; a cut is a set only when every rank's piece has been kept; anything else (a late cut, a failed or lost
+rank, a stale report) leaves the newest complete set as what the gang goes on from."""
 
 from __future__ import annotations
 
 import pytest
 
-from coordinator.gang_cuts import AGENT_HOLD_S, CUT_TIMEOUT_S, CutSet, GangCuts
+from coordinator.gang_cuts import AGENT_HOLD_S, CUT_TIMEOUT_S, KEEP_TIMEOUT_S, CutSet, GangCuts
 
 GANG, RANKS = 7, [8, 9, 10]
 
 
-def test_a_cut_is_a_set_only_once_every_rank_has_taken_its_piece():
+def take_all(cuts: GangCuts, number: int, seqs: dict[int, int]) -> list[bool]:
+    return [cuts.taken(GANG, number, rank, seq) for rank, seq in seqs.items()]
+
+
+def test_the_ranks_resume_once_every_piece_is_taken_and_the_cut_is_a_set_once_every_piece_is_kept():
     cuts = GangCuts(60.0)
     cut = cuts.begin(GANG, RANKS, 100.0)
-    assert cut.number == 1 and cut.missing == RANKS
-    assert cuts.taken(GANG, 1, 10, 4, 100.01) is None
-    assert cuts.taken(GANG, 1, 8, 3, 100.02) is None
-    assert cuts.newest(GANG) is None and cut.missing == [9]
-    done = cuts.taken(GANG, 1, 9, 5, 100.03)
-    assert done == CutSet(GANG, 1, ((8, 3), (9, 5), (10, 4)), pytest.approx(0.03))
+    assert cut.number == 1 and cut.missing == RANKS and cut.held == []
+    assert take_all(cuts, 1, {10: 4, 8: 3}) == [False, False]
+    assert cut.missing == [9] and cut.held == [8, 10]  # these two stand still for rank 9
+    assert cuts.kept(GANG, 1, 8, 3, 100.1) is None  # arrived early: kept aside
+    assert cuts.taken(GANG, 1, 9, 5) is True and cut.held == []  # all taken: resume every rank
+    assert cuts.kept(GANG, 1, 10, 4, 100.2) is None and cuts.newest(GANG) is None
+    done = cuts.kept(GANG, 1, 9, 5, 100.5)
+    assert done == CutSet(GANG, 1, ((8, 3), (9, 5), (10, 4)), pytest.approx(0.5))
     assert cuts.newest(GANG) == done and GANG not in cuts.open
 
 
 def test_stale_reports_and_strangers_are_ignored():
     cuts = GangCuts(60.0)
-    cuts.begin(GANG, RANKS[:2], 0.0)
-    assert cuts.taken(GANG, 2, 8, 1, 0.1) is None  # no cut 2 under way
-    assert cuts.taken(GANG, 1, 99, 1, 0.1) is None  # not a rank of the cut
-    assert cuts.taken(GANG + 1, 1, 8, 1, 0.1) is None  # no cut of that gang
-    assert cuts.open[GANG].taken == {}
-    cuts.taken(GANG, 1, 8, 1, 0.1)
-    assert cuts.taken(GANG, 1, 9, 1, 0.2).number == 1
-    assert cuts.taken(GANG, 1, 9, 2, 0.3) is None  # after the set: nothing under way
+    cut = cuts.begin(GANG, RANKS[:2], 0.0)
+    assert not cuts.taken(GANG, 2, 8, 1)  # no cut 2 under way
+    assert not cuts.taken(GANG, 1, 99, 1)  # not a rank of the cut
+    assert not cuts.taken(GANG + 1, 1, 8, 1)  # no cut of that gang
+    assert cut.taken == {}
+    assert take_all(cuts, 1, {8: 1, 9: 1}) == [False, True]
+    assert not cuts.taken(GANG, 1, 9, 2)  # resumed already: said once
+    assert cuts.kept(GANG, 1, 8, 0, 0.1) is None  # not the piece rank 8 took for the cut
+    assert cuts.cut_of(GANG, 8, 1) is cut and cuts.cut_of(GANG, 8, 0) is None
+    assert cuts.kept(GANG, 1, 8, 1, 0.1) is None and cuts.kept(GANG, 1, 9, 1, 0.2).number == 1
+    assert cuts.kept(GANG, 1, 9, 1, 0.3) is None  # after the set: nothing under way
 
 
-def test_a_late_cut_is_discarded_and_the_newest_complete_set_stays():
+def test_a_cut_that_holds_the_guests_too_long_is_discarded_and_the_newest_set_stays():
     cuts = GangCuts(60.0)
     cuts.begin(GANG, RANKS[:2], 0.0)
-    cuts.taken(GANG, 1, 8, 1, 0.1)
-    first = cuts.taken(GANG, 1, 9, 1, 0.1)
+    take_all(cuts, 1, {8: 1, 9: 1})
+    cuts.kept(GANG, 1, 8, 1, 0.1)
+    first = cuts.kept(GANG, 1, 9, 1, 0.1)
     cuts.begin(GANG, RANKS[:2], 60.0)
-    cuts.taken(GANG, 2, 8, 2, 60.1)
+    cuts.taken(GANG, 2, 8, 2)
     assert cuts.expired(60.0 + CUT_TIMEOUT_S) == []
     (late,) = cuts.expired(60.0 + CUT_TIMEOUT_S + 0.1)
-    assert late.number == 2 and late.missing == [9]
-    assert cuts.taken(GANG, 2, 9, 2, 66.0) is None  # its last piece comes too late: not a set
+    assert late.number == 2 and late.missing == [9] and late.held == [8]  # rank 8 must be resumed
+    assert not cuts.taken(GANG, 2, 9, 2) and cuts.kept(GANG, 2, 8, 2, 66.0) is None  # too late: not a set
     assert cuts.newest(GANG) == first
     assert AGENT_HOLD_S > CUT_TIMEOUT_S  # an agent never resumes a rank before the coordinator gives up the cut
+
+
+def test_pieces_that_do_not_all_arrive_in_time_are_discarded():
+    cuts = GangCuts(60.0)
+    cuts.begin(GANG, RANKS[:2], 0.0)
+    take_all(cuts, 1, {8: 1, 9: 1})
+    assert cuts.expired(CUT_TIMEOUT_S + 1) == []  # the guests run again: the pieces may take longer
+    cuts.kept(GANG, 1, 8, 1, 1.0)
+    (late,) = cuts.expired(KEEP_TIMEOUT_S + 0.1)
+    assert late.kept == {8} and late.held == [] and cuts.newest(GANG) is None
 
 
 def test_a_rank_that_fails_its_piece_or_is_lost_discards_the_cut():
@@ -73,13 +93,6 @@ def test_cuts_fall_due_an_interval_apart_one_at_a_time():
     cuts.begin(GANG, RANKS, 300.0)
     with pytest.raises(ValueError, match="under way"):
         cuts.begin(GANG, RANKS, 300.0)
-
-
-def test_a_new_attempt_goes_on_from_the_set_rank_by_rank():
-    done = CutSet(GANG, 3, ((8, 3), (9, 5)), 0.01)
-    assert done.resume_plan([20, 21]) == {20: (8, 3), 21: (9, 5)}
-    with pytest.raises(ValueError, match="2 ranks, not 3"):
-        done.resume_plan([20, 21, 22])
 
 
 def test_a_restarted_coordinator_keeps_the_stored_set_and_numbers_go_on_past_it():
