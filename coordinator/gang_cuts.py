@@ -27,10 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from conode.cluster.protocol import CUT_HOLD_S
+
 CUT_TIMEOUT_S = 5.0  # a cut whose pieces are not all taken within this is discarded and its guests resume
 KEEP_TIMEOUT_S = 300.0  # ... and one whose pieces have not all been kept within this after it began
-# An agent holding a paused rank for a cut resumes it on its own after this, in case the coordinator never says.
-AGENT_HOLD_S = CUT_TIMEOUT_S + 5.0
+assert CUT_HOLD_S > CUT_TIMEOUT_S  # an agent resumes a held rank on its own only after the cut is given up
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ is stored and the rest dropped, so that one chatty job can neither fill the disk
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -100,6 +101,14 @@ CREATE TABLE IF NOT EXISTS moves (
     total_s REAL,
     bytes INTEGER,
     PRIMARY KEY (job, epoch)
+);
+-- a gang's newest complete set of coordinated checkpoints (coordinator/gang_cuts.py): its cut's number and each
+-- rank's piece, [[rank job id, piece number], ...] in rank order, as JSON
+CREATE TABLE IF NOT EXISTS gang_cuts (
+    gang INTEGER PRIMARY KEY,
+    number INTEGER NOT NULL,
+    pieces TEXT NOT NULL,
+    took_s REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS images (
     name TEXT PRIMARY KEY,
@@ -391,6 +400,36 @@ class Store:
                 "WHERE id=?",
                 (msgpack.packb({}), node, now, rank, gang)).lastrowid) for rank, node in enumerate(nodes)]
         return ranks
+
+    def resume_gang(self, gang: int, ranks: list[int], nodes: list[str]) -> None:
+        """Mark gang job *gang* running as one new attempt that goes on from its checkpoints: its ranks *ranks*
+        (of an earlier attempt, in rank order; the guests in the checkpoints are theirs) run again, rank i on
+        nodes[i]."""
+        now = self._clock()
+        with self._atomic():
+            self.db.execute("UPDATE jobs SET state='running', node=NULL, attempts=attempts+1, started_at=?, "
+                            "vacated_s=0 WHERE id=?", (now, gang))
+            for rank, node in zip(ranks, nodes):
+                self.db.execute("UPDATE jobs SET state='running', node=?, attempts=(SELECT attempts FROM jobs WHERE "
+                                "id=?), started_at=?, vacated_s=0, vacated_at=NULL, finished_at=NULL, reason=NULL, "
+                                "exit_status=NULL WHERE id=? AND gang=?", (node, gang, now, rank, gang))
+
+    def keep_cut(self, gang: int, number: int, pieces: list[tuple[int, int]], took_s: float) -> None:
+        """Record *gang*'s newest complete set (replacing the one before)."""
+        self.db.execute("INSERT OR REPLACE INTO gang_cuts VALUES (?, ?, ?, ?)",
+                        (gang, number, json.dumps([list(p) for p in pieces]), took_s))
+
+    def cut_sets(self) -> list[tuple[int, int, list[tuple[int, int]], float]]:
+        """Every gang's newest complete set, as (gang, number, pieces, took_s)."""
+        return [(gang, number, [(int(r), int(s)) for r, s in json.loads(pieces)], took_s)
+                for gang, number, pieces, took_s in self.db.execute("SELECT * FROM gang_cuts ORDER BY gang")]
+
+    def running_gangs(self) -> list[int]:
+        return [gang for (gang,) in self.db.execute("SELECT id FROM jobs WHERE state='running' AND guests>1 AND "
+                                                    "gang IS NULL ORDER BY id")]
+
+    def drop_cut(self, gang: int) -> None:
+        self.db.execute("DELETE FROM gang_cuts WHERE gang=?", (gang,))
 
     def array_jobs(self, array: int) -> list[Job]:
         """The jobs (not ranks) of the array whose first job is *array*, by id."""

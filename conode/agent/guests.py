@@ -26,6 +26,7 @@ from conode.agent.images import ImageFetcher, ImageRefused, ImageSpec
 from conode.agent.pipe import PipeError
 from conode.agent.supervisor import StartWorker, WorkerHandle, restart_delay
 from conode.agent.wire import OutputLimitError, validate_from_worker, validate_to_worker
+from conode.cluster.protocol import CUT_HOLD_S
 from conode import output_cap
 from conode.errors import ConodeError
 from conode.idle.policy import OwnerState, guest_may_run
@@ -218,8 +219,10 @@ class Guests:
                 self._fail(job, str(exc), retry=True)
                 return
             seq = max(entry["seq"] for entry in message["resume"]) + 1
-        if message.get("checkpoint_s", 0) > 0 and self._checkpoints is not None:
-            run["checkpoint"] = self._checkpoints.settings(message["checkpoint_s"], seq)
+        if (message.get("checkpoint_s", 0) > 0 or message.get("cuts")) and self._checkpoints is not None:
+            # a gang's rank is checkpointed only in its gang's cuts (interval 0), a job every checkpoint_s
+            run["checkpoint"] = self._checkpoints.settings(0.0 if message.get("cuts") else message["checkpoint_s"],
+                                                           seq)
         if "net" in message:
             run["net"] = self._ports.attach(job, message["net"])
         if "image" in message:
@@ -424,6 +427,11 @@ class Guests:
             self._forward_output(message["job"], message["stream"], message["data"])
         elif kind == "checkpoint":
             self._send_checkpoint(slot, message)
+        elif kind == "cut_taken":
+            self._reports.report("cut_taken", job=message["job"], cut=message["cut"], seq=message["seq"])
+        elif kind == "cut_resumed":
+            log.info("job %d: its guest stood still %.1f ms after its piece of cut %d", message["job"],
+                     message["held_s"] * 1000, message["cut"])
         elif kind == "finished":
             job = message["job"]
             self._job_done(slot, job)
@@ -443,6 +451,19 @@ class Guests:
                  "stall; %.2f s to take)", job, message["seq"], "full" if message["base"] < 0 else "delta",
                  message["pages"], message["size"] / (1 << 20), message["stall_s"] * 1000, message["final_pages"],
                  message["took_s"])
+
+    def cut(self, job: int, cut: int) -> None:
+        """A gang's cut: the rank's worker takes its piece now and keeps its guest still until cut_resume."""
+        slot = self.jobs.get(job)
+        if slot is None:
+            log.info("job %d does not run here (any more): no piece of cut %d", job, cut)
+            return
+        self.send_to(slot, {"type": "cut", "job": job, "cut": cut, "hold_s": CUT_HOLD_S})
+
+    def cut_resume(self, job: int, cut: int) -> None:
+        slot = self.jobs.get(job)
+        if slot is not None:
+            self.send_to(slot, {"type": "cut_resume", "job": job, "cut": cut})
 
     def checkpoint_refused(self, job: int, reason: str) -> None:
         """The coordinator did not keep a piece: the job's next one must hold every page."""

@@ -41,6 +41,9 @@ HEARTBEAT_LIVENESS = 3  # beats missed before the peer is declared lost
 # after LINK_TIMEOUT_MS (TCP_USER_TIMEOUT). With a beat every interval a silent coordinator is so noticed within
 # HEARTBEAT_LIVENESS intervals, as with the pings this replaces.
 LINK_TIMEOUT_MS = int((HEARTBEAT_LIVENESS - 1) * HEARTBEAT_INTERVAL_S * 1000)
+# An agent keeps a gang's rank still for a cut (checkpoint_cut) until cut_resume, or this long at most: past the
+# coordinator's own limit for the cut (coordinator/gang_cuts.py), so a guest is never left stopped by a lost word.
+CUT_HOLD_S = 10.0
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 8.0
 
@@ -138,6 +141,9 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "checkpoint_put": ("agent", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "index": _f(INT), "data": _f(CHUNK)}),
     "checkpoint_commit": ("agent", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "base": _f(PIECE_NUMBER),
                                     "size": _f(PIECE_SIZE), "sha256": _f(SHA256)}),
+    # A gang's coordinated checkpoint (coordinator/gang_cuts.py): the rank's piece of cut *cut* is taken (its
+    # final copy made); its guest stands still until cut_resume
+    "cut_taken": ("agent", {"job": _f(INT), "cut": _f(COUNT), "seq": _f(COUNT)}),
     # A move (coordinator/moves.py): every message names the job and the move's ownership epoch.
     "move_listening": ("agent", {"job": _f(INT), "epoch": _f(INT), "endpoint": _f(STR), "key": _f(STR)}),
     "move_ready": ("agent", {"job": _f(INT), "epoch": _f(INT)}),  # the source: the destination has it all
@@ -151,6 +157,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
                                 "mem_mib": _f(GUEST_MEM), "net": _f(IDENTITY, False), "image": _f(IMAGE, False),
                                 "disk_mib": _f(DISK_MIB, False), "owner": _f(STR, False),  # owner: who submitted it
                                 "checkpoint_s": _f(MEASURE, False),
+                                "cuts": _f(BOOL, False),  # a gang's rank: checkpointed only in its gang's cuts
                                 "resume": _f(CHAIN, False)}),  # resume: go on from this checkpoint chain
     "checkpoint_reply": ("coordinator", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "ok": _f(BOOL),
                                          "reason": _f(STR, False)}),
@@ -159,6 +166,9 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     # a guest moved here is checkpointed from now on: its interval, next piece's number and output offsets
     "checkpoint_start": ("coordinator", {"job": _f(INT), "interval_s": _f(MEASURE), "seq": _f(COUNT),
                                          "stdout": _f(COUNT), "stderr": _f(COUNT)}),
+    # a gang's cut: take the rank's piece now and keep its guest still until cut_resume (or AGENT_HOLD_S)
+    "checkpoint_cut": ("coordinator", {"job": _f(INT), "cut": _f(COUNT)}),
+    "cut_resume": ("coordinator", {"job": _f(INT), "cut": _f(COUNT)}),
     "conet_peers": ("coordinator", {"peers": _f(PEERS), "relay": _f(STR, False)}),  # relay: its endpoint
     "cancel_job": ("coordinator", {"job": _f(INT)}),
     "image_chunk": ("coordinator", {"digest": _f(DIGEST), "data": _f(CHUNK, False), "problem": _f(STR, False)}),

@@ -46,13 +46,18 @@ def envelope_of(state: dict) -> GuestSnapshot:
     return GuestSnapshot("g1", ImageDigests("k" * 64, "i" * 64), state, {"ready": True}, job, 1.0)
 
 
-@pytest.fixture(scope="module")
-def envelope() -> GuestSnapshot:
+def machine_envelope() -> GuestSnapshot:
+    """The envelope of a real (unbooted) machine's state, for pieces of its RAM."""
     machine = CoMachine(MachineConfig(mem_mib=MEM_MIB), lambda data: None, lambda data: None)
     try:
         return envelope_of(machine.get_state(with_ram=False))
     finally:
         machine.close()
+
+
+@pytest.fixture(scope="module")
+def envelope() -> GuestSnapshot:
+    return machine_envelope()
 
 
 def bitmap_of(pages: list[int]) -> bytes:

@@ -1,0 +1,174 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""A gang's coordinated checkpoints as the coordinator runs them (coordinator/gang_checkpointing.py): a real
+Coordinator on a real store with a fake clock, real pieces of a real machine's state, the agents played by the
+test. The ranks stand still until every rank's piece is taken; pieces join their chains only as a complete set;
+a gang that loses a rank goes on, every rank under its own id, from its newest set, once the nodes that ran the
+stopped ranks have let them go."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+from test_checkpoint_pieces import machine_envelope, make_piece, put_piece, random_ram
+from test_coordinator_decisions import Pool
+
+from conode.cluster import protocol
+from conode.vm.checkpoint import FULL
+from coordinator.gang_cuts import CUT_TIMEOUT_S
+
+INTERVAL_S = 5.0
+
+
+@pytest.fixture
+def pool(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "coordinator.toml").write_text(f"checkpoint_interval_s = {INTERVAL_S}\n")
+    p = Pool(state)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def envelope():
+    return machine_envelope()
+
+
+def of_type(messages: list[dict], kind: str) -> list[dict]:
+    return [m for m in messages if m["type"] == kind]
+
+
+def gang_of_two(pool: Pool) -> tuple[int, dict[str, int]]:
+    """A 2-rank gang on n1 and n2; (gang, rank id by node)."""
+    for name in ("n1", "n2"):
+        pool.hello(name)
+    reply = pool.ask("submit", argv=["true"], inputs={}, outputs=[], mem_mib=128, guests=2)
+    ranks = {}
+    for name in ("n1", "n2"):
+        (run,) = of_type(pool.take(name), "run_job")
+        assert run["cuts"] is True and "checkpoint_s" not in run  # checkpointed in its gang's cuts only
+        ranks[name] = run["job"]
+    return reply["job"], ranks
+
+
+def sweep(pool: Pool, seconds: float) -> None:
+    pool.clock.advance(seconds)
+    for name in ("n1", "n2", "n3"):
+        if name in pool.coordinator.nodes:
+            pool.beat(name, "Unclaimed")
+    pool.housekeeping()
+
+
+def begin_cut(pool: Pool, ranks: dict[str, int]) -> int:
+    sweep(pool, INTERVAL_S + 0.5)
+    cuts = {name: of_type(pool.take(name), "checkpoint_cut") for name in ranks}
+    assert {name: [m["job"] for m in ms] for name, ms in cuts.items()} == {n: [r] for n, r in ranks.items()}
+    (number,) = {ms[0]["cut"] for ms in cuts.values()}
+    return number
+
+
+def take_set(pool: Pool, tmp_path, envelope, ranks: dict[str, int], seq: int, outputs: int) -> int:
+    """A cut whose pieces are all taken and kept: every rank's piece *seq* (full), each having written *outputs*
+    bytes of stdout; the cut's number."""
+    number = begin_cut(pool, ranks)
+    for name, rank in ranks.items():
+        pool.send(name, "cut_taken", job=rank, cut=number, seq=seq)
+    for name, rank in ranks.items():
+        assert of_type(pool.take(name), "cut_resume") == [
+            {"v": protocol.PROTOCOL_VERSION, "type": "cut_resume", "job": rank, "cut": number}]
+        piece = make_piece(tmp_path / f"r{rank}-{seq}", envelope, random_ram(random.Random(rank)), None, seq, FULL,
+                           job=rank, outputs={"stdout": outputs, "stderr": 0})
+        put_piece(pool, name, rank, piece, seq, FULL)
+    return number
+
+
+def test_the_ranks_go_on_once_every_piece_is_taken_and_the_pieces_join_their_chains_as_one_set(
+        pool, tmp_path, envelope):
+    gang, ranks = gang_of_two(pool)
+    number = begin_cut(pool, ranks)
+    assert pool.send("n1", "cut_taken", job=ranks["n1"], cut=number, seq=0) == []  # n1 stands still
+    assert not of_type(pool.take("n2"), "cut_resume")
+    pool.send("n2", "cut_taken", job=ranks["n2"], cut=number, seq=0)
+    assert [len(of_type(pool.take(name), "cut_resume")) for name in ranks] == [1, 1]
+    first = make_piece(tmp_path / "a", envelope, random_ram(random.Random(1)), None, 0, FULL, job=ranks["n1"])
+    assert not of_type(put_piece(pool, "n1", ranks["n1"], first, 0, FULL), "checkpoint_reply")  # kept aside
+    assert pool.coordinator.checkpoints.chain(ranks["n1"]) == []
+    second = make_piece(tmp_path / "b", envelope, random_ram(random.Random(2)), None, 0, FULL, job=ranks["n2"])
+    assert [m["ok"] for m in of_type(put_piece(pool, "n2", ranks["n2"], second, 0, FULL), "checkpoint_reply")] == [
+        True]
+    assert [m["ok"] for m in of_type(pool.take("n1"), "checkpoint_reply")] == [True]
+    assert [[link.seq for link in pool.coordinator.checkpoints.chain(r)] for r in ranks.values()] == [[0], [0]]
+    assert [(g, n, p) for g, n, p, _ in pool.coordinator.store.cut_sets()] == [
+        (gang, number, [(ranks["n1"], 0), (ranks["n2"], 0)])]
+
+
+def test_a_cut_not_taken_in_time_is_discarded_its_ranks_go_on_and_the_set_before_stays(pool, tmp_path, envelope):
+    gang, ranks = gang_of_two(pool)
+    kept = take_set(pool, tmp_path, envelope, ranks, 0, 4)
+    number = begin_cut(pool, ranks)
+    pool.send("n1", "cut_taken", job=ranks["n1"], cut=number, seq=1)  # n2's never comes
+    sweep(pool, CUT_TIMEOUT_S + 1)
+    n1, n2 = pool.take("n1"), pool.take("n2")
+    assert [m["cut"] for m in of_type(n1, "cut_resume")] == [number] and not of_type(n2, "cut_resume")
+    assert [m["ok"] for m in of_type(n1, "checkpoint_reply") + of_type(n2, "checkpoint_reply")] == [False, False]
+    late = make_piece(tmp_path / "late", envelope, random_ram(random.Random(3)), None, 1, FULL, job=ranks["n1"])
+    refused = of_type(put_piece(pool, "n1", ranks["n1"], late, 1, FULL), "checkpoint_reply")
+    assert [m["ok"] for m in refused] == [False] and "no cut" in refused[0]["reason"]
+    assert [link.seq for link in pool.coordinator.checkpoints.chain(ranks["n1"])] == [0]
+    assert [n for _, n, _, _ in pool.coordinator.store.cut_sets()] == [kept]
+    # a word of a cut given up lets the rank go on
+    assert of_type(pool.send("n2", "cut_taken", job=ranks["n2"], cut=number, seq=1), "cut_resume")
+
+
+def test_a_gang_that_loses_a_rank_goes_on_from_its_set_under_its_ranks_own_ids(pool, tmp_path, envelope, caplog):
+    caplog.set_level(logging.INFO, logger="coordinator")
+    gang, ranks = gang_of_two(pool)
+    for name, rank in ranks.items():
+        pool.send(name, "job_output", job=rank, stream="stdout", data=b"one\n")
+    number = take_set(pool, tmp_path, envelope, ranks, 0, 4)
+    for name, rank in ranks.items():
+        pool.send(name, "job_output", job=rank, stream="stdout", data=b"two\n")  # after the set: said again
+    pool.hello("n3")
+    pool.clock.advance(protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS + 1)
+    pool.beat("n2", "Unclaimed")
+    pool.beat("n3", "Unclaimed")
+    pool.housekeeping()  # n1 is silent: lost; n2 is told to stop its rank
+    assert [m["job"] for m in of_type(pool.take("n2"), "cancel_job")] == [ranks["n2"]]
+    assert pool.job(gang)["state"] == "queued"
+    pool.beat("n2", "Unclaimed")  # n2 lets the rank go (running=[]): one heartbeat is not enough yet
+    assert not of_type(pool.take("n3"), "run_job")
+    pool.beat("n2", "Unclaimed")
+    placed = {name: of_type(messages, "run_job") for name in ("n2", "n3") if (messages := pool.take(name))}
+    runs = sorted((m for ms in placed.values() for m in ms), key=lambda m: m["net"]["rank"])
+    assert [m["job"] for m in runs] == [ranks["n1"], ranks["n2"]]  # the same guests, the same identities
+    for run in runs:
+        chain = pool.coordinator.checkpoints.chain(run["job"])
+        assert run["resume"] == [link.wire() for link in chain] and run["cuts"] is True
+    assert pool.job(gang)["state"] == "running" and pool.job(gang)["attempts"] == 2
+    for rank in ranks.values():
+        assert pool.coordinator.store.job(rank).state == "running"
+        assert pool.ask("logs", job=gang, rank=list(ranks.values()).index(rank))["stdout"] == b"one\n"
+    assert f"every rank to go on from set {number}" in caplog.text
+
+
+def test_a_rank_that_cannot_go_on_from_the_set_drops_it_and_the_gang_starts_afresh(pool, tmp_path, envelope):
+    gang, ranks = gang_of_two(pool)
+    take_set(pool, tmp_path, envelope, ranks, 0, 0)
+    pool.send("n1", "job_failed", job=ranks["n1"], reason="guest crashed", retry=True)  # restarts the gang
+    for _ in range(2):
+        pool.beat("n1", "Unclaimed")
+        pool.beat("n2", "Unclaimed")
+    runs = [m for name in ("n1", "n2") for m in of_type(pool.take(name), "run_job")]
+    assert sorted(m["job"] for m in runs) == sorted(ranks.values()) and all("resume" in m for m in runs)
+    pool.send("n1", "job_failed", job=ranks["n1"], reason="the job could not go on from its checkpoint: x",
+              retry=True)
+    assert pool.coordinator.cuts.newest(gang) is None and pool.coordinator.store.cut_sets() == []
+    assert all(pool.coordinator.checkpoints.chain(rank) == [] for rank in ranks.values())
+    for _ in range(2):
+        pool.beat("n1", "Unclaimed")
+        pool.beat("n2", "Unclaimed")
+    runs = [m for name in ("n1", "n2") for m in of_type(pool.take(name), "run_job")]
+    assert len(runs) == 2 and not set(m["job"] for m in runs) & set(ranks.values())  # afresh: new ranks
+    assert all("resume" not in m for m in runs) and pool.job(gang)["attempts"] == 3
