@@ -662,6 +662,10 @@ class Store:
         """How many agent keys are enrolled."""
         return int(self.db.execute("SELECT COUNT(*) FROM keys WHERE role='agent'").fetchone()[0])
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to the database (SQLite's data_version)."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
+
     def key_owner(self, public_key: str) -> tuple[str, str] | None:
         """(name, role) of an enrolled key."""
         return self.db.execute("SELECT name, role FROM keys WHERE public_key=?", (public_key,)).fetchone()
