@@ -101,6 +101,15 @@ CREATE TABLE IF NOT EXISTS moves (
     bytes INTEGER,
     PRIMARY KEY (job, epoch)
 );
+-- Where a handed-over guest's checkpoints go on from on its destination (msgpack: interval, piece number, output
+-- offsets), fixed at the hand-over; kept while the move is active, so that a coordinator restarted before the
+-- destination says it arrived can still tell it.
+CREATE TABLE IF NOT EXISTS move_checkpoints (
+    job INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    start BLOB NOT NULL,
+    PRIMARY KEY (job, epoch)
+);
 CREATE TABLE IF NOT EXISTS images (
     name TEXT PRIMARY KEY,
     sha256 TEXT NOT NULL,
@@ -598,9 +607,10 @@ class Store:
                             f"NULL, NULL)", (job, last + 1, source, destination, self._clock()))
         return int(last) + 1
 
-    def hand_over(self, job: int, epoch: int) -> bool:
-        """The guest becomes the destination's, in one transaction with the move: whether it did (the move was
-        being prepared and the job still ran on its source)."""
+    def hand_over(self, job: int, epoch: int, checkpoint: dict[str, Any] | None = None) -> bool:
+        """The guest becomes the destination's, in one transaction with the move and with where its checkpoints
+        go on from there (*checkpoint*, None: it takes none): whether it did (the move was being prepared and the
+        job still ran on its source)."""
         with self._atomic():
             row = self.db.execute("SELECT source, destination FROM moves WHERE job=? AND epoch=? AND state='prepare'",
                                   (job, epoch)).fetchone()
@@ -608,13 +618,23 @@ class Store:
                 "UPDATE jobs SET node=? WHERE id=? AND state='running' AND node=?", (row[1], job, row[0])).rowcount == 1
             if moved:
                 self.db.execute("UPDATE moves SET state='go' WHERE job=? AND epoch=?", (job, epoch))
+                if checkpoint is not None:
+                    self.db.execute("INSERT OR REPLACE INTO move_checkpoints VALUES (?, ?, ?)",
+                                    (job, epoch, msgpack.packb(checkpoint)))
         return moved
+
+    def move_checkpoint(self, job: int, epoch: int) -> dict[str, Any] | None:
+        """What :meth:`hand_over` recorded for an active move's checkpoints (None: nothing)."""
+        row = self.db.execute("SELECT start FROM move_checkpoints WHERE job=? AND epoch=?", (job, epoch)).fetchone()
+        return msgpack.unpackb(row[0]) if row is not None else None
 
     def end_move(self, job: int, epoch: int, state: str, reason: str | None = None) -> bool:
         """Close an active move as done or aborted; whether it was active."""
         assert state in ("done", "aborted")
-        return self.db.execute("UPDATE moves SET state=?, reason=?, ended_at=? WHERE job=? AND epoch=? AND state IN "
-                               "('prepare', 'go')", (state, reason, self._clock(), job, epoch)).rowcount == 1
+        with self._atomic():
+            self.db.execute("DELETE FROM move_checkpoints WHERE job=? AND epoch=?", (job, epoch))
+            return self.db.execute("UPDATE moves SET state=?, reason=?, ended_at=? WHERE job=? AND epoch=? AND state "
+                                   "IN ('prepare', 'go')", (state, reason, self._clock(), job, epoch)).rowcount == 1
 
     def move_figures(self, job: int, epoch: int, source: str, downtime_s: float | None, total_s: float,
                      sent: int) -> bool:
