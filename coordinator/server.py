@@ -58,7 +58,7 @@ HOUSEKEEPING_EVERY_S = 0.1
 # wakeup of the loop (and of ZeroMQ's hand-over to it) and one commit, instead of one per message; a message waits
 # at most this much longer. With thousands of agents beating, the wakeups, not the messages, were the cost.
 TURN_S = 0.005
-KEY_CACHE_S = 30.0  # how long a key's enrolment is trusted before SQLite is asked again (revocation delay)
+KEY_CACHE_MAX = 100_000  # enrolled keys remembered in front of SQLite (emptied when full: a bound, not a policy)
 MAX_ATTEMPTS = 3  # a job whose node is lost this many times fails instead of running again
 VACATED_HOLD_S = 3600.0  # a job saved on a node's disk waits this long for its owner to leave again
 MAX_JOBS_LISTED = 1000  # jobs in one `jobs` reply
@@ -176,7 +176,10 @@ class Coordinator(Moving, GangCheckpoints):
         self._queued_at: dict[int, float] = {}
         self._next_housekeeping = clock()
         self._next_sweep = clock()
-        self._key_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        # Each key's enrolment as last read from SQLite, kept until the database changes: this process's own key
+        # changes drop their entry, and another process's (`coordinator keys add|remove`) show in data_version.
+        self._key_cache: dict[str, Requester | None] = {}
+        self._keys_seen_at = self.store.data_version()
         self._running = True
         self._handlers: dict[str, Callable[[bytes, str, dict[str, Any]], None]] = {
             name[len("_on_"):]: getattr(self, name) for name in dir(self) if name.startswith("_on_")
@@ -278,39 +281,50 @@ class Coordinator(Moving, GangCheckpoints):
             self.server.send(identity, protocol.error("malformed", str(exc)))
             return
         kind = message["type"]
-        owner = self._key_owner(key)
-        role = owner[1] if owner else None
+        requester = self._key_owner(key)
+        role = requester.role if requester is not None else None
         sender, _ = protocol.SCHEMAS[kind]
         if not may_send(role, sender):
             self.counters.refused += 1
             log.warning("refused %s from %s key %s", kind, role or "unknown", key[:8])
-            self.server.send(identity, protocol.error("forbidden", refusal(role, owner and owner[0], kind), kind))
+            self.server.send(identity, protocol.error("forbidden", refusal(role, requester and requester.name, kind),
+                                                      kind))
             return
         if role == "agent" and kind not in ("hello", "image_chunk_get") and self.by_identity.get(identity) is None:
             # A node we do not know (we restarted, or it was declared lost): it must introduce itself again.
             # Its results come again from its outbox, but live output would not: keep what belongs to a job
             # the store says runs there.
             if kind == "job_output":
-                self._keep_output(owner[0], message)  # type: ignore[index]
+                self._keep_output(requester.name, message)  # type: ignore[union-attr]
             self.server.send(identity, protocol.encode("reconnect", reason="unknown node, say hello"))
             return
         self._sender_key = key
-        self._requester = Requester(*owner)  # type: ignore[misc]
+        self._requester = requester  # type: ignore[assignment]
         try:
-            self._handlers[kind](identity, owner[0], message)  # type: ignore[index]
+            self._handlers[kind](identity, requester.name, message)  # type: ignore[union-attr]
         except Exception as exc:  # one bad request must not take the pool down
             log.exception("error handling %s", kind)
             self.server.send(identity, protocol.error("internal", f"{type(exc).__name__}: {exc}", kind))
 
-    def _key_owner(self, key: str) -> tuple[str, str] | None:
-        """(name, role) of an enrolled key, from a short-lived cache in front of SQLite."""
-        now = self._clock()
-        cached = self._key_cache.get(key)
-        if cached is not None and now - cached[0] < KEY_CACHE_S:
-            return cached[1]
+    def _key_owner(self, key: str) -> Requester | None:
+        """The enrolled name and role of *key* (None: not enrolled), from the cache in front of SQLite."""
+        try:
+            return self._key_cache[key]
+        except KeyError:
+            pass
+        if len(self._key_cache) >= KEY_CACHE_MAX:
+            self._key_cache.clear()
         owner = self.store.key_owner(key)
-        self._key_cache[key] = (now, owner)
-        return owner
+        requester = self._key_cache[key] = Requester(*owner) if owner is not None else None
+        return requester
+
+    def _keys_checked(self) -> None:
+        """Forget the cached enrolments when another process has written the database (a key added or revoked
+        with `coordinator keys`): its next message is checked against SQLite again."""
+        version = self.store.data_version()
+        if version != self._keys_seen_at:
+            self._keys_seen_at = version
+            self._key_cache.clear()
 
     def _reply(self, identity: bytes, kind: str, **fields: Any) -> None:
         self.server.send(identity, protocol.encode(kind, **fields))
@@ -1147,6 +1161,7 @@ class Coordinator(Moving, GangCheckpoints):
         coordinator that falls behind must not lose nodes whose heartbeats wait in its own queue (they would
         all come back with a hello, and put it further behind)."""
         now = self._clock()
+        self._keys_checked()
         for name in self.liveness.due(expire=caught_up):
             self._lose_node(self.nodes[name], "missed its heartbeats")
         if now >= self._next_sweep:

@@ -110,6 +110,15 @@ CREATE TABLE IF NOT EXISTS gang_cuts (
     pieces TEXT NOT NULL,
     took_s REAL NOT NULL
 );
+-- Where a handed-over guest's checkpoints go on from on its destination (msgpack: interval, piece number, output
+-- offsets), fixed at the hand-over; kept while the move is active, so that a coordinator restarted before the
+-- destination says it arrived can still tell it.
+CREATE TABLE IF NOT EXISTS move_checkpoints (
+    job INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    start BLOB NOT NULL,
+    PRIMARY KEY (job, epoch)
+);
 CREATE TABLE IF NOT EXISTS images (
     name TEXT PRIMARY KEY,
     sha256 TEXT NOT NULL,
@@ -637,9 +646,10 @@ class Store:
                             f"NULL, NULL)", (job, last + 1, source, destination, self._clock()))
         return int(last) + 1
 
-    def hand_over(self, job: int, epoch: int) -> bool:
-        """The guest becomes the destination's, in one transaction with the move: whether it did (the move was
-        being prepared and the job still ran on its source)."""
+    def hand_over(self, job: int, epoch: int, checkpoint: dict[str, Any] | None = None) -> bool:
+        """The guest becomes the destination's, in one transaction with the move and with where its checkpoints
+        go on from there (*checkpoint*, None: it takes none): whether it did (the move was being prepared and the
+        job still ran on its source)."""
         with self._atomic():
             row = self.db.execute("SELECT source, destination FROM moves WHERE job=? AND epoch=? AND state='prepare'",
                                   (job, epoch)).fetchone()
@@ -647,13 +657,23 @@ class Store:
                 "UPDATE jobs SET node=? WHERE id=? AND state='running' AND node=?", (row[1], job, row[0])).rowcount == 1
             if moved:
                 self.db.execute("UPDATE moves SET state='go' WHERE job=? AND epoch=?", (job, epoch))
+                if checkpoint is not None:
+                    self.db.execute("INSERT OR REPLACE INTO move_checkpoints VALUES (?, ?, ?)",
+                                    (job, epoch, msgpack.packb(checkpoint)))
         return moved
+
+    def move_checkpoint(self, job: int, epoch: int) -> dict[str, Any] | None:
+        """What :meth:`hand_over` recorded for an active move's checkpoints (None: nothing)."""
+        row = self.db.execute("SELECT start FROM move_checkpoints WHERE job=? AND epoch=?", (job, epoch)).fetchone()
+        return msgpack.unpackb(row[0]) if row is not None else None
 
     def end_move(self, job: int, epoch: int, state: str, reason: str | None = None) -> bool:
         """Close an active move as done or aborted; whether it was active."""
         assert state in ("done", "aborted")
-        return self.db.execute("UPDATE moves SET state=?, reason=?, ended_at=? WHERE job=? AND epoch=? AND state IN "
-                               "('prepare', 'go')", (state, reason, self._clock(), job, epoch)).rowcount == 1
+        with self._atomic():
+            self.db.execute("DELETE FROM move_checkpoints WHERE job=? AND epoch=?", (job, epoch))
+            return self.db.execute("UPDATE moves SET state=?, reason=?, ended_at=? WHERE job=? AND epoch=? AND state "
+                                   "IN ('prepare', 'go')", (state, reason, self._clock(), job, epoch)).rowcount == 1
 
     def move_figures(self, job: int, epoch: int, source: str, downtime_s: float | None, total_s: float,
                      sent: int) -> bool:
@@ -700,6 +720,10 @@ class Store:
     def agent_count(self) -> int:
         """How many agent keys are enrolled."""
         return int(self.db.execute("SELECT COUNT(*) FROM keys WHERE role='agent'").fetchone()[0])
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to the database (SQLite's data_version)."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
 
     def key_owner(self, public_key: str) -> tuple[str, str] | None:
         """(name, role) of an enrolled key."""

@@ -12,8 +12,9 @@ a submission the coordinator accepts fits every hop to the guest and back.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import msgpack
 
@@ -495,8 +496,37 @@ def is_safe_relative_path(path: str) -> bool:
 
 
 _ABSENT = object()
-# Each message type's fields as (name, kind, required): what validate walks, without attribute lookups.
-_FIELD_CHECKS = {kind: tuple((name, field.kind, field.required) for name, field in fields.items())
+_FLOAT_MAX = sys.float_info.max
+
+
+def _quick_check(kind: Kind) -> Callable[[Any], bool]:
+    """A predicate that accepts the common valid values of *kind* in one expression (a message's scalars), and
+    says False for anything else, valid or not; validate then asks _problem, which decides. So the predicate needs
+    only to be sound: it may never accept what _problem refuses."""
+    tag, bound = kind.tag, kind.bound or 0
+    if tag == "str":
+        return lambda value: type(value) is str and len(value) <= bound
+    if tag == "bytes":
+        return lambda value: type(value) is bytes and len(value) <= bound
+    if tag == "bool":
+        return lambda value: type(value) is bool
+    if tag == "int":
+        low = -(2**63) if kind.low is None else max(kind.low, -(2**63))
+        high = 2**63 - 1 if kind.high is None else min(kind.high, 2**63 - 1)
+        return lambda value: type(value) is int and low <= value <= high
+    if tag == "float":  # the bounds (finite) also refuse NaN and the infinities
+        flow = -_FLOAT_MAX if kind.low is None else kind.low
+        fhigh = _FLOAT_MAX if kind.high is None else kind.high
+        return lambda value: type(value) in (float, int) and flow <= value <= fhigh
+    if tag == "int_list":  # a heartbeat's running jobs: usually none or a few
+        return lambda value: type(value) is list and not value
+    return lambda value: False
+
+
+# Each message type's fields as (name, quick check, kind, required): what validate walks, without attribute
+# lookups; _problem runs only where the quick check does not accept.
+_FIELD_CHECKS = {kind: tuple((name, _quick_check(field.kind), field.kind, field.required)
+                             for name, field in fields.items())
                  for kind, (_, fields) in SCHEMAS.items()}
 
 
@@ -512,12 +542,12 @@ def validate(message: Any) -> dict[str, Any]:
     if not isinstance(kind, str) or kind not in SCHEMAS:
         shown = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
         raise ProtocolError(f"unknown message type {shown}")
-    for name, field_kind, required in _FIELD_CHECKS[kind]:  # every message passes here: kept to plain lookups
+    for name, quick, field_kind, required in _FIELD_CHECKS[kind]:  # every message passes here: plain lookups
         value = message.get(name, _ABSENT)
         if value is _ABSENT:
             if required:
                 raise ProtocolError(f"{kind} message lacks field {name!r}")
-        elif (problem := _problem(value, field_kind)) is not None:
+        elif not quick(value) and (problem := _problem(value, field_kind)) is not None:
             raise ProtocolError(f"field {name[:40]!r} {problem}")
     return message
 
