@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from conode.cluster import protocol
 from coordinator.gang_cuts import Cut, CutSet, GangCuts
 from coordinator.placement import ACCEPTING_STATES
-from coordinator.store import TERMINAL_STATES
+from coordinator.store import TERMINAL_STATES, Job
 
 if TYPE_CHECKING:
     from coordinator.server import Coordinator
@@ -67,26 +67,41 @@ class GangCheckpoints:
                 assert node is not None
                 self.server.send(node.identity, protocol.encode("checkpoint_cut", job=rank.id, cut=cut.number))
 
-    def _on_cut_taken(self: Coordinator, identity: bytes, name: str, msg: dict[str, Any]) -> None:
-        """A rank's piece of a cut is taken and its guest stands still: once every rank's is, all go on."""
+    def _cut_of(self: Coordinator, name: str, msg: dict[str, Any]) -> tuple[Job, Cut] | None:
+        """The rank a cut message is about and its gang's cut under way, if the message is from the rank's node
+        and about that cut."""
         self.liveness.heard(name)
         rank = self.store.job(msg["job"])
-        gang = rank.gang if rank is not None else None
-        cut = self.cuts.open.get(gang) if gang is not None else None
+        cut = self.cuts.open.get(rank.gang) if rank is not None and rank.gang is not None else None
         if rank is None or cut is None or cut.number != msg["cut"] or rank.node != name:
+            return None
+        return rank, cut
+
+    def _on_cut_ready(self: Coordinator, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        """A rank's piece of a cut is pre-copied: once every rank's is, all make their final copies."""
+        found = self._cut_of(name, msg)
+        if found is not None and self.cuts.ready(found[1].gang, found[1].number, found[0].id):
+            self._tell_ranks(found[1], found[1].ranks, "cut_final")
+
+    def _on_cut_taken(self: Coordinator, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        """A rank's piece of a cut is taken and its guest stands still: once every rank's is, all go on."""
+        found = self._cut_of(name, msg)
+        if found is None:
             self._reply(identity, "cut_resume", job=msg["job"], cut=msg["cut"])  # a cut given up: go on
             return
+        rank, cut = found
         if self.cuts.taken(cut.gang, cut.number, rank.id, msg["seq"]):
-            self._resume_ranks(cut, cut.ranks)
+            self._tell_ranks(cut, cut.ranks, "cut_resume")
             log.info("job %d: cut %d taken by its %d ranks, %.0f ms after it began; they go on", cut.gang,
                      cut.number, len(cut.ranks), (self._clock() - cut.started) * 1000)
 
-    def _resume_ranks(self: Coordinator, cut: Cut, ranks: list[int] | tuple[int, ...]) -> None:
+    def _tell_ranks(self: Coordinator, cut: Cut, ranks: list[int] | tuple[int, ...], kind: str) -> None:
+        """Send each of *ranks*' nodes *kind* (cut_final, cut_resume) for *cut*."""
         for rank_id in ranks:
             rank = self.store.job(rank_id)
             node = self.nodes.get(rank.node or "") if rank is not None else None
             if node is not None:
-                self.server.send(node.identity, protocol.encode("cut_resume", job=rank_id, cut=cut.number))
+                self.server.send(node.identity, protocol.encode(kind, job=rank_id, cut=cut.number))
 
     # --- the pieces ------------------------------------------------------------------------------------------
     def _rank_piece(self: Coordinator, tag: tuple[bytes, str, dict[str, Any]], commit: Any,
@@ -134,7 +149,7 @@ class GangCheckpoints:
         """A cut given up: its ranks standing still go on, its pieces are dropped, and every rank's next piece
         is a full one (those of this cut joined no chain)."""
         log.warning("job %d: cut %d discarded: %s", cut.gang, cut.number, why)
-        self._resume_ranks(cut, cut.held)
+        self._tell_ranks(cut, cut.held, "cut_resume")
         for rank_id in cut.ranks:
             held = self._held_pieces.pop(rank_id, None)
             if held is not None:

@@ -6,11 +6,13 @@ A gang's ranks talk to each other, so their pieces must form a consistent cut (C
 piece may hold a frame that its sender's piece does not show as sent. The cut is made simple by stopping time:
 
 1. the coordinator *begins* a cut (a number per gang) and asks every rank's agent to checkpoint;
-2. each agent pauses its rank's guest, makes the final copy of its piece (the incremental pieces of one-guest
-   jobs: pre-copied while the guest runs) and says it is *taken*, keeping the guest paused;
-3. once every rank's is taken, the coordinator tells every agent to resume: the guests stood still from their
-   own final copy until then (the cut's *stall*);
-4. the pieces arrive and are checked as a one-guest job's are; each is *kept* aside, not in its rank's chain,
+2. each rank's worker pre-copies its piece (the incremental pieces of one-guest jobs), the guest running, and
+   says it is *ready*; once every rank is, the coordinator tells them all to make their final copies, so that
+   no rank stands still while another pre-copies (a full piece reads all its RAM);
+3. each worker stops its guest, makes the final copy and says its piece is *taken*, keeping the guest stopped;
+4. once every rank's is taken, the coordinator tells every agent to resume: the guests stood still from their
+   own final copy until then (the cut's *stall*: about a round trip to the coordinator);
+5. the pieces arrive and are checked as a one-guest job's are; each is *kept* aside, not in its rank's chain,
    until every rank's is: then the cut is a complete *set*, and every piece joins its chain at once.
 
 If a rank fails to take its piece, a piece is refused, a rank is lost, or a step takes too long (CUT_TIMEOUT_S
@@ -53,6 +55,8 @@ class Cut:
     number: int
     ranks: tuple[int, ...]
     started: float
+    ready: set[int] = field(default_factory=set)  # the ranks whose piece is pre-copied
+    final: bool = False  # every rank's is: they were told to make their final copies
     taken: dict[int, int] = field(default_factory=dict)  # rank job id -> its piece number, final copy made
     kept: set[int] = field(default_factory=set)  # the ranks whose piece has arrived and passed its check
     resumed: bool = False  # every piece taken: the guests were told to resume
@@ -102,6 +106,16 @@ class GangCuts:
     def _of(self, gang: int, number: int, rank: int) -> Cut | None:
         cut = self.open.get(gang)
         return cut if cut is not None and cut.number == number and rank in cut.ranks else None
+
+    def ready(self, gang: int, number: int, rank: int) -> bool:
+        """Rank *rank* pre-copied its piece of cut *number*: whether every rank now has, and all must be told to
+        make their final copies (once). False too for a cut not under way or a rank not in it."""
+        cut = self._of(gang, number, rank)
+        if cut is None or cut.final:
+            return False
+        cut.ready.add(rank)
+        cut.final = len(cut.ready) == len(cut.ranks)
+        return cut.final
 
     def taken(self, gang: int, number: int, rank: int, seq: int) -> bool:
         """Rank *rank* made the final copy of its piece *seq* of cut *number* (and stands still): whether every

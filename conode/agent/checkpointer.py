@@ -16,8 +16,9 @@ The final copy runs on the worker's machine thread (:meth:`Checkpointer.final`, 
 :attr:`final_due`); everything else on the checkpointer's own thread.
 
 A gang's rank is checkpointed only when its gang takes a cut (coordinator/gang_cuts.py; ``interval_s`` 0):
-:meth:`cut` starts a piece at once, and after its final copy the worker keeps the guest still (:meth:`held`)
-until the coordinator says every rank's piece is taken.
+:meth:`cut` starts a piece at once; after the pre-copy it says ``cut_ready`` and waits, the guest running, for
+:meth:`final_now` (every rank's pre-copy is done, so that none stands still while another pre-copies all its
+RAM); after the final copy the worker keeps the guest still (:meth:`held`) until every rank's piece is taken.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Checkpointer:
         self._wake = threading.Event()  # a cut asked for a piece now
         self._cut_asked: tuple[int, float] | None = None  # (cut, hold_s) for the next piece
         self._cut: tuple[int, float] | None = None  # ... for the piece being taken
+        self._final_go = threading.Event()  # the cut's final copies may begin
         self._hold: tuple[int, int, float] | None = None  # (cut, seq, hold_s): the guest must stay still
         self._tracker = dirty_tracker(guest.machine.cpu)
         self._tracking = False
@@ -87,12 +89,18 @@ class Checkpointer:
         self._stop.set()
         self._final_done.set()
         self._wake.set()
+        self._final_go.set()
 
     def cut(self, cut: int, hold_s: float) -> None:
         """The gang takes cut *cut*: take a piece now, and keep the guest still after its final copy (for at most
         *hold_s*)."""
         self._cut_asked = (cut, hold_s)
         self._wake.set()
+
+    def final_now(self, cut: int) -> None:
+        """Every rank's piece of cut *cut* is pre-copied: the final copy may begin."""
+        if self._cut is not None and self._cut[0] == cut:
+            self._final_go.set()
 
     def held(self) -> tuple[int, int, float] | None:
         """After a final copy (on the machine thread): (cut, piece number, hold_s) if the piece was a cut's, and
@@ -121,6 +129,7 @@ class Checkpointer:
             self._wake.clear()
             if self._stop.is_set():
                 return
+            self._final_go.clear()
             self._cut, self._cut_asked = self._cut_asked, None
             try:
                 self._checkpoint()
@@ -187,6 +196,12 @@ class Checkpointer:
             # its map is a stand-in: the piece carries what the final copy's map keeps of these clusters
             self._disk_pre = Changes(overlay.base.sha256(), overlay.size, listed, listed,
                                      pack_clusters(overlay.read_clusters(listed)))
+        if self._cut is not None:  # a gang's cut: the final copies begin together
+            self._send({"type": "cut_ready", "job": self.job, "cut": self._cut[0]})
+            if not self._final_go.wait(self._cut[1]) or self._stop.is_set():
+                if self._stop.is_set():
+                    raise _Stopped
+                raise ConodeError(f"no word on cut {self._cut[0]} within {self._cut[1]:g} s after the pre-copy")
         self._final_done.clear()
         self.final_due = True
         self.guest.machine.pause()

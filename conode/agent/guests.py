@@ -427,6 +427,8 @@ class Guests:
             self._forward_output(message["job"], message["stream"], message["data"])
         elif kind == "checkpoint":
             self._send_checkpoint(slot, message)
+        elif kind == "cut_ready":
+            self._reports.report("cut_ready", job=message["job"], cut=message["cut"])
         elif kind == "cut_taken":
             self._reports.report("cut_taken", job=message["job"], cut=message["cut"], seq=message["seq"])
         elif kind == "cut_resumed":
@@ -460,10 +462,11 @@ class Guests:
             return
         self.send_to(slot, {"type": "cut", "job": job, "cut": cut, "hold_s": CUT_HOLD_S})
 
-    def cut_resume(self, job: int, cut: int) -> None:
+    def cut_step(self, kind: str, job: int, cut: int) -> None:
+        """cut_final (every rank's piece is pre-copied) or cut_resume (every rank's is taken), for the worker."""
         slot = self.jobs.get(job)
         if slot is not None:
-            self.send_to(slot, {"type": "cut_resume", "job": job, "cut": cut})
+            self.send_to(slot, {"type": kind, "job": job, "cut": cut})
 
     def checkpoint_refused(self, job: int, reason: str) -> None:
         """The coordinator did not keep a piece: the job's next one must hold every page."""

@@ -47,9 +47,10 @@ TO_WORKER: dict[str, dict[str, Field]] = {
                 "disk": Field(DISK, required=False), "checkpoint": Field(CHECKPOINT, required=False)},
     "checkpoint_reset": {"job": Field(INT)},
     "checkpoint_start": {"job": Field(INT), "checkpoint": Field(CHECKPOINT), "outputs": Field(OUTPUTS)},
-    # a gang's cut (checkpointer.py): take the piece now, the guest kept still after its final copy until
-    # cut_resume names the cut (or hold_s passes)
+    # a gang's cut (checkpointer.py): pre-copy a piece now, make its final copy on cut_final and keep the guest
+    # still after it until cut_resume (each waited for hold_s at most)
     "cut": {"job": Field(INT), "cut": Field(COUNT), "hold_s": Field(MEASURE)},
+    "cut_final": {"job": Field(INT), "cut": Field(COUNT)},
     "cut_resume": {"job": Field(INT), "cut": Field(COUNT)},
     "cancel": {"job": Field(INT)},
     "pause": {},
@@ -79,6 +80,7 @@ FROM_WORKER: dict[str, dict[str, Field]] = {
                    "path": Field(STR), "size": Field(COUNT), "sha256": Field(SHA256), "pages": Field(COUNT),
                    "final_pages": Field(COUNT), "stall_s": Field(MEASURE), "took_s": Field(MEASURE),
                    "stall_cpu_s": Field(MEASURE, required=False)},  # the machine thread's CPU time in the stall
+    "cut_ready": {"job": Field(INT), "cut": Field(COUNT)},
     "cut_taken": {"job": Field(INT), "cut": Field(COUNT), "seq": Field(COUNT)},
     "cut_resumed": {"job": Field(INT), "cut": Field(COUNT), "held_s": Field(MEASURE)},
     "listening": {"job": Field(INT), "endpoint": Field(STR)},

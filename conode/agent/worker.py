@@ -11,13 +11,15 @@ length-prefixed msgpack (pipe.py):
   disk as for run), ``checkpoint_reset`` (job: the next checkpoint must hold every page); run and restore may
   carry checkpoint (dir, interval_s, seq: checkpointer.py), and ``checkpoint_start`` (job, checkpoint, outputs:
   the offsets as the guest came to this worker) starts them for a guest resumed from a vacate or moved here
-  (interval_s 0: a gang's rank, checkpointed only in its gang's cuts); ``cut`` (job, cut, hold_s: take a piece
-  now, then keep the guest still) and ``cut_resume`` (job, cut: every rank's piece is taken);
+  (interval_s 0: a gang's rank, checkpointed only in its gang's cuts); ``cut`` (job, cut, hold_s: pre-copy a
+  piece now), ``cut_final`` (job, cut: every rank's is pre-copied: make the final copy, then keep the guest still)
+  and ``cut_resume`` (job, cut: every rank's piece is taken);
 - worker → agent: ``ready`` (guest, speed), ``output`` (job, stream, data), ``finished`` (job, status, outputs,
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
   ``resumed``, ``vacated`` (path, jobs, and checkpoint: what its checkpoints go on from), ``checkpoint`` (job,
-  seq, base, path, size, sha256 and figures), ``cut_taken`` (job, cut, seq: the final copy of a cut's piece is
-  made; the guest stands still) and ``cut_resumed`` (job, cut, held_s: how long it stood still after it).
+  seq, base, path, size, sha256 and figures), ``cut_ready`` (job, cut: a cut's piece is pre-copied),
+  ``cut_taken`` (job, cut, seq: its final copy is made; the guest stands still) and ``cut_resumed`` (job, cut,
+  held_s: how long it stood still after it).
 
 **A fresh guest for every job.** The worker keeps the *pristine* post-boot snapshot: made by the host from a
 boot in which no job ran (``--boot-snapshot`` keeps it on disk for the next worker, tied to the guest image's
@@ -323,6 +325,9 @@ class GuestWorker:
         elif kind == "cut":
             if self._checkpointer is not None and self._checkpointer.job == message.get("job"):
                 self._checkpointer.cut(message["cut"], message["hold_s"])
+        elif kind == "cut_final":
+            if self._checkpointer is not None and self._checkpointer.job == message.get("job"):
+                self._checkpointer.final_now(message["cut"])
         elif kind == "cut_resume":
             pass  # a cut whose hold ended already (the guest went on, or never stopped for it)
         elif kind == "plug":  # a guest resumed from disk or moved here: its NIC joins the switch again

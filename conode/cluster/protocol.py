@@ -42,8 +42,9 @@ HEARTBEAT_LIVENESS = 3  # beats missed before the peer is declared lost
 # after LINK_TIMEOUT_MS (TCP_USER_TIMEOUT). With a beat every interval a silent coordinator is so noticed within
 # HEARTBEAT_LIVENESS intervals, as with the pings this replaces.
 LINK_TIMEOUT_MS = int((HEARTBEAT_LIVENESS - 1) * HEARTBEAT_INTERVAL_S * 1000)
-# An agent keeps a gang's rank still for a cut (checkpoint_cut) until cut_resume, or this long at most: past the
-# coordinator's own limit for the cut (coordinator/gang_cuts.py), so a guest is never left stopped by a lost word.
+# A worker waits this long at most for a gang's cut to go on (cut_final after its pre-copy, cut_resume after its
+# final copy, while its guest stands still): past the coordinator's own limit for the cut
+# (coordinator/gang_cuts.py), so a guest is never left stopped, nor a piece half taken, by a lost word.
 CUT_HOLD_S = 10.0
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 8.0
@@ -142,8 +143,9 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "checkpoint_put": ("agent", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "index": _f(INT), "data": _f(CHUNK)}),
     "checkpoint_commit": ("agent", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "base": _f(PIECE_NUMBER),
                                     "size": _f(PIECE_SIZE), "sha256": _f(SHA256)}),
-    # A gang's coordinated checkpoint (coordinator/gang_cuts.py): the rank's piece of cut *cut* is taken (its
-    # final copy made); its guest stands still until cut_resume
+    # A gang's coordinated checkpoint (coordinator/gang_cuts.py): the rank's piece of cut *cut* is pre-copied
+    # (its guest runs until cut_final), then taken (its final copy made; its guest stands still until cut_resume)
+    "cut_ready": ("agent", {"job": _f(INT), "cut": _f(COUNT)}),
     "cut_taken": ("agent", {"job": _f(INT), "cut": _f(COUNT), "seq": _f(COUNT)}),
     # A move (coordinator/moves.py): every message names the job and the move's ownership epoch.
     "move_listening": ("agent", {"job": _f(INT), "epoch": _f(INT), "endpoint": _f(STR), "key": _f(STR)}),
@@ -167,8 +169,10 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     # a guest moved here is checkpointed from now on: its interval, next piece's number and output offsets
     "checkpoint_start": ("coordinator", {"job": _f(INT), "interval_s": _f(MEASURE), "seq": _f(COUNT),
                                          "stdout": _f(COUNT), "stderr": _f(COUNT)}),
-    # a gang's cut: take the rank's piece now and keep its guest still until cut_resume (or AGENT_HOLD_S)
+    # a gang's cut: pre-copy the rank's piece now; once every rank has, make its final copy and keep the guest
+    # still after it until cut_resume (or CUT_HOLD_S)
     "checkpoint_cut": ("coordinator", {"job": _f(INT), "cut": _f(COUNT)}),
+    "cut_final": ("coordinator", {"job": _f(INT), "cut": _f(COUNT)}),
     "cut_resume": ("coordinator", {"job": _f(INT), "cut": _f(COUNT)}),
     "conet_peers": ("coordinator", {"peers": _f(PEERS), "relay": _f(STR, False)}),  # relay: its endpoint
     "cancel_job": ("coordinator", {"job": _f(INT)}),

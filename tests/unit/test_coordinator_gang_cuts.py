@@ -88,6 +88,11 @@ def test_the_ranks_go_on_once_every_piece_is_taken_and_the_pieces_join_their_cha
         pool, tmp_path, envelope):
     gang, ranks = gang_of_two(pool)
     number = begin_cut(pool, ranks)
+    pool.send("n1", "cut_ready", job=ranks["n1"], cut=number)  # pre-copied: it runs on until n2 is too
+    assert not any(of_type(pool.take(name), "cut_final") for name in ranks)
+    pool.send("n2", "cut_ready", job=ranks["n2"], cut=number)
+    assert [[m["job"] for m in of_type(pool.take(name), "cut_final")] for name in ranks] == [[ranks["n1"]],
+                                                                                             [ranks["n2"]]]
     assert pool.send("n1", "cut_taken", job=ranks["n1"], cut=number, seq=0) == []  # n1 stands still
     assert not of_type(pool.take("n2"), "cut_resume")
     pool.send("n2", "cut_taken", job=ranks["n2"], cut=number, seq=0)

@@ -30,6 +30,15 @@ def test_the_ranks_resume_once_every_piece_is_taken_and_the_cut_is_a_set_once_ev
     assert cuts.newest(GANG) == done and GANG not in cuts.open
 
 
+def test_the_final_copies_begin_together_once_every_rank_has_pre_copied():
+    cuts = GangCuts(60.0)
+    cut = cuts.begin(GANG, RANKS, 0.0)
+    assert [cuts.ready(GANG, 1, rank) for rank in (8, 10, 10)] == [False, False, False]
+    assert not cuts.ready(GANG, 2, 9) and not cuts.ready(GANG, 1, 99)  # another cut, a stranger
+    assert cuts.ready(GANG, 1, 9) and cut.final  # the last one: every rank makes its final copy now
+    assert not cuts.ready(GANG, 1, 9)  # said once
+
+
 def test_stale_reports_and_strangers_are_ignored():
     cuts = GangCuts(60.0)
     cut = cuts.begin(GANG, RANKS[:2], 0.0)
