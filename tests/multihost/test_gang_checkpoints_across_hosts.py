@@ -10,10 +10,9 @@ import re
 
 import pytest
 import testnet
-from hostpool import COORDINATOR_HOST, READY_TIMEOUT_S
+from hostpool import COORDINATOR_HOST, READY_TIMEOUT_S, coordinator_settings, stream, stream_lines
 
 from pool import Pool
-from test_moves_across_hosts import coordinator_settings
 
 pytest_plugins = ["hostpool"]
 pytestmark = [pytest.mark.guest,
@@ -22,33 +21,6 @@ pytestmark = [pytest.mark.guest,
 AGENTS = ("a1", "a2", "a3")
 CHECKPOINT_S = 2.0
 STEPS = 80
-# Rank 0 listens and prints every line it receives (a second listener tells rank 1 it is ready); rank 1 computes
-# a value a step, sends it over one TCP connection and prints it.
-STREAM = """
-set -- $CONODE_HOSTS
-if [ $CONODE_RANK = 0 ]; then
-  mkfifo /tmp/quiet
-  nc -l -p 5000 <>/tmp/quiet | while read line; do echo "got $line"; done &
-  nc -l -p 5001 </dev/null >/dev/null
-  wait
-else
-  until echo | nc "$1" 5001 >/dev/null 2>&1; do sleep 0.5; done
-  sleep 1
-  exec 3>&1
-  s=0; i=1
-  while [ $i -le STEPS ]; do
-    s=$(( (s * 31 + i * i) % 1000003 )); echo "step $i $s"; echo "step $i $s" >&3; i=$((i+1)); sleep 0.3
-  done | nc "$1" 5000
-fi
-""".replace("STEPS", str(STEPS))
-
-
-def expected(steps: int) -> list[str]:
-    lines, s = [], 0
-    for i in range(1, steps + 1):
-        s = (s * 31 + i * i) % 1000003
-        lines.append(f"step {i} {s}")
-    return lines
 
 
 @pytest.fixture
@@ -70,7 +42,7 @@ def rank_output(pool: Pool, gang: int, rank: int) -> list[str]:
 
 
 def test_a_gang_whose_agent_is_killed_goes_on_from_its_last_set_with_every_line_once(pool):
-    gang = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", STREAM).stdout.strip())
+    gang = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", stream(STEPS)).stdout.strip())
     pool.wait_until("a set kept while rank 1 streams", lambda: len(rank_output(pool, gang, 1)) >= 8 and re.search(
         rf"job {gang}: set \d+ of its 2 ranks kept", pool.log("coordinator")), 120, interval=0.3)
     where = {job: node["name"] for node in pool.status()["nodes"] for job in node["jobs"]}
@@ -78,7 +50,7 @@ def test_a_gang_whose_agent_is_killed_goes_on_from_its_last_set_with_every_line_
     pool.kill(pool.agents[where[sender]])
     assert pool.cli("wait", str(gang), "--timeout", "180", check=False, timeout=200).returncode == 0, \
         pool.log("coordinator")[-3000:]
-    lines = expected(STEPS)
+    lines = stream_lines(STEPS)
     assert rank_output(pool, gang, 1) == lines
     assert rank_output(pool, gang, 0) == [f"got {line}" for line in lines]
     log = pool.log("coordinator")

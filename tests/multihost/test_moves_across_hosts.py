@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import testnet
-from hostpool import COORDINATOR_HOST, READY_TIMEOUT_S, slow_transfer, transfer_size
+from hostpool import COORDINATOR_HOST, READY_TIMEOUT_S, coordinator_settings, slow_transfer, transfer_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))  # pool.py, test_owner_cycle.py
 
-from conode.tomlfile import read_toml, write_toml
+from conode.tomlfile import write_toml
 from pool import Pool
 from test_owner_cycle import Owner
 
@@ -47,12 +47,6 @@ def expected_output(steps: int) -> bytes:
         s = (s * 31 + i * i) % 1000003
         lines.append(f"step {i} {s}\n")
     return "".join(lines).encode() + f"total {s}\n".encode()
-
-
-def coordinator_settings(pool: Pool, **settings) -> None:
-    """Add *settings* to the pool's coordinator.toml (before the coordinator starts)."""
-    path = pool.state / "coordinator.toml"
-    write_toml(path, {**(read_toml(path) if path.exists() else {}), **settings})
 
 
 def start_pool(network, root: Path, **agent_settings) -> tuple[Pool, dict[str, Owner]]:
