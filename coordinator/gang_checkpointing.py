@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("coordinator")
 
 FENCE_BEATS = 2  # heartbeats a node must send without a stopped rank before that rank may run there again
+FENCE_MAX_S = 30.0  # ... or this long at most (a node that keeps listing it, or never comes back, is not waited for)
 
 
 class GangCheckpoints:
@@ -37,8 +38,12 @@ class GangCheckpoints:
         # gang -> node -> heartbeats still to come without the gang's ranks stopped there: a gang resumed under
         # its ranks' own ids waits for them, so that no late word of a stopped rank counts for its next run
         self._fences: dict[int, dict[str, int]] = {}
+        self._fenced_until: dict[int, float] = {}
         for gang, number, pieces, took_s in self.store.cut_sets():
             self.cuts.restored(CutSet(gang, number, tuple(pieces), took_s))
+            job = self.store.job(gang)
+            if job is not None and job.state == "queued":  # stopped before the restart: its ranks' nodes, fenced
+                self._fence(gang, {rank.node for rank in self.store.ranks(gang) if rank.node})
 
     # --- taking cuts -------------------------------------------------------------------------------------------
     def _take_cuts(self: Coordinator) -> None:
@@ -47,6 +52,11 @@ class GangCheckpoints:
         now = self._clock()
         for cut in self.cuts.expired(now):
             self._discard_cut(cut, "it took too long")
+        for gang in [g for g, until in self._fenced_until.items() if now >= until]:
+            log.warning("job %d: its ranks' old nodes did not let them go within %.0f s; it is placed anyway", gang,
+                        FENCE_MAX_S)
+            self._unfence(gang)
+            self.schedule()
         for gang in [g for g in self.cuts.sets if g not in self.cuts.open]:
             job = self.store.job(gang)
             if job is None or job.state in TERMINAL_STATES:
@@ -176,7 +186,7 @@ class GangCheckpoints:
                 self.checkpoints.reject(held[1])
         self.store.drop_cut(gang)
         self._gang_since.pop(gang, None)
-        self._fences.pop(gang, None)
+        self._unfence(gang)
 
     def _drop_gang_checkpoints(self: Coordinator, gang: int, why: str) -> None:
         """The gang's set cannot be gone on from: its ranks' chains go, and its next attempt starts afresh."""
@@ -198,11 +208,19 @@ class GangCheckpoints:
                 self.checkpoints.reject(held[1])
         done = self.cuts.newest(gang)
         if done is not None:
-            fence = {rank.node: FENCE_BEATS for rank in self.store.ranks(gang)
-                     if rank.state in ("running", "vacated") and rank.node in self.nodes}
-            if fence:
-                self._fences[gang] = fence  # type: ignore[assignment]
+            self._fence(gang, {rank.node for rank in self.store.ranks(gang)
+                               if rank.state in ("running", "vacated") and rank.node in self.nodes})
         return done
+
+    def _fence(self: Coordinator, gang: int, nodes: set[str | None]) -> None:
+        fence = {node: FENCE_BEATS for node in nodes if node is not None}
+        if fence:
+            self._fences[gang] = fence
+            self._fenced_until[gang] = self._clock() + FENCE_MAX_S
+
+    def _unfence(self: Coordinator, gang: int) -> None:
+        self._fences.pop(gang, None)
+        self._fenced_until.pop(gang, None)
 
     def _fence_heard(self: Coordinator, name: str, running: list[int]) -> None:
         """A heartbeat from *name*: fences of gangs whose ranks it no longer runs count it down."""
@@ -218,7 +236,7 @@ class GangCheckpoints:
             if fence[name] <= 0:
                 del fence[name]
             if not fence:
-                del self._fences[gang]
+                self._unfence(gang)
                 lifted = True
         if lifted:
             self.schedule()
@@ -227,7 +245,7 @@ class GangCheckpoints:
         for gang, fence in list(self._fences.items()):
             fence.pop(name, None)
             if not fence:
-                del self._fences[gang]
+                self._unfence(gang)
 
     def _resume_set(self: Coordinator, gang: int) -> CutSet | None:
         """The set a gang being placed goes on from, if every rank's chain still ends with its piece of it."""

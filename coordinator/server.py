@@ -362,6 +362,8 @@ class Coordinator(Moving, GangCheckpoints):
             else:
                 self._requeue(job.id, f"node {name} restarted without it")
         self._moves_on_hello(identity, name, held)
+        if self._fences:
+            self._fence_heard(name, msg["running"])
         for job_id in held - node.running - vacated_here - node.incoming:
             self._reply(identity, "cancel_job", job=job_id)
         self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S)

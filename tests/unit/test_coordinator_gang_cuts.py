@@ -16,6 +16,7 @@ from test_coordinator_decisions import Pool
 
 from conode.cluster import protocol
 from conode.vm.checkpoint import FULL
+from coordinator.gang_checkpointing import FENCE_MAX_S
 from coordinator.gang_cuts import CUT_TIMEOUT_S
 
 INTERVAL_S = 5.0
@@ -177,3 +178,38 @@ def test_a_rank_that_cannot_go_on_from_the_set_drops_it_and_the_gang_starts_afre
     runs = [m for name in ("n1", "n2") for m in of_type(pool.take(name), "run_job")]
     assert len(runs) == 2 and not set(m["job"] for m in runs) & set(ranks.values())  # afresh: new ranks
     assert all("resume" not in m for m in runs) and pool.job(gang)["attempts"] == 3
+
+
+def lose_n1(pool: Pool) -> None:
+    pool.hello("n3")
+    pool.clock.advance(protocol.HEARTBEAT_INTERVAL_S * protocol.HEARTBEAT_LIVENESS + 1)
+    pool.beat("n2", "Unclaimed")
+    pool.beat("n3", "Unclaimed")
+    pool.housekeeping()
+
+
+def test_a_restarted_coordinator_fences_a_gang_stopped_before_it_and_gives_up_on_a_node_that_never_lets_go(
+        tmp_path, envelope):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "coordinator.toml").write_text(f"checkpoint_interval_s = {INTERVAL_S}\n")
+    pool = Pool(state)
+    gang, ranks = gang_of_two(pool)
+    take_set(pool, tmp_path, envelope, ranks, 0, 0)
+    lose_n1(pool)  # requeued to go on from its set, n2 fenced
+    pool.close()
+    pool = Pool(state)  # a new coordinator on the same store, before n2 let its rank go
+    try:
+        pool.hello("n2", running=(ranks["n2"],))  # still listed: the fence holds
+        pool.hello("n3")
+        for _ in range(3):
+            pool.send("n2", "heartbeat", node="n2", state="Unclaimed", idle_s=60.0, running=[ranks["n2"]])
+        assert not [m for name in ("n2", "n3") for m in of_type(pool.take(name), "run_job")]
+        pool.clock.advance(FENCE_MAX_S + 1)
+        pool.send("n2", "heartbeat", node="n2", state="Unclaimed", idle_s=60.0, running=[ranks["n2"]])
+        pool.beat("n3", "Unclaimed")
+        pool.housekeeping()  # it waited long enough: placed anyway, from its set
+        runs = [m for name in ("n2", "n3") for m in of_type(pool.take(name), "run_job")]
+        assert sorted(m["job"] for m in runs) == sorted(ranks.values()) and all("resume" in m for m in runs)
+    finally:
+        pool.close()
