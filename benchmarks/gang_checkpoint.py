@@ -23,6 +23,7 @@ from pathlib import Path
 
 import common
 from common import Row, Target
+from migration import why_no_hosts
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "tests" / "integration"), str(HERE.parent / "tests" / "multihost")]
@@ -36,14 +37,6 @@ STOOD = re.compile(r"job (\d+): its guest stood still ([\d.]+) ms after its piec
 TAKEN = re.compile(r"job (\d+): cut (\d+) taken by its (\d+) ranks, (\d+) ms after it began")
 KEPT = re.compile(r"job (\d+): set (\d+) of its (\d+) ranks kept, ([\d.]+) s after its cut began")
 JOB_TIMEOUT_S = 180
-
-
-def why_no_hosts() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root: the agents run on test hosts made of network namespaces (run it with sudo)"
-    from testnet import unavailable
-
-    return unavailable()
 
 
 def one_guest(steps: int) -> str:
@@ -101,8 +94,7 @@ def measure(reps: int) -> dict[str, list[float]]:
 def main(argv: list[str] | None = None) -> int:
     args = common.parser(__doc__).parse_args(sys.argv[1:] if argv is None else argv)
     reps = 1 if args.quick else 3
-    engine = os.environ.get("CONODE_ENGINE") or ("fast" if common.engine_runs("fast") else "stock")
-    os.environ["CONODE_ENGINE"] = engine  # the agents and their workers inherit it
+    engine = common.pool_engine()
     no_hosts = why_no_hosts()
     if no_hosts is not None:
         print(f"gang_checkpoint: not measured: {no_hosts}", file=sys.stderr)
