@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from conode.cluster import protocol
+from conode.limits import DEFAULT_DISK_BUDGET_MIB, MAX_SNAPSHOT_BYTES
 from coordinator.gang_cuts import Cut, CutSet, GangCuts
 from coordinator.placement import ACCEPTING_STATES
 from coordinator.store import TERMINAL_STATES, Job
@@ -22,6 +23,13 @@ log = logging.getLogger("coordinator")
 
 FENCE_BEATS = 2  # heartbeats a node must send without a stopped rank before that rank may run there again
 FENCE_MAX_S = 30.0  # ... or this long at most (a node that keeps listing it, or never comes back, is not waited for)
+
+
+def _piece_bound(rank: Job) -> int:
+    """The most a rank's piece may hold: its guest's RAM, and its disk budget if it boots a pool image (a full
+    piece, uncompressed)."""
+    disk_mib = (rank.disk_mib or DEFAULT_DISK_BUDGET_MIB) if rank.image else 0
+    return min((rank.mem_mib + disk_mib) << 20, MAX_SNAPSHOT_BYTES)
 
 
 class GangCheckpoints:
@@ -72,7 +80,7 @@ class GangCheckpoints:
                        node.state in ACCEPTING_STATES and rank.id not in self.moves.active
                        for rank, node in zip(ranks, nodes)):
                 continue  # tried again next sweep
-            cut = self.cuts.begin(gang, [rank.id for rank in ranks], now)
+            cut = self.cuts.begin(gang, [rank.id for rank in ranks], now, sum(map(_piece_bound, ranks)))
             for rank, node in zip(ranks, nodes):
                 assert node is not None
                 self.server.send(node.identity, protocol.encode("checkpoint_cut", job=rank.id, cut=cut.number))
@@ -104,6 +112,14 @@ class GangCheckpoints:
             self._tell_ranks(cut, cut.ranks, "cut_resume")
             log.info("job %d: cut %d taken by its %d ranks, %.0f ms after it began; they go on", cut.gang,
                      cut.number, len(cut.ranks), (self._clock() - cut.started) * 1000)
+
+    def _on_cut_failed(self: Coordinator, identity: bytes, name: str, msg: dict[str, Any]) -> None:
+        """A rank's piece of a cut could not be taken or sent: the cut is discarded now (its held ranks go on),
+        and the next begins on schedule, rather than when this one would have timed out."""
+        found = self._cut_of(name, msg)
+        cut = self.cuts.failed(found[1].gang, found[1].number, found[0].id) if found is not None else None
+        if found is not None and cut is not None:
+            self._discard_cut(cut, f"rank {found[0].rank}'s piece failed: {msg['reason']}")
 
     def _tell_ranks(self: Coordinator, cut: Cut, ranks: list[int] | tuple[int, ...], kind: str) -> None:
         """Send each of *ranks*' nodes *kind* (cut_final, cut_resume) for *cut*."""

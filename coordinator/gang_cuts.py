@@ -15,9 +15,10 @@ piece may hold a frame that its sender's piece does not show as sent. The cut is
 5. the pieces arrive and are checked as a one-guest job's are; each is *kept* aside, not in its rank's chain,
    until every rank's is: then the cut is a complete *set*, and every piece joins its chain at once.
 
-If a rank fails to take its piece, a piece is refused, a rank is lost, or a step takes too long (CUT_TIMEOUT_S
-while guests are held, KEEP_TIMEOUT_S for the pieces to arrive), the cut is *discarded*: held guests resume, and
-its pieces are dropped; every rank's chain still ends at the newest set.
+If a rank fails to take or send its piece (its agent says so), a piece is refused, a rank is lost, or a step
+takes too long (CUT_TIMEOUT_S while guests are held, :func:`keep_timeout` for the pieces to arrive), the cut is
+*discarded*: held guests resume, and its pieces are dropped; every rank's chain still ends at the newest set. The
+next cut begins an interval after the discarded one did.
 
 No rank runs between its own final copy and the last rank's, so no piece can hold a frame sent after its sender's
 piece was taken; a frame in flight at a final copy is in no piece and is lost on a restore, which TCP
@@ -32,8 +33,21 @@ from dataclasses import dataclass, field
 from conode.cluster.protocol import CUT_HOLD_S
 
 CUT_TIMEOUT_S = 5.0  # a cut whose pieces are not all taken within this is discarded and its guests resume
-KEEP_TIMEOUT_S = 300.0  # ... and one whose pieces have not all been kept within this after it began
 assert CUT_HOLD_S > CUT_TIMEOUT_S  # an agent resumes a held rank on its own only after the cut is given up
+# A cut whose pieces have not all been kept within keep_timeout() of its beginning is discarded. A piece that an
+# agent cannot take or send is said at once (cut_failed); this catches what no agent can say (a word lost with its
+# link, an agent that stalls), so it need not be long: what the pieces may hold at a slow rate, with a floor.
+KEEP_FLOOR_S = 30.0  # the pre-copies, the writing of small pieces and their checks on a busy coordinator
+KEEP_BYTES_PER_S = 8 << 20  # well below a 100 Mbit/s LAN's 11.9 MiB/s: pieces are compressed, and deltas small
+
+
+def keep_timeout(piece_bytes: int) -> float:
+    """How long a cut may take to have every piece kept, when its pieces together hold at most *piece_bytes*
+    (every rank's guest RAM and disk budget: what a full piece holds, uncompressed). Bounded by the largest
+    pieces, not by the pieces expected, so that a cut is never discarded for being full (the next cut after a
+    discarded one is full: a bound it could not meet would keep a gang without a set for good); sent over the
+    coordinator's own link, so the pieces of all ranks add up."""
+    return KEEP_FLOOR_S + piece_bytes / KEEP_BYTES_PER_S
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,7 @@ class Cut:
     number: int
     ranks: tuple[int, ...]
     started: float
+    keep_s: float  # how long after it began its pieces may take to be kept (keep_timeout)
     ready: set[int] = field(default_factory=set)  # the ranks whose piece is pre-copied
     final: bool = False  # every rank's is: they were told to make their final copies
     taken: dict[int, int] = field(default_factory=dict)  # rank job id -> its piece number, final copy made
@@ -75,11 +90,9 @@ class Cut:
 class GangCuts:
     """Every gang's cut under way and newest complete set."""
 
-    def __init__(self, interval_s: float, timeout_s: float = CUT_TIMEOUT_S,
-                 keep_timeout_s: float = KEEP_TIMEOUT_S) -> None:
+    def __init__(self, interval_s: float, timeout_s: float = CUT_TIMEOUT_S) -> None:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self.keep_timeout_s = keep_timeout_s
         self.open: dict[int, Cut] = {}
         self.sets: dict[int, CutSet] = {}
         self._numbers: dict[int, int] = {}  # gang -> its last cut's number
@@ -92,14 +105,15 @@ class GangCuts:
             return False
         return now - self._last_begun.get(gang, since) >= self.interval_s
 
-    def begin(self, gang: int, ranks: list[int], now: float) -> Cut:
-        """A new cut of *gang*, whose ranks (job ids, in rank order) are now asked to take their piece."""
+    def begin(self, gang: int, ranks: list[int], now: float, piece_bytes: int = 0) -> Cut:
+        """A new cut of *gang*, whose ranks (job ids, in rank order) are now asked to take their piece, which
+        together hold at most *piece_bytes*."""
         if gang in self.open:
             raise ValueError(f"gang {gang} has cut {self.open[gang].number} under way")
         number = max(self._numbers.get(gang, 0), self.sets[gang].number if gang in self.sets else 0) + 1
         self._numbers[gang] = number
         self._last_begun[gang] = now
-        cut = Cut(gang, number, tuple(ranks), now)
+        cut = Cut(gang, number, tuple(ranks), now, keep_timeout(piece_bytes))
         self.open[gang] = cut
         return cut
 
@@ -148,6 +162,12 @@ class GangCuts:
         cut = self.open.get(gang)
         return cut if cut is not None and cut.taken.get(rank) == seq else None
 
+    def failed(self, gang: int, number: int, rank: int) -> Cut | None:
+        """Rank *rank*'s piece of cut *number* could not be taken or sent (its agent says): the cut, discarded
+        at once, whose held ranks must resume and whose pieces are dropped; None for a cut not under way (stale,
+        discarded already) or a rank not in it."""
+        return self.open.pop(gang) if self._of(gang, number, rank) is not None else None
+
     def discard(self, gang: int, number: int | None = None) -> Cut | None:
         """Call off *gang*'s cut under way (only if it is cut *number*, when given): a rank failed to take its
         piece, its piece was refused, or a rank was lost. The cut, whose held ranks must resume and whose
@@ -159,9 +179,9 @@ class GangCuts:
 
     def expired(self, now: float) -> list[Cut]:
         """The cuts discarded for taking too long: pieces not all taken within the timeout (the others stand
-        still meanwhile), or not all kept within KEEP_TIMEOUT_S."""
+        still meanwhile), or not all kept within the cut's keep_s."""
         late = [gang for gang, cut in self.open.items()
-                if now - cut.started > (self.keep_timeout_s if cut.resumed else self.timeout_s)]
+                if now - cut.started > (cut.keep_s if cut.resumed else self.timeout_s)]
         return [self.open.pop(gang) for gang in late]
 
     def restored(self, done: CutSet) -> None:

@@ -18,7 +18,8 @@ The final copy runs on the worker's machine thread (:meth:`Checkpointer.final`, 
 A gang's rank is checkpointed only when its gang takes a cut (coordinator/gang_cuts.py; ``interval_s`` 0):
 :meth:`cut` starts a piece at once; after the pre-copy it says ``cut_ready`` and waits, the guest running, for
 :meth:`final_now` (every rank's pre-copy is done, so that none stands still while another pre-copies all its
-RAM); after the final copy the worker keeps the guest still (:meth:`held`) until every rank's piece is taken.
+RAM); after the final copy the worker keeps the guest still (:meth:`held`) until every rank's piece is taken. A
+cut's piece that fails at any step is said at once (``cut_failed``), so that the cut is discarded then.
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ class Checkpointer:
             except (ConodeError, OSError) as exc:
                 log.warning("job %d: checkpoint %d not taken: %s", self.job, self.seq, exc)
                 self._full = True
+                if self._cut is not None:  # its gang's cut can be no set: said now, not left to time out
+                    self._send({"type": "cut_failed", "job": self.job, "cut": self._cut[0],
+                                "reason": f"piece {self.seq} not taken: {exc}"[:200]})
 
     def _on_machine_thread(self, fn: Callable[[], T], always: bool = False) -> T:
         """*fn*'s result, computed between two of the guest's slices (or here, if the tracker allows and not

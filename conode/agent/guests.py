@@ -134,6 +134,7 @@ class Guests:
         self.owners: dict[int, str] = {}  # who submitted each job held here, when the coordinator said
         self._images = images
         self._streamed: dict[int, int] = {}  # job -> stdout and stderr bytes forwarded
+        self._cut_pieces: dict[int, tuple[int, int]] = {}  # job -> (cut, piece number) of its latest cut_taken
         self.yield_latencies: deque[float] = deque(maxlen=YIELD_SAMPLES)  # owner input -> guest stopped, s
         self.yield_buckets = Buckets(YIELD_LATENCY_BOUNDS)  # all of them, for the metrics
         self.activity_at: float | None = None  # wall time of the owner's input that stopped the guests
@@ -342,6 +343,7 @@ class Guests:
     def forget(self, job: int) -> None:
         """The job no longer runs here (ended, failed, cancelled): let go of what its guest had."""
         self._streamed.pop(job, None)
+        self._cut_pieces.pop(job, None)
         self._ports.detach(job)
         self.job_images.pop(job, None)
         self.owners.pop(job, None)
@@ -430,7 +432,11 @@ class Guests:
         elif kind == "cut_ready":
             self._reports.report("cut_ready", job=message["job"], cut=message["cut"])
         elif kind == "cut_taken":
+            self._cut_pieces[message["job"]] = (message["cut"], message["seq"])
             self._reports.report("cut_taken", job=message["job"], cut=message["cut"], seq=message["seq"])
+        elif kind == "cut_failed":
+            log.warning("job %d: its piece of cut %d failed: %s", message["job"], message["cut"], message["reason"])
+            self._reports.report("cut_failed", job=message["job"], cut=message["cut"], reason=message["reason"])
         elif kind == "cut_resumed":
             log.info("job %d: its guest stood still %.1f ms after its piece of cut %d", message["job"],
                      message["held_s"] * 1000, message["cut"])
@@ -446,8 +452,13 @@ class Guests:
 
     def _send_checkpoint(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         job = message["job"]
-        if self._checkpoints is None or not self._checkpoints.send(message):
+        cut = self._cut_pieces.pop(job, None)
+        problem = "this agent takes no checkpoints" if self._checkpoints is None else self._checkpoints.send(message)
+        if problem is not None:
             self.send_to(slot, {"type": "checkpoint_reset", "job": job})
+            if cut is not None and cut[1] == message["seq"]:  # its gang's cut can be no set: said now
+                self._reports.report("cut_failed", job=job, cut=cut[0],
+                                     reason=f"piece {message['seq']} not sent: {problem}"[:200])
             return
         log.info("job %d: checkpoint %d sent (%s, %d pages, %.1f MiB; the guest stalled %.1f ms, %d pages in the "
                  "stall; %.2f s to take)", job, message["seq"], "full" if message["base"] < 0 else "delta",

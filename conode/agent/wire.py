@@ -82,6 +82,7 @@ FROM_WORKER: dict[str, dict[str, Field]] = {
                    "stall_cpu_s": Field(MEASURE, required=False)},  # the machine thread's CPU time in the stall
     "cut_ready": {"job": Field(INT), "cut": Field(COUNT)},
     "cut_taken": {"job": Field(INT), "cut": Field(COUNT), "seq": Field(COUNT)},
+    "cut_failed": {"job": Field(INT), "cut": Field(COUNT), "reason": Field(TEXT)},  # its piece was not taken
     "cut_resumed": {"job": Field(INT), "cut": Field(COUNT), "held_s": Field(MEASURE)},
     "listening": {"job": Field(INT), "endpoint": Field(STR)},
     "move_ready": {"job": Field(INT)},

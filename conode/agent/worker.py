@@ -18,8 +18,9 @@ length-prefixed msgpack (pipe.py):
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
   ``resumed``, ``vacated`` (path, jobs, and checkpoint: what its checkpoints go on from), ``checkpoint`` (job,
   seq, base, path, size, sha256 and figures), ``cut_ready`` (job, cut: a cut's piece is pre-copied),
-  ``cut_taken`` (job, cut, seq: its final copy is made; the guest stands still) and ``cut_resumed`` (job, cut,
-  held_s: how long it stood still after it).
+  ``cut_taken`` (job, cut, seq: its final copy is made; the guest stands still), ``cut_failed`` (job, cut,
+  reason: its piece could not be taken or written) and ``cut_resumed`` (job, cut, held_s: how long it stood
+  still after it).
 
 **A fresh guest for every job.** The worker keeps the *pristine* post-boot snapshot: made by the host from a
 boot in which no job ran (``--boot-snapshot`` keeps it on disk for the next worker, tied to the guest image's

@@ -147,6 +147,8 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     # (its guest runs until cut_final), then taken (its final copy made; its guest stands still until cut_resume)
     "cut_ready": ("agent", {"job": _f(INT), "cut": _f(COUNT)}),
     "cut_taken": ("agent", {"job": _f(INT), "cut": _f(COUNT), "seq": _f(COUNT)}),
+    # ... or could not be taken or sent (the cut is then discarded at once, not when it times out)
+    "cut_failed": ("agent", {"job": _f(INT), "cut": _f(COUNT), "reason": _f(TEXT)}),
     # A move (coordinator/moves.py): every message names the job and the move's ownership epoch.
     "move_listening": ("agent", {"job": _f(INT), "epoch": _f(INT), "endpoint": _f(STR), "key": _f(STR)}),
     "move_ready": ("agent", {"job": _f(INT), "epoch": _f(INT)}),  # the source: the destination has it all

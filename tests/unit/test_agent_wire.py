@@ -24,6 +24,7 @@ from conode.limits import (
     MAX_OUTPUT_FILE_BYTES,
     MAX_PATH_BYTES,
     MAX_SMALL_FIELD,
+    MAX_TEXT_FIELD,
 )
 from conode.vm.net_identity import NetIdentity
 
@@ -42,6 +43,7 @@ GOOD_FROM = {
     "listening": {"job": 1, "endpoint": "tcp://10.0.0.2:40001"},
     "cut_ready": {"job": 1, "cut": 3},
     "cut_taken": {"job": 1, "cut": 3, "seq": 4},
+    "cut_failed": {"job": 1, "cut": 3, "reason": "piece 4 not taken: no space"},
     "cut_resumed": {"job": 1, "cut": 3, "held_s": 0.004},
     "move_ready": {"job": 1},
     "moved_out": {"job": 1, "downtime_s": 0.05, "total_s": 1.2, "paused_s": 0.06, "bytes": 30 << 20, "rounds": 3},
@@ -85,6 +87,7 @@ def test_fields_outside_the_schema_are_dropped():
     ("finished", "missing", ["m"] * (MAX_FILES + 1)), ("finished", "runtime_s", math.nan),
     ("finished", "outputs", {"d/" * (MAX_PATH_BYTES // 2) + "f": b""}),
     ("paused", "at", math.inf), ("vacated", "jobs", [-1]), ("failed", "reason", None),
+    ("cut_failed", "cut", -1), ("cut_failed", "reason", "x" * (MAX_TEXT_FIELD + 1)),
     ("vacated", "checkpoint", {"interval_s": 1.0, "seq": 1, "stdout": -1, "stderr": 0}),
     ("vacated", "checkpoint", {"interval_s": 1.0, "seq": 1, "stdout": 0}),
 ])

@@ -17,7 +17,7 @@ from test_coordinator_decisions import Pool
 from conode.cluster import protocol
 from conode.vm.checkpoint import FULL
 from coordinator.gang_checkpointing import FENCE_MAX_S
-from coordinator.gang_cuts import CUT_TIMEOUT_S
+from coordinator.gang_cuts import CUT_TIMEOUT_S, keep_timeout
 
 INTERVAL_S = 5.0
 
@@ -126,6 +126,47 @@ def test_a_cut_not_taken_in_time_is_discarded_its_ranks_go_on_and_the_set_before
     assert [n for _, n, _, _ in pool.coordinator.store.cut_sets()] == [kept]
     # a word of a cut given up lets the rank go on
     assert of_type(pool.send("n2", "cut_taken", job=ranks["n2"], cut=number, seq=1), "cut_resume")
+
+
+def test_a_piece_its_agent_could_not_take_or_send_discards_the_cut_at_once_and_the_next_begins_on_schedule(
+        pool, tmp_path, envelope):
+    gang, ranks = gang_of_two(pool)
+    kept = take_set(pool, tmp_path, envelope, ranks, 0, 4)
+    number = begin_cut(pool, ranks)
+    pool.send("n1", "cut_taken", job=ranks["n1"], cut=number, seq=1)  # n1 stands still
+    pool.send("n2", "cut_failed", job=ranks["n2"], cut=number + 1, reason="x")  # not the cut under way
+    pool.send("n1", "cut_failed", job=ranks["n2"], cut=number, reason="x")  # not n2's rank's node
+    assert not pool.take("n1") and not pool.take("n2") and gang in pool.coordinator.cuts.open
+    pool.send("n2", "cut_failed", job=ranks["n2"], cut=number, reason="piece 1 not taken: disk full")
+    n1, n2 = pool.take("n1"), pool.take("n2")
+    assert [m["cut"] for m in of_type(n1, "cut_resume")] == [number] and not of_type(n2, "cut_resume")
+    replies = of_type(n1, "checkpoint_reply") + of_type(n2, "checkpoint_reply")
+    assert [m["ok"] for m in replies] == [False, False] and "disk full" in replies[0]["reason"]
+    assert gang not in pool.coordinator.cuts.open
+    assert [n for _, n, _, _ in pool.coordinator.store.cut_sets()] == [kept]
+    # after its final copy, its piece not sent (the link busy): the next cut comes an interval after this one
+    assert begin_cut(pool, ranks) == number + 1
+    for name, rank in ranks.items():
+        pool.send(name, "cut_taken", job=rank, cut=number + 1, seq=2)
+    pool.send("n1", "cut_failed", job=ranks["n1"], cut=number + 1, reason="piece 2 not sent: the link is busy")
+    assert [m["ok"] for name in ranks for m in of_type(pool.take(name), "checkpoint_reply")] == [False, False]
+    assert begin_cut(pool, ranks) == number + 2
+
+
+def test_the_pieces_may_take_what_their_largest_size_takes_and_no_longer(pool):
+    gang, ranks = gang_of_two(pool)  # two guests of 128 MiB, no disk
+    number = begin_cut(pool, ranks)
+    cut = pool.coordinator.cuts.open[gang]
+    assert cut.keep_s == keep_timeout(2 * (128 << 20)) < 300.0
+    for name, rank in ranks.items():
+        pool.send(name, "cut_taken", job=rank, cut=number, seq=0)
+        pool.take(name)
+    sweep(pool, cut.keep_s - 1)
+    assert gang in pool.coordinator.cuts.open
+    sweep(pool, 1.5)
+    messages = {name: pool.take(name) for name in ranks}
+    assert [m["ok"] for name in ranks for m in of_type(messages[name], "checkpoint_reply")] == [False, False]
+    assert {m["cut"] for name in ranks for m in of_type(messages[name], "checkpoint_cut")} == {number + 1}
 
 
 def test_a_gang_that_loses_a_rank_goes_on_from_its_set_under_its_ranks_own_ids(pool, tmp_path, envelope, caplog):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.gang_cuts import CUT_TIMEOUT_S, KEEP_TIMEOUT_S, CutSet, GangCuts
+from coordinator.gang_cuts import CUT_TIMEOUT_S, KEEP_BYTES_PER_S, KEEP_FLOOR_S, CutSet, GangCuts, keep_timeout
 
 GANG, RANKS = 7, [8, 9, 10]
 
@@ -71,12 +71,24 @@ def test_a_cut_that_holds_the_guests_too_long_is_discarded_and_the_newest_set_st
 
 def test_pieces_that_do_not_all_arrive_in_time_are_discarded():
     cuts = GangCuts(60.0)
-    cuts.begin(GANG, RANKS[:2], 0.0)
+    cuts.begin(GANG, RANKS[:2], 0.0)  # pieces of no size: the floor
     take_all(cuts, 1, {8: 1, 9: 1})
     assert cuts.expired(CUT_TIMEOUT_S + 1) == []  # the guests run again: the pieces may take longer
     cuts.kept(GANG, 1, 8, 1, 1.0)
-    (late,) = cuts.expired(KEEP_TIMEOUT_S + 0.1)
+    assert cuts.expired(KEEP_FLOOR_S) == []
+    (late,) = cuts.expired(KEEP_FLOOR_S + 0.1)
     assert late.kept == {8} and late.held == [] and cuts.newest(GANG) is None
+
+
+def test_the_pieces_may_take_as_long_as_their_largest_size_takes_at_a_slow_rate():
+    assert keep_timeout(0) == KEEP_FLOOR_S
+    assert keep_timeout(2 * (256 << 20)) == pytest.approx(KEEP_FLOOR_S + (512 << 20) / KEEP_BYTES_PER_S)
+    assert KEEP_FLOOR_S < keep_timeout(2 * (256 << 20)) < 300.0  # two 256 MiB guests: not five minutes
+    cuts = GangCuts(60.0)
+    cut = cuts.begin(GANG, RANKS[:2], 0.0, piece_bytes=2 * (256 << 20))
+    take_all(cuts, 1, {8: 1, 9: 1})
+    assert cut.keep_s == keep_timeout(2 * (256 << 20))
+    assert cuts.expired(cut.keep_s) == [] and cuts.expired(cut.keep_s + 0.1) == [cut]
 
 
 def test_a_rank_that_fails_its_piece_or_is_lost_discards_the_cut():
@@ -86,6 +98,19 @@ def test_a_rank_that_fails_its_piece_or_is_lost_discards_the_cut():
     assert cuts.discard(GANG, 1).number == 1
     assert cuts.discard(GANG) is None and cuts.newest(GANG) is None
     assert cuts.begin(GANG, RANKS, 1.0).number == 2  # numbers never repeat
+
+
+def test_a_piece_its_agent_could_not_take_or_send_discards_the_cut_at_once_and_the_next_comes_on_schedule():
+    cuts = GangCuts(60.0)
+    cut = cuts.begin(GANG, RANKS, 60.0)
+    take_all(cuts, 1, {8: 1, 9: 1})
+    assert cuts.failed(GANG, 2, 8) is None and cuts.failed(GANG, 1, 99) is None  # another cut, a stranger
+    assert cuts.failed(GANG + 1, 1, 8) is None and GANG in cuts.open
+    assert cuts.failed(GANG, 1, 10) is cut and cut.held == [8, 9]  # ranks 8 and 9 must be resumed
+    assert GANG not in cuts.open and cuts.failed(GANG, 1, 10) is None  # said once
+    assert cuts.kept(GANG, 1, 8, 1, 61.0) is None and cuts.newest(GANG) is None
+    assert not cuts.due(GANG, 119.0, since=0.0) and cuts.due(GANG, 120.0, since=0.0)  # an interval after it began
+    assert cuts.begin(GANG, RANKS, 120.0).number == 2
 
 
 def test_cuts_fall_due_an_interval_apart_one_at_a_time():
