@@ -59,7 +59,7 @@ class GangCheckpoints:
         node whose owner is away, none moving), and the sets of ended gangs go."""
         now = self._clock()
         for cut in self.cuts.expired(now):
-            self._discard_cut(cut, "it took too long")
+            self._discard_cut(cut, "late", "it took too long")
         for gang in [g for g, until in self._fenced_until.items() if now >= until]:
             log.warning("job %d: its ranks' old nodes did not let them go within %.0f s; it is placed anyway", gang,
                         FENCE_MAX_S)
@@ -81,6 +81,7 @@ class GangCheckpoints:
                        for rank, node in zip(ranks, nodes)):
                 continue  # tried again next sweep
             cut = self.cuts.begin(gang, [rank.id for rank in ranks], now, sum(map(_piece_bound, ranks)))
+            self.counters.gang_cuts += 1
             for rank, node in zip(ranks, nodes):
                 assert node is not None
                 self.server.send(node.identity, protocol.encode("checkpoint_cut", job=rank.id, cut=cut.number))
@@ -119,7 +120,7 @@ class GangCheckpoints:
         found = self._cut_of(name, msg)
         cut = self.cuts.failed(found[1].gang, found[1].number, found[0].id) if found is not None else None
         if found is not None and cut is not None:
-            self._discard_cut(cut, f"rank {found[0].rank}'s piece failed: {msg['reason']}")
+            self._discard_cut(cut, "piece_failed", f"rank {found[0].rank}'s piece failed: {msg['reason']}")
 
     def _tell_ranks(self: Coordinator, cut: Cut, ranks: list[int] | tuple[int, ...], kind: str) -> None:
         """Send each of *ranks*' nodes *kind* (cut_final, cut_resume) for *cut*."""
@@ -143,7 +144,8 @@ class GangCheckpoints:
         if problem is not None:
             self.checkpoints.reject(commit)
             if cut is not None:
-                self._discard_cut(self.cuts.discard(rank.gang) or cut, f"rank {rank.rank}'s piece: {problem}")
+                self._discard_cut(self.cuts.discard(rank.gang) or cut, "refused",
+                                  f"rank {rank.rank}'s piece: {problem}")
             else:
                 self._checkpoint_refused(*tag, problem)
             return True
@@ -165,15 +167,20 @@ class GangCheckpoints:
             else:
                 self._reply(identity, "checkpoint_reply", job=rank, seq=commit.seq, ok=True)
         if problems:  # checked to follow their chains, yet one could not join: the chains disagree now
+            self.counters.gang_cuts_discarded["refused"] += 1
             self._drop_gang_checkpoints(done.gang, f"set {done.number} could not be kept: {problems[0]}")
             return
         self.store.keep_cut(done.gang, done.number, list(done.pieces), done.took_s)
+        self.counters.gang_sets += 1
+        self.counters.gang_set_buckets.observe(done.took_s)
         log.info("job %d: set %d of its %d ranks kept, %.2f s after its cut began (checkpoints take %.0f MiB)",
                  done.gang, done.number, len(done.pieces), done.took_s, self.checkpoints.used / (1 << 20))
 
-    def _discard_cut(self: Coordinator, cut: Cut, why: str) -> None:
-        """A cut given up: its ranks standing still go on, its pieces are dropped, and every rank's next piece
-        is a full one (those of this cut joined no chain)."""
+    def _discard_cut(self: Coordinator, cut: Cut, reason: str, why: str) -> None:
+        """A cut given up (*reason*: one of metrics.CUT_DISCARD_REASONS; *why*: said to its ranks): its ranks
+        standing still go on, its pieces are dropped, and every rank's next piece is a full one (those of this cut
+        joined no chain)."""
+        self.counters.gang_cuts_discarded[reason] += 1
         log.warning("job %d: cut %d discarded: %s", cut.gang, cut.number, why)
         self._tell_ranks(cut, cut.held, "cut_resume")
         for rank_id in cut.ranks:
@@ -192,7 +199,8 @@ class GangCheckpoints:
         set."""
         rank = self.store.job(job_id)
         if rank is not None and rank.gang is not None and self.cuts.cut_of(rank.gang, rank.id, seq) is not None:
-            self._discard_cut(self.cuts.discard(rank.gang), f"rank {rank.rank}'s piece: {problem}")  # type: ignore
+            self._discard_cut(self.cuts.discard(rank.gang), "refused",  # type: ignore[arg-type]
+                              f"rank {rank.rank}'s piece: {problem}")
 
     def _forget_cuts(self: Coordinator, gang: int) -> None:
         cut = self.cuts.forget(gang)
@@ -218,6 +226,8 @@ class GangCheckpoints:
         """The gang is about to be stopped and requeued: its cut under way is void, and if it has a set to go on
         from, the nodes running its ranks are fenced (the set, or None)."""
         cut = self.cuts.discard(gang)
+        if cut is not None:
+            self.counters.gang_cuts_discarded["rank_lost"] += 1
         for rank in cut.ranks if cut is not None else ():
             held = self._held_pieces.pop(rank, None)
             if held is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -41,7 +41,7 @@ from coordinator.gang_checkpointing import GangCheckpoints
 from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
 from coordinator.liveness import Liveness
-from coordinator.metrics import PLACEMENT_LATENCY_BOUNDS
+from coordinator.metrics import GANG_SET_BOUNDS, PLACEMENT_LATENCY_BOUNDS
 from coordinator.moving import MoveRefused, Moving
 from coordinator.outgoing import Outgoing, Transport
 from coordinator.pending import Request, never_fits, why_waiting
@@ -112,6 +112,10 @@ class Counters:
     migrations: int = 0
     placement_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     placement_buckets: Buckets = field(default_factory=lambda: Buckets(PLACEMENT_LATENCY_BOUNDS))
+    gang_cuts: int = 0  # cuts of gangs begun
+    gang_sets: int = 0  # ... that became sets
+    gang_cuts_discarded: Counter[str] = field(default_factory=Counter)  # ... discarded, by CUT_DISCARD_REASONS
+    gang_set_buckets: Buckets = field(default_factory=lambda: Buckets(GANG_SET_BOUNDS))  # a set's cut to kept
 
 
 def _count(items: list[Any], noun: str) -> str:

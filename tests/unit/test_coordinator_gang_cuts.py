@@ -13,11 +13,13 @@ import random
 import pytest
 from test_checkpoint_pieces import machine_envelope, make_piece, put_piece, random_ram
 from test_coordinator_decisions import Pool
+from test_metrics import scrape, value
 
 from conode.cluster import protocol
 from conode.vm.checkpoint import FULL
 from coordinator.gang_checkpointing import FENCE_MAX_S
 from coordinator.gang_cuts import CUT_TIMEOUT_S, keep_timeout
+from coordinator.metrics import CoordinatorCollector
 
 INTERVAL_S = 5.0
 
@@ -254,3 +256,37 @@ def test_a_restarted_coordinator_fences_a_gang_stopped_before_it_and_gives_up_on
         assert sorted(m["job"] for m in runs) == sorted(ranks.values()) and all("resume" in m for m in runs)
     finally:
         pool.close()
+
+
+def test_the_metrics_count_cuts_begun_sets_kept_and_cuts_discarded_by_why(pool, tmp_path, envelope):
+    collector = CoordinatorCollector(pool.coordinator)
+    before = scrape(collector)
+    assert value(before, "conode_coordinator_gang_cuts_total") == 0
+    assert value(before, "conode_coordinator_gang_cuts_discarded_total", reason="late") == 0
+    gang, ranks = gang_of_two(pool)
+    number = begin_cut(pool, ranks)  # kept 0.3 s after it began
+    for name, rank in ranks.items():
+        pool.send(name, "cut_taken", job=rank, cut=number, seq=0)
+    pool.clock.advance(0.3)
+    for name, rank in ranks.items():
+        piece = make_piece(tmp_path / f"r{rank}", envelope, random_ram(random.Random(rank)), None, 0, FULL, job=rank)
+        put_piece(pool, name, rank, piece, 0, FULL)
+    number = begin_cut(pool, ranks)  # a piece its agent could not send
+    pool.send("n1", "cut_failed", job=ranks["n1"], cut=number, reason="piece 1 not sent: the link is busy")
+    number = begin_cut(pool, ranks)  # a piece refused on arrival
+    for name, rank in ranks.items():
+        pool.send(name, "cut_taken", job=rank, cut=number, seq=2)
+    pool.send("n1", "checkpoint_put", job=ranks["n1"], seq=2, index=1, data=b"x")  # out of order
+    begin_cut(pool, ranks)  # not taken in time, by a sweep that begins the next, which a rank lost ends
+    sweep(pool, CUT_TIMEOUT_S + 0.5)
+    lose_n1(pool)
+    after = scrape(collector)
+    assert value(after, "conode_coordinator_gang_cuts_total") == 5
+    assert value(after, "conode_coordinator_gang_sets_total") == 1
+    assert {reason: value(after, "conode_coordinator_gang_cuts_discarded_total", reason=reason)
+            for reason in ("late", "refused", "rank_lost", "piece_failed")} == {
+        "late": 1, "refused": 1, "rank_lost": 1, "piece_failed": 1}
+    assert value(after, "conode_coordinator_gang_set_seconds_count") == 1
+    assert value(after, "conode_coordinator_gang_set_seconds_sum") == pytest.approx(0.3)
+    assert value(after, "conode_coordinator_gang_set_seconds_bucket", le="0.25") == 0
+    assert value(after, "conode_coordinator_gang_set_seconds_bucket", le="0.5") == 1
