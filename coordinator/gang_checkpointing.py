@@ -118,9 +118,11 @@ class GangCheckpoints:
         """A rank's piece of a cut could not be taken or sent: the cut is discarded now (its held ranks go on),
         and the next begins on schedule, rather than when this one would have timed out."""
         found = self._cut_of(name, msg)
-        cut = self.cuts.failed(found[1].gang, found[1].number, found[0].id) if found is not None else None
-        if found is not None and cut is not None:
-            self._discard_cut(cut, "piece_failed", f"rank {found[0].rank}'s piece failed: {msg['reason']}")
+        if found is None:
+            return  # a cut given up already, or a word not from the rank's node
+        rank, cut = found
+        if self.cuts.failed(cut.gang, cut.number, rank.id) is not None:
+            self._discard_cut(cut, "piece_failed", f"rank {rank.rank}'s piece failed: {msg['reason']}")
 
     def _tell_ranks(self: Coordinator, cut: Cut, ranks: list[int] | tuple[int, ...], kind: str) -> None:
         """Send each of *ranks*' nodes *kind* (cut_final, cut_resume) for *cut*."""
@@ -199,7 +201,7 @@ class GangCheckpoints:
         set."""
         rank = self.store.job(job_id)
         if rank is not None and rank.gang is not None and self.cuts.cut_of(rank.gang, rank.id, seq) is not None:
-            self._discard_cut(self.cuts.discard(rank.gang), "refused",  # type: ignore[arg-type]
+            self._discard_cut(self.cuts.discard(rank.gang), "refused",  # type: ignore
                               f"rank {rank.rank}'s piece: {problem}")
 
     def _forget_cuts(self: Coordinator, gang: int) -> None:
