@@ -136,6 +136,14 @@ def engine_report(engine: str) -> tuple[bool, str]:
     return result.returncode == 0 and expected in text, text or "unknown"
 
 
+def pool_engine() -> str:
+    """The engine a benchmark's pool runs: CONODE_ENGINE, else the fast one if it runs here; set in this process's
+    environment, which the agents and their workers inherit."""
+    engine = os.environ.get("CONODE_ENGINE") or ("fast" if engine_runs("fast") else "stock")
+    os.environ["CONODE_ENGINE"] = engine
+    return engine
+
+
 def engine_runs(engine: str) -> bool:
     return engine_report(engine)[0]
 

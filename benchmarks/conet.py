@@ -44,7 +44,7 @@ RTT = Target.at_most("≤ 2× qemu's", 2.0, relative=True)
 
 # Rank 1 sends, rank 0 receives; the same lines run in qemu's guests at their shell prompt.
 RECEIVE = "mkfifo /tmp/q; nc -l -p 5000 <>/tmp/q >/tmp/r; wc -c </tmp/r; rm /tmp/r"
-SEND = ("dd if=/dev/zero of=/tmp/d bs=64k count={blocks} 2>/dev/null; ping -c 5 -i 0.3 {peer} | tail -1; "
+SEND = ("dd if=/dev/zero of=/tmp/d bs=64k count={blocks} 2>/dev/null || echo 'no room for /tmp/d'; ping -c 5 -i 0.3 {peer} | tail -1; "
         "a=$(cut -d' ' -f1 /proc/uptime); until nc {peer} 5000 </tmp/d; do sleep 0.2; done; "
         "b=$(cut -d' ' -f1 /proc/uptime); echo elapsed $a $b")
 GANG = "set -- $CONODE_HOSTS; if [ $CONODE_RANK = 0 ]; then {receive}; else {send}; fi"
@@ -54,6 +54,8 @@ def parse(output: str, mib: int) -> tuple[float, float]:
     """(seconds per MiB, average ping RTT in ms) from the sender's output."""
     rtt = re.search(r"min/avg/max = [\d.]+/([\d.]+)/", output)
     elapsed = re.search(r"elapsed ([\d.]+) ([\d.]+)", output)
+    if "no room for /tmp/d" in output:  # tmpfs is the guest's memory: a short file would be sent as if whole
+        raise common.BenchmarkError(f"the sender's guest could not hold the {mib} MiB to send; give it more memory")
     if rtt is None or elapsed is None:
         raise common.BenchmarkError(f"the sender did not report its figures: {output[-400:]!r}")
     return (float(elapsed.group(2)) - float(elapsed.group(1))) / mib, float(rtt.group(1))

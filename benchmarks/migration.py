@@ -264,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = common.parser(__doc__).parse_args(sys.argv[1:] if argv is None else argv)
     refs = common.References.find()
     reps = 2 if args.quick else 7
-    engine = os.environ.get("CONODE_ENGINE") or ("fast" if common.engine_runs("fast") else "stock")
-    os.environ["CONODE_ENGINE"] = engine  # the agents and their workers inherit it
+    engine = common.pool_engine()
     no_hosts = why_no_hosts()
     if no_hosts is not None:
         print(f"migration: conode not measured: {no_hosts}", file=sys.stderr)

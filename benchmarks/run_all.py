@@ -20,7 +20,7 @@ from pathlib import Path
 import common
 
 BENCHMARKS = ("boot", "resume", "fresh_guest", "workloads", "real_software", "traps", "owner_yield",
-              "coordinator_scale", "disk", "conet", "migration", "checkpoint")
+              "coordinator_scale", "disk", "conet", "migration", "checkpoint", "gang_checkpoint")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -263,20 +263,29 @@ class CheckpointStore:
                     f"{piece.job}")
         return None
 
+    def follows(self, commit: _Commit) -> str | None:
+        """Why a checked piece cannot join its job's chain (its check refused it, or it does not follow the
+        chain), or None."""
+        seq, base = commit.seq, commit.base
+        chain = self.chain(commit.job)
+        last = chain[-1].seq if chain else None
+        if commit.problem is not None:
+            return commit.problem
+        if base == FULL and last is not None and seq <= last:
+            return f"checkpoint piece {seq} is older than the job's newest ({last})"
+        if base != FULL and base != last:
+            return (f"checkpoint piece {seq} is a delta on piece {base}, but the job's newest checkpoint is "
+                    f"{'none' if last is None else last}; send a full piece")
+        return None
+
     def accept(self, commit: _Commit) -> str | None:
         """Add a checked piece to its job's chain if it follows it; why not, or None."""
         job, seq, base = commit.job, commit.seq, commit.base
-        problem = commit.problem
-        chain = self.chain(job)
-        last = chain[-1].seq if chain else None
-        if problem is None and base == FULL and last is not None and seq <= last:
-            problem = f"checkpoint piece {seq} is older than the job's newest ({last})"
-        if problem is None and base != FULL and base != last:
-            problem = (f"checkpoint piece {seq} is a delta on piece {base}, but the job's newest checkpoint is "
-                       f"{'none' if last is None else last}; send a full piece")
+        problem = self.follows(commit)
         if problem is not None:
             self._discard_part(job, seq)
             return problem
+        chain = self.chain(job)
         os.replace(self._dir(job) / f"{seq}.part", self.piece_path(job, seq))
         piece = read_piece(self.piece_path(job, seq))
         chain = [] if base == FULL else chain
@@ -287,7 +296,8 @@ class CheckpointStore:
         return None
 
     def reject(self, commit: _Commit) -> None:
-        """Forget a checked piece that is no longer wanted (its job moved meanwhile)."""
+        """Forget a checked piece that is no longer wanted (its job moved meanwhile, its gang's cut was
+        discarded)."""
         self._discard_part(commit.job, commit.seq)
 
     def _discard_part(self, job: int, seq: int) -> None:

@@ -1,8 +1,8 @@
 """The coordinator's Prometheus metrics, computed when scraped (conode/metrics.py says why and how).
 
 Gauges come from the node registry and one grouped query of the job table on a connection of the collector's
-own; counters and the placement latency histogram from :class:`coordinator.server.Counters`. Job owners are
-the ``user`` label: the key that submitted the job, "admin" for a job without one.
+own; counters and the latency histograms (placements, gangs' sets) from :class:`coordinator.server.Counters`.
+Job owners are the ``user`` label: the key that submitted the job, "admin" for a job without one.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ DOWN = "down"  # a node that left and has not been forgotten
 DEFAULT_USER = "admin"
 PLACEMENT_LATENCY_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0,
                             3600.0)
+GANG_SET_BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# why a gang's cut is discarded (coordinator/gang_checkpointing.py): too slow, a piece refused by the coordinator,
+# a rank lost (the gang stopped), a piece its worker or agent could not take or send
+CUT_DISCARD_REASONS = ("late", "refused", "rank_lost", "piece_failed")
 
 
 class CoordinatorCollector:
@@ -68,6 +72,16 @@ class CoordinatorCollector:
             yield CounterMetricFamily(name, doc, value=value)
         yield histogram("conode_coordinator_placement_latency_seconds",
                         "From a job's (re)queueing to its placement", counters.placement_buckets)
+        yield CounterMetricFamily("conode_coordinator_gang_cuts", "Coordinated checkpoints (cuts) of gangs begun",
+                                  value=counters.gang_cuts)
+        yield CounterMetricFamily("conode_coordinator_gang_sets", "Cuts of gangs kept as complete sets",
+                                  value=counters.gang_sets)
+        discarded = CounterMetricFamily("conode_coordinator_gang_cuts_discarded", "Cuts of gangs discarded, by why",
+                                        labels=["reason"])
+        yield labelled(discarded, (([reason], counters.gang_cuts_discarded[reason])
+                                   for reason in CUT_DISCARD_REASONS))
+        yield histogram("conode_coordinator_gang_set_seconds", "From a gang's cut's beginning to its set kept",
+                        counters.gang_set_buckets)
 
     def _job_counts(self) -> list[tuple[str, str | None, int]]:
         with self._lock:

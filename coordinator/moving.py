@@ -42,7 +42,8 @@ class Moving:
                 log.info("move %d.%d of job %d called off: %s", move.job, move.epoch, move.job, reason)
             else:
                 self.moves.start(ActiveMove(move.job, move.epoch, move.source, move.destination, GO, self._clock(),
-                                            "before the restart"))
+                                            "before the restart",
+                                            checkpoint=self.store.move_checkpoint(move.job, move.epoch)))
 
     # --- starting moves --------------------------------------------------------------------------------------
     def start_move(self: Coordinator, job_id: int, to: str | None = None, why: str = "admin") -> str:
@@ -114,7 +115,7 @@ class Moving:
         for job_id in vacated:
             job = self.store.job(job_id)
             node = self.nodes.get(job.node or "") if job is not None else None
-            if job is None or node is None or node.state in ACCEPTING_STATES or job.gang is not None or \
+            if job is None or node is None or node.state in ACCEPTING_STATES or \
                     now - self._loading.get(job_id, -LOAD_VACATED_EVERY_S) < LOAD_VACATED_EVERY_S or \
                     destination(job.mem_mib, views, node.name) is None:
                 continue
@@ -123,13 +124,12 @@ class Moving:
             log.info("job %d, vacated on %s, is loaded there to move", job_id, node.name)
 
     def _movable_by_node(self: Coordinator) -> dict[str, list[tuple[int, int]]]:
-        """Per node whose owner is away, the jobs a policy may move now (not a gang's, not moving), as (job,
-        guest memory)."""
+        """Per node whose owner is away, the guests a policy may move now (those not moving: one-guest jobs and
+        gangs' ranks alike, a rank keeping its identity), as (job, guest memory)."""
         jobs: dict[str, list[tuple[int, int]]] = {}
         for job in self.store.running_jobs():
             node = self.nodes.get(job.node or "")
-            if node is not None and node.state in ACCEPTING_STATES and job.gang is None and \
-                    job.id not in self.moves.active:
+            if node is not None and node.state in ACCEPTING_STATES and job.id not in self.moves.active:
                 jobs.setdefault(node.name, []).append((job.id, job.mem_mib))
         return jobs
 
@@ -205,11 +205,12 @@ class Moving:
         if move is None or move.state != PREPARE:
             return
         target = self.nodes.get(move.destination)
-        if target is None or not self.store.hand_over(move.job, move.epoch):
+        checkpoint = self._checkpoints_after_move(move.job)
+        if target is None or not self.store.hand_over(move.job, move.epoch, checkpoint):
             self._call_off(move, "the destination is gone" if target is None else "the job no longer runs there")
             return
         move.state = GO
-        move.checkpoint = self._checkpoints_after_move(move.job)
+        move.checkpoint = checkpoint
         source = self.nodes[name]
         source.running.discard(move.job)
         target.incoming.discard(move.job)
@@ -234,9 +235,13 @@ class Moving:
     def _on_move_arrived(self: Coordinator, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         move = self._move_of(identity, msg, "destination", name)
         if move is not None and move.state == GO:
-            self._finish_move(move)
-            if move.checkpoint is not None:  # the guest runs there: its checkpoints go on from there
-                self._reply(identity, "checkpoint_start", job=move.job, **move.checkpoint)
+            self._arrived(identity, move)
+
+    def _arrived(self: Coordinator, identity: bytes, move: ActiveMove) -> None:
+        """The guest runs on its destination: the move is done, and its checkpoints go on from there."""
+        self._finish_move(move)
+        if move.checkpoint is not None:
+            self._reply(identity, "checkpoint_start", job=move.job, **move.checkpoint)
 
     def _on_move_failed(self: Coordinator, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         move = self.moves.current(msg["job"], msg["epoch"])
@@ -308,7 +313,7 @@ class Moving:
             self._reply(identity, "move_abort", job=job, epoch=epoch, reason=reason)
         for move in self.moves.involving(name):
             if move.state == GO and move.destination == name and move.job in held:
-                self._finish_move(move)
+                self._arrived(identity, move)
 
     def _expire_moves(self: Coordinator) -> None:
         for move in self.moves.expired(self._clock()):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -37,10 +37,11 @@ from coordinator.checkpoints import CheckpointStore
 from coordinator.config import RELAY_OFF, StateDir
 from coordinator.conet_peers import PeerDirectory
 from coordinator.down import DownNode, DownNodes, unknown_node
+from coordinator.gang_checkpointing import GangCheckpoints
 from coordinator.images import ChunkError, ChunkStore, check_image_name
 from coordinator.identity import check_network_name, guest_subnet, job_identities, network_name
 from coordinator.liveness import Liveness
-from coordinator.metrics import PLACEMENT_LATENCY_BOUNDS
+from coordinator.metrics import GANG_SET_BOUNDS, PLACEMENT_LATENCY_BOUNDS
 from coordinator.moving import MoveRefused, Moving
 from coordinator.outgoing import Outgoing, Transport
 from coordinator.pending import Request, never_fits, why_waiting
@@ -57,7 +58,7 @@ HOUSEKEEPING_EVERY_S = 0.1
 # wakeup of the loop (and of ZeroMQ's hand-over to it) and one commit, instead of one per message; a message waits
 # at most this much longer. With thousands of agents beating, the wakeups, not the messages, were the cost.
 TURN_S = 0.005
-KEY_CACHE_S = 30.0  # how long a key's enrolment is trusted before SQLite is asked again (revocation delay)
+KEY_CACHE_MAX = 100_000  # enrolled keys remembered in front of SQLite (emptied when full: a bound, not a policy)
 MAX_ATTEMPTS = 3  # a job whose node is lost this many times fails instead of running again
 VACATED_HOLD_S = 3600.0  # a job saved on a node's disk waits this long for its owner to leave again
 MAX_JOBS_LISTED = 1000  # jobs in one `jobs` reply
@@ -111,6 +112,10 @@ class Counters:
     migrations: int = 0
     placement_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     placement_buckets: Buckets = field(default_factory=lambda: Buckets(PLACEMENT_LATENCY_BOUNDS))
+    gang_cuts: int = 0  # cuts of gangs begun
+    gang_sets: int = 0  # ... that became sets
+    gang_cuts_discarded: Counter[str] = field(default_factory=Counter)  # ... discarded, by CUT_DISCARD_REASONS
+    gang_set_buckets: Buckets = field(default_factory=lambda: Buckets(GANG_SET_BOUNDS))  # a set's cut to kept
 
 
 def _count(items: list[Any], noun: str) -> str:
@@ -124,7 +129,7 @@ def wall_clock_from(clock: Callable[[], float]) -> Callable[[], float]:
     return lambda: offset + clock()
 
 
-class Coordinator(Moving):
+class Coordinator(Moving, GangCheckpoints):
     def __init__(self, state: StateDir, bind: str | None = None, context: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic, transport: Transport | None = None,
                  relay: str = RELAY_OFF) -> None:
@@ -166,6 +171,7 @@ class Coordinator(Moving):
         self.migrate_speedup = state.migrate_speedup()
         self.owner_load_policy = state.owner_load_policy()
         self._load_moves()
+        self._load_cuts()
         self.down = DownNodes()  # nodes that left, shown by status until they return or are forgotten
         self._capacity: list[tuple[int, int]] | None = None  # (cores, memory) of the nodes up or down, when asked
         self._largest_mem = 0
@@ -174,7 +180,10 @@ class Coordinator(Moving):
         self._queued_at: dict[int, float] = {}
         self._next_housekeeping = clock()
         self._next_sweep = clock()
-        self._key_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        # Each key's enrolment as last read from SQLite, kept until the database changes: this process's own key
+        # changes drop their entry, and another process's (`coordinator keys add|remove`) show in data_version.
+        self._key_cache: dict[str, Requester | None] = {}
+        self._keys_seen_at = self.store.data_version()
         self._running = True
         self._handlers: dict[str, Callable[[bytes, str, dict[str, Any]], None]] = {
             name[len("_on_"):]: getattr(self, name) for name in dir(self) if name.startswith("_on_")
@@ -276,39 +285,50 @@ class Coordinator(Moving):
             self.server.send(identity, protocol.error("malformed", str(exc)))
             return
         kind = message["type"]
-        owner = self._key_owner(key)
-        role = owner[1] if owner else None
+        requester = self._key_owner(key)
+        role = requester.role if requester is not None else None
         sender, _ = protocol.SCHEMAS[kind]
         if not may_send(role, sender):
             self.counters.refused += 1
             log.warning("refused %s from %s key %s", kind, role or "unknown", key[:8])
-            self.server.send(identity, protocol.error("forbidden", refusal(role, owner and owner[0], kind), kind))
+            self.server.send(identity, protocol.error("forbidden", refusal(role, requester and requester.name, kind),
+                                                      kind))
             return
         if role == "agent" and kind not in ("hello", "image_chunk_get") and self.by_identity.get(identity) is None:
             # A node we do not know (we restarted, or it was declared lost): it must introduce itself again.
             # Its results come again from its outbox, but live output would not: keep what belongs to a job
             # the store says runs there.
             if kind == "job_output":
-                self._keep_output(owner[0], message)  # type: ignore[index]
+                self._keep_output(requester.name, message)  # type: ignore[union-attr]
             self.server.send(identity, protocol.encode("reconnect", reason="unknown node, say hello"))
             return
         self._sender_key = key
-        self._requester = Requester(*owner)  # type: ignore[misc]
+        self._requester = requester  # type: ignore[assignment]
         try:
-            self._handlers[kind](identity, owner[0], message)  # type: ignore[index]
+            self._handlers[kind](identity, requester.name, message)  # type: ignore[union-attr]
         except Exception as exc:  # one bad request must not take the pool down
             log.exception("error handling %s", kind)
             self.server.send(identity, protocol.error("internal", f"{type(exc).__name__}: {exc}", kind))
 
-    def _key_owner(self, key: str) -> tuple[str, str] | None:
-        """(name, role) of an enrolled key, from a short-lived cache in front of SQLite."""
-        now = self._clock()
-        cached = self._key_cache.get(key)
-        if cached is not None and now - cached[0] < KEY_CACHE_S:
-            return cached[1]
+    def _key_owner(self, key: str) -> Requester | None:
+        """The enrolled name and role of *key* (None: not enrolled), from the cache in front of SQLite."""
+        try:
+            return self._key_cache[key]
+        except KeyError:
+            pass
+        if len(self._key_cache) >= KEY_CACHE_MAX:
+            self._key_cache.clear()
         owner = self.store.key_owner(key)
-        self._key_cache[key] = (now, owner)
-        return owner
+        requester = self._key_cache[key] = Requester(*owner) if owner is not None else None
+        return requester
+
+    def _keys_checked(self) -> None:
+        """Forget the cached enrolments when another process has written the database (a key added or revoked
+        with `coordinator keys`): its next message is checked against SQLite again."""
+        version = self.store.data_version()
+        if version != self._keys_seen_at:
+            self._keys_seen_at = version
+            self._key_cache.clear()
 
     def _reply(self, identity: bytes, kind: str, **fields: Any) -> None:
         self.server.send(identity, protocol.encode(kind, **fields))
@@ -346,6 +366,8 @@ class Coordinator(Moving):
             else:
                 self._requeue(job.id, f"node {name} restarted without it")
         self._moves_on_hello(identity, name, held)
+        if self._fences:
+            self._fence_heard(name, msg["running"])
         for job_id in held - node.running - vacated_here - node.incoming:
             self._reply(identity, "cancel_job", job=job_id)
         self._reply(identity, "welcome", heartbeat_s=protocol.HEARTBEAT_INTERVAL_S)
@@ -367,6 +389,8 @@ class Coordinator(Moving):
         node.away_since = self._clock() - node.idle_s
         node.cpu_percent = float(msg.get("cpu_percent", 0.0))
         self._owner_load_heard(node, msg.get("owner_load"))
+        if self._fences:
+            self._fence_heard(node.name, msg["running"])
         node.speed = float(msg.get("speed", node.speed))
         if was_accepting != (node.state in ACCEPTING_STATES):
             self._refresh(node)
@@ -439,7 +463,9 @@ class Coordinator(Moving):
         self._release(node, job_id)
         # A vacated job fails on its node when its saved guest cannot be resumed there.
         if job is not None and job.state in ("running", "vacated") and job.node == name:
-            if job_id in self._resumed:  # it could not go on from its checkpoint: the next attempt starts afresh
+            if job_id in self._resumed and job.gang is not None:  # a rank: its gang's set cannot be gone on from
+                self._drop_gang_checkpoints(job.gang, f"rank {job.rank} could not go on from it: {msg['reason']}")
+            elif job_id in self._resumed:  # it could not go on from its checkpoint: the next attempt starts afresh
                 self._resumed.discard(job_id)
                 self.checkpoints.drop(job_id)
                 log.warning("job %d: its checkpoint is dropped: %s", job_id, msg["reason"])
@@ -884,6 +910,8 @@ class Coordinator(Moving):
         for job_id in self.queue:
             if not self.open_nodes:
                 break
+            if job_id in self._fences:
+                continue  # a gang to go on from its set: its ranks' old nodes have not yet let them go
             queued = self.queue.get(job_id)
             mem_mib, guests, image_bytes = queued.mem_mib, queued.guests, queued.image_bytes
             if guests == 1:
@@ -954,7 +982,14 @@ class Coordinator(Moving):
             self.store.finish(job_id, "failed", None, f"not runnable within the pool's limits: {exc}")
             log.warning("job %d failed: not runnable within the pool's limits: %s", job_id, exc)
             return None
-        if job.guests > 1:
+        resume_set = self._resume_set(job_id) if job.guests > 1 else None
+        if resume_set is not None:  # its ranks go on from their pieces of the set, under their own ids
+            guests = [rank for rank, _ in resume_set.pieces]
+            self.store.resume_gang(job_id, guests, [node.name for node in nodes])
+            for rank in guests:
+                self.store.truncate_output(rank, self.checkpoints.outputs(rank))
+            self._resumed.update(guests)
+        elif job.guests > 1:
             guests = self.store.start_gang(job_id, [node.name for node in nodes])
         else:
             if resume:  # what it wrote after its checkpoint it writes again
@@ -967,11 +1002,15 @@ class Coordinator(Moving):
         for guest, node, net in zip(guests, nodes, identities):
             self.peers.guest_placed(guest, net.network, node.name)
         self._tell_peers()  # before the guests start: their switches must already admit each other
+        if job.guests > 1:
+            self._gang_placed(job_id)
+        rank_fields = {"cuts": True} if self.checkpoint_s > 0 else {}  # a rank is checkpointed in its gang's cuts
         for guest, node, net in zip(guests, nodes, identities):
+            chain = resume if job.guests == 1 else self.checkpoints.chain(guest) if resume_set is not None else []
             payload = checked if job.guests == 1 else protocol.encode(
                 "run_job", job=guest, argv=argv, inputs=inputs, outputs=job.wanted, mem_mib=job.mem_mib,
-                net=net.wire(), **disk)
-            if not (self._send_chain(node, job_id, resume) and self.server.send(node.identity, payload)):
+                net=net.wire(), **disk, **rank_fields, **({"resume": [link.wire() for link in chain]} if chain else {}))
+            if not (self._send_chain(node, guest, chain) and self.server.send(node.identity, payload)):
                 if job.guests > 1:
                     self._restart_gang(job_id, f"node {node.name} unreachable", requeue_now=False)
                 else:
@@ -989,6 +1028,8 @@ class Coordinator(Moving):
         if resume:
             self._resumed.add(job_id)
             log.info("job %d placed on %s, to go on from its checkpoint (piece %d)", job_id, where, resume[-1].seq)
+        elif resume_set is not None:
+            log.info("job %d placed on %s, every rank to go on from set %d", job_id, where, resume_set.number)
         else:
             self._resumed.discard(job_id)
             log.info("job %d placed on %s", job_id, where)
@@ -1011,14 +1052,15 @@ class Coordinator(Moving):
         none): the interval, a piece number past every piece heard of from its source, and the output stored
         now (the source's is all in, and no more is taken from it)."""
         job = self.store.job(job_id)
-        if self.checkpoint_s <= 0 or job is None or job.guests != 1:
+        if self.checkpoint_s <= 0 or job is None or (job.guests != 1 and job.gang is None):
             return None
-        return {"interval_s": self.checkpoint_s, "seq": self.checkpoints.next_seq(job_id),
+        return {"interval_s": self.checkpoint_s if job.gang is None else 0.0,  # 0: a rank, in its gang's cuts
+                "seq": self.checkpoints.next_seq(job_id),
                 **self.store.output_sizes(job_id)}
 
     def _checkpoint_problem(self, name: str, job_id: int) -> str | None:
         job = self.store.job(job_id)
-        if job is None or job.state != "running" or job.node != name or job.guests != 1:
+        if job is None or job.state != "running" or job.node != name or (job.guests != 1 and job.gang is None):
             return f"job {job_id} does not run on {name}: its checkpoints are not taken from there"
         return None
 
@@ -1029,6 +1071,7 @@ class Coordinator(Moving):
                                                                                   msg["data"])
         if problem is not None:
             self._checkpoint_refused(identity, name, msg, problem)
+            self._cut_piece_refused(job_id, msg["seq"], problem)
 
     def _on_checkpoint_commit(self, identity: bytes, name: str, msg: dict[str, Any]) -> None:
         self.liveness.heard(name)
@@ -1037,11 +1080,14 @@ class Coordinator(Moving):
             job_id, msg["seq"], msg["base"], msg["size"], msg["sha256"], (identity, name, msg))
         if problem is not None:
             self._checkpoint_refused(identity, name, msg, problem)
+            self._cut_piece_refused(job_id, msg["seq"], problem)
 
     def checkpoints_checked(self, wait: bool = False) -> None:
         """Keep, or refuse, the pieces whose check has ended (all of them, with *wait*)."""
         for (identity, name, msg), commit in self.checkpoints.checked(wait):
             moved = self._checkpoint_problem(name, commit.job)  # it may have moved while it was checked
+            if self._rank_piece((identity, name, msg), commit, moved):
+                continue  # a gang's rank's: kept aside for its cut's set, or refused with the cut
             if moved is not None:
                 self.checkpoints.reject(commit)
             problem = moved or self.checkpoints.accept(commit)
@@ -1101,6 +1147,7 @@ class Coordinator(Moving):
         gang = self.store.job(gang_id)
         if gang is None or gang.state != "running":
             return
+        resume = self._gang_stopping(gang_id)
         self._stop_ranks(gang, f"gang restarted: {reason}")
         if gang.attempts >= MAX_ATTEMPTS:
             self.store.finish(gang_id, "failed", None, f"{reason}; gave up after {gang.attempts} attempts")
@@ -1110,7 +1157,8 @@ class Coordinator(Moving):
             self._enqueue(gang)
         self._queued_at[gang_id] = self._clock()
         self.counters.requeued += 1
-        log.info("job %d requeued: %s", gang_id, reason)
+        log.info("job %d requeued: %s%s", gang_id, reason,
+                 f"; it goes on from set {resume.number}" if resume is not None else "")
 
     def housekeeping(self, caught_up: bool = True) -> None:
         """Expire silent nodes; once a second, sweep the job table for stranded jobs.
@@ -1119,6 +1167,7 @@ class Coordinator(Moving):
         coordinator that falls behind must not lose nodes whose heartbeats wait in its own queue (they would
         all come back with a hello, and put it further behind)."""
         now = self._clock()
+        self._keys_checked()
         for name in self.liveness.due(expire=caught_up):
             self._lose_node(self.nodes[name], "missed its heartbeats")
         if now >= self._next_sweep:
@@ -1127,6 +1176,7 @@ class Coordinator(Moving):
 
     def _sweep_jobs(self, now: float) -> None:
         self.checkpoints.sweep(self._needs_checkpoint)
+        self._take_cuts()
         self._expire_moves()
         self._move_from_owners()
         self._move_to_faster()
@@ -1149,6 +1199,8 @@ class Coordinator(Moving):
 
     def _needs_checkpoint(self, job_id: int) -> bool:
         job = self.store.job(job_id)
+        if job is not None and job.gang is not None:  # a rank's chain lasts as long as its gang
+            job = self.store.job(job.gang)
         if job is None or job.state in TERMINAL_STATES:
             self._resumed.discard(job_id)
             self._refused_piece.pop(job_id, None)
@@ -1168,6 +1220,7 @@ class Coordinator(Moving):
         if self.relay is not None:
             self.relay.set_peers(node.key, node.name, None)
         self._moves_on_node_lost(node.name)
+        self._fence_node_lost(node.name)
         for job_id in sorted(node.running):
             self._requeue(job_id, f"node {node.name} lost ({why})")
             self.queue.shares.stopped(job_id)

@@ -12,6 +12,7 @@ is stored and the rest dropped, so that one chatty job can neither fill the disk
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -99,6 +100,23 @@ CREATE TABLE IF NOT EXISTS moves (
     downtime_s REAL,
     total_s REAL,
     bytes INTEGER,
+    PRIMARY KEY (job, epoch)
+);
+-- a gang's newest complete set of coordinated checkpoints (coordinator/gang_cuts.py): its cut's number and each
+-- rank's piece, [[rank job id, piece number], ...] in rank order, as JSON
+CREATE TABLE IF NOT EXISTS gang_cuts (
+    gang INTEGER PRIMARY KEY,
+    number INTEGER NOT NULL,
+    pieces TEXT NOT NULL,
+    took_s REAL NOT NULL
+);
+-- Where a handed-over guest's checkpoints go on from on its destination (msgpack: interval, piece number, output
+-- offsets), fixed at the hand-over; kept while the move is active, so that a coordinator restarted before the
+-- destination says it arrived can still tell it.
+CREATE TABLE IF NOT EXISTS move_checkpoints (
+    job INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    start BLOB NOT NULL,
     PRIMARY KEY (job, epoch)
 );
 CREATE TABLE IF NOT EXISTS images (
@@ -392,6 +410,36 @@ class Store:
                 (msgpack.packb({}), node, now, rank, gang)).lastrowid) for rank, node in enumerate(nodes)]
         return ranks
 
+    def resume_gang(self, gang: int, ranks: list[int], nodes: list[str]) -> None:
+        """Mark gang job *gang* running as one new attempt that goes on from its checkpoints: its ranks *ranks*
+        (of an earlier attempt, in rank order; the guests in the checkpoints are theirs) run again, rank i on
+        nodes[i]."""
+        now = self._clock()
+        with self._atomic():
+            self.db.execute("UPDATE jobs SET state='running', node=NULL, attempts=attempts+1, started_at=?, "
+                            "vacated_s=0 WHERE id=?", (now, gang))
+            for rank, node in zip(ranks, nodes):
+                self.db.execute("UPDATE jobs SET state='running', node=?, attempts=(SELECT attempts FROM jobs WHERE "
+                                "id=?), started_at=?, vacated_s=0, vacated_at=NULL, finished_at=NULL, reason=NULL, "
+                                "exit_status=NULL WHERE id=? AND gang=?", (node, gang, now, rank, gang))
+
+    def keep_cut(self, gang: int, number: int, pieces: list[tuple[int, int]], took_s: float) -> None:
+        """Record *gang*'s newest complete set (replacing the one before)."""
+        self.db.execute("INSERT OR REPLACE INTO gang_cuts VALUES (?, ?, ?, ?)",
+                        (gang, number, json.dumps([list(p) for p in pieces]), took_s))
+
+    def cut_sets(self) -> list[tuple[int, int, list[tuple[int, int]], float]]:
+        """Every gang's newest complete set, as (gang, number, pieces, took_s)."""
+        return [(gang, number, [(int(r), int(s)) for r, s in json.loads(pieces)], took_s)
+                for gang, number, pieces, took_s in self.db.execute("SELECT * FROM gang_cuts ORDER BY gang")]
+
+    def running_gangs(self) -> list[int]:
+        return [gang for (gang,) in self.db.execute("SELECT id FROM jobs WHERE state='running' AND guests>1 AND "
+                                                    "gang IS NULL ORDER BY id")]
+
+    def drop_cut(self, gang: int) -> None:
+        self.db.execute("DELETE FROM gang_cuts WHERE gang=?", (gang,))
+
     def array_jobs(self, array: int) -> list[Job]:
         """The jobs (not ranks) of the array whose first job is *array*, by id."""
         rows = self.db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE array_id=? AND gang IS NULL ORDER BY id",
@@ -598,9 +646,10 @@ class Store:
                             f"NULL, NULL)", (job, last + 1, source, destination, self._clock()))
         return int(last) + 1
 
-    def hand_over(self, job: int, epoch: int) -> bool:
-        """The guest becomes the destination's, in one transaction with the move: whether it did (the move was
-        being prepared and the job still ran on its source)."""
+    def hand_over(self, job: int, epoch: int, checkpoint: dict[str, Any] | None = None) -> bool:
+        """The guest becomes the destination's, in one transaction with the move and with where its checkpoints
+        go on from there (*checkpoint*, None: it takes none): whether it did (the move was being prepared and the
+        job still ran on its source)."""
         with self._atomic():
             row = self.db.execute("SELECT source, destination FROM moves WHERE job=? AND epoch=? AND state='prepare'",
                                   (job, epoch)).fetchone()
@@ -608,13 +657,23 @@ class Store:
                 "UPDATE jobs SET node=? WHERE id=? AND state='running' AND node=?", (row[1], job, row[0])).rowcount == 1
             if moved:
                 self.db.execute("UPDATE moves SET state='go' WHERE job=? AND epoch=?", (job, epoch))
+                if checkpoint is not None:
+                    self.db.execute("INSERT OR REPLACE INTO move_checkpoints VALUES (?, ?, ?)",
+                                    (job, epoch, msgpack.packb(checkpoint)))
         return moved
+
+    def move_checkpoint(self, job: int, epoch: int) -> dict[str, Any] | None:
+        """What :meth:`hand_over` recorded for an active move's checkpoints (None: nothing)."""
+        row = self.db.execute("SELECT start FROM move_checkpoints WHERE job=? AND epoch=?", (job, epoch)).fetchone()
+        return msgpack.unpackb(row[0]) if row is not None else None
 
     def end_move(self, job: int, epoch: int, state: str, reason: str | None = None) -> bool:
         """Close an active move as done or aborted; whether it was active."""
         assert state in ("done", "aborted")
-        return self.db.execute("UPDATE moves SET state=?, reason=?, ended_at=? WHERE job=? AND epoch=? AND state IN "
-                               "('prepare', 'go')", (state, reason, self._clock(), job, epoch)).rowcount == 1
+        with self._atomic():
+            self.db.execute("DELETE FROM move_checkpoints WHERE job=? AND epoch=?", (job, epoch))
+            return self.db.execute("UPDATE moves SET state=?, reason=?, ended_at=? WHERE job=? AND epoch=? AND state "
+                                   "IN ('prepare', 'go')", (state, reason, self._clock(), job, epoch)).rowcount == 1
 
     def move_figures(self, job: int, epoch: int, source: str, downtime_s: float | None, total_s: float,
                      sent: int) -> bool:
@@ -661,6 +720,10 @@ class Store:
     def agent_count(self) -> int:
         """How many agent keys are enrolled."""
         return int(self.db.execute("SELECT COUNT(*) FROM keys WHERE role='agent'").fetchone()[0])
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to the database (SQLite's data_version)."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
 
     def key_owner(self, public_key: str) -> tuple[str, str] | None:
         """(name, role) of an enrolled key."""

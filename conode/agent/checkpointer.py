@@ -14,6 +14,12 @@ that the guest stops only for the last few pages:
 
 The final copy runs on the worker's machine thread (:meth:`Checkpointer.final`, called by the worker when
 :attr:`final_due`); everything else on the checkpointer's own thread.
+
+A gang's rank is checkpointed only when its gang takes a cut (coordinator/gang_cuts.py; ``interval_s`` 0):
+:meth:`cut` starts a piece at once; after the pre-copy it says ``cut_ready`` and waits, the guest running, for
+:meth:`final_now` (every rank's pre-copy is done, so that none stands still while another pre-copies all its
+RAM); after the final copy the worker keeps the guest still (:meth:`held`) until every rank's piece is taken. A
+cut's piece that fails at any step is said at once (``cut_failed``), so that the cut is discarded then.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ class Checkpointer:
         self.outputs = {s: int(outputs.get(s, 0)) for s in STREAMS}  # bytes written so far; the worker counts
         self.final_due = False
         self._send = send
+        self._wake = threading.Event()  # a cut asked for a piece now
+        self._cut_asked: tuple[int, float] | None = None  # (cut, hold_s) for the next piece
+        self._cut: tuple[int, float] | None = None  # ... for the piece being taken
+        self._final_go = threading.Event()  # the cut's final copies may begin
+        self._hold: tuple[int, int, float] | None = None  # (cut, seq, hold_s): the guest must stay still
         self._tracker = dirty_tracker(guest.machine.cpu)
         self._tracking = False
         self._full = True  # the next piece holds every page
@@ -78,6 +89,25 @@ class Checkpointer:
         """The job ended: take no more pieces (one being written is dropped)."""
         self._stop.set()
         self._final_done.set()
+        self._wake.set()
+        self._final_go.set()
+
+    def cut(self, cut: int, hold_s: float) -> None:
+        """The gang takes cut *cut*: take a piece now, and keep the guest still after its final copy (for at most
+        *hold_s*)."""
+        self._cut_asked = (cut, hold_s)
+        self._wake.set()
+
+    def final_now(self, cut: int) -> None:
+        """Every rank's piece of cut *cut* is pre-copied: the final copy may begin."""
+        if self._cut is not None and self._cut[0] == cut:
+            self._final_go.set()
+
+    def held(self) -> tuple[int, int, float] | None:
+        """After a final copy (on the machine thread): (cut, piece number, hold_s) if the piece was a cut's, and
+        the guest must stay still until the cut resumes; once."""
+        hold, self._hold = self._hold, None
+        return hold
 
     def reset(self) -> None:
         """The coordinator lost the chain: the next piece holds every page."""
@@ -95,7 +125,13 @@ class Checkpointer:
 
     # --- the checkpointer's thread ----------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s if self.interval_s > 0 else None)  # 0: only when a cut asks
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._final_go.clear()
+            self._cut, self._cut_asked = self._cut_asked, None
             try:
                 self._checkpoint()
             except _Stopped:
@@ -103,6 +139,9 @@ class Checkpointer:
             except (ConodeError, OSError) as exc:
                 log.warning("job %d: checkpoint %d not taken: %s", self.job, self.seq, exc)
                 self._full = True
+                if self._cut is not None:  # its gang's cut can be no set: said now, not left to time out
+                    self._send({"type": "cut_failed", "job": self.job, "cut": self._cut[0],
+                                "reason": f"piece {self.seq} not taken: {exc}"[:200]})
 
     def _on_machine_thread(self, fn: Callable[[], T], always: bool = False) -> T:
         """*fn*'s result, computed between two of the guest's slices (or here, if the tracker allows and not
@@ -161,6 +200,12 @@ class Checkpointer:
             # its map is a stand-in: the piece carries what the final copy's map keeps of these clusters
             self._disk_pre = Changes(overlay.base.sha256(), overlay.size, listed, listed,
                                      pack_clusters(overlay.read_clusters(listed)))
+        if self._cut is not None:  # a gang's cut: the final copies begin together
+            self._send({"type": "cut_ready", "job": self.job, "cut": self._cut[0]})
+            if not self._final_go.wait(self._cut[1]) or self._stop.is_set():
+                if self._stop.is_set():
+                    raise _Stopped
+                raise ConodeError(f"no word on cut {self._cut[0]} within {self._cut[1]:g} s after the pre-copy")
         self._final_done.clear()
         self.final_due = True
         self.guest.machine.pause()
@@ -211,6 +256,8 @@ class Checkpointer:
             wall, cpu = self._stopped_at if self._stopped_at is not None else (time.monotonic(), time.thread_time())
             self._taken = (bitmap, pages, envelope, disk, dict(self.outputs), time.monotonic() - wall,
                            time.thread_time() - cpu)
+            if self._cut is not None:
+                self._hold = (self._cut[0], self.seq, self._cut[1])
         except ConodeError as exc:
             log.warning("job %d: the final copy of checkpoint %d failed: %s", self.job, self.seq, exc)
             self._taken = None

@@ -5,7 +5,8 @@ Out: a worker writes each piece into ``checkpoints/out`` and says so (its messag
 sends it in IMAGE_CHUNK_BYTES chunks (``checkpoint_put``) and then ``checkpoint_commit`` with its size and SHA-256,
 and deletes it. Pieces are sent only while the link is up with nothing waiting before them (the job's output
 must reach the coordinator before the checkpoint that counts it); one that cannot go now is dropped, and the
-worker makes its next piece a full one, as it does when the coordinator refuses one.
+worker makes its next piece a full one, as it does when the coordinator refuses one (a gang's rank's piece of a
+cut: the agent says ``cut_failed``, so that the coordinator discards the cut at once).
 
 In: ``checkpoint_data`` chunks are written to ``checkpoints/in/job-N/SEQ.piece``; the ``run_job`` that follows lists
 the chain (seq, size, SHA-256 of each piece), and each piece must be there, whole and matching, before the job
@@ -63,39 +64,40 @@ class Checkpoints:
         path = self._out_path(job, seq)
         self._disk.attempt("remove a checkpoint piece", lambda: path.unlink(missing_ok=True))
 
-    def send(self, message: dict[str, Any]) -> bool:
-        """Send the piece a worker announced (and delete it); whether it all went."""
+    def send(self, message: dict[str, Any]) -> str | None:
+        """Send the piece a worker announced (and delete it): None once it all went, else why it did not."""
         job, seq = message["job"], message["seq"]
         path = self._out_path(job, seq)
         try:
             if Path(message["path"]) != path:
-                log.warning("job %d: a worker announced a checkpoint at %s, not in %s; ignored", job,
-                            message["path"][:200], self.out_dir)
-                return False
-            return self._send_file(path, message)
+                problem = f"a worker announced it at {message['path'][:200]}, not in {self.out_dir}"
+            else:
+                problem = self._send_file(path, message)
         finally:
             self.discard(job, seq)
+        if problem is not None:
+            log.warning("job %d: checkpoint piece %d not sent: %s", job, seq, problem)
+        return problem
 
-    def _send_file(self, path: Path, message: dict[str, Any]) -> bool:
+    def _send_file(self, path: Path, message: dict[str, Any]) -> str | None:
         job, seq, size = message["job"], message["seq"], message["size"]
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            log.warning("job %d: checkpoint piece %d is not readable: %s", job, seq, exc.strerror or exc)
-            return False
+            return f"it is not readable: {exc.strerror or exc}"
         try:
             if os.fstat(fd).st_size != size:
-                log.warning("job %d: checkpoint piece %d is not the size its worker said", job, seq)
-                return False
+                return "it is not the size its worker said"
             for index in range(-(-size // IMAGE_CHUNK_BYTES)):
                 data = os.pread(fd, IMAGE_CHUNK_BYTES, index * IMAGE_CHUNK_BYTES)
                 if not self._link.send_now("checkpoint_put", job=job, seq=seq, index=index, data=data):
-                    log.info("job %d: checkpoint piece %d not sent (the coordinator link is busy or down)", job, seq)
-                    return False
+                    return "the coordinator link is busy or down"
         finally:
             os.close(fd)
-        return self._link.send_now("checkpoint_commit", job=job, seq=seq, base=message["base"], size=size,
-                                   sha256=message["sha256"])
+        if not self._link.send_now("checkpoint_commit", job=job, seq=seq, base=message["base"], size=size,
+                                   sha256=message["sha256"]):
+            return "the coordinator link is busy or down"
+        return None
 
     # --- in: a chain from the coordinator ----------------------------------------------------------------------
     def _piece_path(self, job: int, seq: int) -> Path:

@@ -226,6 +226,10 @@ class AgentDaemon:
             self.checkpoints.receive(message)
         elif message["type"] == "checkpoint_start":
             self.guests.checkpoints_go_on(message["job"], message)
+        elif message["type"] == "checkpoint_cut":
+            self.guests.cut(message["job"], message["cut"])
+        elif message["type"] in ("cut_final", "cut_resume"):
+            self.guests.cut_step(message["type"], message["job"], message["cut"])
         elif message["type"] == "checkpoint_reply" and not message["ok"]:
             self.guests.checkpoint_refused(message["job"], message.get("reason", "no reason given"))
 

@@ -26,6 +26,7 @@ from conode.agent.images import ImageFetcher, ImageRefused, ImageSpec
 from conode.agent.pipe import PipeError
 from conode.agent.supervisor import StartWorker, WorkerHandle, restart_delay
 from conode.agent.wire import OutputLimitError, validate_from_worker, validate_to_worker
+from conode.cluster.protocol import CUT_HOLD_S
 from conode import output_cap
 from conode.errors import ConodeError
 from conode.idle.policy import OwnerState, guest_may_run
@@ -133,6 +134,7 @@ class Guests:
         self.owners: dict[int, str] = {}  # who submitted each job held here, when the coordinator said
         self._images = images
         self._streamed: dict[int, int] = {}  # job -> stdout and stderr bytes forwarded
+        self._cut_pieces: dict[int, tuple[int, int]] = {}  # job -> (cut, piece number) of its latest cut_taken
         self.yield_latencies: deque[float] = deque(maxlen=YIELD_SAMPLES)  # owner input -> guest stopped, s
         self.yield_buckets = Buckets(YIELD_LATENCY_BOUNDS)  # all of them, for the metrics
         self.activity_at: float | None = None  # wall time of the owner's input that stopped the guests
@@ -218,8 +220,10 @@ class Guests:
                 self._fail(job, str(exc), retry=True)
                 return
             seq = max(entry["seq"] for entry in message["resume"]) + 1
-        if message.get("checkpoint_s", 0) > 0 and self._checkpoints is not None:
-            run["checkpoint"] = self._checkpoints.settings(message["checkpoint_s"], seq)
+        if (message.get("checkpoint_s", 0) > 0 or message.get("cuts")) and self._checkpoints is not None:
+            # a gang's rank is checkpointed only in its gang's cuts (interval 0), a job every checkpoint_s
+            run["checkpoint"] = self._checkpoints.settings(0.0 if message.get("cuts") else message["checkpoint_s"],
+                                                           seq)
         if "net" in message:
             run["net"] = self._ports.attach(job, message["net"])
         if "image" in message:
@@ -339,6 +343,7 @@ class Guests:
     def forget(self, job: int) -> None:
         """The job no longer runs here (ended, failed, cancelled): let go of what its guest had."""
         self._streamed.pop(job, None)
+        self._cut_pieces.pop(job, None)
         self._ports.detach(job)
         self.job_images.pop(job, None)
         self.owners.pop(job, None)
@@ -424,6 +429,17 @@ class Guests:
             self._forward_output(message["job"], message["stream"], message["data"])
         elif kind == "checkpoint":
             self._send_checkpoint(slot, message)
+        elif kind == "cut_ready":
+            self._reports.report("cut_ready", job=message["job"], cut=message["cut"])
+        elif kind == "cut_taken":
+            self._cut_pieces[message["job"]] = (message["cut"], message["seq"])
+            self._reports.report("cut_taken", job=message["job"], cut=message["cut"], seq=message["seq"])
+        elif kind == "cut_failed":
+            log.warning("job %d: its piece of cut %d failed: %s", message["job"], message["cut"], message["reason"])
+            self._reports.report("cut_failed", job=message["job"], cut=message["cut"], reason=message["reason"])
+        elif kind == "cut_resumed":
+            log.info("job %d: its guest stood still %.1f ms after its piece of cut %d", message["job"],
+                     message["held_s"] * 1000, message["cut"])
         elif kind == "finished":
             job = message["job"]
             self._job_done(slot, job)
@@ -436,13 +452,32 @@ class Guests:
 
     def _send_checkpoint(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         job = message["job"]
-        if self._checkpoints is None or not self._checkpoints.send(message):
+        cut = self._cut_pieces.pop(job, None)
+        problem = "this agent takes no checkpoints" if self._checkpoints is None else self._checkpoints.send(message)
+        if problem is not None:
             self.send_to(slot, {"type": "checkpoint_reset", "job": job})
+            if cut is not None and cut[1] == message["seq"]:  # its gang's cut can be no set: said now
+                self._reports.report("cut_failed", job=job, cut=cut[0],
+                                     reason=f"piece {message['seq']} not sent: {problem}"[:200])
             return
         log.info("job %d: checkpoint %d sent (%s, %d pages, %.1f MiB; the guest stalled %.1f ms, %d pages in the "
                  "stall; %.2f s to take)", job, message["seq"], "full" if message["base"] < 0 else "delta",
                  message["pages"], message["size"] / (1 << 20), message["stall_s"] * 1000, message["final_pages"],
                  message["took_s"])
+
+    def cut(self, job: int, cut: int) -> None:
+        """A gang's cut: the rank's worker takes its piece now and keeps its guest still until cut_resume."""
+        slot = self.jobs.get(job)
+        if slot is None:
+            log.info("job %d does not run here (any more): no piece of cut %d", job, cut)
+            return
+        self.send_to(slot, {"type": "cut", "job": job, "cut": cut, "hold_s": CUT_HOLD_S})
+
+    def cut_step(self, kind: str, job: int, cut: int) -> None:
+        """cut_final (every rank's piece is pre-copied) or cut_resume (every rank's is taken), for the worker."""
+        slot = self.jobs.get(job)
+        if slot is not None:
+            self.send_to(slot, {"type": kind, "job": job, "cut": cut})
 
     def checkpoint_refused(self, job: int, reason: str) -> None:
         """The coordinator did not keep a piece: the job's next one must hold every page."""

@@ -100,7 +100,8 @@ class ZmqTransport:
 
 
 FOR_AGENT = ("run_job", "cancel_job", "conet_peers", "checkpoint_reply", "checkpoint_data", "checkpoint_start", "move_in",
-             "move_out", "move_go", "move_abort", "load_vacated")
+             "move_out", "move_go", "move_abort", "load_vacated", "checkpoint_cut", "cut_final",
+             "cut_resume")
 
 
 class CoordinatorLink:

@@ -30,8 +30,8 @@ MAX_SOCKET_PATH = 107  # what a Unix socket address holds
 # copy-on-write file), budget_mib. Checked whole by _check_disk.
 DISK = Kind("map", 3)
 TOKEN = Kind("bytes", TOKEN_BYTES)
-# Checkpoints of the job's guest (checkpointer.py): dir (where the worker writes pieces), interval_s, seq (the
-# next piece's number). Checked whole by _check_checkpoint.
+# Checkpoints of the job's guest (checkpointer.py): dir (where the worker writes pieces), interval_s (0: only in
+# its gang's cuts), seq (the next piece's number). Checked whole by _check_checkpoint.
 CHECKPOINT = Kind("map", 3)
 PIECES = Kind("str_list", 64, item=MAX_SMALL_FIELD)  # a checkpoint chain's piece files, in order
 COUNT = Kind("int", low=0, high=1 << 40)
@@ -47,6 +47,11 @@ TO_WORKER: dict[str, dict[str, Field]] = {
                 "disk": Field(DISK, required=False), "checkpoint": Field(CHECKPOINT, required=False)},
     "checkpoint_reset": {"job": Field(INT)},
     "checkpoint_start": {"job": Field(INT), "checkpoint": Field(CHECKPOINT), "outputs": Field(OUTPUTS)},
+    # a gang's cut (checkpointer.py): pre-copy a piece now, make its final copy on cut_final and keep the guest
+    # still after it until cut_resume (each waited for hold_s at most)
+    "cut": {"job": Field(INT), "cut": Field(COUNT), "hold_s": Field(MEASURE)},
+    "cut_final": {"job": Field(INT), "cut": Field(COUNT)},
+    "cut_resume": {"job": Field(INT), "cut": Field(COUNT)},
     "cancel": {"job": Field(INT)},
     "pause": {},
     "resume": {},
@@ -75,6 +80,10 @@ FROM_WORKER: dict[str, dict[str, Field]] = {
                    "path": Field(STR), "size": Field(COUNT), "sha256": Field(SHA256), "pages": Field(COUNT),
                    "final_pages": Field(COUNT), "stall_s": Field(MEASURE), "took_s": Field(MEASURE),
                    "stall_cpu_s": Field(MEASURE, required=False)},  # the machine thread's CPU time in the stall
+    "cut_ready": {"job": Field(INT), "cut": Field(COUNT)},
+    "cut_taken": {"job": Field(INT), "cut": Field(COUNT), "seq": Field(COUNT)},
+    "cut_failed": {"job": Field(INT), "cut": Field(COUNT), "reason": Field(TEXT)},  # its piece was not taken
+    "cut_resumed": {"job": Field(INT), "cut": Field(COUNT), "held_s": Field(MEASURE)},
     "listening": {"job": Field(INT), "endpoint": Field(STR)},
     "move_ready": {"job": Field(INT)},
     "moved_out": {"job": Field(INT), "downtime_s": Field(MEASURE, required=False), "total_s": Field(MEASURE),

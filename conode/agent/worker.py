@@ -10,11 +10,17 @@ length-prefixed msgpack (pipe.py):
   from disk, which keeps its identity), ``restore`` (job, pieces: a checkpoint chain to go on from, and net and
   disk as for run), ``checkpoint_reset`` (job: the next checkpoint must hold every page); run and restore may
   carry checkpoint (dir, interval_s, seq: checkpointer.py), and ``checkpoint_start`` (job, checkpoint, outputs:
-  the offsets as the guest came to this worker) starts them for a guest resumed from a vacate or moved here;
+  the offsets as the guest came to this worker) starts them for a guest resumed from a vacate or moved here
+  (interval_s 0: a gang's rank, checkpointed only in its gang's cuts); ``cut`` (job, cut, hold_s: pre-copy a
+  piece now), ``cut_final`` (job, cut: every rank's is pre-copied: make the final copy, then keep the guest still)
+  and ``cut_resume`` (job, cut: every rank's piece is taken);
 - worker → agent: ``ready`` (guest, speed), ``output`` (job, stream, data), ``finished`` (job, status, outputs,
   missing, runtime_s), ``failed`` (job, reason), ``paused`` (at: the wall time the guest stopped executing),
   ``resumed``, ``vacated`` (path, jobs, and checkpoint: what its checkpoints go on from), ``checkpoint`` (job,
-  seq, base, path, size, sha256 and figures).
+  seq, base, path, size, sha256 and figures), ``cut_ready`` (job, cut: a cut's piece is pre-copied),
+  ``cut_taken`` (job, cut, seq: its final copy is made; the guest stands still), ``cut_failed`` (job, cut,
+  reason: its piece could not be taken or written) and ``cut_resumed`` (job, cut, held_s: how long it stood
+  still after it).
 
 **A fresh guest for every job.** The worker keeps the *pristine* post-boot snapshot: made by the host from a
 boot in which no job ran (``--boot-snapshot`` keeps it on disk for the next worker, tied to the guest image's
@@ -182,7 +188,9 @@ class GuestWorker:
             self._checkpointer.guest is guest else None
         if checkpointer is not None and checkpointer.final_due and not guest.finished:
             checkpointer.guest_stopped()  # it was stopped already (by its owner): the final copy is due now
-            checkpointer.final()
+            self._final_copy(checkpointer)
+            if self._control is not None or self._cancelled:
+                return  # told to stop while it stood still for its gang's cut
         self._running = guest
         try:
             guest.run()
@@ -194,7 +202,30 @@ class GuestWorker:
         if self._control is not None and self._obey_control():
             raise _Exit
         if checkpointer is not None and checkpointer.final_due and not guest.finished and not self._cancelled:
-            checkpointer.final()  # the guest stops only for this
+            self._final_copy(checkpointer)  # the guest stops only for this (and, for a gang's cut, its hold)
+
+    def _final_copy(self, checkpointer: Checkpointer) -> None:
+        """The final copy of a piece; for a gang's cut, the guest then stays still until the agent passes on the
+        coordinator's cut_resume (every rank's piece taken), for hold_s at most, or until told to stop."""
+        checkpointer.final()
+        hold = checkpointer.held()
+        if hold is None:
+            return
+        cut, seq, hold_s = hold
+        self.send({"type": "cut_taken", "job": checkpointer.job, "cut": cut, "seq": seq})
+        started = time.monotonic()
+        while (left := started + hold_s - time.monotonic()) > 0:
+            message = self._next_message(timeout=left)
+            if message is None:
+                continue
+            if message.get("type") == "cut_resume" and message.get("cut") == cut:
+                break
+            self.handle(message)
+            if self._control is not None or self._cancelled:
+                break  # carried out as soon as this returns
+        else:
+            self._log(f"job {checkpointer.job}: no word on cut {cut} within {hold_s:g} s; the guest goes on")
+        self.send({"type": "cut_resumed", "job": checkpointer.job, "cut": cut, "held_s": time.monotonic() - started})
 
     def discard(self, guest: Guest) -> None:
         if self._checkpointer is not None and self._checkpointer.guest is guest:
@@ -292,6 +323,14 @@ class GuestWorker:
         elif kind == "checkpoint_reset":
             if self._checkpointer is not None and self._checkpointer.job == message.get("job"):
                 self._checkpointer.reset()
+        elif kind == "cut":
+            if self._checkpointer is not None and self._checkpointer.job == message.get("job"):
+                self._checkpointer.cut(message["cut"], message["hold_s"])
+        elif kind == "cut_final":
+            if self._checkpointer is not None and self._checkpointer.job == message.get("job"):
+                self._checkpointer.final_now(message["cut"])
+        elif kind == "cut_resume":
+            pass  # a cut whose hold ended already (the guest went on, or never stopped for it)
         elif kind == "plug":  # a guest resumed from disk or moved here: its NIC joins the switch again
             if self.guest is not None:
                 self._join_conet(self.guest, message["socket"], message["token"])
@@ -363,12 +402,13 @@ class GuestWorker:
         net = message.get("net")
         if net and "token" in net:
             self._join_conet(guest, net["socket"], net["token"])
+            self._announce(guest)  # its MAC was behind another agent's switch
         self._log(f"job {job} goes on from checkpoint piece {pieces[-1].seq}")
         self._start_checkpoints(job, message, pieces[-1].outputs)
 
     def _start_checkpoints(self, job: int, message: dict[str, Any], outputs: dict[str, int]) -> None:
         settings = message.get("checkpoint")
-        if settings is not None and self.guest is not None and settings["interval_s"] > 0:
+        if settings is not None and self.guest is not None:  # interval 0: a gang's rank, checkpointed in cuts
             self._checkpointer = Checkpointer(self.guest, job, float(settings["interval_s"]), Path(settings["dir"]),
                                               int(settings["seq"]), outputs, self.send)
 

@@ -12,8 +12,9 @@ a submission the coordinator accepts fits every hop to the guest and back.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import msgpack
 
@@ -41,6 +42,10 @@ HEARTBEAT_LIVENESS = 3  # beats missed before the peer is declared lost
 # after LINK_TIMEOUT_MS (TCP_USER_TIMEOUT). With a beat every interval a silent coordinator is so noticed within
 # HEARTBEAT_LIVENESS intervals, as with the pings this replaces.
 LINK_TIMEOUT_MS = int((HEARTBEAT_LIVENESS - 1) * HEARTBEAT_INTERVAL_S * 1000)
+# A worker waits this long at most for a gang's cut to go on (cut_final after its pre-copy, cut_resume after its
+# final copy, while its guest stands still): past the coordinator's own limit for the cut
+# (coordinator/gang_cuts.py), so a guest is never left stopped, nor a piece half taken, by a lost word.
+CUT_HOLD_S = 10.0
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 8.0
 
@@ -138,6 +143,12 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     "checkpoint_put": ("agent", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "index": _f(INT), "data": _f(CHUNK)}),
     "checkpoint_commit": ("agent", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "base": _f(PIECE_NUMBER),
                                     "size": _f(PIECE_SIZE), "sha256": _f(SHA256)}),
+    # A gang's coordinated checkpoint (coordinator/gang_cuts.py): the rank's piece of cut *cut* is pre-copied
+    # (its guest runs until cut_final), then taken (its final copy made; its guest stands still until cut_resume)
+    "cut_ready": ("agent", {"job": _f(INT), "cut": _f(COUNT)}),
+    "cut_taken": ("agent", {"job": _f(INT), "cut": _f(COUNT), "seq": _f(COUNT)}),
+    # ... or could not be taken or sent (the cut is then discarded at once, not when it times out)
+    "cut_failed": ("agent", {"job": _f(INT), "cut": _f(COUNT), "reason": _f(TEXT)}),
     # A move (coordinator/moves.py): every message names the job and the move's ownership epoch.
     "move_listening": ("agent", {"job": _f(INT), "epoch": _f(INT), "endpoint": _f(STR), "key": _f(STR)}),
     "move_ready": ("agent", {"job": _f(INT), "epoch": _f(INT)}),  # the source: the destination has it all
@@ -151,6 +162,7 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
                                 "mem_mib": _f(GUEST_MEM), "net": _f(IDENTITY, False), "image": _f(IMAGE, False),
                                 "disk_mib": _f(DISK_MIB, False), "owner": _f(STR, False),  # owner: who submitted it
                                 "checkpoint_s": _f(MEASURE, False),
+                                "cuts": _f(BOOL, False),  # a gang's rank: checkpointed only in its gang's cuts
                                 "resume": _f(CHAIN, False)}),  # resume: go on from this checkpoint chain
     "checkpoint_reply": ("coordinator", {"job": _f(INT), "seq": _f(PIECE_NUMBER), "ok": _f(BOOL),
                                          "reason": _f(STR, False)}),
@@ -159,6 +171,11 @@ SCHEMAS: dict[str, tuple[str, dict[str, Field]]] = {
     # a guest moved here is checkpointed from now on: its interval, next piece's number and output offsets
     "checkpoint_start": ("coordinator", {"job": _f(INT), "interval_s": _f(MEASURE), "seq": _f(COUNT),
                                          "stdout": _f(COUNT), "stderr": _f(COUNT)}),
+    # a gang's cut: pre-copy the rank's piece now; once every rank has, make its final copy and keep the guest
+    # still after it until cut_resume (or CUT_HOLD_S)
+    "checkpoint_cut": ("coordinator", {"job": _f(INT), "cut": _f(COUNT)}),
+    "cut_final": ("coordinator", {"job": _f(INT), "cut": _f(COUNT)}),
+    "cut_resume": ("coordinator", {"job": _f(INT), "cut": _f(COUNT)}),
     "conet_peers": ("coordinator", {"peers": _f(PEERS), "relay": _f(STR, False)}),  # relay: its endpoint
     "cancel_job": ("coordinator", {"job": _f(INT)}),
     "image_chunk": ("coordinator", {"digest": _f(DIGEST), "data": _f(CHUNK, False), "problem": _f(STR, False)}),
@@ -485,8 +502,37 @@ def is_safe_relative_path(path: str) -> bool:
 
 
 _ABSENT = object()
-# Each message type's fields as (name, kind, required): what validate walks, without attribute lookups.
-_FIELD_CHECKS = {kind: tuple((name, field.kind, field.required) for name, field in fields.items())
+_FLOAT_MAX = sys.float_info.max
+
+
+def _quick_check(kind: Kind) -> Callable[[Any], bool]:
+    """A predicate that accepts the common valid values of *kind* in one expression (a message's scalars), and
+    says False for anything else, valid or not; validate then asks _problem, which decides. So the predicate needs
+    only to be sound: it may never accept what _problem refuses."""
+    tag, bound = kind.tag, kind.bound or 0
+    if tag == "str":
+        return lambda value: type(value) is str and len(value) <= bound
+    if tag == "bytes":
+        return lambda value: type(value) is bytes and len(value) <= bound
+    if tag == "bool":
+        return lambda value: type(value) is bool
+    if tag == "int":
+        low = -(2**63) if kind.low is None else max(kind.low, -(2**63))
+        high = 2**63 - 1 if kind.high is None else min(kind.high, 2**63 - 1)
+        return lambda value: type(value) is int and low <= value <= high
+    if tag == "float":  # the bounds (finite) also refuse NaN and the infinities
+        flow = -_FLOAT_MAX if kind.low is None else kind.low
+        fhigh = _FLOAT_MAX if kind.high is None else kind.high
+        return lambda value: type(value) in (float, int) and flow <= value <= fhigh
+    if tag == "int_list":  # a heartbeat's running jobs: usually none or a few
+        return lambda value: type(value) is list and not value
+    return lambda value: False
+
+
+# Each message type's fields as (name, quick check, kind, required): what validate walks, without attribute
+# lookups; _problem runs only where the quick check does not accept.
+_FIELD_CHECKS = {kind: tuple((name, _quick_check(field.kind), field.kind, field.required)
+                             for name, field in fields.items())
                  for kind, (_, fields) in SCHEMAS.items()}
 
 
@@ -502,12 +548,12 @@ def validate(message: Any) -> dict[str, Any]:
     if not isinstance(kind, str) or kind not in SCHEMAS:
         shown = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
         raise ProtocolError(f"unknown message type {shown}")
-    for name, field_kind, required in _FIELD_CHECKS[kind]:  # every message passes here: kept to plain lookups
+    for name, quick, field_kind, required in _FIELD_CHECKS[kind]:  # every message passes here: plain lookups
         value = message.get(name, _ABSENT)
         if value is _ABSENT:
             if required:
                 raise ProtocolError(f"{kind} message lacks field {name!r}")
-        elif (problem := _problem(value, field_kind)) is not None:
+        elif not quick(value) and (problem := _problem(value, field_kind)) is not None:
             raise ProtocolError(f"field {name[:40]!r} {problem}")
     return message
 

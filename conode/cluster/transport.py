@@ -101,19 +101,19 @@ class ServerSocket:
         """(peer identity, sender public key, payload) of a waiting message, or None if it was not 2 frames.
 
         Raises zmq.Again when nothing is waiting. Frame by frame rather than recv_multipart, which asks the socket
-        for each frame's "more" flag through getsockopt: this is the coordinator's path for every heartbeat.
+        for each frame's "more" flag through getsockopt: this is the coordinator's path for every heartbeat. The
+        identity comes as plain bytes (a ROUTER always follows it with the peer's frames); only the payload is
+        taken as a frame, which carries the sender's key.
         """
         sock = self.socket
-        identity = sock.recv(_NOBLOCK, copy=False)
-        if not identity.more:
-            return None
+        identity = sock.recv(_NOBLOCK)
         payload = sock.recv(_NOBLOCK, copy=False)
         if payload.more:  # more than 2 frames: not a message of ours; take the rest of it off the socket
             while sock.recv(_NOBLOCK, copy=False).more:
                 pass
             return None
         key = payload.get("User-Id") or ""
-        return identity.bytes, key, payload.bytes
+        return identity, key, payload.bytes
 
     def send(self, identity: bytes, payload: bytes) -> bool:
         """Send to a peer; False if it is gone (ROUTER_MANDATORY) or not keeping up (both are decided on the

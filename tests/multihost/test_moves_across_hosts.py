@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import testnet
-from hostpool import COORDINATOR_HOST, READY_TIMEOUT_S, slow_transfer, transfer_size
+from hostpool import COORDINATOR_HOST, READY_TIMEOUT_S, coordinator_settings, slow_transfer, transfer_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))  # pool.py, test_owner_cycle.py
 
-from conode.tomlfile import read_toml, write_toml
+from conode.tomlfile import write_toml
 from pool import Pool
 from test_owner_cycle import Owner
 
@@ -47,12 +47,6 @@ def expected_output(steps: int) -> bytes:
         s = (s * 31 + i * i) % 1000003
         lines.append(f"step {i} {s}\n")
     return "".join(lines).encode() + f"total {s}\n".encode()
-
-
-def coordinator_settings(pool: Pool, **settings) -> None:
-    """Add *settings* to the pool's coordinator.toml (before the coordinator starts)."""
-    path = pool.state / "coordinator.toml"
-    write_toml(path, {**(read_toml(path) if path.exists() else {}), **settings})
 
 
 def start_pool(network, root: Path, **agent_settings) -> tuple[Pool, dict[str, Owner]]:
@@ -253,6 +247,38 @@ def test_a_tcp_transfer_goes_on_across_a_move_then_a_source_killed_mid_move_runs
     row = finish(pool, job, steps)  # from the start, elsewhere: its output is that of one whole run
     assert row["attempts"] == 2 and row["node"] != source and row["moves"] == 0
     assert f"move of job {job} from {source} to {target} called off" in pool.log("coordinator")
+
+
+def test_a_gangs_ranks_move_away_from_their_returning_owners_and_the_gang_runs_once(pool_and_owners):
+    """A 2-rank gang streaming over TCP (conet): the owner of the receiving rank's workstation comes back while
+    a workstation is idle, and the rank moves there at once; then the sending rank's owner comes back with none
+    idle: that rank is paused, vacated to disk, and moves as soon as the first owner leaves. The gang runs once
+    (one attempt), and rank 0 receives every byte."""
+    pool, owners = pool_and_owners
+    lines = 60
+    gang = int(pool.cli("submit", "--guests", "2", "--", "sh", "-c", slow_transfer(lines)).stdout.strip())
+    pool.wait_until("the transfer to start", lambda: b"linked" in pool.cli("logs", str(gang), "--rank", "1")
+                    .stdout, 90, interval=0.3)
+    where = {job: node["name"] for node in pool.status()["nodes"] for job in node["jobs"]}
+    receiver, sender = sorted(where)  # rank 0, rank 1
+    back, busy = where[receiver], where[sender]
+    free = next(name for name in AGENTS if name not in where.values())
+    pool.wait_until("the receiving rank to move away from its owner", lambda: (
+        owners[back].types(), runs_on(pool, receiver))[1] == free, 60, interval=0.2)
+    pool.wait_until("the sending rank, with no workstation idle, to be vacated", lambda: (
+        owners[back].types(), owners[busy].types(), f"job {sender} vacated" in pool.log("coordinator"))[2], 60,
+                    interval=0.2)
+    owners[back].left()  # a workstation frees up
+    pool.wait_until("the vacated rank to move there", lambda: (owners[busy].types(), runs_on(pool, sender))[1] == back,
+                    60, interval=0.2)
+    assert pool.cli("wait", str(gang), "--timeout", "120", check=False, timeout=150).returncode == 0, \
+        pool.log("coordinator")[-3000:]
+    assert pool.cli("logs", str(gang), "--rank", "0").stdout.split()[-1] == transfer_size(lines).encode()
+    assert job_row(pool, gang)["attempts"] == 1
+    log = pool.log("coordinator")
+    assert f"job {receiver} moving from {back} to {free} (its owner is back)" in log
+    assert f"job {sender}, vacated on {busy}, is loaded there to move" in log
+    assert "restart" not in log and "requeued" not in log
 
 
 OWNER_LOAD_POLICY = {"migrate_owner_load": 0.2, "migrate_owner_load_s": 2.0}  # a guest moves after 2 s of load

@@ -332,6 +332,34 @@ def test_suspended_too_long_the_guest_is_vacated_and_a_restarted_agent_resumes_i
     assert restarted.sent("job_finished", 1)
 
 
+def piece(agent, job, seq, data, size=None):
+    """A checkpoint piece a worker wrote for *job* and announces (its size said as *size*, if given)."""
+    path = agent.daemon.checkpoints.out_dir / f"job-{job}-{seq}.ckpt"
+    path.write_bytes(data)
+    return {"job": job, "seq": seq, "base": -1, "path": str(path), "size": len(data) if size is None else size,
+            "sha256": "ab" * 32, "pages": 1, "final_pages": 0, "stall_s": 0.001, "took_s": 0.1}
+
+
+def test_a_gang_ranks_piece_that_cannot_be_taken_or_sent_is_said_at_once(agent):
+    w0, _ = agent.join()
+    agent.run_job(1)
+    w0.emit("cut_taken", job=1, cut=3, seq=0)
+    w0.emit("checkpoint", **piece(agent, 1, 0, b"piece"))  # sent whole: the cut goes on
+    agent.step()
+    assert [m["cut"] for m in agent.sent("cut_taken", 1)] == [3] and agent.sent("checkpoint_commit", 1)
+    w0.emit("cut_taken", job=1, cut=4, seq=1)
+    w0.emit("checkpoint", **piece(agent, 1, 1, b"piece", size=9))  # not what its worker said: not sent
+    agent.step()
+    [failed] = agent.sent("cut_failed", 1)
+    assert failed["cut"] == 4 and "piece 1 not sent: it is not the size its worker said" in failed["reason"]
+    assert w0.of_type("checkpoint_reset") and not agent.sent("checkpoint_commit", 1)[1:]
+    w0.emit("checkpoint", **piece(agent, 1, 2, b"piece", size=9))  # of no cut: the worker's next piece is full
+    w0.emit("cut_failed", job=1, cut=5, reason="piece 2 not taken: the final copy failed")  # the worker's own
+    agent.step()
+    assert [(m["cut"], m["reason"]) for m in agent.sent("cut_failed", 1)[1:]] == [
+        (5, "piece 2 not taken: the final copy failed")]
+
+
 def test_a_worker_that_dies_while_vacating_fails_its_job_for_a_retry(agent):
     w0, _ = agent.join()
     agent.run_job(1)

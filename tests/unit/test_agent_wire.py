@@ -24,6 +24,7 @@ from conode.limits import (
     MAX_OUTPUT_FILE_BYTES,
     MAX_PATH_BYTES,
     MAX_SMALL_FIELD,
+    MAX_TEXT_FIELD,
 )
 from conode.vm.net_identity import NetIdentity
 
@@ -40,6 +41,10 @@ GOOD_FROM = {
                    "sha256": "ab" * 32, "pages": 12, "final_pages": 1, "stall_s": 0.002, "took_s": 0.1,
                    "stall_cpu_s": 0.001},
     "listening": {"job": 1, "endpoint": "tcp://10.0.0.2:40001"},
+    "cut_ready": {"job": 1, "cut": 3},
+    "cut_taken": {"job": 1, "cut": 3, "seq": 4},
+    "cut_failed": {"job": 1, "cut": 3, "reason": "piece 4 not taken: no space"},
+    "cut_resumed": {"job": 1, "cut": 3, "held_s": 0.004},
     "move_ready": {"job": 1},
     "moved_out": {"job": 1, "downtime_s": 0.05, "total_s": 1.2, "paused_s": 0.06, "bytes": 30 << 20, "rounds": 3},
     "moved_in": {"job": 1, "rounds": 3, "bytes": 30 << 20},
@@ -52,6 +57,9 @@ GOOD_TO = {
     "restore": {"job": 1, "pieces": ["/state/checkpoints/in/job-1/0.piece"],
                 "checkpoint": {"dir": "/state/checkpoints/out", "interval_s": 60.0, "seq": 1}},
     "checkpoint_reset": {"job": 1},
+    "cut": {"job": 1, "cut": 3, "hold_s": 10.0},
+    "cut_final": {"job": 1, "cut": 3},
+    "cut_resume": {"job": 1, "cut": 3},
     "checkpoint_start": {"job": 1, "checkpoint": {"dir": "/state/checkpoints/out", "interval_s": 60.0, "seq": 4},
                          "outputs": {"stdout": 120, "stderr": 0}},
     "migrate": {"job": 1, "endpoint": "tcp://10.0.0.2:40001", "peer": "k" * 40, "keys": "/state/keys"},
@@ -79,6 +87,7 @@ def test_fields_outside_the_schema_are_dropped():
     ("finished", "missing", ["m"] * (MAX_FILES + 1)), ("finished", "runtime_s", math.nan),
     ("finished", "outputs", {"d/" * (MAX_PATH_BYTES // 2) + "f": b""}),
     ("paused", "at", math.inf), ("vacated", "jobs", [-1]), ("failed", "reason", None),
+    ("cut_failed", "cut", -1), ("cut_failed", "reason", "x" * (MAX_TEXT_FIELD + 1)),
     ("vacated", "checkpoint", {"interval_s": 1.0, "seq": 1, "stdout": -1, "stderr": 0}),
     ("vacated", "checkpoint", {"interval_s": 1.0, "seq": 1, "stdout": 0}),
 ])

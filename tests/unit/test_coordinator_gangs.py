@@ -165,3 +165,87 @@ def test_a_gang_that_keeps_losing_ranks_fails_after_max_attempts(pool):
         pool.housekeeping()
     state = pool.job(job)
     assert state["state"] == "failed" and f"gave up after {MAX_ATTEMPTS} attempts" in state["reason"]
+
+
+# --- a gang's ranks moved by the policies, each keeping its place (identity) in its gang -------------------------
+def gang_on_two_of_three(pool: Pool) -> tuple[int, dict[str, dict]]:
+    """A 2-rank gang on two of three one-slot nodes, n3 left idle; (gang, each rank's run_job by node)."""
+    for name in ("n1", "n2"):
+        hello(pool, name)
+    job = submit(pool, 2)
+    placed = runs(pool, "n1", "n2")
+    hello(pool, "n3")
+    return job, {name: ms[0] for name, ms in placed.items()}
+
+
+def moved_in(pool: Pool, name: str) -> list[dict]:
+    return [m for m in pool.take(name) if m["type"] == "move_in"]
+
+
+def test_a_ranks_owner_coming_back_moves_the_rank_with_its_identity_not_the_gang_from_scratch(pool):
+    job, placed = gang_on_two_of_three(pool)
+    pool.beat("n1", "Suspended")  # rank 0's owner is back
+    (move_in,) = moved_in(pool, "n3")
+    assert move_in["job"] == placed["n1"]["job"] and move_in["net"] == placed["n1"]["net"]
+    assert not [m for m in pool.take("n2") if m["type"] == "cancel_job"]
+    assert pool.job(job)["state"] == "running" and pool.job(job)["attempts"] == 1
+
+
+def test_drain_migrate_moves_a_rank_away(pool):
+    job, placed = gang_on_two_of_three(pool)
+    reply = pool.ask("drain", node="n2", migrate=True)
+    assert reply["type"] == "ok" and "moving 1 of its 1 jobs" in reply["detail"], reply
+    assert [m["job"] for m in moved_in(pool, "n3")] == [placed["n2"]["job"]]
+
+
+def test_a_vacated_rank_is_loaded_and_moved_when_a_node_frees_up_instead_of_restarting_its_gang(pool):
+    for name in ("n1", "n2"):
+        hello(pool, name)
+    job = submit(pool, 2)
+    placed = {name: ms[0]["job"] for name, ms in runs(pool, "n1", "n2").items()}
+    pool.beat("n1", "Suspended")
+    pool.send("n1", "job_vacated", job=placed["n1"])
+    pool.beat("n1", "Owner")
+    hello(pool, "n3")
+    pool.clock.advance(1.5)
+    pool.housekeeping()
+    assert [m["job"] for m in pool.take("n1") if m["type"] == "load_vacated"] == [placed["n1"]]
+    pool.send("n1", "job_resumed", job=placed["n1"])  # loaded, paused: it moves at once
+    assert [m["job"] for m in moved_in(pool, "n3")] == [placed["n1"]]
+    assert pool.job(job)["attempts"] == 1
+
+
+def configured(root, settings: str) -> Pool:
+    root.mkdir()
+    (root / "coordinator.toml").write_text(settings)
+    return Pool(root)
+
+
+def test_the_speed_policy_moves_a_rank_like_any_guest(tmp_path):
+    pool = configured(tmp_path / "speed", "migrate_speedup = 1.5\n")
+    try:
+        job, placed = gang_on_two_of_three(pool)
+        pool.send("n3", "hello", node="n3", cores=1, mem_mib=256, speed=5e6, state="Unclaimed", idle_s=60.0,
+                  running=[], software="test")  # five times as fast as the gang's nodes
+        pool.clock.advance(1.5)
+        pool.housekeeping()
+        (move_in,) = moved_in(pool, "n3")
+        assert move_in["job"] in {m["job"] for m in placed.values()} and pool.job(job)["attempts"] == 1
+    finally:
+        pool.close()
+
+
+def test_the_owner_load_policy_moves_a_rank_like_any_guest(tmp_path):
+    pool = configured(tmp_path / "load", "migrate_owner_load = 0.3\nmigrate_owner_load_s = 2\n")
+    try:
+        job, placed = gang_on_two_of_three(pool)
+        for _ in range(3):  # n2's owner stays busy past migrate_owner_load_s; n3's is quiet
+            pool.send("n2", "heartbeat", node="n2", state="Claimed", idle_s=60.0, running=[], owner_load=0.9)
+            pool.send("n3", "heartbeat", node="n3", state="Unclaimed", idle_s=60.0, running=[], owner_load=0.0)
+            pool.beat("n1")
+            pool.clock.advance(1.5)
+            pool.housekeeping()
+        assert [m["job"] for m in moved_in(pool, "n3")] == [placed["n2"]["job"]]
+        assert pool.job(job)["attempts"] == 1
+    finally:
+        pool.close()

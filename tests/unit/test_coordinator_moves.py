@@ -160,10 +160,15 @@ def test_a_coordinator_restart_resolves_moves_from_the_store(tmp_path):
     second.hello(other)
     listening(second, other, start(second, job, other))
     assert second.job(job)["moves"] == 0
+    second.send(source, "job_output", job=job, stream="stdout", data=b"12345\n")
     assert of_type(second.send(source, "move_ready", job=job, epoch=2), "move_go")
     second.close()
     third = Pool(tmp_path, first.clock)
-    assert not of_type(third.hello(other, running=(job,), state="Claimed"), "cancel_job")
+    answer = third.hello(other, running=(job,), state="Claimed")
+    assert not of_type(answer, "cancel_job")
+    # its checkpoints go on from where the hand-over left them, as if the coordinator had not restarted
+    (start_,) = of_type(answer, "checkpoint_start")
+    assert (start_["job"], start_["stdout"], start_["stderr"]) == (job, 6, 0) and start_["interval_s"] > 0
     assert of_type(third.hello(source, state="Unclaimed", running=(job,)), "cancel_job")  # it has no say now
     summary = third.job(job)
     assert summary["node"] == other and summary["moves"] == 1 and summary["ran_on"] == [source, other]

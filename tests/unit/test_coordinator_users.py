@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from conode import limits
 from conode.cluster import protocol
+from coordinator.store import Store
 from coordinator.users import ADMIN, AGENT, USER, Requester, check_user_name, may_manage, may_send
 from tests.unit.test_coordinator_decisions import NODES, Pool, raw_submit, run_jobs
 
@@ -181,6 +182,21 @@ def test_admins_add_list_and_remove_users(pool):
     # revoked at once, not after the key cache's delay; her queued job stays hers
     assert ask_as(pool, "alice", "status")["code"] == "forbidden"
     assert [j["owner"] for j in ask_as(pool, "admin", "jobs")["jobs"]] == ["alice"]
+
+
+def test_keys_changed_by_another_process_count_from_the_next_housekeeping(pool):
+    """`coordinator keys add|remove` writes the database from its own process while the coordinator serves."""
+    assert ask_as(pool, "alice", "status")["type"] == "status_reply"  # her enrolment is cached now
+    assert ask_as(pool, "dave", "status")["code"] == "forbidden"  # and that dave's key is not enrolled
+    other = Store(pool.state.database)
+    try:
+        other.remove_key("alice")
+        other.add_key("dave", USER, "dave-public-key")
+    finally:
+        other.close()
+    pool.housekeeping()
+    assert ask_as(pool, "alice", "status")["code"] == "forbidden"
+    assert ask_as(pool, "dave", "status")["type"] == "status_reply"
 
 
 def test_a_user_with_many_jobs_does_not_starve_another(pool):

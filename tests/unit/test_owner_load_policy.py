@@ -108,7 +108,7 @@ def test_only_an_idle_node_that_could_take_the_guest_is_a_destination(target):
 def test_a_busy_node_without_movable_jobs_moves_nothing_and_a_quiet_one_with_jobs_is_left_alone():
     nodes = [node("busy", running=1), node("calm", running=1), node("quiet")]
     loads = {"busy": 0.8, "calm": 0.1, "quiet": 0.0}
-    assert decide(nodes, loads, {"busy": NOW - 60}, {"calm": [(3, 128)]}) is None  # busy's job is a gang's
+    assert decide(nodes, loads, {"busy": NOW - 60}, {"calm": [(3, 128)]}) is None  # busy has none movable now
     assert decide(nodes, loads, {"busy": NOW - 60}, {"busy": [], "calm": [(3, 128)]}) is None
 
 

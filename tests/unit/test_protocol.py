@@ -446,3 +446,23 @@ def test_a_peer_entry_is_node_endpoint_key_and_optionally_networks(peer):
     assert protocol.decode(protocol.encode("conet_peers", peers=[good], relay="tcp://c:7701"))["peers"] == [good]
     with pytest.raises(ProtocolError, match="peers"):
         protocol.encode("conet_peers", peers=[peer])
+
+
+# Values near every edge the quick checks draw: types msgpack yields, bounds, 64-bit limits, NaN and infinities.
+_EDGE_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**64), max_value=2**64),
+    st.sampled_from([2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 0, -1, 1 << 40, (1 << 40) + 1, 1024, 1025]),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([-0.0, 5e-324, 1.7976931348623157e308]),
+    st.text(max_size=5), st.text(min_size=MAX_SMALL_FIELD - 1, max_size=MAX_SMALL_FIELD + 1),
+    st.binary(max_size=40), st.lists(st.integers(min_value=-2, max_value=2), max_size=3), st.dictionaries(
+        st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=500)
+@given(value=_EDGE_VALUES)
+def test_a_quick_check_never_accepts_what_the_full_check_refuses(value):
+    """validate trusts each field's quick check when it says yes: it must be sound for every kind of every field."""
+    for fields in protocol._FIELD_CHECKS.values():
+        for name, quick, kind, _ in fields:
+            if quick(value):
+                assert protocol._problem(value, kind) is None, (name, kind, value)

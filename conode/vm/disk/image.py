@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 import threading
+import weakref
 from pathlib import Path
 
 from conode.errors import DiskImageError
@@ -40,6 +41,9 @@ class BaseImage:
             os.close(self.fd)
             raise DiskImageError(f"disk image {self.path} is smaller than one 512-byte sector")
         self._identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        # An image dropped without close() (a guest whose set-up failed half-way, a test) still gives its
+        # descriptor back when it is collected, as a Python file object would.
+        self._closer = weakref.finalize(self, os.close, self.fd)
 
     @property
     def name(self) -> str:
@@ -66,5 +70,5 @@ class BaseImage:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            self._closer()  # closes the descriptor, once
             self.fd = -1
