@@ -17,10 +17,6 @@ class Transport(Protocol):
 
     def send(self, identity: bytes, payload: bytes) -> bool: ...
 
-    def discard(self) -> None:
-        """Forget what was held (its transitions may not have been committed) and stop holding."""
-        self._held = None
-
     def close(self) -> None: ...
 
 
