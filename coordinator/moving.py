@@ -60,7 +60,7 @@ class Moving:
         if to is not None and to not in self.nodes:
             raise MoveRefused(f"node {to} is not connected")
         image = self.store.image(job.image) if job.image is not None else None
-        views = [node.view(name in self.drained) for name, node in self.nodes.items()]
+        views = self._views()
         target = destination(job.mem_mib, views, source.name, image.size if image is not None else 0, to)
         if target is None:
             raise MoveRefused(f"node {to} cannot take job {job_id} now (owner present, drained, full or too small)"
@@ -111,7 +111,7 @@ class Moving:
         as a workstation is free for it (once per LOAD_VACATED_EVERY_S: the agent answers job_resumed)."""
         now = self._clock()
         vacated = self.store.vacated_jobs()
-        views = [node.view(name in self.drained) for name, node in self.nodes.items()] if vacated else []
+        views = self._views() if vacated else []
         for job_id in vacated:
             job = self.store.job(job_id)
             node = self.nodes.get(job.node or "") if job is not None else None
@@ -146,7 +146,7 @@ class Moving:
         if self.migrate_speedup <= 0 or not self.open_nodes:
             return
         now = self._clock()
-        views = [node.view(name in self.drained) for name, node in self.nodes.items()]
+        views = self._views()
         self._policy_move(toward_speed(views, {name: node.speed for name, node in self.nodes.items()},
                                        self._movable_by_node(), self.migrate_speedup,
                                        lambda job: self.moves.held(job, now)), "a faster node is idle")
@@ -165,7 +165,7 @@ class Moving:
         if not any(node.loaded_since is not None and node.running for node in self.nodes.values()):
             return  # the usual case, found without building the views
         now = self._clock()
-        views = [node.view(name in self.drained) for name, node in self.nodes.items()]
+        views = self._views()
         chosen = away_from_owner_load(views, {name: node.owner_load for name, node in self.nodes.items()},
                                       {name: node.loaded_since for name, node in self.nodes.items()},
                                       self._movable_by_node(), now, self.owner_load_policy,

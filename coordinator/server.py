@@ -583,8 +583,8 @@ class Coordinator(Moving, GangCheckpoints):
 
     def _why_waiting(self, job: Job) -> str:
         image = self.store.image(job.image) if job.image is not None else None
-        views = [n.view(n.name in self.drained) for n in self.nodes.values()]
-        return why_waiting(Request(job.mem_mib, job.guests, image.size if image is not None else 0), views)
+        request = Request(job.mem_mib, job.guests, image.size if image is not None else 0)
+        return why_waiting(request, self._views())
 
     def _job_summary(self, job: Any, listing: bool | str = False,
                      why: dict[tuple[int, int, str | None], str] | None = None,
@@ -872,6 +872,10 @@ class Coordinator(Moving, GangCheckpoints):
         self._reply(identity, "ok", detail=f"user {msg['name']} removed; their jobs stay as they are")
 
     # --- placement and liveness --------------------------------------------------------------------------
+    def _views(self) -> list[NodeView]:
+        """What placement and the move policies see of every connected node."""
+        return [node.view(name in self.drained) for name, node in self.nodes.items()]
+
     def _refresh(self, node: Node) -> None:
         """Keep *node*'s place among the open nodes true after anything that changes whether it can take work or
         how it ranks for the next job."""
