@@ -17,7 +17,7 @@ from coordinator.placement import ACCEPTING_STATES
 from coordinator.store import TERMINAL_STATES, Job
 
 if TYPE_CHECKING:
-    from coordinator.server import Coordinator
+    from coordinator.server import Coordinator, Node
 
 log = logging.getLogger("coordinator")
 
@@ -127,10 +127,21 @@ class GangCheckpoints:
     def _tell_ranks(self: Coordinator, cut: Cut, ranks: list[int] | tuple[int, ...], kind: str) -> None:
         """Send each of *ranks*' nodes *kind* (cut_final, cut_resume) for *cut*."""
         for rank_id in ranks:
-            rank = self.store.job(rank_id)
-            node = self.nodes.get(rank.node or "") if rank is not None else None
+            node = self._rank_node(rank_id)
             if node is not None:
                 self.server.send(node.identity, protocol.encode(kind, job=rank_id, cut=cut.number))
+
+    def _rank_node(self: Coordinator, rank_id: int) -> Node | None:
+        """The connected node a rank runs on, if any."""
+        rank = self.store.job(rank_id)
+        return self.nodes.get(rank.node or "") if rank is not None else None
+
+    def _drop_held_pieces(self: Coordinator, ranks: tuple[int, ...]) -> None:
+        """The pieces of *ranks* kept aside for a cut that will not be a set: gone."""
+        for rank in ranks:
+            held = self._held_pieces.pop(rank, None)
+            if held is not None:
+                self.checkpoints.reject(held[1])
 
     # --- the pieces ------------------------------------------------------------------------------------------
     def _rank_piece(self: Coordinator, tag: tuple[bytes, str, dict[str, Any]], commit: Any,
@@ -185,12 +196,9 @@ class GangCheckpoints:
         self.counters.gang_cuts_discarded[reason] += 1
         log.warning("job %d: cut %d discarded: %s", cut.gang, cut.number, why)
         self._tell_ranks(cut, cut.held, "cut_resume")
+        self._drop_held_pieces(cut.ranks)
         for rank_id in cut.ranks:
-            held = self._held_pieces.pop(rank_id, None)
-            if held is not None:
-                self.checkpoints.reject(held[1])
-            rank = self.store.job(rank_id)
-            node = self.nodes.get(rank.node or "") if rank is not None else None
+            node = self._rank_node(rank_id)
             if node is not None:
                 self.server.send(node.identity, protocol.encode(
                     "checkpoint_reply", job=rank_id, seq=cut.taken.get(rank_id, 0), ok=False,
@@ -206,10 +214,8 @@ class GangCheckpoints:
 
     def _forget_cuts(self: Coordinator, gang: int) -> None:
         cut = self.cuts.forget(gang)
-        for rank in cut.ranks if cut is not None else ():
-            held = self._held_pieces.pop(rank, None)
-            if held is not None:
-                self.checkpoints.reject(held[1])
+        if cut is not None:
+            self._drop_held_pieces(cut.ranks)
         self.store.drop_cut(gang)
         self._gang_since.pop(gang, None)
         self._unfence(gang)
@@ -230,10 +236,7 @@ class GangCheckpoints:
         cut = self.cuts.discard(gang)
         if cut is not None:
             self.counters.gang_cuts_discarded["rank_lost"] += 1
-        for rank in cut.ranks if cut is not None else ():
-            held = self._held_pieces.pop(rank, None)
-            if held is not None:
-                self.checkpoints.reject(held[1])
+            self._drop_held_pieces(cut.ranks)
         done = self.cuts.newest(gang)
         if done is not None:
             self._fence(gang, {rank.node for rank in self.store.ranks(gang)
