@@ -394,13 +394,17 @@ class Store:
                 self.db.execute("UPDATE jobs SET array_id=? WHERE id=?", (ids[0], ids[0]))
         return ids
 
+    def _gang_attempt(self, gang: int, now: float) -> None:
+        """The gang's own row: running, as a new attempt (its ranks' rows say where)."""
+        self.db.execute("UPDATE jobs SET state='running', node=NULL, attempts=attempts+1, started_at=?, vacated_s=0 "
+                        "WHERE id=?", (now, gang))
+
     def start_gang(self, gang: int, nodes: list[str]) -> list[int]:
         """Mark gang job *gang* running as one new attempt with a rank on each of *nodes* (rank i on nodes[i]);
         return the ranks' ids. The ranks share the gang's command and outputs; its inputs stay on the gang."""
         now = self._clock()
         with self._atomic():
-            self.db.execute("UPDATE jobs SET state='running', node=NULL, attempts=attempts+1, started_at=?, "
-                            "vacated_s=0 WHERE id=?", (now, gang))
+            self._gang_attempt(gang, now)
             ranks = [int(self.db.execute(  # type: ignore[arg-type]
                 "INSERT INTO jobs (state, argv, inputs, wanted, mem_mib, node, attempts, submitted_by, submitted_at, "
                 "started_at, guests, network, gang, rank, image, disk_mib, priority) SELECT 'running', argv, ?, "
@@ -416,8 +420,7 @@ class Store:
         nodes[i]."""
         now = self._clock()
         with self._atomic():
-            self.db.execute("UPDATE jobs SET state='running', node=NULL, attempts=attempts+1, started_at=?, "
-                            "vacated_s=0 WHERE id=?", (now, gang))
+            self._gang_attempt(gang, now)
             for rank, node in zip(ranks, nodes):
                 self.db.execute("UPDATE jobs SET state='running', node=?, attempts=(SELECT attempts FROM jobs WHERE "
                                 "id=?), started_at=?, vacated_s=0, vacated_at=NULL, finished_at=NULL, reason=NULL, "
