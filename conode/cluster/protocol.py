@@ -553,8 +553,8 @@ def validate(message: Any) -> dict[str, Any]:
         if value is _ABSENT:
             if required:
                 raise ProtocolError(f"{kind} message lacks field {name!r}")
-        elif not quick(value) and (problem := _problem(value, field_kind)) is not None:
-            raise ProtocolError(f"field {name[:40]!r} {problem}")
+        elif not quick(value):
+            _check_field(name, value, field_kind)
     return message
 
 
