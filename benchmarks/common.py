@@ -380,9 +380,9 @@ QEMU_AGENT_LINE = b"coagent: cannot open /dev/hvc0"  # the agent gave up on the 
 def qemu_append() -> str:
     """The kernel command line for qemu: conode's own, plus quiet and the serial shell.
 
-    console=ttyS0 tsc_early_khz=1000000 tsc=reliable clocksource=pit io_delay=none nolapic noapic rdinit=/init
-    panic=-1 quiet conode.shell=1 (qemu's TSC runs at the host's rate, not the stated one: only its guest's delays and scheduler
-    clock notice; the benchmarks time on the host)
+    ``BASE_CMDLINE`` (its clock, devices and TCP buffer settings) + `` quiet conode.shell=1``. qemu's TSC runs at
+    the host's rate, not the stated one: only its guest's delays and scheduler clock notice; the benchmarks time
+    on the host.
     """
     from conode.vm.guest_image import BASE_CMDLINE
 

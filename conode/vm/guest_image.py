@@ -19,8 +19,14 @@ INITRD_NAME = "initramfs.cpio.gz"
 # calibrating either on an emulated CPU (seconds of boot, and no usable result). No I/O delay: the kernel's
 # "slow" port accesses (every PIT clock read, the 8259's) otherwise add a write to port 0x80 each, a trap to the
 # host that emulated devices never needed (a third of the guest's port accesses under disk I/O).
+# TCP's receive buffer starts at 1 MiB (the kernel's default is 128 KiB): a connection's window starts at half
+# its buffer (the kernel keeps the rest for its buffers' overhead), and at the default that is 64 KiB, a single
+# frame at conet's 64 KiB MTU, so every frame waited for the ACK of the one before, a round trip through the
+# switches (between agents: half the throughput). Autotuning may grow it to 4 MiB. Kernels of 5.8 and later take
+# sysctls on the command line.
+TCP_RMEM = "4096 1048576 4194304"
 BASE_CMDLINE = (f"console=ttyS0 tsc_early_khz={TSC_HZ // 1000} tsc=reliable clocksource=pit io_delay=none nolapic "
-                "noapic rdinit=/init panic=-1")
+                f'noapic rdinit=/init panic=-1 sysctl.net.ipv4.tcp_rmem="{TCP_RMEM}"')
 
 
 @dataclass(frozen=True)
@@ -34,9 +40,10 @@ class GuestImage:
 
 
 def image_tag(kernel_path: Path | None = None, initrd_path: Path | None = None) -> str:
-    """A short fingerprint of the guest image: snapshots of a booted guest are only valid for the same image."""
+    """A short fingerprint of the guest image and its command line: a snapshot of a booted guest is only valid
+    for the same image booted the same way (an upgrade that changes either boots afresh)."""
     directory = packaged_image_dir()
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(BASE_CMDLINE.encode())
     for path in (kernel_path or directory / KERNEL_NAME, initrd_path or directory / INITRD_NAME):
         digest.update(_read(path, "guest image file"))
     return digest.hexdigest()[:12]

@@ -5,6 +5,7 @@ import pytest
 from conode.errors import GuestImageError
 from conode.vm import bootloader, layout
 from conode.vm.bootloader import KernelImage, e820_map, load_linux
+from conode.vm import guest_image
 from conode.vm.guest_image import load_guest_image
 
 
@@ -86,3 +87,12 @@ def test_corrupt_packaged_copy_is_detected(tmp_path):
 def test_missing_kernel_says_where(tmp_path):
     with pytest.raises(GuestImageError, match="not found"):
         load_guest_image(tmp_path / "nope", None)
+
+
+def test_the_image_tag_names_the_command_line_too(monkeypatch):
+    # An agent's post-boot snapshot is named by the tag: an upgrade that changes how the guest boots (a sysctl on
+    # the command line, say) must boot afresh rather than resume guests booted the old way.
+    before = guest_image.image_tag()
+    assert guest_image.image_tag() == before
+    monkeypatch.setattr(guest_image, "BASE_CMDLINE", guest_image.BASE_CMDLINE + " sysctl.vm.swappiness=1")
+    assert guest_image.image_tag() != before

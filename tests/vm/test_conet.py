@@ -22,7 +22,7 @@ from conode.agent.pipe import Unpacker, pack
 from conode.conet.port import Port
 from conode.vm.devices.virtio import net
 from conode.vm.guest import Guest, GuestSnapshot, JobSpec
-from conode.vm.guest_image import load_guest_image
+from conode.vm.guest_image import TCP_RMEM, load_guest_image
 from conode.vm.machine import MachineConfig
 from conode.vm.net_identity import HostEntry, NetIdentity
 
@@ -198,6 +198,7 @@ echo sent >&2
 RECEIVE = """
 set -e
 cat /sys/bus/virtio/devices/virtio1/features
+tr '\\t' , </proc/sys/net/ipv4/tcp_rmem
 mkfifo /tmp/quiet
 nc -l -p 5000 <>/tmp/quiet >/tmp/data
 sha256sum /tmp/data
@@ -208,8 +209,9 @@ def test_a_tcp_transfer_arrives_intact_with_offloads_end_to_end(pristine, tmp_pa
     (a, b), (ga, gb) = run_pair(pristine, tmp_path, (SEND, RECEIVE))
     assert a.status == 0 and b.status == 0, (a.stdout + a.stderr + b.stdout + b.stderr).decode()
     sent = a.stdout.split()[0]
-    features, received = b.stdout.split()[0].decode(), b.stdout.split()[1]
-    assert len(sent) == 64 and sent == received
+    features, tcp_rmem, received = (field.decode() for field in b.stdout.split()[:3])
+    assert tcp_rmem.split(",") == TCP_RMEM.split()  # as the command line sets it, for conet's 64 KiB frames
+    assert len(sent) == 64 and sent.decode() == received
     for bit in (net.F_CSUM, net.F_GUEST_CSUM, net.F_HOST_TSO4, net.F_GUEST_TSO4, net.F_MTU, net.F_STATUS):
         assert features[bit.bit_length() - 1] == "1", features  # as the guest's driver sees them
     assert ga.machine.nic.counters["tx_gso"] > 0 and gb.machine.nic.counters["rx_gso"] > 0  # TSO end to end
