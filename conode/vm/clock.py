@@ -39,6 +39,22 @@ class VirtualClock:
         self._host_ns = host_ns
         self._base_ns = 0  # guest time at the moment the clock was last resumed (or frozen value)
         self._resumed_at: int | None = None  # host time of that resume; None while paused
+        self._follower: Callable[[int, int | None], None] | None = None
+
+    def follow(self, follower: Callable[[int, int | None], None]) -> bool:
+        """Tell *follower* (base_ns, resumed_at) now and at every pause, resume and restore, so that it can
+        compute :meth:`now` itself from the host's CLOCK_MONOTONIC: ``base_ns`` while paused (``resumed_at`` None),
+        else ``base_ns + monotonic - resumed_at`` (the engine's native RDTSC). Only a clock on that host clock
+        can be followed: for any other, return False and tell nothing."""
+        if self._host_ns is not time.monotonic_ns:
+            return False
+        self._follower = follower
+        self._tell()
+        return True
+
+    def _tell(self) -> None:
+        if self._follower is not None:
+            self._follower(self._base_ns, self._resumed_at)
 
     @property
     def running(self) -> bool:
@@ -57,11 +73,13 @@ class VirtualClock:
     def resume(self) -> None:
         if self._resumed_at is None:
             self._resumed_at = self._host_ns()
+            self._tell()
 
     def pause(self) -> None:
         if self._resumed_at is not None:
             self._base_ns = self.now()
             self._resumed_at = None
+            self._tell()
 
     def host_deadline(self, guest_ns: int) -> int:
         """The host monotonic time at which guest time reaches *guest_ns*, if the clock keeps running."""
@@ -76,3 +94,4 @@ class VirtualClock:
         running = self.running
         self._base_ns = saved.now_ns
         self._resumed_at = self._host_ns() if running else None
+        self._tell()

@@ -14,18 +14,19 @@ from conode.vm.bootloader import KernelImage
 KERNEL_NAME = "bzImage"
 INITRD_NAME = "initramfs.cpio.gz"
 # The console is cocon (COM1). No local APIC: the PIT and the 8259s are the machine's timers and interrupt
-# controllers, and the PIT stays the clocksource. The TSC runs at a stated rate on the virtual clock (clock.py):
-# the kernel is given that rate (tsc_early_khz), which also gives the delay loop its loops per jiffy, instead of
-# calibrating either on an emulated CPU (seconds of boot, and no usable result). No I/O delay: the kernel's
-# "slow" port accesses (every PIT clock read, the 8259's) otherwise add a write to port 0x80 each, a trap to the
-# host that emulated devices never needed (a third of the guest's port accesses under disk I/O).
+# controllers. The TSC runs at a stated rate on the virtual clock (clock.py): the kernel is given that rate
+# (tsc_early_khz), which also gives the delay loop its loops per jiffy, instead of calibrating either on an
+# emulated CPU (seconds of boot, and no usable result). The TSC is the clocksource: conode's engine reads it in C,
+# where each read of the PIT (a latch and two port reads) was three trips to the host's Python, a fifth of a busy
+# guest's CPU. No I/O delay: the kernel's "slow" port accesses (the 8259's, the PIT's) otherwise add a write to
+# port 0x80 each, a trap to the host that emulated devices never needed.
 # TCP's receive buffer starts at 1 MiB (the kernel's default is 128 KiB): a connection's window starts at half
 # its buffer (the kernel keeps the rest for its buffers' overhead), and at the default that is 64 KiB, a single
 # frame at conet's 64 KiB MTU, so every frame waited for the ACK of the one before, a round trip through the
 # switches (between agents: half the throughput). Autotuning may grow it to 4 MiB. Kernels of 5.8 and later take
 # sysctls on the command line.
 TCP_RMEM = "4096 1048576 4194304"
-BASE_CMDLINE = (f"console=ttyS0 tsc_early_khz={TSC_HZ // 1000} tsc=reliable clocksource=pit io_delay=none nolapic "
+BASE_CMDLINE = (f"console=ttyS0 tsc_early_khz={TSC_HZ // 1000} tsc=reliable clocksource=tsc io_delay=none nolapic "
                 f'noapic rdinit=/init panic=-1 sysctl.net.ipv4.tcp_rmem="{TCP_RMEM}"')
 
 

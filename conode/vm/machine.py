@@ -179,7 +179,7 @@ class CoMachine:
         self.pic = PicPair(on_output=self._on_pic_output)
         self.cpu = UnicornCpu(self.ram, self.ports)
         self.cpu.connect_interrupt_controller(self.pic.acknowledge)
-        self.cpu.connect_clock(self.clock.tsc)
+        self.cpu.connect_clock(self.clock)
         self._console_output = console_output
         self.console_tail = bytearray()
         build = MachineBuilder(self.ports, self.pic, self.cpu.map_mmio, DmaMemory(self.ram, self.cpu))

@@ -91,9 +91,10 @@ def test_the_kernel_sees_conodes_cpu_and_what_it_offers():
 
 
 def test_the_tsc_runs_at_its_stated_rate_on_the_guest_s_clock(tmp_path):
-    """Across a sleep, RDTSC advances by TSC_HZ per second of the guest's CLOCK_MONOTONIC. That clock counts
-    PIT ticks, and a timer interrupt the emulated CPU takes late collapses missed periods into one (the stock
-    engine does, under load): it can lose time against the virtual clock, never gain it."""
+    """Across a sleep, RDTSC advances by TSC_HZ per second of the guest's CLOCK_MONOTONIC. That clock is the TSC
+    once the kernel has switched to it (clocksource=tsc); until then it counts PIT ticks, and a timer interrupt the
+    emulated CPU takes late collapses missed periods into one: it can lose time against the virtual clock, never
+    gain it."""
     program = build_static_i386(TSC_PROBE, tmp_path / "tsc")
     ticks_per_ns = float(run_in_guest(program)) / (TSC_HZ / NS_PER_S)
     assert 0.99 < ticks_per_ns < 1.2

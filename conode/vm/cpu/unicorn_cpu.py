@@ -27,6 +27,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 from conode.errors import EngineError, GuestCrashed, SnapshotError
 from conode.vm import state
+from conode.vm.clock import NS_PER_S, TSC_HZ, VirtualClock
 from conode.vm.cpu import context as ctx_layout
 from conode.vm.cpu.cpuid import UNICORN_MODEL, cpuid_leaf
 from conode.vm.cpu.context import CpuContext, verify_layout
@@ -230,12 +231,25 @@ class UnicornCpu:
         self._ack_callback = _ACK_CALLBACK(ack)
         uclib.uc_conode_set_pic(self.uc._uch, self._ack_callback, None)
 
-    def connect_clock(self, tsc: Callable[[], int]) -> None:
-        """RDTSC reads *tsc* (the machine's virtual clock) instead of the host's counter, which would run on
-        while the guest is paused and jump when a snapshot resumes on another host."""
+    def connect_clock(self, clock: VirtualClock) -> None:
+        """RDTSC reads *clock* (the machine's virtual clock) instead of the host's counter, which would run on
+        while the guest is paused and jump when a snapshot resumes on another host. conode's engine reads it in
+        C, told of every pause and resume (a kernel with the TSC as clocksource reads it thousands of times a
+        second: a hook each, with the engine's search for the instruction's address, cost more than the read);
+        stock Unicorn, or a clock on another host clock (a test's), calls :meth:`VirtualClock.tsc` per read."""
+        if TSC_HZ == NS_PER_S and hasattr(uclib, "uc_conode_virtual_tsc"):
+            native = uclib.uc_conode_virtual_tsc
+            native.argtypes = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_uint64, ctypes.c_int64]
+
+            def follow(base_ns: int, resumed_at: int | None) -> None:
+                native(self.uc._uch, True, base_ns, -1 if resumed_at is None else resumed_at)
+
+            if clock.follow(follow):
+                return
+
         def on_rdtsc(handle: object, user_data: object) -> int:
             try:
-                value = tsc()
+                value = clock.tsc()
                 self.regs.write(x86.UC_X86_REG_EAX, value & 0xFFFF_FFFF)
                 self.regs.write(x86.UC_X86_REG_EDX, value >> 32)
             except BaseException as exc:  # never unwind through Unicorn's C frames
