@@ -165,11 +165,11 @@ def qemu_microvm(qemu: str, image: Path, initrd: Path, append: str = "",
     """qemu's microvm with the packaged kernel, *initrd* and *image* on virtio-blk-device (not yet launched)."""
     slots = " ".join(f"virtio_mmio.device={QEMU_MMIO_SIZE}@{QEMU_MMIO_BASE + i * QEMU_MMIO_SIZE:#x}:"
                      f"{QEMU_MMIO_IRQ + i}" for i in range(QEMU_MMIO_SLOTS))
-    guest = common.QemuGuest(qemu)
+    guest = common.QemuGuest(qemu, initrd=initrd)
     kernel, _ = common.image_paths()
     guest.argv = [qemu, "-machine", "microvm,pic=on,pit=on,rtc=on,isa-serial=on,ioapic2=off,acpi=off", "-accel", "tcg",
                   "-cpu", "qemu32,-apic", "-m", str(common.DEFAULT_MEM_MIB), "-nographic", "-no-reboot",
-                  "-nodefaults", "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
+                  "-nodefaults", "-serial", "stdio", "-kernel", str(kernel), "-initrd", guest.initrd.name,
                   "-append", " ".join(part for part in (common.qemu_append(), append, slots) if part),
                   "-drive", f"id=vda,file={image},format=raw,if=none,snapshot=on,cache=writeback",
                   "-device", "virtio-blk-device,drive=vda", *devices]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from conode.errors import GuestImageError
 from conode.vm.clock import TSC_HZ
 from conode.vm.bootloader import KernelImage
+from conode.vm.layout import MAX_RAM_MIB
 
 KERNEL_NAME = "bzImage"
 INITRD_NAME = "initramfs.cpio.gz"
@@ -33,7 +35,7 @@ BASE_CMDLINE = (f"console=ttyS0 tsc_early_khz={TSC_HZ // 1000} tsc=reliable cloc
 @dataclass(frozen=True)
 class GuestImage:
     kernel: KernelImage
-    initrd: bytes
+    initrd: bytes  # as the guest receives it: gzip members inflated (inflate_initramfs)
     kernel_path: Path
     initrd_path: Path
     kernel_sha256: str
@@ -75,6 +77,36 @@ def _expected_checksums(directory: Path) -> dict[str, str]:
     return expected
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def inflate_initramfs(data: bytes, what: str = "the initramfs") -> bytes:
+    """*data* with its leading gzip members inflated here, on the host, and what follows them kept as it is.
+
+    The kernel unpacks an uncompressed archive without decompressing it: inflating the packaged 1.4 MiB in the
+    guest's emulated code took about a tenth of a second of every cold boot, and zlib here takes milliseconds.
+    The kernel reads concatenated archives, compressed or not, skipping zero bytes between them; an uncompressed
+    one must start at a multiple of 4 bytes, so each inflated member is padded to one. Raises GuestImageError for
+    a damaged gzip member or one that inflates to more than the largest guest's memory.
+    """
+    limit = MAX_RAM_MIB << 20
+    inflated = bytearray()
+    rest = data
+    while rest[:2] == GZIP_MAGIC:
+        member = zlib.decompressobj(wbits=31)  # gzip framing
+        try:
+            inflated += member.decompress(rest, limit + 1 - len(inflated))
+        except zlib.error as exc:
+            raise GuestImageError(f"{what} is damaged: {exc}") from None
+        if len(inflated) > limit:
+            raise GuestImageError(f"{what} inflates to more than {MAX_RAM_MIB} MiB, the most a guest has")
+        if not member.eof:
+            raise GuestImageError(f"{what} is damaged: a gzip member ends early")
+        inflated += bytes(-len(inflated) % 4)
+        rest = member.unused_data.lstrip(b"\0")
+    return bytes(inflated) + rest if inflated else data
+
+
 def load_guest_image(kernel_path: Path | None = None, initrd_path: Path | None = None) -> GuestImage:
     """Load and check the kernel and initramfs (the packaged ones unless paths are given)."""
     directory = packaged_image_dir()
@@ -89,7 +121,7 @@ def load_guest_image(kernel_path: Path | None = None, initrd_path: Path | None =
         want = expected.get(path.name)
         if want and digests[-1] != want:
             raise GuestImageError(f"{path} is corrupt: its SHA-256 does not match SHA256SUMS; reinstall conode")
-    if initrd[:2] != b"\x1f\x8b" and initrd[:6] not in (b"070701", b"070702"):
+    if initrd[:2] != GZIP_MAGIC and initrd[:6] not in (b"070701", b"070702"):
         raise GuestImageError(f"{initrd_path} is not a gzip or newc cpio initramfs")
-    return GuestImage(KernelImage.parse(kernel_data, str(kernel_path)), initrd, kernel_path, initrd_path,
-                      digests[0], digests[1])
+    return GuestImage(KernelImage.parse(kernel_data, str(kernel_path)), inflate_initramfs(initrd, str(initrd_path)),
+                      kernel_path, initrd_path, digests[0], digests[1])

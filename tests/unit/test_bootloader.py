@@ -1,11 +1,11 @@
+import gzip
 import struct
 
 import pytest
 
 from conode.errors import GuestImageError
-from conode.vm import bootloader, layout
+from conode.vm import bootloader, guest_image, layout
 from conode.vm.bootloader import KernelImage, e820_map, load_linux
-from conode.vm import guest_image
 from conode.vm.guest_image import load_guest_image
 
 
@@ -70,7 +70,9 @@ def test_too_little_memory_for_kernel_and_initrd():
 
 def test_packaged_image_is_present_and_checks_out():
     image = load_guest_image()
-    assert image.kernel.protocol >= 0x0206 and image.initrd[:2] == b"\x1f\x8b"
+    assert image.kernel.protocol >= 0x0206 and image.initrd[:6] == b"070701"  # inflated on the host
+    archive = gzip.decompress(image.initrd_path.read_bytes())
+    assert image.initrd == archive + bytes(-len(archive) % 4)
 
 
 def test_corrupt_packaged_copy_is_detected(tmp_path):
@@ -96,3 +98,36 @@ def test_the_image_tag_names_the_command_line_too(monkeypatch):
     assert guest_image.image_tag() == before
     monkeypatch.setattr(guest_image, "BASE_CMDLINE", guest_image.BASE_CMDLINE + " sysctl.vm.swappiness=1")
     assert guest_image.image_tag() != before
+
+
+def cpio_entry(name: str, data: bytes) -> bytes:
+    """One newc cpio entry (a regular file), padded as the format wants."""
+    header = b"070701" + b"".join(b"%08X" % field for field in
+                                  (1, 0o100644, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0))
+    entry = header + name.encode() + b"\0"
+    entry += bytes(-len(entry) % 4) + data
+    return entry + bytes(-len(entry) % 4)
+
+
+def test_gzip_members_are_inflated_and_what_follows_them_is_kept():
+    first, second = cpio_entry("a", b"x" * 5), cpio_entry("bb", b"y" * 3)
+    tail = cpio_entry("c", b"uncompressed") + cpio_entry("TRAILER!!!", b"")
+    data = gzip.compress(first[:-2]) + gzip.compress(second) + bytes(8) + tail
+    inflated = guest_image.inflate_initramfs(data)
+    assert inflated == first[:-2] + bytes(2) + second + tail  # each member padded to 4 bytes, the zeros dropped
+    assert guest_image.inflate_initramfs(tail) is tail  # nothing to inflate: the very bytes
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:-9], "ends early"),
+    (lambda data: data[:12] + bytes(len(data) - 12), "damaged"),
+])
+def test_a_damaged_gzip_initramfs_is_refused_clearly(damage, message):
+    with pytest.raises(GuestImageError, match=message):
+        guest_image.inflate_initramfs(damage(gzip.compress(cpio_entry("a", b"data" * 100))), "initrd.gz")
+
+
+def test_an_initramfs_larger_than_any_guest_is_refused(monkeypatch):
+    monkeypatch.setattr(guest_image, "MAX_RAM_MIB", 1)
+    with pytest.raises(GuestImageError, match="more than 1 MiB"):
+        guest_image.inflate_initramfs(gzip.compress(bytes(2 << 20)))
