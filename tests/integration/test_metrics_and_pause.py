@@ -105,8 +105,11 @@ def test_metrics_change_as_a_job_runs_is_paused_by_the_owner_and_ends(tmp_path):
         assert metric(done, "conode_coordinator_jobs", state="running", user="admin") == 0
         assert metric(done, "conode_coordinator_requeues_total") == 0
         assert metric(done, "conode_coordinator_migrations_total") == 0
-        words = conode("status", "--state-dir", str(pool.root / "desk")).stdout
-        assert "paused:       no" in words and "the pool:     may use this machine now (its guests wait for jobs); it stops as soon" in words
+        # status.json is rewritten every STATUS_EVERY_S: the job's end reaches it at the next write.
+        idle_words = "the pool:     may use this machine now (its guests wait for jobs); it stops as soon"
+        words = pool.wait_until("the agent's status to show the job's end", lambda: (
+            w := conode("status", "--state-dir", str(pool.root / "desk")).stdout) and idle_words in w and w, 10)
+        assert "paused:       no" in words
 
         pool.agents["desk"].terminate()  # it says goodbye: the node is down, counted as lost
         pool.agents["desk"].wait(30)
