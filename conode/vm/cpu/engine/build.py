@@ -55,6 +55,11 @@ explained in its own file:
   same registers). MMX registers, a single 64-bit lane, keep 0007's code. TCG's x86 backend loads and stores
   16-byte vectors with unaligned moves, since Unicorn's CPUX86State keeps the XMM registers 8 bytes off a 16-byte
   boundary (conode's context layout stays as it is).
+- ``0016-virtual-tsc``: RDTSC reads the machine's virtual clock in C (``uc_conode_virtual_tsc``: its base, and
+  the host's CLOCK_MONOTONIC time of its last resume, which conode sets at every pause, resume and restore)
+  instead of calling a hook, before which Unicorn searched for the instruction's address (``cpu_restore_state``)
+  on every read: the guest kernel's scheduler clock and, with ``clocksource=tsc``, its timekeeping read it
+  thousands of times a second.
 """
 
 from __future__ import annotations
