@@ -24,7 +24,9 @@ THREE_RANKS = f"""
 set -e
 set -- $CONODE_HOSTS
 echo "rank $CONODE_RANK of $CONODE_SIZE is $(hostname)"
-for peer in "$@"; do [ "$peer" = "$(hostname)" ] || ping -c 2 -w 60 "$peer" | grep -o '2 packets received'; done
+# The agents' link comes up as the job starts, and busybox's ping sends only -c packets: wait for the first reply.
+reach() {{ i=0; until ping -c 1 -W 1 "$1" >/dev/null; do i=$((i+1)); [ $i -lt 60 ] || return 1; done; }}
+for peer in "$@"; do [ "$peer" = "$(hostname)" ] || {{ reach "$peer" && ping -c 2 -w 60 "$peer" | grep -o '2 packets received'; }}; done
 case $CONODE_RANK in
 0)  mkdir -p /tmp/www && echo "served by $(hostname)" > /tmp/www/index.html
     httpd -p 8080 -h /tmp/www
