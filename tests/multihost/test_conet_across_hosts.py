@@ -83,7 +83,7 @@ set -- $CONODE_HOSTS
 if [ $CONODE_RANK = 0 ]; then
   mkfifo /tmp/quiet; nc -l -p 5000 <>/tmp/quiet | wc -c
 else
-  ping -c 1 -w 60 "$1" >/dev/null
+  i=0; until ping -c 1 -W 1 "$1" >/dev/null; do i=$((i+1)); [ $i -lt 60 ]; done  # the link comes up as the job starts
   until (i=0; while [ $i -lt 20 ]; do echo "line $i"; i=$((i+1)); sleep 0.5; done) | nc "$1" 5000; do sleep 0.5; done
 fi
 """
